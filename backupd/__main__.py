@@ -1,0 +1,3 @@
+from backupd.cli.main import main
+import sys
+sys.exit(main())

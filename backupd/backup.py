@@ -1,0 +1,100 @@
+"""Taking one backup: lock, driver streams through the pipeline, manifest last."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import structlog
+
+from backupd import __version__
+from backupd.context import JobContext
+from backupd.errors import DriverError, UsageError
+from backupd.locks import job_lock
+from backupd.manifest import Manifest, ObjectEntry
+from backupd.pipeline import CountingReader
+from backupd.storage import Readable
+from backupd.timeutil import backup_id_time, utcnow
+
+log = structlog.get_logger(__name__)
+
+
+def run_backup(
+    ctx: JobContext,
+    method: str | None = None,
+    *,
+    wait: float = 0.0,
+    cancel: threading.Event | None = None,
+) -> Manifest:
+    driver = ctx.driver
+    method = method or driver.default_method
+    if method not in driver.methods:
+        raise UsageError(f"driver {ctx.job.driver} has no method {method!r} (has: {', '.join(driver.methods)})")
+    repo = ctx.repository
+    recipients = ctx.recipients
+    with job_lock(ctx.state_dir, ctx.name, wait=wait):
+        _remove_abandoned(ctx)
+        started = utcnow()
+        backup_id = repo.new_backup_id(started)
+        entries: list[ObjectEntry] = []
+        with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method):
+            log.info("backup started")
+
+            def sink(name: str, source: Readable) -> ObjectEntry:
+                if any(entry.name == name for entry in entries):
+                    raise DriverError(f"driver produced two streams named {name!r}")
+                entry = repo.write_stream(
+                    backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel
+                )
+                entries.append(entry)
+                return entry
+
+            try:
+                result = driver.backup(method, sink)
+                if not entries:
+                    raise DriverError(f"driver {ctx.job.driver} produced no data streams")
+                manifest = Manifest(
+                    backup_id=backup_id,
+                    job=ctx.name,
+                    driver=ctx.job.driver,
+                    method=method,
+                    started_at=started,
+                    finished_at=utcnow(),
+                    objects=entries,
+                    compression={"algorithm": "zstd", "level": ctx.job.compression_level},
+                    encryption={"format": "age-v1", "recipients": [str(r) for r in recipients]},
+                    metadata=result.metadata,
+                    row_counts=result.row_counts,
+                    tool_versions={"backupd": __version__, **result.tool_versions},
+                    host=socket.gethostname(),
+                )
+                repo.commit(manifest)
+            except BaseException:
+                log.error("backup failed; removing its objects", objects=len(entries))
+                _discard(ctx, backup_id)
+                raise
+            log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,
+                     seconds=round(manifest.duration_seconds, 3))
+            return manifest
+
+
+def _discard(ctx: JobContext, backup_id: str) -> None:
+    try:
+        ctx.repository.delete_partial(backup_id)
+    except Exception as exc:  # the original failure matters more; prune/next run cleans up
+        log.warning("could not remove objects of the failed backup", backup_id=backup_id, error=str(exc))
+
+
+def _remove_abandoned(ctx: JobContext) -> None:
+    """Objects of runs that died before their manifest (SIGKILL, power loss).
+
+    We hold the job lock, so no run on this host is writing them; a directory
+    younger than the job's timeout is left alone in case another host is.
+    """
+    _, partial = ctx.repository.scan()
+    cutoff = utcnow() - ctx.job.timeout
+    for backup_id in partial:
+        if backup_id_time(backup_id) > cutoff:
+            continue
+        count = ctx.repository.delete_partial(backup_id)
+        log.info("removed objects of an abandoned backup", backup_id=backup_id, objects=count)

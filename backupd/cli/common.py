@@ -1,0 +1,66 @@
+"""Set-up shared by the commands: settings, job context, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from backupd.context import JobContext
+from backupd.settings import DEFAULT_CONFIG, Settings, load_settings
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("BACKUPD_CONFIG") or DEFAULT_CONFIG)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if getattr(args, "_settings", None) is None:
+        args._settings = load_settings(config_path(args))
+    return args._settings
+
+
+def with_job(func: Callable[[argparse.Namespace, JobContext], int]) -> Handler:
+    """Load the configuration, resolve ``args.job`` and close storage afterwards."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        settings = settings_from(args)
+        settings.job(args.job)  # unknown job -> ConfigError listing the known ones
+        ctx = JobContext(settings, args.job)
+        try:
+            return func(args, ctx)
+        finally:
+            ctx.close()
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(line.rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -1,0 +1,69 @@
+"""backupd restore JOB --to TARGET [...]: restore a backup (to a point in time where logs allow)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backupd.cli.common import with_job
+from backupd.context import JobContext
+from backupd.driver import RestoreRequest, RestoreTarget
+from backupd.errors import UsageError
+from backupd.restore import run_restore
+from backupd.timeutil import parse_timestamp
+
+TARGET_KINDS = ("time", "lsn", "xid", "name", "position", "gtid")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("restore", help="restore a backup")
+    parser.add_argument("job")
+    parser.add_argument("--to", required=True, metavar="TARGET",
+                        help="a file (sqlite), a directory (postgres physical, redis) or a URL without password")
+    parser.add_argument("--backup", metavar="ID", help="restore this backup (default: chosen from the target)")
+    targets = parser.add_mutually_exclusive_group()
+    for kind in TARGET_KINDS:
+        targets.add_argument(f"--target-{kind}", dest=f"target_{kind}", metavar=kind.upper())
+    parser.add_argument("--target-action", choices=("promote", "pause", "shutdown"))
+    parser.add_argument("--table", "--collection", dest="tables", action="append", default=[], metavar="NAME",
+                        help="restore only this table (repeatable)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing target")
+    parser.add_argument("--clean", action="store_true", help="drop existing objects in the target database first")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel restore workers where the tool supports it")
+    parser.add_argument("--password-file", type=Path, help="password for the --to URL")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and touch nothing")
+    parser.set_defaults(handler=run)
+
+
+def target_from(args: argparse.Namespace) -> RestoreTarget | None:
+    for kind in TARGET_KINDS:
+        value = getattr(args, f"target_{kind}")
+        if value is None:
+            continue
+        if kind == "time":
+            try:
+                return RestoreTarget(kind, value, parse_timestamp(value))
+            except ValueError as exc:
+                raise UsageError(f"--target-time: {exc}") from None
+        return RestoreTarget(kind, value)
+    return None
+
+
+@with_job
+def run(args: argparse.Namespace, ctx: JobContext) -> int:
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1 (got {args.jobs})")
+    request = RestoreRequest(
+        to=args.to,
+        target=target_from(args),
+        tables=args.tables,
+        dry_run=args.dry_run,
+        force=args.force,
+        clean=args.clean,
+        jobs=args.jobs,
+        target_action=args.target_action,
+        password_file=args.password_file,
+    )
+    for line in run_restore(ctx, request, args.backup):
+        print(line)
+    return 0

@@ -1,0 +1,61 @@
+"""backupd show BACKUP_ID [--job JOB] [--json]: one manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+from backupd.cli.common import human_size, print_json, settings_from
+from backupd.context import JobContext
+from backupd.errors import BackupNotFound
+from backupd.manifest import Manifest
+from backupd.timeutil import format_timestamp
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("show", help="show a backup's manifest")
+    parser.add_argument("backup_id")
+    parser.add_argument("--job", help="look only in this job's repository")
+    parser.add_argument("--json", action="store_true", help="the manifest as JSON")
+    parser.set_defaults(handler=run)
+
+
+def find(args: argparse.Namespace) -> Manifest:
+    settings = settings_from(args)
+    jobs = [args.job] if args.job else sorted(settings.jobs)
+    for job in jobs:
+        ctx = JobContext(settings, job)
+        try:
+            if args.backup_id in ctx.repository.backup_ids():
+                return ctx.repository.load_manifest(args.backup_id)
+        finally:
+            ctx.close()
+    raise BackupNotFound(f"backup {args.backup_id} not found in the repositories of: {', '.join(jobs) or 'no jobs'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = find(args)
+    if args.json:
+        print_json(manifest.to_dict())
+        return 0
+    print(f"backup      {manifest.backup_id}")
+    print(f"job         {manifest.job} ({manifest.driver}, {manifest.method})")
+    print(f"host        {manifest.host}")
+    print(f"started     {format_timestamp(manifest.started_at)}")
+    print(f"finished    {format_timestamp(manifest.finished_at)} ({manifest.duration_seconds:.1f} s)")
+    print(f"size        {human_size(manifest.raw_size)} raw, {human_size(manifest.stored_size)} stored")
+    print(f"compression zstd level {manifest.compression.get('level')}")
+    print(f"encryption  {manifest.encryption.get('format')} to {', '.join(manifest.encryption.get('recipients', []))}")
+    print("objects")
+    for obj in manifest.objects:
+        print(f"  {obj.key}  {human_size(obj.raw_size)} raw  {human_size(obj.stored_size)} stored  sha256 {obj.sha256}")
+    if manifest.row_counts:
+        print("row counts")
+        for table, count in sorted(manifest.row_counts.items()):
+            print(f"  {table}  {count}")
+    if manifest.metadata:
+        print("metadata")
+        for key, value in sorted(manifest.metadata.items()):
+            print(f"  {key}  {value}")
+    if manifest.tool_versions:
+        print("tools       " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.tool_versions.items())))
+    return 0

@@ -1,0 +1,43 @@
+"""backupd verify JOB [--backup ID] [--integrity-only]: prove backups are good."""
+
+from __future__ import annotations
+
+import argparse
+
+from backupd.cli.common import print_json, with_job
+from backupd.context import JobContext
+from backupd.errors import EXIT_VERIFY_BAD
+from backupd.verify import check_integrity, save_report, verify_full
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("verify", help="verify backups (full restore, or sha256 only)")
+    parser.add_argument("job")
+    parser.add_argument("--backup", metavar="ID", help="this backup (default: the newest; with --integrity-only: all)")
+    parser.add_argument("--integrity-only", action="store_true",
+                        help="check every object's size and sha256 against its manifest; needs no private key")
+    parser.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    parser.set_defaults(handler=run)
+
+
+@with_job
+def run(args: argparse.Namespace, ctx: JobContext) -> int:
+    repo = ctx.repository
+    if args.integrity_only:
+        manifests = [repo.resolve(args.backup)] if args.backup else repo.manifests()
+        if not manifests:
+            repo.resolve(None)  # raises "no backups"
+        reports = [check_integrity(ctx, manifest) for manifest in manifests]
+    else:
+        reports = [verify_full(ctx, repo.resolve(args.backup))]
+        save_report(ctx, reports[0])
+    if args.json:
+        print_json({"reports": [r.to_dict() for r in reports]})
+    else:
+        for report in reports:
+            verdict = "ok" if report.ok else "BAD"
+            extra = f", restored in {report.restore_seconds:.2f} s" if report.restore_seconds is not None else ""
+            print(f"{report.backup_id}  {report.mode}  {verdict}{extra}")
+            for problem in report.problems:
+                print(f"  {problem}")
+    return 0 if all(r.ok for r in reports) else EXIT_VERIFY_BAD

@@ -1,0 +1,88 @@
+"""Wiring shared by every command: settings -> storage -> repository -> driver -> keys."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backupd import age, plugins
+from backupd.driver import Driver, DriverContext
+from backupd.errors import ConfigError, CryptoError
+from backupd.repository import Repository
+from backupd.settings import JobSettings, Settings
+from backupd.storage import Storage
+
+
+def open_storage(settings: Settings, name: str) -> Storage:
+    options: Any = settings.storage_options(name)
+    return plugins.storage_class(options.type)(options)
+
+
+@dataclass
+class JobContext:
+    """Everything one command needs to act on one job."""
+
+    settings: Settings
+    name: str
+
+    @property
+    def job(self) -> JobSettings:
+        return self.settings.job(self.name)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.daemon.state_dir
+
+    @functools.cached_property
+    def storage(self) -> Storage:
+        return open_storage(self.settings, self.job.storage)
+
+    @functools.cached_property
+    def repository(self) -> Repository:
+        return Repository(self.storage, self.name)
+
+    @functools.cached_property
+    def driver(self) -> Driver:
+        cls = plugins.driver_class(self.job.driver)
+        context = DriverContext(
+            job=self.name,
+            settings=self.job,
+            options=self.settings.driver_options(self.name),
+            state_dir=self.state_dir,
+        )
+        return cls(context)
+
+    @functools.cached_property
+    def recipients(self) -> list[age.X25519Recipient]:
+        return [age.parse_recipient(text) for text in self.settings.encryption.recipients]
+
+    @property
+    def identity_file(self) -> Path:
+        path = self.settings.encryption.identity_file
+        if path is None:
+            raise ConfigError(
+                "encryption.identity_file is not set: restoring and verifying need the private key",
+                hint="set encryption.identity_file or BACKUPD_ENCRYPTION__IDENTITY_FILE",
+            )
+        return path
+
+    @functools.cached_property
+    def identities(self) -> list[age.X25519Identity]:
+        path = self.identity_file
+        try:
+            identities = age.load_identities(path)
+        except FileNotFoundError:
+            raise CryptoError(f"identity file {path}: not found") from None
+        except PermissionError:
+            raise CryptoError(f"identity file {path}: permission denied") from None
+        except age.AgeError as exc:
+            raise CryptoError(f"identity file {path}: {exc}") from None
+        if not identities:
+            raise CryptoError(f"identity file {path}: contains no identity")
+        return identities
+
+    def close(self) -> None:
+        if "storage" in self.__dict__:
+            self.storage.close()

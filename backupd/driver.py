@@ -1,0 +1,166 @@
+"""What a database driver plugin implements, and what the core hands it.
+
+A driver starts native tools and yields named byte streams plus metadata; it
+never compresses, encrypts, uploads or decides retention. During a backup it
+passes each stream to the ``sink`` the core gives it; during a restore it reads
+plaintext streams from a ``BackupSource``.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, Iterable, Protocol
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from backupd.errors import BackupNotFound, UsageError
+from backupd.manifest import Manifest, ObjectEntry
+from backupd.storage import Readable
+from backupd.timeutil import format_timestamp
+
+
+class DriverOptions(BaseModel):
+    """Base for a driver's connection keys; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamSink(Protocol):
+    def __call__(self, name: str, source: Readable) -> ObjectEntry:
+        """Store one stream (read to EOF) as ``<name>.zst.age``; return its entry."""
+
+
+@dataclass
+class BackupResult:
+    """What a driver reports about a finished backup (all of it goes in the manifest)."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    row_counts: dict[str, int] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+
+class BackupSource(Protocol):
+    """A committed backup, readable as plaintext streams."""
+
+    manifest: Manifest
+
+    def open(self, name: str) -> BinaryIO:
+        """The named stream, decrypted and decompressed; corruption raises on read."""
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    kind: str  # time | lsn | xid | name | position | gtid
+    value: str
+    time: dt.datetime | None = None
+
+
+@dataclass
+class RestoreRequest:
+    to: str
+    target: RestoreTarget | None = None
+    tables: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    force: bool = False
+    clean: bool = False
+    jobs: int = 1
+    target_action: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass
+class Check:
+    """One line of ``backupd check`` or of a verification report."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    warning: bool = False
+
+
+@dataclass
+class VerifyOutcome:
+    row_counts: dict[str, int] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class DriverContext:
+    job: str
+    settings: Any  # backupd.settings.JobSettings
+    options: Any  # the driver's own options model instance
+    state_dir: Path
+    log: Any = field(default_factory=lambda: structlog.get_logger("backupd.driver"))
+
+    @property
+    def spool_dir(self) -> Path:
+        path = self.state_dir / "spool" / self.job
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Driver(abc.ABC):
+    #: Methods this driver supports; the first is the default.
+    methods: ClassVar[tuple[str, ...]] = ("logical",)
+    options_model: ClassVar[type[BaseModel]] = DriverOptions
+
+    def __init__(self, context: DriverContext) -> None:
+        self.context = context
+        self.options = context.options
+        self.log = context.log
+
+    @property
+    def default_method(self) -> str:
+        return self.context.settings.method or self.methods[0]
+
+    @abc.abstractmethod
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        """Take one backup, passing every stream to ``sink``; raise DriverError on any failure."""
+
+    @abc.abstractmethod
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        """Restore to ``request.to``; return what to tell the operator (next steps)."""
+
+    @abc.abstractmethod
+    def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        """Restore into a scratch place under ``scratch`` and measure it (counts, user checks)."""
+
+    def check(self) -> Iterable[Check]:
+        """Connectivity, privileges, tool versions; one Check per line of output."""
+        return []
+
+    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+        """The named backup; else the newest that finished by the target time; else the newest.
+
+        Drivers with log replay override this to pick the base for a PITR target.
+        """
+        job = self.context.job
+        if not manifests:
+            raise BackupNotFound(f"no backups for job {job}", hint=f"run `backupd backup {job}`")
+        if backup_id:
+            for manifest in manifests:
+                if manifest.backup_id == backup_id:
+                    return manifest
+            raise BackupNotFound(f"backup {backup_id} not found for job {job}")
+        target = request.target
+        if target is not None and target.kind != "time":
+            raise UsageError(f"driver {self.context.settings.driver} cannot restore to a --target-{target.kind}")
+        if target is not None and target.time is not None:
+            eligible = [m for m in manifests if m.finished_at <= target.time]
+            if not eligible:
+                oldest = min(manifests, key=lambda m: m.finished_at)
+                raise UsageError(
+                    f"target time {format_timestamp(target.time)} is before the oldest backup "
+                    f"(restorable from {format_timestamp(oldest.finished_at)})"
+                )
+            return max(eligible, key=lambda m: m.finished_at)
+        return max(manifests, key=lambda m: m.finished_at)
+
+    def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        """Lines of the plan ``--dry-run`` prints."""
+        return [f"restore backup {manifest.backup_id} ({manifest.method}) to {request.to}"]

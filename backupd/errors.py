@@ -1,0 +1,91 @@
+"""backupd's exceptions. Only ``main()`` turns them into exit statuses.
+
+Every error carries the exit status it stands for and, where one helps, a hint
+telling the operator what to do next.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_VERIFY_BAD = 3
+
+
+class BackupdError(Exception):
+    """Root of every error backupd raises on purpose."""
+
+    exit_code: int = EXIT_FAILURE
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else type(self).__name__
+
+
+class ConfigError(BackupdError):
+    """The configuration file or the command line is wrong."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, errors: list[str] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.errors = errors or []
+
+
+class UsageError(ConfigError):
+    """A command was called with arguments that cannot work."""
+
+
+class PluginError(ConfigError):
+    """A driver or storage plugin is unknown or cannot be loaded."""
+
+
+class StorageError(BackupdError):
+    """Storage failed in a way the caller cannot fix by retrying."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage cannot be reached: network down, endpoint wrong, bucket missing."""
+
+
+class ObjectNotFound(StorageError):
+    """The named object does not exist."""
+
+
+class ObjectExists(StorageError):
+    """A write that must not overwrite found the name already taken."""
+
+
+class CryptoError(BackupdError):
+    """Encryption or decryption failed: wrong key, corrupt or truncated object."""
+
+
+class IntegrityError(BackupdError):
+    """Stored data does not match its manifest: the backup is bad."""
+
+    exit_code = EXIT_VERIFY_BAD
+
+
+class BackupNotFound(BackupdError):
+    """No backup with the given id (or none at all) for the job."""
+
+
+class DriverError(BackupdError):
+    """The native tool or the database failed during a backup or restore."""
+
+
+class LockHeld(BackupdError):
+    """Another process holds the job's lock."""
+
+
+class Aborted(BackupdError):
+    """The operation was cancelled (signal, timeout) before it committed."""
+
+
+class KeyMismatch(CryptoError):
+    """No configured identity can open the object: the wrong key, not a bad backup."""

@@ -1,0 +1,48 @@
+"""One lock per job across processes: the daemon's run and a manual backup share it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from backupd.errors import LockHeld
+
+
+@contextlib.contextmanager
+def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold ``state_dir/locks/<job>.lock`` (flock); wait up to ``wait`` seconds for it."""
+    lock_dir = state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{job}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _holder(fd)
+                    raise LockHeld(
+                        f"job {job} is already running{holder} (lock {path})",
+                        hint="wait for it to finish, or pass --wait SECONDS",
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return ""
+    return f" in process {pid}" if pid.isdigit() else ""

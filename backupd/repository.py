@@ -1,0 +1,194 @@
+"""One job's area of a storage: where objects and manifests live.
+
+Layout (DESIGN.md)::
+
+    <job>/backups/<backup_id>/manifest.json     written last; the commit point
+    <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
+    <job>/verify/<timestamp>.json               verification reports
+
+A backup exists only once its manifest does. Directories without one are
+partial leftovers of a failed or killed run; they are never listed as backups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import structlog
+
+from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectNotFound, StorageError
+from backupd.manifest import MANIFEST_NAME, Manifest, ObjectEntry
+from backupd.pipeline import DecodingReader, EncodingReader, hash_stored
+from backupd.storage import Readable, Storage
+from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
+
+log = structlog.get_logger(__name__)
+
+OBJECT_SUFFIX = ".zst.age"
+
+
+@dataclass(frozen=True)
+class IntegrityProblem:
+    backup_id: str
+    key: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}"
+
+
+class Repository:
+    def __init__(self, storage: Storage, job: str) -> None:
+        self.storage = storage
+        self.job = job
+
+    # -- layout ------------------------------------------------------------
+    @property
+    def backups_prefix(self) -> str:
+        return f"{self.job}/backups/"
+
+    def backup_prefix(self, backup_id: str) -> str:
+        return f"{self.backups_prefix}{backup_id}/"
+
+    def manifest_key(self, backup_id: str) -> str:
+        return f"{self.backup_prefix(backup_id)}{MANIFEST_NAME}"
+
+    def object_key(self, backup_id: str, stream: str) -> str:
+        return f"{self.backup_prefix(backup_id)}{stream}{OBJECT_SUFFIX}"
+
+    # -- reading -----------------------------------------------------------
+    def scan(self) -> tuple[list[str], list[str]]:
+        """(committed backup ids, ids of directories without a manifest), oldest first."""
+        committed: set[str] = set()
+        seen: set[str] = set()
+        for info in self.storage.list(self.backups_prefix):
+            backup_id, _, rest = info.key[len(self.backups_prefix):].partition("/")
+            if not BACKUP_ID_RE.match(backup_id):
+                continue
+            seen.add(backup_id)
+            if rest == MANIFEST_NAME:
+                committed.add(backup_id)
+        order = lambda ids: sorted(ids, key=backup_id_sort_key)  # noqa: E731
+        return order(committed), order(seen - committed)
+
+    def backup_ids(self) -> list[str]:
+        return self.scan()[0]
+
+    def load_manifest(self, backup_id: str) -> Manifest:
+        key = self.manifest_key(backup_id)
+        try:
+            with contextlib.closing(self.storage.open(key)) as handle:
+                raw = handle.read()
+        except ObjectNotFound:
+            raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}") from None
+        manifest = Manifest.from_json(raw, where=key)
+        if manifest.backup_id != backup_id or manifest.job != self.job:
+            raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
+        return manifest
+
+    def manifests(self) -> list[Manifest]:
+        """Every committed backup, newest first."""
+        return [self.load_manifest(backup_id) for backup_id in reversed(self.backup_ids())]
+
+    def resolve(self, backup_id: str | None) -> Manifest:
+        """The named backup, or the newest one."""
+        if backup_id:
+            return self.load_manifest(backup_id)
+        ids = self.backup_ids()
+        if not ids:
+            raise BackupNotFound(f"no backups for job {self.job} in {self.storage.location}", hint=f"run `backupd backup {self.job}`")
+        return self.load_manifest(ids[-1])
+
+    def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
+        entry = manifest.object(name)
+        key = f"{self.backup_prefix(manifest.backup_id)}{entry.key}"
+        return DecodingReader(
+            self.storage.open(key),
+            identities,
+            where=key,
+            expected_size=entry.stored_size,
+            expected_sha256=entry.sha256,
+            expected_raw_size=entry.raw_size,
+            key_file=key_file,
+        )
+
+    def check_integrity(self, manifest: Manifest) -> list[IntegrityProblem]:
+        """Read every object back and compare size and sha256 with the manifest. No key needed."""
+        problems = []
+        for entry in manifest.objects:
+            key = f"{self.backup_prefix(manifest.backup_id)}{entry.key}"
+            try:
+                with contextlib.closing(self.storage.open(key)) as handle:
+                    size, digest = hash_stored(handle)
+            except ObjectNotFound:
+                problems.append(IntegrityProblem(manifest.backup_id, key, "object is missing"))
+                continue
+            if size != entry.stored_size:
+                problems.append(IntegrityProblem(manifest.backup_id, key, f"size {size} differs from the manifest's {entry.stored_size}"))
+            elif digest != entry.sha256:
+                problems.append(IntegrityProblem(manifest.backup_id, key, "sha256 differs from the manifest's (object corrupt)"))
+        return problems
+
+    # -- writing -----------------------------------------------------------
+    def new_backup_id(self, moment: dt.datetime) -> str:
+        committed, partial = self.scan()
+        return backup_id_for(moment, set(committed) | set(partial))
+
+    def write_stream(
+        self,
+        backup_id: str,
+        name: str,
+        source: Readable,
+        recipients: Sequence[object],
+        level: int,
+        cancel: threading.Event | None = None,
+    ) -> ObjectEntry:
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"invalid stream name {name!r}")
+        key = self.object_key(backup_id, name)
+        reader = EncodingReader(source, recipients, level, cancel=cancel)  # type: ignore[arg-type]
+        try:
+            info = self.storage.put(key, reader)
+        finally:
+            reader.close()
+        stats = reader.stats
+        if info.size != stats.stored_size:
+            raise StorageError(f"{key}: storage accepted {info.size} bytes, the pipeline produced {stats.stored_size}")
+        log.debug("object stored", key=key, raw=stats.raw_size, stored=stats.stored_size)
+        return ObjectEntry(name=name, key=f"{name}{OBJECT_SUFFIX}", raw_size=stats.raw_size,
+                           stored_size=stats.stored_size, sha256=stats.sha256)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest: from now on the backup exists."""
+        try:
+            self.storage.put(self.manifest_key(manifest.backup_id), io.BytesIO(manifest.to_json()), if_absent=True)
+        except ObjectExists:
+            raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
+
+    def delete_backup(self, backup_id: str) -> int:
+        """Manifest first (so a half-deleted backup is never listed), then its objects."""
+        self.storage.delete(self.manifest_key(backup_id))
+        return 1 + self.delete_partial(backup_id)
+
+    def delete_partial(self, backup_id: str) -> int:
+        count = 0
+        for info in list(self.storage.list(self.backup_prefix(backup_id))):
+            self.storage.delete(info.key)
+            count += 1
+        return count
+
+    # -- verification reports ---------------------------------------------
+    def write_report(self, name: str, report: dict[str, Any]) -> str:
+        key = f"{self.job}/verify/{name}.json"
+        self.storage.put(key, io.BytesIO(json.dumps(report, indent=2).encode() + b"\n"))
+        return key
+
+    def iter_reports(self) -> Iterator[str]:
+        for info in self.storage.list(f"{self.job}/verify/"):
+            yield info.key

@@ -1,0 +1,46 @@
+"""Restoring: choose the backup, then let the driver write it out."""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Sequence
+
+import structlog
+
+from backupd.context import JobContext
+from backupd.driver import RestoreRequest
+from backupd.errors import BackupNotFound
+from backupd.manifest import Manifest
+from backupd.repository import Repository
+
+log = structlog.get_logger(__name__)
+
+
+class RepositorySource:
+    """A committed backup read back through the pipeline (the driver's BackupSource)."""
+
+    def __init__(self, repo: Repository, manifest: Manifest, identities: Sequence[object], key_file: str | None) -> None:
+        self.repo = repo
+        self.manifest = manifest
+        self._identities = identities
+        self._key_file = key_file
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            return self.repo.open_stream(self.manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
+        except KeyError:
+            raise BackupNotFound(f"backup {self.manifest.backup_id} has no stream {name!r}") from None
+
+
+def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None) -> list[str]:
+    """Restore (or with ``dry_run`` only plan); return the lines to print."""
+    manifests = ctx.repository.manifests()
+    manifest = ctx.driver.choose_backup(manifests, request, backup_id)
+    plan = ctx.driver.describe_restore(manifest, request)
+    if request.dry_run:
+        return ["plan (dry run, nothing touched):", *("  " + line for line in plan)]
+    source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file))
+    with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=manifest.backup_id, stage="restore"):
+        log.info("restore started", to=request.to)
+        message = ctx.driver.restore(source, request)
+        log.info("restore finished")
+    return [message]

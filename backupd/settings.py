@@ -1,0 +1,356 @@
+"""Configuration: a TOML file plus ``BACKUPD_...`` environment overrides.
+
+Loading is two-phase. The core model validates the daemon, encryption, job
+scheduling and retention keys; then each storage table and each job's
+connection keys are validated by the model their plugin declares, so a
+third-party driver brings its own keys and a typo anywhere is still an error.
+Every error is reported at once as ``dotted.key.path: what is wrong (got VALUE)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from backupd import plugins
+from backupd.errors import ConfigError, PluginError
+from backupd.redact import redact
+from backupd.schedule import parse_schedule
+from backupd.timeutil import parse_duration
+
+DEFAULT_CONFIG = Path("/etc/backupd/backupd.toml")
+JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+RECIPIENT_RE = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _duration(value: Any) -> dt.timedelta:
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dt.timedelta(seconds=value)
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError("expected a duration such as 90s, 15m, 7d")
+
+
+class DaemonSettings(Strict):
+    state_dir: Path = Path("/var/lib/backupd")
+    metrics_listen: str = "127.0.0.1:9847"
+    timezone: str = "UTC"
+    max_parallel_jobs: int = Field(default=2, ge=1)
+    shutdown_timeout: dt.timedelta = dt.timedelta(minutes=5)
+
+    _durations = field_validator("shutdown_timeout", mode="before")(_duration)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9847")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone") from None
+        return value
+
+
+class EncryptionSettings(Strict):
+    recipients: list[str] = Field(min_length=1)
+    identity_file: Path | None = None
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not RECIPIENT_RE.match(value):
+                raise ValueError(f"not an age X25519 recipient (age1...): {value!r}")
+        return values
+
+
+class RetentionSettings(Strict):
+    keep_last: int | None = Field(default=None, ge=1)
+    keep_hourly: int | None = Field(default=None, ge=1)
+    keep_daily: int | None = Field(default=None, ge=1)
+    keep_weekly: int | None = Field(default=None, ge=1)
+    keep_monthly: int | None = Field(default=None, ge=1)
+    keep_yearly: int | None = Field(default=None, ge=1)
+    keep_within: dt.timedelta | None = None
+    pitr_window: dt.timedelta | None = None
+
+    _durations = field_validator("keep_within", "pitr_window", mode="before")(_duration)
+
+    def is_empty(self) -> bool:
+        return all(value is None for value in self.model_dump().values())
+
+
+class VerifySettings(Strict):
+    schedule: str | None = None
+    checks: list[str] = []
+    full_read_interval: dt.timedelta = dt.timedelta(days=30)
+    timeout: dt.timedelta = dt.timedelta(hours=2)
+
+    _durations = field_validator("full_read_interval", "timeout", mode="before")(_duration)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_schedule(value)
+        return value
+
+
+class JobSettings(BaseModel):
+    """Keys every job has. Connection keys belong to the driver's own model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    driver: str
+    storage: str
+    method: str | None = None
+    schedule: str | None = None
+    compression: str = "zstd:3"
+    archive_logs: bool = False
+    os_user: str | None = None
+    timeout: dt.timedelta = dt.timedelta(hours=6)
+    retention: RetentionSettings = RetentionSettings()
+    verify: VerifySettings = VerifySettings()
+
+    _durations = field_validator("timeout", mode="before")(_duration)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_schedule(value)
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, value: str) -> str:
+        compression_level(value)
+        return value
+
+    @property
+    def compression_level(self) -> int:
+        return compression_level(self.compression)
+
+    def driver_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def compression_level(text: str) -> int:
+    algorithm, _, level = text.partition(":")
+    if algorithm != "zstd":
+        raise ValueError("only zstd is supported: 'zstd' or 'zstd:LEVEL' (1-19)")
+    if not level:
+        return 3
+    if not level.lstrip("-").isdigit() or not -7 <= int(level) <= 19:
+        raise ValueError("zstd level must be an integer from -7 to 19")
+    return int(level)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BACKUPD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    daemon: DaemonSettings = DaemonSettings()
+    storage: dict[str, dict[str, Any]]
+    encryption: EncryptionSettings
+    jobs: dict[str, JobSettings] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    # Filled by load_settings(): validated plugin option models.
+    _storage_options: dict[str, BaseModel] = {}
+    _driver_options: dict[str, BaseModel] = {}
+    source: Path | None = None
+
+    def storage_options(self, name: str) -> BaseModel:
+        return self._storage_options[name]
+
+    def driver_options(self, job: str) -> BaseModel:
+        return self._driver_options[job]
+
+    def job(self, name: str) -> JobSettings:
+        try:
+            return self.jobs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise ConfigError(f"unknown job {name!r} (configured jobs: {known})") from None
+
+
+def format_error(loc: tuple[Any, ...], msg: str, value: Any, *, has_value: bool = True) -> str:
+    path = ".".join(str(part) for part in loc) or "(file)"
+    msg = msg.removeprefix("Value error, ")
+    if not has_value:
+        return f"{path}: {msg}"
+    return f"{path}: {msg} (got {redact(repr(value))})"
+
+
+def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = prefix + tuple(error["loc"])
+        if error["type"] == "missing":
+            lines.append(format_error(loc, "required key is missing", None, has_value=False))
+        elif error["type"] == "extra_forbidden":
+            lines.append(format_error(loc, "unknown key", error.get("input")))
+        else:
+            lines.append(format_error(loc, error["msg"], error.get("input")))
+    return lines
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found", hint="pass --config PATH or set BACKUPD_CONFIG") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_settings(path: Path | None = None, *, data: dict[str, Any] | None = None) -> Settings:
+    """Read, validate and resolve the configuration; raise ConfigError listing every problem."""
+    if data is None:
+        path = path or Path(os.environ.get("BACKUPD_CONFIG") or DEFAULT_CONFIG)
+        data = read_toml(path)
+    errors: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        errors.extend(_pydantic_errors(exc))
+
+    # Phase two runs even when phase one failed, so every error is listed at once.
+    # It reads the merged settings when they exist (environment overrides applied).
+    storage_tables = settings.storage if settings else _tables(data.get("storage"))
+    job_tables = (
+        {name: {**job.driver_options(), "driver": job.driver, "storage": job.storage, "method": job.method}
+         for name, job in settings.jobs.items()}
+        if settings
+        else _tables(data.get("jobs"))
+    )
+    storage_options = _validate_storage(storage_tables, errors)
+    driver_options = _validate_jobs(job_tables, set(storage_tables), errors)
+    if errors or settings is None:
+        raise ConfigError(_summary(path, errors), errors=errors)
+    settings._storage_options = storage_options
+    settings._driver_options = driver_options
+    settings.source = path
+    return settings
+
+
+_CORE_JOB_KEYS = set(JobSettings.model_fields)
+
+
+def _tables(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        return {}
+    return {name: table for name, table in value.items() if isinstance(table, dict)}
+
+
+def _validate_storage(tables: dict[str, dict[str, Any]], errors: list[str]) -> dict[str, BaseModel]:
+    validated: dict[str, BaseModel] = {}
+    for name, table in tables.items():
+        loc: tuple[Any, ...] = ("storage", name)
+        kind = table.get("type")
+        if not kind:
+            errors.append(format_error(loc + ("type",), "required key is missing", None, has_value=False))
+            continue
+        try:
+            backend = plugins.storage_class(str(kind))
+        except PluginError as exc:
+            errors.append(format_error(loc + ("type",), str(exc), kind))
+            continue
+        try:
+            validated[name] = backend.options_model(**table)
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, loc))
+    return validated
+
+
+def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors: list[str]) -> dict[str, BaseModel]:
+    validated: dict[str, BaseModel] = {}
+    for name, table in tables.items():
+        loc: tuple[Any, ...] = ("jobs", name)
+        if not JOB_NAME_RE.match(name):
+            errors.append(format_error(loc, "job names are lowercase letters, digits, '_', '-', '.'", name))
+        storage = table.get("storage")
+        if storage is not None and storage not in storages:
+            known = ", ".join(sorted(storages)) or "none defined"
+            errors.append(format_error(loc + ("storage",), f"no [storage.{storage}] table (defined: {known})", storage))
+        kind = table.get("driver")
+        if not kind:
+            continue  # phase one reported it
+        try:
+            driver = plugins.driver_class(str(kind))
+        except PluginError as exc:
+            errors.append(format_error(loc + ("driver",), str(exc), kind))
+            continue
+        method = table.get("method")
+        if method is not None and method not in driver.methods:
+            errors.append(format_error(loc + ("method",), f"{kind} supports {', '.join(driver.methods)}", method))
+        try:
+            validated[name] = driver.options_model(**{k: v for k, v in table.items() if k not in _CORE_JOB_KEYS})
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, loc))
+    return validated
+
+
+def _summary(path: Path | None, errors: list[str]) -> str:
+    where = str(path) if path else "configuration"
+    count = len(errors)
+    return f"{where}: {count} error{'s' if count != 1 else ''} in the configuration"
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """Read a secret from a ``*_file``; the first line, without its newline."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path}: permission denied") from None
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise ConfigError(f"{what} {path}: file is empty")
+    return secret
+
+
+Method = Literal["logical", "physical"]

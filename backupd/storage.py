@@ -1,0 +1,85 @@
+"""The storage interface: six methods moving opaque bytes.
+
+A backend never sees plaintext and never interprets keys beyond using them as
+names. Keys are relative, '/'-separated, with no leading '/' and no '..'
+component; a backend maps them under its own root (a directory, a bucket prefix).
+
+Error contract, for every method: a missing object raises ``ObjectNotFound``;
+storage that cannot be reached (network, permissions, missing bucket) raises
+``StorageUnavailable``; anything else a backend's library raises is converted
+to ``StorageError`` at the boundary, with the original chained as ``__cause__``.
+Callers never see botocore or OS exceptions.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Protocol
+
+from backupd.errors import StorageError
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: dt.datetime | None = None
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape a backend's root or are not plain names."""
+    if not key or key.startswith("/") or key.endswith("/"):
+        raise StorageError(f"invalid storage key {key!r}")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\0" in key:
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(abc.ABC):
+    """A place to keep objects: a directory, an S3 bucket, ..."""
+
+    #: Human-readable location for messages, e.g. ``s3://bucket/prefix/``.
+    location: str = ""
+
+    @abc.abstractmethod
+    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+        """Store everything ``source.read()`` yields under ``key``.
+
+        Reads the source in bounded chunks until it returns ``b""``. The object
+        becomes visible under ``key`` only once complete; if reading the source
+        or writing fails, nothing is left under ``key`` (and no partial upload
+        on the server). With ``if_absent`` an existing object is never replaced:
+        ``ObjectExists`` is raised instead.
+        """
+
+    @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A streaming reader of the object's bytes; the caller closes it."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size (and time) of one object."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+    def close(self) -> None:
+        """Release connections and files. Idempotent."""
+
+    def __enter__(self) -> "Storage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""Proving backups: integrity (sha256, no key) and full (restore into scratch, measure)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from backupd.context import JobContext
+from backupd.errors import BackupdError, CryptoError, IntegrityError, KeyMismatch
+from backupd.manifest import Manifest
+from backupd.restore import RepositorySource
+from backupd.timeutil import format_timestamp, utcnow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    job: str
+    backup_id: str
+    mode: str  # integrity | full
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    counts_expected: dict[str, int] = field(default_factory=dict)
+    counts_found: dict[str, int] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    restore_seconds: float | None = None
+    started_at: str = field(default_factory=lambda: format_timestamp(utcnow()))
+
+    def fail(self, problem: str) -> None:
+        self.ok = False
+        self.problems.append(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job, "backup_id": self.backup_id, "mode": self.mode,
+            "result": "passed" if self.ok else "failed", "problems": self.problems,
+            "started_at": self.started_at, "finished_at": format_timestamp(utcnow()),
+            "restore_seconds": self.restore_seconds, "steps": self.steps,
+            "counts_expected": self.counts_expected, "counts_found": self.counts_found,
+            "checks": self.checks,
+        }
+
+
+def check_integrity(ctx: JobContext, manifest: Manifest) -> VerifyReport:
+    report = VerifyReport(ctx.name, manifest.backup_id, "integrity")
+    started = time.monotonic()
+    for problem in ctx.repository.check_integrity(manifest):
+        report.fail(str(problem))
+    report.steps.append({"step": "integrity", "seconds": round(time.monotonic() - started, 3),
+                         "objects": len(manifest.objects), "bytes": manifest.stored_size})
+    return report
+
+
+def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None = None) -> VerifyReport:
+    """Integrity first, then a real restore into scratch; KeyMismatch means we could not run."""
+    report = check_integrity(ctx, manifest)
+    report.mode = "full"
+    if not report.ok:
+        return report
+    identities = ctx.identities  # a bad key file is "could not run", raised before any verdict
+    source = RepositorySource(ctx.repository, manifest, identities, str(ctx.identity_file))
+    scratch = Path(tempfile.mkdtemp(prefix=f"backupd-verify-{ctx.name}-", dir=scratch_root))
+    started = time.monotonic()
+    try:
+        outcome = ctx.driver.verify(source, scratch, ctx.job.verify.checks)
+    except KeyMismatch:
+        raise
+    except (CryptoError, IntegrityError) as exc:
+        report.fail(str(exc))
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.restore_seconds = round(time.monotonic() - started, 3)
+    report.steps.extend(outcome.steps)
+    report.counts_expected = dict(manifest.row_counts)
+    report.counts_found = dict(outcome.row_counts)
+    for table in sorted(set(manifest.row_counts) | set(outcome.row_counts)):
+        expected, found = manifest.row_counts.get(table), outcome.row_counts.get(table)
+        if expected != found:
+            report.fail(f"table {table}: {found} rows restored, the manifest says {expected}")
+    for check in outcome.checks:
+        report.checks.append({"check": check.name, "ok": check.ok, "detail": check.detail})
+        if not check.ok:
+            report.fail(f"check failed: {check.name}" + (f" ({check.detail})" if check.detail else ""))
+    return report
+
+
+def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
+    name = report.started_at.replace(":", "").replace("-", "") + f"-{report.backup_id}"
+    try:
+        return ctx.repository.write_report(name, report.to_dict())
+    except BackupdError as exc:
+        log.warning("could not store the verification report", error=str(exc))
+        return None

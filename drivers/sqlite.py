@@ -1,0 +1,183 @@
+"""SQLite: consistent online copies through the sqlite3 backup API.
+
+The backup API copies the database as of one read transaction while writers
+keep going (in WAL mode) or wait briefly (rollback journal). Row counts are
+taken from that copy, so they describe exactly the snapshot that was stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pydantic import Field
+
+from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
+from backupd.errors import DriverError, UsageError
+
+STREAM = "db"
+COPY_CHUNK = 1 << 20
+
+
+class SqliteOptions(DriverOptions):
+    path: Path
+    busy_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for a writer's lock")
+
+
+def _connect(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise DriverError(f"{path}: cannot open SQLite database: {exc}") from None
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def table_counts(db: sqlite3.Connection) -> dict[str, int]:
+    tables = [row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    return {table: db.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()[0] for table in tables}
+
+
+def run_checks(db: sqlite3.Connection, checks: Iterable[str]) -> list[Check]:
+    results = []
+    for sql in checks:
+        try:
+            row = db.execute(sql).fetchone()
+            ok = bool(row and row[0])
+            results.append(Check(sql, ok, "" if ok else f"returned {row[0] if row else 'no row'}"))
+        except sqlite3.Error as exc:
+            results.append(Check(sql, False, f"error: {exc}"))
+    return results
+
+
+@contextlib.contextmanager
+def _temp_path(directory: Path, stem: str) -> Iterator[Path]:
+    path = directory / f".{stem}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        yield path
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+
+
+class SqliteDriver(Driver):
+    methods = ("logical",)
+    options_model = SqliteOptions
+
+    @property
+    def path(self) -> Path:
+        return self.options.path
+
+    def _snapshot(self, dest: Path) -> None:
+        if not self.path.is_file():
+            raise DriverError(f"{self.path}: database file not found")
+        source = _connect(self.path, self.options.busy_timeout)
+        try:
+            target = sqlite3.connect(dest)
+            try:
+                source.backup(target)  # all pages in one step: one consistent snapshot
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            raise DriverError(f"{self.path}: backup API failed: {exc}") from None
+        finally:
+            source.close()
+
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        with _temp_path(self.context.spool_dir, "sqlite-backup") as copy:
+            self._snapshot(copy)
+            db = _connect(copy)
+            try:
+                counts = table_counts(db)
+                page_size = db.execute("PRAGMA page_size").fetchone()[0]
+                page_count = db.execute("PRAGMA page_count").fetchone()[0]
+                journal_mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+            finally:
+                db.close()
+            with open(copy, "rb") as handle:
+                entry = sink(STREAM, handle)
+            if entry.raw_size != copy.stat().st_size:
+                raise DriverError(f"{copy}: stored {entry.raw_size} bytes of a {copy.stat().st_size}-byte copy")
+        return BackupResult(
+            metadata={"source": str(self.path), "page_size": page_size, "page_count": page_count,
+                      "journal_mode": journal_mode},
+            row_counts=counts,
+            tool_versions={"sqlite": sqlite3.sqlite_version},
+        )
+
+    def _write(self, source: BackupSource, dest: Path) -> int:
+        size = 0
+        with source.open(STREAM) as stream, open(dest, "xb") as out:
+            while chunk := stream.read(COPY_CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return size
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        if request.tables:
+            raise UsageError("the sqlite driver restores whole databases; --table is not supported")
+        dest = Path(request.to).expanduser()
+        if dest.exists() and not request.force:
+            raise DriverError(f"{dest}: file exists; refusing to overwrite it", hint="pass --force to replace it")
+        if dest.is_dir():
+            raise DriverError(f"{dest}: is a directory; --to must name the database file")
+        if not dest.parent.is_dir():
+            raise DriverError(f"{dest.parent}: directory does not exist")
+        with _temp_path(dest.parent, dest.name) as tmp:
+            size = self._write(source, tmp)
+            db = _connect(tmp)
+            try:
+                status = db.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                db.close()
+            if status != "ok":
+                raise DriverError(f"restored database fails quick_check: {status}")
+            for suffix in ("-wal", "-shm", "-journal"):  # stale logs would be replayed onto the new file
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{dest}{suffix}")
+            os.replace(tmp, dest)
+        manifest = source.manifest
+        return f"restored backup {manifest.backup_id} of {manifest.job} to {dest} ({size} bytes)"
+
+    def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        dest = scratch / "restore.sqlite3"
+        size = self._write(source, dest)
+        db = _connect(dest)
+        try:
+            problems = [row[0] for row in db.execute("PRAGMA integrity_check")]
+            outcome = VerifyOutcome(
+                row_counts=table_counts(db),
+                steps=[{"step": "restore", "bytes": size}, {"step": "integrity_check", "result": problems[:10]}],
+            )
+            outcome.checks.append(Check("PRAGMA integrity_check", problems == ["ok"], "; ".join(problems[:5])))
+            outcome.checks.extend(run_checks(db, checks))
+        finally:
+            db.close()
+        return outcome
+
+    def check(self) -> Iterable[Check]:
+        yield Check("sqlite library", True, sqlite3.sqlite_version)
+        if not self.path.is_file():
+            yield Check("database", False, f"{self.path}: database file not found")
+            return
+        try:
+            db = _connect(self.path, readonly=True)
+            try:
+                db.execute("PRAGMA schema_version").fetchone()
+                mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+            finally:
+                db.close()
+            yield Check("database", True, f"{self.path}: readable, journal_mode={mode}")
+        except (sqlite3.Error, DriverError) as exc:
+            yield Check("database", False, f"{self.path}: {exc}")

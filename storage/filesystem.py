@@ -1,0 +1,161 @@
+"""Local disk (or NFS) storage.
+
+Writes go to a hidden temp file beside the target, are fsynced, then linked or
+renamed into place and the directory fsynced: a name is only ever bound to a
+complete object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+from backupd.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.storage import ObjectInfo, Readable, Storage, check_key
+
+CHUNK = 1 << 20
+TEMP_PREFIX = ".tmp-"
+
+
+class FilesystemOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "filesystem"
+    path: Path
+
+
+@contextlib.contextmanager
+def _os_errors(what: str):
+    """Turn OS errors into backupd's storage errors, naming the path."""
+    try:
+        yield
+    except (ObjectNotFound, ObjectExists, StorageError):
+        raise
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"{what}: no such object") from exc
+    except PermissionError as exc:
+        raise StorageUnavailable(f"{what}: permission denied") from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(f"{what}: no space left on device") from exc
+        raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemStorage(Storage):
+    options_model = FilesystemOptions
+
+    def __init__(self, options: FilesystemOptions | Path | str) -> None:
+        if not isinstance(options, FilesystemOptions):
+            options = FilesystemOptions(path=Path(options))
+        self.root = options.path.expanduser().absolute()
+        self.location = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _ensure_root(self) -> None:
+        with _os_errors(str(self.root)):
+            if not self.root.exists():
+                self.root.mkdir(parents=True, exist_ok=True)
+            elif not self.root.is_dir():
+                raise StorageUnavailable(f"{self.root}: not a directory")
+
+    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+        target = self._path(key)
+        self._ensure_root()
+        with _os_errors(str(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+            size = 0
+            try:
+                with open(tmp, "xb") as out:
+                    while chunk := source.read(CHUNK):
+                        out.write(chunk)
+                        size += len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if if_absent:
+                    try:
+                        os.link(tmp, target)
+                    except FileExistsError:
+                        raise ObjectExists(f"{target}: already exists") from None
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, target)
+                _fsync_dir(target.parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc))
+
+    def open(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        with _os_errors(str(path)):
+            return open(path, "rb")
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        self._ensure_root()
+        # Walk only the deepest directory the prefix names, then filter by prefix.
+        base_dir = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        if not base_dir.is_dir():
+            return iter(())
+        found: list[ObjectInfo] = []
+        with _os_errors(str(base_dir)):
+            for dirpath, dirnames, filenames in os.walk(base_dir):
+                dirnames.sort()
+                for name in filenames:
+                    if name.startswith(TEMP_PREFIX):
+                        continue
+                    full = Path(dirpath) / name
+                    key = full.relative_to(self.root).as_posix()
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
+        found.sort(key=lambda info: info.key)
+        return iter(found)
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        with _os_errors(str(path)):
+            st = path.stat()
+        return ObjectInfo(key, st.st_size, _mtime(st.st_mtime))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with _os_errors(str(path)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            # Tidy empty parents up to the root so listings stay small.
+            parent = path.parent
+            while parent != self.root:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                parent = parent.parent
+
+
+def _mtime(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)

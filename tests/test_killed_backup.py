@@ -1,0 +1,82 @@
+"""A backup killed mid-upload leaves no manifest; list ignores it; the next one succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+from core_fixtures import SqliteJob, sqlite_job_config
+from support import BACKUPD, REPO_ROOT, run_backupd
+
+
+def big_db(path: Path, megabytes: int) -> None:
+    db = sqlite3.connect(path)
+    db.execute("create table blobs (id integer primary key, data blob)")
+    with db:
+        for i in range(megabytes):
+            db.execute("insert into blobs (data) values (?)", (os.urandom(1 << 20),))
+    db.close()
+
+
+def kill_during_upload(config: Path, watch) -> None:
+    proc = subprocess.Popen([*BACKUPD, "--config", str(config), "backup", "shop"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if watch():
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "backup finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_mid_upload_on_filesystem(sqlite_job: SqliteJob) -> None:
+    big_db(sqlite_job.db, 300)
+    backups = sqlite_job.repo_root / "shop" / "backups"
+
+    def uploading() -> bool:
+        return any(p.name.startswith(".tmp-") and p.stat().st_size > (8 << 20) for p in backups.glob("*/*")) \
+            if backups.exists() else False
+
+    kill_during_upload(sqlite_job.config, uploading)
+    assert not list(backups.glob("*/manifest.json"))
+    assert not list(backups.glob("*/db.zst.age")), "a partial object is visible under its final name"
+    assert json.loads(run_backupd("list", "--json", config=sqlite_job.config).out)["backups"] == []
+    assert run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config).code == 1  # no backups yet
+
+    backup_id = run_backupd("backup", "shop", config=sqlite_job.config, check=True).out.strip()
+    listed = json.loads(run_backupd("list", "--json", config=sqlite_job.config).out)["backups"]
+    assert [b["backup_id"] for b in listed] == [backup_id]
+    assert run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config).code == 0
+
+
+def test_sigkill_mid_upload_on_s3(tmp_path: Path, keys, moto_server: str, s3_bucket: str) -> None:
+    import boto3
+
+    db = tmp_path / "shop.sqlite3"
+    big_db(db, 120)
+    config = sqlite_job_config(tmp_path, keys, {"type": "s3", "bucket": s3_bucket, "prefix": "prod/",
+                                                "endpoint_url": moto_server, "part_size": 5 * 1024 * 1024}, db,
+                              {"verify": {"checks": ["SELECT count(*) = 120 FROM blobs"]}})
+    client = boto3.client("s3", endpoint_url=moto_server)
+
+    def uploading() -> bool:
+        return bool(client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"))
+
+    kill_during_upload(config, uploading)
+    keys_left = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert not [k for k in keys_left if k.endswith("manifest.json")]
+    assert json.loads(run_backupd("list", "--json", config=config).out)["backups"] == []
+    backup_id = run_backupd("backup", "shop", config=config, check=True).out.strip()
+    listed = json.loads(run_backupd("list", "--json", config=config).out)["backups"]
+    assert [b["backup_id"] for b in listed] == [backup_id]
+    assert run_backupd("verify", "shop", config=config).code == 0

@@ -1,0 +1,96 @@
+"""Bytes in, the same bytes out: zstd -> age -> sha256 -> storage, on every backend."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from backupd.errors import DriverError, ObjectNotFound
+from backupd.pipeline import CountingReader
+from backupd.repository import Repository
+from backupd.storage import Storage
+
+SIZES = [0, 1, 65536, 65537, 5 * 1024 * 1024 + 17]
+
+
+class ShortReads(io.RawIOBase):
+    """A source that hands out odd-sized pieces, like a pipe does."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._step = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self._step = self._step % 7 + 1
+        n = min(len(self._data), 4093 * self._step, size if size >= 0 else len(self._data))
+        out, self._data = bytes(self._data[:n]), self._data[n:]
+        return out
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{s}B" for s in SIZES])
+def test_round_trip(storage: Storage, keys, size: int) -> None:
+    data = os.urandom(size // 2) + b"compressible " * (size // 26) if size > 2 else os.urandom(size)
+    data = data[:size].ljust(size, b"\0")
+    repo = Repository(storage, "job")
+    entry = repo.write_stream("20261124T020000Z", "db", ShortReads(data), [keys.identity.to_recipient()], 3)
+    assert entry.raw_size == size
+    assert entry.key == "db.zst.age"
+    assert storage.stat("job/backups/20261124T020000Z/db.zst.age").size == entry.stored_size
+
+    from backupd.manifest import Manifest
+    from backupd.timeutil import utcnow
+
+    manifest = Manifest("20261124T020000Z", "job", "test", "logical", utcnow(), utcnow(), [entry], {}, {})
+    with repo.open_stream(manifest, "db", [keys.identity]) as stream:
+        restored = b""
+        while chunk := stream.read(100_000):
+            restored += chunk
+    assert restored == data
+
+
+def test_highly_compressible_data_is_read_back_in_bounded_pieces(storage: Storage, keys) -> None:
+    repo = Repository(storage, "job")
+    size = 64 * 1024 * 1024
+    zeros = io.BytesIO(bytes(size))
+    entry = repo.write_stream("20261124T020000Z", "db", zeros, [keys.identity.to_recipient()], 3)
+    assert entry.stored_size < size // 100
+    from backupd.manifest import Manifest
+    from backupd.timeutil import utcnow
+
+    manifest = Manifest("20261124T020000Z", "job", "test", "logical", utcnow(), utcnow(), [entry], {}, {})
+    total = 0
+    with repo.open_stream(manifest, "db", [keys.identity]) as stream:
+        while chunk := stream.read(1 << 20):
+            assert len(chunk) <= 1 << 20
+            total += len(chunk)
+    assert total == size
+
+
+def test_empty_dump_is_an_error_and_stores_nothing(storage: Storage, keys) -> None:
+    repo = Repository(storage, "job")
+    with pytest.raises(DriverError, match="stream 'db' is empty"):
+        repo.write_stream("20261124T020000Z", "db", CountingReader(io.BytesIO(b""), "db"),
+                          [keys.identity.to_recipient()], 3)
+    with pytest.raises(ObjectNotFound):
+        storage.stat("job/backups/20261124T020000Z/db.zst.age")
+
+
+class FailingSource:
+    def __init__(self, good: int) -> None:
+        self.left = good
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            raise DriverError("pg_dump exited with status 1")
+        n = min(self.left, 1 << 20)
+        self.left -= n
+        return os.urandom(n)
+
+
+def test_source_failing_midway_leaves_no_object(storage: Storage, keys) -> None:
+    repo = Repository(storage, "job")
+    with pytest.raises(DriverError, match="pg_dump exited with status 1"):
+        repo.write_stream("20261124T020000Z", "db", FailingSource(12 << 20), [keys.identity.to_recipient()], 1)
+    assert list(storage.list("job/")) == []
