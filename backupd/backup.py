@@ -7,7 +7,7 @@ import threading
 
 import structlog
 
-from backupd import __version__
+from backupd import __version__, metrics
 from backupd.context import JobContext
 from backupd.errors import DriverError, UsageError
 from backupd.locks import job_lock
@@ -72,10 +72,21 @@ def run_backup(
             except BaseException:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
+                metrics.BACKUP_RUNS.labels(ctx.name, method, "failure").inc()
                 raise
+            record_success(manifest)
             log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,
                      seconds=round(manifest.duration_seconds, 3))
             return manifest
+
+
+def record_success(manifest: Manifest) -> None:
+    labels = (manifest.job, manifest.method)
+    metrics.BACKUP_RUNS.labels(*labels, "success").inc()
+    metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
+    metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
+    metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
+    metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
 
 
 def _discard(ctx: JobContext, backup_id: str) -> None:

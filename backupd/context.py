@@ -10,6 +10,7 @@ from typing import Any
 from backupd import age, plugins
 from backupd.driver import Driver, DriverContext
 from backupd.errors import ConfigError, CryptoError
+from backupd.logarchive import LogArchive
 from backupd.repository import Repository
 from backupd.settings import JobSettings, Settings
 from backupd.storage import Storage
@@ -51,8 +52,13 @@ class JobContext:
             settings=self.job,
             options=self.settings.driver_options(self.name),
             state_dir=self.state_dir,
+            logs=self.log_archive,
         )
         return cls(context)
+
+    def log_archive(self, kind: str) -> LogArchive:
+        """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""
+        return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level)  # type: ignore[arg-type]
 
     @functools.cached_property
     def recipients(self) -> list[age.X25519Recipient]:

@@ -9,15 +9,17 @@ plaintext streams from a ``BackupSource``.
 from __future__ import annotations
 
 import abc
+import threading
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Iterable, Protocol
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import BackupNotFound, UsageError
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.storage import Readable
 from backupd.timeutil import format_timestamp
@@ -44,12 +46,27 @@ class BackupResult:
 
 
 class BackupSource(Protocol):
-    """A committed backup, readable as plaintext streams."""
+    """A committed backup, readable as plaintext streams, plus the job's archived logs."""
 
     manifest: Manifest
 
     def open(self, name: str) -> BinaryIO:
         """The named stream, decrypted and decompressed; corruption raises on read."""
+
+    def logs(self, kind: str) -> LogArchive:
+        """The job's archive of ``wal``, ``binlog`` or ``oplog`` objects."""
+
+    def open_log(self, kind: str, name: str) -> BinaryIO:
+        """One archived log, decrypted and decompressed."""
+
+
+class LogArchiver(Protocol):
+    """A continuous log shipper the daemon supervises (restarting it with backoff)."""
+
+    name: str  # e.g. "binlog:orders"
+
+    def run(self, stop: threading.Event) -> None:
+        """Ship logs until ``stop`` is set; raise on a failure the daemon should restart after."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,8 @@ class DriverContext:
     settings: Any  # backupd.settings.JobSettings
     options: Any  # the driver's own options model instance
     state_dir: Path
+    #: The job's log archive for a kind ("wal", "binlog", "oplog"), encrypting to the job's recipients.
+    logs: Callable[[str], LogArchive] | None = None
     log: Any = field(default_factory=lambda: structlog.get_logger("backupd.driver"))
 
     @property
@@ -129,6 +148,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
         """Restore into a scratch place under ``scratch`` and measure it (counts, user checks)."""
+
+    def log_archivers(self) -> list[LogArchiver]:
+        """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
+        return []
 
     def check(self) -> Iterable[Check]:
         """Connectivity, privileges, tool versions; one Check per line of output."""

@@ -9,6 +9,7 @@ import structlog
 from backupd.context import JobContext
 from backupd.driver import RestoreRequest
 from backupd.errors import BackupNotFound
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.repository import Repository
 
@@ -29,6 +30,12 @@ class RepositorySource:
             return self.repo.open_stream(self.manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
         except KeyError:
             raise BackupNotFound(f"backup {self.manifest.backup_id} has no stream {name!r}") from None
+
+    def logs(self, kind: str) -> LogArchive:
+        return LogArchive(self.repo.storage, self.repo.job, kind)  # type: ignore[arg-type]
+
+    def open_log(self, kind: str, name: str) -> BinaryIO:
+        return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]
 
 
 def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None) -> list[str]:

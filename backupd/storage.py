@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Iterator, Mapping, Protocol
 
 from backupd.errors import StorageError
 
@@ -30,6 +30,8 @@ class ObjectInfo:
     key: str
     size: int
     modified: dt.datetime | None = None
+    #: User metadata given to ``put``; filled by ``stat`` (``list`` may leave it None).
+    metadata: dict[str, str] | None = None
 
 
 def check_key(key: str) -> str:
@@ -49,8 +51,18 @@ class Storage(abc.ABC):
     location: str = ""
 
     @abc.abstractmethod
-    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        source: Readable,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         """Store everything ``source.read()`` yields under ``key``.
+
+        ``metadata`` (short ASCII keys and values, e.g. a plaintext digest) is
+        stored with the object and returned by ``stat``.
 
         Reads the source in bounded chunks until it returns ``b""``. The object
         becomes visible under ``key`` only once complete; if reading the source

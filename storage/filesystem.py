@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,6 +23,7 @@ from backupd.storage import ObjectInfo, Readable, Storage, check_key
 
 CHUNK = 1 << 20
 TEMP_PREFIX = ".tmp-"
+META_PREFIX = ".meta-"
 
 
 class FilesystemOptions(BaseModel):
@@ -75,7 +77,17 @@ class FilesystemStorage(Storage):
             elif not self.root.is_dir():
                 raise StorageUnavailable(f"{self.root}: not a directory")
 
-    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+    def _meta_path(self, target: Path) -> Path:
+        return target.parent / f"{META_PREFIX}{target.name}.json"
+
+    def put(
+        self,
+        key: str,
+        source: Readable,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         target = self._path(key)
         self._ensure_root()
         with _os_errors(str(target)):
@@ -89,6 +101,9 @@ class FilesystemStorage(Storage):
                         size += len(chunk)
                     out.flush()
                     os.fsync(out.fileno())
+                if metadata is not None:
+                    # Metadata goes in first: an object is never visible without it.
+                    self._write_meta(target, metadata, if_absent)
                 if if_absent:
                     try:
                         os.link(tmp, target)
@@ -102,7 +117,30 @@ class FilesystemStorage(Storage):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc))
+        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),
+                          metadata=dict(metadata) if metadata is not None else None)
+
+    def _write_meta(self, target: Path, metadata: Mapping[str, str], if_absent: bool) -> None:
+        meta = self._meta_path(target)
+        if if_absent and target.exists():
+            return  # the link below fails; keep the existing object's metadata
+        tmp = meta.parent / f"{TEMP_PREFIX}{meta.name}.{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "x") as out:
+                json.dump(dict(metadata), out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, meta)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _read_meta(self, target: Path) -> dict[str, str] | None:
+        try:
+            return json.loads(self._meta_path(target).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -120,7 +158,7 @@ class FilesystemStorage(Storage):
             for dirpath, dirnames, filenames in os.walk(base_dir):
                 dirnames.sort()
                 for name in filenames:
-                    if name.startswith(TEMP_PREFIX):
+                    if name.startswith((TEMP_PREFIX, META_PREFIX)):
                         continue
                     full = Path(dirpath) / name
                     key = full.relative_to(self.root).as_posix()
@@ -138,7 +176,7 @@ class FilesystemStorage(Storage):
         path = self._path(key)
         with _os_errors(str(path)):
             st = path.stat()
-        return ObjectInfo(key, st.st_size, _mtime(st.st_mtime))
+        return ObjectInfo(key, st.st_size, _mtime(st.st_mtime), self._read_meta(path))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -147,6 +185,8 @@ class FilesystemStorage(Storage):
                 path.unlink()
             except FileNotFoundError:
                 return
+            with contextlib.suppress(FileNotFoundError):
+                self._meta_path(path).unlink()
             # Tidy empty parents up to the root so listings stay small.
             parent = path.parent
             while parent != self.root:

@@ -1,0 +1,173 @@
+"""Continuous log objects for PITR: PostgreSQL WAL, MySQL binlogs, MongoDB oplog slices.
+
+Layout (DESIGN.md)::
+
+    <job>/wal/<timeline>/<segment>.zst.age
+    <job>/binlog/<server>/<file>.zst.age
+    <job>/oplog/<from_ts>-<to_ts>.bson.zst.age
+
+Each object is an age file wrapping a zstd frame, like every backup object. Its
+plaintext sha256 and size travel as storage metadata, so a host holding only
+public keys can still tell "already archived, same bytes" (success) from "same
+name, different bytes" (refused, never overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+from backupd.errors import BackupdError, ObjectExists, ObjectNotFound
+from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader
+from backupd.storage import ObjectInfo, Storage
+
+Kind = Literal["wal", "binlog", "oplog"]
+SUFFIX = ".zst.age"
+
+
+class LogConflict(BackupdError):
+    """A log with this name is archived with different content."""
+
+
+@dataclass(frozen=True)
+class LogObject:
+    name: str  # relative to the kind's directory, without the suffix: "00000001/000000010000000000000003"
+    key: str
+    stored_size: int
+    raw_size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    status: Literal["stored", "identical", "replaced"]
+    raw_size: int
+    stored_size: int
+    sha256: str
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class LogArchive:
+    def __init__(self, storage: Storage, job: str, kind: Kind, recipients: Sequence[object] = (), level: int = 3) -> None:
+        self.storage = storage
+        self.job = job
+        self.kind = kind
+        self.recipients = list(recipients)
+        self.level = level
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.job}/{self.kind}/"
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}{SUFFIX}"
+
+    def stat(self, name: str) -> LogObject:
+        return self._log_object(self.storage.stat(self.key(name)))
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.storage.stat(self.key(name))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def push_file(self, name: str, path: Path, *, replace: bool = False, threads: int | None = 0) -> PushResult:
+        """Archive a local file; return only once it is durable in storage.
+
+        Pushing the same bytes again succeeds (status "identical"); other bytes
+        under an archived name raise LogConflict unless ``replace`` (used for
+        partial objects of a log still being written).
+        """
+        raw_size, sha256 = file_digest(path)
+        metadata = {"sha256": sha256, "raw-size": str(raw_size)}
+        key = self.key(name)
+        with open(path, "rb") as handle:
+            reader = EncodingReader(handle, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
+            try:
+                info = self.storage.put(key, reader, if_absent=not replace, metadata=metadata)
+            except ObjectExists:
+                existing = self.storage.stat(key).metadata or {}
+                if existing.get("sha256") == sha256:
+                    return PushResult(name, "identical", raw_size, self.storage.stat(key).size, sha256)
+                raise LogConflict(
+                    f"{key}: already archived with different content (sha256 {existing.get('sha256', 'unknown')[:12]}..., "
+                    f"this file {sha256[:12]}...); refusing to overwrite",
+                    hint="two servers may be archiving into the same job; check archive_command and the job's storage",
+                ) from None
+            finally:
+                reader.close()
+        stats = reader.stats
+        if stats.raw_size != raw_size:
+            raise BackupdError(f"{path}: changed while being archived ({raw_size} bytes hashed, {stats.raw_size} sent)")
+        return PushResult(name, "replaced" if replace else "stored", raw_size, info.size, sha256)
+
+    def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
+        key = self.key(name)
+        info = self.storage.stat(key)
+        raw = (info.metadata or {}).get("raw-size")
+        return DecodingReader(
+            self.storage.open(key),
+            identities,
+            where=key,
+            expected_size=info.size,
+            expected_raw_size=int(raw) if raw and raw.isdigit() else None,
+            key_file=key_file,
+        )
+
+    def fetch_to(self, name: str, dest: Path, identities: Sequence[object], key_file: str | None = None) -> int:
+        """Decrypt into ``dest`` atomically (temp file + rename); return the byte count."""
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+        size = 0
+        try:
+            with self.open(name, identities, key_file) as reader, open(tmp, "wb") as out:
+                while chunk := reader.read(READ_CHUNK):
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return size
+
+    def list(self, under: str = "", *, with_metadata: bool = False) -> list[LogObject]:
+        """Archived logs whose name starts with ``under``, in name order."""
+        objects = []
+        for info in self.storage.list(self.prefix + under):
+            if not info.key.endswith(SUFFIX):
+                continue
+            if with_metadata:
+                info = self.storage.stat(info.key)
+            objects.append(self._log_object(info))
+        return objects
+
+    def iter_names(self, under: str = "") -> Iterator[str]:
+        for obj in self.list(under):
+            yield obj.name
+
+    def delete(self, name: str) -> None:
+        self.storage.delete(self.key(name))
+
+    def _log_object(self, info: ObjectInfo) -> LogObject:
+        name = info.key[len(self.prefix):-len(SUFFIX)]
+        meta = info.metadata or {}
+        raw = meta.get("raw-size")
+        return LogObject(name, info.key, info.size, int(raw) if raw and raw.isdigit() else None, meta.get("sha256"))
