@@ -153,6 +153,10 @@ class Driver(abc.ABC):
         """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
         return []
 
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""
+        return {}
+
     def check(self) -> Iterable[Check]:
         """Connectivity, privileges, tool versions; one Check per line of output."""
         return []

@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from backupd import metrics
 from backupd.context import JobContext
 from backupd.errors import BackupdError, CryptoError, IntegrityError, KeyMismatch
 from backupd.manifest import Manifest
@@ -100,3 +101,29 @@ def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
     except BackupdError as exc:
         log.warning("could not store the verification report", error=str(exc))
         return None
+
+
+def record_metrics(report: VerifyReport) -> None:
+    metrics.VERIFICATION_LAST_RESULT.labels(report.job).set(1 if report.ok else 0)
+    if report.ok:
+        metrics.VERIFICATION_LAST_SUCCESS.labels(report.job).set(utcnow().timestamp())
+    if report.restore_seconds is not None:
+        metrics.VERIFICATION_LAST_RESTORE.labels(report.job).set(report.restore_seconds)
+
+
+def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False) -> list[VerifyReport]:
+    """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
+
+    Full mode verifies one backup (default the newest); integrity mode every
+    backup unless one is named. Raises (exit 1) when verification cannot run.
+    """
+    repo = ctx.repository
+    if integrity_only:
+        manifests = [repo.resolve(backup_id)] if backup_id else repo.manifests()
+        if not manifests:
+            repo.resolve(None)  # raises "no backups"
+        return [check_integrity(ctx, manifest) for manifest in manifests]
+    report = verify_full(ctx, repo.resolve(backup_id))
+    save_report(ctx, report)
+    record_metrics(report)
+    return [report]

@@ -7,7 +7,7 @@ import argparse
 from backupd.cli.common import print_json, with_job
 from backupd.context import JobContext
 from backupd.errors import EXIT_VERIFY_BAD
-from backupd.verify import check_integrity, save_report, verify_full
+from backupd.verify import run_verification
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,15 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    repo = ctx.repository
-    if args.integrity_only:
-        manifests = [repo.resolve(args.backup)] if args.backup else repo.manifests()
-        if not manifests:
-            repo.resolve(None)  # raises "no backups"
-        reports = [check_integrity(ctx, manifest) for manifest in manifests]
-    else:
-        reports = [verify_full(ctx, repo.resolve(args.backup))]
-        save_report(ctx, reports[0])
+    reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only)
     if args.json:
         print_json({"reports": [r.to_dict() for r in reports]})
     else:
