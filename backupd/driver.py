@@ -153,6 +153,15 @@ class Driver(abc.ABC):
         """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
         return []
 
+    def log_continuity(self, source: BackupSource) -> list[str]:
+        """Gaps in the archived logs from this backup's start to the newest archived log.
+
+        One message per missing file, naming it (e.g. "missing WAL segment
+        00000001000000000000002A"); [] when complete or when the driver keeps no logs.
+        Verification fails on any gap, since a gap breaks PITR past it.
+        """
+        return []
+
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""
         return {}
