@@ -1,0 +1,399 @@
+"""S3 storage: AWS or any S3-compatible endpoint (MinIO, Ceph, ...).
+
+A source is read ``part_size`` bytes at a time. An object that fits in one part
+is a single PUT; a larger one is a multipart upload with at most
+``max_concurrency`` parts in flight, so memory stays near
+``(max_concurrency + 1) * part_size``. A failed multipart upload is aborted on
+the server before the error propagates; if even the abort fails, a bucket
+lifecycle rule (AbortIncompleteMultipartUpload) is the safety net.
+
+Credentials come from the standard AWS chain only (environment, shared files,
+instance profile); throttling and 5xx responses are retried by botocore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import itertools
+import re
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Annotated, Any, BinaryIO, Iterator, Literal
+from urllib.parse import urlsplit
+
+import boto3
+import structlog
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, CredentialRetrievalError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import (EndpointConnectionError, HTTPClientError, NoCredentialsError,
+                                 PartialCredentialsError, ReadTimeoutError)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from backupd.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.storage import ObjectInfo, Readable, Storage, check_key
+
+log = structlog.get_logger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+READ_BUFFER = 1 * MiB  # for open()
+BODY_READ = 256 << 10  # largest read of a part's body
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_SIZE = re.compile(r"\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*", re.IGNORECASE)
+_UNITS = {None: 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
+
+_PART_CHECKSUMS = {"ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"}
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+# S3 error code -> what it means here; {where} is the object, {loc} the bucket and prefix.
+_CLIENT_ERRORS = [
+    (_NOT_FOUND, ObjectNotFound, "{where}: no such object"),
+    ({"NoSuchBucket"}, StorageUnavailable, "{loc}: bucket does not exist"),
+    ({"PreconditionFailed", "412"}, ObjectExists, "{where}: already exists"),
+    ({"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"},
+     StorageUnavailable, "{loc}: access denied"),
+    ({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+      "RequestTimeTooSkewed"}, StorageUnavailable, "{loc}: credentials rejected ({code})"),
+    ({"PermanentRedirect", "AuthorizationHeaderMalformed", "301", "IllegalLocationConstraintException"},
+     StorageUnavailable, "{loc}: wrong region for this bucket ({code})"),
+    ({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"},
+     StorageUnavailable, "{endpoint}: server unavailable ({code}, {tries})"),
+]
+
+def parse_size(value: object) -> object:
+    """``"16MiB"``, ``"8M"``, ``"5 GB"`` -> bytes. Units are binary, as in the AWS CLI."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.fullmatch(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '16MiB')")
+    return int(match[1]) * _UNITS[match[2] and match[2].lower()]
+
+
+class S3Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "s3"
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    part_size: Annotated[int, BeforeValidator(parse_size), Field(ge=5 * MiB, le=5 * GiB)] = 16 * MiB
+    max_concurrency: int = Field(4, ge=1, le=64)
+    storage_class: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    max_attempts: int = Field(8, ge=1, description="total attempts per request, the first included")
+    connect_timeout: float = Field(10, gt=0)
+    read_timeout: float = Field(60, gt=0)
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not _BUCKET.fullmatch(value) or ".." in value:
+            raise ValueError("a bucket name is 3-63 lowercase letters, digits, '.' and '-', "
+                             "starting and ending with a letter or digit")
+        if re.fullmatch(r"[\d.]+", value) and value.count(".") == 3:
+            raise ValueError("a bucket name must not look like an IP address")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.lstrip("/")
+        if not value:
+            return ""
+        value = value if value.endswith("/") else value + "/"
+        if any(part in ("", ".", "..") for part in value[:-1].split("/")):
+            raise ValueError("must be '/'-separated names, without '.', '..' or empty components")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if url.username or url.password:
+            raise ValueError("must not carry credentials: use the AWS credential chain")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kms_key(self) -> "S3Options":
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError('sse_kms_key_id needs sse = "aws:kms"')
+        return self
+
+
+class _Part:
+    """One part's bytes, filled from the source and read back by botocore.
+
+    A file-like body lets botocore checksum, sign, send and (on retry) resend
+    the part without ever making a second whole copy of it.
+    """
+
+    def __init__(self, source: Readable, size: int) -> None:
+        data = _read(source, size)
+        if data and len(data) < size and (more := _read(source, size - len(data))):
+            # A source of short reads: fill one buffer in place (never pieces plus a joined copy).
+            buf, got = bytearray(size), len(data)
+            with memoryview(buf) as view:
+                view[:got] = data
+                while more:
+                    view[got:got + len(more)] = more
+                    got += len(more)
+                    more = _read(source, size - got) if got < size else b""
+            del buf[got:]
+            data = buf
+        self.length = len(data)
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int | None = -1) -> bytes:
+        # Short reads are allowed, and keep botocore's scratch small: it checksums,
+        # signs and sends a body by reading it in 1 MiB chunks.
+        end = self.length if size is None or size < 0 else min(self.length, self._pos + min(size, BODY_READ))
+        data = bytes(self._view[self._pos:end])
+        self._pos = max(self._pos, end)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def release(self) -> None:
+        self._view.release()
+        self._view, self.length = memoryview(b""), 0
+
+
+class _Body(io.RawIOBase):
+    """A get_object body as a raw stream; read errors become storage errors."""
+
+    def __init__(self, body: Any, errors: Any) -> None:
+        self._body, self._errors = body, errors
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        with self._errors():
+            data = self._body.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+class S3Storage(Storage):
+    options_model = S3Options
+
+    def __init__(self, options: S3Options | dict[str, Any]) -> None:
+        self.options = o = S3Options.model_validate(options)
+        self.bucket, self.prefix = o.bucket, o.prefix
+        self.location = f"s3://{o.bucket}/{o.prefix}"
+        config = Config(retries={"total_max_attempts": o.max_attempts, "mode": "standard"},
+                        connect_timeout=o.connect_timeout, read_timeout=o.read_timeout,
+                        s3={"addressing_style": o.addressing_style}, tcp_keepalive=True,
+                        max_pool_connections=max(10, o.max_concurrency + 2))
+        self.endpoint = o.endpoint_url or "S3"
+        with self._errors():
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=o.endpoint_url, region_name=o.region, config=config)
+        self.endpoint = self._client.meta.endpoint_url
+
+    # -- the boundary: every botocore exception is converted here ------------
+
+    @contextlib.contextmanager
+    def _errors(self, key: str | None = None) -> Iterator[None]:
+        where = self.location + (key or "")
+        tries = f"after {self.options.max_attempts} attempt" + "s" * (self.options.max_attempts > 1)
+        try:
+            yield
+        except StorageError:
+            raise
+        except ClientError as exc:
+            raise self._client_error(exc, where, tries) from exc
+        except ConnectTimeoutError as exc:
+            raise StorageUnavailable(f"{self.endpoint}: timed out connecting to endpoint ({tries})") from exc
+        except ReadTimeoutError as exc:
+            raise StorageUnavailable(f"{self.endpoint}: timed out waiting for the endpoint") from exc
+        except EndpointConnectionError as exc:
+            raise StorageUnavailable(f"{self.endpoint}: cannot connect to endpoint ({tries})") from exc
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise StorageUnavailable(f"{self.endpoint}: connection failed: {type(exc).__name__}") from exc
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as exc:
+            raise StorageUnavailable(f"{self.location}: no usable AWS credentials "
+                                     "(environment, shared files or instance profile)") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{where}: {exc}") from exc
+
+    def _client_error(self, exc: ClientError, where: str, tries: str) -> StorageError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        for codes, cls, message in _CLIENT_ERRORS:
+            if code in codes:
+                return cls(message.format(where=where, loc=self.location, endpoint=self.endpoint,
+                                          code=code, tries=tries))
+        if status >= 500:
+            return StorageUnavailable(f"{self.endpoint}: server error ({code or status}, {tries})")
+        message = str(error.get("Message") or f"HTTP {status}").splitlines()[0]
+        return StorageError(f"{where}: {code}: {message}")
+
+    # -- the six methods -----------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _write_args(self) -> dict[str, str]:
+        o = self.options
+        args = {"StorageClass": o.storage_class, "ServerSideEncryption": o.sse, "SSEKMSKeyId": o.sse_kms_key_id}
+        return {k: v for k, v in args.items() if v}
+
+    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+        name = self._name(key)
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        with self._errors(key):
+            parts = self._parts(source)
+            first = next(parts, None)
+            second = next(parts, None) if first is not None and first.length == self.options.part_size else None
+            if second is None:
+                body = first if first is not None else b""
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **self._write_args(), **condition)
+                size = len(body)
+            else:
+                if if_absent and self._exists(key):  # fail early; the condition on completing decides
+                    raise ObjectExists(f"{self.location}{key}: already exists")
+                size = self._put_multipart(name, itertools.chain((first, second), parts), condition)
+        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc))
+
+    def _parts(self, source: Readable) -> Iterator[_Part]:
+        size = self.options.part_size
+        while True:
+            part = _Part(source, size)
+            if not part.length:
+                return
+            yield part
+            if part.length < size:
+                return
+
+    def _put_multipart(self, name: str, parts: Iterator[_Part], condition: dict[str, str]) -> int:
+        limit = self.options.max_concurrency
+        upload_id = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=name, **self._write_args())["UploadId"]
+        pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="s3-part")
+        pending: set[Future[dict[str, Any]]] = set()
+        done: list[dict[str, Any]] = []
+        size = 0
+        try:
+            for number, part in enumerate(parts, start=1):
+                if number > MAX_PARTS:
+                    raise StorageError(f"s3://{self.bucket}/{name}: more than {MAX_PARTS} parts of "
+                                       f"{self.options.part_size} bytes; raise part_size")
+                if len(pending) >= limit:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    done += (f.result() for f in finished)
+                size += part.length
+                pending.add(pool.submit(self._upload_part, name, upload_id, number, part))
+            finished, pending = wait(pending)
+            done += (f.result() for f in finished)
+            done.sort(key=lambda p: p["PartNumber"])
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done}, **condition)
+        except BaseException:
+            # Let in-flight parts finish first: a part landing after the abort would be billed forever.
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._abort(name, upload_id)
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        return size
+
+    def _upload_part(self, name: str, upload_id: str, number: int, part: _Part) -> dict[str, Any]:
+        try:
+            resp = self._client.upload_part(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=part)
+        finally:
+            part.release()  # whoever still refers to the part, its memory is free
+        # The part's checksum (botocore adds one) must be repeated when completing.
+        return {"PartNumber": number, **{k: v for k, v in resp.items() if k == "ETag" or k in _PART_CHECKSUMS}}
+
+    def _abort(self, name: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+        except Exception as exc:  # the original error matters more; say what was left behind
+            log.warning("multipart upload not aborted", location=f"s3://{self.bucket}/{name}",
+                        upload_id=upload_id, error=type(exc).__name__)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def open(self, key: str) -> BinaryIO:
+        name = self._name(key)
+        with self._errors(key):
+            body = self._client.get_object(Bucket=self.bucket, Key=name)["Body"]
+        raw = _Body(body, lambda: self._errors(key))
+        return io.BufferedReader(raw, buffer_size=READ_BUFFER)  # type: ignore[return-value]
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        start = len(self.prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", ()):
+                    if not obj["Key"].endswith("/"):  # "folder" markers made by consoles
+                        yield ObjectInfo(obj["Key"][start:], obj["Size"], obj.get("LastModified"))
+
+    def stat(self, key: str) -> ObjectInfo:
+        name = self._name(key)
+        try:
+            with self._errors(key):
+                resp = self._client.head_object(Bucket=self.bucket, Key=name)
+        except ObjectNotFound:
+            self._check_bucket()  # HEAD says 404 for a missing bucket too
+            raise
+        return ObjectInfo(key, resp["ContentLength"], resp.get("LastModified"))
+
+    def _check_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                raise StorageUnavailable(f"{self.location}: bucket does not exist") from exc
+        except BotoCoreError:
+            pass
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=name)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _read(source: Readable, size: int) -> bytes:
+    data = source.read(size)
+    if len(data) > size:
+        raise ValueError(f"source returned {len(data)} bytes, more than the {size} asked for")
+    return data
