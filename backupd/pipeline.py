@@ -23,6 +23,7 @@ from backupd.storage import Readable
 
 READ_CHUNK = 1 << 20
 QUEUE_DEPTH = 4
+ZSTD_JOB_SIZE = 4 << 20
 _EOF = object()
 
 
@@ -70,7 +71,10 @@ class EncodingReader:
         self._encrypted: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._recipients = list(recipients)
         workers = threads if threads is not None else max(0, min(os.cpu_count() or 1, 8))
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=workers if workers > 1 else 0)
+        # Multi-threaded zstd buffers whole jobs per worker; 4 MiB jobs keep that small.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=workers if workers > 1 else 0, job_size=ZSTD_JOB_SIZE if workers > 1 else 0
+        )
         self._compressor = zstandard.ZstdCompressor(compression_params=params)
         self._raw_size = 0
         self._stored_size = 0
@@ -109,13 +113,17 @@ class EncodingReader:
             zobj = self._compressor.compressobj()
             while chunk := self._source.read(READ_CHUNK):
                 self._raw_size += len(chunk)
-                out = zobj.compress(chunk)
-                if out:
-                    self._put(self._compressed, out)
-            self._put(self._compressed, zobj.flush())
+                self._put_pieces(zobj.compress(chunk))
+            self._put_pieces(zobj.flush())
             self._put(self._compressed, _EOF)
         except BaseException as exc:  # forwarded to the consumer
             self._fail(self._compressed, exc)
+
+    def _put_pieces(self, data: bytes) -> None:
+        """Queue at most READ_CHUNK bytes per item, so queue depth bounds memory."""
+        view = memoryview(data)
+        for start in range(0, len(view), READ_CHUNK):
+            self._put(self._compressed, view[start:start + READ_CHUNK])
 
     def _encrypt_loop(self) -> None:
         try:

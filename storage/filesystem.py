@@ -136,11 +136,11 @@ class FilesystemStorage(Storage):
                 os.unlink(tmp)
             raise
 
-    def _read_meta(self, target: Path) -> dict[str, str] | None:
+    def _read_meta(self, target: Path) -> dict[str, str]:
         try:
             return json.loads(self._meta_path(target).read_text())
         except (FileNotFoundError, ValueError):
-            return None
+            return {}
 
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)

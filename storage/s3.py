@@ -19,7 +19,7 @@ import io
 import itertools
 import re
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Annotated, Any, BinaryIO, Iterator, Literal
+from typing import Annotated, Any, BinaryIO, Iterator, Literal, Mapping
 from urllib.parse import urlsplit
 
 import boto3
@@ -261,12 +261,20 @@ class S3Storage(Storage):
     def _name(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _write_args(self) -> dict[str, str]:
+    def _write_args(self, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
         o = self.options
-        args = {"StorageClass": o.storage_class, "ServerSideEncryption": o.sse, "SSEKMSKeyId": o.sse_kms_key_id}
+        args: dict[str, Any] = {"StorageClass": o.storage_class, "ServerSideEncryption": o.sse,
+                                "SSEKMSKeyId": o.sse_kms_key_id, "Metadata": dict(metadata) if metadata else None}
         return {k: v for k, v in args.items() if v}
 
-    def put(self, key: str, source: Readable, *, if_absent: bool = False) -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        source: Readable,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         name = self._name(key)
         condition = {"IfNoneMatch": "*"} if if_absent else {}
         with self._errors(key):
@@ -275,13 +283,15 @@ class S3Storage(Storage):
             second = next(parts, None) if first is not None and first.length == self.options.part_size else None
             if second is None:
                 body = first if first is not None else b""
-                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **self._write_args(), **condition)
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **self._write_args(metadata),
+                                        **condition)
                 size = len(body)
             else:
                 if if_absent and self._exists(key):  # fail early; the condition on completing decides
                     raise ObjectExists(f"{self.location}{key}: already exists")
-                size = self._put_multipart(name, itertools.chain((first, second), parts), condition)
-        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc))
+                size = self._put_multipart(name, itertools.chain((first, second), parts), condition, metadata)
+        return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),
+                          metadata=dict(metadata) if metadata is not None else None)
 
     def _parts(self, source: Readable) -> Iterator[_Part]:
         size = self.options.part_size
@@ -293,10 +303,11 @@ class S3Storage(Storage):
             if part.length < size:
                 return
 
-    def _put_multipart(self, name: str, parts: Iterator[_Part], condition: dict[str, str]) -> int:
+    def _put_multipart(self, name: str, parts: Iterator[_Part], condition: dict[str, str],
+                       metadata: Mapping[str, str] | None = None) -> int:
         limit = self.options.max_concurrency
         upload_id = self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=name, **self._write_args())["UploadId"]
+            Bucket=self.bucket, Key=name, **self._write_args(metadata))["UploadId"]
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="s3-part")
         pending: set[Future[dict[str, Any]]] = set()
         done: list[dict[str, Any]] = []
@@ -372,7 +383,7 @@ class S3Storage(Storage):
         except ObjectNotFound:
             self._check_bucket()  # HEAD says 404 for a missing bucket too
             raise
-        return ObjectInfo(key, resp["ContentLength"], resp.get("LastModified"))
+        return ObjectInfo(key, resp["ContentLength"], resp.get("LastModified"), resp.get("Metadata") or {})
 
     def _check_bucket(self) -> None:
         try:
