@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from typing import Any
 
 from backupd.catalog import Catalog
@@ -19,7 +20,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def summary(manifest: Manifest) -> dict[str, Any]:
+def pitr_range(manifest: Manifest, newest_log: dt.datetime | None) -> dict[str, str] | None:
+    """From the backup's consistent point to the newest archived log; None without logs."""
+    pitr = manifest.metadata.get("pitr")
+    if not isinstance(pitr, dict) or "from" not in pitr:
+        return None
+    until = format_timestamp(newest_log.replace(microsecond=0)) if newest_log else pitr["from"]
+    return {"from": pitr["from"], "to": until, "log_kind": pitr.get("log_kind", "")}
+
+
+def newest_log_time(ctx: JobContext, manifests: list[Manifest]) -> dt.datetime | None:
+    kinds = {m.metadata["pitr"].get("log_kind") for m in manifests if isinstance(m.metadata.get("pitr"), dict)}
+    times = [obj.modified for kind in kinds if kind
+             for obj in ctx.storage.list(f"{ctx.name}/{kind}/") if obj.modified is not None]
+    return max(times, default=None)
+
+
+def summary(manifest: Manifest, newest_log: dt.datetime | None = None) -> dict[str, Any]:
     return {
         "backup_id": manifest.backup_id,
         "job": manifest.job,
@@ -29,8 +46,12 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "finished_at": format_timestamp(manifest.finished_at),
         "raw_size": manifest.raw_size,
         "stored_size": manifest.stored_size,
-        "pitr": manifest.metadata.get("pitr"),
+        "pitr": pitr_range(manifest, newest_log),
     }
+
+
+def _short(moment: dt.datetime) -> str:
+    return format_timestamp(moment.replace(microsecond=0))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,24 +61,27 @@ def run(args: argparse.Namespace) -> int:
         settings.job(job)
     catalog = Catalog(settings.daemon.state_dir)
     manifests: list[Manifest] = []
+    newest_logs: dict[str, dt.datetime | None] = {}
     try:
         for job in jobs:
             ctx = JobContext(settings, job)
             try:
-                manifests.extend(catalog.manifests(ctx.repository))
+                found = catalog.manifests(ctx.repository)
+                newest_logs[job] = newest_log_time(ctx, found)
+                manifests.extend(found)
             finally:
                 ctx.close()
     finally:
         catalog.close()
     manifests.sort(key=lambda m: m.finished_at, reverse=True)
     if args.json:
-        print_json({"backups": [summary(m) for m in manifests]})
+        print_json({"backups": [summary(m, newest_logs.get(m.job)) for m in manifests]})
         return 0
     rows = []
     for m in manifests:
-        pitr = m.metadata.get("pitr") or {}
-        window = f"{pitr.get('from', '?')} .. {pitr.get('to', '?')}" if pitr else "-"
-        rows.append([m.backup_id, m.job, m.method, format_timestamp(m.started_at), format_timestamp(m.finished_at),
+        pitr = pitr_range(m, newest_logs.get(m.job))
+        window = f"{pitr['from']} .. {pitr['to']}" if pitr else "-"
+        rows.append([m.backup_id, m.job, m.method, _short(m.started_at), _short(m.finished_at),
                      human_size(m.raw_size), human_size(m.stored_size), window])
     print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR"], rows)
     return 0
