@@ -13,12 +13,12 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import zstandard
 
-from backupd import age
-from backupd.errors import Aborted, BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch
+from backupd import age, progress
+from backupd.errors import Aborted, CryptoError, DriverError, IntegrityError, KeyMismatch
 from backupd.storage import Readable
 
 READ_CHUNK = 1 << 20
@@ -37,17 +37,6 @@ class EncodedStats:
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
-
-
-class _Stage(threading.Thread):
-    """Pulls items from ``inbox`` (or a source), transforms, pushes to ``outbox``."""
-
-    def __init__(self, name: str, work: Callable[[], None]) -> None:
-        super().__init__(name=name, daemon=True)
-        self._work = work
-
-    def run(self) -> None:
-        self._work()
 
 
 class EncodingReader:
@@ -83,8 +72,8 @@ class EncodingReader:
         self._done = False
         self._stats: EncodedStats | None = None
         self._threads = [
-            _Stage("zstd", self._compress_loop),
-            _Stage("age", self._encrypt_loop),
+            threading.Thread(target=self._compress_loop, name="zstd", daemon=True),
+            threading.Thread(target=self._encrypt_loop, name="age", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -269,6 +258,7 @@ class DecodingReader:
         self._inner = _DecryptingReader(stored, identities, where, expected_size, expected_sha256, key_file)
         self._reader = zstandard.ZstdDecompressor().stream_reader(self._inner, read_size=READ_CHUNK)
         self._expected_raw_size = expected_raw_size
+        progress.expect(expected_raw_size)
         self.raw_size = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -282,6 +272,7 @@ class DecodingReader:
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{self._where}: corrupt compressed data ({exc})") from None
         self.raw_size += len(data)
+        progress.advance(len(data))
         if not data and size and self._expected_raw_size is not None and self.raw_size != self._expected_raw_size:
             raise IntegrityError(
                 f"{self._where}: restored {self.raw_size} bytes, the manifest says {self._expected_raw_size}"
@@ -318,6 +309,7 @@ class CountingReader:
     def read(self, size: int = -1) -> bytes:
         data = self._source.read(size)
         self.size += len(data)
+        progress.advance(len(data))
         if not data and self.size == 0 and not self._allow_empty:
             raise DriverError(f"stream {self._name!r} is empty: the dump produced no data")
         return data
@@ -333,4 +325,4 @@ def hash_stored(stream: Readable) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-__all__ = ["EncodingReader", "DecodingReader", "CountingReader", "EncodedStats", "hash_stored", "BackupdError"]
+__all__ = ["EncodingReader", "DecodingReader", "CountingReader", "EncodedStats", "hash_stored"]

@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -50,8 +50,15 @@ class DaemonSettings(Strict):
     timezone: str = "UTC"
     max_parallel_jobs: int = Field(default=2, ge=1)
     shutdown_timeout: dt.timedelta = dt.timedelta(minutes=5)
+    #: How late a scheduled run may still start (host down, daemon busy); None: one period of its schedule.
+    misfire_grace_time: dt.timedelta | None = None
+    #: Random delay up to this long added to every scheduled run (spreads many hosts' load).
+    jitter: dt.timedelta | None = None
+    #: Longest wait between restarts of a log archiver that keeps failing.
+    archiver_backoff_max: dt.timedelta = dt.timedelta(minutes=5)
 
-    _durations = field_validator("shutdown_timeout", mode="before")(_duration)
+    _durations = field_validator("shutdown_timeout", "misfire_grace_time", "jitter", "archiver_backoff_max",
+                                 mode="before")(_duration)
 
     @field_validator("metrics_listen")
     @classmethod
@@ -352,5 +359,3 @@ def read_secret_file(path: Path, what: str) -> str:
         raise ConfigError(f"{what} {path}: file is empty")
     return secret
 
-
-Method = Literal["logical", "physical"]
