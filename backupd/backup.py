@@ -13,6 +13,7 @@ from backupd.errors import DriverError, UsageError
 from backupd.locks import job_lock
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.pipeline import CountingReader
+from backupd.runstate import RunRecord, record_run
 from backupd.storage import Readable
 from backupd.timeutil import backup_id_time, utcnow
 
@@ -33,9 +34,14 @@ def run_backup(
     repo = ctx.repository
     recipients = ctx.recipients
     with job_lock(ctx.state_dir, ctx.name, wait=wait):
-        _remove_abandoned(ctx)
-        started = utcnow()
-        backup_id = repo.new_backup_id(started)
+        try:
+            _remove_abandoned(ctx)
+            started = utcnow()
+            backup_id = repo.new_backup_id(started)
+        except BaseException as exc:  # storage down before the first byte: still a failed attempt
+            metrics.BACKUP_RUNS.labels(ctx.name, method, "failure").inc()
+            _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
+            raise
         entries: list[ObjectEntry] = []
         with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method):
             log.info("backup started")
@@ -69,11 +75,13 @@ def run_backup(
                     host=socket.gethostname(),
                 )
                 repo.commit(manifest)
-            except BaseException:
+            except BaseException as exc:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
                 metrics.BACKUP_RUNS.labels(ctx.name, method, "failure").inc()
+                _record_run(ctx, RunRecord("failure", utcnow(), backup_id, str(exc) or type(exc).__name__))
                 raise
+            _record_run(ctx, RunRecord("success", utcnow(), backup_id))
             record_success(manifest)
             log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,
                      seconds=round(manifest.duration_seconds, 3))
@@ -87,6 +95,11 @@ def record_success(manifest: Manifest) -> None:
     metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
     metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
     metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
+
+
+def _record_run(ctx: JobContext, record: RunRecord) -> None:
+    """Retention pauses after a failed run until a backup succeeds (backupd.runstate)."""
+    record_run(ctx.storage, ctx.state_dir, ctx.name, record)
 
 
 def _discard(ctx: JobContext, backup_id: str) -> None:

@@ -53,6 +53,7 @@ class JobContext:
             options=self.settings.driver_options(self.name),
             state_dir=self.state_dir,
             logs=self.log_archive,
+            config_path=self.settings.source,
         )
         return cls(context)
 

@@ -115,6 +115,8 @@ class DriverContext:
     #: The job's log archive for a kind ("wal", "binlog", "oplog"), encrypting to the job's recipients.
     logs: Callable[[str], LogArchive] | None = None
     log: Any = field(default_factory=lambda: structlog.get_logger("backupd.driver"))
+    #: The configuration file in use, for commands a driver hands to others (PostgreSQL's restore_command).
+    config_path: Path | None = None
 
     @property
     def spool_dir(self) -> Path:

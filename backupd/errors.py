@@ -61,6 +61,10 @@ class ObjectExists(StorageError):
     """A write that must not overwrite found the name already taken."""
 
 
+class ObjectLocked(StorageError):
+    """Storage refused to delete an object still under an Object Lock retention."""
+
+
 class CryptoError(BackupdError):
     """Encryption or decryption failed: wrong key, corrupt or truncated object."""
 

@@ -34,8 +34,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _duration(value: Any) -> dt.timedelta:
-    if isinstance(value, dt.timedelta):
+def _duration(value: Any) -> dt.timedelta | None:
+    if value is None or isinstance(value, dt.timedelta):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return dt.timedelta(seconds=value)

@@ -31,7 +31,7 @@ def test_round_trip_through_s3(tmp_path: Path, keys, moto_server: str, s3_bucket
     config, counts = s3_config(tmp_path, keys, moto_server, s3_bucket)
     backup_id = run_backupd("backup", "shop", config=config, check=True).out.strip()
     client = boto3.client("s3", endpoint_url=moto_server)
-    stored = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    stored = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="prod/shop/backups/")["Contents"])
     assert stored == [f"prod/shop/backups/{backup_id}/db.zst.age", f"prod/shop/backups/{backup_id}/manifest.json"]
 
     # A host that never saw the job: fresh state dir, nothing but the config and the key.

@@ -21,5 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     manifest = run_backup(ctx, args.method, wait=args.wait)
+    args.audit_backup_id = manifest.backup_id
     print(manifest.backup_id)
     return 0

@@ -1,0 +1,51 @@
+"""backupd prune JOB [--dry-run] [--json]: apply the job's retention policy."""
+
+from __future__ import annotations
+
+import argparse
+
+from backupd.cli.common import print_json, print_table, with_job
+from backupd.context import JobContext
+from backupd.prune import PruneResult, run_prune
+from backupd.timeutil import format_timestamp
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("prune", help="delete backups and logs the retention policy no longer keeps")
+    parser.add_argument("job")
+    parser.add_argument("--dry-run", action="store_true", help="print every decision with its reasons; delete nothing")
+    parser.add_argument("--json", action="store_true", help="print the decisions and the outcome as JSON")
+    parser.set_defaults(handler=run)
+
+
+@with_job
+def run(args: argparse.Namespace, ctx: JobContext) -> int:
+    result = run_prune(ctx, dry_run=args.dry_run)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_result(result)
+    return 0
+
+
+def print_result(result: PruneResult) -> None:
+    plan = result.plan
+    rows = [[d.kind, d.name, format_timestamp(d.time) if d.time else "-", d.verdict, "; ".join(
+        r.split(": ", 1)[1] if ": " in r else r for r in d.reasons)] for d in plan.decisions()]
+    print_table(["KIND", "NAME", "TIME", "ACTION", "REASONS"], rows)
+    if plan.window_start is not None:
+        print(f"PITR window starts {format_timestamp(plan.window_start)}")
+    if plan.restorable_from is not None:
+        print(f"restorable from {format_timestamp(plan.restorable_from)} after pruning")
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
+    backups, partials, logs = len(plan.deleted_backups()), len(plan.deleted_partials()), len(plan.deleted_logs())
+    if result.dry_run:
+        if plan.paused:
+            print(f"dry run: pruning is paused: {plan.paused}")
+        print(f"dry run: would delete {backups} backups, {partials} partial backups, {logs} logs; nothing touched")
+        return
+    print(f"deleted {len(result.deleted_backups)} backups, {len(result.deleted_partials)} partial backups, "
+          f"{len(result.deleted_logs)} logs ({result.deleted_objects} objects)")
+    for key in result.locked:
+        print(f"locked (Object Lock retention), kept: {key}")

@@ -1,0 +1,215 @@
+"""Applying retention to one job: read the repository, plan (backupd.retention), delete.
+
+Order of deletion, so that a crash at any point leaves a valid repository that
+the next prune finishes:
+
+1. a journal, ``<job>/state/prune.json``, naming the backups about to go;
+2. per backup, its manifest first (from then on it is no longer listed), then
+   its objects; a backup whose manifest is gone but whose objects remain is
+   recognised by the journal next time and finished, whatever its age;
+3. abandoned partial directories (no manifest, older than the job timeout);
+4. logs, oldest first, so an interrupted run never leaves a hole in the middle
+   of the archive;
+5. the journal is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import structlog
+
+from backupd import metrics
+from backupd.context import JobContext
+from backupd.errors import BackupdError, ConfigError, ObjectLocked, ObjectNotFound
+from backupd.locks import job_lock
+from backupd.logarchive import SUFFIX, LogArchive
+from backupd.manifest import Manifest
+from backupd.pins import Pins
+from backupd.retention import BackupItem, LogItem, PartialItem, PitrPoint, Plan, plan
+from backupd.runstate import UnreadableRecord, last_run, pause_reason
+from backupd.timeutil import backup_id_time, format_timestamp, parse_timestamp, utcnow
+
+log = structlog.get_logger(__name__)
+
+LOG_KINDS = ("wal", "binlog", "oplog")
+
+
+class PruneRefused(BackupdError):
+    """Retention must not run now (the job's newest backup run failed)."""
+
+
+@dataclass
+class PruneResult:
+    job: str
+    plan: Plan
+    dry_run: bool
+    deleted_backups: list[str] = field(default_factory=list)
+    deleted_partials: list[str] = field(default_factory=list)
+    deleted_logs: list[str] = field(default_factory=list)
+    deleted_objects: int = 0
+    #: Keys storage refused to delete because an Object Lock retention still holds them.
+    locked: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "job": self.job,
+            "dry_run": self.dry_run,
+            "paused": p.paused,
+            "window_start": format_timestamp(p.window_start) if p.window_start else None,
+            "restorable_from": format_timestamp(p.restorable_from) if p.restorable_from else None,
+            "warnings": p.warnings,
+            "decisions": [
+                {"kind": d.kind, "name": d.name, "time": format_timestamp(d.time) if d.time else None,
+                 "action": d.verdict, "reasons": d.reasons}
+                for d in p.decisions()
+            ],
+            "deleted": {"backups": self.deleted_backups, "partials": self.deleted_partials,
+                        "logs": self.deleted_logs, "objects": self.deleted_objects},
+            "locked": self.locked,
+        }
+
+
+def journal_key(job: str) -> str:
+    return f"{job}/state/prune.json"
+
+
+def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
+    """Plan and (unless ``dry_run``) apply the job's retention policy.
+
+    Raises ConfigError (exit 2) for an empty policy, PruneRefused (exit 1)
+    when the newest backup run failed, LockHeld when the job is running.
+    """
+    policy = ctx.job.retention
+    if policy.is_empty():
+        raise ConfigError(
+            f"jobs.{ctx.name}.retention: the policy is empty; refusing to prune",
+            hint="set at least one of keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, "
+                 "keep_hourly, keep_within, pitr_window",
+        )
+    now = now or utcnow()
+    lock = contextlib.nullcontext() if dry_run else job_lock(ctx.state_dir, ctx.name)
+    with lock, structlog.contextvars.bound_contextvars(job=ctx.name, stage="prune"):
+        the_plan = make_plan(ctx, now)
+        result = PruneResult(ctx.name, the_plan, dry_run)
+        if dry_run:
+            return result
+        if the_plan.paused:
+            raise PruneRefused(
+                f"job {ctx.name}: not pruning: {the_plan.paused}",
+                hint=f"pruning resumes after the next successful backup (`backupd backup {ctx.name}`)",
+            )
+        _apply(ctx, the_plan, result)
+        metrics.RETENTION_DELETED.labels(ctx.name).inc(result.deleted_objects)
+        metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(the_plan.kept_backups()))
+        if the_plan.restorable_from is not None:
+            metrics.PITR_WINDOW_START.labels(ctx.name).set(the_plan.restorable_from.timestamp())
+        log.info("prune finished", backups=len(result.deleted_backups), partials=len(result.deleted_partials),
+                 logs=len(result.deleted_logs), objects=result.deleted_objects, locked=len(result.locked))
+        return result
+
+
+def make_plan(ctx: JobContext, now: dt.datetime) -> Plan:
+    """Read everything the planner needs from the repository (and the local run record)."""
+    repo = ctx.repository
+    committed, partial_ids = repo.scan()
+    manifests = [repo.load_manifest(backup_id) for backup_id in committed]
+    pinned = Pins(ctx.storage, ctx.name).ids()
+    warnings: list[str] = []
+    backups = [_backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
+    interrupted = set(_read_journal(ctx))
+    partials = [PartialItem(i, backup_id_time(i), i in interrupted) for i in partial_ids]
+    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind)]
+    newest_start = max((b.time for b in backups), default=None)
+    try:
+        paused = pause_reason(last_run(ctx.storage, ctx.state_dir, ctx.name), newest_start)
+    except UnreadableRecord as exc:
+        paused = str(exc)
+    result = plan(backups, logs, ctx.job.retention, now, ctx.settings.daemon.timezone,
+                  partials=partials, timeout=ctx.job.timeout, paused=paused)
+    result.warnings[:0] = warnings
+    return result
+
+
+def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
+    pitr = manifest.metadata.get("pitr")
+    point = None
+    if pitr is not None:
+        try:
+            point = PitrPoint(str(pitr["log_kind"]), str(pitr["first_log"]), parse_timestamp(str(pitr["from"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            warnings.append(f"backup {manifest.backup_id}: unreadable metadata.pitr ({exc}); "
+                            "its logs are not located")
+    return BackupItem(manifest.backup_id, manifest.started_at, point, pinned)
+
+
+def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
+    prefix = LogArchive(ctx.storage, ctx.name, kind).prefix  # type: ignore[arg-type]
+    for info in ctx.storage.list(prefix):
+        if info.key.endswith(SUFFIX):
+            yield LogItem(kind, info.key[len(prefix):-len(SUFFIX)], info.modified)
+
+
+def _read_journal(ctx: JobContext) -> list[str]:
+    try:
+        with contextlib.closing(ctx.storage.open(journal_key(ctx.name))) as handle:
+            data = json.loads(handle.read())
+        return [str(i) for i in data.get("deleting", [])]
+    except ObjectNotFound:
+        return []
+    except (ValueError, AttributeError) as exc:
+        log.warning("ignoring an unreadable prune journal", key=journal_key(ctx.name), error=str(exc))
+        return []
+
+
+def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
+    repo = ctx.repository
+    doomed = the_plan.deleted_backups()
+    doomed_partials = the_plan.deleted_partials()
+    if doomed or doomed_partials:
+        record = {"started_at": format_timestamp(utcnow()), "deleting": doomed + doomed_partials}
+        ctx.storage.put(journal_key(ctx.name), io.BytesIO(json.dumps(record).encode() + b"\n"))
+    for backup_id in doomed:
+        try:
+            ctx.storage.delete(repo.manifest_key(backup_id))
+        except ObjectLocked as exc:
+            result.locked.append(repo.manifest_key(backup_id))
+            log.warning("backup is under Object Lock; kept", backup_id=backup_id, error=str(exc))
+            continue
+        result.deleted_objects += 1 + _delete_objects(ctx, backup_id, result)
+        result.deleted_backups.append(backup_id)
+        log.info("backup pruned", backup_id=backup_id)
+    for backup_id in doomed_partials:
+        result.deleted_objects += _delete_objects(ctx, backup_id, result)
+        result.deleted_partials.append(backup_id)
+        log.info("partial backup removed", backup_id=backup_id)
+    archives: dict[str, LogArchive] = {}
+    for decision in the_plan.deleted_logs():
+        archive = archives.setdefault(decision.kind, LogArchive(ctx.storage, ctx.name, decision.kind))  # type: ignore[arg-type]
+        try:
+            archive.delete(decision.name)
+        except ObjectLocked:
+            result.locked.append(archive.key(decision.name))
+            continue
+        result.deleted_objects += 1
+        result.deleted_logs.append(f"{decision.kind}/{decision.name}")
+    if doomed or doomed_partials:
+        ctx.storage.delete(journal_key(ctx.name))
+
+
+def _delete_objects(ctx: JobContext, backup_id: str, result: PruneResult) -> int:
+    count = 0
+    for info in list(ctx.storage.list(ctx.repository.backup_prefix(backup_id))):
+        try:
+            ctx.storage.delete(info.key)
+        except ObjectLocked:
+            result.locked.append(info.key)
+            continue
+        count += 1
+    return count

@@ -1,0 +1,298 @@
+"""Retention: which backups and logs to keep, as a pure function of the catalog and the policy.
+
+``plan()`` does no I/O: ``backupd prune`` feeds it what the repository holds and
+applies what it returns. Every decision carries its reasons, so ``--dry-run``
+explains each kept item. The calendar rules are data (``RULES``) with restic's
+semantics: walking back from the newest backup, a rule keeps the newest backup
+of each calendar period that has backups, until it has kept ``keep_<period>``
+of them; rules are OR'ed. Periods are computed in the daemon's time zone and
+weeks are ISO weeks.
+
+Floors, which no policy overrides:
+
+* the newest backup is always kept;
+* pinned backups are kept;
+* when the job's newest backup run failed, nothing is pruned (``paused``);
+* a directory without a manifest younger than the job timeout may still be
+  being written and is never touched;
+* an empty policy is refused.
+
+Logs (WAL, binlog, oplog) are kept from the first log of the oldest kept
+backup that records one (``metadata.pitr.first_log``), so every kept backup
+can still be made consistent and rolled forward to the newest log. Names sort
+in archive order within a directory; WAL timeline directories and oplog slices
+also sort across the archive. Binlog directories of other servers cannot be
+ordered by name: they are ordered by when they were stored. ``.history`` files
+are never deleted (recovery onto a timeline needs them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+from zoneinfo import ZoneInfo
+
+from backupd.errors import ConfigError
+from backupd.settings import RetentionSettings
+from backupd.timeutil import backup_id_sort_key, format_timestamp
+
+#: (policy key, label, period of a local time). Order only matters for the order of reasons.
+RULES: tuple[tuple[str, str, Callable[[dt.datetime], str]], ...] = (
+    ("keep_hourly", "hourly", lambda t: t.strftime("%Y-%m-%d %H:00")),
+    ("keep_daily", "daily", lambda t: t.strftime("%Y-%m-%d")),
+    ("keep_weekly", "weekly", lambda t: "%04d-W%02d" % t.isocalendar()[:2]),
+    ("keep_monthly", "monthly", lambda t: t.strftime("%Y-%m")),
+    ("keep_yearly", "yearly", lambda t: t.strftime("%Y")),
+)
+
+#: Log kinds whose names sort in archive order across their directories.
+ORDERED_KINDS = frozenset({"wal", "oplog"})
+
+
+@dataclass(frozen=True)
+class PitrPoint:
+    """Where a backup's logs begin, and the earliest moment it can restore to."""
+
+    kind: str
+    first_log: str
+    restorable_from: dt.datetime
+
+
+@dataclass(frozen=True)
+class BackupItem:
+    backup_id: str
+    time: dt.datetime  # when the backup started (its id's time)
+    pitr: PitrPoint | None = None
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class PartialItem:
+    """A backup directory without a manifest."""
+
+    backup_id: str
+    time: dt.datetime
+    interrupted_prune: bool = False  # its manifest was deleted by a prune that did not finish
+
+
+@dataclass(frozen=True)
+class LogItem:
+    kind: str
+    name: str
+    stored_at: dt.datetime | None = None
+
+
+@dataclass
+class Decision:
+    kind: str  # "backup", "partial", or a log kind ("wal", "binlog", "oplog")
+    name: str
+    time: dt.datetime | None
+    keep: bool
+    reasons: list[str]
+
+    @property
+    def verdict(self) -> str:
+        return "keep" if self.keep else "delete"
+
+
+@dataclass
+class Plan:
+    backups: list[Decision]  # newest first
+    partials: list[Decision]
+    logs: list[Decision]  # by kind, in name order
+    paused: str | None = None
+    window_start: dt.datetime | None = None
+    pitr_base: str | None = None  # the backup the window's oldest moment restores from
+    #: Earliest moment the repository can restore to once the plan is applied (None: no PITR).
+    restorable_from: dt.datetime | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def decisions(self) -> list[Decision]:
+        return [*self.backups, *self.partials, *self.logs]
+
+    def kept_backups(self) -> list[str]:
+        return [d.name for d in self.backups if d.keep]
+
+    def deleted_backups(self) -> list[str]:
+        return [d.name for d in self.backups if not d.keep]
+
+    def deleted_partials(self) -> list[str]:
+        return [d.name for d in self.partials if not d.keep]
+
+    def deleted_logs(self) -> list[Decision]:
+        return [d for d in self.logs if not d.keep]
+
+
+def plan(
+    backups: Iterable[BackupItem],
+    logs: Iterable[LogItem],
+    policy: RetentionSettings,
+    now: dt.datetime,
+    tz: dt.tzinfo | str = "UTC",
+    *,
+    partials: Iterable[PartialItem] = (),
+    timeout: dt.timedelta | None = None,
+    paused: str | None = None,
+) -> Plan:
+    """Decide, with reasons, what to keep and what to delete.
+
+    ``paused`` (why pruning must not happen now, e.g. the newest run failed)
+    keeps everything. ``timeout`` is the job's timeout: a partial directory
+    older than it is abandoned and removed; without it partials are kept.
+    Raises ConfigError for an empty policy.
+    """
+    if policy.is_empty():
+        raise ConfigError(
+            "the retention policy is empty; refusing to prune (it would keep only the newest backup)",
+            hint="set at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, "
+                 "keep_yearly, keep_within, pitr_window in the job's retention table",
+        )
+    zone = ZoneInfo(tz) if isinstance(tz, str) else tz
+    ordered = sorted(backups, key=lambda b: (b.time, backup_id_sort_key(b.backup_id)), reverse=True)
+    reasons: dict[str, list[str]] = {b.backup_id: [] for b in ordered}
+    result = Plan(backups=[], partials=[], logs=[], paused=paused)
+
+    if paused:
+        for b in ordered:
+            reasons[b.backup_id].append(f"keep: pruning paused ({paused})")
+    elif ordered:
+        _apply_rules(ordered, policy, zone, reasons)
+        base = _pitr_base(ordered, policy, now, result)
+        if base is not None:
+            result.pitr_base = base.backup_id
+            reasons[base.backup_id].append(
+                f"keep: needed by PITR window (restores from {format_timestamp(base.pitr.restorable_from)})"  # type: ignore[union-attr]
+            )
+        for b in ordered:
+            if b.pinned:
+                reasons[b.backup_id].append("keep: pinned")
+        reasons[ordered[0].backup_id].insert(0, "keep: newest")
+    for b in ordered:
+        why = reasons[b.backup_id] or ["delete: outside all rules"]
+        result.backups.append(Decision("backup", b.backup_id, b.time, why[0].startswith("keep"), why))
+
+    kept = [b for b in ordered if reasons[b.backup_id]]
+    result.partials = _plan_partials(partials, now, timeout, paused)
+    result.logs = _plan_logs(list(logs), kept, paused, result)
+    points = [b.pitr.restorable_from for b in kept if b.pitr is not None]
+    result.restorable_from = min(points) if points else None
+    return result
+
+
+def _apply_rules(ordered: Sequence[BackupItem], policy: RetentionSettings, zone: dt.tzinfo,
+                 reasons: dict[str, list[str]]) -> None:
+    if policy.keep_last:
+        for position, b in enumerate(ordered[: policy.keep_last], start=1):
+            reasons[b.backup_id].append(f"keep: last {position} of {policy.keep_last}")
+    for key, label, period_of in RULES:
+        count = getattr(policy, key)
+        if not count:
+            continue
+        last_period: str | None = None
+        for b in ordered:
+            if count == 0:
+                break
+            period = period_of(b.time.astimezone(zone))
+            if period != last_period:
+                reasons[b.backup_id].append(f"keep: {label} {period}")
+                last_period = period
+                count -= 1
+    if policy.keep_within:
+        since = ordered[0].time - policy.keep_within
+        for b in ordered:
+            if b.time >= since:
+                reasons[b.backup_id].append(f"keep: within {_duration(policy.keep_within)} of the newest")
+
+
+def _pitr_base(ordered: Sequence[BackupItem], policy: RetentionSettings, now: dt.datetime,
+               result: Plan) -> BackupItem | None:
+    """The backup the oldest moment of the PITR window restores from."""
+    if not policy.pitr_window:
+        return None
+    start = now - policy.pitr_window
+    result.window_start = start
+    with_logs = [b for b in ordered if b.pitr is not None]
+    if not with_logs:
+        result.warnings.append("pitr_window is set but no backup records where its logs begin (is archive_logs on?)")
+        return None
+    covering = [b for b in with_logs if b.pitr.restorable_from <= start]  # type: ignore[union-attr]
+    if covering:
+        return covering[0]  # the newest that reaches back to the window's start
+    oldest = with_logs[-1]
+    result.warnings.append(
+        f"the PITR window starts at {format_timestamp(start)} but the oldest backup restores from "
+        f"{format_timestamp(oldest.pitr.restorable_from)}"  # type: ignore[union-attr]
+    )
+    return oldest
+
+
+def _plan_partials(partials: Iterable[PartialItem], now: dt.datetime, timeout: dt.timedelta | None,
+                   paused: str | None) -> list[Decision]:
+    decisions = []
+    for p in sorted(partials, key=lambda p: backup_id_sort_key(p.backup_id), reverse=True):
+        if paused:
+            why = f"keep: pruning paused ({paused})"
+        elif p.interrupted_prune:
+            why = "delete: left by an interrupted prune"
+        elif timeout is not None and p.time <= now - timeout:
+            why = f"delete: abandoned (no manifest, older than the job timeout {_duration(timeout)})"
+        else:
+            why = "keep: no manifest yet; may still be being written"
+        decisions.append(Decision("partial", p.backup_id, p.time, why.startswith("keep"), [why]))
+    return decisions
+
+
+def _directory(name: str) -> str:
+    return name.rpartition("/")[0]
+
+
+def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, result: Plan) -> list[Decision]:
+    decisions: list[Decision] = []
+    for kind in sorted({log.kind for log in logs}):
+        items = sorted((log for log in logs if log.kind == kind), key=lambda log: log.name)
+        # Oldest kept backup first, so "needed by" names the backup that reaches back furthest.
+        starts = [(b.pitr.first_log, b) for b in reversed(kept) if b.pitr is not None and b.pitr.kind == kind]
+        if paused or not starts:
+            why = f"keep: pruning paused ({paused})" if paused else "keep: no kept backup records where its logs begin"
+            decisions.extend(Decision(kind, log.name, log.stored_at, True, [why]) for log in items)
+            continue
+        across = kind in ORDERED_KINDS
+        start_dirs = {_directory(first) for first, _ in starts}
+
+        def needed_by(name: str) -> BackupItem | None:
+            for first, backup in starts:
+                if name >= first and (across or _directory(name) == _directory(first)):
+                    return backup
+            return None
+
+        needed = {log.name: needed_by(log.name) for log in items}
+        stored = [log.stored_at for log in items if needed[log.name] is not None and log.stored_at is not None]
+        earliest_needed = min(stored) if stored else None
+        for log in items:
+            why: list[str] = []
+            if log.name.endswith(".history"):
+                why.append("keep: timeline history")
+            backup = needed[log.name]
+            if backup is not None and backup.backup_id == result.pitr_base:
+                why.append(f"keep: needed by PITR window (base {backup.backup_id})")
+            elif backup is not None:
+                why.append(f"keep: needed by backup {backup.backup_id}")
+            elif not across and _directory(log.name) not in start_dirs:
+                # Another server's binlogs: only the time they were stored orders them.
+                if earliest_needed is None or log.stored_at is None:
+                    why.append("keep: cannot be ordered against the kept backups' logs")
+                elif log.stored_at >= earliest_needed:
+                    why.append("keep: stored after the oldest log a kept backup needs")
+            if not why:
+                why.append("delete: older than every kept backup and the PITR window need")
+            decisions.append(Decision(kind, log.name, log.stored_at, why[0].startswith("keep"), why))
+    return decisions
+
+
+def _duration(value: dt.timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -1,0 +1,145 @@
+"""A test double: a tiny key-value "database" with a change log, for core tests of PITR.
+
+``KvStore`` is the database: a JSON file of keys, a clock the test sets, and
+pending changes that ``rotate()`` closes into a numbered log file (like a WAL
+segment switch). ``KvlogDriver`` backs it up as one stream, records where its
+logs begin (``metadata.pitr``), restores a backup and replays archived logs up
+to a target time, and reports gaps in the archived sequence. It is honest:
+a missing log makes restore and ``log_continuity`` fail, naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+from backupd import plugins
+from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
+from backupd.errors import DriverError
+from backupd.timeutil import format_timestamp, parse_timestamp
+
+KIND = "oplog"
+
+
+def log_name(seq: int) -> str:
+    return f"{seq:010d}"
+
+
+class KvStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / "state.json").exists():
+            self._save({"data": {}, "seq": 1, "pending": [], "now": "2026-01-01T00:00:00Z"})
+
+    def _load(self) -> dict:
+        return json.loads((self.path / "state.json").read_text())
+
+    def _save(self, state: dict) -> None:
+        (self.path / "state.json").write_text(json.dumps(state))
+
+    @property
+    def now(self) -> dt.datetime:
+        return parse_timestamp(self._load()["now"])
+
+    @now.setter
+    def now(self, value: dt.datetime) -> None:
+        state = self._load()
+        state["now"] = format_timestamp(value)
+        self._save(state)
+
+    def set(self, key: str, value: str) -> None:
+        state = self._load()
+        state["data"][key] = value
+        state["pending"].append({"at": state["now"], "key": key, "value": value})
+        self._save(state)
+
+    def rotate(self) -> tuple[str, Path]:
+        """Close the current log into ``logs/<seq>``; return its name and file to archive."""
+        state = self._load()
+        name = log_name(state["seq"])
+        out = self.path / "logs" / name
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(state["pending"]))
+        state["seq"] += 1
+        state["pending"] = []
+        self._save(state)
+        return name, out
+
+    def snapshot(self) -> dict:
+        state = self._load()
+        return {"data": state["data"], "at": state["now"], "first_log": log_name(state["seq"])}
+
+
+class KvlogOptions(DriverOptions):
+    path: Path
+
+
+class KvlogDriver(Driver):
+    methods = ("logical",)
+    options_model = KvlogOptions
+
+    @property
+    def store(self) -> KvStore:
+        return KvStore(self.options.path)
+
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        snap = self.store.snapshot()
+        sink("data", io.BytesIO(json.dumps(snap).encode()))
+        return BackupResult(
+            metadata={"pitr": {"log_kind": KIND, "first_log": snap["first_log"], "from": snap["at"]}},
+            row_counts={"keys": len(snap["data"])},
+        )
+
+    def _replay(self, source: BackupSource, target: dt.datetime | None) -> dict:
+        with source.open("data") as stream:
+            snap = json.loads(stream.read())
+        data, since = snap["data"], parse_timestamp(snap["at"])
+        expected = int(snap["first_log"])
+        for obj in source.logs(KIND).list():
+            if obj.name < snap["first_log"]:
+                continue
+            if int(obj.name) != expected:
+                raise DriverError(f"cannot replay past missing oplog slice {log_name(expected)}")
+            expected += 1
+            with source.open_log(KIND, obj.name) as stream:
+                for change in json.loads(stream.read()):
+                    at = parse_timestamp(change["at"])
+                    if since < at and (target is None or at <= target):  # older changes are in the snapshot
+                        data[change["key"]] = change["value"]
+        return data
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        target = request.target.time if request.target else None
+        data = self._replay(source, target)
+        Path(request.to).write_text(json.dumps(data, sort_keys=True))
+        return f"restored {len(data)} keys to {request.to}"
+
+    def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        with source.open("data") as stream:
+            snap = json.loads(stream.read())
+        return VerifyOutcome(row_counts={"keys": len(snap["data"])}, checks=[Check(c, True) for c in checks])
+
+    def log_continuity(self, source: BackupSource) -> list[str]:
+        first = source.manifest.metadata["pitr"]["first_log"]
+        names = [obj.name for obj in source.logs(KIND).list() if obj.name >= first]
+        if not names:
+            return []
+        present = {int(n) for n in names}
+        return [f"missing oplog slice {log_name(seq)}" for seq in range(int(first), max(present) + 1)
+                if seq not in present]
+
+    def check(self):
+        return [Check("store", self.options.path.is_dir(), str(self.options.path))]
+
+
+def install(monkeypatch) -> None:
+    """Make driver = "kvlog" resolvable for in-process tests (config validation and contexts)."""
+    original = plugins.driver_class
+
+    def driver_class(name: str):
+        return KvlogDriver if name == "kvlog" else original(name)
+
+    monkeypatch.setattr(plugins, "driver_class", driver_class)
