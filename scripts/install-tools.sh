@@ -8,6 +8,15 @@ declare -A PACKAGE_OF=(
   [age]=age
   [zstd]=zstd
   [sqlite3]=sqlite3
+  [mariadbd]=mariadb-server
+  [mariadb-dump]=mariadb-client
+  [mariadb-binlog]=mariadb-client
+  [mariadb-backup]=mariadb-backup
+  [mbstream]=mariadb-backup
+  [redis-server]=redis-server
+  [openssl]=openssl
+  [promtool]=prometheus
+  [systemd-analyze]=systemd
 )
 
 missing=()

@@ -1,0 +1,355 @@
+"""MongoDB: mongodump archives streamed from stdout, oplog slices for PITR, mongorestore to restore.
+
+On a replica set the dump runs with ``--oplog``, so it is consistent at the
+last oplog entry it captured; that entry's timestamp, read from the archive as
+it streams past, is where oplog replay for PITR begins. Document counts per
+collection are counted in the same pass, so they describe the stored dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
+                            VerifyOutcome)
+from backupd.errors import DriverError, UsageError
+from backupd.manifest import Manifest
+from backupd.redact import redact
+from backupd.settings import read_secret_file
+from backupd.timeutil import format_timestamp, parse_timestamp
+from drivers.mongodb import tools
+from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
+from drivers.mongodb.oplog import OplogArchiver, Slice, find_gaps, list_slices, ts_datetime, ts_from_text, ts_text
+from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
+from drivers.mongodb.server import MongoServer
+
+STREAM = "archive"
+SCHEMES = ("mongodb", "mongodb+srv")
+
+
+class MongodbOptions(DriverOptions):
+    dsn: str = Field(description="mongodb://user@host:port/?replicaSet=rs0&authSource=admin (no password)")
+    password_file: Path | None = None
+    databases: list[str] = Field(default_factory=list, description="dump only these databases (default: all)")
+    oplog_interval: float = Field(default=60.0, gt=0, description="seconds between oplog slices")
+    oplog_slice_max_bytes: int = Field(default=64 << 20, gt=0)
+    mongod: str = Field(default="mongod", description="binary verification starts a scratch server with")
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.lower()
+        if scheme not in SCHEMES:
+            raise ValueError(f"expected a mongodb:// or mongodb+srv:// URL, not {scheme or 'no'} scheme")
+        return value
+
+
+def _user_collections(counts: dict[str, int]) -> dict[str, int]:
+    return {ns: n for ns, n in sorted(counts.items())
+            if ns.split(".", 1)[0] not in ("admin", "local", "config") and ".system." not in f".{ns.split('.', 1)[-1]}"}
+
+
+class MongodbDriver(Driver):
+    methods = ("logical",)
+    options_model = MongodbOptions
+
+    # ---- connection -----------------------------------------------------------------
+
+    def password(self, override: Path | None = None) -> str | None:
+        path = override or self.options.password_file
+        if path is None:
+            return None
+        return read_secret_file(path, "--password-file" if override else f"jobs.{self.context.job}.password_file")
+
+    def server(self) -> MongoServer:
+        return MongoServer(self.options.dsn, self.password())
+
+    # ---- backup -----------------------------------------------------------------------
+
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        password = self.password()
+        spool = self.context.spool_dir
+        with MongoServer(self.options.dsn, password) as server:
+            version = server.version()
+            replica_set = server.replica_set()
+            before = server.newest_oplog_ts() if replica_set else None
+            if self.context.settings.archive_logs and not replica_set:
+                self.log.warning("archive_logs is on but the server is not a replica set member: no oplog, no PITR")
+            with tools.config_file(spool, self.options.dsn, password) as config:
+                argv = tools.dump_argv(config, oplog=bool(replica_set),
+                                       namespaces=[f"{db}.*" for db in self.options.databases])
+                dump = tools.ToolProcess(argv, stdout=subprocess.PIPE, workdir=spool)
+                counter = ArchiveCounter()
+                stream = CountingStream(dump.proc.stdout, counter)
+                try:
+                    entry = sink(STREAM, stream)
+                except BaseException:
+                    dump.kill()
+                    with contextlib.suppress(ArchiveFormatError):
+                        counter.finish()
+                    raise
+                summary, problem = None, None
+                try:
+                    dump.finish("during the dump")
+                finally:
+                    try:
+                        summary = counter.finish()
+                    except ArchiveFormatError as exc:
+                        problem = exc
+            if stream.size == 0:
+                raise DriverError("mongodump exited with status 0 but wrote no archive to stdout")
+            if entry.raw_size != stream.size:
+                raise DriverError(f"stored {entry.raw_size} bytes of a {stream.size}-byte mongodump archive")
+            if summary is None:
+                raise DriverError(f"mongodump's output is not a complete archive: {problem}")
+        consistent = summary.last_oplog_ts or before
+        metadata: dict[str, Any] = {
+            "server": redact(self.options.dsn),
+            "mongodb_version": version,
+            "replica_set": replica_set,
+            "oplog": bool(replica_set),
+            "databases": self.options.databases or "all",
+            "archive_bytes": stream.size,
+            "archive_header": {k: v for k, v in summary.header.items() if isinstance(v, (str, int))},
+            "oplog_entries_in_dump": summary.oplog_entries,
+        }
+        if consistent is not None:
+            metadata["oplog_from"] = ts_text(consistent)
+            metadata["consistent_at"] = format_timestamp(ts_datetime(consistent))
+            if self.context.settings.archive_logs:
+                metadata["pitr"] = {"log_kind": "oplog", "first_log": self._first_log(consistent),
+                                    "from": metadata["consistent_at"]}
+        return BackupResult(metadata=metadata, row_counts=_user_collections(summary.counts),
+                            tool_versions={"mongodump": tools.tool_version("mongodump"), "mongodb": version})
+
+    def _first_log(self, since: Any) -> str:
+        """The name every needed slice sorts at or after: the newest slice starting at or before ``since``."""
+        if self.context.logs is None:
+            return ts_text(since)
+        starting = [s for s in list_slices(self.context.logs("oplog")) if (s.first.time, s.first.inc) <= (since.time, since.inc)]
+        return starting[-1].name if starting else ts_text(since)
+
+    # ---- PITR -------------------------------------------------------------------------
+
+    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+        target = request.target
+        if backup_id or target is None or target.time is None:
+            return super().choose_backup(manifests, request, backup_id)
+        if target.kind != "time":
+            raise UsageError(f"driver mongodb cannot restore to a --target-{target.kind}")
+
+        def consistent(m: Manifest) -> Any:
+            text = m.metadata.get("consistent_at")
+            return parse_timestamp(text) if text else m.finished_at
+
+        eligible = [m for m in manifests if consistent(m) <= target.time]
+        if not eligible:
+            return super().choose_backup(manifests, request, backup_id)  # names the oldest restorable time
+        return max(eligible, key=consistent)
+
+    def plan(self, source_logs: Any, manifest: Manifest, request: RestoreRequest) -> RestorePlan:
+        slices = list_slices(source_logs) if source_logs is not None else []
+        target = request.target.time if request.target else None
+        return make_plan(manifest, slices, target, request.tables)
+
+    def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        self._check_to(request)
+        logs = self.context.logs("oplog") if self.context.logs else None
+        return self.plan(logs, manifest, request).describe(redact(request.to))
+
+    def log_continuity(self, source: BackupSource) -> list[str]:
+        since = source.manifest.metadata.get("oplog_from")
+        if not since:
+            return []
+        return find_gaps(list_slices(source.logs("oplog")), ts_from_text(since))
+
+    def log_archivers(self) -> list[Any]:
+        if not self.context.settings.archive_logs or self.context.logs is None:
+            return []
+        return [_ConnectedArchiver(self)]
+
+    # ---- restore ----------------------------------------------------------------------
+
+    def _check_to(self, request: RestoreRequest) -> None:
+        parts = urlsplit(request.to)
+        if parts.scheme.lower() not in SCHEMES:
+            raise UsageError(f"--to must be a mongodb:// URL for the mongodb driver (got {redact(request.to)})")
+        if parts.password is not None:
+            raise UsageError("--to must not carry a password; use --password-file")
+        for name in request.tables:
+            if "." not in name.strip("."):
+                raise UsageError(f"--collection must name db.collection (got {name!r})")
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        self._check_to(request)
+        plan = self.plan(source.logs("oplog"), source.manifest, request)
+        password = self.password(request.password_file)
+        spool = self.context.spool_dir
+        with tools.config_file(spool, request.to, password) as config:
+            argv = tools.restore_argv(config, oplog_replay=plan.replay_dump_oplog, namespaces=plan.namespaces,
+                                      drop=request.clean, jobs=request.jobs)
+            sent = _restore_archive(argv, source, spool)
+            replayed = 0
+            if plan.slices:
+                replayed = _replay_slices(plan, source, config, spool)
+        manifest = source.manifest
+        lines = [f"restored backup {manifest.backup_id} of {manifest.job} to {redact(request.to)} "
+                 f"({sent} archive bytes)"]
+        if plan.slices:
+            lines.append(f"replayed {replayed} oplog entries from {len(plan.slices)} slice(s)"
+                         + (f" up to --oplogLimit={plan.oplog_limit}" if plan.limit else ""))
+        return "\n".join(lines)
+
+    # ---- verify -----------------------------------------------------------------------
+
+    def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        outcome = VerifyOutcome()
+        with scratch_mongod(self.options.mongod, scratch) as uri:
+            with tools.config_file(scratch, uri, None) as config:
+                sent = _restore_archive(tools.restore_argv(config), source, scratch)
+            outcome.steps.append({"step": "mongorestore", "bytes": sent})
+            with MongoServer(uri, None) as server:
+                outcome.row_counts = _user_collections(server.count_documents())
+                outcome.checks.extend(run_checks(server, checks))
+        return outcome
+
+    # ---- check ------------------------------------------------------------------------
+
+    def check(self) -> Iterable[Check]:
+        for tool in ("mongodump", "mongorestore"):
+            try:
+                yield Check(tool, True, tools.tool_version(tool))
+            except DriverError as exc:
+                yield Check(tool, False, str(exc))
+        try:
+            with self.server() as server:
+                version = server.version()
+                replica_set = server.replica_set()
+                yield Check("mongodb connection", True, f"{server.where}: MongoDB {version}")
+                if replica_set:
+                    oldest, newest = server.oldest(), server.newest_oplog_ts()
+                    window = (f", oplog window {format_timestamp(ts_datetime(oldest))} to "
+                              f"{format_timestamp(ts_datetime(newest))}") if oldest and newest else ""
+                    yield Check("replica set", True, f"{replica_set}{window}")
+                else:
+                    yield Check("replica set", not self.context.settings.archive_logs,
+                                "not a replica set member: dumps are not point-in-time consistent and there is "
+                                "no oplog for archive_logs", warning=not self.context.settings.archive_logs)
+        except DriverError as exc:
+            yield Check("mongodb connection", False, str(exc))
+        if shutil.which(self.options.mongod) is None:
+            yield Check("mongod (for verify)", False, f"{self.options.mongod}: not found on PATH", warning=True)
+
+
+def _restore_archive(argv: list[str], source: BackupSource, workdir: Path) -> int:
+    restore = tools.ToolProcess(argv, stdin=subprocess.PIPE, workdir=workdir)
+    try:
+        with source.open(STREAM) as stream:
+            sent = tools.feed_stdin(restore, stream)
+    except BaseException:
+        restore.kill()
+        raise
+    restore.finish("restoring the archive")
+    if sent != source.manifest.object(STREAM).raw_size:
+        raise DriverError(f"sent {sent} of {source.manifest.object(STREAM).raw_size} archive bytes to mongorestore")
+    return sent
+
+
+def _replay_slices(plan: RestorePlan, source: BackupSource, config: Path, spool: Path) -> int:
+    directory = Path(tempfile.mkdtemp(prefix="oplog-replay-", dir=spool))
+    try:
+        count = write_oplog(plan, lambda name: source.open_log("oplog", name), directory / "oplog.bson")
+        argv = tools.restore_argv(config, archive=False, oplog_replay=True, oplog_limit=plan.oplog_limit,
+                                  directory=directory)
+        replay = tools.ToolProcess(argv, workdir=spool)
+        replay.finish("replaying the oplog slices")
+        return count
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_checks(server: MongoServer, checks: list[str]) -> list[Check]:
+    """``db.collection [JSON filter]``: passes when at least one document matches."""
+    results = []
+    for text in checks:
+        ns, _, query = text.strip().partition(" ")
+        db, _, coll = ns.partition(".")
+        try:
+            filter_ = json.loads(query) if query.strip() else {}
+            if not db or not coll or not isinstance(filter_, dict):
+                raise ValueError("expected `db.collection {\"field\": value}`")
+            found = server._call("check", lambda: server.client[db][coll].count_documents(filter_, limit=1))
+            results.append(Check(text, found > 0, "" if found else "no matching document"))
+        except (ValueError, DriverError) as exc:
+            results.append(Check(text, False, str(exc)))
+    return results
+
+
+@contextlib.contextmanager
+def scratch_mongod(binary: str, scratch: Path) -> Iterator[str]:
+    """A one-off mongod on a free port under ``scratch``; yields its URI."""
+    import socket
+
+    path = shutil.which(binary)
+    if not path:
+        raise DriverError(f"{binary}: not found on PATH; verification needs mongod")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dbpath = scratch / "mongod"
+    dbpath.mkdir()
+    proc = subprocess.Popen([path, "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",
+                             "--logpath", str(scratch / "mongod.log"), "--unixSocketPrefix", str(scratch)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise DriverError(f"scratch mongod exited with status {proc.returncode}; see {scratch / 'mongod.log'}")
+            try:
+                with MongoServer(uri, None, timeout_ms=500) as server:
+                    server.version()
+                break
+            except DriverError:
+                if time.monotonic() > deadline:
+                    raise
+        yield uri
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class _ConnectedArchiver:
+    """The daemon's oplog archiver: connects, then runs an OplogArchiver until stopped."""
+
+    def __init__(self, driver: MongodbDriver) -> None:
+        self.driver = driver
+        self.name = f"oplog:{driver.context.job}"
+
+    def run(self, stop: threading.Event) -> None:
+        driver = self.driver
+        with driver.server() as server:
+            archiver = OplogArchiver(driver.context.job, driver.context.logs("oplog"), server,  # type: ignore[misc]
+                                     driver.context.spool_dir, interval=driver.options.oplog_interval,
+                                     max_bytes=driver.options.oplog_slice_max_bytes, log=driver.log)
+            archiver.run(stop)
+
+
+__all__ = ["MongodbDriver", "MongodbOptions", "Slice"]

@@ -1,0 +1,97 @@
+"""Point-in-time restore plans: which dump, which oplog slices, where replay stops."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import bson
+from bson import Timestamp
+
+from backupd.errors import DriverError
+from backupd.manifest import Manifest
+from backupd.timeutil import format_timestamp
+from drivers.mongodb.oplog import Slice, chain, find_gaps, key, ts_datetime, ts_from_text, ts_text
+
+
+@dataclass
+class RestorePlan:
+    manifest: Manifest
+    replay_dump_oplog: bool
+    since: Timestamp | None  # the dump is consistent here; slices replay entries after it
+    slices: list[Slice] = field(default_factory=list)
+    limit: Timestamp | None = None  # --oplogLimit (exclusive); None: every archived entry
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def oplog_limit(self) -> str | None:
+        return f"{self.limit.time}:{self.limit.inc}" if self.limit else None
+
+    def describe(self, to: str) -> list[str]:
+        manifest = self.manifest
+        consistent = manifest.metadata.get("consistent_at", format_timestamp(manifest.finished_at))
+        only = f" (only {', '.join(self.namespaces)})" if self.namespaces else ""
+        lines = [f"restore backup {manifest.backup_id} (mongodump archive, consistent at {consistent}) to {to}{only}",
+                 "  mongorestore --archive" + (" --oplogReplay" if self.replay_dump_oplog else "")]
+        if self.slices:
+            upto = (f"--oplogLimit={self.oplog_limit} ({format_timestamp(ts_datetime(self.limit))})"
+                    if self.limit else "the newest archived entry")
+            lines.append(f"then replay {len(self.slices)} oplog slice(s) up to {upto}:")
+            lines.extend(f"  oplog/{piece.name}" for piece in self.slices)
+        else:
+            lines.append("no oplog slices to replay")
+        return lines
+
+
+def target_limit(target: dt.datetime) -> Timestamp:
+    """Oplog timestamps have one-second resolution: the target's whole second is included."""
+    return Timestamp(int(target.timestamp()) + 1, 0)
+
+
+def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | None,
+              namespaces: Sequence[str] = ()) -> RestorePlan:
+    meta = manifest.metadata
+    since = ts_from_text(meta["oplog_from"]) if meta.get("oplog_from") else None
+    plan = RestorePlan(manifest, bool(meta.get("oplog")), since, namespaces=list(namespaces))
+    if since is None:
+        if target is not None and slices:
+            raise DriverError(f"backup {manifest.backup_id} records no oplog position; it cannot be rolled forward")
+        return plan
+    limit = target_limit(target) if target is not None else None
+    needed = chain(slices, since, limit)
+    gaps = find_gaps(needed, since) if needed else []
+    if gaps:
+        raise DriverError(f"cannot restore past a gap in the archived oplog: {gaps[0]}",
+                          hint="restore to a time before the gap, or from a backup taken after it")
+    if target is not None:
+        newest = needed[-1].last if needed else since
+        if key(newest) < key(Timestamp(int(target.timestamp()), 0)):
+            raise DriverError(f"target {format_timestamp(target)} is after the newest archived oplog entry "
+                              f"({format_timestamp(ts_datetime(newest))}); the repository cannot reach it",
+                              hint="is the oplog archiver running? (archive_logs = true and `backupd run`)")
+    plan.slices = needed
+    plan.limit = limit
+    return plan
+
+
+def write_oplog(plan: RestorePlan, open_slice: Callable[[str], BinaryIO], dest: Path) -> int:
+    """Concatenate the planned slices' entries after ``since`` (and in the namespaces) into one oplog.bson."""
+    wanted = set(plan.namespaces)
+    since = key(plan.since) if plan.since else (0, 0)
+    written = 0
+    with open(dest, "wb") as out:
+        for piece in plan.slices:
+            with open_slice(piece.name) as stream:
+                for raw in bson.decode_file_iter(stream, codec_options=bson.CodecOptions(
+                        document_class=bson.raw_bson.RawBSONDocument)):
+                    ts = raw["ts"]
+                    if key(ts) <= since or (wanted and raw.get("ns") not in wanted):
+                        continue
+                    out.write(raw.raw)
+                    written += 1
+    return written
+
+
+__all__ = ["RestorePlan", "make_plan", "target_limit", "write_oplog", "ts_text"]
