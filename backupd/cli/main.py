@@ -11,10 +11,12 @@ import structlog
 from backupd import __version__, logs
 from backupd.cli import backup_cmd, check_cmd, keys_cmd, list_cmd, restore_cmd, show_cmd, verify_cmd
 from backupd.cli import pin_cmd, prune_cmd
+from backupd.cli import wal_fetch_cmd, wal_push_cmd
 from backupd.errors import EXIT_FAILURE, BackupdError, ConfigError
 from backupd.redact import redact
 
-COMMANDS = (backup_cmd, list_cmd, show_cmd, restore_cmd, verify_cmd, prune_cmd, pin_cmd, check_cmd, keys_cmd)
+COMMANDS = (backup_cmd, list_cmd, show_cmd, restore_cmd, verify_cmd, prune_cmd, pin_cmd, check_cmd, keys_cmd,
+            wal_push_cmd, wal_fetch_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

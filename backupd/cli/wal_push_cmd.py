@@ -1,0 +1,61 @@
+"""backupd wal-push PATH [--job JOB]: PostgreSQL's archive_command; exit 0 only once the file is durable."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backupd import control
+from backupd.cli.common import settings_from
+from backupd.context import JobContext
+from backupd.errors import BackupdError, UsageError
+from backupd.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL archive_command: wal-push %%p)")
+    parser.add_argument("path", help="the file PostgreSQL names with %%p (relative to its data directory)")
+    parser.add_argument("--job", help="the postgres job; may be left out when only one archives WAL")
+    parser.add_argument("--no-daemon", action="store_true", help="upload directly, without asking a running daemon")
+    parser.set_defaults(handler=run)
+
+
+def wal_job(settings: Settings, job: str | None, command: str) -> str:
+    """The named job, or the one job whose driver archives WAL with archive_logs on."""
+    if job is not None:
+        settings.job(job)
+        return job
+    candidates = [name for name, cfg in sorted(settings.jobs.items()) if cfg.archive_logs
+                  and hasattr(JobContext(settings, name).driver, "wal_push")]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UsageError(f"{command}: no job archives WAL (archive_logs = true with a postgres driver); pass --job")
+    raise UsageError(f"{command}: several jobs archive WAL ({', '.join(candidates)}); pass --job JOB")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    job = wal_job(settings, args.job, "wal-push")
+    path = Path(args.path).absolute()
+    if not path.is_file():
+        raise UsageError(f"wal-push: {path}: no such file")
+    if not args.no_daemon:
+        try:
+            reply = control.request(control.socket_path(settings.daemon.state_dir),
+                                    {"op": "wal-push", "job": job, "path": str(path)}, timeout=600)
+        except (OSError, ValueError):
+            reply = None  # the daemon hung up or timed out: push ourselves (pushes are idempotent)
+        if reply is not None:
+            if reply.get("ok"):
+                return 0
+            raise BackupdError(f"wal-push {path.name}: {reply.get('error', 'the daemon refused the push')}")
+    ctx = JobContext(settings, job)
+    try:
+        push = getattr(ctx.driver, "wal_push", None)
+        if push is None:
+            raise UsageError(f"job {job} (driver {ctx.job.driver}) does not archive WAL")
+        push(path)
+    finally:
+        ctx.close()
+    return 0

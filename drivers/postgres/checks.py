@@ -1,0 +1,121 @@
+"""``backupd check`` for a postgres job: connection, privileges, WAL settings, tools, a live WAL switch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import psycopg
+
+from backupd.driver import Check
+from backupd.errors import BackupdError, DriverError
+from drivers.postgres.connection import find_tool
+from drivers.postgres.logical import tool_version
+from drivers.postgres.walnames import archive_name
+
+if TYPE_CHECKING:
+    from drivers.postgres.driver import PostgresDriver
+
+SWITCH_TIMEOUT = 60.0
+
+SERVER_FACTS = """
+SELECT current_setting('server_version'), current_setting('server_version_num')::int,
+       r.rolsuper, r.rolreplication, pg_has_role(current_user, 'pg_read_all_data', 'member'),
+       current_setting('wal_level'), current_setting('archive_mode'), current_setting('archive_command'),
+       pg_is_in_recovery(), (SELECT setting FROM pg_settings WHERE name = 'data_directory')
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+
+def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Iterator[Check]:
+    settings = driver.context.settings
+    job = driver.context.job
+    try:
+        pg = driver.conn.connect()
+    except BackupdError as exc:
+        yield Check("connection", False, str(exc))
+        return
+    with pg:
+        try:
+            facts = pg.execute(SERVER_FACTS).fetchone()
+        except psycopg.Error as exc:
+            yield Check("connection", False, f"{driver.conn.describe()}: {str(exc).strip()}")
+            return
+        (version, version_num, superuser, replication, read_all, wal_level, archive_mode, archive_command,
+         in_recovery, data_directory) = facts
+        yield Check("connection", True, f"{driver.conn.describe()}: PostgreSQL {version}"
+                    + (" (standby)" if in_recovery else ""))
+        method = driver.default_method
+        if method == "logical":
+            yield Check("privileges", bool(superuser or read_all),
+                        "superuser" if superuser else "member of pg_read_all_data" if read_all else
+                        "needs pg_read_all_data: GRANT pg_read_all_data TO the job's user (or superuser)")
+        else:
+            yield Check("privileges", bool(superuser or replication),
+                        "REPLICATION" if replication else "superuser" if superuser else
+                        "needs the REPLICATION attribute: ALTER ROLE ... REPLICATION")
+            yield Check("wal_level", wal_level in ("replica", "logical"), f"{wal_level}"
+                        + ("" if wal_level in ("replica", "logical") else " (physical backups need replica)"))
+        major = version_num // 10000
+        for tool in ("pg_dump", "pg_restore") if method == "logical" else ("pg_basebackup",):
+            yield _tool_check(driver, tool, major)
+        if settings.archive_logs:
+            yield from _archive_checks(driver, job, wal_level, archive_mode, archive_command, data_directory)
+            if not in_recovery:
+                yield _switch_check(driver, pg, switch_timeout)
+
+
+def _tool_check(driver: "PostgresDriver", tool: str, server_major: int) -> Check:
+    try:
+        path = find_tool(tool, driver.options.bin_dir, server_major)
+        version = tool_version(path)
+    except BackupdError as exc:
+        return Check(tool, False, str(exc))
+    tool_major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+    ok = tool_major >= server_major
+    return Check(tool, ok, f"{path} {version}" + ("" if ok else f": older than the server ({server_major})"))
+
+
+def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_mode: str, archive_command: str,
+                    data_directory: str | None) -> Iterator[Check]:
+    yield Check("wal_level", wal_level in ("replica", "logical"), wal_level)
+    yield Check("archive_mode", archive_mode in ("on", "always"),
+                archive_mode + ("" if archive_mode in ("on", "always") else ": set archive_mode = on (restart needed)"))
+    calls = "wal-push" in archive_command and "backupd" in archive_command
+    names_job = f"--job {job}" in archive_command or f"--job={job}" in archive_command
+    detail = archive_command or "(empty)"
+    if not calls:
+        detail += f": expected `backupd --config CONFIG wal-push --job {job} %p`"
+    elif not names_job:
+        detail += f": no --job {job}; fine only while this is the one postgres job archiving WAL"
+    yield Check("archive_command", calls, detail, warning=calls and not names_job)
+    data_dir = driver.options.data_dir
+    if data_dir is None:
+        yield Check("data_dir", False, "not set: the daemon cannot push WAL ahead of archive_command")
+    elif not (Path(data_dir) / "pg_wal" / "archive_status").is_dir():
+        yield Check("data_dir", False, f"{data_dir}: no pg_wal/archive_status in it (or not readable)")
+    elif data_directory and Path(data_directory).resolve() != Path(data_dir).resolve():
+        yield Check("data_dir", False, f"{data_dir}: the server's data_directory is {data_directory}")
+    else:
+        yield Check("data_dir", True, str(data_dir))
+
+
+def _switch_check(driver: "PostgresDriver", pg: psycopg.Connection, timeout: float) -> Check:
+    try:
+        pg.execute("SELECT txid_current()")  # some WAL, so the switch really closes a segment
+        filename = pg.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+    except psycopg.Error as exc:
+        return Check("wal switch", False, f"pg_switch_wal() failed: {str(exc).strip()}")
+    archive = driver.wal_archive()
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if archive.exists(archive_name(filename)):
+                return Check("wal switch", True,
+                             f"{filename} arrived in storage after {time.monotonic() - started:.1f} s")
+        except DriverError:
+            pass
+        time.sleep(0.2)
+    return Check("wal switch", False, f"{filename} did not arrive in storage within {timeout:.0f} s; "
+                 "check the server log for archive_command errors")

@@ -1,0 +1,180 @@
+"""The PostgreSQL driver: logical (pg_dump) and physical (pg_basebackup) backups, WAL archiving, PITR."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from backupd import age
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, RestoreRequest, StreamSink,
+                            VerifyOutcome)
+from backupd.errors import BackupdError, ConfigError, DriverError, UsageError
+from backupd.logarchive import LogArchive, PushResult
+from backupd.manifest import Manifest
+from backupd.timeutil import format_timestamp
+from drivers.postgres import checks, logical, physical, pitr, verify
+from drivers.postgres.cluster import chown_tree, run_as
+from drivers.postgres.connection import Conn
+from drivers.postgres.options import PostgresOptions
+from drivers.postgres.walarchive import PushAheadArchiver, WalFetcher, WalPusher, fetch_with_retries
+from drivers.postgres.walnames import missing_segments, parse_history, parse_lsn, parse_segment, segno_of_lsn
+
+
+class PostgresDriver(Driver):
+    methods = ("logical", "physical")
+    options_model = PostgresOptions
+
+    @functools.cached_property
+    def conn(self) -> Conn:
+        return Conn.from_url(self.options.dsn, self.options.password_file)
+
+    def wal_archive(self) -> LogArchive:
+        if self.context.logs is None:
+            raise DriverError("no log archive is available to this driver context")
+        return self.context.logs("wal")
+
+    @functools.cached_property
+    def pusher(self) -> WalPusher:
+        """One per driver instance: the control handler and the push-ahead archiver share it."""
+        return WalPusher(self.wal_archive(), self.context.job)
+
+    # -- backups ---------------------------------------------------------------------------
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        if method == "physical":
+            return physical.backup(self, sink)
+        return logical.backup(self, sink)
+
+    # -- restores --------------------------------------------------------------------------
+    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+        self._manifests_hint = manifests
+        if pitr.is_physical_target(request.to):
+            return pitr.choose(manifests, request, backup_id, self.context.job, self.wal_archive())
+        if request.target is not None:
+            raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
+                             "point-in-time targets need --to DIR (a physical backup with archived WAL)")
+        logical_ones = [m for m in manifests if m.method == "logical"]
+        if backup_id and any(m.backup_id == backup_id and m.method == "physical" for m in manifests):
+            raise UsageError(f"backup {backup_id} is physical; restore it with --to DIR (a data directory)")
+        return super().choose_backup(logical_ones, request, backup_id)
+
+    def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        meta = manifest.metadata
+        if manifest.method == "logical":
+            what = f"tables {', '.join(request.tables)} of" if request.tables else "database"
+            mode = "--clean: objects in the backup are dropped first" if request.clean else \
+                "refuses a non-empty database (pass --clean to replace its objects)"
+            return [f"backup {manifest.backup_id} (logical, {format_timestamp(manifest.finished_at)}, "
+                    f"{len(manifest.row_counts)} tables)",
+                    f"pg_restore {what} {meta.get('database')} into {request.to} (jobs {request.jobs}); {mode}"]
+        archive = self.wal_archive()
+        view = pitr.ArchiveView.scan(archive)
+        first = meta.get("wal_range", {}).get("first", "?")
+        needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
+        physical_ones = [m for m in self._manifests_hint or [manifest] if m.method == "physical"]
+        lines = [
+            f"backup {manifest.backup_id} (physical, ended {format_timestamp(pitr.backup_end(manifest))}, "
+            f"timeline {meta.get('timeline')}, LSN {meta.get('start_lsn')} to {meta.get('stop_lsn')})",
+            f"WAL: from {first} to {needed[-1] if needed else first} "
+            f"({len(needed)} segments archived from there, fetched by `backupd wal-fetch` during recovery)",
+            pitr.target_text(request),
+            pitr.describe_window(physical_ones, view),
+            f"data directory {request.to}: written with mode 0700" + (
+                f", owned by {run_as(self.context.settings.os_user)}" if run_as(self.context.settings.os_user) else ""),
+        ]
+        if request.target is not None and request.target.kind == "name":
+            lines.append("a restore point is found only by replay: pass --backup ID when it predates this backup")
+        return lines
+
+    _manifests_hint: list[Manifest] | None = None
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        manifest = source.manifest
+        if manifest.method == "logical":
+            return logical.restore(self, source, request)
+        if request.tables:
+            raise UsageError("--table needs a logical backup; a physical backup restores the whole cluster")
+        dest = Path(request.to).expanduser().absolute()
+        physical.prepare_directory(dest, request.force)
+        count = physical.restore_files(source, dest)
+        archived = bool(manifest.metadata.get("pitr"))
+        if archived:
+            config = getattr(self.context, "config_path", None)
+            settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
+            pitr.write_recovery(dest, settings, manifest.backup_id)
+        elif request.target is not None:
+            raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
+                             "to its own end, not to a --target")
+        chown_tree(dest, self.context.settings.os_user)
+        user = run_as(self.context.settings.os_user)
+        start = f"pg_ctl -D {dest} start"
+        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}"]
+        if archived:
+            lines.append(f"on start, recovery fetches WAL through backupd wal-fetch: {pitr.target_text(request)}")
+        lines.append(f"start the server: {f'runuser -u {user} -- ' if user else ''}{start}"
+                     " (set another port in postgresql.auto.conf if the original server runs on this host)")
+        return "\n".join(lines)
+
+    # -- verification ----------------------------------------------------------------------
+    def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        return verify.verify(self, source, scratch, checks)
+
+    def log_continuity(self, source: BackupSource) -> list[str]:
+        """Missing segments from this backup's start to the newest archived WAL, following timelines.
+
+        Timeline history files are read when a key is at hand; without one each
+        timeline is checked for contiguity on its own (listing needs no key).
+        """
+        meta = source.manifest.metadata
+        if source.manifest.method != "physical" or not meta.get("pitr"):
+            return []
+        view = pitr.ArchiveView.scan(source.logs("wal"))
+        segment_size = int(meta.get("wal_segment_size", 16 << 20))
+        start_tli = int(meta["timeline"])
+        start = segno_of_lsn(parse_lsn(meta["start_lsn"]), segment_size)
+        histories = self._histories(source, view)
+        if histories is not None:
+            missing = missing_segments(start_tli, start, view.all_segments(), histories, segment_size)
+        else:
+            missing = []
+            for timeline, names in sorted(view.segments.items()):
+                tli = int(timeline, 16)
+                if tli < start_tli:
+                    continue
+                first = start if tli == start_tli else None
+                missing += missing_segments(tli, first if first is not None else
+                                            parse_segment(names[0], segment_size)[1], names, {}, segment_size)
+        return [f"missing WAL segment {name[:8]}/{name}" for name in missing]
+
+    @staticmethod
+    def _histories(source: BackupSource, view: pitr.ArchiveView) -> dict[int, list] | None:
+        histories = {}
+        try:
+            for name in view.histories:
+                with source.open_log("wal", name) as stream:
+                    histories[int(name.split("/")[0], 16)] = parse_history(stream.read().decode())
+        except (BackupdError, age.AgeError, ValueError):
+            return None  # no key here (integrity checks) or unreadable: per-timeline checks instead
+        return histories
+
+    # -- WAL archiving ---------------------------------------------------------------------
+    def wal_push(self, path: Path) -> PushResult:
+        return self.pusher.push(path)
+
+    def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
+        spool = self.context.state_dir / "spool" / self.context.job / "wal-fetch"
+        fetcher = WalFetcher(self.wal_archive(), identities, key_file, spool, self.options.wal_prefetch)
+        return fetch_with_retries(fetcher, filename, dest)
+
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"wal-push": self.pusher.handle}
+
+    def log_archivers(self) -> list[LogArchiver]:
+        if not self.context.settings.archive_logs:
+            return []
+        if self.options.data_dir is None:
+            raise ConfigError(f"jobs.{self.context.job}.data_dir: required to push WAL ahead (archive_logs = true)")
+        return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
+
+    def check(self) -> Iterable[Check]:
+        return checks.run(self)

@@ -1,0 +1,237 @@
+"""Logical backups: pg_dump -Fc in an exported snapshot (row counts from that same snapshot),
+pg_dumpall --globals-only; restores through pg_restore."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+
+from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
+from backupd.errors import DriverError, UsageError
+from backupd.pipeline import READ_CHUNK
+from drivers.postgres.connection import Conn, find_tool
+from drivers.postgres.proc import ProcessReader, feed_process, run_tool
+
+if TYPE_CHECKING:
+    from drivers.postgres.driver import PostgresDriver
+
+DUMP = "dump"
+GLOBALS = "globals"
+
+USER_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%%'
+  AND n.nspname NOT LIKE 'pg\\_temp%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                  AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+USER_RELATIONS = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%%'
+  AND n.nspname NOT LIKE 'pg\\_temp%%'
+"""
+CREATE_ROLE_RE = re.compile(r'^CREATE ROLE ((?:"(?:[^"]|"")+")|[^\s;"]+);$')
+
+
+def row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Exact counts of every user table, keyed ``schema.table``, in the connection's snapshot."""
+    counts = {}
+    for schema, table in conn.execute(USER_TABLES).fetchall():
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
+    return counts
+
+
+def tool_version(path: str) -> str:
+    return run_tool([path, "--version"], None, path).strip().rsplit(" ", 1)[-1]
+
+
+def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
+    conn = driver.conn
+    with conn.connect(autocommit=False) as pg:
+        pg.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        pg.read_only = True
+        snapshot, database, version, superuser = pg.execute(
+            "SELECT pg_export_snapshot(), current_database(), current_setting('server_version_num')::int, "
+            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
+        major = version // 10000
+        pg_dump = find_tool("pg_dump", driver.options.bin_dir, major)
+        pg_dumpall = find_tool("pg_dumpall", driver.options.bin_dir, major)
+        counts: dict[str, int] = {}
+        failure: list[BaseException] = []
+
+        def count() -> None:  # same snapshot, on the exporting connection, while pg_dump reads
+            try:
+                counts.update(row_counts(pg))
+            except BaseException as exc:
+                failure.append(exc)
+
+        with conn.tool_env(driver.context.spool_dir) as env:
+            argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password",
+                    "--dbname", conn.conninfo()]
+            with ProcessReader(argv, env, "pg_dump") as reader:
+                counter = threading.Thread(target=count, name="row-counts")
+                counter.start()
+                try:
+                    entry = sink(DUMP, reader)
+                finally:
+                    counter.join()
+            if failure:
+                raise DriverError(f"counting rows in the dump's snapshot failed: {failure[0]}")
+            if entry.raw_size != reader.size:
+                raise DriverError(f"pg_dump wrote {reader.size} bytes but {entry.raw_size} were stored")
+            argv = [pg_dumpall, "--globals-only", "--no-password", "--dbname", conn.conninfo()]
+            if not superuser:
+                argv.append("--no-role-passwords")  # pg_authid is superuser-only
+            with ProcessReader(argv, env, "pg_dumpall") as reader:
+                sink(GLOBALS, reader)
+        pg.rollback()
+    return BackupResult(
+        metadata={"database": database, "server_version": version, "format": "pg_dump custom",
+                  "snapshot": snapshot, "role_passwords": bool(superuser)},
+        row_counts=counts,
+        tool_versions={"postgresql": str(version), "pg_dump": tool_version(pg_dump),
+                       "pg_dumpall": tool_version(pg_dumpall)},
+    )
+
+
+# -- restore -------------------------------------------------------------------------------
+
+def _role_statements(globals_sql: str) -> dict[str, list[str]]:
+    """CREATE ROLE / ALTER ROLE statements of the globals dump, by quoted role name."""
+    roles: dict[str, list[str]] = {}
+    for line in globals_sql.splitlines():
+        match = CREATE_ROLE_RE.match(line)
+        if match:
+            roles[match[1]] = [line]
+            continue
+        for ident, statements in roles.items():
+            if line.startswith(f"ALTER ROLE {ident} "):
+                statements.append(line)
+    return roles
+
+
+def _unquote(ident: str) -> str:
+    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
+
+
+def create_missing_roles(admin: psycopg.Connection, globals_sql: str) -> list[str]:
+    existing = {row[0] for row in admin.execute("SELECT rolname FROM pg_roles")}
+    created = []
+    for ident, statements in _role_statements(globals_sql).items():
+        name = _unquote(ident)
+        if name in existing:
+            continue  # never touch a role the target already has (its password, its rights)
+        try:
+            for statement in statements:
+                admin.execute(statement)
+        except psycopg.Error as exc:
+            raise DriverError(f"creating role {name} from the backup's globals failed: {exc}") from None
+        created.append(name)
+    return created
+
+
+def _table_args(tables: list[str]) -> list[str]:
+    schemas = {name.partition(".")[0] for name in tables if "." in name}
+    if len(schemas) > 1 or (schemas and any("." not in name for name in tables)):
+        raise UsageError("--table: pg_restore takes one schema per restore; name tables of one schema at a time")
+    args = ["--schema", schemas.pop()] if schemas else []
+    for name in tables:
+        args += ["--table", name.partition(".")[2] if "." in name else name]
+    return args
+
+
+def _prepare_database(admin: psycopg.Connection, target: Conn, request: RestoreRequest) -> bool:
+    dbname = target.dbname
+    if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        except psycopg.Error as exc:
+            raise DriverError(f"cannot create database {dbname}: {str(exc).strip()}") from None
+        return True
+    if request.clean or request.tables:
+        return False
+    with target.connect() as pg:
+        relations = pg.execute(USER_RELATIONS).fetchone()[0]
+    if relations:
+        raise DriverError(
+            f"database {dbname} on {target.describe()} is not empty ({relations} relations); refusing to restore into it",
+            hint="pass --clean to drop the objects the backup contains first, or restore into a new database",
+        )
+    return False
+
+
+
+def restore(driver: "PostgresDriver", source: BackupSource, request: RestoreRequest) -> str:
+    if request.target is not None:
+        raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
+                         "point-in-time targets need a physical backup with archived WAL")
+    target = Conn.from_url(request.to, request.password_file or driver.options.password_file, what="--to")
+    with _admin(target) as admin:
+        version = admin.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]
+        created_db = _prepare_database(admin, target, request)
+        with source.open(GLOBALS) as stream:
+            globals_sql = stream.read().decode()
+        roles = create_missing_roles(admin, globals_sql)
+    pg_restore = find_tool("pg_restore", driver.options.bin_dir, version // 10000)
+    argv = [pg_restore, "--no-password", "--exit-on-error", "--dbname", target.conninfo()]
+    if request.clean:
+        argv += ["--clean", "--if-exists"]
+    argv += _table_args(request.tables)
+    with target.tool_env() as env:
+        if request.jobs > 1:
+            _restore_parallel(driver, source, argv + ["--jobs", str(request.jobs)], env)
+        else:
+            with source.open(DUMP) as stream:
+                feed_process(argv + ["--single-transaction"], env, "pg_restore", stream)
+    what = f"tables {', '.join(request.tables)}" if request.tables else f"database {source.manifest.metadata.get('database')}"
+    notes = [f"restored backup {source.manifest.backup_id} ({what}) into {target.describe()}"]
+    if created_db:
+        notes.append(f"created database {target.dbname}")
+    if roles:
+        notes.append(f"created roles: {', '.join(roles)}")
+    return "; ".join(notes)
+
+
+@contextlib.contextmanager
+def _admin(target: Conn):
+    """A connection to the target server's maintenance database (postgres, else template1)."""
+    try:
+        conn = target.with_db("postgres").connect()
+    except DriverError:
+        conn = target.with_db("template1").connect()
+    with conn:
+        yield conn
+
+
+def _restore_parallel(driver: "PostgresDriver", source: BackupSource, argv: list[str], env: dict[str, str]) -> None:
+    """pg_restore --jobs needs a seekable file: spool the dump (0600), restore, remove it."""
+    fd, name = tempfile.mkstemp(prefix="pg_restore-", suffix=".dump", dir=driver.context.spool_dir)
+    try:
+        with os.fdopen(fd, "wb") as out, source.open(DUMP) as stream:
+            while chunk := stream.read(READ_CHUNK):
+                out.write(chunk)
+        run_tool(argv + [name], env, "pg_restore")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str) -> None:
+    """Verification: the dump into a fresh scratch database, owners and grants left out."""
+    argv = [pg_restore, "--no-password", "--exit-on-error", "--no-owner", "--no-acl", "--single-transaction",
+            "--dbname", conninfo]
+    with source.open(DUMP) as stream:
+        feed_process(argv, dict(os.environ), "pg_restore", stream)
+

@@ -1,0 +1,193 @@
+"""Point-in-time planning: which base backup serves a target, the restorable window, recovery settings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backupd.driver import RestoreRequest, RestoreTarget
+from backupd.errors import BackupNotFound, UsageError
+from backupd.logarchive import SUFFIX, LogArchive
+from backupd.manifest import Manifest
+from backupd.timeutil import format_timestamp, parse_timestamp
+from drivers.postgres.cluster import conf_value
+from drivers.postgres.walnames import SEGMENT_RE, format_lsn, parse_lsn, parse_segment
+
+RECOVERY_MARK = "# recovery settings written by backupd restore"
+
+
+@dataclass
+class ArchiveView:
+    """What the WAL archive holds: segment names by timeline, history files, the newest arrival."""
+
+    segments: dict[str, list[str]] = field(default_factory=dict)  # timeline -> sorted segment names
+    histories: list[str] = field(default_factory=list)  # archive names of .history files
+    newest: dt.datetime | None = None
+
+    @classmethod
+    def scan(cls, archive: LogArchive) -> "ArchiveView":
+        view = cls()
+        for info in archive.storage.list(archive.prefix):
+            if not info.key.endswith(SUFFIX):
+                continue
+            name = info.key[len(archive.prefix):-len(SUFFIX)]
+            timeline, _, filename = name.partition("/")
+            if filename.endswith(".history"):
+                view.histories.append(name)
+            elif SEGMENT_RE.match(filename):
+                view.segments.setdefault(timeline, []).append(filename)
+                if info.modified and (view.newest is None or info.modified > view.newest):
+                    view.newest = info.modified
+        for names in view.segments.values():
+            names.sort()
+        return view
+
+    def all_segments(self) -> list[str]:
+        return [name for tl in sorted(self.segments) for name in self.segments[tl]]
+
+    def end_lsn(self, segment_size: int) -> int | None:
+        names = self.all_segments()
+        if not names:
+            return None
+        return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
+
+
+def is_physical_target(to: str) -> bool:
+    return not to.startswith(("postgresql://", "postgres://"))
+
+
+def backup_end(manifest: Manifest) -> dt.datetime:
+    pitr = manifest.metadata.get("pitr") or {}
+    return parse_timestamp(pitr["from"]) if pitr.get("from") else manifest.finished_at
+
+
+def window(physical: list[Manifest], view: ArchiveView) -> tuple[dt.datetime | None, dt.datetime | None]:
+    with_logs = [m for m in physical if m.metadata.get("pitr")]
+    start = min((backup_end(m) for m in with_logs), default=None)
+    return start, view.newest
+
+
+def describe_window(physical: list[Manifest], view: ArchiveView) -> str:
+    start, end = window(physical, view)
+    if start is None or end is None:
+        return "no point-in-time window: no physical backup with archived WAL"
+    return f"restorable window: {format_timestamp(start)} to {format_timestamp(end)}"
+
+
+def _committed_after(manifest: Manifest, xid: int) -> bool:
+    """Did transaction ``xid`` commit after this backup ended (so replay from it can reach it)?"""
+    text = manifest.metadata.get("xid_snapshot_after", "")
+    try:
+        xmin_s, xmax_s, xip = (text.split(":") + ["", "", ""])[:3]
+        xmax = int(xmax_s)
+        running = {int(x) for x in xip.split(",") if x}
+    except ValueError:
+        return True  # unknown: let recovery decide
+    return xid >= xmax or xid in running
+
+
+def choose(manifests: list[Manifest], request: RestoreRequest, backup_id: str | None, job: str,
+           archive: LogArchive) -> Manifest:
+    physical = [m for m in manifests if m.method == "physical"]
+    if backup_id:
+        for manifest in physical:
+            if manifest.backup_id == backup_id:
+                return manifest
+        if any(m.backup_id == backup_id for m in manifests):
+            raise UsageError(f"backup {backup_id} is a logical backup; restore it with --to postgresql://HOST/DB")
+        raise BackupNotFound(f"backup {backup_id} not found for job {job}")
+    if not physical:
+        raise BackupNotFound(f"no physical backups for job {job}; a directory --to restores a physical backup",
+                             hint=f"run `backupd backup {job} --method physical`, or restore a logical backup "
+                                  "with --to postgresql://HOST/DB")
+    newest = max(physical, key=lambda m: m.finished_at)
+    target = request.target
+    if target is None or target.kind == "name":
+        return newest
+    view = ArchiveView.scan(archive)
+    eligible = _eligible(physical, target, view)
+    if not eligible:
+        raise UsageError(f"--target-{target.kind} {target.value} is before the oldest backup can reach; "
+                         f"{describe_window(physical, view)}")
+    return max(eligible, key=lambda m: m.finished_at)
+
+
+def _eligible(physical: list[Manifest], target: RestoreTarget, view: ArchiveView) -> list[Manifest]:
+    if target.kind == "time":
+        assert target.time is not None
+        if view.newest is None or target.time > view.newest:
+            raise UsageError(f"--target-time {format_timestamp(target.time)} is after the newest archived WAL; "
+                             f"{describe_window(physical, view)}")
+        return [m for m in physical if m.metadata.get("pitr") and backup_end(m) <= target.time]
+    if target.kind == "lsn":
+        try:
+            lsn = parse_lsn(target.value)
+        except ValueError as exc:
+            raise UsageError(f"--target-lsn: {exc}") from None
+        segment_size = int(physical[0].metadata.get("wal_segment_size", 16 << 20))
+        end = view.end_lsn(segment_size)
+        if end is None or lsn > end:
+            raise UsageError(f"--target-lsn {target.value} is after the end of the archived WAL "
+                             f"({format_lsn(end) if end else 'none archived'})")
+        return [m for m in physical if parse_lsn(m.metadata["stop_lsn"]) <= lsn]
+    if target.kind == "xid":
+        if not target.value.isdigit():
+            raise UsageError(f"--target-xid: not a transaction id (a number): {target.value!r}")
+        return [m for m in physical if _committed_after(m, int(target.value))]
+    raise UsageError(f"--target-{target.kind} is not supported for PostgreSQL (use time, lsn, xid or name)")
+
+
+def backupd_executable() -> str:
+    candidate = Path(sys.executable).parent / "backupd"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("backupd") or "backupd"
+
+
+def restore_command(job: str, config: Path | None) -> str:
+    argv = [backupd_executable()]
+    if config is not None:
+        argv += ["--config", str(Path(config).absolute())]
+    argv += ["wal-fetch", "--job", job, "%f", "%p"]
+    return " ".join(_shell_quote(arg) if arg not in ("%f", "%p") else arg for arg in argv)
+
+
+def _shell_quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "/._-=:" for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\"'\"'") + "'"
+
+
+def recovery_settings(request: RestoreRequest, command: str) -> dict[str, object]:
+    settings: dict[str, object] = {"restore_command": command, "recovery_target_timeline": "latest"}
+    target = request.target
+    if target is not None:
+        value = pg_timestamp(target.time) if target.kind == "time" and target.time else target.value
+        settings[f"recovery_target_{target.kind}"] = value
+        settings["recovery_target_action"] = request.target_action or "promote"
+    return settings
+
+
+def pg_timestamp(moment: dt.datetime) -> str:
+    """PostgreSQL's timestamptz input form (it rejects RFC 3339's T and Z)."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def write_recovery(data_dir: Path, settings: dict[str, object], backup_id: str) -> None:
+    auto = data_dir / "postgresql.auto.conf"
+    lines = [f"\n{RECOVERY_MARK} (backup {backup_id})"]
+    lines += [f"{key} = {conf_value(value)}" for key, value in settings.items()]
+    with open(auto, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    (data_dir / "recovery.signal").write_text("")
+
+
+def target_text(request: RestoreRequest) -> str:
+    target = request.target
+    if target is None:
+        return "no target: replay to the end of the archived WAL, then promote"
+    value = format_timestamp(target.time) if target.kind == "time" and target.time else target.value
+    return f"target {target.kind} {value}, then {request.target_action or 'promote'}"

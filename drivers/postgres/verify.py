@@ -1,0 +1,163 @@
+"""Verification: restore into a throwaway cluster, recover, check indexes, count rows, run the user's SQL."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from backupd.driver import BackupSource, Check, VerifyOutcome
+from backupd.errors import DriverError, IntegrityError
+from backupd.pipeline import READ_CHUNK
+from drivers.postgres import logical, physical
+from drivers.postgres.cluster import Cluster, chown_tree
+from drivers.postgres.connection import find_tool
+from drivers.postgres.walnames import parse_segment, segment_name
+
+if TYPE_CHECKING:
+    from drivers.postgres.driver import PostgresDriver
+
+BTREE_INDEXES = """
+SELECT c.oid::regclass::text FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
+WHERE a.amname = 'btree' AND c.relpersistence <> 't' AND i.indisvalid AND i.indisready
+ORDER BY 1
+"""
+
+
+def run_checks(conn: psycopg.Connection, checks: list[str]) -> list[Check]:
+    results = []
+    for query in checks:
+        try:
+            row = conn.execute(query).fetchone()
+            ok = bool(row and row[0])
+            results.append(Check(query, ok, "" if ok else f"returned {row[0] if row else 'no row'}"))
+        except psycopg.Error as exc:
+            results.append(Check(query, False, f"error: {str(exc).strip()}"))
+    return results
+
+
+def amcheck(conn: psycopg.Connection) -> tuple[int, list[str]]:
+    """bt_index_check on every B-tree index of the connected database: (indexes checked, problems)."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+    problems = []
+    indexes = [row[0] for row in conn.execute(BTREE_INDEXES)]
+    for index in indexes:
+        try:
+            conn.execute("SELECT bt_index_check(%s::regclass)", (index,))
+        except psycopg.Error as exc:
+            problems.append(f"index {index}: {str(exc).strip()}")
+    return len(indexes), problems
+
+
+def verify(driver: "PostgresDriver", source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+    manifest = source.manifest
+    major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
+    bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
+    os.chmod(scratch, 0o711)  # the postgres OS user must reach its directory inside
+    cluster = Cluster(scratch / "pg", bin_dir, driver.context.settings.os_user)
+    outcome = VerifyOutcome()
+    try:
+        if manifest.method == "logical":
+            _verify_logical(cluster, source, outcome, checks, bin_dir)
+        else:
+            _verify_physical(driver, cluster, source, outcome, checks)
+    finally:
+        cluster.close()
+    return outcome
+
+
+def _timed(outcome: VerifyOutcome, step: str, started: float, **extra: Any) -> None:
+    outcome.steps.append({"step": step, "seconds": round(time.monotonic() - started, 3), **extra})
+
+
+def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutcome, checks: list[str],
+                    bin_dir: Path) -> None:
+    database = source.manifest.metadata.get("database") or "postgres"
+    started = time.monotonic()
+    cluster.init({"listen_addresses": "", "fsync": False})
+    cluster.start()
+    _timed(outcome, "scratch cluster", started, port=cluster.port)
+    started = time.monotonic()
+    with cluster.connect() as admin:
+        if database != "postgres":
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(database)))
+    logical.restore_into_scratch(str(bin_dir / "pg_restore"), source, cluster.conninfo(database))
+    _timed(outcome, "pg_restore", started)
+    with cluster.connect(database) as conn:
+        started = time.monotonic()
+        outcome.row_counts = logical.row_counts(conn)
+        _timed(outcome, "row counts", started, tables=len(outcome.row_counts))
+        outcome.checks.extend(run_checks(conn, checks))
+
+
+def _fetch_wal(source: BackupSource, pg_wal: Path, first: str, last: str, segment_size: int) -> int:
+    """The WAL the backup needs to become consistent, straight into pg_wal."""
+    timeline, first_name = first.split("/")
+    tli, start = parse_segment(first_name, segment_size)
+    _, end = parse_segment(last.split("/")[1], segment_size)
+    count = 0
+    for segno in range(start, end + 1):
+        name = segment_name(tli, segno, segment_size)
+        with source.open_log("wal", f"{timeline}/{name}") as stream, open(pg_wal / name, "wb") as out:
+            while chunk := stream.read(READ_CHUNK):
+                out.write(chunk)
+        count += 1
+    return count
+
+
+def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupSource, outcome: VerifyOutcome,
+                     checks: list[str]) -> None:
+    meta = source.manifest.metadata
+    started = time.monotonic()
+    cluster.prepare_root()
+    cluster.data.mkdir(mode=0o700)
+    files = physical.restore_files(source, cluster.data)
+    _timed(outcome, "extract", started, files=files)
+    if meta.get("wal_method") == "none":
+        started = time.monotonic()
+        try:
+            count = _fetch_wal(source, cluster.data / "pg_wal", meta["wal_range"]["first"], meta["wal_range"]["last"],
+                               int(meta["wal_segment_size"]))
+        except DriverError:
+            raise
+        except Exception as exc:
+            raise IntegrityError(f"the WAL this backup needs cannot be fetched: {exc}") from None
+        _timed(outcome, "fetch wal", started, segments=count)
+    chown_tree(cluster.root, cluster.user)
+    cluster.configure({"listen_addresses": "", "archive_mode": False, "restore_command": "false",
+                       "recovery_target": "immediate", "recovery_target_action": "promote", "fsync": False,
+                       "hot_standby": True})
+    (cluster.data / "recovery.signal").write_text("")
+    chown_tree(cluster.data / "recovery.signal", cluster.user)
+    started = time.monotonic()
+    try:
+        cluster.start()
+        cluster.wait_promoted()
+    except DriverError as exc:
+        raise IntegrityError(f"the restored cluster did not recover: {exc}") from None
+    _timed(outcome, "recovery", started)
+    started = time.monotonic()
+    with cluster.connect() as admin:
+        databases = [row[0] for row in admin.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+    indexes, problems, counts = 0, [], {}
+    for database in databases:
+        with cluster.connect(database) as conn:
+            checked, found = amcheck(conn)
+            indexes += checked
+            problems.extend(f"{database}: {p}" for p in found)
+            counts.update({f"{database}.{t}": n for t, n in logical.row_counts(conn).items()})
+    _timed(outcome, "amcheck", started, indexes=indexes, problems=problems[:20])
+    outcome.steps.append({"step": "row counts", "counts": counts})
+    outcome.checks.append(Check(f"amcheck bt_index_check on {indexes} B-tree indexes", not problems,
+                                "; ".join(problems[:5])))
+    dbname = driver.conn.dbname
+    if checks:
+        target = dbname if dbname in databases else "postgres"
+        with cluster.connect(target) as conn:
+            outcome.checks.extend(run_checks(conn, checks))

@@ -1,0 +1,158 @@
+"""PostgreSQL physical backups and point-in-time restores through the real CLI (pgBackRest-style scenarios)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401  (fixture)
+
+ARCHIVE_LOGS = True
+METHOD = "physical"
+
+
+@dataclass
+class Scenario:
+    backup_id: str
+    targets: dict[str, list[str]]  # restore args -> phases expected
+
+
+def phases(env: PgEnv, cluster=None) -> list[str]:
+    with (cluster or env.cluster).connect("shop") as conn:
+        return sorted({row[0] for row in conn.execute("SELECT phase FROM marks")})
+
+
+@pytest.fixture(scope="module")
+def scenario(pg_env: PgEnv) -> Scenario:
+    env = pg_env
+    env.sql("CREATE TABLE marks (id serial PRIMARY KEY, phase text NOT NULL)")
+    env.sql("INSERT INTO marks (phase) SELECT 'base' FROM generate_series(1, 500)")
+    backup_id = env.backupd("backup", JOB, check=True).out.strip()
+
+    def insert(phase: str) -> None:
+        env.sql("INSERT INTO marks (phase) SELECT %s FROM generate_series(1, 10)", (phase,))
+
+    targets: dict[str, list[str]] = {}
+    insert("time")
+    moment = env.sql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0][0]
+    targets[f"--target-time={moment}"] = ["base", "time"]
+    insert("after-time")
+    insert("lsn")
+    lsn = env.sql("SELECT pg_current_wal_lsn()::text")[0][0]
+    targets[f"--target-lsn={lsn}"] = ["after-time", "base", "lsn", "time"]
+    insert("after-lsn")
+    insert("name")
+    env.sql("SELECT pg_create_restore_point('before-drop')")
+    targets["--target-name=before-drop"] = ["after-lsn", "after-time", "base", "lsn", "name", "time"]
+    insert("after-name")
+    with env.connect() as conn:
+        with conn.transaction():
+            conn.execute("INSERT INTO marks (phase) SELECT 'xid' FROM generate_series(1, 10)")
+            xid = conn.execute("SELECT txid_current()").fetchone()[0]
+    targets[f"--target-xid={xid}"] = ["after-lsn", "after-name", "after-time", "base", "lsn", "name", "time", "xid"]
+    env.sql("DROP TABLE marks")
+    env.switch_and_wait_archived()
+    return Scenario(backup_id, targets)
+
+
+def test_manifest_records_backup_points(pg_env: PgEnv, scenario: Scenario) -> None:
+    shown = json.loads(pg_env.backupd("show", scenario.backup_id, "--json", check=True).out)
+    meta = shown["metadata"]
+    assert meta["timeline"] == 1 and meta["backup_from"] == "primary"
+    assert meta["start_lsn"] and meta["stop_lsn"] and meta["label"] == f"backupd {JOB}"
+    assert meta["pitr"]["log_kind"] == "wal"
+    assert meta["pitr"]["first_log"] == meta["wal_range"]["first"]
+    assert meta["pitr"]["first_log"].startswith("00000001/00000001")
+    assert shown["objects"][0]["name"] == "base"
+
+
+@pytest.mark.parametrize("kind", ["time", "lsn", "name", "xid"])
+def test_point_in_time_restore(pg_env: PgEnv, scenario: Scenario, kind: str) -> None:
+    arg, expected = next((a, e) for a, e in scenario.targets.items() if a.startswith(f"--target-{kind}="))
+    restored = pg_env.restored_cluster(f"pitr-{kind}")
+    result = pg_env.backupd("restore", JOB, "--to", str(restored.data), arg, check=True)
+    assert scenario.backup_id in result.out and "pg_ctl" in result.out
+    assert (restored.data / "recovery.signal").exists()
+    assert oct(restored.data.stat().st_mode & 0o777) == "0o700"
+    pg_env.start_restored(restored)
+    try:
+        assert phases(pg_env, restored) == expected
+    finally:
+        restored.stop()
+
+
+def test_dry_run_prints_plan_and_touches_nothing(pg_env: PgEnv, scenario: Scenario) -> None:
+    target = pg_env.root / "never"
+    arg = next(a for a in scenario.targets if a.startswith("--target-time="))
+    result = pg_env.backupd("restore", JOB, "--to", str(target), arg, "--dry-run", check=True)
+    assert "dry run" in result.out and scenario.backup_id in result.out
+    assert "WAL: from 00000001/" in result.out and "restorable window" in result.out
+    assert not target.exists()
+
+
+def test_target_outside_window_is_refused(pg_env: PgEnv, scenario: Scenario) -> None:
+    for arg in ("--target-time=2000-01-01T00:00:00Z", "--target-time=2999-01-01T00:00:00Z",
+                "--target-lsn=FF/0"):
+        result = pg_env.backupd("restore", JOB, "--to", str(pg_env.root / "never"), arg)
+        assert result.code == 2, result.err
+        assert "restorable window" in result.err or "end of the archived WAL" in result.err
+    assert not (pg_env.root / "never").exists()
+
+
+def test_no_target_then_timeline_switch(pg_env: PgEnv, scenario: Scenario) -> None:
+    # Restore to the end of the archive, promote: timeline 2, archived into the same job.
+    first = pg_env.restored_cluster("tl2")
+    pg_env.backupd("restore", JOB, "--to", str(first.data), check=True)
+    pg_env.start_restored(first, archive=True)
+    try:
+        with first.connect("shop") as conn:
+            assert conn.execute("SELECT to_regclass('marks')").fetchone()[0] is None  # the drop was replayed
+            assert conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0] >= 1
+            conn.execute("CREATE TABLE after_switch AS SELECT g AS id FROM generate_series(1, 42) g")
+        tl = pg_env.switch_and_wait_archived(first)
+        assert int(tl[:8], 16) >= 2
+    finally:
+        first.stop()
+    histories = list((pg_env.repo / JOB / "wal").glob("*/*.history.zst.age"))
+    assert histories, "the new timeline's history file was not archived"
+    # A later restore from the same base backup follows the newest timeline.
+    second = pg_env.restored_cluster("tl2-again")
+    pg_env.backupd("restore", JOB, "--to", str(second.data), check=True)
+    pg_env.start_restored(second)
+    try:
+        with second.connect("shop") as conn:
+            assert conn.execute("SELECT count(*) FROM after_switch").fetchone()[0] == 42
+    finally:
+        second.stop()
+
+
+def test_verify_physical_backup(pg_env: PgEnv, scenario: Scenario) -> None:
+    result = pg_env.backupd("verify", JOB, "--backup", scenario.backup_id, as_postgres=False, check=True)
+    assert "passed" in result.out or result.code == 0
+    reports = list((pg_env.repo / JOB / "verify").glob("*.json"))
+    assert reports
+
+
+def test_restore_refuses_non_empty_directory(pg_env: PgEnv, scenario: Scenario) -> None:
+    target = pg_env.root / "busy"
+    target.mkdir()
+    (target / "precious").write_text("keep")
+    result = pg_env.backupd("restore", JOB, "--to", str(target), as_postgres=False)
+    assert result.code == 1 and "not empty" in result.err
+    assert (target / "precious").read_text() == "keep"
+
+
+def test_missing_segment_fails_verification(pg_env: PgEnv, scenario: Scenario) -> None:
+    """Runs last in this module: it removes an archived segment inside the backup's WAL range onwards."""
+    wal = pg_env.repo / JOB / "wal" / "00000001"
+    segments = sorted(p for p in wal.glob("*.zst.age") if len(p.name) == len("0" * 24 + ".zst.age"))
+    first = json.loads(pg_env.backupd("show", scenario.backup_id, "--json", check=True).out)["metadata"]["pitr"]
+    assert len(segments) >= 3
+    victim = segments[-2]  # not the newest: a hole inside the sequence
+    assert victim.name.split(".")[0] >= first["first_log"].split("/")[1]
+    victim.unlink()
+    result = pg_env.backupd("verify", JOB, "--integrity-only", "--backup", scenario.backup_id, as_postgres=False)
+    assert result.code == 3, result.out + result.err
+    assert f"missing WAL segment 00000001/{victim.name.split('.')[0]}" in result.out + result.err
