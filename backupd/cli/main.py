@@ -10,12 +10,13 @@ import structlog
 
 from backupd import __version__, logs
 from backupd.cli import backup_cmd, check_cmd, keys_cmd, list_cmd, restore_cmd, show_cmd, verify_cmd
-from backupd.cli import pin_cmd, prune_cmd
+from backupd.cli import pin_cmd, prune_cmd, run_cmd
 from backupd.cli import wal_fetch_cmd, wal_push_cmd
+from backupd.cli.around import run_handler
 from backupd.errors import EXIT_FAILURE, BackupdError, ConfigError
 from backupd.redact import redact
 
-COMMANDS = (backup_cmd, list_cmd, show_cmd, restore_cmd, verify_cmd, prune_cmd, pin_cmd, check_cmd, keys_cmd,
+COMMANDS = (backup_cmd, list_cmd, show_cmd, restore_cmd, verify_cmd, prune_cmd, pin_cmd, check_cmd, keys_cmd, run_cmd,
             wal_push_cmd, wal_fetch_cmd)
 
 
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, args.log_level)
     try:
-        return args.handler(args)
+        return run_handler(args)  # TTY progress and the audit trail around the command
     except BackupdError as exc:
         report(exc)
         return exc.exit_code

@@ -1,0 +1,97 @@
+"""The audit trail: who ran what, on which job and backup, with what result.
+
+Each event is one JSON line appended to ``state_dir/audit.log`` and one small
+object under ``<job>/audit/`` in the repository, so the trail survives the loss
+of the host. Recording never changes the outcome of the command it describes:
+a failure to write it is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pwd
+import re
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from backupd.storage import Storage
+from backupd.timeutil import format_timestamp, utcnow
+
+log = structlog.get_logger(__name__)
+
+LOG_NAME = "audit.log"
+#: CLI commands that are audited (``keys`` covers key generation; restore and verify use the private key).
+AUDITED = frozenset({"backup", "restore", "verify", "prune", "keys", "pin", "unpin"})
+
+
+def current_user() -> str:
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        name = str(os.geteuid())
+    sudo = os.environ.get("SUDO_USER")
+    return f"{sudo} (as {name})" if sudo and sudo != name else name
+
+
+def make_event(command: str, *, job: str | None, backup_id: str | None, result: str,
+               detail: str | None = None, trigger: str = "cli", **extra: Any) -> dict[str, Any]:
+    event = {
+        "time": format_timestamp(utcnow()),
+        "user": current_user(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "trigger": trigger,
+        "command": command,
+        "job": job,
+        "backup_id": backup_id,
+        "result": result,
+    }
+    if detail:
+        event["detail"] = detail
+    event.update({k: v for k, v in extra.items() if v is not None})
+    return event
+
+
+def append(state_dir: Path, event: dict[str, Any]) -> None:
+    """One ``write`` on an O_APPEND file: concurrent writers never interleave lines."""
+    line = (json.dumps(event, sort_keys=True) + "\n").encode()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def object_key(job: str, event: dict[str, Any]) -> str:
+    stamp = event["time"].replace("-", "").replace(":", "")
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", str(event.get("host") or "host"))[:64]
+    return f"{job}/audit/{stamp}-{host}-{event.get('pid', 0)}-{uuid.uuid4().hex[:8]}.json"
+
+
+def ship(storage: Storage, job: str, event: dict[str, Any]) -> str:
+    key = object_key(job, event)
+    storage.put(key, io.BytesIO(json.dumps(event, sort_keys=True).encode() + b"\n"))
+    return key
+
+
+def record(state_dir: Path | None, event: dict[str, Any], storage: Storage | None = None) -> None:
+    """Append locally and ship to the job's repository; warn (never raise) on failure."""
+    if state_dir is not None:
+        try:
+            append(state_dir, event)
+        except OSError as exc:
+            log.warning("audit event not written", path=str(state_dir / LOG_NAME), error=exc.strerror or str(exc))
+    job = event.get("job")
+    if storage is not None and job:
+        try:
+            ship(storage, job, event)
+        except Exception as exc:  # storage down is the likely reason the command failed anyway
+            log.warning("audit event not shipped to the repository", job=job, error=str(exc))

@@ -1,0 +1,18 @@
+"""backupd run: the daemon (scheduler, log archivers, metrics/health server, control socket)."""
+
+from __future__ import annotations
+
+import argparse
+
+from backupd.cli.common import config_path, settings_from
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("run", help="run the daemon in the foreground (systemd: Type=notify)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from backupd.daemon.service import run_daemon  # the scheduler stack loads only for the daemon
+
+    return run_daemon(settings_from(args), config_path(args))

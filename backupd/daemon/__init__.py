@@ -1,0 +1,1 @@
+"""``backupd run``: the scheduler, log archivers, metrics/health server and control socket (see service.py)."""

@@ -1,0 +1,189 @@
+"""APScheduler 3.x, configured so that runs are never silently dropped.
+
+Jobs are rebuilt from the configuration under stable ids (``backup:orders``,
+``verify:orders``, ``integrity:orders``, ``prune:orders``). Defaults: explicit
+time zone, ``coalesce`` (a backlog runs once), ``max_instances=1``, and a
+misfire grace of one schedule period unless ``daemon.misfire_grace_time`` says
+otherwise (APScheduler's own default is one second). A listener logs and counts
+errors, misses and overlaps. Last run times are persisted, so a run missed
+while the daemon was down runs once at start when it is still within its grace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import zoneinfo
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+    JobExecutionEvent,
+)
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from backupd.daemon.metrics import BACKUP_SCHEDULE_PERIOD, JOB_CONSECUTIVE_FAILURES, JOB_LAST_RESULT, SCHEDULER_EVENTS
+from backupd.daemon.state import ScheduleState
+from backupd.daemon.tasks import Skipped, Tasks, integrity_period
+from backupd.daemon.triggers import build_trigger, latest_missed, period
+from backupd.errors import BackupdError
+from backupd.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_VERIFY_SCHEDULE = "0 6 * * *"
+PRUNE_EVERY = dt.timedelta(days=1)
+EXECUTOR_THREADS = 64  # threads are cheap and idle; daemon.max_parallel_jobs bounds the work
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    job: str
+    kind: str  # backup | verify | integrity | prune
+    schedule: str  # what the trigger was built from; a change rebuilds the job
+    grace: dt.timedelta | None
+    jitter: dt.timedelta | None
+    timezone: str
+
+
+def desired_jobs(settings: Settings) -> list[JobSpec]:
+    d = settings.daemon
+    specs = []
+    for name, job in sorted(settings.jobs.items()):
+        def spec(kind: str, schedule: str) -> JobSpec:
+            return JobSpec(f"{kind}:{name}", name, kind, schedule, d.misfire_grace_time, d.jitter, d.timezone)
+
+        if job.schedule:
+            specs.append(spec("backup", job.schedule))
+            if not job.retention.is_empty():
+                specs.append(spec("prune", f"@every {int(PRUNE_EVERY.total_seconds())}s"))
+        if job.verify.schedule or (job.schedule and settings.encryption.identity_file is not None):
+            specs.append(spec("verify", job.verify.schedule or DEFAULT_VERIFY_SCHEDULE))
+        if job.schedule or job.verify.schedule:
+            every = integrity_period(job.verify.full_read_interval)
+            specs.append(spec("integrity", f"@every {int(every.total_seconds())}s"))
+    return specs
+
+
+class Scheduler:
+    def __init__(self, tasks: Tasks, state: ScheduleState, timezone: str) -> None:
+        self.tasks = tasks
+        self.state = state
+        self.specs: dict[str, JobSpec] = {}
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)  # misses, overlaps: the listener
+        # The listener logs every failed run (with the traceback of internal errors only).
+        logging.getLogger("apscheduler.executors").setLevel(logging.CRITICAL)
+        self.aps = BackgroundScheduler(
+            timezone=zoneinfo.ZoneInfo(timezone),
+            executors={"default": ThreadPoolExecutor(EXECUTOR_THREADS)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        )
+        self.aps.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES
+                              | EVENT_JOB_EXECUTED)
+
+    def _function(self, kind: str) -> Callable[[str], None]:
+        return {"backup": self.tasks.backup, "verify": self.tasks.verify,
+                "integrity": self.tasks.integrity, "prune": self.tasks.prune}[kind]
+
+    def apply(self, settings: Settings) -> None:
+        """Make the scheduled jobs match ``settings``: unchanged jobs keep their next run time."""
+        wanted = {spec.job_id: spec for spec in desired_jobs(settings)}
+        for job_id in list(self.specs):
+            if job_id not in wanted:
+                self.aps.remove_job(job_id)
+                spec = self.specs.pop(job_id)
+                if spec.kind == "backup":
+                    with contextlib.suppress(KeyError):
+                        BACKUP_SCHEDULE_PERIOD.remove(spec.job)
+                log.info("job unscheduled", job_id=job_id)
+        now = dt.datetime.now(dt.timezone.utc)
+        for job_id, spec in wanted.items():
+            if self.specs.get(job_id) == spec:
+                continue
+            tz = zoneinfo.ZoneInfo(spec.timezone)
+            trigger = build_trigger(spec.schedule, tz, spec.jitter)
+            every = period(trigger, now)
+            grace = spec.grace or max(every, dt.timedelta(seconds=1))
+            if spec.kind == "backup":
+                BACKUP_SCHEDULE_PERIOD.labels(spec.job).set(every.total_seconds())
+            kwargs = {}
+            missed = self._missed(job_id, trigger, grace, now)
+            if missed is not None:
+                kwargs["next_run_time"] = now.astimezone(tz)
+                log.warning("running a missed run now", job_id=job_id, missed=missed.isoformat(),
+                            grace_seconds=grace.total_seconds())
+            self.state.set_last_run(job_id, now, only_if_missing=True)
+            self.aps.add_job(self._function(spec.kind), trigger, args=[spec.job], id=job_id, name=job_id,
+                             replace_existing=True, misfire_grace_time=max(1, int(grace.total_seconds())),
+                             coalesce=True, max_instances=1, **kwargs)
+            self.specs[job_id] = spec
+            job = self.aps.get_job(job_id)
+            when = getattr(job, "next_run_time", None)
+            log.info("job scheduled", job_id=job_id, schedule=spec.schedule,
+                     next_run=when.isoformat() if when else "after start")
+
+    def _missed(self, job_id: str, trigger: BaseTrigger, grace: dt.timedelta, now: dt.datetime) -> dt.datetime | None:
+        last = self.state.last_run(job_id)
+        if last is None:
+            return None
+        missed = latest_missed(trigger, last, now)
+        if missed is None:
+            return None
+        if now - missed > grace:
+            log.warning("missed run is past its grace time; waiting for the next one", job_id=job_id,
+                        missed=missed.isoformat(), grace_seconds=grace.total_seconds())
+            SCHEDULER_EVENTS.labels(job_id, "missed").inc()
+            return None
+        return missed
+
+    def _on_event(self, event: JobEvent) -> None:
+        job_id = event.job_id
+        if event.code == EVENT_JOB_MISSED:
+            SCHEDULER_EVENTS.labels(job_id, "missed").inc()
+            log.warning("scheduled run missed (past its grace time)", job_id=job_id,
+                        scheduled=str(event.scheduled_run_time))
+            return
+        if event.code == EVENT_JOB_MAX_INSTANCES:
+            SCHEDULER_EVENTS.labels(job_id, "max_instances").inc()
+            log.warning("scheduled run skipped: the previous one is still running", job_id=job_id)
+            return
+        assert isinstance(event, JobExecutionEvent)
+        if event.code == EVENT_JOB_ERROR and isinstance(event.exception, Skipped):
+            log.info("scheduled run skipped", job_id=job_id, reason=str(event.exception))
+            return
+        self.state.set_last_run(job_id, event.scheduled_run_time)
+        if event.code == EVENT_JOB_EXECUTED:
+            JOB_LAST_RESULT.labels(job_id).set(1)
+            JOB_CONSECUTIVE_FAILURES.labels(job_id).set(0)
+            return
+        SCHEDULER_EVENTS.labels(job_id, "error").inc()
+        JOB_LAST_RESULT.labels(job_id).set(0)
+        JOB_CONSECUTIVE_FAILURES.labels(job_id).inc()
+        if isinstance(event.exception, BackupdError):
+            log.error("scheduled run failed", job_id=job_id, error=str(event.exception))
+        else:
+            log.error("scheduled run failed with an internal error", job_id=job_id,
+                      error=f"{type(event.exception).__name__}: {event.exception}", traceback=event.traceback)
+
+    @property
+    def alive(self) -> bool:
+        thread = getattr(self.aps, "_thread", None)
+        return bool(self.aps.running and thread is not None and thread.is_alive())
+
+    def start(self) -> None:
+        self.aps.start()
+
+    def stop_scheduling(self) -> None:
+        """No new runs; running ones continue (the daemon drains them)."""
+        if self.aps.running:
+            self.aps.shutdown(wait=False)

@@ -1,0 +1,245 @@
+"""The daemon's main thread: lock, start, serve, reload on SIGHUP, drain on SIGTERM.
+
+Signal handlers only set Events; the main thread acts on them. Shutdown stops
+scheduling, lets running jobs finish for up to ``daemon.shutdown_timeout``, then
+aborts them through their cancel Events (a second signal aborts at once) and
+exits 0 once every run has stopped cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from backupd import __version__
+from backupd.context import JobContext
+from backupd.control import ControlServer, socket_path
+from backupd.daemon.httpserver import MetricsServer
+from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
+from backupd.daemon.notify import Notifier
+from backupd.daemon.processes import kill_children
+from backupd.daemon.runs import Runs, Slots
+from backupd.daemon.scheduler import Scheduler
+from backupd.daemon.state import DaemonLock, ScheduleState
+from backupd.daemon.supervisor import Supervised
+from backupd.daemon.tasks import Tasks
+from backupd.errors import ConfigError
+from backupd.settings import Settings, load_settings
+
+log = structlog.get_logger(__name__)
+
+TICK = 0.2  # main loop resolution (signals, reload, watchdog)
+ABORT_GRACE = 30.0  # after aborting, how long runs get to clean up (abort uploads, kill children)
+ARCHIVER_STOP = 10.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.state_dir = settings.daemon.state_dir
+        self.stop_event = threading.Event()
+        self.abort_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.notifier = Notifier()
+        self.runs = Runs()
+        self.slots = Slots(settings.daemon.max_parallel_jobs)
+        self.lock = DaemonLock(self.state_dir)
+        self.contexts: dict[str, JobContext] = {}
+        self.job_handlers: dict[str, dict[str, Any]] = {}
+        self.supervisors: list[Supervised] = []
+
+    # -- life cycle ----------------------------------------------------------
+    def run(self) -> int:
+        self.lock.acquire()
+        try:
+            return self._serve()
+        finally:
+            self.lock.release()
+
+    def _serve(self) -> int:
+        self._install_signals()
+        self.state = ScheduleState(self.state_dir)
+        self.tasks = Tasks(lambda: self.settings, self.runs, self.slots, self.state)
+        self.scheduler = Scheduler(self.tasks, self.state, self.settings.daemon.timezone)
+        self.http = MetricsServer(self.settings.daemon.metrics_listen, self.health)
+        self.control = ControlServer(socket_path(self.state_dir), {})
+        self._load_jobs(self.settings)
+        self.scheduler.apply(self.settings)
+        self.http.start()
+        self.control.start()
+        self.scheduler.start()
+        DAEMON_START.set(time.time())
+        self._warm_up()
+        log.info("daemon started", version=__version__, pid=os.getpid(), jobs=sorted(self.settings.jobs),
+                 metrics=self.settings.daemon.metrics_listen, state_dir=str(self.state_dir))
+        self.notifier.ready(self.status_line())
+        while not self.stop_event.wait(TICK):
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+            if self.scheduler.alive:
+                self.notifier.watchdog()  # a dead scheduler stops the pings: systemd restarts us
+        return self._shutdown()
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, _frame: Any) -> None:
+            if self.stop_event.is_set():
+                self.abort_event.set()
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
+
+    def _shutdown(self) -> int:
+        timeout = self.settings.daemon.shutdown_timeout.total_seconds()
+        running = [run.job_id for run in self.runs.active()]
+        log.info("stopping: no new runs", running=running, drain_timeout=timeout)
+        self.notifier.stopping(f"stopping; draining {len(running)} run(s)")
+        self.runs.stopping = True
+        self.slots.close()
+        self.scheduler.stop_scheduling()
+        deadline = time.monotonic() + timeout
+        while not self.runs.wait_idle(TICK):
+            if self.abort_event.is_set() or time.monotonic() >= deadline:
+                reason = "second signal" if self.abort_event.is_set() else "shutdown timeout"
+                log.warning("aborting running jobs", reason=reason, running=[r.job_id for r in self.runs.active()])
+                self.runs.abort_all(reason)
+                self.runs.wait_idle(ABORT_GRACE)
+                break
+        for supervised in self.supervisors:
+            if not supervised.stop(ARCHIVER_STOP):
+                log.error("log archiver did not stop in time", archiver=supervised.name)
+        kill_children(log)
+        self.control.stop()
+        self.http.stop()
+        for ctx in self.contexts.values():
+            ctx.close()
+        stuck = [run.job_id for run in self.runs.active()]
+        if stuck:
+            log.error("runs did not stop after being aborted; exiting anyway", runs=stuck)
+            sys.stderr.flush()
+            self.lock.release()
+            os._exit(1)  # the stuck threads would keep the interpreter from exiting
+        log.info("daemon stopped")
+        return 0
+
+    # -- jobs, archivers, control handlers ----------------------------------
+    def _load_jobs(self, settings: Settings) -> None:
+        contexts: dict[str, JobContext] = {}
+        handlers: dict[str, dict[str, Any]] = {}
+        supervisors: list[Supervised] = []
+        backoff = settings.daemon.archiver_backoff_max.total_seconds()
+        for name, job in sorted(settings.jobs.items()):
+            ctx = JobContext(settings, name)
+            contexts[name] = ctx
+            try:
+                driver = ctx.driver
+                handlers[name] = dict(driver.control_handlers())
+                archivers = driver.log_archivers() if job.archive_logs else []
+            except Exception as exc:  # one broken job must not take the others down
+                log.error("job's driver could not be set up; its archivers and control ops are off",
+                          job=name, error=str(exc))
+                continue
+            supervisors.extend(Supervised(name, archiver, backoff) for archiver in archivers)
+        self.contexts, self.job_handlers, self.supervisors = contexts, handlers, supervisors
+        ops = {op for table in handlers.values() for op in table}
+        self.control.handlers = {op: self._dispatcher(op) for op in ops} | {"status": self._status_op}
+        for supervised in supervisors:
+            supervised.start()
+
+    def _unload_jobs(self) -> None:
+        for supervised in self.supervisors:
+            supervised.stop(ARCHIVER_STOP)
+        for ctx in self.contexts.values():
+            ctx.close()
+        self.supervisors, self.contexts = [], {}
+
+    def _dispatcher(self, op: str):
+        def dispatch(message: dict[str, Any]) -> dict[str, Any]:
+            job = message.get("job")
+            if not job:
+                serving = sorted(name for name, table in self.job_handlers.items() if op in table)
+                if len(serving) != 1:
+                    return {"ok": False, "error": f"op {op!r} needs a job: served by {', '.join(serving) or 'none'}"}
+                job = serving[0]
+            handler = self.job_handlers.get(job, {}).get(op)
+            if handler is None:
+                return {"ok": False, "error": f"job {job!r} does not serve {op!r} in this daemon"}
+            with structlog.contextvars.bound_contextvars(job=job, op=op):
+                return handler(message)
+
+        return dispatch
+
+    def _status_op(self, _message: dict[str, Any]) -> dict[str, Any]:
+        healthy, details = self.health()
+        return {"ok": True, "healthy": healthy, "pid": os.getpid(), **details}
+
+    def _warm_up(self) -> None:
+        jobs = sorted(self.settings.jobs)
+        thread = threading.Thread(target=lambda: [self.tasks.warm_up(job) for job in jobs],
+                                  name="metrics-warm-up", daemon=True)
+        thread.start()
+
+    # -- reload ----------------------------------------------------------------
+    def reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reloading the configuration", path=str(self.config_path))
+        try:
+            new = load_settings(self.config_path)
+            if new.daemon.state_dir != self.settings.daemon.state_dir:
+                raise ConfigError("daemon.state_dir cannot change while the daemon runs",
+                                  errors=[f"daemon.state_dir: restart the daemon to change it (got {new.daemon.state_dir})"])
+        except ConfigError as exc:
+            CONFIG_RELOADS.labels("failure").inc()
+            log.error("configuration reload failed; the running configuration stays", error=str(exc),
+                      errors=exc.errors)
+            self.notifier.ready(self.status_line() + "; last reload failed")
+            return
+        if new.daemon.metrics_listen != self.settings.daemon.metrics_listen:
+            log.warning("daemon.metrics_listen changes on restart only", listening=self.settings.daemon.metrics_listen)
+        self._unload_jobs()
+        self.settings = new
+        self.slots.resize(new.daemon.max_parallel_jobs)
+        self._load_jobs(new)
+        self.scheduler.apply(new)
+        self._warm_up()
+        CONFIG_RELOADS.labels("success").inc()
+        log.info("configuration reloaded", jobs=sorted(new.jobs), scheduled=sorted(self.scheduler.specs))
+        self.notifier.ready(self.status_line())
+
+    # -- health ------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        reasons = []
+        if self.stop_event.is_set():
+            reasons.append("daemon is stopping")
+        elif not self.scheduler.alive:
+            reasons.append("scheduler is not running")
+        archivers = []
+        for supervised in self.supervisors:
+            status = supervised.status()
+            archivers.append(vars(status))
+            if not supervised.healthy:
+                reasons.append(f"log archiver {status.name} of job {status.job} is {status.state}"
+                               + (f": {status.last_error}" if status.last_error else ""))
+        return not reasons, {
+            "reasons": reasons,
+            "scheduled": sorted(self.scheduler.specs),
+            "running": sorted(run.job_id for run in self.runs.active()),
+            "archivers": archivers,
+        }
+
+    def status_line(self) -> str:
+        return f"{len(self.scheduler.specs)} scheduled job(s), {len(self.supervisors)} log archiver(s)"
+
+
+def run_daemon(settings: Settings, config_path: Path) -> int:
+    return Daemon(settings, config_path).run()

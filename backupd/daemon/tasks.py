@@ -1,0 +1,218 @@
+"""What the scheduler runs: backup (then prune), verification, integrity rotation, prune.
+
+Every task takes a global slot (``daemon.max_parallel_jobs``), runs under a
+cancel Event with its own timeout, records an audit event and raises on failure
+so the scheduler's listener logs and counts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import threading
+from typing import Callable, Iterator
+
+import structlog
+
+from backupd import audit, metrics
+from backupd.backup import run_backup
+from backupd.context import JobContext
+from backupd.daemon import repo_metrics
+from backupd.daemon.metrics import JOB_RUNNING
+from backupd.daemon.runs import Run, Runs, Slots
+from backupd.daemon.state import ScheduleState
+from backupd.errors import Aborted, BackupdError, LockHeld
+from backupd.settings import Settings
+from backupd.timeutil import utcnow
+from backupd.verify import record_metrics, run_verification, save_report
+
+log = structlog.get_logger(__name__)
+
+
+class Skipped(Exception):
+    """The run had nothing to do or was superseded (daemon stopping, lock held elsewhere)."""
+
+
+class Tasks:
+    def __init__(self, settings: Callable[[], Settings], runs: Runs, slots: Slots, state: ScheduleState) -> None:
+        self._settings = settings
+        self.runs = runs
+        self.slots = slots
+        self.state = state
+
+    @contextlib.contextmanager
+    def _task(self, kind: str, job: str, timeout: dt.timedelta | None) -> Iterator[tuple[JobContext, Run]]:
+        job_id = f"{kind}:{job}"
+        settings = self._settings()
+        if job not in settings.jobs:
+            raise Skipped(f"{job_id}: job no longer configured")
+        with self.runs.start(job_id, job, timeout.total_seconds() if timeout else None) as run:
+            if not self.slots.acquire(run.cancel):
+                raise Skipped(f"{job_id}: not started ({run.reason})")
+            ctx = JobContext(settings, job)
+            JOB_RUNNING.labels(job_id).set(1)
+            try:
+                with structlog.contextvars.bound_contextvars(job=job, task=kind):
+                    yield ctx, run
+            finally:
+                JOB_RUNNING.labels(job_id).set(0)
+                self.slots.release()
+                ctx.close()
+
+    def _audit(self, ctx: JobContext, command: str, backup_id: str | None, result: str,
+               detail: str | None = None) -> None:
+        event = audit.make_event(command, job=ctx.name, backup_id=backup_id, result=result, detail=detail,
+                                 trigger="schedule")
+        storage = None
+        with contextlib.suppress(Exception):
+            storage = ctx.storage
+        audit.record(ctx.state_dir, event, storage)
+
+    # -- backup --------------------------------------------------------------
+    def backup(self, job: str) -> None:
+        timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
+        with self._task("backup", job, timeout) as (ctx, run):
+            try:
+                manifest = run_backup(ctx, cancel=run.cancel)
+            except LockHeld as exc:
+                log.warning("scheduled backup skipped", reason=str(exc))
+                raise Skipped(str(exc)) from None
+            except BaseException as exc:
+                error = _describe(exc, run)
+                self._audit(ctx, "backup", None, "failure", error)
+                if isinstance(exc, Aborted):
+                    raise Aborted(error) from None
+                raise
+            self._audit(ctx, "backup", manifest.backup_id, "success")
+            with contextlib.suppress(Exception):
+                metrics.REPOSITORY_BACKUPS.labels(job).set(len(ctx.repository.backup_ids()))
+            if not run.cancel.is_set():
+                self._prune(ctx, after_backup=True)
+
+    # -- retention -----------------------------------------------------------
+    def prune(self, job: str) -> None:
+        with self._task("prune", job, dt.timedelta(hours=1)) as (ctx, _run):
+            self._prune(ctx, after_backup=False)
+
+    def _prune(self, ctx: JobContext, *, after_backup: bool) -> None:
+        if ctx.job.retention.is_empty():
+            return
+        try:
+            from backupd.prune import PruneRefused, run_prune
+        except ModuleNotFoundError as exc:
+            if exc.name != "backupd.prune":
+                raise
+            log.warning("retention not applied: backupd.prune is not available in this build")
+            return
+        try:
+            result = run_prune(ctx)
+        except (LockHeld, PruneRefused) as exc:
+            log.warning("prune skipped", reason=str(exc))
+            if after_backup:
+                return
+            raise Skipped(str(exc)) from None
+        except BaseException as exc:
+            self._audit(ctx, "prune", None, "failure", str(exc))
+            if after_backup:  # the backup itself succeeded; the failed prune is logged and retried next time
+                log.error("prune after backup failed", error=str(exc))
+                return
+            raise
+        self._audit(ctx, "prune", None, "success", _summary(result))
+        with contextlib.suppress(Exception):
+            metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(ctx.repository.backup_ids()))
+
+    # -- verification --------------------------------------------------------
+    def verify(self, job: str) -> None:
+        settings = self._settings()
+        timeout = settings.jobs[job].verify.timeout if job in settings.jobs else None
+        with self._task("verify", job, timeout) as (ctx, run):
+            if ctx.settings.encryption.identity_file is None:
+                raise Skipped("full verification needs encryption.identity_file on this host")
+            watcher = _overrun_watch(run, "verification")
+            try:
+                reports = run_verification(ctx)
+            except BaseException as exc:
+                self._audit(ctx, "verify", None, "failure", str(exc))
+                raise
+            finally:
+                watcher.set()
+            report = reports[0]
+            self._audit(ctx, "verify", report.backup_id, "passed" if report.ok else "failed",
+                        "; ".join(report.problems) or None)
+            if not report.ok:
+                raise BackupdError(f"verification of {report.backup_id} failed: {'; '.join(report.problems)}")
+
+    def integrity(self, job: str) -> None:
+        """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
+        with self._task("integrity", job, None) as (ctx, run):
+            interval = ctx.job.verify.full_read_interval
+            manifests = ctx.repository.manifests()
+            reads = self.state.integrity_reads(job)
+            reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
+            epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+            manifests.sort(key=lambda m: reads.get(m.backup_id, epoch))
+            now = utcnow()
+            period = integrity_period(interval)
+            share = math.ceil(len(manifests) * period / interval) if manifests else 0
+            due = [m for m in manifests if now - reads.get(m.backup_id, epoch) >= interval - period]
+            chosen = manifests[:max(share, len(due))] if due or share else []
+            bad = []
+            for manifest in chosen:
+                run.check()
+                report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
+                reads[manifest.backup_id] = utcnow()
+                if not report.ok:
+                    bad.append(report)
+                    save_report(ctx, report)
+                    record_metrics(report)
+            self.state.set_integrity_reads(job, reads)
+            log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
+            if bad:
+                raise BackupdError("integrity check failed: " + "; ".join(p for r in bad for p in r.problems))
+
+    def warm_up(self, job: str) -> None:
+        settings = self._settings()
+        if job not in settings.jobs:
+            return
+        ctx = JobContext(settings, job)
+        try:
+            repo_metrics.warm_up(ctx)
+        finally:
+            ctx.close()
+
+
+def integrity_period(interval: dt.timedelta) -> dt.timedelta:
+    """How often the integrity rotation runs: a quarter of the interval, at most daily, at least hourly."""
+    return max(dt.timedelta(hours=1), min(dt.timedelta(days=1), interval / 4))
+
+
+def _describe(exc: BaseException, run: Run) -> str:
+    if isinstance(exc, Aborted) and run.reason == "timeout":
+        return f"timed out after {run.timeout:.0f} s and was aborted (jobs.{run.job}.timeout)"
+    if isinstance(exc, Aborted) and run.reason:
+        return f"aborted ({run.reason})"
+    return str(exc) or type(exc).__name__
+
+
+def _summary(result: object) -> str | None:
+    backups = getattr(result, "deleted_backups", None)
+    objects = getattr(result, "deleted_objects", None)
+    if backups is None and objects is None:
+        return None
+    return f"deleted {len(backups or [])} backup(s), {objects or 0} object(s)"
+
+
+def _overrun_watch(run: Run, what: str) -> threading.Event:
+    """Drivers' restores take no cancel Event: log loudly once a run exceeds its timeout."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if run.cancel.is_set():
+                log.error(f"{what} is past its timeout and cannot be interrupted; it keeps running",
+                          job_id=run.job_id, reason=run.reason)
+                return
+
+    threading.Thread(target=watch, name=f"watch-{run.job_id}", daemon=True).start()
+    return done
