@@ -38,7 +38,7 @@ class RedisOptions(DriverOptions):
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    timeout: float = Field(default=60.0, gt=0, description="seconds without data from the server before failing")
+    read_timeout: float = Field(default=60.0, gt=0, description="seconds without data from the server before failing")
     connect_timeout: float = Field(default=10.0, gt=0)
     redis_server: str = Field(default="redis-server", description="binary verification starts")
     load_timeout: float = Field(default=600.0, gt=0, description="seconds the scratch server may take to load")
@@ -71,7 +71,7 @@ class RedisDriver(Driver):
 
     @contextlib.contextmanager
     def connect(self, endpoint: Endpoint | None = None) -> Iterator[Connection]:
-        conn = Connection(endpoint or self.endpoint, timeout=self.options.timeout,
+        conn = Connection(endpoint or self.endpoint, timeout=self.options.read_timeout,
                           connect_timeout=self.options.connect_timeout, tls=self.tls)
         try:
             conn.authenticate()
@@ -177,11 +177,11 @@ class RedisDriver(Driver):
         databases = max(summary.keys, default=0) + 1
         try:
             with scratch_server(binary, scratch, DUMP_NAME, databases, self.options.load_timeout) as endpoint:
-                with Connection(endpoint, timeout=self.options.timeout) as conn:
+                with Connection(endpoint, timeout=self.options.read_timeout) as conn:
                     keyspace = conn.info("keyspace")
                 outcome.row_counts = {db: int(_keyspace_field(value, "keys")) for db, value in keyspace.items()}
                 outcome.checks.append(Check("load into redis-server", True, f"{sum(outcome.row_counts.values())} keys"))
-                outcome.checks.extend(run_checks(endpoint, checks, self.options.timeout))
+                outcome.checks.extend(run_checks(endpoint, checks, self.options.read_timeout))
         except ScratchLoadFailed as exc:
             outcome.checks.append(Check("load into redis-server", False, str(exc)))
         return outcome
