@@ -1,0 +1,188 @@
+"""MySQL/MariaDB benchmark: backupd against the native tools on a throwaway mariadbd.
+
+Prints, for a database of --size-gib of InnoDB data:
+  logical:  backupd backup / mariadb-dump --single-transaction > file        (goal <= 1.1)
+  physical: backupd backup --method physical / mariadb-backup --stream | zstd > file   (goal <= 1.1)
+  PITR restore: dump load seconds and binlog replay seconds
+
+Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backupd import age  # noqa: E402
+from backupd.context import JobContext  # noqa: E402
+from backupd.settings import load_settings  # noqa: E402
+from drivers.mysql.client import find_tool  # noqa: E402
+from drivers.mysql.scratch import ScratchServer, install_db  # noqa: E402
+
+
+def timed(func, *args) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    func(*args)
+    return time.monotonic() - started
+
+
+def run(argv: list[str], **kwargs) -> None:  # type: ignore[no-untyped-def]
+    proc = subprocess.run(argv, capture_output=True, **kwargs)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[0]} exited {proc.returncode}: {proc.stderr.decode()[-2000:]}")
+
+
+def backupd(config: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), "--log-format", "json", *args],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"backupd {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def fill(server: ScratchServer, size: int) -> int:
+    conn = server.credentials.connect()
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE bench")
+        cur.execute("USE bench")
+        cur.execute("CREATE TABLE events (id BIGINT PRIMARY KEY, account INT, kind VARCHAR(16), "
+                    "amount DECIMAL(12,2), note VARCHAR(255), created DATETIME, KEY (account))")
+        rows, batch = 0, 500_000
+        while True:
+            cur.execute("SELECT data_length + index_length FROM information_schema.tables "
+                        "WHERE table_schema='bench' AND table_name='events'")
+            if cur.fetchone()[0] >= size:
+                break
+            cur.execute(
+                f"INSERT INTO events SELECT seq + {rows}, seq % 100000, ELT(1 + seq % 4, 'deposit', 'withdrawal', "
+                f"'fee', 'refund'), (seq % 100000) / 100, CONCAT('order ', seq, ' ', md5(seq), ' ', "
+                f"repeat(substr(md5(seq % 977), 1, 8), 1 + seq % 12)), "
+                f"'2026-01-01' + INTERVAL (seq % 31536000) SECOND FROM seq_1_to_{batch}")
+            rows += batch
+            cur.execute("ANALYZE TABLE events")
+    conn.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=2.0, help="InnoDB data to generate (default 2)")
+    parser.add_argument("--workdir", default="/tmp", help="where the servers, dumps and repository go")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="backupd-bench-mysql-", dir=args.workdir))
+    source = ScratchServer(base / "src-data", base / "src-run",
+                           [f"--log-bin={base / 'src-data' / 'mysql-bin'}", "--server-id=1", "--binlog-format=ROW",
+                            "--innodb-log-file-size=1G", "--max-binlog-size=256M"])
+    restore_target = ScratchServer(base / "dst-data", base / "dst-run", ["--innodb-log-file-size=1G"])
+    try:
+        install_db(source.datadir)
+        source.start()
+        started = time.monotonic()
+        rows = fill(source, int(args.size_gib * 2**30))
+        conn = source.credentials.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT data_length + index_length FROM information_schema.tables WHERE table_schema='bench'")
+            innodb = int(cur.fetchone()[0])
+        conn.close()
+        print(f"data: {rows} rows, {innodb / 2**30:.2f} GiB InnoDB (data+index), filled in {time.monotonic() - started:.0f}s")
+
+        identity = age.X25519Identity.generate()
+        (base / "key.txt").write_text(f"{identity}\n")
+        config = base / "backupd.toml"
+        config.write_text(f"""
+[daemon]
+state_dir = "{base / 'state'}"
+[storage.main]
+type = "filesystem"
+path = "{base / 'repo'}"
+[encryption]
+recipients = ["{identity.to_recipient()}"]
+identity_file = "{base / 'key.txt'}"
+[jobs.bench]
+driver = "mysql"
+dsn = "mysql://root@localhost/?socket={source.socket}"
+storage = "main"
+databases = ["bench"]
+archive_logs = true
+binlog_flush_interval = "5s"
+""")
+        defaults = base / "native.cnf"
+        defaults.write_text(f"[client]\nuser=root\nsocket={source.socket}\n")
+        defaults.chmod(0o600)
+
+        dump_file = base / "native.sql"
+        started = time.monotonic()
+        with open(dump_file, "wb") as out:
+            proc = subprocess.run([find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
+                                   "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob",
+                                   "--databases", "bench"], stdout=out, stderr=subprocess.PIPE)
+        native_logical = time.monotonic() - started
+        assert proc.returncode == 0, proc.stderr
+        dump_size = dump_file.stat().st_size
+        dump_file.unlink()
+        ours_logical = timed(backupd, config, "backup", "bench")
+        print(f"logical:  mariadb-dump > file {native_logical:.1f}s ({dump_size / 2**30:.2f} GiB); "
+              f"backupd backup {ours_logical:.1f}s; ratio {ours_logical / native_logical:.2f} (goal <= 1.1)")
+
+        xb_file = base / "native.xb.zst"
+        started = time.monotonic()
+        with open(xb_file, "wb") as out:
+            backup = subprocess.Popen([find_tool("backup"), f"--defaults-extra-file={defaults}", "--backup",
+                                       "--stream=xbstream", f"--target-dir={base / 'xbtmp'}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            zstd = subprocess.Popen(["zstd", "-q", "-3"], stdin=backup.stdout, stdout=out)
+            backup.stdout.close()
+            assert zstd.wait() == 0 and backup.wait() == 0
+        native_physical = time.monotonic() - started
+        ours_physical = timed(backupd, config, "backup", "bench", "--method", "physical")
+        print(f"physical: mariadb-backup --stream | zstd > file {native_physical:.1f}s; backupd backup --method "
+              f"physical {ours_physical:.1f}s; ratio {ours_physical / native_physical:.2f} (goal <= 1.1)")
+        xb_file.unlink()
+
+        # PITR: archive binlogs, change 10% of the rows after a logical backup, restore to the newest state.
+        ctx = JobContext(load_settings(config), "bench")
+        archiver = ctx.driver.log_archivers()[0]
+        stop = threading.Event()
+        thread = threading.Thread(target=archiver.run, args=(stop,), daemon=True)
+        thread.start()
+        backupd(config, "backup", "bench")
+        conn = source.credentials.connect()
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE bench.events SET amount = amount + 1 WHERE id % 10 = 0 AND id <= {rows}")
+            cur.execute("SHOW MASTER STATUS")
+            current = cur.fetchone()[0]
+            cur.execute("FLUSH BINARY LOGS")
+        conn.close()
+        archive = ctx.log_archive("binlog")
+        while not any(o.name == f"1/{current}" for o in archive.list()):
+            time.sleep(0.5)
+        stop.set()
+        thread.join()
+        ctx.close()
+        install_db(restore_target.datadir)
+        restore_target.start()
+        started = time.monotonic()
+        out = backupd(config, "restore", "bench", "--to", f"mysql://root@localhost/?socket={restore_target.socket}")
+        total = time.monotonic() - started
+        load = re.search(r"dump loaded \(\d+ bytes\) in ([\d.]+)s", out)
+        replay = re.search(r"replayed in ([\d.]+)s", out)
+        print(f"PITR restore: total {total:.1f}s = dump load {load[1] if load else '?'}s + binlog replay "
+              f"{replay[1] if replay else '?'}s (+ fetch/decrypt)")
+    finally:
+        restore_target.stop()
+        source.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""MySQL/MariaDB: consistent dumps, physical copies, binlog archiving and point-in-time restore."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, RestoreRequest, StreamSink, VerifyOutcome)
+from backupd.errors import BackupNotFound, DriverError, UsageError
+from backupd.manifest import Manifest
+from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
+from drivers.mysql import binlog, checks, load, logical, physical, pitr, scratch
+from drivers.mysql.archiver import BinlogArchiver, streamer_server_id
+from drivers.mysql.client import Credentials, tool_version
+from drivers.mysql.options import MysqlOptions, parse_url
+
+COPY_CHUNK = 1 << 20
+
+
+class MysqlDriver(Driver):
+    methods = ("logical", "physical")
+    options_model = MysqlOptions
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.options.endpoint, self.options.password_file)
+
+    @property
+    def timeout(self) -> float:
+        return self.context.settings.timeout.total_seconds()
+
+    # ---- backup ----------------------------------------------------------------------
+
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        opts = self.options
+        with self.credentials.defaults_file(self.context.spool_dir) as defaults:
+            if method == "physical":
+                result = physical.take_backup(self.credentials, str(defaults), self.context.spool_dir, sink,
+                                              self.timeout, opts.databases, opts.exclude_databases)
+                versions = {"mariadb-backup": tool_version("backup")}
+            else:
+                result = logical.take_dump(self.credentials, opts.databases, opts.exclude_databases, sink,
+                                           str(defaults), self.timeout)
+                versions = {"mysqldump": tool_version("dump")}
+        metadata = result["metadata"]
+        versions["server"] = metadata["server_version"]
+        position = metadata.get("binlog")
+        if self.context.settings.archive_logs and position:
+            metadata["pitr"] = {"log_kind": "binlog", "first_log": f"{metadata['server']}/{position['file']}",
+                                "from": format_timestamp(utcnow())}
+        return BackupResult(metadata=metadata, row_counts=result["row_counts"], tool_versions=versions)
+
+    # ---- choosing and planning a restore ----------------------------------------------
+
+    def _wanted_method(self, request: RestoreRequest) -> str:
+        return "logical" if "://" in request.to else "physical"
+
+    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+        job = self.context.job
+        method = self._wanted_method(request)
+        if backup_id:
+            chosen = super().choose_backup(manifests, RestoreRequest(to=request.to), backup_id)
+            if chosen.method != method:
+                raise UsageError(f"backup {backup_id} is {chosen.method}: restore it --to "
+                                 f"{'a mysql:// URL' if chosen.method == 'logical' else 'a directory'}")
+            return chosen
+        candidates = [m for m in manifests if m.method == method]
+        if not candidates:
+            kind = "a mysql:// URL restores logical" if method == "logical" else "a directory restores physical"
+            raise BackupNotFound(f"no {method} backups for job {job}", hint=f"--to {kind} backups")
+        target = request.target
+        if target is None:
+            return max(candidates, key=lambda m: m.finished_at)
+        with_pitr = [m for m in candidates if m.metadata.get("pitr") and m.metadata.get("binlog")]
+        if not with_pitr:
+            raise UsageError(f"no {method} backup of job {job} has archived binlogs; a --target-{target.kind} needs "
+                             f"archive_logs = true")
+        eligible = [m for m in with_pitr if _before(m, target)]
+        if not eligible:
+            oldest = min(with_pitr, key=lambda m: m.finished_at)
+            raise UsageError(f"--target-{target.kind} {target.value} is before the oldest usable backup "
+                             f"{oldest.backup_id} ({_describe_position(oldest)})")
+        return max(eligible, key=lambda m: m.finished_at)
+
+    def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        lines = [f"restore {manifest.method} backup {manifest.backup_id} (taken {format_timestamp(manifest.finished_at)},"
+                 f" {_describe_position(manifest)}) to {request.to}"]
+        if request.tables:
+            lines.append(f"only tables: {', '.join(request.tables)}")
+        if not self._replays(manifest, request):
+            lines.append("no binlog replay (" + ("--table restores the dump only" if request.tables
+                                                 else "the backup has no archived binlogs") + ")")
+            return lines
+        chain = pitr.chain_from(pitr.archived_files(self.context.logs("binlog"), manifest.metadata["server"]),
+                                manifest.metadata["binlog"]["file"])
+        try:
+            plan = pitr.plan_replay(chain, manifest, request.target)
+        except DriverError as exc:
+            return lines + [f"cannot replay: {exc}"]
+        lines.append(f"binlogs ({len(plan.files)}): " + ", ".join(f.object for f in plan.files))
+        lines.append(f"one mysqlbinlog from {plan.files[0].name}:{plan.start_position} into one client: {plan.describe}")
+        return lines
+
+    def _replays(self, manifest: Manifest, request: RestoreRequest) -> bool:
+        if request.tables:
+            if request.target is not None:
+                raise UsageError("--table restores the dump only; it cannot be combined with a --target-*")
+            return False
+        return bool(manifest.metadata.get("pitr") and manifest.metadata.get("binlog"))
+
+    # ---- restore ------------------------------------------------------------------------
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        manifest = source.manifest
+        replays = self._replays(manifest, request)
+        with self._work_dir("restore") as work:
+            fetched, plan = self._fetch_binlogs(source, request, work) if replays else ({}, None)
+            if manifest.method == "physical":
+                return self._restore_physical(source, request, work, fetched, plan)
+            return self._restore_logical(source, request, fetched, plan)
+
+    def _restore_logical(self, source: BackupSource, request: RestoreRequest, fetched: dict[str, Path],
+                         plan: pitr.ReplayPlan | None) -> str:
+        manifest = source.manifest
+        endpoint = parse_url(request.to, what="--to", default_user=self.options.endpoint.user)
+        target = Credentials(endpoint, request.password_file or self.options.password_file)
+        tables = {load.parse_table(t, manifest.row_counts) for t in request.tables}
+        load.prepare_target(target, manifest.metadata.get("databases", []), tables, force=request.force,
+                            clean=request.clean)
+        with target.defaults_file(self.context.spool_dir) as defaults:
+            started = time.monotonic()
+            with source.open(logical.STREAM) as stream:
+                size = load.load_dump(str(defaults), stream, tables)
+            loaded = time.monotonic() - started
+            message = (f"restored backup {manifest.backup_id} of {manifest.job} to {endpoint}: "
+                       f"dump loaded ({size} bytes) in {loaded:.1f}s")
+            if plan is not None:
+                started = time.monotonic()
+                pitr.replay(plan, fetched, str(defaults), self.timeout)
+                message += (f", {len(plan.files)} binlog file(s) replayed in {time.monotonic() - started:.1f}s "
+                            f"({plan.describe})")
+        return message
+
+    def _restore_physical(self, source: BackupSource, request: RestoreRequest, work: Path, fetched: dict[str, Path],
+                          plan: pitr.ReplayPlan | None) -> str:
+        if request.tables:
+            raise UsageError("a physical backup restores the whole server; --table needs a logical backup")
+        dest = Path(request.to).expanduser()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            if not request.force or not dest.is_dir():
+                raise DriverError(f"{dest}: exists and is not an empty directory; refusing to overwrite it",
+                                  hint="pass --force to replace its contents")
+            for child in dest.iterdir():
+                scratch.remove(child) if child.is_dir() else child.unlink()
+        dest.mkdir(parents=True, exist_ok=True)
+        with source.open(physical.STREAM) as stream:
+            physical.extract(stream, dest)
+        physical.prepare(dest, self.timeout)
+        coordinates = physical.binlog_info(dest) or source.manifest.metadata.get("binlog") or {}
+        message = f"restored backup {source.manifest.backup_id} of {source.manifest.job} to {dest} (prepared)"
+        if plan is not None:
+            with scratch.ScratchServer(dest, work / "run", ["--skip-grant-tables", "--skip-log-bin"]) as server:
+                with server.credentials.defaults_file(work) as defaults:
+                    pitr.replay(plan, fetched, str(defaults), self.timeout)
+            message += f"; replayed {len(plan.files)} binlog file(s) ({plan.describe})"
+        elif coordinates:
+            message += f"; binlog position {coordinates.get('file')}:{coordinates.get('position')}"
+        owner = "mysql" if os.geteuid() == 0 else None
+        if owner:
+            message += f"; before starting it: chown -R {owner}:{owner} {dest}"
+        return message
+
+    def _fetch_binlogs(self, source: BackupSource, request: RestoreRequest, work: Path
+                       ) -> tuple[dict[str, Path], pitr.ReplayPlan]:
+        """Fetch (and decrypt) every binlog the replay needs BEFORE the target is touched."""
+        manifest = source.manifest
+        archive = source.logs("binlog")
+        chain = pitr.chain_from(pitr.archived_files(archive, manifest.metadata["server"]),
+                                manifest.metadata["binlog"]["file"])
+        plan = pitr.plan_replay(chain, manifest, request.target)
+        directory = work / "binlog"
+        directory.mkdir()
+        fetched: dict[str, Path] = {}
+        for item in plan.files:
+            path = directory / item.name
+            with source.open_log("binlog", item.object) as reader, open(path, "wb") as out:
+                while chunk := reader.read(COPY_CHUNK):
+                    out.write(chunk)
+            fetched[item.name] = path
+        if request.target is not None and request.target.kind == "gtid":
+            plan = pitr.plan_replay(chain, manifest, request.target, fetched)
+        return fetched, plan
+
+    @contextlib.contextmanager
+    def _work_dir(self, what: str) -> Iterator[Path]:
+        path = Path(tempfile.mkdtemp(prefix=f"mysql-{what}-", dir=self.context.spool_dir))
+        try:
+            yield path
+        finally:
+            scratch.remove(path)
+
+    # ---- verify ---------------------------------------------------------------------------
+
+    def verify(self, source: BackupSource, scratch_dir: Path, checks_sql: list[str]) -> VerifyOutcome:
+        manifest = source.manifest
+        outcome = VerifyOutcome()
+        datadir, rundir = scratch_dir / "data", scratch_dir / "run"
+        started = time.monotonic()
+        extra = ["--skip-log-bin"]
+        if manifest.method == "physical":
+            datadir.mkdir(parents=True)
+            with source.open(physical.STREAM) as stream:
+                size = physical.extract(stream, datadir)
+            physical.prepare(datadir, self.timeout)
+            extra.append("--skip-grant-tables")
+            outcome.steps.append({"step": "extract+prepare", "bytes": size, "seconds": _since(started)})
+        else:
+            scratch.install_db(datadir)
+        server = scratch.ScratchServer(datadir, rundir, extra)
+        try:
+            server.start()
+            outcome.steps.append({"step": "start scratch mariadbd", "seconds": _since(started)})
+            if manifest.method == "logical":
+                step = time.monotonic()
+                with server.credentials.defaults_file(scratch_dir) as defaults, source.open(logical.STREAM) as stream:
+                    size = load.load_dump(str(defaults), stream, set())
+                outcome.steps.append({"step": "load dump", "bytes": size, "seconds": _since(step)})
+            found = checks.count_tables(server.credentials, manifest)
+            if manifest.row_counts:
+                outcome.row_counts = found
+            outcome.steps.append({"step": "count rows", "tables": len(found), "counts": found,
+                                  "note": manifest.metadata.get("row_counts_note", "")})
+            outcome.checks.extend(checks.run_user_checks(server.credentials, manifest, checks_sql))
+        finally:
+            server.stop()
+        return outcome
+
+    # ---- logs and checks --------------------------------------------------------------------
+
+    def log_archivers(self) -> list[BinlogArchiver]:
+        if not self.context.settings.archive_logs or self.context.logs is None:
+            return []
+        return [BinlogArchiver(
+            self.context.job, self.credentials, self.context.logs("binlog"), self.context.spool_dir / "binlog",
+            self.options.binlog_flush_interval.total_seconds(),
+            streamer_server_id(self.context.job, self.options.binlog_server_id),
+        )]
+
+    def log_continuity(self, source: BackupSource) -> list[str]:
+        return pitr.continuity_problems(source.logs("binlog"), source.manifest)
+
+    def check(self) -> Iterable[Check]:
+        return checks.server_checks(self)
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
+
+
+def _describe_position(manifest: Manifest) -> str:
+    info = manifest.metadata.get("binlog") or {}
+    if not info:
+        return "no binlog position"
+    gtid = f", GTID {info['gtid']}" if info.get("gtid") else ""
+    return f"binlog {info['file']}:{info['position']}{gtid}"
+
+
+def _before(manifest: Manifest, target: Any) -> bool:
+    """Whether the target lies at or after this backup's consistent point."""
+    info = manifest.metadata["binlog"]
+    if target.kind == "time":
+        snapshot = parse_timestamp(manifest.metadata.get("snapshot_at") or format_timestamp(manifest.finished_at))
+        return snapshot <= target.time
+    if target.kind == "position":
+        name, pos = pitr.parse_position(target.value)
+        return (binlog.split_name(name)[1], pos) >= (binlog.split_name(info["file"])[1], int(info["position"]))
+    if target.kind == "gtid":
+        try:
+            domain, _, seq = binlog.parse_gtid(target.value)
+        except ValueError as exc:
+            raise UsageError(f"--target-gtid: {exc}") from None
+        return binlog.gtid_state(info.get("gtid")).get(domain, 0) < seq
+    raise UsageError(f"the mysql driver cannot restore to a --target-{target.kind} (use time, position or gtid)")

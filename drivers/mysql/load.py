@@ -1,0 +1,126 @@
+"""Loading a dump into a server through the client, whole or for chosen tables."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import BinaryIO, Iterable, Iterator
+
+import pymysql
+
+from backupd.errors import DriverError
+from drivers.mysql.client import Credentials, Tool, find_tool, query, quote_ident
+
+COPY_CHUNK = 1 << 20
+_NAME = rb"`((?:[^`]|``)*)`"
+_DATABASE = re.compile(rb"^-- Current Database: " + _NAME)
+_TABLE = re.compile(rb"^-- (?:Table structure for table|Dumping data for table|Temporary table structure for view"
+                    rb"|Final view structure for view) " + _NAME)
+_OTHER = re.compile(rb"^-- Dumping (?:events|routines) for database ")
+_FOOTER = b"/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */"
+
+
+def _name(raw: bytes) -> str:
+    return raw.replace(b"``", b"`").decode()
+
+
+def parse_table(text: str, known: Iterable[str]) -> tuple[str, str]:
+    """``db.table`` from --table, checked against the tables the backup holds."""
+    db, dot, table = text.partition(".")
+    if not dot or not db or not table:
+        raise DriverError(f"--table {text}: expected DATABASE.TABLE")
+    if text not in set(known):
+        raise DriverError(f"--table {text}: the backup has no such table")
+    return db, table
+
+
+def filter_dump(stream: BinaryIO, tables: set[tuple[str, str]]) -> Iterator[bytes]:
+    """The dump's header and footer, plus only the sections of ``tables`` (and their databases)."""
+    databases = {db for db, _ in tables}
+    keep, database, footer = True, None, False
+    for line in _lines(stream):
+        if not footer and line.startswith(b"-- "):
+            if match := _DATABASE.match(line):
+                database = _name(match[1])
+                keep = database in databases
+            elif match := _TABLE.match(line):
+                keep = (database, _name(match[1])) in tables
+            elif _OTHER.match(line):
+                keep = False
+        elif line.startswith(_FOOTER):
+            footer = keep = True
+        if keep:
+            yield line
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    rest = b""
+    while chunk := stream.read(COPY_CHUNK):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+    while chunk := stream.read(COPY_CHUNK):
+        yield chunk
+
+
+def client_argv(defaults_file: str, *extra: str) -> list[str]:
+    return [find_tool("client"), f"--defaults-extra-file={defaults_file}", "--binary-mode",
+            "--max-allowed-packet=1G", *extra]
+
+
+def load(defaults_file: str, data: Iterable[bytes], what: str) -> int:
+    """Pipe SQL into one client process; return bytes sent; raise naming the client's error."""
+    sent = 0
+    with Tool(client_argv(defaults_file), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as client:
+        try:
+            for chunk in data:
+                client.stdin.write(chunk)
+                sent += len(chunk)
+            client.stdin.close()
+        except BrokenPipeError:
+            pass  # the client died; its exit status and message say why
+        client.check(what=what)
+    return sent
+
+
+def load_dump(defaults_file: str, stream: BinaryIO, tables: set[tuple[str, str]]) -> int:
+    data = filter_dump(stream, tables) if tables else _chunks(stream)
+    return load(defaults_file, data, "loading the dump")
+
+
+def prepare_target(credentials: Credentials, databases: list[str], tables: set[tuple[str, str]],
+                   *, force: bool, clean: bool) -> None:
+    """Refuse to overwrite data unless asked; with ``clean`` drop what the restore replaces."""
+    try:
+        conn = credentials.connect()
+    except DriverError as exc:
+        raise DriverError(f"restore target: {exc}", hint=exc.hint) from None
+    try:
+        existing = set()
+        if tables:
+            for db, table in sorted(tables):
+                if query(conn, "SELECT 1 FROM information_schema.tables WHERE table_schema=%s AND table_name=%s",
+                         (db, table)):
+                    existing.add(f"{db}.{table}")
+        else:
+            for db in databases:
+                if query(conn, "SELECT 1 FROM information_schema.tables WHERE table_schema=%s LIMIT 1", (db,)):
+                    existing.add(db)
+        if existing and not (force or clean):
+            raise DriverError(f"{credentials.endpoint}: {', '.join(sorted(existing))} already exist(s) with data; "
+                              f"refusing to overwrite", hint="pass --clean to drop them first, or --force to load over them")
+        if clean:
+            for name in sorted(existing):
+                db, _, table = name.partition(".")
+                target = f"{quote_ident(db)}.{quote_ident(table)}" if table else quote_ident(db)
+                query(conn, f"DROP {'TABLE' if table else 'DATABASE'} {target}")
+    except pymysql.MySQLError as exc:
+        raise DriverError(f"{credentials.endpoint}: {exc.args[-1]}") from None
+    finally:
+        conn.close()

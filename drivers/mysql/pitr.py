@@ -1,0 +1,211 @@
+"""Point-in-time recovery: which archived binlogs a dump needs, and replaying them.
+
+Replay starts at the dump's exact binlog position (never at a file boundary)
+and runs every file through ONE mysqlbinlog process piped into ONE client
+connection, so temporary tables and open transactions survive file rotations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from backupd.driver import RestoreTarget
+from backupd.errors import DriverError, UsageError
+from backupd.logarchive import LogArchive
+from backupd.manifest import Manifest
+from backupd.timeutil import UTC, format_timestamp
+from drivers.mysql import binlog
+from drivers.mysql.client import Tool, find_tool
+from drivers.mysql.load import client_argv
+
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    name: str  # the binlog file name, e.g. mysql-bin.000003
+    object: str  # the LogArchive name, e.g. 1/mysql-bin.000003 or 1/mysql-bin.000004.partial
+    partial: bool
+    size: int | None
+
+
+def archived_files(archive: LogArchive, server: str) -> dict[int, ArchivedFile]:
+    """{index: file} for one server; a complete object wins over a partial one."""
+    files: dict[int, ArchivedFile] = {}
+    for obj in archive.list(f"{server}/"):
+        rest = obj.name[len(server) + 1:]
+        partial = rest.endswith(PARTIAL)
+        name = rest[: -len(PARTIAL)] if partial else rest
+        try:
+            _, index = binlog.split_name(name)
+        except binlog.BinlogFormatError:
+            continue
+        if index in files and not files[index].partial:
+            continue
+        files[index] = ArchivedFile(name, obj.name, partial, obj.raw_size)
+    return files
+
+
+def backup_binlog(manifest: Manifest) -> dict | None:
+    return manifest.metadata.get("binlog") if manifest.driver == "mysql" else None
+
+
+@dataclass
+class Chain:
+    """The contiguous archived files from the dump's file onwards, and what breaks it."""
+
+    files: list[ArchivedFile]
+    missing: list[str]  # file names absent between archived ones (gaps)
+
+
+def chain_from(files: dict[int, ArchivedFile], first: str) -> Chain:
+    base, start = binlog.split_name(first)
+    width = len(first) - len(base) - 1
+    newest = max(files, default=start - 1)
+    run: list[ArchivedFile] = []
+    missing: list[str] = []
+    broken = False
+    for index in range(start, newest + 1):
+        item = files.get(index)
+        usable = item is not None and (not item.partial or index == newest)
+        if not usable:
+            missing.append(binlog.file_name(base, index, width))
+            broken = True
+        elif not broken:
+            run.append(item)
+    return Chain(run, missing)
+
+
+def continuity_problems(archive: LogArchive, manifest: Manifest) -> list[str]:
+    info = backup_binlog(manifest)
+    if not info:
+        return []
+    server = manifest.metadata.get("server", "")
+    files = archived_files(archive, server)
+    chain = chain_from(files, info["file"])
+    problems = [f"missing binlog {server}/{name}" for name in chain.missing]
+    if not chain.files and not chain.missing:
+        problems.append(f"missing binlog {server}/{info['file']} (the backup's starting file)")
+    return problems
+
+
+def stop_datetime(target: dt.datetime) -> str:
+    """mysqlbinlog's --stop-datetime, read in TZ=UTC; binlog time has 1-second resolution.
+
+    Events stamped in the target's own second may lie after it, so replay stops
+    before that second: every replayed event provably happened before the target.
+    """
+    return target.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class ReplayPlan:
+    files: list[ArchivedFile]
+    start_position: int
+    stop_args: list[str]
+    describe: str
+
+
+def parse_position(text: str) -> tuple[str, int]:
+    name, sep, pos = text.rpartition(":")
+    if not sep or not pos.isdigit():
+        raise UsageError(f"--target-position: expected FILE:POS, e.g. mysql-bin.000042:1234 (got {text!r})")
+    try:
+        binlog.split_name(name)
+    except binlog.BinlogFormatError:
+        raise UsageError(f"--target-position: {name!r} is not a binlog file name") from None
+    return name, int(pos)
+
+
+def plan_replay(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None = None
+                ) -> ReplayPlan:
+    """Files and mysqlbinlog options; GTID targets need ``fetched`` local copies to locate.
+
+    Replay applies the whole server's binlog: ``mysqlbinlog --database`` filters
+    statements by their default database, so it would silently drop a
+    ``DROP TABLE db.t`` issued from another one. A job that dumps only some
+    databases therefore needs the others present on the target (check warns).
+    """
+    return _plan(chain, manifest, target, fetched)
+
+
+def _plan(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None
+          ) -> ReplayPlan:
+    info = backup_binlog(manifest) or {}
+    server = manifest.metadata.get("server", "")
+    start = int(info["position"])
+    files = list(chain.files)
+    if not files:
+        raise DriverError(f"missing binlog {server}/{info['file']} (where the backup's position is)",
+                          hint="is archive_logs on and the archiver running?")
+    gap_note = f"; missing binlog {server}/{chain.missing[0]} after it" if chain.missing else ""
+    if target is None:
+        if chain.missing:
+            raise DriverError(f"missing binlog {server}/{chain.missing[0]}: cannot replay to the newest state",
+                              hint="restore to a --target-position before the gap")
+        return ReplayPlan(files, start, [], f"replay to the end of {files[-1].object}")
+    if target.kind == "time":
+        assert target.time is not None
+        return ReplayPlan(files, start, [f"--stop-datetime={stop_datetime(target.time)}"],
+                          f"replay until {format_timestamp(target.time)} (events stamped before "
+                          f"{stop_datetime(target.time)} UTC){gap_note}")
+    if target.kind == "position":
+        name, pos = parse_position(target.value)
+        names = [f.name for f in files]
+        if name not in names:
+            if name in chain.missing:
+                raise DriverError(f"missing binlog {server}/{name}: cannot replay to {target.value}")
+            raise DriverError(f"--target-position {target.value}: {name} is not among the archived binlogs "
+                              f"{names[0]}..{names[-1]} of server {server}")
+        if name == info["file"] and pos < start:
+            raise UsageError(f"--target-position {target.value} is before the backup's position {info['file']}:{start}")
+        files = files[: names.index(name) + 1]
+        return ReplayPlan(files, start, [f"--stop-position={pos}"], f"replay to {name}:{pos}")
+    if target.kind == "gtid":
+        binlog.parse_gtid(target.value)
+        if fetched is None:
+            return ReplayPlan(files, start, [], f"replay through GTID {target.value} (located after fetching)")
+        for i, item in enumerate(files):
+            path = fetched[item.name]
+            stop = _gtid_end(path, target.value, start if i == 0 else 4)
+            if stop is not None:
+                return ReplayPlan(files[: i + 1], start, [f"--stop-position={stop}"],
+                                  f"replay through GTID {target.value} (ends at {item.name}:{stop})")
+        raise DriverError(f"GTID {target.value} is not in the archived binlogs {files[0].name}..{files[-1].name} "
+                          f"after the backup's position{gap_note}")
+    raise UsageError(f"the mysql driver cannot restore to a --target-{target.kind} (use time, position or gtid)")
+
+
+def _gtid_end(path: Path, gtid: str, start: int) -> int | None:
+    """Where the transaction of ``gtid`` ends: the next transaction's start, or the file's end."""
+    found = False
+    for event in binlog.iter_events(path):
+        if event.offset < start:
+            continue
+        if found and (event.gtid or event.type in binlog.CLOSING_EVENTS):
+            return event.offset
+        if event.gtid == gtid:
+            found = True
+    return path.stat().st_size if found else None
+
+
+def replay(plan: ReplayPlan, fetched: dict[str, Path], defaults_file: str, timeout: float | None = None) -> None:
+    """ONE mysqlbinlog over every file, piped into ONE client connection."""
+    paths: Sequence[str] = [str(fetched[f.name]) for f in plan.files]
+    argv = [find_tool("binlog"), f"--start-position={plan.start_position}", *plan.stop_args, *paths]
+    env = {**os.environ, "TZ": "UTC"}
+    with Tool(argv, env=env) as reader:
+        with Tool(client_argv(defaults_file), stdin=reader.stdout, stdout=subprocess.DEVNULL) as client:
+            reader.stdout.close()  # the client holds the pipe now; mysqlbinlog sees EPIPE if it dies
+            try:
+                client.check(timeout, "applying binlogs")
+            except DriverError as exc:
+                if "gone away" in str(exc):
+                    exc.hint = "raise max_allowed_packet on the target server (large row events need it)"
+                raise
+        reader.check(timeout, "reading binlogs")

@@ -1,0 +1,142 @@
+"""Throwaway mariadbd instances for the mysql driver tests (temp dirs, free ports, always stopped)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pymysql
+
+from support import require_tool
+
+PASSWORD = "S3cret-pw-9f1c"  # the backup user's; tests assert it never shows up in argv or output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Mariadb:
+    """One mariadbd on 127.0.0.1:<free port>, data in a /tmp dir of its own, run as root."""
+
+    def __init__(self, log_bin: bool = True, server_id: int = 1) -> None:
+        require_tool("mariadbd")
+        require_tool("mariadb-install-db")
+        self.base = Path(tempfile.mkdtemp(prefix="backupd-mysql-test-", dir="/tmp"))
+        self.datadir = self.base / "data"
+        self.port = free_port()
+        self.log_bin = log_bin
+        self.server_id = server_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        argv = [require_tool("mariadbd"), "--no-defaults", "--user=root",
+                f"--datadir={self.datadir}", f"--socket={self.base / 'sock'}", f"--port={self.port}",
+                "--bind-address=127.0.0.1", f"--pid-file={self.base / 'pid'}", f"--log-error={self.base / 'err.log'}",
+                f"--server-id={self.server_id}", "--innodb-buffer-pool-size=128M", "--skip-name-resolve"]
+        if self.log_bin:
+            argv += [f"--log-bin={self.datadir / 'mysql-bin'}", "--binlog-format=ROW"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._ready, 60, f"mariadbd on port {self.port}")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"mariadbd exited {self.proc.returncode}: {(self.base / 'err.log').read_text()[-2000:]}")
+        try:
+            self.connect().close()
+            return True
+        except pymysql.MySQLError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def connect(self, database: str | None = None, user: str = "root", password: str = "") -> pymysql.Connection:
+        return pymysql.connect(host="127.0.0.1", port=self.port, user=user, password=password, database=database,
+                               autocommit=True, connect_timeout=5)
+
+    def sql(self, *statements: str, database: str | None = None) -> list[tuple[Any, ...]]:
+        conn = self.connect(database)
+        try:
+            rows: list[tuple[Any, ...]] = []
+            with conn.cursor() as cursor:
+                for statement in statements:
+                    cursor.execute(statement)
+                    rows = list(cursor.fetchall())
+            return rows
+        finally:
+            conn.close()
+
+    def create_backup_user(self) -> None:
+        self.sql("CREATE USER IF NOT EXISTS 'backup'@'%' IDENTIFIED BY '" + PASSWORD + "'",
+                 "GRANT ALL PRIVILEGES ON *.* TO 'backup'@'%' WITH GRANT OPTION")
+
+    def url(self, user: str = "backup") -> str:
+        return f"mysql://{user}@127.0.0.1:{self.port}/"
+
+    def master_status(self) -> tuple[str, int]:
+        file, pos = self.sql("SHOW MASTER STATUS")[0][:2]
+        return str(file), int(pos)
+
+    def count(self, table: str) -> int:
+        return int(self.sql(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def started(log_bin: bool = True, server_id: int = 1) -> Mariadb:
+    server = Mariadb(log_bin, server_id)
+    try:
+        server.start()
+        server.create_backup_user()
+    except BaseException:
+        server.destroy()
+        raise
+    return server
+
+
+def cmdlines() -> dict[int, bytes]:
+    """Every process's argv and environment, as raw bytes, keyed by pid."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                data = handle.read()
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                data += b"\n" + handle.read()
+        except OSError:
+            continue
+        found[int(entry)] = data
+    return found
