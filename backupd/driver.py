@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, ObjectEntry
+from backupd.paths import spool_dir
 from backupd.storage import Readable
 from backupd.timeutil import format_timestamp
 
@@ -120,7 +121,7 @@ class DriverContext:
 
     @property
     def spool_dir(self) -> Path:
-        path = self.state_dir / "spool" / self.job
+        path = spool_dir(self.state_dir, self.job)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -21,11 +21,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from backupd import plugins
 from backupd.errors import ConfigError, PluginError
+from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import redact
 from backupd.schedule import parse_schedule
 from backupd.timeutil import parse_duration
 
-DEFAULT_CONFIG = Path("/etc/backupd/backupd.toml")
 JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 RECIPIENT_RE = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
 
@@ -45,7 +45,7 @@ def _duration(value: Any) -> dt.timedelta | None:
 
 
 class DaemonSettings(Strict):
-    state_dir: Path = Path("/var/lib/backupd")
+    state_dir: Path = DEFAULT_STATE_DIR
     metrics_listen: str = "127.0.0.1:9847"
     timezone: str = "UTC"
     max_parallel_jobs: int = Field(default=2, ge=1)

@@ -13,8 +13,6 @@ import contextlib
 import sys
 
 from backupd import audit, progress
-from backupd.cli.common import settings_from
-from backupd.context import JobContext
 from backupd.errors import BackupdError
 
 PROGRESS_COMMANDS = frozenset({"backup", "restore", "verify"})
@@ -44,6 +42,9 @@ def run_handler(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace, result: str, detail: str | None, code: int) -> None:
+    from backupd.cli.common import settings_from
+    from backupd.context import JobContext
+
     settings = getattr(args, "_settings", None)  # set by settings_from(); None when config failed
     if settings is None and args.command == "keys":
         with contextlib.suppress(Exception):  # key generation needs no config; record it when there is one

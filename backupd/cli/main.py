@@ -3,24 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
 import structlog
 
 from backupd import __version__, logs
-from backupd.cli import backup_cmd, check_cmd, keys_cmd, list_cmd, restore_cmd, show_cmd, verify_cmd
-from backupd.cli import pin_cmd, prune_cmd, run_cmd
-from backupd.cli import wal_fetch_cmd, wal_push_cmd
-from backupd.cli.around import run_handler
 from backupd.errors import EXIT_FAILURE, BackupdError, ConfigError
 from backupd.redact import redact
 
-COMMANDS = (backup_cmd, list_cmd, show_cmd, restore_cmd, verify_cmd, prune_cmd, pin_cmd, check_cmd, keys_cmd, run_cmd,
-            wal_push_cmd, wal_fetch_cmd)
+#: command -> module in backupd.cli. Only the module of the command being run is
+#: imported: PostgreSQL starts `wal-push` once per WAL segment, so start-up counts.
+COMMANDS = {
+    "backup": "backup_cmd", "list": "list_cmd", "show": "show_cmd", "restore": "restore_cmd",
+    "verify": "verify_cmd", "prune": "prune_cmd", "pin": "pin_cmd", "unpin": "pin_cmd", "check": "check_cmd",
+    "keys": "keys_cmd", "run": "run_cmd", "wal-push": "wal_push_cmd", "wal-fetch": "wal_fetch_cmd",
+}
+_OPTIONS_WITH_VALUES = {"--config", "--log-format", "--log-level"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The command word in argv (skipping global options and their values), if any."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _OPTIONS_WITH_VALUES:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backupd", description="Backup and point-in-time recovery for databases.")
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)")
@@ -28,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--version", action="version", version=f"backupd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
+    modules = [COMMANDS[only]] if only else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"backupd.cli.{module}").register(sub)
     return parser
 
 
@@ -43,9 +60,13 @@ def report(exc: BackupdError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(requested_command(argv)).parse_args(argv)
     logs.configure(args.log_format, args.log_level)
     try:
+        from backupd.cli.around import run_handler
+
         return run_handler(args)  # TTY progress and the audit trail around the command
     except BackupdError as exc:
         report(exc)

@@ -1,15 +1,23 @@
-"""backupd wal-push PATH [--job JOB]: PostgreSQL's archive_command; exit 0 only once the file is durable."""
+"""backupd wal-push PATH [--job JOB]: PostgreSQL's archive_command; exit 0 only once the file is durable.
+
+PostgreSQL runs this once per WAL segment, so the common case stays light:
+with a daemon running, the file is handed over through the control socket
+after reading only ``daemon.state_dir`` from the configuration. Without one,
+the full configuration is loaded and the file uploaded here.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd import control
-from backupd.cli.common import settings_from
-from backupd.context import JobContext
+from backupd.cli import quick
 from backupd.errors import BackupdError, UsageError
-from backupd.settings import Settings
+
+if TYPE_CHECKING:
+    from backupd.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def wal_job(settings: Settings, job: str | None, command: str) -> str:
     """The named job, or the one job whose driver archives WAL with archive_logs on."""
+    from backupd.context import JobContext
+
     if job is not None:
         settings.job(job)
         return job
@@ -34,22 +44,35 @@ def wal_job(settings: Settings, job: str | None, command: str) -> str:
     raise UsageError(f"{command}: several jobs archive WAL ({', '.join(candidates)}); pass --job JOB")
 
 
+def hand_to_daemon(state_dir: Path, job: str | None, path: Path) -> bool:
+    """True once a running daemon reports the file durable; False when no daemon answers."""
+    message = {"op": "wal-push", "path": str(path)}
+    if job:
+        message["job"] = job
+    try:
+        reply = control.request(control.socket_path(state_dir), message, timeout=600)
+    except (OSError, ValueError):
+        return False  # the daemon hung up or timed out: push ourselves (pushes are idempotent)
+    if reply is None:
+        return False
+    if reply.get("ok"):
+        return True
+    raise BackupdError(f"wal-push {path.name}: {reply.get('error', 'the daemon refused the push')}")
+
+
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    job = wal_job(settings, args.job, "wal-push")
     path = Path(args.path).absolute()
     if not path.is_file():
         raise UsageError(f"wal-push: {path}: no such file")
     if not args.no_daemon:
-        try:
-            reply = control.request(control.socket_path(settings.daemon.state_dir),
-                                    {"op": "wal-push", "job": job, "path": str(path)}, timeout=600)
-        except (OSError, ValueError):
-            reply = None  # the daemon hung up or timed out: push ourselves (pushes are idempotent)
-        if reply is not None:
-            if reply.get("ok"):
-                return 0
-            raise BackupdError(f"wal-push {path.name}: {reply.get('error', 'the daemon refused the push')}")
+        raw = quick.raw_config(args)
+        if raw and hand_to_daemon(quick.state_dir(raw), quick.wal_job(raw, args.job), path):
+            return 0
+    from backupd.cli.common import settings_from
+    from backupd.context import JobContext
+
+    settings = settings_from(args)
+    job = wal_job(settings, args.job, "wal-push")
     ctx = JobContext(settings, job)
     try:
         push = getattr(ctx.driver, "wal_push", None)

@@ -12,6 +12,7 @@ from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiv
 from backupd.errors import BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
+from backupd.paths import wal_fetch_spool
 from backupd.timeutil import format_timestamp
 from drivers.postgres import checks, logical, physical, pitr, verify
 from drivers.postgres.cluster import chown_tree, run_as
@@ -162,7 +163,7 @@ class PostgresDriver(Driver):
         return self.pusher.push(path)
 
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
-        spool = self.context.state_dir / "spool" / self.context.job / "wal-fetch"
+        spool = wal_fetch_spool(self.context.state_dir, self.context.job)
         fetcher = WalFetcher(self.wal_archive(), identities, key_file, spool, self.options.wal_prefetch)
         return fetch_with_retries(fetcher, filename, dest)
 
