@@ -12,6 +12,7 @@ from backupd.driver import Driver, DriverContext
 from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
 from backupd.repository import Repository
+from backupd.retention import guaranteed_keep
 from backupd.settings import JobSettings, Settings
 from backupd.storage import Storage
 
@@ -42,7 +43,7 @@ class JobContext:
 
     @functools.cached_property
     def repository(self) -> Repository:
-        return Repository(self.storage, self.name)
+        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"))
 
     @functools.cached_property
     def driver(self) -> Driver:
@@ -59,7 +60,8 @@ class JobContext:
 
     def log_archive(self, kind: str) -> LogArchive:
         """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""
-        return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level)  # type: ignore[arg-type]
+        return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
+                          retain_for=guaranteed_keep(self.job.retention, "log"))
 
     @functools.cached_property
     def recipients(self) -> list[age.X25519Recipient]:

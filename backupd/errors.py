@@ -6,6 +6,8 @@ telling the operator what to do next.
 
 from __future__ import annotations
 
+import datetime as dt
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -62,7 +64,14 @@ class ObjectExists(StorageError):
 
 
 class ObjectLocked(StorageError):
-    """Storage refused to delete an object still under an Object Lock retention."""
+    """Storage refused to delete an object still under an Object Lock retention.
+
+    ``until`` is when the retention ends (``datetime.max`` for a legal hold), when known.
+    """
+
+    def __init__(self, message: str, *, until: dt.datetime | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.until = until
 
 
 class CryptoError(BackupdError):

@@ -15,6 +15,7 @@ name, different bytes" (refused, never overwritten).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import os
 import uuid
@@ -63,12 +64,15 @@ def file_digest(path: Path) -> tuple[int, str]:
 
 
 class LogArchive:
-    def __init__(self, storage: Storage, job: str, kind: Kind, recipients: Sequence[object] = (), level: int = 3) -> None:
+    def __init__(self, storage: Storage, job: str, kind: Kind, recipients: Sequence[object] = (), level: int = 3,
+                 *, retain_for: dt.timedelta | None = None) -> None:
         self.storage = storage
         self.job = job
         self.kind = kind
         self.recipients = list(recipients)
         self.level = level
+        #: How long the retention policy guarantees to keep a new log (``retention.guaranteed_keep``).
+        self.retain_for = retain_for
 
     @property
     def prefix(self) -> str:
@@ -93,14 +97,21 @@ class LogArchive:
         Pushing the same bytes again succeeds (status "identical"); other bytes
         under an archived name raise LogConflict unless ``replace`` (used for
         partial objects of a log still being written).
+
+        A complete log is put with ``retain_until`` (now + ``retain_for``) so
+        storage with Object Lock locks it; a partial one is replaced and
+        deleted as the log grows, and is never locked.
         """
         raw_size, sha256 = file_digest(path)
         metadata = {"sha256": sha256, "raw-size": str(raw_size)}
         key = self.key(name)
+        retention: dict[str, dt.datetime] = {}
+        if self.retain_for is not None and not replace:
+            retention = {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
         with open(path, "rb") as handle:
             reader = EncodingReader(handle, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
             try:
-                info = self.storage.put(key, reader, if_absent=not replace, metadata=metadata)
+                info = self.storage.put(key, reader, if_absent=not replace, metadata=metadata, **retention)
             except ObjectExists:
                 existing = self.storage.stat(key).metadata or {}
                 if existing.get("sha256") == sha256:

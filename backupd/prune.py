@@ -3,6 +3,8 @@
 Order of deletion, so that a crash at any point leaves a valid repository that
 the next prune finishes:
 
+0. (while planning) backups that storage holds under an Object Lock
+   retention are kept, with the date, so none is left half-deleted;
 1. a journal, ``<job>/state/prune.json``, naming the backups about to go;
 2. per backup, its manifest first (from then on it is no longer listed), then
    its objects; a backup whose manifest is gone but whose objects remain is
@@ -11,6 +13,10 @@ the next prune finishes:
 4. logs, oldest first, so an interrupted run never leaves a hole in the middle
    of the archive;
 5. the journal is removed.
+
+An object storage still refuses to delete (``ObjectLocked``) is reported in
+``PruneResult.locked`` and its decision turned into "keep: locked until ...";
+the rest is pruned and the run succeeds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import datetime as dt
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import structlog
@@ -31,7 +37,7 @@ from backupd.locks import job_lock
 from backupd.logarchive import SUFFIX, LogArchive
 from backupd.manifest import Manifest
 from backupd.pins import Pins
-from backupd.retention import BackupItem, LogItem, PartialItem, PitrPoint, Plan, plan
+from backupd.retention import BackupItem, Decision, LogItem, PartialItem, PitrPoint, Plan, locked_reason, plan
 from backupd.runstate import UnreadableRecord, last_run, pause_reason
 from backupd.timeutil import backup_id_time, format_timestamp, parse_timestamp, utcnow
 
@@ -55,6 +61,13 @@ class PruneResult:
     deleted_objects: int = 0
     #: Keys storage refused to delete because an Object Lock retention still holds them.
     locked: list[str] = field(default_factory=list)
+    #: Until when each of ``locked`` is held, where storage said (RFC 3339; legal hold: None).
+    locked_until: dict[str, str | None] = field(default_factory=dict)
+
+    def add_locked(self, key: str, exc: ObjectLocked) -> None:
+        self.locked.append(key)
+        until = exc.until if exc.until is not None and exc.until.year != dt.MAXYEAR else None
+        self.locked_until[key] = format_timestamp(until) if until else None
 
     def to_dict(self) -> dict[str, Any]:
         p = self.plan
@@ -73,6 +86,7 @@ class PruneResult:
             "deleted": {"backups": self.deleted_backups, "partials": self.deleted_partials,
                         "logs": self.deleted_logs, "objects": self.deleted_objects},
             "locked": self.locked,
+            "locked_until": self.locked_until,
         }
 
 
@@ -131,10 +145,35 @@ def make_plan(ctx: JobContext, now: dt.datetime) -> Plan:
         paused = pause_reason(last_run(ctx.storage, ctx.state_dir, ctx.name), newest_start)
     except UnreadableRecord as exc:
         paused = str(exc)
-    result = plan(backups, logs, ctx.job.retention, now, ctx.settings.daemon.timezone,
-                  partials=partials, timeout=ctx.job.timeout, paused=paused)
+
+    def planned(backups: list[BackupItem]) -> Plan:
+        return plan(backups, logs, ctx.job.retention, now, ctx.settings.daemon.timezone,
+                    partials=partials, timeout=ctx.job.timeout, paused=paused)
+
+    result = planned(backups)
+    locks = _locks(ctx, result.deleted_backups())
+    if locks:  # plan again, keeping them (and the logs they need) with the lock as the reason
+        result = planned([replace(b, locked_until=locks.get(b.backup_id)) for b in backups])
     result.warnings[:0] = warnings
     return result
+
+
+def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
+    """Backups some object of which storage still holds under a retention, with the latest date.
+
+    Checked before the manifest goes: a backup whose objects cannot be deleted
+    stays listed and restorable, rather than half-deleted.
+    """
+    locks: dict[str, dt.datetime] = {}
+    for backup_id in backup_ids:
+        for info in list(ctx.storage.list(ctx.repository.backup_prefix(backup_id))):
+            try:
+                until = ctx.storage.stat(info.key).locked_until
+            except ObjectNotFound:
+                continue
+            if until is not None and (backup_id not in locks or until > locks[backup_id]):
+                locks[backup_id] = until
+    return locks
 
 
 def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
@@ -175,18 +214,26 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
     if doomed or doomed_partials:
         record = {"started_at": format_timestamp(utcnow()), "deleting": doomed + doomed_partials}
         ctx.storage.put(journal_key(ctx.name), io.BytesIO(json.dumps(record).encode() + b"\n"))
+    decisions = {(d.kind, d.name): d for d in the_plan.decisions()}
     for backup_id in doomed:
         try:
             ctx.storage.delete(repo.manifest_key(backup_id))
-        except ObjectLocked as exc:
-            result.locked.append(repo.manifest_key(backup_id))
+        except ObjectLocked as exc:  # locked since planning
+            result.add_locked(repo.manifest_key(backup_id), exc)
+            _keep_locked(decisions[("backup", backup_id)], exc)
             log.warning("backup is under Object Lock; kept", backup_id=backup_id, error=str(exc))
             continue
         result.deleted_objects += 1 + _delete_objects(ctx, backup_id, result)
         result.deleted_backups.append(backup_id)
         log.info("backup pruned", backup_id=backup_id)
     for backup_id in doomed_partials:
+        locked = len(result.locked)
         result.deleted_objects += _delete_objects(ctx, backup_id, result)
+        if len(result.locked) > locked:
+            decision = decisions[("partial", backup_id)]
+            decision.keep = True
+            decision.reasons.insert(0, "keep: some objects are locked (Object Lock)")
+            continue
         result.deleted_partials.append(backup_id)
         log.info("partial backup removed", backup_id=backup_id)
     archives: dict[str, LogArchive] = {}
@@ -194,8 +241,9 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         archive = archives.setdefault(decision.kind, LogArchive(ctx.storage, ctx.name, decision.kind))  # type: ignore[arg-type]
         try:
             archive.delete(decision.name)
-        except ObjectLocked:
-            result.locked.append(archive.key(decision.name))
+        except ObjectLocked as exc:
+            result.add_locked(archive.key(decision.name), exc)
+            _keep_locked(decision, exc)
             continue
         result.deleted_objects += 1
         result.deleted_logs.append(f"{decision.kind}/{decision.name}")
@@ -208,8 +256,14 @@ def _delete_objects(ctx: JobContext, backup_id: str, result: PruneResult) -> int
     for info in list(ctx.storage.list(ctx.repository.backup_prefix(backup_id))):
         try:
             ctx.storage.delete(info.key)
-        except ObjectLocked:
-            result.locked.append(info.key)
+        except ObjectLocked as exc:
+            result.add_locked(info.key, exc)
             continue
         count += 1
     return count
+
+
+def _keep_locked(decision: Decision, exc: ObjectLocked) -> None:
+    """Turn a delete decision storage refused into a keep, saying why."""
+    decision.keep = True
+    decision.reasons.insert(0, f"keep: {locked_reason(exc.until)}" if exc.until else "keep: locked (Object Lock)")

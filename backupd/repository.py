@@ -44,9 +44,13 @@ class IntegrityProblem:
 
 
 class Repository:
-    def __init__(self, storage: Storage, job: str) -> None:
+    def __init__(self, storage: Storage, job: str, *, retain_for: dt.timedelta | None = None) -> None:
+        """``retain_for``: how long the retention policy guarantees to keep a new backup
+        (``retention.guaranteed_keep``); streams and manifests are put with
+        ``retain_until`` = now + it, so storage with Object Lock can lock them."""
         self.storage = storage
         self.job = job
+        self.retain_for = retain_for
 
     # -- layout ------------------------------------------------------------
     @property
@@ -154,7 +158,7 @@ class Repository:
         key = self.object_key(backup_id, name)
         reader = EncodingReader(source, recipients, level, cancel=cancel)  # type: ignore[arg-type]
         try:
-            info = self.storage.put(key, reader)
+            info = self.storage.put(key, reader, **self._retention())
         finally:
             reader.close()
         stats = reader.stats
@@ -167,9 +171,15 @@ class Repository:
     def commit(self, manifest: Manifest) -> None:
         """Write the manifest: from now on the backup exists."""
         try:
-            self.storage.put(self.manifest_key(manifest.backup_id), io.BytesIO(manifest.to_json()), if_absent=True)
+            self.storage.put(self.manifest_key(manifest.backup_id), io.BytesIO(manifest.to_json()), if_absent=True,
+                             **self._retention())
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
+
+    def _retention(self) -> dict[str, dt.datetime]:
+        if self.retain_for is None:
+            return {}  # put() as before, for storage written before retain_until existed
+        return {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
 
     def delete_backup(self, backup_id: str) -> int:
         """Manifest first (so a half-deleted backup is never listed), then its objects."""

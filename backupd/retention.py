@@ -12,6 +12,8 @@ Floors, which no policy overrides:
 
 * the newest backup is always kept;
 * pinned backups are kept;
+* backups that storage still holds under a retention (S3 Object Lock,
+  ``BackupItem.locked_until``) are kept, and so are the logs they need;
 * when the job's newest backup run failed, nothing is pruned (``paused``);
 * a directory without a manifest younger than the job timeout may still be
   being written and is never touched;
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 from zoneinfo import ZoneInfo
 
 from backupd.errors import ConfigError
@@ -65,6 +67,8 @@ class BackupItem:
     time: dt.datetime  # when the backup started (its id's time)
     pitr: PitrPoint | None = None
     pinned: bool = False
+    #: Storage refuses to delete (some of) its objects before then (Object Lock).
+    locked_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,8 @@ def plan(
         for b in ordered:
             if b.pinned:
                 reasons[b.backup_id].append("keep: pinned")
+            if b.locked_until is not None:
+                reasons[b.backup_id].append(f"keep: {locked_reason(b.locked_until)}")
         reasons[ordered[0].backup_id].insert(0, "keep: newest")
     for b in ordered:
         why = reasons[b.backup_id] or ["delete: outside all rules"]
@@ -178,6 +184,42 @@ def plan(
     points = [b.pitr.restorable_from for b in kept if b.pitr is not None]
     result.restorable_from = min(points) if points else None
     return result
+
+
+def guaranteed_keep(policy: RetentionSettings, kind: Literal["backup", "log"] = "backup") -> dt.timedelta:
+    """The shortest time ``policy`` promises to keep an object of ``kind`` written now.
+
+    Zero when it promises nothing. New backup data is put with
+    ``retain_until`` = now + this (``Storage.put``): a storage lock then lasts
+    until the policy could first delete the object, and not much longer.
+
+    * A backup is kept by ``keep_within`` while it is within that duration of
+      the newest backup; the newest is never older than now, so a backup
+      started now is kept at least ``keep_within``.
+    * A log is kept by ``pitr_window`` while its moment lies inside the window:
+      the window's base backup reaches back to the window's start, and every log
+      from the base's first one on is kept. So a log stored now is kept at least
+      ``pitr_window``.
+    * The other pairs promise nothing. Count and calendar rules (``keep_last``,
+      ``keep_hourly`` ... ``keep_yearly``) count backups, not time: another
+      backup an hour later (or a manual one a minute later) can displace this
+      one from ``last 3`` or from its day. ``pitr_window`` keeps only the
+      window's base and the newest backup, so a backup in between can go as
+      soon as a newer one exists. ``keep_within`` keeps a log only through the
+      backups that need it, which may be older than the log by up to a backup
+      interval.
+    """
+    if kind == "backup":
+        return policy.keep_within or dt.timedelta(0)
+    if kind == "log":
+        return policy.pitr_window or dt.timedelta(0)
+    raise ValueError(f"unknown object kind {kind!r}")
+
+
+def locked_reason(until: dt.datetime) -> str:
+    if until.year == dt.MAXYEAR:
+        return "locked (Object Lock legal hold)"
+    return f"locked until {format_timestamp(until)} (Object Lock)"
 
 
 def _apply_rules(ordered: Sequence[BackupItem], policy: RetentionSettings, zone: dt.tzinfo,

@@ -8,7 +8,8 @@ Error contract, for every method: a missing object raises ``ObjectNotFound``;
 storage that cannot be reached (network, permissions, missing bucket) raises
 ``StorageUnavailable``; anything else a backend's library raises is converted
 to ``StorageError`` at the boundary, with the original chained as ``__cause__``.
-Callers never see botocore or OS exceptions.
+Callers never see botocore or OS exceptions. Storage that enforces a retention
+(S3 Object Lock) raises ``ObjectLocked`` from ``delete`` while it holds the object.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class ObjectInfo:
     modified: dt.datetime | None = None
     #: User metadata given to ``put``; filled by ``stat`` (``list`` may leave it None).
     metadata: dict[str, str] | None = None
+    #: Filled by ``stat`` on storage that enforces a retention (S3 Object Lock): the object
+    #: cannot be deleted before then (``LOCKED_INDEFINITELY`` under a legal hold). None: deletable.
+    locked_until: dt.datetime | None = None
+
+
+#: ``ObjectInfo.locked_until`` of an object under a legal hold: no date ends it.
+LOCKED_INDEFINITELY = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
 
 
 def check_key(key: str) -> str:
@@ -58,11 +66,18 @@ class Storage(abc.ABC):
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        retain_until: dt.datetime | None = None,
     ) -> ObjectInfo:
         """Store everything ``source.read()`` yields under ``key``.
 
         ``metadata`` (short ASCII keys and values, e.g. a plaintext digest) is
         stored with the object and returned by ``stat``.
+
+        ``retain_until`` marks backup data (streams, manifests, logs): the
+        retention policy guarantees to keep the object at least until then. A
+        backend that can make objects undeletable (S3 with ``object_lock``)
+        locks it until then or later; every other backend accepts and ignores
+        it. Objects put without it (journals, pins, reports) are never locked.
 
         Reads the source in bounded chunks until it returns ``b""``. The object
         becomes visible under ``key`` only once complete; if reading the source
@@ -85,7 +100,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
-        """Remove the object; a missing object is not an error."""
+        """Remove the object; a missing object is not an error.
+
+        Raises ``ObjectLocked`` (the object unchanged) while a retention holds it.
+        """
 
     def close(self) -> None:
         """Release connections and files. Idempotent."""

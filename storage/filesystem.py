@@ -87,6 +87,7 @@ class FilesystemStorage(Storage):
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        retain_until: dt.datetime | None = None,  # a directory cannot lock files: ignored
     ) -> ObjectInfo:
         target = self._path(key)
         self._ensure_root()

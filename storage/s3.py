@@ -9,6 +9,15 @@ lifecycle rule (AbortIncompleteMultipartUpload) is the safety net.
 
 Credentials come from the standard AWS chain only (environment, shared files,
 instance profile); throttling and 5xx responses are retried by botocore.
+
+Object Lock. With ``object_lock`` set, every put of backup data (one given
+``retain_until``) carries that mode and a retain-until date of
+max(``retain_until``, now + ``object_lock_min_days``). On a bucket with Object
+Lock enabled (configured here, or found on the bucket), ``delete`` removes the
+key's versions by VersionId, oldest first: a plain DeleteObject would only add
+a delete marker and leave the locked bytes billed. A version still under
+retention (or legal hold) raises ``ObjectLocked`` with its date, the key
+unchanged.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ from botocore.exceptions import (EndpointConnectionError, HTTPClientError, NoCre
                                  PartialCredentialsError, ReadTimeoutError)
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from backupd.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
-from backupd.storage import ObjectInfo, Readable, Storage, check_key
+from backupd.errors import ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.storage import LOCKED_INDEFINITELY, ObjectInfo, Readable, Storage, check_key
+from backupd.timeutil import format_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +58,7 @@ _UNITS = {None: 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 
 _PART_CHECKSUMS = {"ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"}
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "Forbidden"}
 # S3 error code -> what it means here; {where} is the object, {loc} the bucket and prefix.
 _CLIENT_ERRORS = [
     (_NOT_FOUND, ObjectNotFound, "{where}: no such object"),
@@ -90,6 +101,15 @@ class S3Options(BaseModel):
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    object_lock: Literal["governance", "compliance"] | None = Field(
+        None, description="lock backup data with this Object Lock mode (the bucket must have Object Lock enabled)")
+    object_lock_min_days: int = Field(
+        0, ge=0, le=36500, description="lock backup data at least this long, whatever the retention policy keeps")
+
+    @field_validator("object_lock", mode="before")
+    @classmethod
+    def _lock_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("bucket")
     @classmethod
@@ -128,6 +148,8 @@ class S3Options(BaseModel):
     def _kms_key(self) -> "S3Options":
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise ValueError('sse_kms_key_id needs sse = "aws:kms"')
+        if self.object_lock_min_days and self.object_lock is None:
+            raise ValueError('object_lock_min_days needs object_lock = "governance" or "compliance"')
         return self
 
 
@@ -216,6 +238,9 @@ class S3Storage(Storage):
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=o.endpoint_url, region_name=o.region, config=config)
         self.endpoint = self._client.meta.endpoint_url
+        # Whether deletes must remove versions: known when we lock, else asked of the bucket once.
+        self._bucket_locked: bool | None = True if o.object_lock else None
+        self._warned_no_lock = False
 
     # -- the boundary: every botocore exception is converted here ------------
 
@@ -261,11 +286,31 @@ class S3Storage(Storage):
     def _name(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _write_args(self, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def _write_args(self, metadata: Mapping[str, str] | None = None,
+                    retain_until: dt.datetime | None = None) -> dict[str, Any]:
         o = self.options
         args: dict[str, Any] = {"StorageClass": o.storage_class, "ServerSideEncryption": o.sse,
-                                "SSEKMSKeyId": o.sse_kms_key_id, "Metadata": dict(metadata) if metadata else None}
+                                "SSEKMSKeyId": o.sse_kms_key_id, "Metadata": dict(metadata) if metadata else None,
+                                **self._lock_args(retain_until)}
         return {k: v for k, v in args.items() if v}
+
+    def _lock_args(self, retain_until: dt.datetime | None) -> dict[str, Any]:
+        """ObjectLockMode and ObjectLockRetainUntilDate for backup data, when configured."""
+        mode = self.options.object_lock
+        if mode is None or retain_until is None:
+            return {}
+        now = dt.datetime.now(dt.timezone.utc)
+        until = max(retain_until, now + dt.timedelta(days=self.options.object_lock_min_days))
+        if until <= now:
+            if not self._warned_no_lock:
+                self._warned_no_lock = True
+                log.warning("object_lock is set but neither the job's retention policy (keep_within, "
+                            "pitr_window) nor object_lock_min_days gives a retention: objects are not locked",
+                            location=self.location)
+            return {}
+        if until.microsecond:  # S3 keeps whole seconds: round up, never down
+            until = until.replace(microsecond=0) + dt.timedelta(seconds=1)
+        return {"ObjectLockMode": mode.upper(), "ObjectLockRetainUntilDate": until}
 
     def put(
         self,
@@ -274,6 +319,7 @@ class S3Storage(Storage):
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        retain_until: dt.datetime | None = None,
     ) -> ObjectInfo:
         name = self._name(key)
         condition = {"IfNoneMatch": "*"} if if_absent else {}
@@ -283,13 +329,14 @@ class S3Storage(Storage):
             second = next(parts, None) if first is not None and first.length == self.options.part_size else None
             if second is None:
                 body = first if first is not None else b""
-                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **self._write_args(metadata),
-                                        **condition)
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body,
+                                        **self._write_args(metadata, retain_until), **condition)
                 size = len(body)
             else:
                 if if_absent and self._exists(key):  # fail early; the condition on completing decides
                     raise ObjectExists(f"{self.location}{key}: already exists")
-                size = self._put_multipart(name, itertools.chain((first, second), parts), condition, metadata)
+                size = self._put_multipart(name, itertools.chain((first, second), parts), condition, metadata,
+                                           retain_until)
         return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),
                           metadata=dict(metadata) if metadata is not None else None)
 
@@ -304,10 +351,10 @@ class S3Storage(Storage):
                 return
 
     def _put_multipart(self, name: str, parts: Iterator[_Part], condition: dict[str, str],
-                       metadata: Mapping[str, str] | None = None) -> int:
+                       metadata: Mapping[str, str] | None = None, retain_until: dt.datetime | None = None) -> int:
         limit = self.options.max_concurrency
         upload_id = self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=name, **self._write_args(metadata))["UploadId"]
+            Bucket=self.bucket, Key=name, **self._write_args(metadata, retain_until))["UploadId"]
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="s3-part")
         pending: set[Future[dict[str, Any]]] = set()
         done: list[dict[str, Any]] = []
@@ -383,7 +430,8 @@ class S3Storage(Storage):
         except ObjectNotFound:
             self._check_bucket()  # HEAD says 404 for a missing bucket too
             raise
-        return ObjectInfo(key, resp["ContentLength"], resp.get("LastModified"), resp.get("Metadata") or {})
+        return ObjectInfo(key, resp["ContentLength"], resp.get("LastModified"), resp.get("Metadata") or {},
+                          _locked_until(resp))
 
     def _check_bucket(self) -> None:
         try:
@@ -397,10 +445,68 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         name = self._name(key)
         with self._errors(key):
-            self._client.delete_object(Bucket=self.bucket, Key=name)
+            if not self._lock_enabled():
+                self._client.delete_object(Bucket=self.bucket, Key=name)
+                return
+            # Every version, oldest first: if one is locked, the key still reads as before.
+            for version_id in self._versions(name):
+                try:
+                    self._client.delete_object(Bucket=self.bucket, Key=name, VersionId=version_id)
+                except ClientError as exc:
+                    if str(exc.response.get("Error", {}).get("Code", "")) not in _DENIED:
+                        raise
+                    until = self._version_lock(name, version_id)
+                    if until is None:
+                        raise  # denied for another reason (no s3:DeleteObjectVersion?)
+                    what = "under legal hold" if until == LOCKED_INDEFINITELY else \
+                        f"locked until {format_timestamp(until)}"
+                    raise ObjectLocked(f"{self.location}{key}: {what} (Object Lock)", until=until) from exc
+
+    def _lock_enabled(self) -> bool:
+        """Whether the bucket has Object Lock enabled; asked once, then cached."""
+        if self._bucket_locked is None:
+            try:
+                config = self._client.get_object_lock_configuration(Bucket=self.bucket)
+                enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+            except ClientError as exc:
+                # ObjectLockConfigurationNotFoundError; or a policy or server that does not allow asking
+                # (AccessDenied, NotImplemented): then deletes stay plain, as without Object Lock.
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+                if exc.response.get("Error", {}).get("Code") == "NoSuchBucket" or status >= 500:
+                    raise
+                enabled = False
+            self._bucket_locked = enabled
+        return self._bucket_locked
+
+    def _versions(self, name: str) -> list[str]:
+        """Version ids (delete markers included) of exactly ``name``, oldest first."""
+        found: list[tuple[bool, dt.datetime, str]] = []
+        paginator = self._client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=name):
+            for item in itertools.chain(page.get("Versions", ()), page.get("DeleteMarkers", ())):
+                if item["Key"] == name:
+                    found.append((bool(item.get("IsLatest")), item["LastModified"], item["VersionId"]))
+        return [version_id for _, _, version_id in sorted(found)]
+
+    def _version_lock(self, name: str, version_id: str) -> dt.datetime | None:
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=name, VersionId=version_id)
+        except ClientError:
+            return None
+        return _locked_until(resp)
 
     def close(self) -> None:
         self._client.close()
+
+
+def _locked_until(head: Mapping[str, Any]) -> dt.datetime | None:
+    """From a head_object response: until when Object Lock holds the object (None: it does not)."""
+    if head.get("ObjectLockLegalHoldStatus") == "ON":
+        return LOCKED_INDEFINITELY
+    until = head.get("ObjectLockRetainUntilDate")
+    if isinstance(until, dt.datetime) and until > dt.datetime.now(dt.timezone.utc):
+        return until.astimezone(dt.timezone.utc)
+    return None
 
 
 def _read(source: Readable, size: int) -> bytes:
