@@ -6,8 +6,6 @@ import logging
 import sys
 from typing import Any
 
-import structlog
-
 from backupd.redact import redact
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -22,6 +20,8 @@ def _redact_event(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 def configure(fmt: str | None = None, level: str = "info") -> None:
     """Route structlog and stdlib logging (apscheduler, botocore) to one stderr stream."""
+    import structlog  # here, not at module level: the per-WAL-file fast paths never log
+
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
     shared: list[Any] = [

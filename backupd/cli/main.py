@@ -7,8 +7,6 @@ import importlib
 import sys
 from typing import Sequence
 
-import structlog
-
 from backupd import __version__, logs
 from backupd.errors import EXIT_FAILURE, BackupdError, ConfigError
 from backupd.redact import redact
@@ -63,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(requested_command(argv)).parse_args(argv)
-    logs.configure(args.log_format, args.log_level)
+    if not getattr(args, "defer_logging", False):  # fast-path commands configure it when they need it
+        logs.configure(args.log_format, args.log_level)
     try:
+        if getattr(args, "defer_logging", False):
+            return args.handler(args)  # per-WAL-file commands: neither audited nor drawing progress
         from backupd.cli.around import run_handler
 
         return run_handler(args)  # TTY progress and the audit trail around the command
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("backupd: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
+        import structlog
+
         structlog.get_logger("backupd").exception("internal error")
         print(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE

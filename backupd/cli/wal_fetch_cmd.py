@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from backupd import logs
 from backupd.cli import quick
 from backupd.errors import EXIT_FAILURE, UsageError
 from backupd.paths import wal_fetch_spool
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("name", help="the WAL file name (%%f)")
     parser.add_argument("dest", help="where to write it (%%p)")
     parser.add_argument("--job", help="the postgres job; may be left out when only one archives WAL")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, defer_logging=True)
 
 
 def deliver_prefetched(args: argparse.Namespace, dest: Path) -> bool:
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"wal-fetch: {dest.parent}: no such directory")
     if deliver_prefetched(args, dest):
         return 0
+    logs.configure(args.log_format, args.log_level)
     from backupd.cli.common import settings_from
     from backupd.cli.wal_push_cmd import wal_job
     from backupd.context import JobContext

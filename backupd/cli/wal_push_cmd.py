@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backupd import control
+from backupd import logs
 from backupd.cli import quick
 from backupd.errors import BackupdError, UsageError
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("path", help="the file PostgreSQL names with %%p (relative to its data directory)")
     parser.add_argument("--job", help="the postgres job; may be left out when only one archives WAL")
     parser.add_argument("--no-daemon", action="store_true", help="upload directly, without asking a running daemon")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, defer_logging=True)
 
 
 def wal_job(settings: Settings, job: str | None, command: str) -> str:
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raw = quick.raw_config(args)
         if raw and hand_to_daemon(quick.state_dir(raw), quick.wal_job(raw, args.job), path):
             return 0
+    logs.configure(args.log_format, args.log_level)
     from backupd.cli.common import settings_from
     from backupd.context import JobContext
 
