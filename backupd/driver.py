@@ -152,6 +152,14 @@ class Driver(abc.ABC):
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
         """Restore into a scratch place under ``scratch`` and measure it (counts, user checks)."""
 
+    def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+        """Restore ``source`` into a throwaway instance under ``scratch``, replayed to ``target`` (a time
+        inside the PITR window); it must start and answer queries, then the user's checks run on it.
+
+        Raise an IntegrityError/DriverError when it cannot be restored there; always stop what was started.
+        """
+        raise UsageError(f"driver {self.context.settings.driver} has no PITR drill")
+
     def log_archivers(self) -> list[LogArchiver]:
         """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
         return []

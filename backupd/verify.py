@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import random
 import shutil
 import tempfile
 import time
@@ -13,10 +15,11 @@ import structlog
 
 from backupd import metrics
 from backupd.context import JobContext
-from backupd.errors import BackupdError, CryptoError, IntegrityError, KeyMismatch
+from backupd.driver import Driver, RestoreTarget
+from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UsageError
 from backupd.manifest import Manifest
 from backupd.restore import RepositorySource
-from backupd.timeutil import format_timestamp, utcnow
+from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +63,13 @@ def check_integrity(ctx: JobContext, manifest: Manifest) -> VerifyReport:
     return report
 
 
-def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None = None) -> VerifyReport:
-    """Integrity first, then a real restore into scratch; KeyMismatch means we could not run."""
+def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None = None, *,
+                pitr_drill: bool = False) -> VerifyReport:
+    """Integrity first, then a real restore into scratch; KeyMismatch means we could not run.
+
+    With ``pitr_drill``, a passing verification is followed by a restore to a
+    random moment inside the backup's PITR window (see ``run_drill``).
+    """
     report = check_integrity(ctx, manifest)
     report.mode = "full"
     if not report.ok:
@@ -91,7 +99,70 @@ def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None =
         report.checks.append({"check": check.name, "ok": check.ok, "detail": check.detail})
         if not check.ok:
             report.fail(f"check failed: {check.name}" + (f" ({check.detail})" if check.detail else ""))
+    if pitr_drill and report.ok:
+        run_drill(ctx, manifest, source, report, scratch_root)
     return report
+
+
+def require_drill(ctx: JobContext, manifest: Manifest) -> None:
+    """UsageError (exit 2) unless this job's driver and this backup support a PITR drill."""
+    if type(ctx.driver).pitr_drill is Driver.pitr_drill:
+        raise UsageError(f"driver {ctx.job.driver} has no PITR drill (--pitr-drill needs archived logs: "
+                         "postgres with method physical, or mysql, with archive_logs = true)")
+    if not isinstance(manifest.metadata.get("pitr"), dict) or not manifest.metadata["pitr"].get("from"):
+        raise UsageError(f"backup {manifest.backup_id} has no PITR window: --pitr-drill needs a backup taken with "
+                         "archive_logs = true (for postgres, also method = physical)")
+
+
+def pitr_window(ctx: JobContext, manifest: Manifest) -> tuple[dt.datetime, dt.datetime | None]:
+    """From the backup's consistent point to the arrival of the newest archived log."""
+    pitr = manifest.metadata["pitr"]
+    start = parse_timestamp(pitr["from"])
+    kind = pitr.get("log_kind")
+    objects = ctx.storage.list(f"{ctx.name}/{kind}/") if kind else []
+    times = [obj.modified for obj in objects if obj.modified is not None]
+    return start, max(times, default=None)
+
+
+def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, report: VerifyReport,
+              scratch_root: Path | None = None) -> None:
+    """Restore to a uniformly random moment of the PITR window; the driver must start it and query it."""
+    start, end = pitr_window(ctx, manifest)
+    step: dict[str, Any] = {"step": "pitr drill", "window_from": format_timestamp(start),
+                            "window_to": format_timestamp(end) if end else None}
+    if end is None or end <= start:
+        step.update(result="failed", seconds=0.0)
+        report.steps.append(step)
+        report.fail(f"PITR drill: the window is empty: no log archived after the backup's consistent point "
+                    f"{format_timestamp(start)} (is the log archiver running?)")
+        return
+    moment = start + (end - start) * random.SystemRandom().random()
+    target = RestoreTarget("time", format_timestamp(moment), moment)
+    step["target_time"] = format_timestamp(moment)
+    scratch = Path(tempfile.mkdtemp(prefix=f"backupd-drill-{ctx.name}-", dir=scratch_root))
+    started = time.monotonic()
+    problems: list[str] = []
+    try:
+        outcome = ctx.driver.pitr_drill(source, scratch, target)
+    except KeyMismatch:
+        raise
+    except (CryptoError, IntegrityError, DriverError) as exc:
+        problems.append(f"PITR drill to {format_timestamp(moment)}: {exc}")
+        outcome = None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    step["seconds"] = round(time.monotonic() - started, 3)
+    if outcome is not None:
+        step["steps"] = outcome.steps
+        for check in outcome.checks:
+            report.checks.append({"check": f"pitr drill: {check.name}", "ok": check.ok, "detail": check.detail})
+            if not check.ok:
+                problems.append(f"PITR drill to {format_timestamp(moment)}: check failed: {check.name}"
+                                + (f" ({check.detail})" if check.detail else ""))
+    step["result"] = "failed" if problems else "passed"
+    report.steps.append(step)
+    for problem in problems:
+        report.fail(problem)
 
 
 def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyReport,
@@ -136,7 +207,8 @@ def record_metrics(report: VerifyReport) -> None:
         metrics.VERIFICATION_LAST_RESTORE.labels(report.job).set(report.restore_seconds)
 
 
-def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False) -> list[VerifyReport]:
+def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False,
+                     pitr_drill: bool = False) -> list[VerifyReport]:
     """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
 
     Full mode verifies one backup (default the newest); integrity mode every
@@ -152,7 +224,10 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
         return reports
-    report = verify_full(ctx, repo.resolve(backup_id))
+    manifest = repo.resolve(backup_id)
+    if pitr_drill:
+        require_drill(ctx, manifest)  # exit 2 before any restore
+    report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
     check_continuity(ctx, repo.manifests(), report)  # from each kept backup to the newest log
     save_report(ctx, report)
     record_metrics(report)

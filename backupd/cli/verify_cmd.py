@@ -1,4 +1,4 @@
-"""backupd verify JOB [--backup ID] [--integrity-only]: prove backups are good."""
+"""backupd verify JOB [--backup ID] [--integrity-only | --pitr-drill]: prove backups are good."""
 
 from __future__ import annotations
 
@@ -14,15 +14,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("verify", help="verify backups (full restore, or sha256 only)")
     parser.add_argument("job")
     parser.add_argument("--backup", metavar="ID", help="this backup (default: the newest; with --integrity-only: all)")
-    parser.add_argument("--integrity-only", action="store_true",
-                        help="check every object's size and sha256 against its manifest; needs no private key")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--integrity-only", action="store_true",
+                      help="check every object's size and sha256 against its manifest; needs no private key")
+    mode.add_argument("--pitr-drill", action="store_true",
+                      help="after the full verification, also restore to a random moment of the PITR window "
+                           "and make sure it starts and answers queries")
     parser.add_argument("--json", action="store_true", help="print the report(s) as JSON")
     parser.set_defaults(handler=run)
 
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only)
+    reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only,
+                               pitr_drill=args.pitr_drill)
     if args.json:
         print_json({"reports": [r.to_dict() for r in reports]})
     else:
@@ -30,6 +35,10 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
             verdict = "ok" if report.ok else "BAD"
             extra = f", restored in {report.restore_seconds:.2f} s" if report.restore_seconds is not None else ""
             print(f"{report.backup_id}  {report.mode}  {verdict}{extra}")
+            for step in report.steps:
+                if step.get("step") == "pitr drill":
+                    print(f"  pitr drill to {step.get('target_time') or '-'}: {step.get('result')}"
+                          f" ({step.get('seconds', 0):.2f} s)")
             for problem in report.problems:
                 print(f"  {problem}")
     return 0 if all(r.ok for r in reports) else EXIT_VERIFY_BAD

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, RestoreRequest, StreamSink, VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, RestoreRequest, RestoreTarget, StreamSink,
+                            VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, UsageError
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
@@ -208,6 +209,42 @@ class MysqlDriver(Driver):
     def verify(self, source: BackupSource, scratch_dir: Path, checks_sql: list[str]) -> VerifyOutcome:
         manifest = source.manifest
         outcome = VerifyOutcome()
+        with self._loaded_scratch(source, scratch_dir, outcome) as server:
+            found = checks.count_tables(server.credentials, manifest)
+            if manifest.row_counts:
+                outcome.row_counts = found
+            outcome.steps.append({"step": "count rows", "tables": len(found), "counts": found,
+                                  "note": manifest.metadata.get("row_counts_note", "")})
+            outcome.checks.extend(checks.run_user_checks(server.credentials, manifest, checks_sql))
+        return outcome
+
+    def pitr_drill(self, source: BackupSource, scratch_dir: Path, target: RestoreTarget) -> VerifyOutcome:
+        """The backup loaded into a throwaway mariadbd, binlogs replayed to ``target``, then queried."""
+        manifest = source.manifest
+        if not (manifest.metadata.get("pitr") and manifest.metadata.get("binlog")):
+            raise UsageError(f"backup {manifest.backup_id} has no archived binlogs: a PITR drill needs "
+                             "archive_logs = true")
+        outcome = VerifyOutcome()
+        work = scratch_dir / "binlogs"
+        work.mkdir()
+        started = time.monotonic()
+        fetched, plan = self._fetch_binlogs(source, RestoreRequest(to=str(scratch_dir), target=target), work)
+        outcome.steps.append({"step": "fetch binlogs", "files": len(plan.files), "seconds": _since(started)})
+        with self._loaded_scratch(source, scratch_dir / "server", outcome) as server:
+            started = time.monotonic()
+            with server.credentials.defaults_file(scratch_dir) as defaults:
+                pitr.replay(plan, fetched, str(defaults), self.timeout)
+            outcome.steps.append({"step": "replay binlogs", "files": len(plan.files), "plan": plan.describe,
+                                  "seconds": _since(started)})
+            outcome.checks.extend(checks.run_user_checks(
+                server.credentials, manifest, ["SELECT 1", *self.context.settings.verify.checks]))
+        return outcome
+
+    @contextlib.contextmanager
+    def _loaded_scratch(self, source: BackupSource, scratch_dir: Path, outcome: VerifyOutcome
+                        ) -> Iterator[scratch.ScratchServer]:
+        """A throwaway mariadbd under ``scratch_dir`` holding the backup; stopped on the way out."""
+        manifest = source.manifest
         datadir, rundir = scratch_dir / "data", scratch_dir / "run"
         started = time.monotonic()
         extra = ["--skip-log-bin"]
@@ -229,15 +266,9 @@ class MysqlDriver(Driver):
                 with server.credentials.defaults_file(scratch_dir) as defaults, source.open(logical.STREAM) as stream:
                     size = load.load_dump(str(defaults), stream, set())
                 outcome.steps.append({"step": "load dump", "bytes": size, "seconds": _since(step)})
-            found = checks.count_tables(server.credentials, manifest)
-            if manifest.row_counts:
-                outcome.row_counts = found
-            outcome.steps.append({"step": "count rows", "tables": len(found), "counts": found,
-                                  "note": manifest.metadata.get("row_counts_note", "")})
-            outcome.checks.extend(checks.run_user_checks(server.credentials, manifest, checks_sql))
+            yield server
         finally:
             server.stop()
-        return outcome
 
     # ---- logs and checks --------------------------------------------------------------------
 

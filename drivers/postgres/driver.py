@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from backupd import age
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, RestoreRequest, StreamSink,
-                            VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, RestoreRequest, RestoreTarget,
+                            StreamSink, VerifyOutcome)
 from backupd.errors import BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
@@ -119,6 +119,9 @@ class PostgresDriver(Driver):
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
         return verify.verify(self, source, scratch, checks)
+
+    def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+        return verify.pitr_drill(self, source, scratch, target)
 
     def log_continuity(self, source: BackupSource) -> list[str]:
         """Missing segments from this backup's start to the newest archived WAL, following timelines.

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from backupd.driver import BackupSource, Check, VerifyOutcome
-from backupd.errors import DriverError, IntegrityError
+from backupd.driver import BackupSource, Check, RestoreRequest, RestoreTarget, VerifyOutcome
+from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.pipeline import READ_CHUNK
-from drivers.postgres import logical, physical
+from backupd.timeutil import format_timestamp
+from drivers.postgres import logical, physical, pitr
 from drivers.postgres.cluster import Cluster, chown_tree
 from drivers.postgres.connection import find_tool
 from drivers.postgres.walnames import parse_segment, segment_name
@@ -161,3 +162,82 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
         target = dbname if dbname in databases else "postgres"
         with cluster.connect(target) as conn:
             outcome.checks.extend(run_checks(conn, checks))
+
+
+TARGET_NOT_REACHED = "before configured recovery target was reached"
+
+
+def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+    """Restore the base backup as ``backupd restore --to DIR --target-time`` would, start it, query it.
+
+    WAL comes through ``backupd wal-fetch`` (the restore_command a real restore
+    writes), run by the postgres OS user. Stopped on success and failure alike.
+    """
+    manifest = source.manifest
+    if manifest.method != "physical" or not manifest.metadata.get("pitr"):
+        raise UsageError(f"backup {manifest.backup_id}: a PITR drill needs a physical backup taken with "
+                         "archive_logs = true")
+    major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
+    bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
+    os.chmod(scratch, 0o711)  # the postgres OS user must reach its directory inside
+    cluster = Cluster(scratch / "pg", bin_dir, driver.context.settings.os_user)
+    outcome = VerifyOutcome()
+    try:
+        started = time.monotonic()
+        cluster.prepare_root()
+        cluster.data.mkdir(mode=0o700)
+        files = physical.restore_files(source, cluster.data)
+        _timed(outcome, "extract", started, files=files)
+        request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
+        command = pitr.restore_command(driver.context.job, driver.context.config_path)
+        pitr.write_recovery(cluster.data, pitr.recovery_settings(request, command), manifest.backup_id)
+        cluster.configure({"listen_addresses": "", "archive_mode": False, "fsync": False, "hot_standby": True})
+        chown_tree(cluster.root, cluster.user)
+        started = time.monotonic()
+        note = ""
+        try:
+            _start_promoted(cluster)
+        except DriverError as exc:
+            if TARGET_NOT_REACHED not in _server_log(cluster):
+                raise IntegrityError(f"the cluster restored to {format_timestamp(target.time or manifest.finished_at)}"
+                                     f" did not recover: {exc}") from None
+            # No commit in the archived WAL after the target: the state at the target is the end of the archive.
+            cluster.stop("immediate")
+            cluster.configure({"recovery_target_time": ""})
+            note = "no commit after the target in the archived WAL: recovered to its end (the same state)"
+            try:
+                _start_promoted(cluster)
+            except DriverError as again:
+                raise IntegrityError(f"the cluster restored to the end of the archived WAL did not recover: "
+                                     f"{again}") from None
+        _timed(outcome, "recovery to target", started, target_time=target.value, **({"note": note} if note else {}))
+        try:
+            with cluster.connect() as admin:
+                admin.execute("SELECT 1").fetchone()
+                databases = [row[0] for row in admin.execute(
+                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+                replayed = admin.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
+            outcome.checks.append(Check("SELECT 1", True))
+            outcome.steps.append({"step": "accepts queries", "databases": len(databases),
+                                  "last_replayed_commit": format_timestamp(replayed) if replayed else None})
+            dbname = driver.conn.dbname
+            with cluster.connect(dbname if dbname in databases else "postgres") as conn:
+                outcome.checks.extend(run_checks(conn, driver.context.settings.verify.checks))
+        except psycopg.Error as exc:
+            raise IntegrityError(f"the cluster restored to {target.value} does not answer queries: "
+                                 f"{str(exc).strip()}") from None
+    finally:
+        cluster.close()
+    return outcome
+
+
+def _start_promoted(cluster: Cluster) -> None:
+    cluster.start()
+    cluster.wait_promoted()
+
+
+def _server_log(cluster: Cluster) -> str:
+    try:
+        return cluster.logfile.read_text(errors="replace")
+    except OSError:
+        return ""
