@@ -1,7 +1,7 @@
 """Talking to a server: credentials files, SQL connections, the native tools.
 
 The password reaches the native tools only through a 0600 option file named by
-``--defaults-extra-file`` (never argv, never ``MYSQL_PWD``), and reaches PyMySQL
+``--defaults-extra-file`` (never argv, never the password environment variable), and reaches PyMySQL
 as a keyword argument. Every child's exit status is checked by ``Tool``.
 """
 
