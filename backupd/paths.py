@@ -15,3 +15,7 @@ def spool_dir(state_dir: Path, job: str) -> Path:
 def wal_fetch_spool(state_dir: Path, job: str) -> Path:
     """Where ``wal-fetch`` keeps prefetched segments: complete files only (written, then renamed)."""
     return spool_dir(state_dir, job) / "wal-fetch"
+
+
+#: Held (flock) by the background ``wal-fetch --prefetch-after`` while it fills the spool.
+PREFETCH_LOCK = ".prefetch.lock"

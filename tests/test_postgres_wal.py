@@ -172,3 +172,30 @@ def test_daemon_fast_path_and_push_ahead(pg_env: PgEnv, tmp_path: Path) -> None:
     finally:
         server.stop()
         ctx.close()
+
+
+def test_wal_fetch_prefetches_in_the_background(pg_env: PgEnv) -> None:
+    """After one fetch, the next segments arrive in the spool without being asked for,
+    and are then served from it even with storage unreachable."""
+    names = [f"0000000A00000000000000{n:02X}" for n in range(0x10, 0x16)]
+    for name in names:
+        pg_env.backupd("wal-push", str(segment_file(pg_env, name)), "--job", JOB, "--no-daemon", check=True)
+    contents = {name: (pg_env.root / "fake-wal" / name).read_bytes() for name in names}
+    spool = pg_env.state_dir / "spool" / JOB / "wal-fetch"
+    first = pg_env.root / "got-first"
+    pg_env.backupd("wal-fetch", "--job", JOB, names[0], str(first), as_postgres=False, check=True)
+    assert first.read_bytes() == contents[names[0]]
+    deadline = time.monotonic() + 60
+    while not all((spool / name).exists() for name in names[1:]):
+        assert time.monotonic() < deadline, f"prefetch did not fill the spool: {sorted(os.listdir(spool))}"
+        time.sleep(0.05)
+    tl_dir = stored(pg_env, names[0]).parent
+    away = tl_dir.with_name("moved-away")
+    tl_dir.rename(away)  # the archive no longer holds them: only the spool can serve now
+    try:
+        for name in names[1:]:
+            dest = pg_env.root / f"got-{name}"
+            pg_env.backupd("wal-fetch", "--job", JOB, name, str(dest), as_postgres=False, check=True)
+            assert dest.read_bytes() == contents[name]
+    finally:
+        away.rename(tl_dir)

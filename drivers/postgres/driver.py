@@ -165,10 +165,16 @@ class PostgresDriver(Driver):
     def wal_push(self, path: Path) -> PushResult:
         return self.pusher.push(path)
 
-    def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
+    def _fetcher(self, identities: Sequence[object], key_file: str | None) -> WalFetcher:
         spool = wal_fetch_spool(self.context.state_dir, self.context.job)
-        fetcher = WalFetcher(self.wal_archive(), identities, key_file, spool, self.options.wal_prefetch)
-        return fetch_with_retries(fetcher, filename, dest)
+        return WalFetcher(self.wal_archive(), identities, key_file, spool, self.options.wal_prefetch)
+
+    def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
+        return fetch_with_retries(self._fetcher(identities, key_file), filename, dest)
+
+    def wal_prefetch(self, after: str, identities: Sequence[object], key_file: str | None) -> int:
+        """The background half of wal-fetch: spool the segments after ``after``."""
+        return self._fetcher(identities, key_file).prefetch_after(after)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {"wal-push": self.pusher.handle}

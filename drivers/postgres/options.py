@@ -19,7 +19,7 @@ class PostgresOptions(DriverOptions):
     #: /usr/lib/postgresql, else PATH.
     bin_dir: Path | None = None
     wal_push_workers: int = Field(default=4, ge=1, le=64)
-    wal_prefetch: int = Field(default=8, ge=1, le=256)
+    wal_prefetch: int = Field(default=16, ge=1, le=256)
 
     @field_validator("dsn")
     @classmethod

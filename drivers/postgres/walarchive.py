@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import os
 import shutil
 import threading
@@ -18,13 +19,14 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import structlog
 
 from backupd import metrics
 from backupd.errors import BackupdError, DriverError, ObjectNotFound, StorageError, UsageError
 from backupd.logarchive import LogArchive, LogConflict, PushResult, file_digest
+from backupd.paths import PREFETCH_LOCK
 from drivers.postgres.walnames import SEGMENT_RE, archive_name, is_wal_file, next_names
 
 log = structlog.get_logger(__name__)
@@ -32,6 +34,7 @@ log = structlog.get_logger(__name__)
 DONE_MEMORY = 4096
 LOCK_STRIPES = 64
 SPOOL_MAX_AGE = 3600.0
+PREFETCH_THREADS = 2
 
 
 class WalPusher:
@@ -200,29 +203,55 @@ class WalFetcher:
             return False
 
     def fetch(self, filename: str, dest: Path) -> bool:
-        """Write ``filename`` to ``dest``; False when the archive does not hold it."""
+        """Write ``filename`` to ``dest``; False when the archive does not hold it.
+
+        A segment the background prefetcher is fetching right now is waited
+        for rather than fetched twice; the caller starts the next prefetch.
+        """
         if not is_wal_file(filename):
             raise UsageError(f"{filename!r} is not a WAL segment, .history or .backup file name")
         spool = self._usable_spool()
         if spool is None or not SEGMENT_RE.match(filename):
             return self._direct(filename, dest)
         spooled = spool / filename
-        if not spooled.exists():
-            segment_size = self._segment_size(filename)
-            if segment_size is None:
-                return False
-            batch = [filename, *next_names(filename, self.prefetch - 1, segment_size)]
-            batch = [name for name in batch if not (spool / name).exists()]
-            with concurrent.futures.ThreadPoolExecutor(min(len(batch), self.prefetch)) as pool:
-                futures = {name: pool.submit(self._fetch_into, name, spool) for name in batch}
-            for name, future in futures.items():
-                if name != filename and future.exception() is not None:
-                    log.warning("wal-fetch: prefetch failed", file=name, error=str(future.exception()))
-            if filename in futures and not futures[filename].result():
+        if not spooled.exists() and not self._wait_for_prefetcher(spooled):
+            if not self._fetch_into(filename, spool):
                 return False
         self._deliver(spooled, dest)
         self._tidy(spool, filename)
         return True
+
+    def prefetch_after(self, filename: str) -> int:
+        """Fill the spool with the segments after ``filename`` (the background prefetcher).
+
+        The process that starts a prefetcher takes the spool's prefetch lock
+        first and hands it over, so this runs with the lock already held.
+        Stops at the first segment the archive lacks.
+        """
+        spool = self._usable_spool()
+        if spool is None or not SEGMENT_RE.match(filename):
+            return 0
+        segment_size = self._segment_size(filename) or 16 * 1024 * 1024
+        wanted = [name for name in next_names(filename, self.prefetch, segment_size) if not (spool / name).exists()]
+        fetched = 0
+        with concurrent.futures.ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+            for found in pool.map(lambda name: self._fetch_into(name, spool), wanted):
+                if not found:
+                    break  # end of the archive on this timeline
+                fetched += 1
+        return fetched
+
+    def _wait_for_prefetcher(self, spooled: Path, timeout: float = 120.0) -> bool:
+        """True once a running prefetcher has put ``spooled`` in place; False if none is running or it did not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if spooled.exists():
+                return True
+            with _try_lock(spooled.parent / PREFETCH_LOCK) as free:
+                if free:
+                    return spooled.exists()
+            time.sleep(0.02)
+        return spooled.exists()
 
     def _direct(self, filename: str, dest: Path) -> bool:
         try:
@@ -278,6 +307,21 @@ class WalFetcher:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 continue
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """Non-blocking flock on ``path``: yields whether it was acquired (and holds it while inside)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def fetch_with_retries(fetcher: WalFetcher, filename: str, dest: Path, attempts: int = 3, delay: float = 2.0) -> bool:
