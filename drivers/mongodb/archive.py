@@ -11,13 +11,13 @@ counts describe exactly the dump that was stored.
 
 from __future__ import annotations
 
-import queue
 import struct
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import bson
+
+from backupd.streamtap import BackgroundParser, TeeReader
 
 MAGIC = 0x8199E26D
 TERMINATOR = -1
@@ -106,55 +106,19 @@ def parse_archive(next_chunk: Callable[[], bytes]) -> ArchiveSummary:
     return summary
 
 
-class ArchiveCounter:
-    """Parses in a helper thread from chunks fed to it (bounded queue); never blocks the stream."""
+def _format_error(exc: Exception) -> Exception:
+    if isinstance(exc, ArchiveFormatError):
+        return exc
+    error = ArchiveFormatError(str(exc))
+    error.__cause__ = exc
+    return error
+
+
+class ArchiveCounter(BackgroundParser[ArchiveSummary]):
+    """Counts documents per collection in a helper thread while the archive streams to storage."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[bytes] = queue.Queue(QUEUE_DEPTH)
-        self._ended = False
-        self.summary: ArchiveSummary | None = None
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="mongo-archive-parser", daemon=True)
-        self._thread.start()
-
-    def feed(self, chunk: bytes) -> None:
-        if chunk:
-            self._queue.put(chunk)
-
-    def _next(self) -> bytes:
-        if self._ended:
-            return b""
-        chunk = self._queue.get()
-        self._ended = not chunk
-        return chunk
-
-    def _run(self) -> None:
-        try:
-            self.summary = parse_archive(self._next)
-        except Exception as exc:  # format errors and parser bugs alike: report, never hang
-            self.error = exc
-        while not self._ended:
-            self._next()
-
-    def finish(self) -> ArchiveSummary:
-        self._queue.put(b"")
-        self._thread.join()
-        if self.error is not None:
-            raise ArchiveFormatError(str(self.error)) from self.error
-        assert self.summary is not None
-        return self.summary
+        super().__init__(parse_archive, name="mongo-archive-parser", depth=QUEUE_DEPTH, wrap_error=_format_error)
 
 
-class CountingStream:
-    """A child's stdout, counted and fed to the archive parser as it is read."""
-
-    def __init__(self, stream, counter: ArchiveCounter) -> None:  # type: ignore[no-untyped-def]
-        self._stream = stream
-        self._counter = counter
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size if size and size > 0 else 1 << 20)
-        self.size += len(data)
-        self._counter.feed(data)
-        return data
+CountingStream = TeeReader  # a child's stdout, counted and fed to the archive parser as it is read

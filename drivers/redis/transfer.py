@@ -14,11 +14,10 @@ diskless transfer starts; backupd never changes server configuration.
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 
 from backupd.errors import DriverError
+from backupd.streamtap import BackgroundParser, TeeReader  # noqa: F401  (TeeReader: re-exported)
 from drivers.redis.rdb import RdbFormatError, RdbSummary, parse_stream
 from drivers.redis.resp import Connection, RedisReplyError
 
@@ -147,62 +146,12 @@ class RdbTransfer:
                 return data
 
 
-class StreamingParser:
-    """Parses an RDB in a helper thread from the chunks a backup streams past it.
+def _format_error(exc: Exception) -> Exception:
+    return exc if isinstance(exc, RdbFormatError) else RdbFormatError(f"{type(exc).__name__}: {exc}")
 
-    The queue is bounded, so memory stays constant; if parsing fails the thread
-    keeps draining so the stream is never blocked by it.
-    """
+
+class StreamingParser(BackgroundParser[RdbSummary]):
+    """Parses an RDB in a helper thread from the chunks a backup streams past it (key counts)."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[bytes] = queue.Queue(PARSER_QUEUE)
-        self._ended = False
-        self.summary: RdbSummary | None = None
-        self.error: RdbFormatError | None = None
-        self._thread = threading.Thread(target=self._run, name="rdb-parser", daemon=True)
-        self._thread.start()
-
-    def feed(self, chunk: bytes) -> None:
-        if chunk:
-            self._queue.put(chunk)
-
-    def _next(self) -> bytes:
-        if self._ended:
-            return b""
-        chunk = self._queue.get()
-        if not chunk:
-            self._ended = True
-        return chunk
-
-    def _run(self) -> None:
-        try:
-            self.summary = parse_stream(self._next)
-        except RdbFormatError as exc:
-            self.error = exc
-        except Exception as exc:  # a parser bug must not hang the backup
-            self.error = RdbFormatError(f"{type(exc).__name__}: {exc}")
-        while not self._ended:
-            self._next()
-
-    def finish(self, timeout: float | None = None) -> RdbSummary:
-        """Signal the end of the stream; return the summary or raise the parser's RdbFormatError."""
-        self._queue.put(b"")
-        self._thread.join(timeout)
-        if self.error is not None:
-            raise self.error
-        if self.summary is None:
-            raise RdbFormatError("RDB parser did not finish")
-        return self.summary
-
-
-class TeeReader:
-    """Reads from ``source`` and hands every chunk to ``parser`` on the way."""
-
-    def __init__(self, source: RdbTransfer, parser: StreamingParser) -> None:
-        self.source = source
-        self.parser = parser
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.parser.feed(data)
-        return data
+        super().__init__(parse_stream, name="rdb-parser", depth=PARSER_QUEUE, wrap_error=_format_error)
