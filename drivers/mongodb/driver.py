@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from backupd.children import stop_process
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
                             VerifyOutcome)
 from backupd.errors import DriverError, UsageError
@@ -327,13 +328,7 @@ def scratch_mongod(binary: str, scratch: Path) -> Iterator[str]:
                     raise
         yield uri
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 class _ConnectedArchiver:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import pymysql
 
+from backupd.children import stop_process
 from backupd.errors import DriverError
 from drivers.mysql.client import Credentials, find_tool
 from drivers.mysql.options import Endpoint
@@ -97,14 +98,9 @@ class ScratchServer:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self.proc.terminate()  # SIGTERM: a clean shutdown
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, STOP_TIMEOUT)
 
     def __enter__(self) -> "ScratchServer":
         self.start()

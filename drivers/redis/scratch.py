@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from backupd.children import stop_process
 from backupd.errors import DriverError
 from drivers.redis.resp import Connection, Endpoint, RedisReplyError
 
@@ -70,13 +71,7 @@ def scratch_server(binary: str, directory: Path, dbfilename: str, databases: int
         _wait_loaded(proc, endpoint, log_path, load_timeout)
         yield endpoint
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         no_master.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
