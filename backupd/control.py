@@ -19,6 +19,8 @@ from typing import Any, Callable
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 MAX_MESSAGE = 1 << 20
 SOCKET_NAME = "control.sock"
+#: Every reply starts with its "ok" member, so a client can tell success from these bytes alone.
+OK_REPLY = b'{"ok": true'
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -60,6 +62,7 @@ class _RequestHandler(socketserver.StreamRequestHandler):
                 reply = handler(message)
         except Exception as exc:  # every failure becomes a reply; the client decides what to do
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply = {"ok": reply.get("ok") is True, **{key: value for key, value in reply.items() if key != "ok"}}
         self.wfile.write(json.dumps(reply).encode() + b"\n")
 
 

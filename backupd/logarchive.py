@@ -91,18 +91,20 @@ class LogArchive:
         except ObjectNotFound:
             return False
 
-    def push_file(self, name: str, path: Path, *, replace: bool = False, threads: int | None = 0) -> PushResult:
+    def push_file(self, name: str, path: Path, *, replace: bool = False, threads: int | None = 0,
+                  digest: tuple[int, str] | None = None) -> PushResult:
         """Archive a local file; return only once it is durable in storage.
 
         Pushing the same bytes again succeeds (status "identical"); other bytes
         under an archived name raise LogConflict unless ``replace`` (used for
-        partial objects of a log still being written).
+        partial objects of a log still being written). ``digest`` is the file's
+        (size, sha256) when the caller has just computed it.
 
         A complete log is put with ``retain_until`` (now + ``retain_for``) so
         storage with Object Lock locks it; a partial one is replaced and
         deleted as the log grows, and is never locked.
         """
-        raw_size, sha256 = file_digest(path)
+        raw_size, sha256 = digest or file_digest(path)
         metadata = {"sha256": sha256, "raw-size": str(raw_size)}
         key = self.key(name)
         retention: dict[str, dt.datetime] = {}

@@ -54,7 +54,7 @@ def test_archive_command_goes_through_the_running_daemon(pg_env: PgEnv, tmp_path
                                what="archive metric in the daemon")
         assert last > time.time() - 120
         handled = {r.get("name", "").rpartition("/")[2] for r in daemon.records()
-                   if r.get("op") == "wal-push" and r.get("event") == "wal archived"}
+                   if r.get("op") == "wal-push" and r.get("event") == "wal-push answered"}
         assert first in handled, "archive_command did not hand the segment to the daemon"
         status, health = daemon.health()
         assert status == 200, health

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from typing import Sequence
 
-from backupd import __version__, logs
-from backupd.errors import EXIT_FAILURE, BackupdError, ConfigError
-from backupd.redact import redact
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs each WAL file a few ms
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+
+    from backupd.errors import BackupdError
 
 #: command -> module in backupd.cli. Only the module of the command being run is
 #: imported: PostgreSQL starts `wal-push` once per WAL segment, so start-up counts.
@@ -18,6 +18,7 @@ COMMANDS = {
     "verify": "verify_cmd", "prune": "prune_cmd", "pin": "pin_cmd", "unpin": "pin_cmd", "check": "check_cmd",
     "keys": "keys_cmd", "run": "run_cmd", "wal-push": "wal_push_cmd", "wal-fetch": "wal_fetch_cmd",
 }
+FAST_COMMANDS = ("wal-push", "wal-fetch")
 _OPTIONS_WITH_VALUES = {"--config", "--log-format", "--log-level"}
 
 
@@ -35,6 +36,11 @@ def requested_command(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+
+    from backupd import __version__, logs
+
     parser = argparse.ArgumentParser(prog="backupd", description="Backup and point-in-time recovery for databases.")
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)")
@@ -49,6 +55,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def report(exc: BackupdError) -> None:
+    from backupd.errors import ConfigError
+    from backupd.redact import redact
+
     print(f"backupd: error: {redact(str(exc))}", file=sys.stderr)
     if isinstance(exc, ConfigError):
         for line in exc.errors:
@@ -60,6 +69,16 @@ def report(exc: BackupdError) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if requested_command(argv) in FAST_COMMANDS:  # once per WAL file: try the import-light path first
+        from backupd.cli import quick
+
+        code = quick.run(list(argv))
+        if code is not None:
+            return code
+    from backupd import logs
+    from backupd.errors import EXIT_FAILURE, BackupdError
+    from backupd.redact import redact
+
     args = build_parser(requested_command(argv)).parse_args(argv)
     if not getattr(args, "defer_logging", False):  # fast-path commands configure it when they need it
         logs.configure(args.log_format, args.log_level)

@@ -1,9 +1,9 @@
 """backupd wal-push PATH [--job JOB]: PostgreSQL's archive_command; exit 0 only once the file is durable.
 
-PostgreSQL runs this once per WAL segment, so the common case stays light:
-with a daemon running, the file is handed over through the control socket
-after reading only ``daemon.state_dir`` from the configuration. Without one,
-the full configuration is loaded and the file uploaded here.
+PostgreSQL runs this once per WAL segment, so the common case never gets
+here: the fast path (``backupd.cli.quick``) hands the file to the running
+daemon. This is the full command: it loads the configuration, asks the daemon
+once more (and reports its refusal properly), else uploads the file itself.
 """
 
 from __future__ import annotations
@@ -65,15 +65,14 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path).absolute()
     if not path.is_file():
         raise UsageError(f"wal-push: {path}: no such file")
-    if not args.no_daemon:
-        raw = quick.raw_config(args)
-        if raw and hand_to_daemon(quick.state_dir(raw), quick.wal_job(raw, args.job), path):
-            return 0
     logs.configure(args.log_format, args.log_level)
     from backupd.cli.common import settings_from
     from backupd.context import JobContext
 
     settings = settings_from(args)
+    asked = not args.no_daemon and not quick.daemon_failed  # the fast path may have waited for it in vain
+    if asked and hand_to_daemon(settings.daemon.state_dir, args.job, path):
+        return 0
     job = wal_job(settings, args.job, "wal-push")
     ctx = JobContext(settings, job)
     try:

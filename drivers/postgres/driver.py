@@ -13,12 +13,14 @@ from backupd.errors import BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
+from backupd.spool import directory as spool_directory
 from backupd.timeutil import format_timestamp
 from drivers.postgres import checks, logical, physical, pitr, verify
 from drivers.postgres.cluster import chown_tree, run_as
 from drivers.postgres.connection import Conn
 from drivers.postgres.options import PostgresOptions
-from drivers.postgres.walarchive import PushAheadArchiver, WalFetcher, WalPusher, fetch_with_retries
+from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
+from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 from drivers.postgres.walnames import missing_segments, parse_history, parse_lsn, parse_segment, segno_of_lsn
 
 
@@ -103,6 +105,9 @@ class PostgresDriver(Driver):
             config = getattr(self.context, "config_path", None)
             settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
             pitr.write_recovery(dest, settings, manifest.backup_id)
+            first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
+            if first:
+                self._start_prefetcher(first)
         elif request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
@@ -165,16 +170,33 @@ class PostgresDriver(Driver):
     def wal_push(self, path: Path) -> PushResult:
         return self.pusher.push(path)
 
-    def _fetcher(self, identities: Sequence[object], key_file: str | None) -> WalFetcher:
-        spool = wal_fetch_spool(self.context.state_dir, self.context.job)
-        return WalFetcher(self.wal_archive(), identities, key_file, spool, self.options.wal_prefetch)
-
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
-        return fetch_with_retries(self._fetcher(identities, key_file), filename, dest)
+        fetcher = WalFetcher(self.wal_archive(), identities, key_file,
+                             wal_fetch_spool(self.context.state_dir, self.context.job))
+        return fetch_with_retries(fetcher, filename, dest)
 
-    def wal_prefetch(self, after: str, identities: Sequence[object], key_file: str | None) -> int:
-        """The background half of wal-fetch: spool the segments after ``after``."""
-        return self._fetcher(identities, key_file).prefetch_after(after)
+    def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
+                     inclusive: bool = True) -> int:
+        """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        prefetcher = Prefetcher(self.wal_archive(), identities, key_file,
+                                wal_fetch_spool(self.context.state_dir, self.context.job), self.options.wal_prefetch)
+        return prefetcher.run(first, inclusive=inclusive)
+
+    def _start_prefetcher(self, first: str) -> None:
+        """Have the first segments decrypted in the spool by the time the restored server asks for them."""
+        from backupd.cli import quick
+
+        user = None
+        name = run_as(self.context.settings.os_user)
+        if name is not None:
+            import pwd
+
+            entry = pwd.getpwnam(name)
+            user = (entry.pw_uid, entry.pw_gid)
+        config = getattr(self.context, "config_path", None)
+        directory = spool_directory(str(self.context.state_dir), self.context.job)
+        quick.start_prefetcher(str(config) if config else None, self.context.job, directory, first, after=False,
+                               user=user)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {"wal-push": self.pusher.handle}
