@@ -2,21 +2,25 @@
 
 Run as root (PostgreSQL, backupd and pgbackrest run as the postgres OS user through runuser):
 
-    .venv/bin/python bench/postgres.py [--scale 50] [--wal-gib 1] [--keep] [--skip-pgbackrest]
+    .venv/bin/python bench/postgres.py [--scale 50] [--wal-gib 1] [--repeat 3] [--keep] [--skip-pgbackrest]
 
 One cluster (initdb under /var/tmp, a free port, wal_level=replica, archive_mode=on) gets a
-pgbench database, then, in this order:
+pgbench database, then:
   logical   backupd backup (logical)                  / pg_dump -Fc -f FILE             goal <= 1.1
-  WAL       archive --wal-gib of WAL from a pgbench load (1,000-row UPDATEs) through
-            `backupd wal-push %p` without a daemon, then with `backupd run` pushing ahead, and
-            through `pgbackrest archive-push %p` (archive-async=y): seconds from the start of
-            the load until pg_stat_archiver has archived the last segment              goal <= 1.0
+  WAL       --wal-gib of WAL from a pgbench load (1,000-row UPDATEs), archived through
+            `backupd wal-push %p` (once without a daemon, then with `backupd run` pushing ahead)
+            and through `pgbackrest archive-push %p` (archive-async=y): seconds from the start
+            of the load until pg_stat_archiver has archived the last segment             goal <= 1.0
   physical  backupd backup --method physical          / pgbackrest backup --type=full  goal <= 1.0
-            (compress-type=zst, level 3, process-max=2, local repo)
+            (compress-type=zst, level 3, process-max=2, local repo); each tool takes one
+            before each of its WAL phases
   restore   backupd restore --to DIR + start + recovery to the end of the archive
             / pgbackrest restore + the same                                             goal <= 1.0
-Each restore replays the ~--wal-gib of WAL archived after its own backup. Every cluster is
-stopped and the work directory removed on success and failure (unless --keep).
+            (each replays the WAL phase after its tool's newest backup)
+Every measurement runs --repeat times, alternating the two tools, and the table shows medians:
+on a small shared machine one run of either is noise. backupd is byte-compiled first, as pip
+does on install. Every cluster is stopped and the work directory removed on success and
+failure (unless --keep).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,7 +83,7 @@ class Bench:
         self.daemon: subprocess.Popen | None = None
         self.config = self.work / "backupd.toml"
         self.pgbr_config = self.work / "pgbackrest.conf"
-        self.rows: list[tuple[str, str, float, str, float, str]] = []
+        self.rows: list[tuple[str, str, list[float], str, list[float], str]] = []
         self.notes: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
@@ -261,100 +266,118 @@ pg1-socket-path={self.primary.socket_dir}
             chown_tree(cluster.root, "postgres")
             cluster.data.chmod(0o700)
         run(restore(cluster), f"{name} restore")
+        files = time.monotonic() - started
         cluster.prepare_root()
         cluster.configure({"archive_mode": False, "shared_buffers": "256MB"})
         cluster.start(timeout=3600)
         cluster.wait_promoted(timeout=3600)
         elapsed = time.monotonic() - started
         cluster.close()
+        self.notes.append(f"{name}: restore command {files:.1f} s, start + recovery {elapsed - files:.1f} s")
         return elapsed
 
     # -- the measurements --------------------------------------------------------------------
     def measure(self) -> None:
+        """Each pair of measurements alternates backupd and the native tool, --repeat times; medians count."""
         skip = self.args.skip_pgbackrest
+        reps = self.args.repeat
         dump = self.work / "dumps" / "bench.dump"
-        # logical
-        native = timed(as_postgres([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(dump), "-h",
-                                    str(self.primary.socket_dir), "-p", str(self.primary.port), "-U", "postgres",
-                                    "bench"]), "pg_dump -Fc")
-        ours = timed(self.backupd("backup", JOB), "backupd backup (logical)")
-        self.rows.append(("logical", "backupd backup", ours, "pg_dump -Fc -f", native, "<= 1.1"))
+        pg_dump = as_postgres([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(dump), "-h", str(self.primary.socket_dir),
+                               "-p", str(self.primary.port), "-U", "postgres", "bench"])
+        logical: list[float] = []
+        native_logical: list[float] = []
+        for _ in range(reps):
+            native_logical.append(timed(pg_dump, "pg_dump -Fc"))
+            logical.append(timed(self.backupd("backup", JOB), "backupd backup (logical)"))
+        self.rows.append(("logical", "backupd backup", logical, "pg_dump -Fc -f", native_logical, "<= 1.1"))
         self.notes.append(f"pg_dump -Fc file {dump.stat().st_size / 2**20:.0f} MiB; backupd logical stored "
-                          f"{tree_size(self.work / 'repo' / JOB / 'backups') / 2**20:.0f} MiB")
-        print(f"logical: backupd {ours:.1f} s, pg_dump {native:.1f} s", flush=True)
+                          f"{tree_size(self.work / 'repo' / JOB / 'backups') / 2**20 / reps:.0f} MiB")
+        print(f"logical: backupd {fmt(logical)} s, pg_dump {fmt(native_logical)} s", flush=True)
 
-        # WAL through wal-push without a daemon, then the physical backup, then WAL with the daemon
-        self.archive_command(f"{BACKUPD} --config {self.config} wal-push %p")
-        failed = self.failed_count()
+        backupd_push = f"{BACKUPD} --config {self.config} wal-push %p"
+        pgbr_push = f"pgbackrest --config={self.pgbr_config} --stanza={STANZA} archive-push %p"
+        self.archive_command(backupd_push)
         wal_plain, load_plain, gib = self.wal_phase()
         print(f"WAL (wal-push, no daemon): {gib:.2f} GiB archived {wal_plain:.1f} s after the load started "
               f"(load {load_plain:.1f} s)", flush=True)
-        physical = timed(self.backupd("backup", JOB, "--method", "physical"), "backupd backup --method physical")
-        print(f"physical: backupd {physical:.1f} s", flush=True)
-        self.start_daemon()
-        try:
-            wal_daemon, load_daemon, gib_d = self.wal_phase()
-            print(f"WAL (wal-push, daemon): {gib_d:.2f} GiB archived {wal_daemon:.1f} s after the load started "
-                  f"(load {load_daemon:.1f} s)", flush=True)
-        finally:
-            self.stop_daemon()
-        backupd_failures = self.failed_count() - failed
-        restore_ours = self.restore_and_recover("restored-backupd", self.backupd_restore_argv)
-        print(f"restore: backupd {restore_ours:.1f} s", flush=True)
-        if backupd_failures:
-            self.notes.append(f"archive_command failures during the backupd WAL phases: {backupd_failures}")
-
-        if skip:
-            self.rows += [("physical", "backupd backup --method physical", physical, "(skipped)", 0, "<= 1.0"),
-                          ("WAL", "wal-push, no daemon", wal_plain, "(skipped)", 0, "<= 1.0"),
-                          ("WAL", "wal-push, daemon", wal_daemon, "(skipped)", 0, "<= 1.0"),
-                          ("restore", "backupd restore + recovery", restore_ours, "(skipped)", 0, "<= 1.0")]
-            return
-        # pgBackRest: its own archive_command, a full backup, the same WAL load, a restore
-        self.archive_command(f"pgbackrest --config={self.pgbr_config} --stanza={STANZA} archive-push %p")
-        run(self.pgbackrest("stanza-create"), "pgbackrest stanza-create")
-        run(self.pgbackrest("check"), "pgbackrest check")
-        failed = self.failed_count()
-        pgbr_backup = timed(self.pgbackrest("backup", "--type=full"), "pgbackrest backup --type=full")
-        print(f"physical: pgbackrest {pgbr_backup:.1f} s", flush=True)
-        wal_pgbr, load_pgbr, gib_p = self.wal_phase()
-        print(f"WAL (pgbackrest archive-push async): {gib_p:.2f} GiB archived {wal_pgbr:.1f} s after the load "
-              f"started (load {load_pgbr:.1f} s)", flush=True)
-        if self.failed_count() - failed:
-            self.notes.append(f"archive_command failures during the pgBackRest phase: {self.failed_count() - failed}")
-        restore_pgbr = self.restore_and_recover(
-            "restored-pgbackrest", lambda c: self.pgbackrest(f"--pg1-path={c.data}", "restore"), prepare=True)
-        print(f"restore: pgbackrest {restore_pgbr:.1f} s", flush=True)
+        if not skip:
+            self.archive_command(pgbr_push)
+            run(self.pgbackrest("stanza-create"), "pgbackrest stanza-create")
+            run(self.pgbackrest("check"), "pgbackrest check")
+        physical: list[float] = []
+        native_physical: list[float] = []
+        wal: list[float] = []
+        native_wal: list[float] = []
+        loads: dict[str, list[float]] = {"daemon": [], "pgbackrest": []}
+        failures = 0
+        for _ in range(reps):  # each tool: a full backup, then a WAL phase its restore will replay
+            self.archive_command(backupd_push)
+            failed = self.failed_count()
+            physical.append(timed(self.backupd("backup", JOB, "--method", "physical"), "backupd backup --method physical"))
+            self.start_daemon()
+            try:
+                seconds, load, gib_d = self.wal_phase()
+            finally:
+                self.stop_daemon()
+            wal.append(seconds)
+            loads["daemon"].append(load)
+            failures += self.failed_count() - failed
+            print(f"physical: backupd {physical[-1]:.1f} s; WAL (wal-push, daemon): {gib_d:.2f} GiB archived "
+                  f"{seconds:.1f} s after the load started (load {load:.1f} s)", flush=True)
+            if skip:
+                continue
+            self.archive_command(pgbr_push)
+            native_physical.append(timed(self.pgbackrest("backup", "--type=full"), "pgbackrest backup --type=full"))
+            seconds, load, gib_p = self.wal_phase()
+            native_wal.append(seconds)
+            loads["pgbackrest"].append(load)
+            print(f"physical: pgbackrest {native_physical[-1]:.1f} s; WAL (archive-push async): {gib_p:.2f} GiB "
+                  f"archived {seconds:.1f} s after the load started (load {load:.1f} s)", flush=True)
+        if failures:
+            self.notes.append(f"archive_command failures during the backupd WAL phases: {failures}")
+        restore: list[float] = []
+        native_restore: list[float] = []
+        for attempt in range(reps):  # each replays the WAL of its tool's last phase
+            restore.append(self.restore_and_recover(f"restored-backupd-{attempt}", self.backupd_restore_argv))
+            print(f"restore: backupd {restore[-1]:.1f} s", flush=True)
+            if not skip:
+                native_restore.append(self.restore_and_recover(
+                    f"restored-pgbackrest-{attempt}", lambda c: self.pgbackrest(f"--pg1-path={c.data}", "restore"),
+                    prepare=True))
+                print(f"restore: pgbackrest {native_restore[-1]:.1f} s", flush=True)
         self.rows += [
-            ("physical", "backupd backup --method physical", physical, "pgbackrest backup --type=full", pgbr_backup,
-             "<= 1.0"),
-            ("WAL", f"wal-push, no daemon ({gib:.2f} GiB)", wal_plain, f"archive-push async ({gib_p:.2f} GiB)",
-             wal_pgbr, "<= 1.0"),
-            ("WAL", f"wal-push, daemon ({gib_d:.2f} GiB)", wal_daemon, f"archive-push async ({gib_p:.2f} GiB)",
-             wal_pgbr, "<= 1.0"),
-            ("restore", "backupd restore + recovery", restore_ours, "pgbackrest restore + recovery", restore_pgbr,
+            ("physical", "backupd backup --method physical", physical, "pgbackrest backup --type=full",
+             native_physical, "<= 1.0"),
+            ("WAL", f"wal-push, no daemon ({gib:.2f} GiB)", [wal_plain], "archive-push async", native_wal, "<= 1.0"),
+            ("WAL", "wal-push, daemon (1 GiB)", wal, "archive-push async (1 GiB)", native_wal, "<= 1.0"),
+            ("restore", "backupd restore + recovery", restore, "pgbackrest restore + recovery", native_restore,
              "<= 1.0"),
         ]
         self.notes.append(f"WAL load alone (pgbench until {self.args.wal_gib} GiB written): no daemon "
-                          f"{load_plain:.1f} s, daemon {load_daemon:.1f} s, pgbackrest {load_pgbr:.1f} s")
-        self.notes.append(f"physical stored: backupd {tree_size(self.work / 'repo' / JOB / 'backups') / 2**20:.0f} "
-                          f"MiB (with the logical backup), pgbackrest "
-                          f"{tree_size(self.work / 'pgbr-repo' / 'backup') / 2**20:.0f} MiB")
+                          f"{load_plain:.1f} s, daemon {fmt(loads['daemon'])} s, pgbackrest {fmt(loads['pgbackrest'])} s")
+        self.notes.append(f"stored: backupd backups {tree_size(self.work / 'repo' / JOB / 'backups') / 2**20:.0f} MiB "
+                          f"(logical and physical), pgbackrest {tree_size(self.work / 'pgbr-repo' / 'backup') / 2**20:.0f} "
+                          "MiB (physical)")
 
     def backupd_restore_argv(self, cluster: Cluster) -> list[str]:
         return self.backupd("restore", JOB, "--to", str(cluster.data))
 
     def report(self) -> None:
         print()
-        print(f"PostgreSQL benchmark: pgbench scale {self.args.scale}, {self.args.wal_gib} GiB of WAL per phase "
-              f"(one run on this machine; indicative figures)")
+        print(f"PostgreSQL benchmark: pgbench scale {self.args.scale}, {self.args.wal_gib} GiB of WAL per phase, "
+              f"medians of {self.args.repeat} alternating runs (one run of this script; indicative figures)")
         header = ("measure", "backupd", "s", "native", "s", "ratio", "goal")
-        lines = [header] + [(m, a, f"{x:.1f}", b, f"{y:.1f}" if y else "-", f"{x / y:.2f}" if y else "-", g)
-                            for m, a, x, b, y, g in self.rows]
+        lines = [header]
+        for measure, ours, mine, theirs, native, goal in self.rows:
+            a, b = median(mine), median(native) if native else 0.0
+            lines.append((measure, ours, f"{a:.1f}", theirs, f"{b:.1f}" if b else "-", f"{a / b:.2f}" if b else "-",
+                          goal))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         for row in lines:
             print("  ".join(cell.ljust(w) if i in (0, 1, 3, 6) else cell.rjust(w)
                             for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        for measure, ours, mine, theirs, native, _ in self.rows:
+            print(f"  runs: {measure} {ours}: {fmt(mine)} s; {theirs}: {fmt(native) or '-'} s")
         for note in self.notes:
             print(f"  note: {note}")
 
@@ -369,6 +392,14 @@ pg1-socket-path={self.primary.socket_dir}
             print(f"kept {self.work}", file=sys.stderr)
         else:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def fmt(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values)
 
 
 def literal(text: str) -> str:
@@ -393,6 +424,13 @@ def kill_stragglers(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGTERM)
 
 
+def compile_sources() -> None:
+    """Byte-compile backupd as pip does on install: PostgreSQL's user cannot write __pycache__ here,
+    and PYTHONDONTWRITEBYTECODE may be set, so every call would compile its modules again."""
+    run([sys.executable, "-m", "compileall", "-q", str(REPO / "backupd"), str(REPO / "drivers"), str(REPO / "storage")],
+        "compileall")
+
+
 def preflight(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         raise fail("run as root: PostgreSQL, backupd and pgbackrest run as the postgres user through runuser")
@@ -411,10 +449,12 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale factor (default 50, ~750 MiB)")
     parser.add_argument("--wal-gib", type=float, default=1.0, help="GiB of WAL per archiving phase (default 1)")
     parser.add_argument("--workdir", default="/var/tmp", help="where the clusters and repositories go")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs per measurement (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--skip-pgbackrest", action="store_true", help="measure backupd only")
     args = parser.parse_args()
     preflight(args)
+    compile_sources()
     bench = Bench(args)
 
     def on_term(signum: int, _frame: object) -> None:
