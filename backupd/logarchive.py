@@ -21,7 +21,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import BinaryIO, Iterator, Literal, Sequence
 
 from backupd.errors import BackupdError, ObjectExists, ObjectNotFound
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader
@@ -63,6 +63,40 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+class _Digesting:
+    """A log file as the pipeline reads it, hashed on the way; its digest as the object's metadata.
+
+    Storage asks for the metadata once the file is read to its end, so one read
+    both hashes and uploads; a backend that needs it sooner (an S3 multipart
+    upload) gets it from a separate pass over the file.
+    """
+
+    def __init__(self, handle: BinaryIO, path: Path, known: tuple[int, str] | None) -> None:
+        self._handle = handle
+        self._path = path
+        self._known = known
+        self._hash = hashlib.sha256() if known is None else None
+        self._size = 0
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        if self._hash is not None:
+            self._hash.update(data)
+        self._size += len(data)
+        self._ended = not data
+        return data
+
+    def digest(self) -> tuple[int, str]:
+        if self._known is None:
+            self._known = (self._size, self._hash.hexdigest()) if self._ended else file_digest(self._path)  # type: ignore[union-attr]
+        return self._known
+
+    def metadata(self) -> dict[str, str]:
+        raw_size, sha256 = self.digest()
+        return {"sha256": sha256, "raw-size": str(raw_size)}
+
+
 class LogArchive:
     def __init__(self, storage: Storage, job: str, kind: Kind, recipients: Sequence[object] = (), level: int = 3,
                  *, retain_for: dt.timedelta | None = None) -> None:
@@ -98,23 +132,27 @@ class LogArchive:
         Pushing the same bytes again succeeds (status "identical"); other bytes
         under an archived name raise LogConflict unless ``replace`` (used for
         partial objects of a log still being written). ``digest`` is the file's
-        (size, sha256) when the caller has just computed it.
+        (size, sha256) when the caller has just computed it; otherwise, where the
+        storage takes metadata late, it is computed from the bytes as they stream.
 
         A complete log is put with ``retain_until`` (now + ``retain_for``) so
         storage with Object Lock locks it; a partial one is replaced and
         deleted as the log grows, and is never locked.
         """
-        raw_size, sha256 = digest or file_digest(path)
-        metadata = {"sha256": sha256, "raw-size": str(raw_size)}
         key = self.key(name)
         retention: dict[str, dt.datetime] = {}
         if self.retain_for is not None and not replace:
             retention = {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
+        if digest is None and not self.storage.deferred_metadata:
+            digest = file_digest(path)
         with open(path, "rb") as handle:
-            reader = EncodingReader(handle, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
+            source = _Digesting(handle, path, digest)
+            reader = EncodingReader(source, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
             try:
-                info = self.storage.put(key, reader, if_absent=not replace, metadata=metadata, **retention)
+                info = self.storage.put(key, reader, if_absent=not replace, metadata=source.metadata,
+                                        **retention)
             except ObjectExists:
+                raw_size, sha256 = source.digest()
                 existing = self.storage.stat(key).metadata or {}
                 if existing.get("sha256") == sha256:
                     return PushResult(name, "identical", raw_size, self.storage.stat(key).size, sha256)
@@ -125,9 +163,10 @@ class LogArchive:
                 ) from None
             finally:
                 reader.close()
-        stats = reader.stats
-        if stats.raw_size != raw_size:
-            raise BackupdError(f"{path}: changed while being archived ({raw_size} bytes hashed, {stats.raw_size} sent)")
+        raw_size, sha256 = source.digest()
+        if reader.stats.raw_size != raw_size:
+            raise BackupdError(f"{path}: changed while being archived ({raw_size} bytes hashed, "
+                               f"{reader.stats.raw_size} sent)")
         return PushResult(name, "replaced" if replace else "stored", raw_size, info.size, sha256)
 
     def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:

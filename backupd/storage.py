@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Mapping, Protocol
+from typing import BinaryIO, Callable, Iterator, Mapping, Protocol, Union
 
 from backupd.errors import StorageError
 
@@ -36,6 +36,15 @@ class ObjectInfo:
     #: Filled by ``stat`` on storage that enforces a retention (S3 Object Lock): the object
     #: cannot be deleted before then (``LOCKED_INDEFINITELY`` under a legal hold). None: deletable.
     locked_until: dt.datetime | None = None
+
+
+#: ``put``'s metadata: a mapping, or (for backends with ``deferred_metadata``) a function returning one.
+Metadata = Union[Mapping[str, str], Callable[[], Mapping[str, str]]]
+
+
+def resolve_metadata(metadata: Metadata | None) -> Mapping[str, str] | None:
+    """The mapping a ``put`` stores: called at most once, as late as the backend can."""
+    return metadata() if callable(metadata) else metadata
 
 
 #: ``ObjectInfo.locked_until`` of an object under a legal hold: no date ends it.
@@ -57,6 +66,9 @@ class Storage(abc.ABC):
 
     #: Human-readable location for messages, e.g. ``s3://bucket/prefix/``.
     location: str = ""
+    #: ``put`` accepts ``metadata`` as a function, called once the source is read to its end (a digest
+    #: of the bytes streamed) or, where the backend must send metadata before that, when it must.
+    deferred_metadata: bool = False
 
     @abc.abstractmethod
     def put(
@@ -65,7 +77,7 @@ class Storage(abc.ABC):
         source: Readable,
         *,
         if_absent: bool = False,
-        metadata: Mapping[str, str] | None = None,
+        metadata: Metadata | None = None,
         retain_until: dt.datetime | None = None,
     ) -> ObjectInfo:
         """Store everything ``source.read()`` yields under ``key``.

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator, Mapping
 from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
-from backupd.storage import ObjectInfo, Readable, Storage, check_key
+from backupd.storage import Metadata, ObjectInfo, Readable, Storage, check_key, resolve_metadata
 
 CHUNK = 1 << 20
 TEMP_PREFIX = ".tmp-"
@@ -60,6 +60,7 @@ def _fsync_dir(path: Path) -> None:
 
 class FilesystemStorage(Storage):
     options_model = FilesystemOptions
+    deferred_metadata = True
 
     def __init__(self, options: FilesystemOptions | Path | str) -> None:
         if not isinstance(options, FilesystemOptions):
@@ -86,7 +87,7 @@ class FilesystemStorage(Storage):
         source: Readable,
         *,
         if_absent: bool = False,
-        metadata: Mapping[str, str] | None = None,
+        metadata: Metadata | None = None,
         retain_until: dt.datetime | None = None,  # a directory cannot lock files: ignored
     ) -> ObjectInfo:
         target = self._path(key)
@@ -102,6 +103,7 @@ class FilesystemStorage(Storage):
                         size += len(chunk)
                     out.flush()
                     os.fsync(out.fileno())
+                metadata = resolve_metadata(metadata)
                 if metadata is not None:
                     # Metadata goes in first: an object is never visible without it.
                     self._write_meta(target, metadata, if_absent)

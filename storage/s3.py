@@ -41,7 +41,7 @@ from botocore.exceptions import (EndpointConnectionError, HTTPClientError, NoCre
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from backupd.errors import ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
-from backupd.storage import LOCKED_INDEFINITELY, ObjectInfo, Readable, Storage, check_key
+from backupd.storage import LOCKED_INDEFINITELY, Metadata, ObjectInfo, Readable, Storage, check_key, resolve_metadata
 from backupd.timeutil import format_timestamp
 
 log = structlog.get_logger(__name__)
@@ -223,6 +223,7 @@ class _Body(io.RawIOBase):
 
 
 class S3Storage(Storage):
+    deferred_metadata = True
     options_model = S3Options
 
     def __init__(self, options: S3Options | dict[str, Any]) -> None:
@@ -318,7 +319,7 @@ class S3Storage(Storage):
         source: Readable,
         *,
         if_absent: bool = False,
-        metadata: Mapping[str, str] | None = None,
+        metadata: Metadata | None = None,
         retain_until: dt.datetime | None = None,
     ) -> ObjectInfo:
         name = self._name(key)
@@ -327,14 +328,16 @@ class S3Storage(Storage):
             parts = self._parts(source)
             first = next(parts, None)
             second = next(parts, None) if first is not None and first.length == self.options.part_size else None
-            if second is None:
+            if second is None:  # the source is read to its end: deferred metadata is complete
                 body = first if first is not None else b""
+                metadata = resolve_metadata(metadata)
                 self._client.put_object(Bucket=self.bucket, Key=name, Body=body,
                                         **self._write_args(metadata, retain_until), **condition)
                 size = len(body)
             else:
                 if if_absent and self._exists(key):  # fail early; the condition on completing decides
                     raise ObjectExists(f"{self.location}{key}: already exists")
+                metadata = resolve_metadata(metadata)  # needed before the parts: the function works it out
                 size = self._put_multipart(name, itertools.chain((first, second), parts), condition, metadata,
                                            retain_until)
         return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),

@@ -65,3 +65,46 @@ def test_partial_objects_can_be_replaced(storage: Storage, keys, tmp_path: Path)
     assert archive.push_file("1/mysql-bin.000007", growing, replace=True).status == "replaced"
     with archive.open("1/mysql-bin.000007", [keys.identity]) as reader:
         assert reader.read() == b"first part, then more"
+
+
+class _Source:
+    """Bytes in pieces, remembering whether it was read to its end."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._data.read(min(size, 1 << 20) if size and size > 0 else 1 << 20)
+        self.ended = self.ended or not chunk
+        return chunk
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20])  # one request, and (on S3, 5 MiB parts) a multipart upload
+def test_deferred_metadata_is_asked_for_as_late_as_possible(storage: Storage, size: int) -> None:
+    assert storage.deferred_metadata
+    source = _Source(os.urandom(size))
+    asked: list[bool] = []
+
+    def metadata() -> dict[str, str]:
+        asked.append(source.ended)
+        return {"sha256": "cd" * 32}
+
+    storage.put("d/object", source, metadata=metadata)
+    assert storage.stat("d/object").metadata == {"sha256": "cd" * 32}
+    multipart = storage.location.startswith("s3://") and size > 5 << 20
+    assert asked == [not multipart], "metadata must be asked for once, after the source ended where possible"
+
+
+@pytest.mark.parametrize("size", [3 << 20, 12 << 20])
+def test_digest_streamed_with_the_upload_is_the_files(storage: Storage, keys, tmp_path: Path, size: int) -> None:
+    import hashlib
+
+    path = tmp_path / "000000010000000000000004"
+    path.write_bytes(os.urandom(size // 2) + bytes(size - size // 2))
+    archive = LogArchive(storage, "orders", "wal", [keys.identity.to_recipient()], level=1)
+    result = archive.push_file("00000001/000000010000000000000004", path)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result.sha256 == expected and result.raw_size == size
+    assert archive.stat("00000001/000000010000000000000004").sha256 == expected
+    assert archive.push_file("00000001/000000010000000000000004", path).status == "identical"

@@ -74,15 +74,11 @@ class WalPusher:
                         done = self._done.get(name)
                     if done is not None and done[1] == before:  # pushed from this very file: no need to read it
                         return self._succeeded(PushResult(name, "identical", before[2], 0, done[0]))
-                    raw_size, sha256 = file_digest(path)
-                    source = before if identity(os.stat(path)) == before else None
+                    result = self._push(name, path)
+                    unchanged = identity(os.stat(path)) == before
                 except FileNotFoundError:
                     raise DriverError(f"{path}: no such file") from None
-                if done is not None and done[0] == sha256:
-                    result = PushResult(name, "identical", raw_size, 0, sha256)
-                else:
-                    result = self._push(name, path, raw_size, sha256)
-                self._remember(name, sha256, source)
+                self._remember(name, result.sha256, before if unchanged else None)
         except BaseException:
             metrics.ARCHIVE_FAILURES.labels(self.job).inc()
             raise
@@ -92,21 +88,25 @@ class WalPusher:
         metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
         return result
 
-    def _push(self, name: str, path: Path, raw_size: int, sha256: str) -> PushResult:
+    def _push(self, name: str, path: Path) -> PushResult:
         # Look before uploading: a retry after a crash or a push-ahead finds it stored already.
         try:
             existing = self.archive.stat(name)
         except ObjectNotFound:
             existing = None
-        if existing is not None and existing.sha256 == sha256:
-            return PushResult(name, "identical", raw_size, existing.stored_size, sha256)
-        if existing is not None and existing.sha256 is not None:
-            raise LogConflict(
-                f"{existing.key}: already archived with different content (sha256 {existing.sha256[:12]}..., "
-                f"this file {sha256[:12]}...); refusing to overwrite",
-                hint="two clusters may be archiving into the same job; check archive_command and the job's storage",
-            )
-        result = self.archive.push_file(name, path, threads=0, digest=(raw_size, sha256))
+        digest = None
+        if existing is not None:
+            digest = file_digest(path)
+            raw_size, sha256 = digest
+            if existing.sha256 == sha256:
+                return PushResult(name, "identical", raw_size, existing.stored_size, sha256)
+            if existing.sha256 is not None:
+                raise LogConflict(
+                    f"{existing.key}: already archived with different content (sha256 {existing.sha256[:12]}..., "
+                    f"this file {sha256[:12]}...); refusing to overwrite",
+                    hint="two clusters may be archiving into the same job; check archive_command and the job's storage",
+                )
+        result = self.archive.push_file(name, path, threads=0, digest=digest)  # new: hashed as it streams
         log.info("wal archived", job=self.job, name=name, status=result.status, raw=result.raw_size,
                  stored=result.stored_size)
         return result
