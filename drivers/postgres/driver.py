@@ -105,9 +105,7 @@ class PostgresDriver(Driver):
             config = getattr(self.context, "config_path", None)
             settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
             pitr.write_recovery(dest, settings, manifest.backup_id)
-            first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
-            if first:
-                self._start_prefetcher(first)
+            self.start_wal_prefetch(manifest)
         elif request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
@@ -182,10 +180,13 @@ class PostgresDriver(Driver):
                                 wal_fetch_spool(self.context.state_dir, self.context.job), self.options.wal_prefetch)
         return prefetcher.run(first, inclusive=inclusive)
 
-    def _start_prefetcher(self, first: str) -> None:
-        """Have the first segments decrypted in the spool by the time the restored server asks for them."""
+    def start_wal_prefetch(self, manifest: Manifest) -> None:
+        """Have the backup's first segments decrypted in the spool by the time the restored server asks."""
         from backupd.cli import quick
 
+        first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
+        if not first:
+            return
         user = None
         name = run_as(self.context.settings.os_user)
         if name is not None:

@@ -191,6 +191,7 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
         command = pitr.restore_command(driver.context.job, driver.context.config_path)
         pitr.write_recovery(cluster.data, pitr.recovery_settings(request, command), manifest.backup_id)
+        driver.start_wal_prefetch(manifest)
         cluster.configure({"listen_addresses": "", "archive_mode": False, "fsync": False, "hot_standby": True})
         chown_tree(cluster.root, cluster.user)
         started = time.monotonic()
