@@ -242,6 +242,21 @@ pg1-socket-path={self.primary.socket_dir}
                 raise fail(f"backupd run did not start: {(self.work / 'daemon.log').read_text()[-2000:]}")
             time.sleep(0.1)
 
+    def daemon_cpu(self) -> float:
+        """CPU seconds used so far by the daemon (the child runuser started) and its threads."""
+        assert self.daemon is not None
+        total = 0.0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.daemon.pid or int(entry.name) == self.daemon.pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def stop_daemon(self) -> None:
         if self.daemon is None or self.daemon.poll() is not None:
             self.daemon = None
@@ -309,6 +324,7 @@ pg1-socket-path={self.primary.socket_dir}
         wal: list[float] = []
         native_wal: list[float] = []
         loads: dict[str, list[float]] = {"daemon": [], "pgbackrest": []}
+        daemon_cpu: list[float] = []
         failures = 0
         for _ in range(reps):  # each tool: a full backup, then a WAL phase its restore will replay
             self.archive_command(backupd_push)
@@ -316,7 +332,9 @@ pg1-socket-path={self.primary.socket_dir}
             physical.append(timed(self.backupd("backup", JOB, "--method", "physical"), "backupd backup --method physical"))
             self.start_daemon()
             try:
+                cpu_before = self.daemon_cpu()
                 seconds, load, gib_d = self.wal_phase()
+                daemon_cpu.append(self.daemon_cpu() - cpu_before)
             finally:
                 self.stop_daemon()
             wal.append(seconds)
@@ -353,6 +371,7 @@ pg1-socket-path={self.primary.socket_dir}
             ("restore", "backupd restore + recovery", restore, "pgbackrest restore + recovery", native_restore,
              "<= 1.0"),
         ]
+        self.notes.append(f"CPU seconds of `backupd run` per WAL phase: {fmt(daemon_cpu)}")
         self.notes.append(f"WAL load alone (pgbench until {self.args.wal_gib} GiB written): no daemon "
                           f"{load_plain:.1f} s, daemon {fmt(loads['daemon'])} s, pgbackrest {fmt(loads['pgbackrest'])} s")
         self.notes.append(f"stored: backupd backups {tree_size(self.work / 'repo' / JOB / 'backups') / 2**20:.0f} MiB "
