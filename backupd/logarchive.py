@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import os
 import uuid
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Literal, Sequence
 
 from backupd.errors import BackupdError, ObjectExists, ObjectNotFound
-from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader
+from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
 from backupd.storage import ObjectInfo, Storage
 
 Kind = Literal["wal", "binlog", "oplog"]
 SUFFIX = ".zst.age"
+#: Logs up to this size (a default WAL segment) are encoded in memory at once; larger ones stream.
+ONE_SHOT_MAX = 16 << 20
 
 
 class LogConflict(BackupdError):
@@ -143,6 +146,8 @@ class LogArchive:
         retention: dict[str, dt.datetime] = {}
         if self.retain_for is not None and not replace:
             retention = {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
+        if os.stat(path).st_size <= ONE_SHOT_MAX:
+            return self._push_small(name, path, replace, digest, retention)
         if digest is None and not self.storage.deferred_metadata:
             digest = file_digest(path)
         with open(path, "rb") as handle:
@@ -152,15 +157,7 @@ class LogArchive:
                 info = self.storage.put(key, reader, if_absent=not replace, metadata=source.metadata,
                                         **retention)
             except ObjectExists:
-                raw_size, sha256 = source.digest()
-                existing = self.storage.stat(key).metadata or {}
-                if existing.get("sha256") == sha256:
-                    return PushResult(name, "identical", raw_size, self.storage.stat(key).size, sha256)
-                raise LogConflict(
-                    f"{key}: already archived with different content (sha256 {existing.get('sha256', 'unknown')[:12]}..., "
-                    f"this file {sha256[:12]}...); refusing to overwrite",
-                    hint="two servers may be archiving into the same job; check archive_command and the job's storage",
-                ) from None
+                return self._existing(name, key, *source.digest())
             finally:
                 reader.close()
         raw_size, sha256 = source.digest()
@@ -168,6 +165,33 @@ class LogArchive:
             raise BackupdError(f"{path}: changed while being archived ({raw_size} bytes hashed, "
                                f"{reader.stats.raw_size} sent)")
         return PushResult(name, "replaced" if replace else "stored", raw_size, info.size, sha256)
+
+    def _push_small(self, name: str, path: Path, replace: bool, digest: tuple[int, str] | None,
+                    retention: dict[str, dt.datetime]) -> PushResult:
+        data = path.read_bytes()
+        raw_size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != (raw_size, sha256):
+            raise BackupdError(f"{path}: changed while being archived")
+        key = self.key(name)
+        body = encode_bytes(data, self.recipients, self.level)  # type: ignore[arg-type]
+        try:
+            info = self.storage.put(key, io.BytesIO(body), if_absent=not replace,
+                                    metadata={"sha256": sha256, "raw-size": str(raw_size)}, **retention)
+        except ObjectExists:
+            return self._existing(name, key, raw_size, sha256)
+        return PushResult(name, "replaced" if replace else "stored", raw_size, info.size, sha256)
+
+    def _existing(self, name: str, key: str, raw_size: int, sha256: str) -> PushResult:
+        """Another push got there first: the same bytes are success, others a conflict."""
+        info = self.storage.stat(key)
+        existing = info.metadata or {}
+        if existing.get("sha256") == sha256:
+            return PushResult(name, "identical", raw_size, info.size, sha256)
+        raise LogConflict(
+            f"{key}: already archived with different content (sha256 {existing.get('sha256', 'unknown')[:12]}..., "
+            f"this file {sha256[:12]}...); refusing to overwrite",
+            hint="two servers may be archiving into the same job; check archive_command and the job's storage",
+        )
 
     def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         key = self.key(name)

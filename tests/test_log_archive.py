@@ -96,7 +96,7 @@ def test_deferred_metadata_is_asked_for_as_late_as_possible(storage: Storage, si
     assert asked == [not multipart], "metadata must be asked for once, after the source ended where possible"
 
 
-@pytest.mark.parametrize("size", [3 << 20, 12 << 20])
+@pytest.mark.parametrize("size", [3 << 20, 24 << 20])  # encoded at once; streamed (S3: multipart)
 def test_digest_streamed_with_the_upload_is_the_files(storage: Storage, keys, tmp_path: Path, size: int) -> None:
     import hashlib
 
