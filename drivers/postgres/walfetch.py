@@ -159,7 +159,9 @@ class Prefetcher:
         while self._end is None and len(self._spooled_ahead()) + len(self._pending) < self.depth:
             name = self._next
             self._next = self._successor(name)
-            if name not in self._pending and not (self.dir / name).exists():
+            if (self.dir / name).exists():
+                self._mine.add(name)  # spooled by an earlier prefetcher: ours to count and to clean up
+            elif name not in self._pending:
                 self._pending[name] = pool.submit(self._fetch, name)
 
     def _collect(self) -> None:
