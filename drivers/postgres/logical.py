@@ -4,6 +4,7 @@ pg_dumpall --globals-only; restores through pg_restore."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import tempfile
@@ -69,41 +70,63 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         pg_dump = find_tool("pg_dump", driver.options.bin_dir, major)
         pg_dumpall = find_tool("pg_dumpall", driver.options.bin_dir, major)
         counts: dict[str, int] = {}
-        failure: list[BaseException] = []
+        side: dict[str, object] = {}
+        count_failure: list[BaseException] = []
+        side_failure: list[BaseException] = []
 
         def count() -> None:  # same snapshot, on the exporting connection, while pg_dump reads
             try:
                 counts.update(row_counts(pg))
             except BaseException as exc:
-                failure.append(exc)
+                count_failure.append(exc)
 
         with conn.tool_env(driver.context.spool_dir) as env:
+            globals_argv = [pg_dumpall, "--globals-only", "--no-password", "--dbname", conn.conninfo()]
+            if not superuser:
+                globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
+
+            def globals_and_versions() -> None:  # cluster-wide, not in the snapshot: taken while pg_dump runs
+                try:
+                    side["globals"] = read_all(ProcessReader(globals_argv, env, "pg_dumpall"))
+                    side["versions"] = {"pg_dump": tool_version(pg_dump), "pg_dumpall": tool_version(pg_dumpall)}
+                except BaseException as exc:
+                    side_failure.append(exc)
+
             argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password",
                     "--dbname", conn.conninfo()]
             with ProcessReader(argv, env, "pg_dump") as reader:
-                counter = threading.Thread(target=count, name="row-counts")
-                counter.start()
+                helpers = [threading.Thread(target=count, name="row-counts"),
+                           threading.Thread(target=globals_and_versions, name="pg-globals")]
+                for thread in helpers:
+                    thread.start()
                 try:
                     entry = sink(DUMP, reader)
                 finally:
-                    counter.join()
-            if failure:
-                raise DriverError(f"counting rows in the dump's snapshot failed: {failure[0]}")
+                    for thread in helpers:
+                        thread.join()
+            if count_failure:
+                raise DriverError(f"counting rows in the dump's snapshot failed: {count_failure[0]}")
+            if side_failure:
+                raise side_failure[0]
             if entry.raw_size != reader.size:
                 raise DriverError(f"pg_dump wrote {reader.size} bytes but {entry.raw_size} were stored")
-            argv = [pg_dumpall, "--globals-only", "--no-password", "--dbname", conn.conninfo()]
-            if not superuser:
-                argv.append("--no-role-passwords")  # pg_authid is superuser-only
-            with ProcessReader(argv, env, "pg_dumpall") as reader:
-                sink(GLOBALS, reader)
+            sink(GLOBALS, io.BytesIO(side["globals"]))  # type: ignore[arg-type]
         pg.rollback()
     return BackupResult(
         metadata={"database": database, "server_version": version, "format": "pg_dump custom",
                   "snapshot": snapshot, "role_passwords": bool(superuser)},
         row_counts=counts,
-        tool_versions={"postgresql": str(version), "pg_dump": tool_version(pg_dump),
-                       "pg_dumpall": tool_version(pg_dumpall)},
+        tool_versions={"postgresql": str(version), **side["versions"]},  # type: ignore[dict-item]
     )
+
+
+def read_all(reader: ProcessReader) -> bytes:
+    """A small output whole (the globals dump); the tool's exit status is checked at its end."""
+    with reader:
+        chunks = []
+        while data := reader.read(READ_CHUNK):
+            chunks.append(data)
+    return b"".join(chunks)
 
 
 # -- restore -------------------------------------------------------------------------------
