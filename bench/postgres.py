@@ -288,6 +288,8 @@ pg1-socket-path={self.primary.socket_dir}
         cluster.wait_promoted(timeout=3600)
         elapsed = time.monotonic() - started
         cluster.close()
+        if not self.args.keep:  # a restored cluster is GBs: keep the peak disk use down
+            shutil.rmtree(cluster.root, ignore_errors=True)
         self.notes.append(f"{name}: restore command {files:.1f} s, start + recovery {elapsed - files:.1f} s")
         return elapsed
 
