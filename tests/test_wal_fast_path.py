@@ -292,3 +292,27 @@ def test_pusher_does_not_read_an_unchanged_file_again(tmp_path: Path, monkeypatc
     segment.write_bytes(os.urandom(4096))  # same name, other bytes: read, compared, refused
     with pytest.raises(LogConflict):
         pusher.push(segment)
+
+
+def test_wal_fetch_answers_from_the_spool_without_reading_the_configuration(tmp_path: Path) -> None:
+    """A fresh absent marker ends recovery at once; a stale one is not trusted and the full command runs."""
+    state = tmp_path / "state"
+    directory = Path(spool.directory(str(state), "j"))
+    directory.mkdir(parents=True)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\nno_such_key = 1\n')  # the full command refuses this
+    marker = directory / (spool.ABSENT + "00000002.history")
+    marker.touch()
+    argv = [str(REPO / ".venv" / "bin" / "backupd"), "--config", str(config), "wal-fetch", "--job", "j",
+            "00000002.history", "pg_wal/RECOVERYHISTORY"]
+    (tmp_path / "pg_wal").mkdir()
+    fresh = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert fresh.returncode == 1 and "00000002.history: not in the archive of job j" in fresh.stderr
+    old = time.time() - spool.ABSENT_TTL - 1
+    os.utime(marker, (old, old))
+    stale = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert stale.returncode == 2 and "no_such_key" in stale.stderr, "a stale marker must send it to the full command"
+    (directory / "000000010000000000000003").write_bytes(b"segment")
+    hit = subprocess.run([*argv[:6], "000000010000000000000003", "pg_wal/RECOVERYXLOG"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert hit.returncode == 0 and (tmp_path / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"segment"
