@@ -13,10 +13,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from backupd import logs, spool
 from backupd.cli import quick
 from backupd.errors import EXIT_FAILURE, UsageError
+
+if TYPE_CHECKING:
+    from backupd.context import JobContext
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
-def prefetch(args: argparse.Namespace, driver: object, ctx: object) -> int:
+def prefetch(args: argparse.Namespace, driver: Any, ctx: JobContext) -> int:
     """Run the prefetcher; with no lock handed over (``--lock-fd``), take it or leave if one runs."""
     import fcntl
 
-    directory = Path(spool.directory(str(ctx.state_dir), ctx.name))  # type: ignore[attr-defined]
+    directory = Path(spool.directory(str(ctx.state_dir), ctx.name))
     directory.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(directory / spool.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.dup2(log_fd, 2)  # detached: our log goes beside the spool
@@ -80,6 +84,5 @@ def prefetch(args: argparse.Namespace, driver: object, ctx: object) -> int:
         except BlockingIOError:
             return 0  # one is already at work
     first = args.prefetch_from or args.prefetch_after
-    driver.wal_prefetch(first, ctx.identities, str(ctx.identity_file),  # type: ignore[attr-defined]
-                        inclusive=args.prefetch_from is not None)
+    driver.wal_prefetch(first, ctx.identities, str(ctx.identity_file), inclusive=args.prefetch_from is not None)
     return 0
