@@ -43,12 +43,16 @@ def run_backup(
             _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
             raise
         entries: list[ObjectEntry] = []
+        names: set[str] = set()
+        names_lock = threading.Lock()  # a driver may store a side stream from another thread
         with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method):
             log.info("backup started")
 
             def sink(name: str, source: Readable) -> ObjectEntry:
-                if any(entry.name == name for entry in entries):
-                    raise DriverError(f"driver produced two streams named {name!r}")
+                with names_lock:
+                    if name in names:
+                        raise DriverError(f"driver produced two streams named {name!r}")
+                    names.add(name)
                 entry = repo.write_stream(
                     backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel
                 )
@@ -66,7 +70,7 @@ def run_backup(
                     method=method,
                     started_at=started,
                     finished_at=utcnow(),
-                    objects=entries,
+                    objects=sorted(entries, key=lambda entry: entry.name),
                     compression={"algorithm": "zstd", "level": ctx.job.compression_level},
                     encryption={"format": "age-v1", "recipients": [str(r) for r in recipients]},
                     metadata=result.metadata,

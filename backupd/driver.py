@@ -34,7 +34,11 @@ class DriverOptions(BaseModel):
 
 class StreamSink(Protocol):
     def __call__(self, name: str, source: Readable) -> ObjectEntry:
-        """Store one stream (read to EOF) as ``<name>.zst.age``; return its entry."""
+        """Store one stream (read to EOF) as ``<name>.zst.age``; return its entry.
+
+        A driver may store two streams at once from two threads (a small side stream
+        while the main dump runs); each name once.
+        """
 
 
 @dataclass

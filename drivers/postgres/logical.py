@@ -85,9 +85,9 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
             if not superuser:
                 globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
 
-            def globals_and_versions() -> None:  # cluster-wide, not in the snapshot: taken while pg_dump runs
+            def globals_and_versions() -> None:  # cluster-wide, not in the snapshot: stored while pg_dump runs
                 try:
-                    side["globals"] = read_all(ProcessReader(globals_argv, env, "pg_dumpall"))
+                    sink(GLOBALS, io.BytesIO(read_all(ProcessReader(globals_argv, env, "pg_dumpall"))))
                     side["versions"] = {"pg_dump": tool_version(pg_dump), "pg_dumpall": tool_version(pg_dumpall)}
                 except BaseException as exc:
                     side_failure.append(exc)
@@ -110,7 +110,6 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
                 raise side_failure[0]
             if entry.raw_size != reader.size:
                 raise DriverError(f"pg_dump wrote {reader.size} bytes but {entry.raw_size} were stored")
-            sink(GLOBALS, io.BytesIO(side["globals"]))  # type: ignore[arg-type]
         pg.rollback()
     return BackupResult(
         metadata={"database": database, "server_version": version, "format": "pg_dump custom",
