@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -377,6 +378,83 @@ def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Pa
 
     verified = run_backupd("verify", "shop", config=job.config, timeout=300)
     assert verified.code == 0, verified.out + verified.err
+
+
+def trx_counter(server: Mariadb) -> int:
+    from drivers.mysql.physical import TRX_COUNTER_RE
+
+    return int(TRX_COUNTER_RE.search(server.sql("SHOW ENGINE INNODB STATUS")[0][2])[1])
+
+
+def quiet(server: Mariadb) -> None:
+    """Wait until no transaction has run for a second (background statistics updates are transactions too)."""
+    def still() -> bool:
+        before = trx_counter(server)
+        time.sleep(1)
+        return trx_counter(server) == before
+    wait_for(still, 60, "a quiet server")
+
+
+def copy_counts(job: Job, tmp_path: Path, tables: list[str]) -> dict[str, int]:
+    """Row counts of the newest physical backup, restored and prepared, in a scratch server."""
+    from drivers.mysql.scratch import ScratchServer
+
+    dest = tmp_path / "copy"
+    restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
+    assert restored.code == 0, restored.err
+    with ScratchServer(dest, tmp_path / "copy-run", ["--skip-grant-tables"]) as server:
+        conn = server.credentials.connect()
+        try:
+            with conn.cursor() as cur:
+                found = {}
+                for table in tables:
+                    cur.execute(f"SELECT COUNT(*) FROM {table}")
+                    found[table] = cur.fetchone()[0]
+        finally:
+            conn.close()
+    return found
+
+
+def test_physical_counts_taken_during_the_copy_on_a_quiet_server(source: Mariadb, tmp_path: Path,
+                                                                 keys: Keys) -> None:
+    source.sql("CREATE DATABASE quiet1", "CREATE TABLE quiet1.t (id INT PRIMARY KEY, v INT)")
+    source.sql("INSERT INTO t SELECT seq, seq FROM seq_1_to_5000", database="quiet1")
+    job = make_job(tmp_path, keys, source, ["quiet1"], method="physical")
+    quiet(source)
+    shown = manifest(job, backup(job))
+    assert shown["metadata"]["row_counts_note"].startswith("counted during the copy; no transaction committed")
+    assert shown["row_counts"] == {"quiet1.t": 5000} == copy_counts(job, tmp_path, ["quiet1.t"])
+
+
+def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mariadb, tmp_path: Path,
+                                                                    keys: Keys) -> None:
+    source.sql("CREATE DATABASE busy1", "CREATE TABLE busy1.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
+    source.sql("INSERT INTO t (v) SELECT seq FROM seq_1_to_5000", database="busy1")
+    job = make_job(tmp_path, keys, source, ["busy1"], method="physical")
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = source.connect("busy1")
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute("INSERT INTO t (v) VALUES (1)")
+                    time.sleep(0.005)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        shown = manifest(job, backup(job))
+    finally:
+        stop.set()
+        thread.join(30)
+    note = shown["metadata"]["row_counts_note"]
+    assert not note.startswith("counted during the copy"), note
+    if shown["row_counts"]:  # else: commits slipped in as the copy ended, and the manifest says so
+        assert note == "counted in a snapshot at the copy's binlog position"
+        assert shown["row_counts"] == copy_counts(job, tmp_path, ["busy1.t"])
 
 
 def test_verify_loads_into_a_scratch_server_and_catches_wrong_counts(source: Mariadb, tmp_path: Path,
