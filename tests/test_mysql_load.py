@@ -277,3 +277,12 @@ def test_an_error_in_a_data_client_fails_the_load_naming_it(target: Mariadb, tmp
     defaults.write_text(f"[client]\nuser=root\nhost=127.0.0.1\nport={target.port}\nprotocol=TCP\n")
     with pytest.raises(DriverError, match=r"mariadb \(loading the dump\) exited 1: .*Duplicate entry '1' for key"):
         load.load_dump(str(defaults), io.BytesIO(dump), set(), workers=2)
+
+
+@pytest.mark.parametrize("engine, extra", [("MyISAM", ""), ("InnoDB", ",\n  FULLTEXT KEY `f` (`v`)")])
+def test_tables_that_gain_nothing_from_parallel_inserts_load_on_the_main_client(
+        engine: str, extra: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dump = DUMP.replace(b"  KEY `kv` (`v`)\n) ENGINE=InnoDB;", f"  KEY `kv` (`v`){extra}\n) ENGINE={engine};".encode())
+    main, *workers = routed(dump, 2, 64, monkeypatch)
+    assert workers == []
+    assert main.count(b"INSERT INTO `t` VALUES") == 3 + 1 and b"<SYNC>" not in main  # + the trigger's

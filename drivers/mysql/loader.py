@@ -8,7 +8,9 @@ once the main client has run everything before it (its CREATE TABLE), and
 nothing after the data (ENABLE KEYS, triggers, the next table) runs before
 every data client has committed it. A barrier is a ``SELECT`` of a random
 marker that the client prints. A table whose data is one statement is loaded
-by the main client alone, without barriers.
+by the main client alone, without barriers, and so is every table that is not
+InnoDB (table locks would serialise the clients) or has a FULLTEXT or SPATIAL
+index.
 
 Plain ``KEY`` indexes of InnoDB tables are taken out of CREATE TABLE and added
 by one ALTER TABLE after the table's data, in their order: InnoDB then builds
@@ -120,6 +122,7 @@ class ParallelLoad:
         self._create: list[bytes] | None = None
         self._charset_line = b""
         self._referenced: set[tuple[bytes | None, bytes]] = set()  # tables earlier foreign keys point to
+        self._parallel_tables: set[tuple[bytes | None, bytes]] = set()  # InnoDB, no FULLTEXT/SPATIAL index
         self._pending_alters: list[tuple[tuple[bytes | None, bytes], bytes]] = []  # ((db, table), ALTER)
         self._held: bytearray | None = None  # a table's first data statement, kept for the main client
         self._parallel = False  # the current table's data is going to the data clients
@@ -194,8 +197,8 @@ class ParallelLoad:
         if self._held is None and not self._parallel:
             self._held = bytearray(first)
             return
-        if self._database is None:  # data clients could not USE its database: keep to the main client
-            self._flush_held()
+        if self._section is None or (self._database, self._section[1]) not in self._parallel_tables:
+            self._flush_held()  # keep this table's data on the main client
             self._held = bytearray(first)
             return
         self._to_workers()
@@ -330,6 +333,8 @@ class ParallelLoad:
         for match in _REFERENCES.finditer(statement):
             self._referenced.add((_name(match[1]) if match[1] else self._database, _name(match[2])))
         keep, keys = defer_keys(lines, allowed=table_key not in self._referenced)
+        if self._database is not None and parallel_safe(lines):
+            self._parallel_tables.add(table_key)
         self.main.send(b"".join(keep))
         if keys and self._database is not None:
             table = _quote(self._database) + b"." + _quote(self._section[1])
@@ -343,6 +348,14 @@ class ParallelLoad:
         if self._pending_alters:
             self.main.send(b"".join(alter for _, alter in self._pending_alters))
             self._pending_alters.clear()
+
+
+def parallel_safe(lines: list[bytes]) -> bool:
+    """Whether concurrent INSERTs help this table: InnoDB (row locks), no FULLTEXT or SPATIAL index."""
+    closing = next((i for i, line in enumerate(lines) if line.startswith(b")")), len(lines))
+    if b"ENGINE=InnoDB" not in b"".join(lines[closing:]):
+        return False
+    return not any(line.startswith((b"  FULLTEXT KEY ", b"  SPATIAL KEY ")) for line in lines[1:closing])
 
 
 def defer_keys(lines: list[bytes], allowed: bool = True) -> tuple[list[bytes], list[bytes]]:
