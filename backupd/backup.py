@@ -54,7 +54,8 @@ def run_backup(
                         raise DriverError(f"driver produced two streams named {name!r}")
                     names.add(name)
                 entry = repo.write_stream(
-                    backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel
+                    backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel,
+                    background=ctx.job.cpu_priority == "idle",
                 )
                 entries.append(entry)
                 return entry

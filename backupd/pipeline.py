@@ -4,13 +4,20 @@ Write side: source -> zstd -> age -> sha256 -> storage.put, as a chain of
 threads joined by small bounded queues, so memory stays constant and zstd,
 the AEAD and the upload overlap (all release the GIL). Read side: the reverse,
 checking size and sha256 against the manifest and every AEAD tag.
+
+A backup's zstd and age threads may run as background work (``background=True``,
+the job's ``cpu_priority = "idle"``): the database and its dump tool then never
+wait for a CPU that compression holds, and compression takes whatever CPU they
+leave idle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,6 +41,21 @@ class EncodedStats:
     sha256: str
 
 
+def lower_priority() -> None:
+    """Make the calling thread background work: SCHED_IDLE on Linux (nice 19 where that is refused).
+
+    Lowering one's own priority needs no privilege and cannot be undone without one,
+    so only pipeline worker threads call this; threads they start (zstd's) inherit it.
+    """
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere these calls would act on the whole process, the dump tool's parent
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
@@ -53,8 +75,10 @@ class EncodingReader:
         level: int = 3,
         threads: int | None = None,
         cancel: threading.Event | None = None,
+        background: bool = False,
     ) -> None:
         self._source = source
+        self._background = background
         self._cancel = cancel or threading.Event()
         self._compressed: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._encrypted: queue.Queue = queue.Queue(QUEUE_DEPTH)
@@ -99,6 +123,8 @@ class EncodingReader:
 
     def _compress_loop(self) -> None:
         try:
+            if self._background:
+                lower_priority()  # before zstd starts its workers: they inherit it
             zobj = self._compressor.compressobj()
             while chunk := self._source.read(READ_CHUNK):
                 self._raw_size += len(chunk)
@@ -116,6 +142,8 @@ class EncodingReader:
 
     def _encrypt_loop(self) -> None:
         try:
+            if self._background:
+                lower_priority()
             encryptor = age.Encryptor(self._recipients)
             while True:
                 item = self._get(self._compressed)

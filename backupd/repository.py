@@ -152,11 +152,12 @@ class Repository:
         recipients: Sequence[object],
         level: int,
         cancel: threading.Event | None = None,
+        background: bool = False,
     ) -> ObjectEntry:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"invalid stream name {name!r}")
         key = self.object_key(backup_id, name)
-        reader = EncodingReader(source, recipients, level, cancel=cancel)  # type: ignore[arg-type]
+        reader = EncodingReader(source, recipients, level, cancel=cancel, background=background)  # type: ignore[arg-type]
         try:
             info = self.storage.put(key, reader, **self._retention())
         finally:

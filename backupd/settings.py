@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -135,6 +135,7 @@ class JobSettings(BaseModel):
     method: str | None = None
     schedule: str | None = None
     compression: str = "zstd:3"
+    cpu_priority: Literal["idle", "normal"] = "idle"  # of a backup's compression and encryption threads
     archive_logs: bool = False
     os_user: str | None = None
     timeout: dt.timedelta = dt.timedelta(hours=6)

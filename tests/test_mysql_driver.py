@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -179,6 +180,100 @@ def test_logical_round_trip_records_coordinates_and_counts(source: Mariadb, targ
     assert target.count("shop1.items") == 3000 and target.count("shop1.audit") == 0
 
 
+def test_counts_are_exact_while_transactions_move_rows_during_the_dump(source: Mariadb, target: Mariadb,
+                                                                      tmp_path: Path, keys: Keys) -> None:
+    """Counts come from the dump stream; writers move rows between tables all through the dump."""
+    total = 200_000
+    source.sql("CREATE DATABASE moving", "USE moving",
+               "CREATE TABLE a (id INT PRIMARY KEY, pad VARCHAR(64))",
+               "CREATE TABLE b (id INT PRIMARY KEY, pad VARCHAR(64))",
+               # values that look like row separators and statement ends, were the stream parsed naively
+               f"INSERT INTO a SELECT seq, CONCAT('),(', seq, ');\n(', md5(seq)) FROM seq_1_to_{total}")
+    job = make_job(tmp_path, keys, source, ["moving"])
+    stop = threading.Event()
+    moved: list[int] = []
+
+    def mover() -> None:
+        conn = source.connect("moving")
+        conn.autocommit(False)
+        try:
+            with conn.cursor() as cur:
+                next_id = 1
+                while not stop.is_set() and next_id < total:
+                    ids = list(range(next_id, next_id + 50))
+                    marks = ",".join(map(str, ids))
+                    cur.execute(f"INSERT INTO b SELECT id, pad FROM a WHERE id IN ({marks})")
+                    cur.execute(f"DELETE FROM a WHERE id IN ({marks})")
+                    conn.commit()
+                    next_id += 50
+                    moved.append(next_id)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=mover, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(moved) > 5, 30, "the mover to start")
+        before = len(moved)
+        backup_id = backup(job)
+        during = len(moved) - before
+    finally:
+        stop.set()
+        thread.join(30)
+    shown = manifest(job, backup_id)
+    counts = shown["row_counts"]
+    assert shown["metadata"]["row_counts_note"] == "counted in the dump stream"
+    assert set(counts) == {"moving.a", "moving.b"}
+    assert counts["moving.a"] + counts["moving.b"] == total
+    assert 0 < counts["moving.b"] < total
+    assert during > 0, "no transaction committed while the backup ran"
+
+    restore(job, target)
+    assert {"moving.a": target.count("moving.a"), "moving.b": target.count("moving.b")} == counts
+    verified = run_backupd("verify", "shop", config=job.config, timeout=300)
+    assert verified.code == 0, verified.out + verified.err
+
+
+def test_counts_fall_back_to_sql_when_rows_share_a_line(source: Mariadb, tmp_path: Path, keys: Keys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dump with one INSERT per row (or MySQL's single-line extended INSERTs) is counted in SQL."""
+    from drivers.mysql import logical
+
+    seed(source, "shop6", rows=1200)
+    job = make_job(tmp_path, keys, source, ["shop6"])
+    plain_argv = logical.dump_argv
+
+    def one_insert_per_row(*args: object) -> list[str]:
+        argv = plain_argv(*args)  # type: ignore[arg-type]
+        at = argv.index("--databases")
+        return argv[:at] + ["--skip-extended-insert"] + argv[at:]
+
+    monkeypatch.setattr(logical, "dump_argv", one_insert_per_row)
+    ctx = job.context()
+    seen: list[bytes] = []
+
+    def sink(name: str, source_stream: object) -> object:
+        size = 0
+        while chunk := source_stream.read(1 << 16):  # type: ignore[attr-defined]
+            size += len(chunk)
+            if len(seen) < 200:
+                seen.append(chunk)
+
+        class Entry:
+            raw_size = size
+        return Entry()
+
+    try:
+        driver = ctx.driver
+        with driver.credentials.defaults_file(driver.context.spool_dir) as defaults:
+            result = logical.take_dump(driver.credentials, ["shop6"], [], sink, str(defaults), 120)
+    finally:
+        ctx.close()
+    assert b"INSERT INTO `items` VALUES (1," in b"".join(seen)
+    assert result["row_counts"] == {"shop6.audit": 0, "shop6.items": 1200}
+    assert result["metadata"]["row_counts_note"].startswith("counted with SELECT COUNT(*) in the dump's snapshot")
+
+
 def test_partial_restore_of_one_table(source: Mariadb, target: Mariadb, tmp_path: Path, keys: Keys) -> None:
     seed(source, "shop2", rows=500)
     source.sql("CREATE TABLE shop2.other (id INT PRIMARY KEY)", "INSERT INTO shop2.other VALUES (1), (2)")
@@ -283,6 +378,83 @@ def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Pa
 
     verified = run_backupd("verify", "shop", config=job.config, timeout=300)
     assert verified.code == 0, verified.out + verified.err
+
+
+def trx_counter(server: Mariadb) -> int:
+    from drivers.mysql.physical import TRX_COUNTER_RE
+
+    return int(TRX_COUNTER_RE.search(server.sql("SHOW ENGINE INNODB STATUS")[0][2])[1])
+
+
+def quiet(server: Mariadb) -> None:
+    """Wait until no transaction has run for a second (background statistics updates are transactions too)."""
+    def still() -> bool:
+        before = trx_counter(server)
+        time.sleep(1)
+        return trx_counter(server) == before
+    wait_for(still, 60, "a quiet server")
+
+
+def copy_counts(job: Job, tmp_path: Path, tables: list[str]) -> dict[str, int]:
+    """Row counts of the newest physical backup, restored and prepared, in a scratch server."""
+    from drivers.mysql.scratch import ScratchServer
+
+    dest = tmp_path / "copy"
+    restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
+    assert restored.code == 0, restored.err
+    with ScratchServer(dest, tmp_path / "copy-run", ["--skip-grant-tables"]) as server:
+        conn = server.credentials.connect()
+        try:
+            with conn.cursor() as cur:
+                found = {}
+                for table in tables:
+                    cur.execute(f"SELECT COUNT(*) FROM {table}")
+                    found[table] = cur.fetchone()[0]
+        finally:
+            conn.close()
+    return found
+
+
+def test_physical_counts_taken_during_the_copy_on_a_quiet_server(source: Mariadb, tmp_path: Path,
+                                                                 keys: Keys) -> None:
+    source.sql("CREATE DATABASE quiet1", "CREATE TABLE quiet1.t (id INT PRIMARY KEY, v INT)")
+    source.sql("INSERT INTO t SELECT seq, seq FROM seq_1_to_5000", database="quiet1")
+    job = make_job(tmp_path, keys, source, ["quiet1"], method="physical")
+    quiet(source)
+    shown = manifest(job, backup(job))
+    assert shown["metadata"]["row_counts_note"].startswith("counted during the copy; no transaction committed")
+    assert shown["row_counts"] == {"quiet1.t": 5000} == copy_counts(job, tmp_path, ["quiet1.t"])
+
+
+def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mariadb, tmp_path: Path,
+                                                                    keys: Keys) -> None:
+    source.sql("CREATE DATABASE busy1", "CREATE TABLE busy1.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
+    source.sql("INSERT INTO t (v) SELECT seq FROM seq_1_to_5000", database="busy1")
+    job = make_job(tmp_path, keys, source, ["busy1"], method="physical")
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = source.connect("busy1")
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute("INSERT INTO t (v) VALUES (1)")
+                    time.sleep(0.005)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        shown = manifest(job, backup(job))
+    finally:
+        stop.set()
+        thread.join(30)
+    note = shown["metadata"]["row_counts_note"]
+    assert not note.startswith("counted during the copy"), note
+    if shown["row_counts"]:  # else: commits slipped in as the copy ended, and the manifest says so
+        assert note == "counted in a snapshot at the copy's binlog position"
+        assert shown["row_counts"] == copy_counts(job, tmp_path, ["busy1.t"])
 
 
 def test_verify_loads_into_a_scratch_server_and_catches_wrong_counts(source: Mariadb, tmp_path: Path,

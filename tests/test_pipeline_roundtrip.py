@@ -94,3 +94,28 @@ def test_source_failing_midway_leaves_no_object(storage: Storage, keys) -> None:
     with pytest.raises(DriverError, match="pg_dump exited with status 1"):
         repo.write_stream("20261124T020000Z", "db", FailingSource(12 << 20), [keys.identity.to_recipient()], 1)
     assert list(storage.list("job/")) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize("background", [True, False])
+def test_background_pipeline_threads_run_at_idle_priority(keys, background: bool) -> None:
+    """A backup's zstd and age threads (and zstd's own workers) yield the CPU; the caller's thread never does."""
+    import threading
+
+    from backupd.pipeline import EncodingReader
+
+    before = set(os.listdir("/proc/self/task"))
+    reader = EncodingReader(io.BytesIO(os.urandom(1 << 20) * 24), [keys.identity.to_recipient()], 3, threads=2,
+                            background=background)
+    try:
+        reader.read(1)  # data has gone through zstd and age: their threads are set up
+        started = [int(tid) for tid in set(os.listdir("/proc/self/task")) - before]
+        idle = [os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in started]
+        while reader.read(1 << 20):
+            pass
+    finally:
+        reader.close()
+    assert len(started) >= 3  # zstd, age and at least one zstd worker
+    assert all(idle) if background else not any(idle)
+    assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
+    assert reader.stats.raw_size == 24 << 20

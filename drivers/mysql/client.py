@@ -8,6 +8,7 @@ as a keyword argument. Every child's exit status is checked by ``Tool``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -33,6 +34,9 @@ TOOL_NAMES = {
     "install_db": ("mariadb-install-db", "mysql_install_db"),
 }
 STDERR_TAIL = 4000
+#: Pipe buffer for a tool's stdin/stdout (Linux default 64 KiB; 1 MiB is the unprivileged maximum):
+#: the tool writes ahead while backupd compresses, and both sides wake 16 times less often.
+PIPE_SIZE = 1 << 20
 
 
 def find_tool(kind: str) -> str:
@@ -122,6 +126,14 @@ def quote_ident(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+    """Best effort: a bigger pipe buffer (Linux F_SETPIPE_SZ); the default stays where it cannot be raised."""
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, setpipe, size)
+
+
 class Tool:
     """One native tool run as a child: argv list, stderr kept in a file, exit status checked."""
 
@@ -136,6 +148,9 @@ class Tool:
         except OSError as exc:
             self._stderr.close()
             raise DriverError(f"{self.name}: cannot start: {exc}") from None
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            if pipe is not None:
+                widen_pipe(pipe.fileno())
 
     @property
     def stdout(self) -> IO[bytes]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 from typing import BinaryIO, Iterable, Iterator
 
 import pymysql
 
 from backupd.errors import DriverError
-from drivers.mysql.client import Credentials, Tool, find_tool, query, quote_ident
+from drivers.mysql.client import Credentials, find_tool, query, quote_ident
+from drivers.mysql.loader import load_parallel
 
 COPY_CHUNK = 1 << 20
+#: Data clients of a dump load: one server thread each (see drivers.mysql.loader).
+MAX_LOAD_WORKERS = 4
 _NAME = rb"`((?:[^`]|``)*)`"
 _DATABASE = re.compile(rb"^-- Current Database: " + _NAME)
 _TABLE = re.compile(rb"^-- (?:Table structure for table|Dumping data for table|Temporary table structure for view"
@@ -74,24 +77,25 @@ def client_argv(defaults_file: str, *extra: str) -> list[str]:
             "--max-allowed-packet=1G", *extra]
 
 
-def load(defaults_file: str, data: Iterable[bytes], what: str) -> int:
-    """Pipe SQL into one client process; return bytes sent; raise naming the client's error."""
-    sent = 0
-    with Tool(client_argv(defaults_file), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as client:
-        try:
-            for chunk in data:
-                client.stdin.write(chunk)
-                sent += len(chunk)
-            client.stdin.close()
-        except BrokenPipeError:
-            pass  # the client died; its exit status and message say why
-        client.check(what=what)
-    return sent
+def load_dump(defaults_file: str, stream: BinaryIO, tables: set[tuple[str, str]], workers: int | None = None) -> int:
+    """The dump (or only ``tables``) into the server: data in parallel, plain indexes after the data."""
+    data = _batched(filter_dump(stream, tables)) if tables else _chunks(stream)
+    if workers is None:
+        workers = max(1, min(os.cpu_count() or 1, MAX_LOAD_WORKERS))
+    return load_parallel(client_argv(defaults_file, "--batch", "--skip-column-names", "--unbuffered"), data, workers)
 
 
-def load_dump(defaults_file: str, stream: BinaryIO, tables: set[tuple[str, str]]) -> int:
-    data = filter_dump(stream, tables) if tables else _chunks(stream)
-    return load(defaults_file, data, "loading the dump")
+def _batched(lines: Iterable[bytes]) -> Iterator[bytes]:
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line)
+        if size >= COPY_CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
 
 
 def prepare_target(credentials: Credentials, databases: list[str], tables: set[tuple[str, str]],

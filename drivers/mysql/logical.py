@@ -5,8 +5,12 @@ BLOCK_COMMIT`` on MariaDB, ``FLUSH TABLES WITH READ LOCK`` on MySQL) while a
 second session opens a consistent snapshot and the dump opens its own; the
 lock is released as soon as the dump has printed its binlog coordinates (it
 prints them after its snapshot exists). Both snapshots therefore see the same
-commits: the row counts taken in ours describe exactly what the dump holds, and
-the coordinates are where binlog replay must start.
+commits, and the coordinates are where binlog replay must start.
+
+Row counts come from the dump stream itself (drivers.mysql.rowcount) when the
+dump writes one row per line, so counting costs no second scan on the server;
+otherwise ``SELECT COUNT(*)`` runs in our snapshot, which sees exactly what the
+dump holds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from backupd.errors import DriverError
 from backupd.timeutil import format_timestamp, utcnow
 from drivers.mysql.client import Credentials, Tool, find_tool, query, quote_ident, scalar, variable
 from drivers.mysql.options import SYSTEM_SCHEMAS
+from drivers.mysql.rowcount import RowCounter
 
 STREAM = "dump"
 LOCK_WAIT_SECONDS = 60
@@ -29,6 +34,8 @@ HEADER_LIMIT = 64 * 1024
 CHANGE_MASTER_RE = re.compile(rb"CHANGE (?:MASTER|REPLICATION SOURCE) TO (?:MASTER|SOURCE)_LOG_FILE='([^']+)', "
                               rb"(?:MASTER|SOURCE)_LOG_POS=(\d+)")
 TRAILER = b"-- Dump completed"
+READ_SIZE = 1 << 20
+TAIL = 512
 
 
 @dataclass
@@ -148,10 +155,11 @@ def open_snapshot(credentials: Credentials, info: ServerInfo) -> Snapshot:
 
 @dataclass
 class DumpReader:
-    """The dump's stdout as the pipeline reads it; remembers the tail to prove the dump completed."""
+    """The dump's stdout as the pipeline reads it: counts rows, remembers the tail to prove the dump completed."""
 
     tool: Tool
     head: bytes
+    counter: RowCounter | None = None
     tail: bytes = b""
     size: int = 0
     _head_sent: bool = field(default=False, repr=False)
@@ -161,13 +169,44 @@ class DumpReader:
             self._head_sent = True
             if self.head:
                 return self._seen(self.head)
-        return self._seen(self.tool.stdout.read(size if size and size > 0 else 1 << 20))
+        return self._seen(self.tool.stdout.read(size if size and size > 0 else READ_SIZE))
 
     def _seen(self, data: bytes) -> bytes:
         if data:
             self.size += len(data)
-            self.tail = (self.tail + data)[-512:]
+            self.tail = (self.tail + data[-TAIL:])[-TAIL:]
+            if self.counter is not None and self.counter.exact:
+                self.counter.feed(data)
         return data
+
+
+class SqlCounts(threading.Thread):
+    """``SELECT COUNT(*)`` per table in the snapshot, in the background, started only if needed."""
+
+    def __init__(self, conn: pymysql.connections.Connection, tables: list[tuple[str, str]]) -> None:
+        super().__init__(name="mysql-row-counts", daemon=True)
+        self.conn, self.tables = conn, tables
+        self.counts: dict[str, int] = {}
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def begin(self, why: str = "") -> None:
+        with self._lock:
+            if self.ident is None:
+                self.start()
+
+    def run(self) -> None:
+        try:
+            self.counts = count_rows(self.conn, self.tables)
+        except BaseException as exc:  # reported after the dump
+            self.error = exc
+
+    def result(self) -> dict[str, int]:
+        self.begin()
+        self.join()
+        if self.error is not None:
+            raise DriverError(f"counting rows in the dump's snapshot failed: {self.error}")
+        return self.counts
 
 
 def _read_header(tool: Tool, want_coordinates: bool) -> tuple[bytes, tuple[str, int] | None]:
@@ -215,8 +254,6 @@ def take_dump(credentials: Credentials, databases_wanted: list[str], excluded: l
     block = CommitBlock(credentials, info)
     snapshot: Snapshot | None = None
     tool: Tool | None = None
-    counts: dict[str, int] = {}
-    count_error: list[BaseException] = []
     try:
         snapshot = open_snapshot(credentials, info)
         tool = Tool(dump_argv(defaults_file, info, databases))
@@ -226,25 +263,26 @@ def take_dump(credentials: Credentials, databases_wanted: list[str], excluded: l
             raise DriverError(
                 f"dump snapshot at {coordinates[0]}:{coordinates[1]} differs from the counting snapshot at "
                 f"{snapshot.binlog_file}:{snapshot.binlog_position}; commits were not blocked")
-
-        def count() -> None:
-            try:
-                counts.update(count_rows(snapshot.conn, tables))
-            except BaseException as exc:  # reported after the dump
-                count_error.append(exc)
-
-        counter = threading.Thread(target=count, name="mysql-row-counts", daemon=True)
-        counter.start()
-        reader = DumpReader(tool, head)
+        fallback = SqlCounts(snapshot.conn, tables)
+        counter = RowCounter(on_inexact=fallback.begin)
+        if any("\n" in name for pair in tables for name in pair):
+            counter.give_up("a database or table name contains a newline")
+        reader = DumpReader(tool, head, counter)
         entry = sink(STREAM, reader)
         tool.check(timeout, "dump")
-        counter.join()
-        if count_error:
-            raise DriverError(f"counting rows in the dump's snapshot failed: {count_error[0]}")
         if TRAILER not in reader.tail:
             raise DriverError(f"{tool.name} output ends without '{TRAILER.decode()}': the dump is incomplete")
         if entry.raw_size != reader.size:
             raise DriverError(f"stored {entry.raw_size} bytes of a {reader.size}-byte dump")
+        counter.finish()
+        listed = {f"{db}.{table}" for db, table in tables}
+        if counter.exact and set(counter.counts) != listed:
+            counter.give_up(f"the dump's tables differ from the {len(listed)} listed before it")
+        if counter.exact:
+            counts, note = counter.counts, "counted in the dump stream"
+        else:
+            counts = fallback.result()
+            note = f"counted with SELECT COUNT(*) in the dump's snapshot ({counter.why})"
     finally:
         block.release()
         if tool is not None:
@@ -266,6 +304,7 @@ def take_dump(credentials: Credentials, databases_wanted: list[str], excluded: l
             "all_databases": not databases_wanted and not excluded,
             "binlog": binlog,
             "snapshot_at": format_timestamp(snapshot.taken_at),
+            "row_counts_note": note,
         },
         "row_counts": counts,
     }

@@ -6,6 +6,16 @@ holds that stage and keep the counts only if the snapshot's binlog position
 equals the backup's: then both describe the same commits. Otherwise (writes in
 the instant between) the manifest says the counts are unavailable rather than
 recording numbers that do not describe the copy.
+
+Counting there runs after the copy, so it adds its whole time to the backup.
+When every counted table is InnoDB, the counts are first taken *during* the
+copy in a snapshot of their own, and kept only if InnoDB's transaction counter
+(``Trx id counter``, which every read-write transaction's start and commit
+advance) read before that snapshot equals the one read after the snapshot at
+BLOCK_COMMIT, and the binlog positions agree: then no transaction committed
+between the two snapshots and both see the same rows. Once the counter moves
+during the copy the early count is killed and the snapshot at BLOCK_COMMIT
+counts, as before.
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from backupd.errors import DriverError
+import pymysql
+
 from drivers.mysql.client import Credentials, Tool, find_tool, query
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
 
@@ -25,35 +38,110 @@ STREAM = "physical"
 BLOCK_COMMIT_LINE = b"Acquired locks for BACKUP STAGE BLOCK_COMMIT"
 POSITION_RE = re.compile(rb"binlog position: filename '([^']+)', position '(\d+)'(?:, GTID of the last change '([^']*)')?")
 COPY_CHUNK = 1 << 20
+TRX_COUNTER_RE = re.compile(r"^Trx id counter (\d+)", re.M)
+#: How often the copy's watcher checks whether the early count is still worth finishing.
+COUNTER_POLL_SECONDS = 1.0
+
+
+def trx_counter(conn: pymysql.connections.Connection) -> int | None:
+    """InnoDB's transaction id counter; None if it cannot be read (no PROCESS privilege)."""
+    try:
+        rows = query(conn, "SHOW ENGINE INNODB STATUS")
+    except pymysql.MySQLError:
+        return None
+    match = TRX_COUNTER_RE.search(str(rows[0][2])) if rows else None
+    return int(match[1]) if match else None
+
+
+def _snapshot_position(conn: pymysql.connections.Connection) -> tuple[str, int] | None:
+    status = dict(query(conn, "SHOW STATUS LIKE 'binlog_snapshot_%'"))
+    if status.get("Binlog_snapshot_file"):
+        return str(status["Binlog_snapshot_file"]), int(status["Binlog_snapshot_position"])
+    return None
+
+
+class _EarlyCount(threading.Thread):
+    """Row counts taken while the copy runs, in a snapshot that is only trusted if nothing committed since."""
+
+    def __init__(self, credentials: Credentials, tables: list[tuple[str, str]]) -> None:
+        super().__init__(name="mysql-early-counts", daemon=True)
+        self.tables = tables
+        self.conn = credentials.connect()
+        self.counter: int | None = None  # read before the snapshot opened
+        self.position: tuple[str, int] | None = None
+        self.counts: dict[str, int] | None = None
+        self.abandoned = False
+
+    def run(self) -> None:
+        try:
+            self.counter = trx_counter(self.conn)
+            if self.counter is None:
+                return
+            query(self.conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            self.position = _snapshot_position(self.conn)
+            counts = count_rows(self.conn, self.tables)
+            if not self.abandoned:
+                self.counts = counts
+        except Exception:  # killed, or failed: the snapshot at BLOCK_COMMIT counts instead
+            self.counts = None
+        finally:
+            self.conn.close()
+
+    def abandon(self, monitor: pymysql.connections.Connection) -> None:
+        """A transaction committed since: stop scanning (KILL QUERY on our own session)."""
+        self.abandoned = True
+        if self.is_alive():
+            try:
+                query(monitor, f"KILL QUERY {int(self.conn.thread_id())}")
+            except pymysql.MySQLError:
+                pass
 
 
 class _Watcher(threading.Thread):
     """Waits for mariadb-backup to hold BLOCK_COMMIT, then opens the counting snapshot."""
 
-    def __init__(self, tool: Tool, credentials: Credentials, tables: list[tuple[str, str]]) -> None:
+    def __init__(self, tool: Tool, credentials: Credentials, tables: list[tuple[str, str]],
+                 early: _EarlyCount | None = None) -> None:
         super().__init__(name="mysql-physical-counts", daemon=True)
-        self.tool, self.credentials, self.tables = tool, credentials, tables
+        self.tool, self.credentials, self.tables, self.early = tool, credentials, tables, early
         self.done = threading.Event()
         self.position: tuple[str, int] | None = None
         self.counts: dict[str, int] = {}
+        self.counted_early = False
         self.error: str | None = None
 
     def run(self) -> None:
+        monitor = None
         try:
+            checked = time.monotonic()
             while not self.done.wait(0.02):
                 if BLOCK_COMMIT_LINE in self.tool.stderr_text(limit=1 << 16).encode() or self.tool.proc.poll() is not None:
                     break
+                if self.early is not None and not self.early.abandoned and time.monotonic() - checked >= COUNTER_POLL_SECONDS:
+                    checked = time.monotonic()
+                    monitor = monitor or self.credentials.connect()
+                    if self.early.counter is not None and trx_counter(monitor) != self.early.counter:
+                        self.early.abandon(monitor)
             conn = self.credentials.connect()
             try:
                 query(conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
-                status = dict(query(conn, "SHOW STATUS LIKE 'binlog_snapshot_%'"))
-                if status.get("Binlog_snapshot_file"):
-                    self.position = (str(status["Binlog_snapshot_file"]), int(status["Binlog_snapshot_position"]))
+                self.position = _snapshot_position(conn)
+                if self.early is not None:
+                    after = trx_counter(conn)  # read after this snapshot opened: covers every commit before it
+                    if after is not None and after == self.early.counter and not self.early.abandoned:
+                        self.early.join()
+                        if self.early.counts is not None and self.early.position == self.position:
+                            self.counts, self.counted_early = self.early.counts, True
+                            return
+                    self.early.abandon(conn)
                 self.counts = count_rows(conn, self.tables)
             finally:
                 conn.close()
         except Exception as exc:  # counts are best effort; the copy itself is what must succeed
             self.error = str(exc)
+        finally:
+            if monitor is not None:
+                monitor.close()
 
 
 def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, sink: Callable[[str, Any], Any],
@@ -63,14 +151,19 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         info = server_info(conn)
         chosen = user_databases(conn, databases, excluded)
         tables = base_tables(conn, chosen)
+        all_innodb = bool(tables) and _all_innodb(conn, chosen)
     finally:
         conn.close()
     target = work_dir / "mariadb-backup"
     shutil.rmtree(target, ignore_errors=True)
     argv = [find_tool("backup"), f"--defaults-extra-file={defaults_file}", "--backup", "--stream=xbstream",
             f"--target-dir={target}"]
+    counting = info.flavor == "mariadb" and info.log_bin
+    early = _EarlyCount(credentials, tables) if counting and all_innodb else None
+    if early:
+        early.start()
     with Tool(argv) as tool:
-        watcher = _Watcher(tool, credentials, tables) if info.flavor == "mariadb" and info.log_bin else None
+        watcher = _Watcher(tool, credentials, tables, early) if counting else None
         if watcher:
             watcher.start()
         try:
@@ -80,6 +173,8 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
             if watcher:
                 watcher.done.set()
                 watcher.join()
+            if early and early.is_alive():  # the backup failed before the watcher was done with it
+                _abandon(credentials, early)
             shutil.rmtree(target, ignore_errors=True)
         log_text = tool.stderr_text(limit=1 << 20).encode()
     if b"completed OK!" not in log_text:
@@ -97,7 +192,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         if watcher.error:
             note = f"counting failed: {watcher.error}"
         elif watcher.position == (binlog["file"], binlog["position"]):
-            counts, note = watcher.counts, "counted in a snapshot at the copy's binlog position"
+            counts, note = watcher.counts, ("counted during the copy; no transaction committed from that snapshot "
+                                            "to the copy's binlog position" if watcher.counted_early
+                                            else "counted in a snapshot at the copy's binlog position")
         else:
             note = "commits happened while the copy ended; counts would not describe it"
     return {
@@ -106,6 +203,26 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
                      "raw_bytes": entry.raw_size},
         "row_counts": counts,
     }
+
+
+def _abandon(credentials: Credentials, early: _EarlyCount) -> None:
+    try:
+        conn = credentials.connect()
+    except DriverError:
+        early.abandoned = True
+        return
+    try:
+        early.abandon(conn)
+    finally:
+        conn.close()
+
+
+def _all_innodb(conn: pymysql.connections.Connection, databases: list[str]) -> bool:
+    marks = ", ".join(["%s"] * len(databases))
+    engines = {str(row[0]).lower() for row in query(
+        conn, f"SELECT DISTINCT engine FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+              f"AND table_schema IN ({marks})", databases)}
+    return engines == {"innodb"}
 
 
 def extract(stream: BinaryIO, dest: Path) -> int:

@@ -1,0 +1,398 @@
+"""Loading a dump through several client connections, plain secondary indexes built after the data.
+
+One *main* client runs the dump as written, except the row data: the INSERT
+statements of a table go in turn to N *data* clients (each its own server
+thread), so statement parsing and row inserts run in parallel, as myloader and
+mysqlsh's loadDump do. Order is kept with barriers: a table's data is sent only
+once the main client has run everything before it (its CREATE TABLE), and
+nothing after the data (ENABLE KEYS, triggers, the next table) runs before
+every data client has committed it. A barrier is a ``SELECT`` of a random
+marker that the client prints. A table whose data is one statement is loaded
+by the main client alone, without barriers, and so is every table that is not
+InnoDB (table locks would serialise the clients) or has a FULLTEXT or SPATIAL
+index.
+
+Plain ``KEY`` indexes of InnoDB tables are taken out of CREATE TABLE and added
+by one ALTER TABLE after the table's data, in their order: InnoDB then builds
+each by sorting instead of inserting every entry at random into a B-tree
+larger than the buffer pool. Unique, fulltext and spatial keys stay inline, as
+do all keys of a table with system versioning or foreign keys, or that a
+foreign key in an earlier table references (it may need one of them; a table
+referenced later has its keys back by then), and any key led by an
+AUTO_INCREMENT column.
+
+The dump's header (its ``SET`` statements: character set, time zone, sql_mode,
+unique and foreign key checks off) is replayed in every data client, which
+also gets ``USE`` for the table's database. Each statement commits on its own,
+as in the dump: batching several per transaction made concurrent inserts into
+one table wait on each other's locks. ``LOCK TABLES``/``UNLOCK TABLES`` around
+the data are dropped: they would lock the data clients out (they only speed up
+MyISAM loads).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+import threading
+from typing import Iterable, Sequence
+
+from backupd.errors import DriverError
+from drivers.mysql.client import Tool
+
+_NAME = rb"`((?:[^`]|``)*)`"
+_DATABASE = re.compile(rb"^-- Current Database: " + _NAME + rb"\s*$")
+_STRUCTURE = re.compile(rb"^-- Table structure for table " + _NAME + rb"\s*$")
+_DATA = re.compile(rb"^-- Dumping data for table " + _NAME + rb"\s*$")
+_PLAIN_KEY = re.compile(rb"^  KEY " + _NAME + rb" \(" + _NAME)
+_AUTO_INCREMENT = re.compile(rb"^  " + _NAME + rb" .* AUTO_INCREMENT\b")
+_REFERENCES = re.compile(rb" REFERENCES (?:" + _NAME + rb"\.)?" + _NAME)
+_STATEMENT = (b"INSERT ", b"REPLACE ")
+_CHARSET_CLIENT = b"/*!40101 SET character_set_client = "
+
+
+def _name(raw: bytes) -> bytes:
+    return raw.replace(b"``", b"`")
+
+
+def _quote(name: bytes) -> bytes:
+    return b"`" + name.replace(b"`", b"``") + b"`"
+
+
+class _Client:
+    """One ``mariadb`` client fed through stdin; its stdout is watched for barrier markers."""
+
+    def __init__(self, argv: Sequence[str], marker: bytes) -> None:
+        self.tool = Tool(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.database: bytes | None = None
+        self._marker = marker
+        self._seen: set[bytes] = set()
+        self._eof = False
+        self._cond = threading.Condition()
+        self._drain = threading.Thread(target=self._read, name="mysql-client-out", daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.tool.stdout:
+                if line.startswith(self._marker):
+                    with self._cond:
+                        self._seen.add(line.strip())
+                        self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def send(self, data: bytes) -> None:
+        self.tool.stdin.write(data)
+
+    def sync(self, n: int) -> None:
+        mark = self._marker + str(n).encode()
+        self.send(b"SELECT '" + mark + b"';\n")
+        self.tool.stdin.flush()
+        with self._cond:
+            self._cond.wait_for(lambda: mark in self._seen or self._eof)
+            if mark not in self._seen:
+                raise BrokenPipeError("the client exited")
+
+    def finish(self) -> None:
+        self.tool.stdin.close()
+        self._drain.join()
+
+
+class ParallelLoad:
+    """Feed ``feed()`` the dump in order, then ``finish()``; ``close()`` always."""
+
+    def __init__(self, argv: Sequence[str], workers: int) -> None:
+        self._argv = list(argv)
+        self._marker = b"backupd-sync-" + secrets.token_hex(8).encode() + b"-"
+        self._syncs = 0
+        self.main = _Client(self._argv, self._marker)
+        self._size = max(1, workers)
+        self._workers: list[_Client] = []
+        self._next = 0
+        self._preamble: list[bytes] = []
+        self._line = bytearray()
+        self._database: bytes | None = None
+        self._section: tuple[str, bytes] | None = None
+        self._delimited = False
+        self._create: list[bytes] | None = None
+        self._charset_line = b""
+        self._referenced: set[tuple[bytes | None, bytes]] = set()  # tables earlier foreign keys point to
+        self._parallel_tables: set[tuple[bytes | None, bytes]] = set()  # InnoDB, no FULLTEXT/SPATIAL index
+        self._pending_alters: list[tuple[tuple[bytes | None, bytes], bytes]] = []  # ((db, table), ALTER)
+        self._held: bytearray | None = None  # a table's first data statement, kept for the main client
+        self._parallel = False  # the current table's data is going to the data clients
+        self._target: _Client | None = None  # where the current statement's bytes go (None: held)
+        self._in_statement = False
+        self._semicolon = False
+        self.sent = 0
+
+    # ---- the stream ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self.sent += len(data)
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._in_statement:
+                pos = self._statement(data, pos)
+                continue
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self._line += data[pos:]
+                if self._starts_statement(self._line):
+                    self._begin(bytes(self._line))
+                    self._line.clear()
+                return
+            self._line += data[pos:end + 1]
+            pos = end + 1
+            line = bytes(self._line)
+            self._line.clear()
+            if self._starts_statement(line):
+                self._begin(line[:-1])
+                pos -= 1  # the newline ends the header line (or the statement): read it as statement bytes
+            else:
+                self._other(line)
+
+    def finish(self) -> None:
+        if self._line:
+            self._other(bytes(self._line))
+            self._line.clear()
+        self._flush_held()
+        self._end_data()
+        self._alters()
+        for client in [self.main, *self._workers]:
+            client.finish()
+        for client in [*self._workers, self.main]:
+            client.tool.check(what="loading the dump")
+
+    def close(self) -> None:
+        for client in [self.main, *self._workers]:
+            client.tool.close()
+
+    def check_after_broken_pipe(self) -> None:
+        """A client died: wait for all, and raise naming the first that failed."""
+        for client in [self.main, *self._workers]:
+            try:
+                client.tool.stdin.close()
+            except OSError:
+                pass
+        for client in [self.main, *self._workers]:
+            client.tool.check(what="loading the dump")
+        raise DriverError("a mysql client stopped reading the dump")
+
+    def _starts_statement(self, line: bytes | bytearray) -> bool:
+        return (not self._delimited and self._section is not None and self._section[0] == "data"
+                and len(line) >= 8 and line.startswith(_STATEMENT))
+
+    # ---- data statements ----------------------------------------------------------------
+
+    def _begin(self, first: bytes) -> None:
+        """A data statement starts: the table's first is held, the rest go to the data clients."""
+        self._semicolon = first.endswith(b";")
+        self._in_statement = True
+        if self._held is None and not self._parallel:
+            self._held = bytearray(first)
+            return
+        if self._section is None or (self._database, self._section[1]) not in self._parallel_tables:
+            self._flush_held()  # keep this table's data on the main client
+            self._held = bytearray(first)
+            return
+        self._to_workers()
+        self._target = self._worker()
+        self._target.send(first)
+
+    def _statement(self, data: bytes, pos: int) -> int:
+        """Statement bytes up to and including the first ';\\n' (values never hold a raw newline)."""
+        if self._semicolon and data.startswith(b"\n", pos):
+            self._put(b"\n")
+            self._statement_done()
+            return pos + 1
+        end = data.find(b";\n", pos)
+        stop = len(data) if end < 0 else end + 2
+        self._put(data[pos:stop])
+        if end < 0:
+            self._semicolon = data.endswith(b";")
+            return stop
+        self._statement_done()
+        return stop
+
+    def _put(self, data: bytes) -> None:
+        if self._target is not None:
+            self._target.send(data)
+        else:
+            assert self._held is not None
+            self._held += data
+
+    def _statement_done(self) -> None:
+        self._semicolon = self._in_statement = False
+        self._target = None
+
+    def _to_workers(self) -> None:
+        """The table has more than one statement: sync the main client, hand its held statement on."""
+        if self._parallel:
+            return
+        self._sync([self.main])
+        self._parallel = True
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._worker().send(bytes(held))
+
+    def _worker(self) -> _Client:
+        if len(self._workers) < self._size:
+            client = _Client(self._argv, self._marker)
+            client.send(b"".join(self._preamble))
+            self._workers.append(client)
+        client = self._workers[self._next % len(self._workers)]
+        self._next += 1
+        if client.database != self._database and self._database is not None:
+            client.send(b"USE " + _quote(self._database) + b";\n")
+            client.database = self._database
+        return client
+
+    def _flush_held(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.main.send(bytes(held))
+
+    def _end_data(self) -> None:
+        """Nothing after a table's data may run before every data client has committed it."""
+        if self._parallel:
+            self._sync(self._workers)
+            self._parallel = False
+
+    def _sync(self, clients: list[_Client]) -> None:
+        self._syncs += 1
+        for client in clients:
+            client.sync(self._syncs)
+
+    # ---- everything else goes to the main client ----------------------------------------
+
+    def _other(self, line: bytes) -> None:
+        if self._held is not None or self._parallel:
+            if self._section and self._section[0] == "data" and (
+                    line.startswith(b"LOCK TABLES ") or line.rstrip() == b"UNLOCK TABLES;"):
+                return  # would lock the data clients out
+            self._flush_held()
+            self._end_data()
+        if self._delimited:
+            self.main.send(line)
+            if line.rstrip() == b"DELIMITER ;":
+                self._delimited = False
+            return
+        if self._create is not None:
+            self._create.append(line)
+            if line.rstrip().endswith(b";"):
+                self._emit_create()
+            return
+        if line.startswith(b"--"):
+            self._comment(line)
+        elif line.rstrip() == b"DELIMITER ;;":
+            self._delimited = True
+        elif self._section is not None and self._section[0] == "structure":
+            if line.startswith(b"CREATE TABLE "):
+                self._create = [line]
+                if line.rstrip().endswith(b";"):
+                    self._emit_create()
+                return
+            if line.startswith(_CHARSET_CLIENT):
+                self._charset_line = line
+        elif self._section is not None and self._section[0] == "data" and (
+                line.startswith(b"LOCK TABLES ") or line.rstrip() == b"UNLOCK TABLES;"):
+            return
+        elif self._section is None and self._database is None and line.startswith((b"/*!", b"/*M!")):
+            self._preamble.append(line)  # the header's SET statements, replayed in each data client
+        self.main.send(line)
+
+    def _comment(self, line: bytes) -> None:
+        """Section headers; a table's deferred ALTER runs at the first header after its data."""
+        if match := _DATA.match(line):
+            if self._pending_alters and self._pending_alters[-1][0] != (self._database, _name(match[1])):
+                self._alters()
+            self._section = ("data", _name(match[1]))
+            return
+        if match := _DATABASE.match(line):
+            self._alters()
+            self._database, self._section = _name(match[1]), None
+        elif match := _STRUCTURE.match(line):
+            self._alters()
+            self._section = ("structure", _name(match[1]))
+            self._charset_line = b""
+        elif line.startswith((b"-- Dumping ", b"-- Temporary ", b"-- Final view")):
+            self._alters()
+            self._section = None
+
+    def _emit_create(self) -> None:
+        assert self._create is not None and self._section is not None
+        lines, self._create = self._create, None
+        statement = b"".join(lines)
+        table_key = (self._database, self._section[1])
+        for match in _REFERENCES.finditer(statement):
+            self._referenced.add((_name(match[1]) if match[1] else self._database, _name(match[2])))
+        keep, keys = defer_keys(lines, allowed=table_key not in self._referenced)
+        if self._database is not None and parallel_safe(lines):
+            self._parallel_tables.add(table_key)
+        self.main.send(b"".join(keep))
+        if keys and self._database is not None:
+            table = _quote(self._database) + b"." + _quote(self._section[1])
+            alter = b"ALTER TABLE " + table + b" " + b", ".join(b"ADD " + key for key in keys) + b";\n"
+            if self._charset_line:
+                alter = (b"SET @backupd_cs = @@character_set_client;\n" + self._charset_line + alter
+                         + b"SET character_set_client = @backupd_cs;\n")
+            self._pending_alters.append(((self._database, self._section[1]), alter))
+
+    def _alters(self) -> None:
+        if self._pending_alters:
+            self.main.send(b"".join(alter for _, alter in self._pending_alters))
+            self._pending_alters.clear()
+
+
+def parallel_safe(lines: list[bytes]) -> bool:
+    """Whether concurrent INSERTs help this table: InnoDB (row locks), no FULLTEXT or SPATIAL index."""
+    closing = next((i for i, line in enumerate(lines) if line.startswith(b")")), len(lines))
+    if b"ENGINE=InnoDB" not in b"".join(lines[closing:]):
+        return False
+    return not any(line.startswith((b"  FULLTEXT KEY ", b"  SPATIAL KEY ")) for line in lines[1:closing])
+
+
+def defer_keys(lines: list[bytes], allowed: bool = True) -> tuple[list[bytes], list[bytes]]:
+    """CREATE TABLE lines without their deferrable plain KEYs, and those keys' definitions."""
+    closing = next((i for i, line in enumerate(lines) if line.startswith(b")")), None)
+    if not allowed or closing is None:
+        return lines, []
+    statement = b"".join(lines)
+    tail = b"".join(lines[closing:])
+    if b" FOREIGN KEY " in statement or b"WITH SYSTEM VERSIONING" in tail or b"ENGINE=InnoDB" not in tail:
+        return lines, []
+    auto = {_name(m[1]) for line in lines[1:closing] if (m := _AUTO_INCREMENT.match(line))}
+    keep: list[bytes] = []
+    keys: list[bytes] = []
+    for line in lines[1:closing]:
+        match = _PLAIN_KEY.match(line)
+        if match and _name(match[2]) not in auto:
+            keys.append(line.strip().rstrip(b","))
+        else:
+            keep.append(line)
+    if not keys:
+        return lines, []
+    if keep and keep[-1].rstrip().endswith(b","):
+        keep[-1] = keep[-1].rstrip()[:-1] + b"\n"
+    return [lines[0], *keep, *lines[closing:]], keys
+
+
+def load_parallel(argv: Sequence[str], data: Iterable[bytes], workers: int) -> int:
+    """Load a dump's chunks; return bytes sent; raise naming the client's error."""
+    loader = ParallelLoad(argv, workers)
+    try:
+        try:
+            for chunk in data:
+                loader.feed(chunk)
+            loader.finish()
+        except BrokenPipeError:
+            loader.check_after_broken_pipe()
+    finally:
+        loader.close()
+    return loader.sent
