@@ -55,7 +55,7 @@ def run_backup(
                     names.add(name)
                 entry = repo.write_stream(
                     backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel,
-                    background=ctx.job.cpu_priority == "idle",
+                    priority=ctx.job.cpu_priority,
                 )
                 entries.append(entry)
                 return entry

@@ -5,10 +5,10 @@ threads joined by small bounded queues, so memory stays constant and zstd,
 the AEAD and the upload overlap (all release the GIL). Read side: the reverse,
 checking size and sha256 against the manifest and every AEAD tag.
 
-A backup's zstd and age threads may run as background work (``background=True``,
-the job's ``cpu_priority = "idle"``): the database and its dump tool then never
-wait for a CPU that compression holds, and compression takes whatever CPU they
-leave idle.
+A backup's zstd and age threads run at the job's ``cpu_priority``: "low" (the
+default, nice 10) lets the database and its dump tool go first while compression
+keeps a share of a busy CPU; "idle" (SCHED_IDLE) takes only CPU nobody else wants;
+"normal" competes at equal priority.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import zstandard
 
@@ -41,19 +41,28 @@ class EncodedStats:
     sha256: str
 
 
-def lower_priority() -> None:
-    """Make the calling thread background work: SCHED_IDLE on Linux (nice 19 where that is refused).
+Priority = Literal["normal", "low", "idle"]
+LOW_NICE = 10
+
+
+def lower_priority(priority: Priority) -> None:
+    """Lower the calling thread: "low" to nice 10, "idle" to SCHED_IDLE (nice 19 where that is refused).
 
     Lowering one's own priority needs no privilege and cannot be undone without one,
     so only pipeline worker threads call this; threads they start (zstd's) inherit it.
     """
-    if not sys.platform.startswith("linux"):
+    if priority == "normal" or not sys.platform.startswith("linux"):
         return  # elsewhere these calls would act on the whole process, the dump tool's parent
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    tid = threading.get_native_id()
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            return
+        except (AttributeError, OSError):
+            pass
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid),
+                                                 LOW_NICE if priority == "low" else 19))
 
 
 class _Failure:
@@ -75,10 +84,10 @@ class EncodingReader:
         level: int = 3,
         threads: int | None = None,
         cancel: threading.Event | None = None,
-        background: bool = False,
+        priority: Priority = "normal",
     ) -> None:
         self._source = source
-        self._background = background
+        self._priority = priority
         self._cancel = cancel or threading.Event()
         self._compressed: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._encrypted: queue.Queue = queue.Queue(QUEUE_DEPTH)
@@ -123,8 +132,7 @@ class EncodingReader:
 
     def _compress_loop(self) -> None:
         try:
-            if self._background:
-                lower_priority()  # before zstd starts its workers: they inherit it
+            lower_priority(self._priority)  # before zstd starts its workers: they inherit it
             zobj = self._compressor.compressobj()
             while chunk := self._source.read(READ_CHUNK):
                 self._raw_size += len(chunk)
@@ -142,8 +150,7 @@ class EncodingReader:
 
     def _encrypt_loop(self) -> None:
         try:
-            if self._background:
-                lower_priority()
+            lower_priority(self._priority)
             encryptor = age.Encryptor(self._recipients)
             while True:
                 item = self._get(self._compressed)

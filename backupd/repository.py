@@ -24,7 +24,7 @@ import structlog
 
 from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectNotFound, StorageError
 from backupd.manifest import MANIFEST_NAME, Manifest, ObjectEntry
-from backupd.pipeline import DecodingReader, EncodingReader, hash_stored
+from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.storage import Readable, Storage
 from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
 
@@ -152,12 +152,12 @@ class Repository:
         recipients: Sequence[object],
         level: int,
         cancel: threading.Event | None = None,
-        background: bool = False,
+        priority: Priority = "normal",
     ) -> ObjectEntry:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"invalid stream name {name!r}")
         key = self.object_key(backup_id, name)
-        reader = EncodingReader(source, recipients, level, cancel=cancel, background=background)  # type: ignore[arg-type]
+        reader = EncodingReader(source, recipients, level, cancel=cancel, priority=priority)  # type: ignore[arg-type]
         try:
             info = self.storage.put(key, reader, **self._retention())
         finally:

@@ -135,7 +135,7 @@ class JobSettings(BaseModel):
     method: str | None = None
     schedule: str | None = None
     compression: str = "zstd:3"
-    cpu_priority: Literal["idle", "normal"] = "idle"  # of a backup's compression and encryption threads
+    cpu_priority: Literal["low", "idle", "normal"] = "low"  # of a backup's compression and encryption threads
     archive_logs: bool = False
     os_user: str | None = None
     timeout: dt.timedelta = dt.timedelta(hours=6)

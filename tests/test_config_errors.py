@@ -110,10 +110,10 @@ def test_unknown_job_is_a_usage_error(tmp_path: Path) -> None:
     assert "unknown job 'nosuch' (configured jobs: orders)" in result.err
 
 
-def test_cpu_priority_is_idle_unless_set_and_checked(tmp_path: Path) -> None:
+def test_cpu_priority_is_low_unless_set_and_checked(tmp_path: Path) -> None:
     tables = base(tmp_path)
-    assert load_settings(write_config(tmp_path / "ok.toml", tables)).job("orders").cpu_priority == "idle"
+    assert load_settings(write_config(tmp_path / "ok.toml", tables)).job("orders").cpu_priority == "low"
     tables["jobs.orders"]["cpu_priority"] = "high"
     result = run_backupd("list", config=write_config(tmp_path / "bad.toml", tables))
     assert result.code == 2
-    assert "jobs.orders.cpu_priority: Input should be 'idle' or 'normal' (got 'high')" in error_lines(result.err)[1]
+    assert "jobs.orders.cpu_priority: Input should be 'low', 'idle' or 'normal' (got 'high')" in error_lines(result.err)[1]

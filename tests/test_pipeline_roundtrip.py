@@ -97,8 +97,8 @@ def test_source_failing_midway_leaves_no_object(storage: Storage, keys) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-@pytest.mark.parametrize("background", [True, False])
-def test_background_pipeline_threads_run_at_idle_priority(keys, background: bool) -> None:
+@pytest.mark.parametrize("priority", ["low", "idle", "normal"])
+def test_pipeline_threads_run_at_the_jobs_cpu_priority(keys, priority: str) -> None:
     """A backup's zstd and age threads (and zstd's own workers) yield the CPU; the caller's thread never does."""
     import threading
 
@@ -106,16 +106,20 @@ def test_background_pipeline_threads_run_at_idle_priority(keys, background: bool
 
     before = set(os.listdir("/proc/self/task"))
     reader = EncodingReader(io.BytesIO(os.urandom(1 << 20) * 24), [keys.identity.to_recipient()], 3, threads=2,
-                            background=background)
+                            priority=priority)  # type: ignore[arg-type]
     try:
         reader.read(1)  # data has gone through zstd and age: their threads are set up
         started = [int(tid) for tid in set(os.listdir("/proc/self/task")) - before]
         idle = [os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in started]
+        nice = [os.getpriority(os.PRIO_PROCESS, tid) for tid in started]
         while reader.read(1 << 20):
             pass
     finally:
         reader.close()
     assert len(started) >= 3  # zstd, age and at least one zstd worker
-    assert all(idle) if background else not any(idle)
+    assert all(idle) if priority == "idle" else not any(idle)
+    if priority == "low":
+        assert all(n >= 10 for n in nice), nice
     assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
     assert reader.stats.raw_size == 24 << 20
