@@ -7,13 +7,14 @@ import threading
 
 import structlog
 
-from backupd import __version__, metrics
+from backupd import __version__
 from backupd.context import JobContext
 from backupd.errors import DriverError, UsageError
 from backupd.locks import job_lock
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.pipeline import CountingReader
 from backupd.runstate import RunRecord, record_run
+from backupd.served_metrics import served
 from backupd.storage import Readable
 from backupd.timeutil import backup_id_time, utcnow
 
@@ -39,7 +40,7 @@ def run_backup(
             started = utcnow()
             backup_id = repo.new_backup_id(started)
         except BaseException as exc:  # storage down before the first byte: still a failed attempt
-            metrics.BACKUP_RUNS.labels(ctx.name, method, "failure").inc()
+            _count_failure(ctx.name, method)
             _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
             raise
         entries: list[ObjectEntry] = []
@@ -83,7 +84,7 @@ def run_backup(
             except BaseException as exc:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
-                metrics.BACKUP_RUNS.labels(ctx.name, method, "failure").inc()
+                _count_failure(ctx.name, method)
                 _record_run(ctx, RunRecord("failure", utcnow(), backup_id, str(exc) or type(exc).__name__))
                 raise
             _record_run(ctx, RunRecord("success", utcnow(), backup_id))
@@ -93,7 +94,15 @@ def run_backup(
             return manifest
 
 
+def _count_failure(job: str, method: str) -> None:
+    if metrics := served():
+        metrics.BACKUP_RUNS.labels(job, method, "failure").inc()
+
+
 def record_success(manifest: Manifest) -> None:
+    metrics = served()
+    if metrics is None:
+        return
     labels = (manifest.job, manifest.method)
     metrics.BACKUP_RUNS.labels(*labels, "success").inc()
     metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())

@@ -201,3 +201,39 @@ def test_keys_generate_prints_identity_and_recipient() -> None:
     from backupd import age
 
     assert str(age.X25519Identity.parse(secret[0]).to_recipient()) == recipient.removeprefix("Public key: ")
+
+
+def test_a_one_shot_backup_records_no_metrics_and_skips_prometheus(sqlite_job: SqliteJob) -> None:
+    """Only the daemon serves /metrics; a CLI run would pay the import before its dump starts."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from backupd.cli.main import main; code = main(sys.argv[1:]); "
+             "print(code, 'prometheus_client' in sys.modules, 'backupd.metrics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, "--config", str(sqlite_job.config), "backup", "shop"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "0 False False"
+    listing = json.loads(run_backupd("list", "--json", config=sqlite_job.config, check=True).out)["backups"]
+    assert len(listing) == 1
+
+
+def test_in_a_process_serving_metrics_a_backup_is_counted(sqlite_job: SqliteJob) -> None:
+    from backupd import metrics
+    from backupd.backup import run_backup
+    from backupd.context import JobContext
+    from backupd.settings import load_settings
+
+    def runs() -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "backupd_backup_runs_total", {"job": "shop", "method": "logical", "result": "success"}) or 0.0
+
+    before = runs()
+    ctx = JobContext(load_settings(sqlite_job.config), "shop")
+    try:
+        manifest = run_backup(ctx)
+    finally:
+        ctx.close()
+    assert runs() == before + 1
+    assert metrics.REGISTRY.get_sample_value("backupd_backup_last_size_bytes", {
+        "job": "shop", "method": "logical", "kind": "raw"}) == manifest.raw_size

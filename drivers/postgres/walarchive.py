@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from backupd import metrics
 from backupd.errors import BackupdError, DriverError, ObjectNotFound, UsageError
 from backupd.logarchive import LogArchive, LogConflict, PushResult, file_digest
+from backupd.served_metrics import served
 from drivers.postgres.walnames import archive_name, is_wal_file
 
 log = structlog.get_logger(__name__)
@@ -80,12 +80,14 @@ class WalPusher:
                     raise DriverError(f"{path}: no such file") from None
                 self._remember(name, result.sha256, before if unchanged else None)
         except BaseException:
-            metrics.ARCHIVE_FAILURES.labels(self.job).inc()
+            if metrics := served():
+                metrics.ARCHIVE_FAILURES.labels(self.job).inc()
             raise
         return self._succeeded(result)
 
     def _succeeded(self, result: PushResult) -> PushResult:
-        metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
+        if metrics := served():
+            metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
         return result
 
     def _push(self, name: str, path: Path) -> PushResult:
@@ -168,7 +170,8 @@ class PushAheadArchiver:
         ready = self.ready()
         now = time.time()
         oldest = min((mtime for _, mtime in ready), default=None)
-        metrics.ARCHIVE_LAG.labels(self.pusher.job).set(max(0.0, now - oldest) if oldest else 0.0)
+        if metrics := served():
+            metrics.ARCHIVE_LAG.labels(self.pusher.job).set(max(0.0, now - oldest) if oldest else 0.0)
         for filename, _ in ready:
             name = archive_name(filename)
             if filename in pending or self.pusher.pushed(name) or self._retry_after.get(filename, 0) > now:
