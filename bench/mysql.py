@@ -2,13 +2,14 @@
 
 Prints, for a database of --size-gib of InnoDB data:
   logical:  backupd backup / mariadb-dump --single-transaction > file        (goal <= 1.1)
+            and / mariadb-dump | zstd -3 -T0 | age > file (the same work with the native tools)
   physical: backupd backup --method physical / mariadb-backup --stream | zstd > file   (goal <= 1.1)
   PITR restore: dump load seconds and binlog replay seconds
 
 Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp] [--repeat 3]
 
 After filling, the bench waits until the fill's writes are on disk and the machine is idle,
-so neither side pays for them; with --repeat N each side runs N times, alternately, and the
+so neither side pays for them, and so does it before every timed step; with --repeat N each side runs N times, alternately, and the
 median is compared.
 """
 
@@ -34,6 +35,7 @@ from backupd.context import JobContext  # noqa: E402
 from backupd.settings import load_settings  # noqa: E402
 from drivers.mysql.client import find_tool  # noqa: E402
 from drivers.mysql.scratch import ScratchServer, install_db  # noqa: E402
+from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
 
 
 def timed(func, *args) -> float:  # type: ignore[no-untyped-def]
@@ -54,17 +56,6 @@ def backupd(config: Path, *args: str) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"backupd {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc.stdout
-
-
-def busy_fraction(seconds: float) -> float:
-    """Share of the machine's CPU time that was not idle over the next ``seconds``."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in open("/proc/stat").readline().split()[1:9]]
-        return sum(values), values[3] + values[4]
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def settle(server: ScratchServer, timeout: float = 180) -> float:
@@ -90,9 +81,7 @@ def settle(server: ScratchServer, timeout: float = 180) -> float:
                 cur.execute(f"SET GLOBAL innodb_max_dirty_pages_pct = {float(saved)}")
     finally:
         conn.close()
-    os.sync()
-    while time.monotonic() - started < timeout and busy_fraction(2.0) > 0.1:
-        pass
+    wait_idle(max(1.0, timeout - (time.monotonic() - started)), sample=2.0)
     return time.monotonic() - started
 
 
@@ -189,6 +178,23 @@ binlog_flush_interval = "5s"
             dump_file.unlink()
             return took, size
 
+        def native_pipeline() -> float:
+            """The same work as backupd's with the native tools: dump | zstd -3 -T0 | age > file."""
+            out_file = base / "native.sql.zst.age"
+            started = time.monotonic()
+            with open(out_file, "wb") as out:
+                dump = subprocess.Popen([find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
+                                         "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob",
+                                         "--databases", "bench"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0"], stdin=dump.stdout, stdout=subprocess.PIPE)
+                dump.stdout.close()
+                encrypt = subprocess.Popen(["age", "-r", str(identity.to_recipient())], stdin=zstd.stdout, stdout=out)
+                zstd.stdout.close()
+                assert encrypt.wait() == 0 and zstd.wait() == 0 and dump.wait() == 0
+            took = time.monotonic() - started
+            out_file.unlink()
+            return took
+
         def native_physical() -> float:
             xb_file = base / "native.xb.zst"
             started = time.monotonic()
@@ -204,19 +210,29 @@ binlog_flush_interval = "5s"
             shutil.rmtree(base / "xbtmp", ignore_errors=True)
             return took
 
-        natives, ours = [], []
+        natives, ours, pipelines = [], [], []
         for _ in range(args.repeat):
+            wait_idle()
             took, dump_size = native_dump()
             natives.append(took)
+            wait_idle()
             ours.append(timed(backupd, config, "backup", "bench"))
+            if shutil.which("age"):
+                wait_idle()
+                pipelines.append(native_pipeline())
         native_logical, ours_logical = median(natives), median(ours)
         print(f"logical:  mariadb-dump > file {native_logical:.1f}s{samples(natives)} ({dump_size / 2**30:.2f} GiB); "
               f"backupd backup {ours_logical:.1f}s{samples(ours)}; ratio {ours_logical / native_logical:.2f} "
               f"(goal <= 1.1)")
+        if pipelines:
+            print(f"logical:  mariadb-dump | zstd -3 -T0 | age > file {median(pipelines):.1f}s{samples(pipelines)}; "
+                  f"backupd / that {ours_logical / median(pipelines):.2f}")
 
         natives, ours = [], []
         for _ in range(args.repeat):
+            wait_idle()
             natives.append(native_physical())
+            wait_idle()
             ours.append(timed(backupd, config, "backup", "bench", "--method", "physical"))
         native_physical_s, ours_physical = median(natives), median(ours)
         print(f"physical: mariadb-backup --stream | zstd > file {native_physical_s:.1f}s{samples(natives)}; backupd "
@@ -245,6 +261,7 @@ binlog_flush_interval = "5s"
         ctx.close()
         install_db(restore_target.datadir)
         restore_target.start()
+        wait_idle()
         started = time.monotonic()
         out = backupd(config, "restore", "bench", "--to", f"mysql://root@localhost/?socket={restore_target.socket}")
         total = time.monotonic() - started

@@ -18,7 +18,9 @@ pgbench database, then:
             / pgbackrest restore + the same                                             goal <= 1.0
             (each replays the WAL phase after its tool's newest backup)
 Every measurement runs --repeat times, alternating the two tools, and the table shows medians:
-on a small shared machine one run of either is noise. backupd is byte-compiled first, as pip
+on a small shared machine one run of either is noise. Autovacuum is off: after each load the
+bench runs VACUUM and CHECKPOINT itself, and before every timed step it syncs and waits until
+the CPUs are idle, so no tool pays for the previous step's maintenance or writeback. backupd is byte-compiled first, as pip
 does on install. Every cluster is stopped and the work directory removed on success and
 failure (unless --keep).
 """
@@ -45,6 +47,7 @@ import psycopg  # noqa: E402
 
 from backupd import age  # noqa: E402
 from drivers.postgres.cluster import Cluster, chown_tree, free_port  # noqa: E402
+from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 BACKUPD = REPO / ".venv" / "bin" / "backupd"
@@ -141,6 +144,7 @@ pg1-socket-path={self.primary.socket_dir}
             "wal_level": "replica", "archive_mode": True, "archive_command": "/bin/true",
             "max_wal_senders": 5, "max_wal_size": "4GB", "synchronous_commit": False,
             "shared_buffers": "256MB", "checkpoint_timeout": "15min",
+            "autovacuum": False,  # VACUUM runs in quiet(), between the timed steps, not during one
         })
         self.primary.start()
         with self.primary.connect() as conn:
@@ -186,6 +190,18 @@ pg1-socket-path={self.primary.socket_dir}
                     raise fail(f"{segment} not archived within {timeout:.0f} s; server log: "
                                f"{self.primary.log_tail()}")
                 time.sleep(0.05)
+
+    def quiet(self, vacuum: bool = False) -> None:
+        """Before a timed step: no maintenance left from the previous one, its writes on disk, CPUs idle.
+
+        ``vacuum``: after a load, VACUUM and CHECKPOINT, and wait until that WAL is archived (by
+        the tool whose phase it was); then for every step, sync and wait until the machine is idle."""
+        if vacuum:
+            with self.primary.connect("bench") as conn:
+                conn.execute("VACUUM")
+                conn.execute("CHECKPOINT")
+            self.wait_archived()
+        wait_idle()
 
     def failed_count(self) -> int:
         with self.primary.connect() as conn:
@@ -275,6 +291,7 @@ pg1-socket-path={self.primary.socket_dir}
         """Run the restore command into a new data dir, start it, wait until recovery has ended."""
         cluster = Cluster(self.work / name, PG_BIN, "postgres")
         self.clusters.append(cluster)
+        self.quiet()
         started = time.monotonic()
         if prepare:  # pgbackrest wants the directory to exist
             cluster.data.mkdir(parents=True)
@@ -303,8 +320,11 @@ pg1-socket-path={self.primary.socket_dir}
                                "-p", str(self.primary.port), "-U", "postgres", "bench"])
         logical: list[float] = []
         native_logical: list[float] = []
+        self.quiet(vacuum=True)
         for _ in range(reps):
+            self.quiet()
             native_logical.append(timed(pg_dump, "pg_dump -Fc"))
+            self.quiet()
             logical.append(timed(self.backupd("backup", JOB), "backupd backup (logical)"))
         self.rows.append(("logical", "backupd backup", logical, "pg_dump -Fc -f", native_logical, "<= 1.1"))
         self.notes.append(f"pg_dump -Fc file {dump.stat().st_size / 2**20:.0f} MiB; backupd logical stored "
@@ -314,7 +334,9 @@ pg1-socket-path={self.primary.socket_dir}
         backupd_push = f"{BACKUPD} --config {self.config} wal-push %p"
         pgbr_push = f"pgbackrest --config={self.pgbr_config} --stanza={STANZA} archive-push %p"
         self.archive_command(backupd_push)
+        self.quiet()
         wal_plain, load_plain, gib = self.wal_phase()
+        self.quiet(vacuum=True)
         print(f"WAL (wal-push, no daemon): {gib:.2f} GiB archived {wal_plain:.1f} s after the load started "
               f"(load {load_plain:.1f} s)", flush=True)
         if not skip:
@@ -331,12 +353,15 @@ pg1-socket-path={self.primary.socket_dir}
         for _ in range(reps):  # each tool: a full backup, then a WAL phase its restore will replay
             self.archive_command(backupd_push)
             failed = self.failed_count()
+            self.quiet()
             physical.append(timed(self.backupd("backup", JOB, "--method", "physical"), "backupd backup --method physical"))
             self.start_daemon()
             try:
+                self.quiet()
                 cpu_before = self.daemon_cpu()
                 seconds, load, gib_d = self.wal_phase()
                 daemon_cpu.append(self.daemon_cpu() - cpu_before)
+                self.quiet(vacuum=True)
             finally:
                 self.stop_daemon()
             wal.append(seconds)
@@ -347,8 +372,11 @@ pg1-socket-path={self.primary.socket_dir}
             if skip:
                 continue
             self.archive_command(pgbr_push)
+            self.quiet()
             native_physical.append(timed(self.pgbackrest("backup", "--type=full"), "pgbackrest backup --type=full"))
+            self.quiet()
             seconds, load, gib_p = self.wal_phase()
+            self.quiet(vacuum=True)
             native_wal.append(seconds)
             loads["pgbackrest"].append(load)
             print(f"physical: pgbackrest {native_physical[-1]:.1f} s; WAL (archive-push async): {gib_p:.2f} GiB "
