@@ -56,7 +56,7 @@ def run_backup(
                     names.add(name)
                 entry = repo.write_stream(
                     backup_id, name, CountingReader(source, name), recipients, ctx.job.compression_level, cancel,
-                    priority=ctx.job.cpu_priority,
+                    priority=driver.cpu_priority,
                 )
                 entries.append(entry)
                 return entry

@@ -13,7 +13,7 @@ import threading
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Literal, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -134,6 +134,10 @@ class Driver(abc.ABC):
     #: Methods this driver supports; the first is the default.
     methods: ClassVar[tuple[str, ...]] = ("logical",)
     options_model: ClassVar[type[BaseModel]] = DriverOptions
+    #: A backup's compression priority when the job sets no ``cpu_priority``. "normal" suits a
+    #: dump whose own producers (server and tool) keep every core busy: lowered compression would
+    #: starve the chain; a driver whose tools leave a share free may prefer "low".
+    default_cpu_priority: ClassVar[Literal["low", "idle", "normal"]] = "normal"
 
     def __init__(self, context: DriverContext) -> None:
         self.context = context
@@ -143,6 +147,10 @@ class Driver(abc.ABC):
     @property
     def default_method(self) -> str:
         return self.context.settings.method or self.methods[0]
+
+    @property
+    def cpu_priority(self) -> Literal["low", "idle", "normal"]:
+        return self.context.settings.cpu_priority or self.default_cpu_priority
 
     @abc.abstractmethod
     def backup(self, method: str, sink: StreamSink) -> BackupResult:

@@ -5,10 +5,10 @@ threads joined by small bounded queues, so memory stays constant and zstd,
 the AEAD and the upload overlap (all release the GIL). Read side: the reverse,
 checking size and sha256 against the manifest and every AEAD tag.
 
-A backup's zstd and age threads run at the job's ``cpu_priority``: "low" (the
-default, nice 10) lets the database and its dump tool go first while compression
-keeps a share of a busy CPU; "idle" (SCHED_IDLE) takes only CPU nobody else wants;
-"normal" competes at equal priority.
+A backup's zstd and age threads run at the job's ``cpu_priority`` (unset: the
+driver's default): "low" (nice 10) lets the database and its dump tool go first
+while compression keeps a share of a busy CPU; "idle" (SCHED_IDLE) takes only CPU
+nobody else wants; "normal" competes at equal priority.
 """
 
 from __future__ import annotations

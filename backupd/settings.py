@@ -135,7 +135,8 @@ class JobSettings(BaseModel):
     method: str | None = None
     schedule: str | None = None
     compression: str = "zstd:3"
-    cpu_priority: Literal["low", "idle", "normal"] = "low"  # of a backup's compression and encryption threads
+    # of a backup's compression and encryption threads; unset: the driver's own default_cpu_priority
+    cpu_priority: Literal["low", "idle", "normal"] | None = None
     archive_logs: bool = False
     os_user: str | None = None
     timeout: dt.timedelta = dt.timedelta(hours=6)

@@ -110,9 +110,25 @@ def test_unknown_job_is_a_usage_error(tmp_path: Path) -> None:
     assert "unknown job 'nosuch' (configured jobs: orders)" in result.err
 
 
-def test_cpu_priority_is_low_unless_set_and_checked(tmp_path: Path) -> None:
+def test_cpu_priority_is_the_drivers_unless_set_and_checked(tmp_path: Path) -> None:
+    from backupd.context import JobContext
+    from drivers.mysql import MysqlDriver
+
     tables = base(tmp_path)
-    assert load_settings(write_config(tmp_path / "ok.toml", tables)).job("orders").cpu_priority == "low"
+    settings = load_settings(write_config(tmp_path / "ok.toml", tables))
+    assert settings.job("orders").cpu_priority is None
+    ctx = JobContext(settings, "orders")
+    try:
+        assert ctx.driver.cpu_priority == "normal"  # the base default; MySQL's dump leaves room for "low"
+    finally:
+        ctx.close()
+    assert MysqlDriver.default_cpu_priority == "low"
+    tables["jobs.orders"]["cpu_priority"] = "idle"
+    ctx = JobContext(load_settings(write_config(tmp_path / "idle.toml", tables)), "orders")
+    try:
+        assert ctx.driver.cpu_priority == "idle"
+    finally:
+        ctx.close()
     tables["jobs.orders"]["cpu_priority"] = "high"
     result = run_backupd("list", config=write_config(tmp_path / "bad.toml", tables))
     assert result.code == 2

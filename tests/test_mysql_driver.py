@@ -344,8 +344,6 @@ def test_check_reports_server_settings(source: Mariadb, tmp_path: Path, keys: Ke
 
 
 def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
-    from drivers.mysql.scratch import ScratchServer
-
     seed(source, "shop4", rows=20000)
     expected = {f"shop4.{t}": source.count(f"shop4.{t}") for t in ("items", "audit")}
     job = make_job(tmp_path, keys, source, ["shop4"], method="physical")
@@ -361,17 +359,7 @@ def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Pa
     assert "prepared" in out.out and (dest / "ibdata1").is_file()
     info = (dest / "xtrabackup_binlog_info").read_text().split()
     assert info[0] == shown["metadata"]["binlog"]["file"]
-    with ScratchServer(dest, tmp_path / "run", ["--skip-grant-tables"]) as server:
-        conn = server.credentials.connect()
-        try:
-            with conn.cursor() as cur:
-                found = {}
-                for table in expected:
-                    cur.execute(f"SELECT COUNT(*) FROM {table}")
-                    found[table] = cur.fetchone()[0]
-        finally:
-            conn.close()
-    assert found == expected
+    assert datadir_counts(dest, tmp_path / "run", list(expected)) == expected
 
     refused = run_backupd("restore", "shop", "--to", str(dest), config=job.config)
     assert refused.code == 1 and "not an empty directory" in refused.err
@@ -397,12 +385,17 @@ def quiet(server: Mariadb) -> None:
 
 def copy_counts(job: Job, tmp_path: Path, tables: list[str]) -> dict[str, int]:
     """Row counts of the newest physical backup, restored and prepared, in a scratch server."""
-    from drivers.mysql.scratch import ScratchServer
-
     dest = tmp_path / "copy"
     restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
     assert restored.code == 0, restored.err
-    with ScratchServer(dest, tmp_path / "copy-run", ["--skip-grant-tables"]) as server:
+    return datadir_counts(dest, tmp_path / "copy-run", tables)
+
+
+def datadir_counts(datadir: Path, run_dir: Path, tables: list[str]) -> dict[str, int]:
+    """Row counts of a restored data directory, read by a scratch server started on it."""
+    from drivers.mysql.scratch import ScratchServer
+
+    with ScratchServer(datadir, run_dir, ["--skip-grant-tables"]) as server:
         conn = server.credentials.connect()
         try:
             with conn.cursor() as cur:
