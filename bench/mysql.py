@@ -6,7 +6,7 @@ Prints, for a database of --size-gib of InnoDB data:
   physical: backupd backup --method physical / mariadb-backup --stream | zstd > file   (goal <= 1.1)
   PITR restore: dump load seconds and binlog replay seconds
 
-Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp] [--repeat 3]
+Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp] [--repeat 3] [--cpu-priority P]
 
 After filling, the bench waits until the fill's writes are on disk and the machine is idle,
 so neither side pays for them, and so does it before every timed step; with --repeat N each side runs N times, alternately, and the
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=2.0, help="InnoDB data to generate (default 2)")
     parser.add_argument("--workdir", default="/tmp", help="where the servers, dumps and repository go")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; medians compared")
+    parser.add_argument("--cpu-priority", choices=["low", "idle", "normal"],
+                        help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="backupd-bench-mysql-", dir=args.workdir))
     source = ScratchServer(base / "src-data", base / "src-run",
@@ -160,7 +162,7 @@ storage = "main"
 databases = ["bench"]
 archive_logs = true
 binlog_flush_interval = "5s"
-""")
+""" + (f'cpu_priority = "{args.cpu_priority}"\n' if args.cpu_priority else ""))
         defaults = base / "native.cnf"
         defaults.write_text(f"[client]\nuser=root\nsocket={source.socket}\n")
         defaults.chmod(0o600)

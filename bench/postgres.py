@@ -3,6 +3,7 @@
 Run as root (PostgreSQL, backupd and pgbackrest run as the postgres OS user through runuser):
 
     .venv/bin/python bench/postgres.py [--scale 50] [--wal-gib 1] [--repeat 3] [--keep] [--skip-pgbackrest]
+                                          [--cpu-priority low|idle|normal]
 
 One cluster (initdb under /var/tmp, a free port, wal_level=replica, archive_mode=on) gets a
 pgbench database, then:
@@ -117,7 +118,7 @@ method = "logical"
 archive_logs = true
 data_dir = "{self.primary.data}"
 os_user = "postgres"
-""")
+""" + (f'cpu_priority = "{self.args.cpu_priority}"\n' if self.args.cpu_priority else ""))
         self.pgbr_config.write_text(f"""[global]
 repo1-path={self.work / 'pgbr-repo'}
 repo1-retention-full=10
@@ -501,6 +502,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per measurement (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--skip-pgbackrest", action="store_true", help="measure backupd only")
+    parser.add_argument("--cpu-priority", choices=["low", "idle", "normal"],
+                        help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
     preflight(args)
     compile_sources()
