@@ -101,6 +101,27 @@ def test_target_outside_window_is_refused(pg_env: PgEnv, scenario: Scenario) -> 
     assert not (pg_env.root / "never").exists()
 
 
+def test_target_after_the_newest_commit_replays_to_the_end(pg_env: PgEnv, scenario: Scenario) -> None:
+    """Between the last commit and the last segment's arrival: PostgreSQL alone would fail the recovery
+    ("recovery ended before configured recovery target was reached"); the state there is the archive's end."""
+    import datetime as dt
+
+    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").glob("*/*.zst.age")
+                  if ".history" not in path.name)
+    moment = dt.datetime.fromtimestamp(arrived, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    restored = pg_env.restored_cluster("after-last-commit")
+    result = pg_env.backupd("restore", JOB, "--to", str(restored.data), f"--target-time={moment}", check=True)
+    assert "is after the newest commit in the archived WAL" in result.out, result.out
+    assert "no target: replay to the end of the archived WAL" in result.out
+    assert "recovery_target_time =" not in (restored.data / "postgresql.auto.conf").read_text()
+    pg_env.start_restored(restored)
+    try:
+        with restored.connect("shop") as conn:
+            assert conn.execute("SELECT to_regclass('marks')").fetchone()[0] is None  # the drop was replayed
+    finally:
+        restored.stop()
+
+
 def test_no_target_then_timeline_switch(pg_env: PgEnv, scenario: Scenario) -> None:
     # Restore to the end of the archive, promote: timeline 2, archived into the same job.
     first = pg_env.restored_cluster("tl2")
@@ -156,3 +177,23 @@ def test_missing_segment_fails_verification(pg_env: PgEnv, scenario: Scenario) -
     result = pg_env.backupd("verify", JOB, "--integrity-only", "--backup", scenario.backup_id, as_postgres=False)
     assert result.code == 3, result.out + result.err
     assert f"missing WAL segment 00000001/{victim.name.split('.')[0]}" in result.out + result.err
+
+
+def test_commit_times_are_read_from_pg_waldump_output() -> None:
+    import datetime as dt
+
+    from drivers.postgres.waldump import commit_times
+
+    output = (
+        "rmgr: Transaction len (rec/tot):     82/    82, tx:        725, lsn: 0/019436E0, prev 0/01943690, "
+        "desc: COMMIT 2026-12-01 09:02:26.537816 UTC; inval msgs: catcache 21 snapshot 1214; sync\n"
+        "rmgr: Transaction len (rec/tot):     34/    34, tx:        726, lsn: 0/019437E0, prev 0/019436E0, "
+        "desc: ABORT 2026-12-01 09:02:27 UTC\n"
+        "rmgr: Transaction len (rec/tot):     66/    66, tx:        727, lsn: 0/019438E0, prev 0/019437E0, "
+        "desc: COMMIT_PREPARED 4: 2026-12-01 09:02:28.5 UTC\n"
+        "rmgr: Transaction len (rec/tot):     66/    66, tx:          0, lsn: 0/019439E0, prev 0/019438E0, "
+        "desc: INVALIDATION ; inval msgs: catcache 7\n")
+    utc = dt.timezone.utc
+    assert commit_times(output) == [dt.datetime(2026, 12, 1, 9, 2, 26, 537816, utc),
+                                    dt.datetime(2026, 12, 1, 9, 2, 27, tzinfo=utc),
+                                    dt.datetime(2026, 12, 1, 9, 2, 28, 500000, utc)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import functools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -15,13 +17,14 @@ from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
 from backupd.spool import directory as spool_directory
 from backupd.timeutil import format_timestamp
-from drivers.postgres import checks, logical, physical, pitr, verify
+from drivers.postgres import checks, logical, physical, pitr, verify, waldump
 from drivers.postgres.cluster import chown_tree, run_as
-from drivers.postgres.connection import Conn
+from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
-from drivers.postgres.walnames import missing_segments, parse_history, parse_lsn, parse_segment, segno_of_lsn
+from drivers.postgres.walnames import (archive_name, missing_segments, parse_history, parse_lsn, parse_segment,
+                                      segno_of_lsn)
 
 
 class PostgresDriver(Driver):
@@ -98,9 +101,17 @@ class PostgresDriver(Driver):
         if request.tables:
             raise UsageError("--table needs a logical backup; a physical backup restores the whole cluster")
         dest = Path(request.to).expanduser().absolute()
+        archived = bool(manifest.metadata.get("pitr"))
+        notes = []
+        if archived and (newest := self._commit_before_target(source, request)) is not None:
+            asked = format_timestamp(request.target.time)  # type: ignore[union-attr]
+            notes.append(f"--target-time {asked} is after the newest commit in the archived WAL "
+                         f"({format_timestamp(newest)}): nothing committed in between, so recovery replays "
+                         "to the end of the archive, the state at the target")
+            request = dataclasses.replace(request, target=None)
         physical.prepare_directory(dest, request.force)
         count = physical.restore_files(source, dest)
-        archived = bool(manifest.metadata.get("pitr"))
+        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}", *notes]
         if archived:
             config = getattr(self.context, "config_path", None)
             settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
@@ -112,12 +123,28 @@ class PostgresDriver(Driver):
         chown_tree(dest, self.context.settings.os_user)
         user = run_as(self.context.settings.os_user)
         start = f"pg_ctl -D {dest} start"
-        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}"]
         if archived:
             lines.append(f"on start, recovery fetches WAL through backupd wal-fetch: {pitr.target_text(request)}")
         lines.append(f"start the server: {f'runuser -u {user} -- ' if user else ''}{start}"
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
+
+    def _commit_before_target(self, source: BackupSource, request: RestoreRequest) -> dt.datetime | None:
+        """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
+        target = request.target
+        if target is None or target.kind != "time" or target.time is None:
+            return None
+        view = pitr.ArchiveView.scan(source.logs("wal"))
+        if not view.segments:
+            return None
+        major = int(source.manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
+        try:
+            pg_waldump = find_tool("pg_waldump", self.options.bin_dir, major)
+        except DriverError:
+            return None  # without it, the target stays as given (PostgreSQL decides)
+        newest = waldump.newest_commit(pg_waldump, view.segments[max(view.segments)],
+                                       lambda filename: source.open_log("wal", archive_name(filename)))
+        return newest if newest is not None and target.time > newest else None
 
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
