@@ -13,7 +13,7 @@ import threading
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Literal, Protocol
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +22,7 @@ from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.paths import spool_dir
+from backupd.pipeline import Priority
 from backupd.storage import Readable
 from backupd.timeutil import format_timestamp
 
@@ -137,7 +138,7 @@ class Driver(abc.ABC):
     #: A backup's compression priority when the job sets no ``cpu_priority``. "normal" suits a
     #: dump whose own producers (server and tool) keep every core busy: lowered compression would
     #: starve the chain; a driver whose tools leave a share free may prefer "low".
-    default_cpu_priority: ClassVar[Literal["low", "idle", "normal"]] = "normal"
+    default_cpu_priority: ClassVar[Priority] = "normal"
 
     def __init__(self, context: DriverContext) -> None:
         self.context = context
@@ -149,7 +150,7 @@ class Driver(abc.ABC):
         return self.context.settings.method or self.methods[0]
 
     @property
-    def cpu_priority(self) -> Literal["low", "idle", "normal"]:
+    def cpu_priority(self) -> Priority:
         return self.context.settings.cpu_priority or self.default_cpu_priority
 
     @abc.abstractmethod

@@ -38,6 +38,15 @@ class LogConflict(BackupdError):
     """A log with this name is archived with different content."""
 
 
+def conflict(key: str, archived_sha256: str | None, sha256: str) -> LogConflict:
+    """The error for other bytes under an archived log's name (never overwritten)."""
+    return LogConflict(
+        f"{key}: already archived with different content (sha256 {(archived_sha256 or 'unknown')[:12]}..., "
+        f"this file {sha256[:12]}...); refusing to overwrite",
+        hint="two servers may be archiving into the same job; check archive_command and the job's storage",
+    )
+
+
 @dataclass(frozen=True)
 class LogObject:
     name: str  # relative to the kind's directory, without the suffix: "00000001/000000010000000000000003"
@@ -187,11 +196,7 @@ class LogArchive:
         existing = info.metadata or {}
         if existing.get("sha256") == sha256:
             return PushResult(name, "identical", raw_size, info.size, sha256)
-        raise LogConflict(
-            f"{key}: already archived with different content (sha256 {existing.get('sha256', 'unknown')[:12]}..., "
-            f"this file {sha256[:12]}...); refusing to overwrite",
-            hint="two servers may be archiving into the same job; check archive_command and the job's storage",
-        )
+        raise conflict(key, existing.get("sha256"), sha256)
 
     def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         key = self.key(name)

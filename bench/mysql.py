@@ -167,13 +167,15 @@ binlog_flush_interval = "5s"
         defaults.write_text(f"[client]\nuser=root\nsocket={source.socket}\n")
         defaults.chmod(0o600)
 
+        native_dump_argv = [find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
+                            "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob", "--databases",
+                            "bench"]
+
         def native_dump() -> tuple[float, int]:
             dump_file = base / "native.sql"
             started = time.monotonic()
             with open(dump_file, "wb") as out:
-                proc = subprocess.run([find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
-                                       "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob",
-                                       "--databases", "bench"], stdout=out, stderr=subprocess.PIPE)
+                proc = subprocess.run(native_dump_argv, stdout=out, stderr=subprocess.PIPE)
             took = time.monotonic() - started
             assert proc.returncode == 0, proc.stderr
             size = dump_file.stat().st_size
@@ -185,9 +187,7 @@ binlog_flush_interval = "5s"
             out_file = base / "native.sql.zst.age"
             started = time.monotonic()
             with open(out_file, "wb") as out:
-                dump = subprocess.Popen([find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
-                                         "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob",
-                                         "--databases", "bench"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                dump = subprocess.Popen(native_dump_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0"], stdin=dump.stdout, stdout=subprocess.PIPE)
                 dump.stdout.close()
                 encrypt = subprocess.Popen(["age", "-r", str(identity.to_recipient())], stdin=zstd.stdout, stdout=out)

@@ -10,15 +10,15 @@ import pymysql
 
 from backupd.errors import DriverError
 from drivers.mysql.client import Credentials, find_tool, query, quote_ident
+from drivers.mysql.dumpsyntax import NAME
 from drivers.mysql.loader import load_parallel
 
 COPY_CHUNK = 1 << 20
 #: Data clients of a dump load: one server thread each (see drivers.mysql.loader).
 MAX_LOAD_WORKERS = 4
-_NAME = rb"`((?:[^`]|``)*)`"
-_DATABASE = re.compile(rb"^-- Current Database: " + _NAME)
+_DATABASE = re.compile(rb"^-- Current Database: " + NAME)
 _TABLE = re.compile(rb"^-- (?:Table structure for table|Dumping data for table|Temporary table structure for view"
-                    rb"|Final view structure for view) " + _NAME)
+                    rb"|Final view structure for view) " + NAME)
 _OTHER = re.compile(rb"^-- Dumping (?:events|routines) for database ")
 _FOOTER = b"/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */"
 

@@ -40,24 +40,13 @@ from typing import Iterable, Sequence
 
 from backupd.errors import DriverError
 from drivers.mysql.client import Tool
+from drivers.mysql.dumpsyntax import (DATA_HEADER, DATA_STATEMENT, DATABASE_HEADER, NAME, OTHER_SECTION, STRUCTURE_HEADER,
+                                      quote, unquote)
 
-_NAME = rb"`((?:[^`]|``)*)`"
-_DATABASE = re.compile(rb"^-- Current Database: " + _NAME + rb"\s*$")
-_STRUCTURE = re.compile(rb"^-- Table structure for table " + _NAME + rb"\s*$")
-_DATA = re.compile(rb"^-- Dumping data for table " + _NAME + rb"\s*$")
-_PLAIN_KEY = re.compile(rb"^  KEY " + _NAME + rb" \(" + _NAME)
-_AUTO_INCREMENT = re.compile(rb"^  " + _NAME + rb" .* AUTO_INCREMENT\b")
-_REFERENCES = re.compile(rb" REFERENCES (?:" + _NAME + rb"\.)?" + _NAME)
-_STATEMENT = (b"INSERT ", b"REPLACE ")
+_PLAIN_KEY = re.compile(rb"^  KEY " + NAME + rb" \(" + NAME)
+_AUTO_INCREMENT = re.compile(rb"^  " + NAME + rb" .* AUTO_INCREMENT\b")
+_REFERENCES = re.compile(rb" REFERENCES (?:" + NAME + rb"\.)?" + NAME)
 _CHARSET_CLIENT = b"/*!40101 SET character_set_client = "
-
-
-def _name(raw: bytes) -> bytes:
-    return raw.replace(b"``", b"`")
-
-
-def _quote(name: bytes) -> bytes:
-    return b"`" + name.replace(b"`", b"``") + b"`"
 
 
 class _Client:
@@ -186,7 +175,7 @@ class ParallelLoad:
 
     def _starts_statement(self, line: bytes | bytearray) -> bool:
         return (not self._delimited and self._section is not None and self._section[0] == "data"
-                and len(line) >= 8 and line.startswith(_STATEMENT))
+                and len(line) >= 8 and line.startswith(DATA_STATEMENT))
 
     # ---- data statements ----------------------------------------------------------------
 
@@ -249,7 +238,7 @@ class ParallelLoad:
         client = self._workers[self._next % len(self._workers)]
         self._next += 1
         if client.database != self._database and self._database is not None:
-            client.send(b"USE " + _quote(self._database) + b";\n")
+            client.send(b"USE " + quote(self._database) + b";\n")
             client.database = self._database
         return client
 
@@ -309,19 +298,19 @@ class ParallelLoad:
 
     def _comment(self, line: bytes) -> None:
         """Section headers; a table's deferred ALTER runs at the first header after its data."""
-        if match := _DATA.match(line):
-            if self._pending_alters and self._pending_alters[-1][0] != (self._database, _name(match[1])):
+        if match := DATA_HEADER.match(line):
+            if self._pending_alters and self._pending_alters[-1][0] != (self._database, unquote(match[1])):
                 self._alters()
-            self._section = ("data", _name(match[1]))
+            self._section = ("data", unquote(match[1]))
             return
-        if match := _DATABASE.match(line):
+        if match := DATABASE_HEADER.match(line):
             self._alters()
-            self._database, self._section = _name(match[1]), None
-        elif match := _STRUCTURE.match(line):
+            self._database, self._section = unquote(match[1]), None
+        elif match := STRUCTURE_HEADER.match(line):
             self._alters()
-            self._section = ("structure", _name(match[1]))
+            self._section = ("structure", unquote(match[1]))
             self._charset_line = b""
-        elif line.startswith((b"-- Dumping ", b"-- Temporary ", b"-- Final view")):
+        elif line.startswith(OTHER_SECTION):
             self._alters()
             self._section = None
 
@@ -331,13 +320,13 @@ class ParallelLoad:
         statement = b"".join(lines)
         table_key = (self._database, self._section[1])
         for match in _REFERENCES.finditer(statement):
-            self._referenced.add((_name(match[1]) if match[1] else self._database, _name(match[2])))
+            self._referenced.add((unquote(match[1]) if match[1] else self._database, unquote(match[2])))
         keep, keys = defer_keys(lines, allowed=table_key not in self._referenced)
         if self._database is not None and parallel_safe(lines):
             self._parallel_tables.add(table_key)
         self.main.send(b"".join(keep))
         if keys and self._database is not None:
-            table = _quote(self._database) + b"." + _quote(self._section[1])
+            table = quote(self._database) + b"." + quote(self._section[1])
             alter = b"ALTER TABLE " + table + b" " + b", ".join(b"ADD " + key for key in keys) + b";\n"
             if self._charset_line:
                 alter = (b"SET @backupd_cs = @@character_set_client;\n" + self._charset_line + alter
@@ -367,12 +356,12 @@ def defer_keys(lines: list[bytes], allowed: bool = True) -> tuple[list[bytes], l
     tail = b"".join(lines[closing:])
     if b" FOREIGN KEY " in statement or b"WITH SYSTEM VERSIONING" in tail or b"ENGINE=InnoDB" not in tail:
         return lines, []
-    auto = {_name(m[1]) for line in lines[1:closing] if (m := _AUTO_INCREMENT.match(line))}
+    auto = {unquote(m[1]) for line in lines[1:closing] if (m := _AUTO_INCREMENT.match(line))}
     keep: list[bytes] = []
     keys: list[bytes] = []
     for line in lines[1:closing]:
         match = _PLAIN_KEY.match(line)
-        if match and _name(match[2]) not in auto:
+        if match and unquote(match[2]) not in auto:
             keys.append(line.strip().rstrip(b","))
         else:
             keep.append(line)

@@ -23,26 +23,21 @@ events are never mistaken for data.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
-_NAME = rb"`((?:[^`]|``)*)`"
-_DATABASE = re.compile(rb"^-- Current Database: " + _NAME + rb"\s*$")
-_STRUCTURE = re.compile(rb"^-- Table structure for table " + _NAME + rb"\s*$")
-_DATA = re.compile(rb"^-- Dumping data for table " + _NAME + rb"\s*$")
-_OTHER_SECTION = (b"-- Dumping ", b"-- Temporary table structure", b"-- Temporary view structure",
-                  b"-- Final view structure")
-_STATEMENT = (b"INSERT ", b"REPLACE ")
+from drivers.mysql.dumpsyntax import (DATA_HEADER, DATA_STATEMENT, DATABASE_HEADER, OTHER_SECTION, STRUCTURE_HEADER,
+                                      quote, unquote)
+
 #: How much of a line outside value lists is kept to classify it (a header is short).
 LINE_HEAD = 64 * 1024
 
 
 def _name(raw: bytes) -> str:
-    return raw.replace(b"``", b"`").decode("utf-8", errors="surrogateescape")
+    return unquote(raw).decode("utf-8", errors="surrogateescape")
 
 
 def _quoted(name: str) -> bytes:
-    return b"`" + name.encode("utf-8", errors="surrogateescape").replace(b"`", b"``") + b"`"
+    return quote(name.encode("utf-8", errors="surrogateescape"))
 
 
 class RowCounter:
@@ -129,7 +124,7 @@ class RowCounter:
         key = f"{self._database}.{table}"
         if kind == "structure" and line.startswith(b"CREATE TABLE "):
             self.counts.setdefault(key, 0)
-        elif kind == "data" and line.startswith(_STATEMENT):
+        elif kind == "data" and line.startswith(DATA_STATEMENT):
             if len(line) >= LINE_HEAD or not line.rstrip().endswith(b" VALUES"):
                 self.give_up(f"the rows of {key} share a line (not one row per line)")
             elif b" INTO " + _quoted(table) + b" " not in line:
@@ -139,11 +134,11 @@ class RowCounter:
                 self._rows_of, self._newline, self._semicolon = key, True, False
 
     def _comment(self, line: bytes) -> None:
-        if match := _DATABASE.match(line):
+        if match := DATABASE_HEADER.match(line):
             self._database, self._section = _name(match[1]), None
-        elif match := _STRUCTURE.match(line):
+        elif match := STRUCTURE_HEADER.match(line):
             self._section = ("structure", _name(match[1]))
-        elif match := _DATA.match(line):
+        elif match := DATA_HEADER.match(line):
             self._section = ("data", _name(match[1]))
-        elif line.startswith(_OTHER_SECTION):
+        elif line.startswith(OTHER_SECTION):
             self._section = None

@@ -3,12 +3,12 @@ pg_dumpall --globals-only; restores through pg_restore."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
 import re
 import tempfile
-import threading
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -69,45 +69,27 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         major = version // 10000
         pg_dump = find_tool("pg_dump", driver.options.bin_dir, major)
         pg_dumpall = find_tool("pg_dumpall", driver.options.bin_dir, major)
-        counts: dict[str, int] = {}
-        side: dict[str, object] = {}
-        count_failure: list[BaseException] = []
-        side_failure: list[BaseException] = []
-
-        def count() -> None:  # same snapshot, on the exporting connection, while pg_dump reads
-            try:
-                counts.update(row_counts(pg))
-            except BaseException as exc:
-                count_failure.append(exc)
-
         with conn.tool_env(driver.context.spool_dir) as env:
             globals_argv = [pg_dumpall, "--globals-only", "--no-password", "--dbname", conn.conninfo()]
             if not superuser:
                 globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
 
-            def globals_and_versions() -> None:  # cluster-wide, not in the snapshot: stored while pg_dump runs
-                try:
-                    sink(GLOBALS, io.BytesIO(read_all(ProcessReader(globals_argv, env, "pg_dumpall"))))
-                    side["versions"] = {"pg_dump": tool_version(pg_dump), "pg_dumpall": tool_version(pg_dumpall)}
-                except BaseException as exc:
-                    side_failure.append(exc)
+            def store_globals() -> dict[str, str]:  # cluster-wide, not in the snapshot: stored while pg_dump runs
+                sink(GLOBALS, io.BytesIO(read_all(ProcessReader(globals_argv, env, "pg_dumpall"))))
+                return {"pg_dump": tool_version(pg_dump), "pg_dumpall": tool_version(pg_dumpall)}
 
             argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password",
                     "--dbname", conn.conninfo()]
-            with ProcessReader(argv, env, "pg_dump") as reader:
-                helpers = [threading.Thread(target=count, name="row-counts"),
-                           threading.Thread(target=globals_and_versions, name="pg-globals")]
-                for thread in helpers:
-                    thread.start()
-                try:
-                    entry = sink(DUMP, reader)
-                finally:
-                    for thread in helpers:
-                        thread.join()
-            if count_failure:
-                raise DriverError(f"counting rows in the dump's snapshot failed: {count_failure[0]}")
-            if side_failure:
-                raise side_failure[0]
+            with ProcessReader(argv, env, "pg_dump") as reader, \
+                    concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pg-dump-side") as side:
+                counting = side.submit(row_counts, pg)  # same snapshot, on the exporting connection
+                storing = side.submit(store_globals)
+                entry = sink(DUMP, reader)
+            try:
+                counts = counting.result()
+            except Exception as exc:
+                raise DriverError(f"counting rows in the dump's snapshot failed: {exc}") from None
+            versions = storing.result()
             if entry.raw_size != reader.size:
                 raise DriverError(f"pg_dump wrote {reader.size} bytes but {entry.raw_size} were stored")
         pg.rollback()
@@ -115,7 +97,7 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         metadata={"database": database, "server_version": version, "format": "pg_dump custom",
                   "snapshot": snapshot, "role_passwords": bool(superuser)},
         row_counts=counts,
-        tool_versions={"postgresql": str(version), **side["versions"]},  # type: ignore[dict-item]
+        tool_versions={"postgresql": str(version), **versions},
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from backupd.errors import BackupdError, DriverError, ObjectNotFound, UsageError
-from backupd.logarchive import LogArchive, LogConflict, PushResult, file_digest
+from backupd.logarchive import LogArchive, PushResult, conflict, file_digest
 from backupd.served_metrics import served
 from drivers.postgres.walnames import archive_name, is_wal_file
 
@@ -103,11 +103,7 @@ class WalPusher:
             if existing.sha256 == sha256:
                 return PushResult(name, "identical", raw_size, existing.stored_size, sha256)
             if existing.sha256 is not None:
-                raise LogConflict(
-                    f"{existing.key}: already archived with different content (sha256 {existing.sha256[:12]}..., "
-                    f"this file {sha256[:12]}...); refusing to overwrite",
-                    hint="two clusters may be archiving into the same job; check archive_command and the job's storage",
-                )
+                raise conflict(existing.key, existing.sha256, sha256)
         result = self.archive.push_file(name, path, threads=0, digest=digest)  # new: hashed as it streams
         log.info("wal archived", job=self.job, name=name, status=result.status, raw=result.raw_size,
                  stored=result.stored_size)
