@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pwd
 import re
 import socket
 import uuid
@@ -22,21 +21,13 @@ import structlog
 
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp, utcnow
+from backupd.whoami import current_user
 
 log = structlog.get_logger(__name__)
 
 LOG_NAME = "audit.log"
 #: CLI commands that are audited (``keys`` covers key generation; restore and verify use the private key).
 AUDITED = frozenset({"backup", "restore", "verify", "prune", "keys", "pin", "unpin"})
-
-
-def current_user() -> str:
-    try:
-        name = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        name = str(os.geteuid())
-    sudo = os.environ.get("SUDO_USER")
-    return f"{sudo} (as {name})" if sudo and sudo != name else name
 
 
 def make_event(command: str, *, job: str | None, backup_id: str | None, result: str,

@@ -8,6 +8,8 @@ Run as root (PostgreSQL, backupd and pgbackrest run as the postgres OS user thro
 One cluster (initdb under /var/tmp, a free port, wal_level=replica, archive_mode=on) gets a
 pgbench database, then:
   logical   backupd backup (logical)                  / pg_dump -Fc -f FILE             goal <= 1.1
+            twice: with `backupd run` up (the command hands the backup to it, as on a host
+            running the service) and without a daemon (the command's own Python start-up)
   WAL       --wal-gib of WAL from a pgbench load (1,000-row UPDATEs), archived through
             `backupd wal-push %p` (once without a daemon, then with `backupd run` pushing ahead)
             and through `pgbackrest archive-push %p` (archive-async=y): seconds from the start
@@ -327,10 +329,24 @@ pg1-socket-path={self.primary.socket_dir}
             native_logical.append(timed(pg_dump, "pg_dump -Fc"))
             self.quiet()
             logical.append(timed(self.backupd("backup", JOB), "backupd backup (logical)"))
-        self.rows.append(("logical", "backupd backup", logical, "pg_dump -Fc -f", native_logical, "<= 1.1"))
+        print(f"logical, no daemon: backupd {fmt(logical)} s, pg_dump {fmt(native_logical)} s", flush=True)
+        handed: list[float] = []  # `backupd backup` with `backupd run` up, as on a host with the service
+        native_handed: list[float] = []
+        self.start_daemon()
+        try:
+            for _ in range(reps):
+                self.quiet()
+                native_handed.append(timed(pg_dump, "pg_dump -Fc"))
+                self.quiet()
+                handed.append(timed(self.backupd("backup", JOB), "backupd backup (logical, daemon running)"))
+        finally:
+            self.stop_daemon()
+        print(f"logical, daemon running: backupd {fmt(handed)} s, pg_dump {fmt(native_handed)} s", flush=True)
+        self.rows.append(("logical", "backupd backup, daemon running", handed, "pg_dump -Fc -f", native_handed,
+                          "<= 1.1"))
+        self.rows.append(("logical", "backupd backup, no daemon", logical, "pg_dump -Fc -f", native_logical, "<= 1.1"))
         self.notes.append(f"pg_dump -Fc file {dump.stat().st_size / 2**20:.0f} MiB; backupd logical stored "
-                          f"{tree_size(self.work / 'repo' / JOB / 'backups') / 2**20 / reps:.0f} MiB")
-        print(f"logical: backupd {fmt(logical)} s, pg_dump {fmt(native_logical)} s", flush=True)
+                          f"{tree_size(self.work / 'repo' / JOB / 'backups') / 2**20 / reps / 2:.0f} MiB")
 
         backupd_push = f"{BACKUPD} --config {self.config} wal-push %p"
         pgbr_push = f"pgbackrest --config={self.pgbr_config} --stanza={STANZA} archive-push %p"

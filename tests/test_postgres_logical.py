@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pg_fixtures import BACKUPD_EXE, JOB, PASSWORD, PgEnv, pg_env  # noqa: F401  (fixture)
+from drivers.postgres import dumpheader
+from pg_fixtures import BACKUPD_EXE, JOB, PASSWORD, PG_BIN, PgEnv, pg_env  # noqa: F401  (fixture)
 
 ARCHIVE_LOGS = False
 METHOD = "logical"
@@ -50,7 +51,23 @@ def test_manifest_has_counts_from_the_snapshot(pg_env: PgEnv, backup_id: str) ->
     shown = json.loads(pg_env.backupd("show", backup_id, "--json", check=True).out)
     assert shown["row_counts"] == TABLES
     assert [o["name"] for o in shown["objects"]] == ["dump", "globals"]
-    assert shown["metadata"]["database"] == "shop" and "pg_dump" in shown["tool_versions"]
+    assert shown["metadata"]["database"] == "shop"
+    # pg_dump's version comes from its archive header, not from a second process run beside the dump
+    release = subprocess.run([str(PG_BIN / "pg_dump"), "--version"], capture_output=True, text=True,
+                             check=True).stdout.split()[2]
+    assert shown["tool_versions"]["pg_dump"] == shown["tool_versions"]["pg_dumpall"] == release
+
+
+def test_the_dump_header_names_database_and_versions(pg_env: PgEnv) -> None:
+    dump = subprocess.run([str(PG_BIN / "pg_dump"), "-Fc", "-Z0", "--schema-only", "-h", str(pg_env.cluster.socket_dir),
+                           "-p", str(pg_env.cluster.port), "-U", "postgres", "shop"],
+                          capture_output=True, check=True).stdout
+    header = dumpheader.parse(dump[:dumpheader.HEAD_SIZE])
+    assert header.database == "shop" and header.archive_version[:2] == (1, 14)
+    assert header.server_version.startswith("15.") and header.pg_dump_release.startswith("15.")
+    for broken in (b"PGDMX" + dump[5:64], dump[:40], dump[:5] + bytes([1, 99, 0]) + dump[8:64]):
+        with pytest.raises(dumpheader.HeaderError):
+            dumpheader.parse(broken)
 
 
 def test_round_trip_equal_counts_and_checksums(pg_env: PgEnv, backup_id: str) -> None:

@@ -69,10 +69,17 @@ def report(exc: BackupdError) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if requested_command(argv) in FAST_COMMANDS:  # once per WAL file: try the import-light path first
+    command = requested_command(argv)
+    if command in FAST_COMMANDS:  # once per WAL file: try the import-light path first
         from backupd.cli import quick
 
         code = quick.run(list(argv))
+        if code is not None:
+            return code
+    elif command == "backup":  # a running daemon has everything loaded: the dump starts at once
+        from backupd.cli import backup_handoff
+
+        code = backup_handoff.run(list(argv))
         if code is not None:
             return code
     from backupd import logs

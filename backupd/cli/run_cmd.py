@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from backupd.configprint import stable_fingerprint
     from backupd.daemon.service import run_daemon  # the scheduler stack loads only for the daemon
 
-    return run_daemon(settings_from(args), config_path(args))
+    settings, fingerprint = stable_fingerprint(config_path(args), lambda: settings_from(args))
+    return run_daemon(settings, config_path(args), fingerprint)

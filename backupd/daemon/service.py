@@ -19,8 +19,10 @@ from typing import Any
 import structlog
 
 from backupd import __version__
+from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
 from backupd.control import ControlServer, socket_path
+from backupd.daemon import requested
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
 from backupd.daemon.notify import Notifier
@@ -41,9 +43,10 @@ ARCHIVER_STOP = 10.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, config_path: Path) -> None:
+    def __init__(self, settings: Settings, config_path: Path, fingerprint: str | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
+        self.fingerprint = fingerprint  # of what `settings` was loaded from; None: no backups handed over
         self.state_dir = settings.daemon.state_dir
         self.stop_event = threading.Event()
         self.abort_event = threading.Event()
@@ -152,7 +155,10 @@ class Daemon:
             supervisors.extend(Supervised(name, archiver, backoff) for archiver in archivers)
         self.contexts, self.job_handlers, self.supervisors = contexts, handlers, supervisors
         ops = {op for table in handlers.values() for op in table}
-        self.control.handlers = {op: self._dispatcher(op) for op in ops} | {"status": self._status_op}
+        self.control.handlers = {op: self._dispatcher(op) for op in ops} | {
+            "status": self._status_op,
+            requested.OP: requested.handler(lambda: self.settings, lambda: self.fingerprint, self.runs),
+        }
         for supervised in supervisors:
             supervised.start()
 
@@ -194,7 +200,7 @@ class Daemon:
         self.notifier.reloading()
         log.info("reloading the configuration", path=str(self.config_path))
         try:
-            new = load_settings(self.config_path)
+            new, fingerprint = stable_fingerprint(self.config_path, lambda: load_settings(self.config_path))
             if new.daemon.state_dir != self.settings.daemon.state_dir:
                 raise ConfigError("daemon.state_dir cannot change while the daemon runs",
                                   errors=[f"daemon.state_dir: restart the daemon to change it (got {new.daemon.state_dir})"])
@@ -207,7 +213,7 @@ class Daemon:
         if new.daemon.metrics_listen != self.settings.daemon.metrics_listen:
             log.warning("daemon.metrics_listen changes on restart only", listening=self.settings.daemon.metrics_listen)
         self._unload_jobs()
-        self.settings = new
+        self.settings, self.fingerprint = new, fingerprint
         self.slots.resize(new.daemon.max_parallel_jobs)
         self._load_jobs(new)
         self.scheduler.apply(new)
@@ -241,5 +247,5 @@ class Daemon:
         return f"{len(self.scheduler.specs)} scheduled job(s), {len(self.supervisors)} log archiver(s)"
 
 
-def run_daemon(settings: Settings, config_path: Path) -> int:
-    return Daemon(settings, config_path).run()
+def run_daemon(settings: Settings, config_path: Path, fingerprint: str | None = None) -> int:
+    return Daemon(settings, config_path, fingerprint).run()

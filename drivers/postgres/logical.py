@@ -17,6 +17,7 @@ from psycopg import sql
 from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
 from backupd.errors import DriverError, UsageError
 from backupd.pipeline import READ_CHUNK
+from drivers.postgres import dumpheader
 from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.proc import ProcessReader, feed_process, run_tool
 
@@ -46,7 +47,14 @@ CREATE_ROLE_RE = re.compile(r'^CREATE ROLE ((?:"(?:[^"]|"")+")|[^\s;"]+);$')
 
 
 def row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Exact counts of every user table, keyed ``schema.table``, in the connection's snapshot."""
+    """Exact counts of every user table, keyed ``schema.table``, in the connection's snapshot.
+
+    One backend, no parallel workers and no JIT: the counts run beside the dump,
+    and parallel workers would take CPU from the dump's own COPY and from the
+    application (measured: 0.47 CPU s against 0.21 for a 5 M row table).
+    """
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    conn.execute("SET LOCAL jit = off")
     counts = {}
     for schema, table in conn.execute(USER_TABLES).fetchall():
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
@@ -55,7 +63,9 @@ def row_counts(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def tool_version(path: str) -> str:
-    return run_tool([path, "--version"], None, path).strip().rsplit(" ", 1)[-1]
+    """"15.20" of "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"."""
+    words = run_tool([path, "--version"], None, path).split()
+    return words[words.index("(PostgreSQL)") + 1] if "(PostgreSQL)" in words[:-1] else words[-1]
 
 
 def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
@@ -74,13 +84,12 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
             if not superuser:
                 globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
 
-            def store_globals() -> dict[str, str]:  # cluster-wide, not in the snapshot: stored while pg_dump runs
+            def store_globals() -> None:  # cluster-wide, not in the snapshot: stored while pg_dump runs
                 sink(GLOBALS, io.BytesIO(read_all(ProcessReader(globals_argv, env, "pg_dumpall"))))
-                return {"pg_dump": tool_version(pg_dump), "pg_dumpall": tool_version(pg_dumpall)}
 
             argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password",
                     "--dbname", conn.conninfo()]
-            with ProcessReader(argv, env, "pg_dump") as reader, \
+            with ProcessReader(argv, env, "pg_dump", keep_head=dumpheader.HEAD_SIZE) as reader, \
                     concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pg-dump-side") as side:
                 counting = side.submit(row_counts, pg)  # same snapshot, on the exporting connection
                 storing = side.submit(store_globals)
@@ -89,9 +98,10 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
                 counts = counting.result()
             except Exception as exc:
                 raise DriverError(f"counting rows in the dump's snapshot failed: {exc}") from None
-            versions = storing.result()
+            storing.result()
             if entry.raw_size != reader.size:
                 raise DriverError(f"pg_dump wrote {reader.size} bytes but {entry.raw_size} were stored")
+            versions = _dump_tool_versions(reader.head, pg_dump, pg_dumpall)
         pg.rollback()
     return BackupResult(
         metadata={"database": database, "server_version": version, "format": "pg_dump custom",
@@ -99,6 +109,20 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         row_counts=counts,
         tool_versions={"postgresql": str(version), **versions},
     )
+
+
+def _dump_tool_versions(head: bytes, pg_dump: str, pg_dumpall: str) -> dict[str, str]:
+    """pg_dump's version from its archive header, not from another process run beside the dump.
+
+    pg_dumpall refuses to run unless the pg_dump beside it has its own version,
+    so one found in the same directory shares pg_dump's.
+    """
+    try:
+        dump_version = dumpheader.parse(head).pg_dump_release
+    except dumpheader.HeaderError:
+        dump_version = tool_version(pg_dump)
+    same_dir = os.path.dirname(pg_dump) == os.path.dirname(pg_dumpall)
+    return {"pg_dump": dump_version, "pg_dumpall": dump_version if same_dir else tool_version(pg_dumpall)}
 
 
 def read_all(reader: ProcessReader) -> bytes:

@@ -46,17 +46,22 @@ class ProcessReader:
     failing dump aborts its upload instead of storing a truncated object.
     """
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], tool: str, cwd: str | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str], tool: str, cwd: str | None = None,
+                 keep_head: int = 0) -> None:
         self.tool = tool
         self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env, cwd=cwd)
         self._stderr = _StderrTail(self.proc.stderr)
         self.size = 0
+        self._keep_head = keep_head
+        self.head = b""  #: the first ``keep_head`` bytes of the output (a format's header)
 
     def read(self, size: int = -1) -> bytes:
         assert self.proc.stdout is not None
         data = self.proc.stdout.read(size) if size and size > 0 else self.proc.stdout.read()
         if data:
+            if len(self.head) < self._keep_head:
+                self.head += data[:self._keep_head - len(self.head)]
             self.size += len(data)
             return data
         self.finish()
