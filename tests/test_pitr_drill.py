@@ -46,6 +46,37 @@ def test_postgres_pitr_drill(pg_env: PgEnv) -> None:  # noqa: F811
     assert any(s["step"] == "accepts queries" for s in step["steps"])
 
 
+def test_postgres_drill_after_the_newest_commit_replays_once(pg_env: PgEnv) -> None:  # noqa: F811
+    """As `backupd restore` does: no target and one replay, not a failed replay and a second one."""
+    import datetime as dt
+
+    from backupd.context import JobContext
+    from backupd.driver import RestoreTarget
+    from backupd.restore import RepositorySource
+    from backupd.settings import load_settings
+
+    pg_env.sql("CREATE TABLE IF NOT EXISTS quiet (id int)")
+    pg_env.sql("INSERT INTO quiet VALUES (1)")
+    pg_env.backupd("backup", JOB, check=True)
+    pg_env.switch_and_wait_archived()
+    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").glob("*/*.zst.age")
+                  if ".history" not in path.name)
+    moment = dt.datetime.fromtimestamp(arrived, dt.timezone.utc)
+    ctx = JobContext(load_settings(pg_env.config), JOB)
+    try:
+        manifest = max((m for m in ctx.repository.manifests() if m.method == "physical"), key=lambda m: m.finished_at)
+        source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file))
+        scratch = pg_env.root / "drill-after-the-newest-commit"  # the postgres OS user reaches it
+        scratch.mkdir()
+        outcome = ctx.driver.pitr_drill(source, scratch, RestoreTarget("time", moment.isoformat(), moment))
+    finally:
+        ctx.close()
+    recovery = next(step for step in outcome.steps if step["step"] == "recovery to target")
+    assert recovery["note"].startswith("no commit after the target in the archived WAL: recovered to its end")
+    assert "(newest commit " in recovery["note"]  # pg_waldump told, before the replay
+    assert [check.ok for check in outcome.checks] == [True] * len(outcome.checks)
+
+
 @pytest.fixture(scope="module")
 def mysql_source() -> Iterator[Mariadb]:
     server = started(log_bin=True, server_id=31)

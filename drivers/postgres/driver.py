@@ -54,8 +54,9 @@ class PostgresDriver(Driver):
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         self._manifests_hint = manifests
+        self._view_hint = None  # a new restore: the archive is listed again, once
         if pitr.is_physical_target(request.to):
-            return pitr.choose(manifests, request, backup_id, self.context.job, self.wal_archive())
+            return pitr.choose(manifests, request, backup_id, self.context.job, self._archive_view)
         if request.target is not None:
             raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
                              "point-in-time targets need --to DIR (a physical backup with archived WAL)")
@@ -73,8 +74,7 @@ class PostgresDriver(Driver):
             return [f"backup {manifest.backup_id} (logical, {format_timestamp(manifest.finished_at)}, "
                     f"{len(manifest.row_counts)} tables)",
                     f"pg_restore {what} {meta.get('database')} into {request.to} (jobs {request.jobs}); {mode}"]
-        archive = self.wal_archive()
-        view = pitr.ArchiveView.scan(archive)
+        view = self._archive_view()
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
         physical_ones = [m for m in self._manifests_hint or [manifest] if m.method == "physical"]
@@ -93,6 +93,13 @@ class PostgresDriver(Driver):
         return lines
 
     _manifests_hint: list[Manifest] | None = None
+    _view_hint: pitr.ArchiveView | None = None
+
+    def _archive_view(self) -> pitr.ArchiveView:
+        """The WAL archive's listing, made once per restore (choosing, planning and the newest-commit check)."""
+        if self._view_hint is None:
+            self._view_hint = pitr.ArchiveView.scan(self.wal_archive())
+        return self._view_hint
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
         manifest = source.manifest
@@ -103,7 +110,9 @@ class PostgresDriver(Driver):
         dest = Path(request.to).expanduser().absolute()
         archived = bool(manifest.metadata.get("pitr"))
         notes = []
-        if archived and (newest := self._commit_before_target(source, request)) is not None:
+        newest = self.commit_before_target(source, request) if archived else None
+        self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
+        if newest is not None:
             asked = format_timestamp(request.target.time)  # type: ignore[union-attr]
             notes.append(f"--target-time {asked} is after the newest commit in the archived WAL "
                          f"({format_timestamp(newest)}): nothing committed in between, so recovery replays "
@@ -129,12 +138,12 @@ class PostgresDriver(Driver):
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
 
-    def _commit_before_target(self, source: BackupSource, request: RestoreRequest) -> dt.datetime | None:
+    def commit_before_target(self, source: BackupSource, request: RestoreRequest) -> dt.datetime | None:
         """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
         target = request.target
         if target is None or target.kind != "time" or target.time is None:
             return None
-        view = pitr.ArchiveView.scan(source.logs("wal"))
+        view = self._archive_view()
         if not view.segments:
             return None
         major = int(source.manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None

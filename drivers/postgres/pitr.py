@@ -7,6 +7,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from backupd.driver import RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
@@ -90,7 +91,7 @@ def _committed_after(manifest: Manifest, xid: int) -> bool:
 
 
 def choose(manifests: list[Manifest], request: RestoreRequest, backup_id: str | None, job: str,
-           archive: LogArchive) -> Manifest:
+           archive_view: Callable[[], ArchiveView]) -> Manifest:
     physical = [m for m in manifests if m.method == "physical"]
     if backup_id:
         for manifest in physical:
@@ -107,7 +108,7 @@ def choose(manifests: list[Manifest], request: RestoreRequest, backup_id: str | 
     target = request.target
     if target is None or target.kind == "name":
         return newest
-    view = ArchiveView.scan(archive)
+    view = archive_view()
     eligible = _eligible(physical, target, view)
     if not eligible:
         raise UsageError(f"--target-{target.kind} {target.value} is before the oldest backup can reach; "

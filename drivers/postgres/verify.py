@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
 
 
 TARGET_NOT_REACHED = "before configured recovery target was reached"
+NOTHING_AFTER = "no commit after the target in the archived WAL: recovered to its end (the same state)"
 
 
 def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
@@ -189,23 +191,27 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
         files = physical.restore_files(source, cluster.data)
         _timed(outcome, "extract", started, files=files)
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
+        note = ""
+        if (newest := driver.commit_before_target(source, request)) is not None:  # as backupd restore does
+            request = dataclasses.replace(request, target=None)
+            note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})"
         command = pitr.restore_command(driver.context.job, driver.context.config_path)
         pitr.write_recovery(cluster.data, pitr.recovery_settings(request, command), manifest.backup_id)
         driver.start_wal_prefetch(manifest)
         cluster.configure({"listen_addresses": "", "archive_mode": False, "fsync": False, "hot_standby": True})
         chown_tree(cluster.root, cluster.user)
         started = time.monotonic()
-        note = ""
         try:
             _start_promoted(cluster)
         except DriverError as exc:
-            if TARGET_NOT_REACHED not in _server_log(cluster):
+            if request.target is None or TARGET_NOT_REACHED not in _server_log(cluster):
                 raise IntegrityError(f"the cluster restored to {format_timestamp(target.time or manifest.finished_at)}"
                                      f" did not recover: {exc}") from None
-            # No commit in the archived WAL after the target: the state at the target is the end of the archive.
+            # pg_waldump could not tell (not installed, no commit in the newest segments), PostgreSQL did:
+            # no commit after the target in the archived WAL, so its end is the state at the target.
             cluster.stop("immediate")
             cluster.configure({"recovery_target_time": ""})
-            note = "no commit after the target in the archived WAL: recovered to its end (the same state)"
+            note = NOTHING_AFTER
             try:
                 _start_promoted(cluster)
             except DriverError as again:
