@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import threading
 from typing import IO, Sequence
@@ -60,16 +59,12 @@ class ProcessReader:
     def read(self, size: int = -1) -> bytes:
         """What the pipe holds now, up to ``size`` bytes (everything left for -1); b"" at the end.
 
-        One raw read, not the buffered reader's loop that waits until ``size`` bytes
-        have come: the consumer (zstd) works on each piece while the tool writes the
+        At most one raw read (``read1``), not ``read``'s loop that waits until ``size``
+        bytes have come: the consumer (zstd) works on each piece while the tool writes the
         next. Measured on a 513 MiB pg_dump stream: 0.09 s (6%) less wall time.
         """
         assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        if size and size > 0:
-            data = os.read(fd, size)
-        else:
-            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        data = self.proc.stdout.read1(size) if size and size > 0 else self.proc.stdout.read()
         if data:
             if len(self.head) < self._keep_head:
                 self.head += data[:self._keep_head - len(self.head)]
