@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from backupd import age, plugins
 from backupd.driver import Driver, DriverContext
@@ -55,8 +55,12 @@ class JobContext:
             state_dir=self.state_dir,
             logs=self.log_archive,
             config_path=self.settings.source,
+            open_log=self.open_log,
         )
         return cls(context)
+
+    def open_log(self, kind: str, name: str) -> BinaryIO:
+        return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]
 
     def log_archive(self, kind: str) -> LogArchive:
         """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""

@@ -123,6 +123,9 @@ class DriverContext:
     log: Any = field(default_factory=lambda: structlog.get_logger("backupd.driver"))
     #: The configuration file in use, for commands a driver hands to others (PostgreSQL's restore_command).
     config_path: Path | None = None
+    #: Read one archived log file back, decrypted (``kind``, ``name``): needs the identity file, so
+    #: it raises a BackupdError on a host without it. For plans that look inside logs (a dry run).
+    open_log: Callable[[str, str], BinaryIO] | None = None
 
     @property
     def spool_dir(self) -> Path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401  (fixture)
+from support import run_backupd
 
 ARCHIVE_LOGS = True
 METHOD = "physical"
@@ -110,6 +111,14 @@ def test_target_after_the_newest_commit_replays_to_the_end(pg_env: PgEnv, scenar
                   if ".history" not in path.name)
     moment = dt.datetime.fromtimestamp(arrived, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     restored = pg_env.restored_cluster("after-last-commit")
+    plan = pg_env.backupd("restore", JOB, "--to", str(restored.data), f"--target-time={moment}", "--dry-run",
+                          check=True)
+    assert "is after the newest commit in the archived WAL" in plan.out, plan.out  # the plan says what restore does
+    assert "recovery replays to the end of the archive" in plan.out and not restored.data.exists()
+    keyless = run_backupd("restore", JOB, "--to", str(restored.data), f"--target-time={moment}", "--dry-run",
+                          config=pg_env.config, env={"BACKUPD_ENCRYPTION__IDENTITY_FILE": str(pg_env.root / "none")})
+    assert keyless.code == 0, keyless.err
+    assert "(not compared with the archive's newest commit: identity file" in keyless.out, keyless.out
     result = pg_env.backupd("restore", JOB, "--to", str(restored.data), f"--target-time={moment}", check=True)
     assert "is after the newest commit in the archived WAL" in result.out, result.out
     assert "no target: replay to the end of the archived WAL" in result.out

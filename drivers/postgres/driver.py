@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 import functools
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 from backupd import age
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, RestoreRequest, RestoreTarget,
@@ -83,7 +83,7 @@ class PostgresDriver(Driver):
             f"timeline {meta.get('timeline')}, LSN {meta.get('start_lsn')} to {meta.get('stop_lsn')})",
             f"WAL: from {first} to {needed[-1] if needed else first} "
             f"({len(needed)} segments archived from there, fetched by `backupd wal-fetch` during recovery)",
-            pitr.target_text(request),
+            *self._planned_target(manifest, request),
             pitr.describe_window(physical_ones, view),
             f"data directory {request.to}: written with mode 0700" + (
                 f", owned by {run_as(self.context.settings.os_user)}" if run_as(self.context.settings.os_user) else ""),
@@ -91,6 +91,22 @@ class PostgresDriver(Driver):
         if request.target is not None and request.target.kind == "name":
             lines.append("a restore point is found only by replay: pass --backup ID when it predates this backup")
         return lines
+
+    def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        """What recovery will aim at, as restore() will decide it: a --target-time after the newest
+        commit becomes the end of the archive. Reading that commit needs the identity file."""
+        if not (manifest.metadata.get("pitr") and request.target and request.target.kind == "time"):
+            return [pitr.target_text(request)]
+        try:
+            newest = self.commit_before_target(self.context.open_log, manifest, request) \
+                if self.context.open_log else None
+        except BackupdError as exc:
+            return [pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
+        if newest is None:
+            return [pitr.target_text(request)]
+        return [f"--target-time {format_timestamp(request.target.time)} is after the newest commit in the "  # type: ignore[arg-type]
+                f"archived WAL ({format_timestamp(newest)}): recovery replays to the end of the archive",
+                pitr.target_text(dataclasses.replace(request, target=None))]
 
     _manifests_hint: list[Manifest] | None = None
     _view_hint: pitr.ArchiveView | None = None
@@ -110,7 +126,7 @@ class PostgresDriver(Driver):
         dest = Path(request.to).expanduser().absolute()
         archived = bool(manifest.metadata.get("pitr"))
         notes = []
-        newest = self.commit_before_target(source, request) if archived else None
+        newest = self.commit_before_target(source.open_log, manifest, request) if archived else None
         self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
         if newest is not None:
             asked = format_timestamp(request.target.time)  # type: ignore[union-attr]
@@ -138,7 +154,8 @@ class PostgresDriver(Driver):
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
 
-    def commit_before_target(self, source: BackupSource, request: RestoreRequest) -> dt.datetime | None:
+    def commit_before_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
+                             request: RestoreRequest) -> dt.datetime | None:
         """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
         target = request.target
         if target is None or target.kind != "time" or target.time is None:
@@ -146,13 +163,13 @@ class PostgresDriver(Driver):
         view = self._archive_view()
         if not view.segments:
             return None
-        major = int(source.manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
+        major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
         try:
             pg_waldump = find_tool("pg_waldump", self.options.bin_dir, major)
         except DriverError:
             return None  # without it, the target stays as given (PostgreSQL decides)
         newest = waldump.newest_commit(pg_waldump, view.segments[max(view.segments)],
-                                       lambda filename: source.open_log("wal", archive_name(filename)))
+                                       lambda filename: open_log("wal", archive_name(filename)))
         return newest if newest is not None and target.time > newest else None
 
     # -- verification ----------------------------------------------------------------------

@@ -192,7 +192,7 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
         _timed(outcome, "extract", started, files=files)
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
         note = ""
-        if (newest := driver.commit_before_target(source, request)) is not None:  # as backupd restore does
+        if (newest := driver.commit_before_target(source.open_log, manifest, request)) is not None:  # as restore does
             request = dataclasses.replace(request, target=None)
             note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})"
         command = pitr.restore_command(driver.context.job, driver.context.config_path)
