@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.postgres import dumpheader
+from drivers.postgres import backendnice, dumpheader
 from pg_fixtures import BACKUPD_EXE, JOB, PASSWORD, PG_BIN, PgEnv, pg_env  # noqa: F401  (fixture)
 
 ARCHIVE_LOGS = False
@@ -56,6 +56,20 @@ def test_manifest_has_counts_from_the_snapshot(pg_env: PgEnv, backup_id: str) ->
     release = subprocess.run([str(PG_BIN / "pg_dump"), "--version"], capture_output=True, text=True,
                              check=True).stdout.split()[2]
     assert shown["tool_versions"]["pg_dump"] == shown["tool_versions"]["pg_dumpall"] == release
+
+
+def test_the_row_count_backend_is_reniced_only_when_it_is_a_local_one(pg_env: PgEnv) -> None:
+    with pg_env.cluster.connect("shop") as conn:
+        pid, started = conn.execute(
+            "SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())::float8").fetchone()
+        assert backendnice.lower(conn, 10)
+        assert int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16]) == 10
+        assert backendnice.lower(conn, 5) and backendnice.lower(conn, 10)  # never raised back
+        assert int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16]) == 10
+        # the pid a remote server reports may name anything here: a backend of another postmaster, or no backend
+        assert backendnice.is_local_backend(pid, started)
+        assert not backendnice.is_local_backend(pid, started + 3600)
+        assert not backendnice.is_local_backend(os.getpid(), started)
 
 
 def test_the_dump_header_names_database_and_versions(pg_env: PgEnv) -> None:
