@@ -15,13 +15,16 @@ import re
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp, utcnow
 from backupd.whoami import current_user
+
+if TYPE_CHECKING:
+    from backupd.context import JobContext
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +74,16 @@ def ship(storage: Storage, job: str, event: dict[str, Any]) -> str:
     key = object_key(job, event)
     storage.put(key, io.BytesIO(json.dumps(event, sort_keys=True).encode() + b"\n"))
     return key
+
+
+def record_for_job(ctx: "JobContext", event: dict[str, Any]) -> None:
+    """``record`` into the job's state dir and repository; storage that cannot be opened only skips the shipping."""
+    storage = None
+    try:
+        storage = ctx.storage
+    except Exception:
+        pass
+    record(ctx.state_dir, event, storage)
 
 
 def record(state_dir: Path | None, event: dict[str, Any], storage: Storage | None = None) -> None:

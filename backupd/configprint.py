@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 CONFIG_VARIABLE = "BACKUPD_CONFIG"  # names the file, which the fingerprint covers already
 
@@ -29,7 +32,7 @@ def fingerprint(path: str | os.PathLike[str]) -> str | None:
     return digest.hexdigest()
 
 
-def stable_fingerprint(path: str | os.PathLike[str], load):  # type: ignore[no-untyped-def]
+def stable_fingerprint(path: str | os.PathLike[str], load: Callable[[], T]) -> tuple[T, str | None]:
     """``load()``'s result and the fingerprint of what it loaded: None if the file changed meanwhile."""
     before = fingerprint(path)
     loaded = load()

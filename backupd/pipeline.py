@@ -43,6 +43,7 @@ class EncodedStats:
 
 Priority = Literal["normal", "low", "idle"]
 LOW_NICE = 10
+IDLE_NICE = 19  # "idle" where SCHED_IDLE is refused
 
 
 def lower_priority(priority: Priority) -> None:
@@ -62,7 +63,7 @@ def lower_priority(priority: Priority) -> None:
             pass
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid),
-                                                 LOW_NICE if priority == "low" else 19))
+                                                 LOW_NICE if priority == "low" else IDLE_NICE))
 
 
 class _Failure:

@@ -321,27 +321,13 @@ pg1-socket-path={self.primary.socket_dir}
         dump = self.work / "dumps" / "bench.dump"
         pg_dump = as_postgres([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(dump), "-h", str(self.primary.socket_dir),
                                "-p", str(self.primary.port), "-U", "postgres", "bench"])
-        logical: list[float] = []
-        native_logical: list[float] = []
         self.quiet(vacuum=True)
-        for _ in range(reps):
-            self.quiet()
-            native_logical.append(timed(pg_dump, "pg_dump -Fc"))
-            self.quiet()
-            logical.append(timed(self.backupd("backup", JOB), "backupd backup (logical)"))
-        print(f"logical, no daemon: backupd {fmt(logical)} s, pg_dump {fmt(native_logical)} s", flush=True)
-        handed: list[float] = []  # `backupd backup` with `backupd run` up, as on a host with the service
-        native_handed: list[float] = []
-        self.start_daemon()
+        logical, native_logical = self.alternate(self.backupd("backup", JOB), pg_dump, "logical, no daemon")
+        self.start_daemon()  # `backupd backup` with `backupd run` up, as on a host with the service
         try:
-            for _ in range(reps):
-                self.quiet()
-                native_handed.append(timed(pg_dump, "pg_dump -Fc"))
-                self.quiet()
-                handed.append(timed(self.backupd("backup", JOB), "backupd backup (logical, daemon running)"))
+            handed, native_handed = self.alternate(self.backupd("backup", JOB), pg_dump, "logical, daemon running")
         finally:
             self.stop_daemon()
-        print(f"logical, daemon running: backupd {fmt(handed)} s, pg_dump {fmt(native_handed)} s", flush=True)
         self.rows.append(("logical", "backupd backup, daemon running", handed, "pg_dump -Fc -f", native_handed,
                           "<= 1.1"))
         self.rows.append(("logical", "backupd backup, no daemon", logical, "pg_dump -Fc -f", native_logical, "<= 1.1"))
@@ -429,6 +415,18 @@ pg1-socket-path={self.primary.socket_dir}
         self.notes.append(f"stored: backupd backups {tree_size(self.work / 'repo' / JOB / 'backups') / 2**20:.0f} MiB "
                           f"(logical and physical), pgbackrest {tree_size(self.work / 'pgbr-repo' / 'backup') / 2**20:.0f} "
                           "MiB (physical)")
+
+    def alternate(self, ours: list[str], native: list[str], what: str) -> tuple[list[float], list[float]]:
+        """--repeat timings of each, the native tool first, the machine settled before every one."""
+        mine: list[float] = []
+        theirs: list[float] = []
+        for _ in range(self.args.repeat):
+            self.quiet()
+            theirs.append(timed(native, f"{what}: the native tool"))
+            self.quiet()
+            mine.append(timed(ours, f"{what}: backupd"))
+        print(f"{what}: backupd {fmt(mine)} s, native {fmt(theirs)} s", flush=True)
+        return mine, theirs
 
     def backupd_restore_argv(self, cluster: Cluster) -> list[str]:
         return self.backupd("restore", JOB, "--to", str(cluster.data))

@@ -37,9 +37,10 @@ OP = "backup"
 def handler(settings: Callable[[], "Settings"], fingerprint: Callable[[], str | None], runs: Runs):
     @with_peer
     def backup(message: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        printed = fingerprint()
         current = settings()
         job = message.get("job")
-        if fingerprint() is None or message.get("fingerprint") != fingerprint():
+        if printed is None or message.get("fingerprint") != printed or fingerprint() != printed:  # no reload between
             return {"ok": False, "fallback": "the daemon runs another version of the configuration"}
         if not isinstance(job, str) or job not in current.jobs:
             return {"ok": False, "fallback": "the daemon does not know the job"}
@@ -93,11 +94,6 @@ def _audit(ctx: JobContext, message: dict[str, Any], client_pid: int, client_uid
     claimed = message.get("user")
     uid_name = user_name(client_uid)
     user = claimed if isinstance(claimed, str) and uid_name in claimed else uid_name  # the kernel's word wins
-    event = audit.make_event("backup", job=ctx.name, backup_id=backup_id, result=result, detail=detail,
-                             exit_code=code, user=user, pid=client_pid, via=f"daemon pid {os.getpid()}")
-    storage = None
-    try:
-        storage = ctx.storage
-    except Exception:  # the audit line still goes to the local log
-        pass
-    audit.record(ctx.state_dir, event, storage)
+    audit.record_for_job(ctx, audit.make_event("backup", job=ctx.name, backup_id=backup_id, result=result,
+                                               detail=detail, exit_code=code, user=user, pid=client_pid,
+                                               via=f"daemon pid {os.getpid()}"))

@@ -212,6 +212,7 @@ class Daemon:
             return
         if new.daemon.metrics_listen != self.settings.daemon.metrics_listen:
             log.warning("daemon.metrics_listen changes on restart only", listening=self.settings.daemon.metrics_listen)
+        self.fingerprint = None  # first: a backup request never pairs the old fingerprint with new settings
         self._unload_jobs()
         self.settings, self.fingerprint = new, fingerprint
         self.slots.resize(new.daemon.max_parallel_jobs)

@@ -62,12 +62,8 @@ class Tasks:
 
     def _audit(self, ctx: JobContext, command: str, backup_id: str | None, result: str,
                detail: str | None = None) -> None:
-        event = audit.make_event(command, job=ctx.name, backup_id=backup_id, result=result, detail=detail,
-                                 trigger="schedule")
-        storage = None
-        with contextlib.suppress(Exception):
-            storage = ctx.storage
-        audit.record(ctx.state_dir, event, storage)
+        audit.record_for_job(ctx, audit.make_event(command, job=ctx.name, backup_id=backup_id, result=result,
+                                                   detail=detail, trigger="schedule"))
 
     # -- backup --------------------------------------------------------------
     def backup(self, job: str) -> None:

@@ -93,20 +93,14 @@ class PostgresDriver(Driver):
         return lines
 
     def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
-        """What recovery will aim at, as restore() will decide it: a --target-time after the newest
-        commit becomes the end of the archive. Reading that commit needs the identity file."""
-        if not (manifest.metadata.get("pitr") and request.target and request.target.kind == "time"):
+        """What recovery will aim at, as restore() will decide it. Reading the newest commit needs the identity file."""
+        if not (manifest.metadata.get("pitr") and self.context.open_log):
             return [pitr.target_text(request)]
         try:
-            newest = self.commit_before_target(self.context.open_log, manifest, request) \
-                if self.context.open_log else None
+            planned, newest = self.resolve_target(self.context.open_log, manifest, request)
         except BackupdError as exc:
             return [pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
-        if newest is None:
-            return [pitr.target_text(request)]
-        return [f"--target-time {format_timestamp(request.target.time)} is after the newest commit in the "  # type: ignore[arg-type]
-                f"archived WAL ({format_timestamp(newest)}): recovery replays to the end of the archive",
-                pitr.target_text(dataclasses.replace(request, target=None))]
+        return [*self._after_newest(request, newest), pitr.target_text(planned)]
 
     _manifests_hint: list[Manifest] | None = None
     _view_hint: pitr.ArchiveView | None = None
@@ -125,18 +119,14 @@ class PostgresDriver(Driver):
             raise UsageError("--table needs a logical backup; a physical backup restores the whole cluster")
         dest = Path(request.to).expanduser().absolute()
         archived = bool(manifest.metadata.get("pitr"))
-        notes = []
-        newest = self.commit_before_target(source.open_log, manifest, request) if archived else None
+        asked, newest = request, None
+        if archived:
+            request, newest = self.resolve_target(source.open_log, manifest, request)
         self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
-        if newest is not None:
-            asked = format_timestamp(request.target.time)  # type: ignore[union-attr]
-            notes.append(f"--target-time {asked} is after the newest commit in the archived WAL "
-                         f"({format_timestamp(newest)}): nothing committed in between, so recovery replays "
-                         "to the end of the archive, the state at the target")
-            request = dataclasses.replace(request, target=None)
         physical.prepare_directory(dest, request.force)
         count = physical.restore_files(source, dest)
-        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}", *notes]
+        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
+                 *self._after_newest(asked, newest)]
         if archived:
             config = getattr(self.context, "config_path", None)
             settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
@@ -154,8 +144,26 @@ class PostgresDriver(Driver):
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
 
-    def commit_before_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
-                             request: RestoreRequest) -> dt.datetime | None:
+    def resolve_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
+                       request: RestoreRequest) -> tuple[RestoreRequest, dt.datetime | None]:
+        """The request recovery should run, and the newest commit when that is not the one given.
+
+        A --target-time after the archive's newest commit would fail the recovery at its end;
+        nothing committed in between, so the end of the archive is the state at the target.
+        """
+        newest = self._commit_before_target(open_log, manifest, request)
+        return (request, None) if newest is None else (dataclasses.replace(request, target=None), newest)
+
+    @staticmethod
+    def _after_newest(request: RestoreRequest, newest: dt.datetime | None) -> list[str]:
+        if newest is None:
+            return []
+        return [f"--target-time {format_timestamp(request.target.time)} is after the newest commit in the "  # type: ignore[union-attr]
+                f"archived WAL ({format_timestamp(newest)}): nothing committed in between, so recovery replays "
+                "to the end of the archive, the state at the target"]
+
+    def _commit_before_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
+                              request: RestoreRequest) -> dt.datetime | None:
         """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
         target = request.target
         if target is None or target.kind != "time" or target.time is None:

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
 from backupd.errors import DriverError, UsageError
-from backupd.pipeline import LOW_NICE, READ_CHUNK
+from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK
 from drivers.postgres import backendnice, dumpheader
 from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.proc import ProcessReader, feed_process, run_tool
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 DUMP = "dump"
 GLOBALS = "globals"
-IDLE_NICE = 19
 
 USER_TABLES = """
 SELECT n.nspname, c.relname

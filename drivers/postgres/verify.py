@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -191,10 +190,8 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
         files = physical.restore_files(source, cluster.data)
         _timed(outcome, "extract", started, files=files)
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
-        note = ""
-        if (newest := driver.commit_before_target(source.open_log, manifest, request)) is not None:  # as restore does
-            request = dataclasses.replace(request, target=None)
-            note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})"
+        request, newest = driver.resolve_target(source.open_log, manifest, request)  # as restore does
+        note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})" if newest else ""
         command = pitr.restore_command(driver.context.job, driver.context.config_path)
         pitr.write_recovery(cluster.data, pitr.recovery_settings(request, command), manifest.backup_id)
         driver.start_wal_prefetch(manifest)
