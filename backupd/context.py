@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -13,6 +14,7 @@ from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
+from backupd.sandbox import SandboxPolicy
 from backupd.settings import JobSettings, Settings
 from backupd.storage import Storage
 
@@ -56,8 +58,22 @@ class JobContext:
             logs=self.log_archive,
             config_path=self.settings.source,
             open_log=self.open_log,
+            sandbox=self.sandbox_policy(),
         )
         return cls(context)
+
+    def sandbox_policy(self) -> SandboxPolicy:
+        """The job's sandbox mode; every secret and state path of this configuration stays hidden in it."""
+        hidden = [self.state_dir]
+        if self.settings.source is not None:
+            hidden.append(Path(self.settings.source).resolve().parent)
+        if self.settings.encryption.identity_file is not None:
+            hidden.append(self.settings.encryption.identity_file)
+        for name in self.settings.jobs:
+            secret = getattr(self.settings.driver_options(name), "password_file", None)
+            if secret is not None:
+                hidden.append(Path(secret))
+        return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden))
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]

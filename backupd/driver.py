@@ -23,6 +23,7 @@ from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.paths import spool_dir
 from backupd.pipeline import Priority
+from backupd.sandbox import Sandbox, SandboxPolicy, unprivileged_user
 from backupd.storage import Readable
 from backupd.timeutil import format_timestamp
 
@@ -126,6 +127,8 @@ class DriverContext:
     #: Read one archived log file back, decrypted (``kind``, ``name``): needs the identity file, so
     #: it raises a BackupdError on a host without it. For plans that look inside logs (a dry run).
     open_log: Callable[[str, str], BinaryIO] | None = None
+    #: How scratch servers run (bubblewrap or not) and which host paths they must never see.
+    sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
 
     @property
     def spool_dir(self) -> Path:
@@ -142,6 +145,9 @@ class Driver(abc.ABC):
     #: dump whose own producers (server and tool) keep every core busy: lowered compression would
     #: starve the chain; a driver whose tools leave a share free may prefer "low".
     default_cpu_priority: ClassVar[Priority] = "normal"
+    #: OS users a scratch server may run as when backupd is root and the job sets no ``os_user``
+    #: (the first that exists; else ``nobody``). Scratch servers never run as root.
+    scratch_users: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, context: DriverContext) -> None:
         self.context = context
@@ -155,6 +161,14 @@ class Driver(abc.ABC):
     @property
     def cpu_priority(self) -> Priority:
         return self.context.settings.cpu_priority or self.default_cpu_priority
+
+    def scratch_user(self) -> str | None:
+        """Who scratch servers and restored content run as: None (ourselves) unless backupd is root."""
+        return unprivileged_user(self.context.settings.os_user, self.scratch_users)
+
+    def scratch_sandbox(self, writable: list[Path], readable: list[Path] | None = None) -> Sandbox:
+        """The sandbox for one scratch server writing only ``writable`` (SandboxUnavailable if it cannot run)."""
+        return self.context.sandbox.for_scratch(writable, user=self.scratch_user(), readable=readable or [])
 
     @abc.abstractmethod
     def backup(self, method: str, sink: StreamSink) -> BackupResult:

@@ -112,6 +112,8 @@ class RetentionSettings(Strict):
 class VerifySettings(Strict):
     schedule: str | None = None
     checks: list[str] = []
+    #: scratch servers run in a bubblewrap sandbox; "off" only where it cannot run, chosen explicitly
+    sandbox: Literal["bwrap", "off"] = "bwrap"
     full_read_interval: dt.timedelta = dt.timedelta(days=30)
     timeout: dt.timedelta = dt.timedelta(hours=2)
 

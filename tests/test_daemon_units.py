@@ -17,7 +17,6 @@ import pytest
 from backupd import progress
 from backupd.backup import run_backup
 from backupd.context import JobContext
-from backupd.daemon import processes
 from backupd.daemon.notify import Notifier
 from backupd.daemon.runs import Runs, Slots
 from backupd.daemon.state import DaemonLock, DaemonRunning, ScheduleState
@@ -149,22 +148,6 @@ def test_supervisor_restarts_with_backoff() -> None:
     assert supervised.restarts == 3 and supervised.healthy
     assert supervised.last_error == "RuntimeError: boom 3"
     assert supervised.stop(5) and supervised.state == "stopped"
-
-
-def test_kill_children_terminates_leftovers() -> None:
-    child = subprocess.Popen(["sleep", "60"])
-    try:
-        assert child.pid in processes.children()
-
-        class Log:
-            def warning(self, *args, **kwargs) -> None:
-                pass
-
-        processes.kill_children(Log(), grace=2)
-        assert child.pid not in processes.children()
-    finally:
-        child.kill()
-        child.wait()
 
 
 class CancelAfter:

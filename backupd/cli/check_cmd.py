@@ -65,6 +65,16 @@ def key_checks(settings: Settings) -> Iterable[Check]:
     yield _guard("encryption.identity_file", identity)
 
 
+def sandbox_check(ctx: JobContext) -> Check:
+    """Whether verification's scratch servers can run sandboxed (or are explicitly unsandboxed)."""
+    name = f"jobs.{ctx.name}: verify sandbox"
+    try:
+        ok, detail = ctx.driver.context.sandbox.describe(ctx.driver.scratch_user())
+    except BackupdError as exc:
+        return Check(name, False, str(exc))
+    return Check(name, ok, detail, warning=ctx.job.verify.sandbox == "off")
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     checks: list[Check] = [Check("config", True, f"{config_path(args)}: valid")]
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for job in jobs:
         ctx = JobContext(settings, job)
         try:
+            checks.append(sandbox_check(ctx))
             for check in ctx.driver.check():
                 check.name = f"jobs.{job}: {check.name}"
                 checks.append(check)

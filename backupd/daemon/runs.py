@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from backupd.children import Scope, scope as children_scope
 from backupd.errors import Aborted
 
 
@@ -65,12 +66,15 @@ class Run:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
     reason: str | None = None  # why it was cancelled: "timeout", "shutdown"
+    #: the native tools and scratch servers this run started: aborting kills them, mid-restore included
+    children: Scope = field(default_factory=lambda: Scope("run"))
     _timer: threading.Timer | None = None
 
     def abort(self, reason: str) -> None:
         if not self.cancel.is_set():
             self.reason = reason
             self.cancel.set()
+            self.children.cancel()
 
     def check(self) -> None:
         if self.cancel.is_set():
@@ -96,7 +100,8 @@ class Runs:
             if self.stopping:
                 run.abort("shutdown")
         try:
-            yield run
+            with children_scope(run.children):
+                yield run
         finally:
             if run._timer is not None:
                 run._timer.cancel()

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from backupd import __version__
+from backupd import children, __version__
 from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
 from backupd.control import ControlServer, socket_path
@@ -26,7 +26,6 @@ from backupd.daemon import requested
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
 from backupd.daemon.notify import Notifier
-from backupd.daemon.processes import kill_children
 from backupd.daemon.runs import Runs, Slots
 from backupd.daemon.scheduler import Scheduler
 from backupd.daemon.state import DaemonLock, ScheduleState
@@ -121,7 +120,8 @@ class Daemon:
         for supervised in self.supervisors:
             if not supervised.stop(ARCHIVER_STOP):
                 log.error("log archiver did not stop in time", archiver=supervised.name)
-        kill_children(log)
+        for pid, name in children.kill_all():
+            log.warning("terminated a leftover child process", pid=pid, command=name)
         self.control.stop()
         self.http.stop()
         for ctx in self.contexts.values():
