@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 
 from backupd import age  # noqa: E402
-from drivers.postgres.cluster import Cluster, chown_tree, free_port  # noqa: E402
+from drivers.postgres.cluster import Cluster, chown_tree, free_port, unsandboxed  # noqa: E402
 from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -84,7 +84,7 @@ class Bench:
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="backupd-bench-pg-", dir=args.workdir))
         os.chmod(self.work, 0o755)
-        self.primary = Cluster(self.work / "primary", PG_BIN, "postgres")
+        self.primary = Cluster(self.work / "primary", PG_BIN, unsandboxed(self.work / "primary"))
         self.clusters: list[Cluster] = [self.primary]
         self.daemon: subprocess.Popen | None = None
         self.config = self.work / "backupd.toml"
@@ -292,7 +292,7 @@ pg1-socket-path={self.primary.socket_dir}
 
     def restore_and_recover(self, name: str, restore: Callable[[Cluster], list[str]], prepare: bool = False) -> float:
         """Run the restore command into a new data dir, start it, wait until recovery has ended."""
-        cluster = Cluster(self.work / name, PG_BIN, "postgres")
+        cluster = Cluster(self.work / name, PG_BIN, unsandboxed(self.work / name))
         self.clusters.append(cluster)
         self.quiet()
         started = time.monotonic()

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from backupd import age
-from drivers.postgres.cluster import Cluster, chown_tree
+from drivers.postgres.cluster import Cluster, chown_tree, unsandboxed
 from support import REPO_ROOT, Result, require_tool, write_config
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -52,7 +52,7 @@ class PgEnv:
             argv = ["runuser", "-u", "postgres", "--", *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
         if check and proc.returncode != 0:
-            raise AssertionError(f"backupd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+            raise AssertionError(f"backupd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def connect(self, dbname: str = "shop") -> psycopg.Connection:
@@ -81,7 +81,7 @@ class PgEnv:
 
     def restored_cluster(self, name: str) -> Cluster:
         """A Cluster object for a directory `backupd restore` will write (root/<name>/data)."""
-        cluster = Cluster(self.root / name, PG_BIN, "postgres")
+        cluster = Cluster(self.root / name, PG_BIN, unsandboxed(self.root / name))
         self.restored.append(cluster)
         return cluster
 
@@ -110,7 +110,7 @@ def pg_env(request: pytest.FixtureRequest) -> Iterator[PgEnv]:
     method = getattr(request.module, "METHOD", "physical")
     root = Path(tempfile.mkdtemp(prefix="backupd-pg-", dir="/tmp"))
     os.chmod(root, 0o755)
-    cluster = Cluster(root / "pg", PG_BIN, "postgres")
+    cluster = Cluster(root / "pg", PG_BIN, unsandboxed(root / "pg"))
     identity, recipient = make_keys(root)
     config = write_config(root / "backupd.toml", {
         "daemon": {"state_dir": str(root / "state")},

@@ -6,7 +6,7 @@ import json
 import subprocess
 import time
 
-from drivers.postgres.cluster import Cluster
+from drivers.postgres.cluster import Cluster, unsandboxed
 from pg_fixtures import BACKUPD_EXE, JOB, PG_BIN, PgEnv, pg_env  # noqa: F401  (fixture)
 
 ARCHIVE_LOGS = True
@@ -15,7 +15,7 @@ METHOD = "physical"
 
 def start_standby(env: PgEnv) -> Cluster:
     """pg_basebackup -R from the primary into a second cluster directory, started on its own port."""
-    standby = Cluster(env.root / "standby", PG_BIN, "postgres")
+    standby = Cluster(env.root / "standby", PG_BIN, unsandboxed(env.root / "standby"))
     env.restored.append(standby)  # the fixture stops it whatever happens
     standby.prepare_root()
     proc = subprocess.run(

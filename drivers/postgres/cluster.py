@@ -1,26 +1,32 @@
-"""A throwaway PostgreSQL cluster (initdb or a restored data directory), run as the postgres OS user.
+"""A PostgreSQL server backupd runs itself: ``initdb`` or a restored data directory, ``postgres -D`` in the foreground.
 
-Used by verification (scratch restores) and by the tests. Listens on a free
-port and on a Unix socket inside its own directory; always stopped by
-``close()``, on success and failure alike.
+Verification and the PITR drill run it as a ``ScratchServer`` inside the job's
+sandbox (listening on a Unix socket in its own directory only); the tests'
+throwaway "production" clusters run through the same class with a disabled
+sandbox (they need TCP and an archive_command that reaches backupd). Stopped by
+``close()`` on success and failure alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pwd
+import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import psycopg
 
+from backupd import tool
 from backupd.errors import DriverError
-from drivers.postgres.proc import run_tool
+from backupd.sandbox import Sandbox, chown_to
+from backupd.scratch import ScratchFailed, ScratchServer
 
 LOG_TAIL = 15
+LOG_KEEP = 256 << 10  #: bytes of the server's stderr (its log) kept for messages and log checks
+STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 
 def free_port() -> int:
@@ -30,7 +36,7 @@ def free_port() -> int:
 
 
 def run_as(user: str | None) -> str | None:
-    """The user to switch to with runuser, or None to run as ourselves."""
+    """The OS user a restored data directory is given to: None (ourselves) unless we are root."""
     if os.geteuid() != 0:
         return None
     return user or "postgres"
@@ -42,13 +48,14 @@ def chown_tree(path: Path, user: str | None) -> None:
     if target is None:
         return
     try:
-        entry = pwd.getpwnam(target)
+        chown_to(path, target)
     except KeyError:
         raise DriverError(f"OS user {target!r} does not exist (set the job's os_user)") from None
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+def unsandboxed(root: Path, user: str | None = "postgres") -> Sandbox:
+    """No bubblewrap, as ``user`` when we are root: for servers that must reach the host (tests' primaries)."""
+    return Sandbox((root,), run_as(user), enabled=False)
 
 
 def conf_value(value: Any) -> str:
@@ -59,16 +66,28 @@ def conf_value(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def conf_lines(settings: dict[str, Any]) -> str:
+    return "".join(f"{key} = {conf_value(value)}\n" for key, value in settings.items())
+
+
 class Cluster:
-    def __init__(self, root: Path, bin_dir: Path, os_user: str | None = None, port: int | None = None) -> None:
+    """One PostgreSQL server under ``root`` (data/, sock/), run in ``sandbox``.
+
+    ``options`` are extra ``postgres`` command-line arguments (``-c config_file=...``).
+    """
+
+    def __init__(self, root: Path, bin_dir: Path, sandbox: Sandbox, port: int | None = None,
+                 options: Sequence[str] = ()) -> None:
         self.root = root
         self.bin_dir = bin_dir
-        self.user = run_as(os_user)
+        self.sandbox = sandbox
+        self.user = sandbox.user
         self.port = port or free_port()
         self.data = root / "data"
         self.socket_dir = root / "sock"
-        self.logfile = root / "server.log"
-        self._started = False
+        self.options = list(options)
+        self.server: ScratchServer | None = None
+        self._log = ""
 
     def _tool(self, name: str) -> str:
         return str(self.bin_dir / name)
@@ -77,72 +96,87 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
         os.chmod(self.root, 0o700)
-        chown_tree(self.root, self.user)
+        chown_to(self.root, self.user)
 
     def init(self, settings: dict[str, Any] | None = None, auth_host: str = "trust") -> None:
         self.prepare_root()
-        run_tool([self._tool("initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+        tool.run([self._tool("initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
                   f"--auth-host={auth_host}", "--no-instructions", "-E", "UTF8", "--locale=C"],
-                 None, "initdb", user=self.user, timeout=120)
+                 sandbox=self.sandbox, timeout=120, name="initdb")
         self.configure(settings or {}, file="postgresql.conf")
 
-    def configure(self, settings: dict[str, Any], file: str = "postgresql.auto.conf") -> None:
-        base = {"port": self.port, "listen_addresses": "127.0.0.1", "unix_socket_directories": str(self.socket_dir),
+    def base_settings(self) -> dict[str, Any]:
+        return {"port": self.port, "listen_addresses": "127.0.0.1", "unix_socket_directories": str(self.socket_dir),
                 "timezone": "UTC", "log_timezone": "UTC", "fsync": True}
-        lines = [f"{key} = {conf_value(value)}" for key, value in {**base, **settings}.items()]
+
+    def configure(self, settings: dict[str, Any], file: str = "postgresql.auto.conf") -> None:
         path = self.data / file
         with open(path, "a") as handle:
-            handle.write("\n# throwaway cluster settings (backupd)\n" + "\n".join(lines) + "\n")
-        chown_tree(path, self.user)
+            handle.write("\n# throwaway cluster settings (backupd)\n" + conf_lines({**self.base_settings(), **settings}))
+        chown_to(path, self.user)
 
     def start(self, timeout: float = 120) -> None:
-        self._started = True
+        """Start ``postgres`` in the foreground; back once it accepts connections (or is a hot standby)."""
+        self._log = ""
+        argv = [self._tool("postgres"), "-D", str(self.data), *self.options]
+        self.server = ScratchServer("postgres", argv, self.sandbox, ready=self._ready,
+                                    stop_signal=STOP_SIGNALS["fast"])
         try:
-            run_tool([self._tool("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w",
-                      "-t", str(int(timeout)), "start"], None, "pg_ctl start", user=self.user, timeout=timeout + 10)
-        except DriverError as exc:
+            self.server.start(timeout)
+        except ScratchFailed as exc:
+            self.stop("immediate")
             raise DriverError(f"{exc}; server log: {self.log_tail()}") from None
 
+    def _ready(self) -> bool:
+        """What ``pg_ctl -w`` waits for: postmaster.pid says ready (or standby, accepting read-only queries)."""
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() in ("ready", "standby")
+
     def stop(self, mode: str = "fast") -> None:
-        if not self._started or not (self.data / "postmaster.pid").exists():
-            self._started = False
+        server, self.server = self.server, None
+        if server is None:
             return
-        with contextlib.suppress(DriverError):
-            run_tool([self._tool("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"], None,
-                     "pg_ctl stop", user=self.user, timeout=90)
-        self._started = False
+        if server.tool is not None:
+            self._log = server.tool.stderr_text(LOG_KEEP)
+        server.stop_signal = STOP_SIGNALS[mode]
+        server.stop()
 
     def close(self) -> None:
         self.stop("immediate")
 
-    def log_tail(self) -> str:
-        try:
-            lines = self.logfile.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-LOG_TAIL:])
+    def log_text(self) -> str:
+        """The server's log (its stderr), the last LOG_KEEP bytes; kept after it stopped."""
+        if self.server is not None and self.server.tool is not None:
+            return self.server.tool.stderr_text(LOG_KEEP)
+        return self._log
 
-    def conninfo(self, dbname: str = "postgres", tcp: bool = False) -> str:
+    def log_tail(self) -> str:
+        lines = [line.strip() for line in self.log_text().splitlines() if line.strip()]
+        return " | ".join(lines[-LOG_TAIL:]) or "(empty log)"
+
+    def conninfo(self, dbname: str = "postgres", tcp: bool = False, user: str = "postgres") -> str:
         host = "127.0.0.1" if tcp else str(self.socket_dir)
-        return f"host='{host}' port={self.port} user=postgres dbname='{dbname}'"
+        return f"host='{host}' port={self.port} user='{user}' dbname='{dbname}'"
 
     def url(self, dbname: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
 
-    def connect(self, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(dbname), autocommit=True, **kwargs)
+    def connect(self, dbname: str = "postgres", user: str = "postgres", **kwargs: Any) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(dbname, user=user), autocommit=True, **kwargs)
 
     def wait_promoted(self, timeout: float = 120) -> None:
         """Wait until recovery has ended and the server accepts writes."""
         deadline = time.monotonic() + timeout
         while True:
-            try:
+            if self.server is None or self.server.exited() is not None:
+                raise DriverError(f"the server stopped during recovery; server log: {self.log_tail()}")
+            with contextlib.suppress(psycopg.OperationalError):
                 with self.connect() as conn:
                     if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                         return
-            except psycopg.OperationalError:
-                if not (self.data / "postmaster.pid").exists():
-                    raise DriverError(f"the server stopped during recovery; server log: {self.log_tail()}") from None
             if time.monotonic() > deadline:
                 raise DriverError(f"recovery did not finish within {timeout:.0f} s; server log: {self.log_tail()}")
             time.sleep(0.1)
@@ -153,13 +187,3 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-@contextlib.contextmanager
-def throwaway(root: Path, bin_dir: Path, os_user: str | None = None, **settings: Any) -> Iterator[Cluster]:
-    cluster = Cluster(root, bin_dir, os_user)
-    try:
-        cluster.init(settings)
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()

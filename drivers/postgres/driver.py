@@ -29,6 +29,7 @@ from drivers.postgres.walnames import (archive_name, missing_segments, parse_his
 
 class PostgresDriver(Driver):
     methods = ("logical", "physical")
+    scratch_users = ("postgres",)
     options_model = PostgresOptions
 
     @functools.cached_property
@@ -123,19 +124,22 @@ class PostgresDriver(Driver):
         if archived:
             request, newest = self.resolve_target(source.open_log, manifest, request)
         self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
-        physical.prepare_directory(dest, request.force)
-        count = physical.restore_files(source, dest)
-        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
-                 *self._after_newest(asked, newest)]
-        if archived:
-            config = getattr(self.context, "config_path", None)
-            settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
-            pitr.write_recovery(dest, settings, manifest.backup_id)
-            self.start_wal_prefetch(manifest)
-        elif request.target is not None:
+        if not archived and request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
+        with physical.staged_directory(dest, request.force) as work:
+            count = physical.restore_files(source, work)
+            if archived:
+                config = getattr(self.context, "config_path", None)
+                settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
+                pitr.write_recovery(work, settings, manifest.backup_id)
+        if archived:
+            self.start_wal_prefetch(manifest)
         chown_tree(dest, self.context.settings.os_user)
+        lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
+                 *self._after_newest(asked, newest),
+                 "warning: the restored configuration (postgresql.conf, postgresql.auto.conf, pg_hba.conf and "
+                 "what they include) is the backup's own, and runs when the server starts: review it first"]
         user = run_as(self.context.settings.os_user)
         start = f"pg_ctl -D {dest} start"
         if archived:

@@ -15,11 +15,12 @@ import psycopg
 from psycopg import sql
 
 from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
-from backupd.errors import DriverError, UsageError
+from backupd import tool
+from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.sandbox import Sandbox
 from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK
 from drivers.postgres import backendnice, dumpheader
 from drivers.postgres.connection import Conn, find_tool
-from drivers.postgres.proc import ProcessReader, feed_process, run_tool
 
 if TYPE_CHECKING:
     from drivers.postgres.driver import PostgresDriver
@@ -46,7 +47,7 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
 CREATE_ROLE_RE = re.compile(r'^CREATE ROLE ((?:"(?:[^"]|"")+")|[^\s;"]+);$')
 
 
-def row_counts(conn: psycopg.Connection, nice: int = LOW_NICE) -> dict[str, int]:
+def row_counts(conn: psycopg.Connection, nice: int | None = LOW_NICE) -> dict[str, int]:
     """Exact counts of every user table, keyed ``schema.table``, in the connection's snapshot.
 
     One backend, no parallel workers and no JIT, reniced when it runs on this host
@@ -54,7 +55,8 @@ def row_counts(conn: psycopg.Connection, nice: int = LOW_NICE) -> dict[str, int]
     COPY nor the application's CPU (parallel workers took 0.47 CPU s against 0.21
     for a 5 M row table).
     """
-    backendnice.lower(conn, nice)
+    if nice is not None:  # a scratch server's backends are not ours to renice (another PID namespace)
+        backendnice.lower(conn, nice)
     conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
     conn.execute("SET LOCAL jit = off")
     counts = {}
@@ -66,7 +68,7 @@ def row_counts(conn: psycopg.Connection, nice: int = LOW_NICE) -> dict[str, int]
 
 def tool_version(path: str) -> str:
     """"15.20" of "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"."""
-    words = run_tool([path, "--version"], None, path).split()
+    words = tool.run([path, "--version"], timeout=30).split()
     return words[words.index("(PostgreSQL)") + 1] if "(PostgreSQL)" in words[:-1] else words[-1]
 
 
@@ -87,11 +89,11 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
                 globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
 
             def store_globals() -> None:  # cluster-wide, not in the snapshot: stored while pg_dump runs
-                sink(GLOBALS, io.BytesIO(read_all(ProcessReader(globals_argv, env, "pg_dumpall"))))
+                sink(GLOBALS, io.BytesIO(read_all(tool.Tool(globals_argv, env=env))))
 
             argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password",
                     "--dbname", conn.conninfo()]
-            with ProcessReader(argv, env, "pg_dump", keep_head=dumpheader.HEAD_SIZE) as reader, \
+            with tool.Tool(argv, env=env, keep_head=dumpheader.HEAD_SIZE) as reader, \
                     concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pg-dump-side") as side:
                 # the counts: in the same snapshot, on the exporting connection
                 counting = side.submit(row_counts, pg, IDLE_NICE if driver.cpu_priority == "idle" else LOW_NICE)
@@ -128,7 +130,7 @@ def _dump_tool_versions(head: bytes, pg_dump: str, pg_dumpall: str) -> dict[str,
     return {"pg_dump": dump_version, "pg_dumpall": dump_version if same_dir else tool_version(pg_dumpall)}
 
 
-def read_all(reader: ProcessReader) -> bytes:
+def read_all(reader: tool.Tool) -> bytes:
     """A small output whole (the globals dump); the tool's exit status is checked at its end."""
     with reader:
         chunks = []
@@ -225,7 +227,7 @@ def restore(driver: "PostgresDriver", source: BackupSource, request: RestoreRequ
             _restore_parallel(driver, source, argv + ["--jobs", str(request.jobs)], env)
         else:
             with source.open(DUMP) as stream:
-                feed_process(argv + ["--single-transaction"], env, "pg_restore", stream)
+                tool.feed(argv + ["--single-transaction"], stream, env=env)
     what = f"tables {', '.join(request.tables)}" if request.tables else f"database {source.manifest.metadata.get('database')}"
     notes = [f"restored backup {source.manifest.backup_id} ({what}) into {target.describe()}"]
     if created_db:
@@ -253,16 +255,24 @@ def _restore_parallel(driver: "PostgresDriver", source: BackupSource, argv: list
         with os.fdopen(fd, "wb") as out, source.open(DUMP) as stream:
             while chunk := stream.read(READ_CHUNK):
                 out.write(chunk)
-        run_tool(argv + [name], env, "pg_restore")
+        tool.run(argv + [name], env=env)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
 
 
-def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str) -> None:
-    """Verification: the dump into a fresh scratch database, owners and grants left out."""
-    argv = [pg_restore, "--no-password", "--exit-on-error", "--no-owner", "--no-acl", "--single-transaction",
-            "--dbname", conninfo]
-    with source.open(DUMP) as stream:
-        feed_process(argv, dict(os.environ), "pg_restore", stream)
+def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str, sandbox: Sandbox) -> None:
+    """Verification: the dump into a fresh scratch database, owners and grants left out.
 
+    ``conninfo`` names the unprivileged role that owns the scratch database. pg_restore
+    runs in the scratch server's sandbox. IntegrityError when it rejects the dump (the
+    content failed to restore); DriverError when it could not run.
+    """
+    argv = [pg_restore, "--no-password", "--exit-on-error", "--no-owner", "--no-acl", "--no-subscriptions",
+            "--single-transaction", "--dbname", conninfo]
+    with tool.Tool(argv, stdin=tool.PIPE, stdout=tool.DEVNULL, sandbox=sandbox) as restoring:
+        with source.open(DUMP) as stream:
+            restoring.feed(stream)
+        code = restoring.wait()
+        if code != 0:
+            raise IntegrityError(f"the dump does not restore: {restoring.failure(code)}")

@@ -3,21 +3,23 @@ restores unpack it into a data directory set up for archive recovery."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
+from backupd import tool
 from backupd.driver import BackupResult, BackupSource, StreamSink
 from backupd.errors import DriverError
 from backupd.storage import Readable
 from backupd.timeutil import format_timestamp, utcnow
 from drivers.postgres.connection import find_tool
 from drivers.postgres.logical import tool_version
-from drivers.postgres.proc import ProcessReader
 from drivers.postgres.walnames import format_lsn, parse_lsn, segment_name, segno_of_lsn
 
 if TYPE_CHECKING:
@@ -149,7 +151,7 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
     wal_method = "none" if settings.archive_logs else "fetch"  # without an archive the backup carries its WAL
     argv = [pg_basebackup, "--pgdata=-", "--format=tar", f"--wal-method={wal_method}", "--checkpoint=fast",
             f"--label=backupd {driver.context.job}", "--no-password", "--dbname", driver.conn.conninfo()]
-    with driver.conn.tool_env(driver.context.spool_dir) as env, ProcessReader(argv, env, "pg_basebackup") as proc:
+    with driver.conn.tool_env(driver.context.spool_dir) as env, tool.Tool(argv, env=env) as proc:
         watcher = TarWatcher(proc)
         entry = sink(BASE, watcher)
     if entry.raw_size != proc.size:
@@ -177,7 +179,8 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
 
 # -- restore -------------------------------------------------------------------------------
 
-def prepare_directory(dest: Path, force: bool) -> None:
+def check_directory(dest: Path, force: bool) -> None:
+    """Refuse a --to that is a file, holds a running server's directory, or is not empty without --force."""
     if dest.exists() and not dest.is_dir():
         raise DriverError(f"{dest}: exists and is not a directory; --to must name a data directory")
     if dest.is_dir() and any(dest.iterdir()):
@@ -186,12 +189,40 @@ def prepare_directory(dest: Path, force: bool) -> None:
         if not force:
             raise DriverError(f"{dest}: directory is not empty; refusing to overwrite it",
                               hint="pass --force to replace its contents, or choose an empty directory")
+
+
+@contextlib.contextmanager
+def staged_directory(dest: Path, force: bool) -> Iterator[Path]:
+    """A directory to restore into that becomes ``dest`` only when the block succeeds.
+
+    A failed restore leaves nothing that looks like a data directory: the work
+    directory (a hidden sibling of ``dest``, or inside an existing ``dest``, which
+    may be a mount point) is removed, and an existing ``dest`` keeps its contents.
+    """
+    check_directory(dest, force)
+    if dest.is_dir():
+        work = Path(tempfile.mkdtemp(prefix=".backupd-restore-", dir=dest))
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.backupd-restore-", dir=dest.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if work.parent == dest:
         for child in dest.iterdir():
+            if child == work:
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    dest.mkdir(parents=True, exist_ok=True)
+        for child in work.iterdir():
+            child.rename(dest / child.name)
+        work.rmdir()
+    else:
+        work.rename(dest)
     os.chmod(dest, 0o700)
 
 

@@ -12,11 +12,14 @@ from psycopg import sql
 
 from backupd.driver import BackupSource, Check, RestoreRequest, RestoreTarget, VerifyOutcome
 from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.manifest import Manifest
 from backupd.pipeline import READ_CHUNK
+from backupd.sandbox import chown_to
 from backupd.timeutil import format_timestamp
-from drivers.postgres import logical, physical, pitr
-from drivers.postgres.cluster import Cluster, chown_tree
+from drivers.postgres import logical, physical, pitr, scratchconf
+from drivers.postgres.cluster import Cluster
 from drivers.postgres.connection import find_tool
+from drivers.postgres.walstage import WalStager
 from drivers.postgres.walnames import parse_segment, segment_name
 
 if TYPE_CHECKING:
@@ -55,16 +58,30 @@ def amcheck(conn: psycopg.Connection) -> tuple[int, list[str]]:
     return len(indexes), problems
 
 
-def verify(driver: "PostgresDriver", source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
-    manifest = source.manifest
+ROLE = "backupd_verify"
+#: A login role that owns the scratch database and nothing else: not superuser, no pg_execute_server_program,
+#: pg_read_server_files or pg_write_server_files; the dump is restored, counted and checked as this role.
+CREATE_ROLE = f"CREATE ROLE {ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+SERVER_ROLES = ("pg_execute_server_program", "pg_read_server_files", "pg_write_server_files")
+
+
+def scratch_cluster(driver: "PostgresDriver", scratch: Path, manifest: Manifest) -> Cluster:
+    """A server under ``scratch``, run in the job's sandbox as its unprivileged OS user."""
     major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
     bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
-    os.chmod(scratch, 0o711)  # the postgres OS user must reach its directory inside
-    cluster = Cluster(scratch / "pg", bin_dir, driver.context.settings.os_user)
+    readable = [] if bin_dir.is_relative_to("/usr") else [bin_dir.parent]
+    sandbox = driver.scratch_sandbox([scratch], readable)
+    chown_to(scratch, sandbox.user)
+    return Cluster(scratch / "pg", bin_dir, sandbox)
+
+
+def verify(driver: "PostgresDriver", source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+    manifest = source.manifest
+    cluster = scratch_cluster(driver, scratch, manifest)
     outcome = VerifyOutcome()
     try:
         if manifest.method == "logical":
-            _verify_logical(cluster, source, outcome, checks, bin_dir)
+            _verify_logical(cluster, source, outcome, checks)
         else:
             _verify_physical(driver, cluster, source, outcome, checks)
     finally:
@@ -76,28 +93,39 @@ def _timed(outcome: VerifyOutcome, step: str, started: float, **extra: Any) -> N
     outcome.steps.append({"step": step, "seconds": round(time.monotonic() - started, 3), **extra})
 
 
-def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutcome, checks: list[str],
-                    bin_dir: Path) -> None:
+def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutcome, checks: list[str]) -> None:
     database = source.manifest.metadata.get("database") or "postgres"
     started = time.monotonic()
     cluster.init({"listen_addresses": "", "fsync": False})
     cluster.start()
-    _timed(outcome, "scratch cluster", started, port=cluster.port)
+    _timed(outcome, "scratch cluster", started)
     started = time.monotonic()
-    with cluster.connect() as admin:
-        if database != "postgres":
-            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(database)))
-    logical.restore_into_scratch(str(bin_dir / "pg_restore"), source, cluster.conninfo(database))
-    _timed(outcome, "pg_restore", started)
-    with cluster.connect(database) as conn:
+    with cluster.connect("template1") as admin:
+        admin.execute(CREATE_ROLE)
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        statement = "ALTER DATABASE {} OWNER TO {}" if exists else "CREATE DATABASE {} OWNER {} TEMPLATE template0"
+        admin.execute(sql.SQL(statement).format(sql.Identifier(database), sql.Identifier(ROLE)))
+        granted = admin.execute("SELECT rolsuper OR pg_has_role(%s, 'pg_execute_server_program', 'MEMBER') "
+                                "OR pg_has_role(%s, 'pg_read_server_files', 'MEMBER') "
+                                "OR pg_has_role(%s, 'pg_write_server_files', 'MEMBER') FROM pg_roles "
+                                "WHERE rolname = %s", (ROLE, ROLE, ROLE, ROLE)).fetchone()[0]
+        if granted:
+            raise DriverError(f"the scratch role {ROLE} has server privileges; refusing to restore as it")
+    logical.restore_into_scratch(str(cluster.bin_dir / "pg_restore"), source, cluster.conninfo(database, user=ROLE),
+                                 cluster.sandbox)
+    _timed(outcome, "pg_restore", started, role=ROLE)
+    with cluster.connect(database, user=ROLE) as conn:
         started = time.monotonic()
-        outcome.row_counts = logical.row_counts(conn)
+        try:
+            outcome.row_counts = logical.row_counts(conn, nice=None)
+        except psycopg.Error as exc:
+            raise IntegrityError(f"counting the restored rows failed: {str(exc).strip()}") from None
         _timed(outcome, "row counts", started, tables=len(outcome.row_counts))
         outcome.checks.extend(run_checks(conn, checks))
 
 
 def _fetch_wal(source: BackupSource, pg_wal: Path, first: str, last: str, segment_size: int) -> int:
-    """The WAL the backup needs to become consistent, straight into pg_wal."""
+    """The WAL the backup needs to become consistent, straight into pg_wal (backupd writes it, from outside)."""
     timeline, first_name = first.split("/")
     tli, start = parse_segment(first_name, segment_size)
     _, end = parse_segment(last.split("/")[1], segment_size)
@@ -105,20 +133,34 @@ def _fetch_wal(source: BackupSource, pg_wal: Path, first: str, last: str, segmen
     for segno in range(start, end + 1):
         name = segment_name(tli, segno, segment_size)
         with source.open_log("wal", f"{timeline}/{name}") as stream, open(pg_wal / name, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
             while chunk := stream.read(READ_CHUNK):
                 out.write(chunk)
         count += 1
     return count
 
 
-def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupSource, outcome: VerifyOutcome,
-                     checks: list[str]) -> None:
-    meta = source.manifest.metadata
+def _extract(cluster: Cluster, source: BackupSource, outcome: VerifyOutcome) -> None:
     started = time.monotonic()
     cluster.prepare_root()
     cluster.data.mkdir(mode=0o700)
     files = physical.restore_files(source, cluster.data)
     _timed(outcome, "extract", started, files=files)
+
+
+def _own_config(cluster: Cluster, settings: dict[str, Any]) -> None:
+    """The restored directory given to the sandbox's user, started with backupd's configuration only."""
+    chown_to(cluster.root, cluster.user)
+    control = scratchconf.control_settings(str(cluster.bin_dir / "pg_controldata"), cluster.data, cluster.sandbox)
+    scratchconf.write_own_config(cluster, {**control, **settings})
+    (cluster.data / "recovery.signal").write_text("")
+    chown_to(cluster.data / "recovery.signal", cluster.user)
+
+
+def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupSource, outcome: VerifyOutcome,
+                     checks: list[str]) -> None:
+    meta = source.manifest.metadata
+    _extract(cluster, source, outcome)
     if meta.get("wal_method") == "none":
         started = time.monotonic()
         try:
@@ -129,12 +171,8 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
         except Exception as exc:
             raise IntegrityError(f"the WAL this backup needs cannot be fetched: {exc}") from None
         _timed(outcome, "fetch wal", started, segments=count)
-    chown_tree(cluster.root, cluster.user)
-    cluster.configure({"listen_addresses": "", "archive_mode": False, "restore_command": "false",
-                       "recovery_target": "immediate", "recovery_target_action": "promote", "fsync": False,
-                       "hot_standby": True})
-    (cluster.data / "recovery.signal").write_text("")
-    chown_tree(cluster.data / "recovery.signal", cluster.user)
+    _own_config(cluster, {"restore_command": "false", "recovery_target": "immediate",
+                          "recovery_target_action": "promote"})
     started = time.monotonic()
     try:
         cluster.start()
@@ -152,7 +190,7 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
             checked, found = amcheck(conn)
             indexes += checked
             problems.extend(f"{database}: {p}" for p in found)
-            counts.update({f"{database}.{t}": n for t, n in logical.row_counts(conn).items()})
+            counts.update({f"{database}.{t}": n for t, n in logical.row_counts(conn, nice=None).items()})
     _timed(outcome, "amcheck", started, indexes=indexes, problems=problems[:20])
     outcome.steps.append({"step": "row counts", "counts": counts})
     outcome.checks.append(Check(f"amcheck bt_index_check on {indexes} B-tree indexes", not problems,
@@ -171,50 +209,49 @@ NOTHING_AFTER = "no commit after the target in the archived WAL: recovered to it
 def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
     """Restore the base backup as ``backupd restore --to DIR --target-time`` would, start it, query it.
 
-    WAL comes through ``backupd wal-fetch`` (the restore_command a real restore
-    writes), run by the postgres OS user. Stopped on success and failure alike.
+    The server runs in the sandbox with backupd's own configuration; WAL is staged into
+    the scratch by backupd (``walstage``), not fetched by the server. Stopped on success
+    and failure alike.
     """
     manifest = source.manifest
     if manifest.method != "physical" or not manifest.metadata.get("pitr"):
         raise UsageError(f"backup {manifest.backup_id}: a PITR drill needs a physical backup taken with "
                          "archive_logs = true")
-    major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
-    bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
-    os.chmod(scratch, 0o711)  # the postgres OS user must reach its directory inside
-    cluster = Cluster(scratch / "pg", bin_dir, driver.context.settings.os_user)
+    cluster = scratch_cluster(driver, scratch, manifest)
     outcome = VerifyOutcome()
+    view = pitr.ArchiveView.scan(driver.wal_archive())
+    first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2] or None
+    stager = WalStager(scratch / "wal-stage", view.all_segments(), [n.rpartition("/")[2] for n in view.histories],
+                       source.open_log, cluster.user, first=first)
     try:
-        started = time.monotonic()
-        cluster.prepare_root()
-        cluster.data.mkdir(mode=0o700)
-        files = physical.restore_files(source, cluster.data)
-        _timed(outcome, "extract", started, files=files)
+        _extract(cluster, source, outcome)
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
         request, newest = driver.resolve_target(source.open_log, manifest, request)  # as restore does
         note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})" if newest else ""
-        command = pitr.restore_command(driver.context.job, driver.context.config_path)
-        pitr.write_recovery(cluster.data, pitr.recovery_settings(request, command), manifest.backup_id)
-        driver.start_wal_prefetch(manifest)
-        cluster.configure({"listen_addresses": "", "archive_mode": False, "fsync": False, "hot_standby": True})
-        chown_tree(cluster.root, cluster.user)
+        settings = pitr.recovery_settings(request, stager.restore_command())
+        stager.start()
+        _own_config(cluster, settings)
         started = time.monotonic()
         try:
-            _start_promoted(cluster)
+            _start_promoted(cluster, stager)
         except DriverError as exc:
-            if request.target is None or TARGET_NOT_REACHED not in _server_log(cluster):
+            if request.target is None or TARGET_NOT_REACHED not in cluster.log_text():
                 raise IntegrityError(f"the cluster restored to {format_timestamp(target.time or manifest.finished_at)}"
                                      f" did not recover: {exc}") from None
             # pg_waldump could not tell (not installed, no commit in the newest segments), PostgreSQL did:
             # no commit after the target in the archived WAL, so its end is the state at the target.
             cluster.stop("immediate")
-            cluster.configure({"recovery_target_time": ""})
+            settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_")}
+            scratchconf.write_own_config(cluster, {**scratchconf.control_settings(
+                str(cluster.bin_dir / "pg_controldata"), cluster.data, cluster.sandbox), **settings})
             note = NOTHING_AFTER
             try:
-                _start_promoted(cluster)
+                _start_promoted(cluster, stager)
             except DriverError as again:
                 raise IntegrityError(f"the cluster restored to the end of the archived WAL did not recover: "
                                      f"{again}") from None
-        _timed(outcome, "recovery to target", started, target_time=target.value, **({"note": note} if note else {}))
+        _timed(outcome, "recovery to target", started, target_time=target.value, wal_staged=stager.staged,
+               **({"note": note} if note else {}))
         try:
             with cluster.connect() as admin:
                 admin.execute("SELECT 1").fetchone()
@@ -232,16 +269,12 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
                                  f"{str(exc).strip()}") from None
     finally:
         cluster.close()
+        stager.stop()
     return outcome
 
 
-def _start_promoted(cluster: Cluster) -> None:
+def _start_promoted(cluster: Cluster, stager: WalStager) -> None:
     cluster.start()
     cluster.wait_promoted()
-
-
-def _server_log(cluster: Cluster) -> str:
-    try:
-        return cluster.logfile.read_text(errors="replace")
-    except OSError:
-        return ""
+    if stager.error:
+        raise IntegrityError(f"the archived WAL could not be staged for recovery: {stager.error}")

@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, ContextManager, BinaryIO
 
+from backupd.errors import DriverError
+from backupd.tool import Tool
+
 COMMIT_TIME_RE = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)?\b.*? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 #: Segments read back from the newest before giving up: a quiet server switches segments holding no commit.
 LOOK_BACK = 3
@@ -48,13 +51,13 @@ def newest_commit(pg_waldump: str, segments: list[str],
                 shutil.copyfileobj(stream, out, 1 << 20)
             try:
                 # It exits 1 at the end of the written WAL ("invalid record length"): what it printed counts.
-                proc = subprocess.run([pg_waldump, "--rmgr=Transaction", "--path", scratch, filename],
-                                      capture_output=True, text=True, timeout=TIMEOUT,
-                                      env={**os.environ, "TZ": "UTC"})
-            except (OSError, subprocess.TimeoutExpired):
+                with Tool([pg_waldump, "--rmgr=Transaction", "--path", scratch, filename],
+                          env={**os.environ, "TZ": "UTC"}) as waldump:
+                    out, _ = waldump.proc.communicate(timeout=TIMEOUT)
+            except (DriverError, subprocess.TimeoutExpired):
                 return None
             finally:
                 path.unlink()
-            if times := commit_times(proc.stdout):
+            if times := commit_times(out.decode(errors="replace")):
                 return max(times)
     return None
