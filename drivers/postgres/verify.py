@@ -65,9 +65,12 @@ CREATE_ROLE = f"CREATE ROLE {ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOR
 SERVER_ROLES = ("pg_execute_server_program", "pg_read_server_files", "pg_write_server_files")
 
 
-def scratch_cluster(driver: "PostgresDriver", scratch: Path, manifest: Manifest) -> Cluster:
+def major_version(manifest: Manifest) -> int | None:
+    return int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
+
+
+def scratch_cluster(driver: "PostgresDriver", scratch: Path, major: int | None) -> Cluster:
     """A server under ``scratch``, run in the job's sandbox as its unprivileged OS user."""
-    major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
     bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
     readable = [] if bin_dir.is_relative_to("/usr") else [bin_dir.parent]
     sandbox = driver.scratch_sandbox([scratch], readable)
@@ -77,7 +80,7 @@ def scratch_cluster(driver: "PostgresDriver", scratch: Path, manifest: Manifest)
 
 def verify(driver: "PostgresDriver", source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
     manifest = source.manifest
-    cluster = scratch_cluster(driver, scratch, manifest)
+    cluster = scratch_cluster(driver, scratch, major_version(manifest))
     outcome = VerifyOutcome()
     try:
         if manifest.method == "logical":
@@ -217,7 +220,7 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
     if manifest.method != "physical" or not manifest.metadata.get("pitr"):
         raise UsageError(f"backup {manifest.backup_id}: a PITR drill needs a physical backup taken with "
                          "archive_logs = true")
-    cluster = scratch_cluster(driver, scratch, manifest)
+    cluster = scratch_cluster(driver, scratch, major_version(manifest))
     outcome = VerifyOutcome()
     view = pitr.ArchiveView.scan(driver.wal_archive())
     first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2] or None
