@@ -156,6 +156,11 @@ def test_no_target_then_timeline_switch(pg_env: PgEnv, scenario: Scenario) -> No
             assert conn.execute("SELECT count(*) FROM after_switch").fetchone()[0] == 42
     finally:
         second.stop()
+    # The drill (sandboxed, WAL staged by backupd) follows the same timelines: history files come from the stager.
+    drill = pg_env.backupd("verify", JOB, "--pitr-drill", "--json", as_postgres=False, timeout=300)
+    assert drill.code == 0, drill.out + drill.err
+    report = json.loads(drill.out)["reports"][0]
+    assert next(s for s in report["steps"] if s["step"] == "pitr drill")["result"] == "passed", report["problems"]
 
 
 def test_verify_physical_backup(pg_env: PgEnv, scenario: Scenario) -> None:

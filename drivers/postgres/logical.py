@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
 from backupd import tool
+from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
 from backupd.errors import DriverError, IntegrityError, UsageError
-from backupd.sandbox import Sandbox
 from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK
+from backupd.sandbox import Sandbox
 from drivers.postgres import backendnice, dumpheader
 from drivers.postgres.connection import Conn, find_tool
 

@@ -19,8 +19,8 @@ from backupd.timeutil import format_timestamp
 from drivers.postgres import logical, physical, pitr, scratchconf
 from drivers.postgres.cluster import Cluster
 from drivers.postgres.connection import find_tool
-from drivers.postgres.walstage import WalStager
 from drivers.postgres.walnames import parse_segment, segment_name
+from drivers.postgres.walstage import WalStager
 
 if TYPE_CHECKING:
     from drivers.postgres.driver import PostgresDriver
