@@ -44,6 +44,9 @@ def backup_id(pg_env: PgEnv) -> str:
                "FROM generate_series(1, 20000) g")
     pg_env.sql("CREATE INDEX orders_customer ON orders (customer)")
     pg_env.sql("CREATE TABLE sales.invoices AS SELECT g AS id, now() AS at FROM generate_series(1, 1500) g")
+    # a superuser-only extension and a trusted one with a comment: verification restores as a plain role
+    pg_env.sql("CREATE EXTENSION pg_stat_statements; CREATE EXTENSION citext")
+    pg_env.sql("COMMENT ON TABLE customers IS 'who buys'")
     return pg_env.backupd("backup", JOB, check=True).out.strip()
 
 

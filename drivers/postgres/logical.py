@@ -261,15 +261,40 @@ def _restore_parallel(driver: "PostgresDriver", source: BackupSource, argv: list
             os.unlink(name)
 
 
+EXTENSION_IN_PUBLIC_RE = re.compile(r'^CREATE EXTENSION IF NOT EXISTS ((?:"(?:[^"]|"")+")|[a-z0-9_]+) WITH SCHEMA public;$',
+                                    re.MULTILINE)
+
+
+def dump_extensions(pg_restore: str, source: BackupSource, workfile: str, sandbox: Sandbox) -> set[str]:
+    """The extensions the dump creates in schema public, from its table of contents.
+
+    ``pg_restore --schema-only`` (in the sandbox) stops reading after the TOC at the
+    head of the dump, so this costs the first chunks of the stream, not the whole of it.
+    """
+    argv = [pg_restore, "--schema-only", "--no-owner", "--no-acl", "--file", workfile]
+    with tool.Tool(argv, stdin=tool.PIPE, stdout=tool.DEVNULL, sandbox=sandbox) as listing:
+        with source.open(DUMP) as stream:
+            listing.feed(stream)
+        code = listing.wait()
+        if code != 0:
+            raise IntegrityError(f"the dump's table of contents does not read: {listing.failure(code)}")
+    try:
+        with open(workfile, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    finally:
+        os.unlink(workfile)
+    return {_unquote(match[1]) for match in EXTENSION_IN_PUBLIC_RE.finditer(text)}
+
+
 def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str, sandbox: Sandbox) -> None:
-    """Verification: the dump into a fresh scratch database, owners and grants left out.
+    """Verification: the dump into a fresh scratch database, owners, grants and comments left out.
 
     ``conninfo`` names the unprivileged role that owns the scratch database. pg_restore
     runs in the scratch server's sandbox. IntegrityError when it rejects the dump (the
     content failed to restore); DriverError when it could not run.
     """
-    argv = [pg_restore, "--no-password", "--exit-on-error", "--no-owner", "--no-acl", "--no-subscriptions",
-            "--single-transaction", "--dbname", conninfo]
+    argv = [pg_restore, "--no-password", "--exit-on-error", "--no-owner", "--no-acl", "--no-comments",
+            "--no-subscriptions", "--single-transaction", "--dbname", conninfo]
     with tool.Tool(argv, stdin=tool.PIPE, stdout=tool.DEVNULL, sandbox=sandbox) as restoring:
         with source.open(DUMP) as stream:
             restoring.feed(stream)

@@ -61,7 +61,8 @@ def amcheck(conn: psycopg.Connection) -> tuple[int, list[str]]:
 ROLE = "backupd_verify"
 #: A login role that owns the scratch database and nothing else: not superuser, no pg_execute_server_program,
 #: pg_read_server_files or pg_write_server_files; the dump is restored, counted and checked as this role.
-CREATE_ROLE = f"CREATE ROLE {ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+#: BYPASSRLS (no power outside the database) so that counts see every row, as the backup's did.
+CREATE_ROLE = f"CREATE ROLE {ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION BYPASSRLS"
 SERVER_ROLES = ("pg_execute_server_program", "pg_read_server_files", "pg_write_server_files")
 
 
@@ -108,14 +109,15 @@ def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutco
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         statement = "ALTER DATABASE {} OWNER TO {}" if exists else "CREATE DATABASE {} OWNER {} TEMPLATE template0"
         admin.execute(sql.SQL(statement).format(sql.Identifier(database), sql.Identifier(ROLE)))
-        granted = admin.execute("SELECT rolsuper OR pg_has_role(%s, 'pg_execute_server_program', 'MEMBER') "
-                                "OR pg_has_role(%s, 'pg_read_server_files', 'MEMBER') "
-                                "OR pg_has_role(%s, 'pg_write_server_files', 'MEMBER') FROM pg_roles "
-                                "WHERE rolname = %s", (ROLE, ROLE, ROLE, ROLE)).fetchone()[0]
+        granted = admin.execute("SELECT rolsuper OR EXISTS (SELECT FROM unnest(%s::text[]) AS r "
+                                "WHERE pg_has_role(rolname, r, 'MEMBER')) FROM pg_roles WHERE rolname = %s",
+                                (list(SERVER_ROLES), ROLE)).fetchone()[0]
         if granted:
             raise DriverError(f"the scratch role {ROLE} has server privileges; refusing to restore as it")
-    logical.restore_into_scratch(str(cluster.bin_dir / "pg_restore"), source, cluster.conninfo(database, user=ROLE),
-                                 cluster.sandbox)
+    pg_restore = str(cluster.bin_dir / "pg_restore")
+    _create_extensions(cluster, database, logical.dump_extensions(pg_restore, source, str(cluster.root / "toc.sql"),
+                                                                   cluster.sandbox))
+    logical.restore_into_scratch(pg_restore, source, cluster.conninfo(database, user=ROLE), cluster.sandbox)
     _timed(outcome, "pg_restore", started, role=ROLE)
     with cluster.connect(database, user=ROLE) as conn:
         started = time.monotonic()
@@ -125,6 +127,25 @@ def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutco
             raise IntegrityError(f"counting the restored rows failed: {str(exc).strip()}") from None
         _timed(outcome, "row counts", started, tables=len(outcome.row_counts))
         outcome.checks.extend(run_checks(conn, checks))
+
+
+def _create_extensions(cluster: Cluster, database: str, names: set[str]) -> None:
+    """Extensions installed on this host that the dump creates in public, made by the superuser beforehand.
+
+    The restoring role may create only trusted extensions; for the others (pg_stat_statements,
+    postgis ...) the dump's ``CREATE EXTENSION IF NOT EXISTS`` then finds them made. Only an
+    extension's own install script runs, from this host's PostgreSQL installation.
+    """
+    if not names:
+        return
+    with cluster.connect(database) as admin:
+        available = {row[0] for row in admin.execute("SELECT name FROM pg_available_extensions")}
+        for name in sorted(names & available):
+            try:
+                admin.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} SCHEMA public").format(sql.Identifier(name)))
+            except psycopg.Error as exc:
+                raise IntegrityError(f"extension {name}, which the dump needs, cannot be created: "
+                                     f"{str(exc).strip()}") from None
 
 
 def _fetch_wal(source: BackupSource, pg_wal: Path, first: str, last: str, segment_size: int) -> int:
