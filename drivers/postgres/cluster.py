@@ -88,6 +88,7 @@ class Cluster:
         self.options = list(options)
         self.server: ScratchServer | None = None
         self._log = ""
+        self._status: int | None = None
 
     def _tool(self, name: str) -> str:
         return str(self.bin_dir / name)
@@ -141,8 +142,17 @@ class Cluster:
             return
         if server.tool is not None:
             self._log = server.tool.stderr_text(LOG_KEEP)
+        self._status = server.exited()
         server.stop_signal = STOP_SIGNALS[mode]
         server.stop()
+
+    def killed(self) -> bool:
+        """The server (or its sandbox) ended by a signal: killed by us (a cancelled run), not failed on its data.
+
+        PostgreSQL itself exits with a status when recovery or start fails; the wrappers pass that on.
+        """
+        status = self.server.exited() if self.server is not None else self._status
+        return status is not None and status < 0
 
     def close(self) -> None:
         self.stop("immediate")

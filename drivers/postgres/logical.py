@@ -276,6 +276,8 @@ def dump_extensions(pg_restore: str, source: BackupSource, workfile: str, sandbo
         with source.open(DUMP) as stream:
             listing.feed(stream)
         code = listing.wait()
+        if code < 0:  # killed (a cancelled run), not the content's doing
+            raise listing.failure(code)
         if code != 0:
             raise IntegrityError(f"the dump's table of contents does not read: {listing.failure(code)}")
     try:
@@ -299,5 +301,7 @@ def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str, s
         with source.open(DUMP) as stream:
             restoring.feed(stream)
         code = restoring.wait()
+        if code < 0:  # killed (a cancelled run), not the content's doing
+            raise restoring.failure(code)
         if code != 0:
             raise IntegrityError(f"the dump does not restore: {restoring.failure(code)}")

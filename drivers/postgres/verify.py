@@ -202,6 +202,8 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
         cluster.start()
         cluster.wait_promoted()
     except DriverError as exc:
+        if cluster.killed():
+            raise
         raise IntegrityError(f"the restored cluster did not recover: {exc}") from None
     _timed(outcome, "recovery", started)
     started = time.monotonic()
@@ -259,6 +261,8 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
         try:
             _start_promoted(cluster, stager)
         except DriverError as exc:
+            if cluster.killed():
+                raise
             if request.target is None or TARGET_NOT_REACHED not in cluster.log_text():
                 raise IntegrityError(f"the cluster restored to {format_timestamp(target.time or manifest.finished_at)}"
                                      f" did not recover: {exc}") from None
@@ -272,6 +276,8 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
             try:
                 _start_promoted(cluster, stager)
             except DriverError as again:
+                if cluster.killed():
+                    raise
                 raise IntegrityError(f"the cluster restored to the end of the archived WAL did not recover: "
                                      f"{again}") from None
         _timed(outcome, "recovery to target", started, target_time=target.value, wal_staged=stager.staged,
