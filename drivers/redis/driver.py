@@ -18,12 +18,12 @@ from pydantic import Field, field_validator
 
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
                             VerifyOutcome)
-from backupd.errors import DriverError, UsageError
+from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.settings import read_secret_file
 from drivers.redis.rdb import RdbFormatError, RdbSummary, RdbUnsupported
 from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn, truthy
-from drivers.redis.scratch import ScratchLoadFailed, scratch_server, server_version
+from drivers.redis.scratch import scratch_server, server_version
 from drivers.redis.transfer import RdbTransfer, StreamingParser, TeeReader
 
 STREAM = "rdb"
@@ -53,6 +53,7 @@ class RedisOptions(DriverOptions):
 class RedisDriver(Driver):
     methods = ("rdb",)
     options_model = RedisOptions
+    scratch_users = ("redis",)
 
     # ---- connecting -------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class RedisDriver(Driver):
         manifest = source.manifest
         tmp = dest.parent / f".{DUMP_NAME}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            size, summary = _write_rdb(source, tmp)
+            size, summary = _write_rdb(source, tmp, DriverError)
             _check_counts(manifest, summary)
             os.replace(tmp, dest)
             _fsync_dir(dest.parent)
@@ -170,20 +171,17 @@ class RedisDriver(Driver):
     # ---- verify -----------------------------------------------------------------------
 
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
-        size, summary = _write_rdb(source, scratch / DUMP_NAME)
+        """Load the RDB into a sandboxed scratch redis-server; a refused RDB is an IntegrityError."""
+        size, summary = _write_rdb(source, scratch / DUMP_NAME, IntegrityError)
         outcome = VerifyOutcome(steps=[{"step": "restore", "bytes": size, "rdb_version": summary.version}])
-        binary = self.options.redis_server
-        outcome.steps.append({"step": "scratch server", "redis_server": server_version(binary)})
-        databases = max(summary.keys, default=0) + 1
-        try:
-            with scratch_server(binary, scratch, DUMP_NAME, databases, self.options.load_timeout) as endpoint:
-                with Connection(endpoint, timeout=self.options.read_timeout) as conn:
-                    keyspace = conn.info("keyspace")
-                outcome.row_counts = {db: int(_keyspace_field(value, "keys")) for db, value in keyspace.items()}
-                outcome.checks.append(Check("load into redis-server", True, f"{sum(outcome.row_counts.values())} keys"))
-                outcome.checks.extend(run_checks(endpoint, checks, self.options.read_timeout))
-        except ScratchLoadFailed as exc:
-            outcome.checks.append(Check("load into redis-server", False, str(exc)))
+        outcome.steps.append({"step": "scratch server", "redis_server": server_version(self.options.redis_server)})
+        databases = max(summary.keys, default=0) + 1  # capped by the parser (MAX_DATABASE)
+        with scratch_server(self, scratch, DUMP_NAME, databases, self.options.load_timeout) as (endpoint, _):
+            with Connection(endpoint, timeout=self.options.read_timeout) as conn:
+                keyspace = conn.info("keyspace")
+            outcome.row_counts = {db: int(_keyspace_field(value, "keys")) for db, value in keyspace.items()}
+            outcome.checks.append(Check("load into redis-server", True, f"{sum(outcome.row_counts.values())} keys"))
+            outcome.checks.extend(run_checks(endpoint, checks, self.options.read_timeout))
         return outcome
 
     # ---- check ------------------------------------------------------------------------
@@ -214,12 +212,13 @@ def _finish(parser: StreamingParser) -> tuple[RdbSummary | None, RdbFormatError 
         return None, exc
 
 
-def _write_rdb(source: BackupSource, dest: Path) -> tuple[int, RdbSummary]:
-    """Decrypt the stored RDB into ``dest`` (fsynced), parsing it on the way."""
+def _write_rdb(source: BackupSource, dest: Path, error: type[DriverError | IntegrityError]) -> tuple[int, RdbSummary]:
+    """Decrypt the stored RDB into ``dest`` (0600, fsynced), parsing it on the way; ``error`` if malformed."""
     parser = StreamingParser()
     size = 0
     try:
-        with source.open(STREAM) as stream, open(dest, "xb") as out:
+        with source.open(STREAM) as stream, os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                      "wb") as out:
             while chunk := stream.read(COPY_CHUNK):
                 out.write(chunk)
                 parser.feed(chunk)
@@ -229,7 +228,7 @@ def _write_rdb(source: BackupSource, dest: Path) -> tuple[int, RdbSummary]:
     finally:
         summary, problem = _finish(parser)
     if problem is not None and not isinstance(problem, RdbUnsupported):
-        raise DriverError(f"backup {source.manifest.backup_id}: the stored RDB is malformed: {problem}")
+        raise error(f"backup {source.manifest.backup_id}: the stored RDB is malformed: {problem}")
     return size, summary or RdbSummary()
 
 
