@@ -248,3 +248,63 @@ def test_scratch_server_is_sandboxed(backed_up: tuple[Path, str], keys: Keys, tm
                     conn.command(*command)
             assert conn.command("CONFIG", "GET", "port") == [b"port", b"0"]
     assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture(scope="module")
+def real_rdb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real RDB with every type (and an LZF-compressed value) from a real redis-server."""
+    from drivers.redis.resp import Connection
+    from drivers.redis.transfer import RdbTransfer
+    from redis_support import populate
+
+    server = start_redis(require_tool("redis-server"), tmp_path_factory.mktemp("fuzz-source"))
+    try:
+        populate(server, b"L" * 100_000, ttl_ms=3_600_000)
+        conn = Connection(server.admin)
+        conn.authenticate()
+        transfer = RdbTransfer.start(conn)
+        data = b"".join(iter(lambda: transfer.read(1 << 20), b""))
+        conn.close()
+        return data
+    finally:
+        server.stop()
+
+
+def test_fuzzed_rdb_is_read_or_refused_in_one_line(real_rdb: bytes) -> None:
+    """Cut anywhere, bytes flipped anywhere: a summary or an RdbFormatError with a one-line message, nothing else."""
+    import random
+
+    from drivers.redis.rdb import RdbFormatError
+    from drivers.redis.transfer import StreamingParser
+
+    rng = random.Random(13)
+    cases = [real_rdb[:cut] for cut in sorted(rng.sample(range(len(real_rdb)), 60))]
+    for _ in range(300):
+        data = bytearray(real_rdb)
+        for _ in range(rng.choice((1, 2, 8))):
+            data[rng.randrange(9, len(data))] = rng.randrange(256)
+        cases.append(bytes(data))
+    refused = 0
+    for data in cases:
+        parser = StreamingParser()  # the way backup, restore and verify run it: in a thread, fed in chunks
+        for start in range(0, len(data), 65536):
+            parser.feed(data[start:start + 65536])
+        try:
+            summary = parser.finish(timeout=60)
+        except RdbFormatError as exc:
+            refused += 1
+            message = str(exc)
+            assert "\n" not in message and message, repr(message)
+            assert not message.startswith(("RuntimeError", "MemoryError", "RecursionError")), message
+            continue
+        assert max(summary.keys, default=0) <= 16383 and len(summary.aux) <= 64
+        assert all(len(value) <= 1024 for value in summary.aux.values())
+    assert refused >= 60  # every cut, at least
+
+
+def test_verify_with_the_sandbox_off_still_runs_unprivileged(backed_up: tuple[Path, str], tmp_path: Path) -> None:
+    config, _ = backed_up
+    config.write_text(config.read_text().replace('checks = ["PING"]', 'checks = ["PING"], sandbox = "off"'))
+    result = run_backupd("verify", "cache", "--json", config=config)
+    assert result.code == 0, result.out + result.err
+    assert json.loads(result.out)["reports"][0]["counts_found"] == {"db0": 1}
