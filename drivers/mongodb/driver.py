@@ -47,6 +47,9 @@ class MongodbOptions(DriverOptions):
     oplog_interval: float = Field(default=60.0, gt=0, description="seconds between oplog slices")
     oplog_slice_max_bytes: int = Field(default=64 << 20, gt=0)
     mongod: str = Field(default="mongod", description="binary verification starts a scratch server with")
+    mongod_readable: list[Path] = Field(default_factory=list, description=(
+        "extra read-only paths the scratch mongod needs inside the verification sandbox (it sees /usr, a few "
+        "/etc files and its scratch directory; a mongod outside /usr gets its own directory too)"))
 
     @field_validator("dsn")
     @classmethod
@@ -311,7 +314,7 @@ def scratch_mongod(driver: MongodbDriver, scratch: Path) -> Iterator[str]:
         for owned in (scratch, sock_dir):
             chown_to(owned, driver.scratch_user())
         binary = Path(path).resolve()
-        readable = [] if binary.is_relative_to("/usr") else [binary.parent]
+        readable = list(driver.options.mongod_readable) + ([] if binary.is_relative_to("/usr") else [binary.parent])
         sandbox = driver.scratch_sandbox([scratch, sock_dir], readable)
         uri = f"mongodb://{quote(str(sock_dir / f'mongodb-{port}.sock'), safe='')}/?directConnection=true"
         argv = [path, "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",

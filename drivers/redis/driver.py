@@ -165,7 +165,9 @@ class RedisDriver(Driver):
                  + (", ".join(f"{db}={n} keys" for db, n in summary.key_counts().items()) or "no keys") + ")",
                  "start Redis on it (AOF off, or it would load the AOF instead of this file):",
                  f"  redis-server --dir {shlex.quote(str(dest.parent))} --dbfilename {DUMP_NAME} --appendonly no",
-                 "then, to turn AOF back on from the loaded data: redis-cli CONFIG SET appendonly yes"]
+                 "then, to turn AOF back on from the loaded data: redis-cli CONFIG SET appendonly yes",
+                 f"{DUMP_NAME} is private (0600, owned by the user that ran this restore): "
+                 "chown it to the user redis-server runs as"]
         return "\n".join(lines)
 
     # ---- verify -----------------------------------------------------------------------
