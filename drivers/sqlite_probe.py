@@ -18,6 +18,7 @@ import sqlite3
 import sys
 
 MAX_PROBLEMS = 10
+SHOWN = 200  # characters of a failing check's value or error kept (it is restored content)
 DENIED = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH}
 
 
@@ -29,12 +30,16 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _short(text: str) -> str:
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
 def probe(path: str, checks: list) -> dict:
     try:
         db = sqlite3.connect(f"file:{path}", uri=True, isolation_level=None)
         db.set_authorizer(_authorize)
         db.execute("PRAGMA trusted_schema = OFF")
-        problems = [row[0] for row in db.execute(f"PRAGMA integrity_check({MAX_PROBLEMS})")]
+        problems = [_short(str(row[0])) for row in db.execute(f"PRAGMA integrity_check({MAX_PROBLEMS})")]
         tables = [row[0] for row in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
         counts = {table: db.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()[0] for table in tables}
@@ -45,9 +50,9 @@ def probe(path: str, checks: list) -> dict:
         try:
             row = db.execute(sql).fetchone()
             ok = bool(row and row[0])
-            results.append([sql, ok, "" if ok else f"returned {row[0] if row else 'no row'}"])
+            results.append([sql, ok, "" if ok else _short(f"returned {row[0] if row else 'no row'}")])
         except sqlite3.Error as exc:
-            results.append([sql, False, f"error: {exc}"])
+            results.append([sql, False, _short(f"error: {exc}")])
     db.close()
     return {"integrity": problems, "counts": counts, "checks": results}
 

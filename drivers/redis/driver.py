@@ -295,12 +295,17 @@ def run_checks(endpoint: Endpoint, checks: list[str], timeout: float) -> list[Ch
     return results
 
 
+SHOWN = 200  #: characters of a failing check's reply kept in the report (the reply is restored content)
+
+
 def _show(reply: object) -> str:
     if isinstance(reply, bytes):
-        return repr(reply.decode(errors="replace"))
-    if reply is None:
-        return "nil"
-    return repr(reply)
+        text = repr(reply.decode(errors="replace"))
+    elif reply is None:
+        text = "nil"
+    else:
+        text = repr(reply)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def _delay_check(conn: Connection) -> Iterator[Check]:
