@@ -308,3 +308,18 @@ def test_verify_with_the_sandbox_off_still_runs_unprivileged(backed_up: tuple[Pa
     result = run_backupd("verify", "cache", "--json", config=config)
     assert result.code == 0, result.out + result.err
     assert json.loads(result.out)["reports"][0]["counts_found"] == {"db0": 1}
+
+
+def test_rdb_with_a_type_backupd_does_not_know_is_left_to_redis_server(backed_up: tuple[Path, str], keys: Keys,
+                                                                       tmp_path: Path) -> None:
+    """An unknown value type (a newer Redis) restores as is; the scratch server decides, and refuses it."""
+    config, backup_id = backed_up
+    plant(tmp_path / "repo", "cache", backup_id,
+          iter([small_rdb(b"\xfe\x00", key_value(b"k", b"v"), b"\xfe" + length(40) + b"\x63" + rdb_string(b"k"))]),
+          keys.recipient, {})
+    restored = run_backupd("restore", "cache", "--to", str(tmp_path / "out"), config=config)
+    assert restored.code == 0, restored.err
+    result = run_backupd("verify", "cache", config=config)
+    assert result.code == 3, result.out + result.err
+    assert "redis-server refused the RDB" in result.out
+    assert "more than" not in result.out  # the scratch server had room for every database backupd accepts

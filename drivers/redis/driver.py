@@ -21,7 +21,7 @@ from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOpt
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.settings import read_secret_file
-from drivers.redis.rdb import RdbFormatError, RdbSummary, RdbUnsupported
+from drivers.redis.rdb import MAX_DATABASE, RdbFormatError, RdbSummary, RdbUnsupported
 from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn, truthy
 from drivers.redis.scratch import scratch_server, server_version
 from drivers.redis.transfer import RdbTransfer, StreamingParser, TeeReader
@@ -177,7 +177,8 @@ class RedisDriver(Driver):
         size, summary = _write_rdb(source, scratch / DUMP_NAME, IntegrityError)
         outcome = VerifyOutcome(steps=[{"step": "restore", "bytes": size, "rdb_version": summary.version}])
         outcome.steps.append({"step": "scratch server", "redis_server": server_version(self.options.redis_server)})
-        databases = max(summary.keys, default=0) + 1  # capped by the parser (MAX_DATABASE)
+        # Capped by the parser; a file it could not read to the end may use any database it allows.
+        databases = max(summary.keys, default=0) + 1 if summary.complete else MAX_DATABASE + 1
         with scratch_server(self, scratch, DUMP_NAME, databases, self.options.load_timeout) as (endpoint, _):
             with Connection(endpoint, timeout=self.options.read_timeout) as conn:
                 keyspace = conn.info("keyspace")
@@ -231,7 +232,7 @@ def _write_rdb(source: BackupSource, dest: Path, error: type[DriverError | Integ
         summary, problem = _finish(parser)
     if problem is not None and not isinstance(problem, RdbUnsupported):
         raise error(f"backup {source.manifest.backup_id}: the stored RDB is malformed: {problem}")
-    return size, summary or RdbSummary()
+    return size, summary or RdbSummary(complete=False)
 
 
 def _check_counts(manifest: Manifest, summary: RdbSummary) -> None:

@@ -64,6 +64,7 @@ class RdbSummary:
     functions: int = 0
     checksum: str = ""  # hex of the trailing CRC64 as stored (0 when the writer had rdbchecksum off)
     size: int = 0  # bytes parsed, header to checksum
+    complete: bool = True  # False: the parser met something it does not know (RdbUnsupported) and stopped
 
     def key_counts(self) -> dict[str, int]:
         """``{"db0": 12, ...}``: the names INFO keyspace uses."""
