@@ -3,11 +3,17 @@
 The backup API copies the database as of one read transaction while writers
 keep going (in WAL mode) or wait briefly (rollback journal). Row counts are
 taken from that copy, so they describe exactly the snapshot that was stored.
+
+Verification never opens the restored file in backupd's own process: the
+integrity check, the row counts and the user's checks run in the sandbox
+(``drivers/sqlite_probe.py`` under ``/usr/bin/python3 -I``), which sees only the
+scratch copy. Every copy backupd writes (snapshot, restore, scratch) is 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import uuid
@@ -17,10 +23,16 @@ from typing import Iterable, Iterator
 from pydantic import Field
 
 from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
-from backupd.errors import DriverError, UsageError
+from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.sandbox import chown_to
+from backupd.tool import run
+
+from drivers import sqlite_probe
 
 STREAM = "db"
 COPY_CHUNK = 1 << 20
+#: The interpreter the sandboxed checks run with: Debian's, under /usr (the sandbox's only system tree).
+PYTHON = "/usr/bin/python3"
 
 
 class SqliteOptions(DriverOptions):
@@ -46,16 +58,9 @@ def table_counts(db: sqlite3.Connection) -> dict[str, int]:
     return {table: db.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()[0] for table in tables}
 
 
-def run_checks(db: sqlite3.Connection, checks: Iterable[str]) -> list[Check]:
-    results = []
-    for sql in checks:
-        try:
-            row = db.execute(sql).fetchone()
-            ok = bool(row and row[0])
-            results.append(Check(sql, ok, "" if ok else f"returned {row[0] if row else 'no row'}"))
-        except sqlite3.Error as exc:
-            results.append(Check(sql, False, f"error: {exc}"))
-    return results
+def _create_private(path: Path) -> None:
+    """An empty 0600 file: SQLite keeps the mode, and gives its journals the same."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 @contextlib.contextmanager
@@ -80,6 +85,7 @@ class SqliteDriver(Driver):
     def _snapshot(self, dest: Path) -> None:
         if not self.path.is_file():
             raise DriverError(f"{self.path}: database file not found")
+        _create_private(dest)
         source = _connect(self.path, self.options.busy_timeout)
         try:
             target = sqlite3.connect(dest)
@@ -116,7 +122,8 @@ class SqliteDriver(Driver):
 
     def _write(self, source: BackupSource, dest: Path) -> int:
         size = 0
-        with source.open(STREAM) as stream, open(dest, "xb") as out:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with source.open(STREAM) as stream, os.fdopen(fd, "wb") as out:
             while chunk := stream.read(COPY_CHUNK):
                 out.write(chunk)
                 size += len(chunk)
@@ -151,19 +158,28 @@ class SqliteDriver(Driver):
         return f"restored backup {manifest.backup_id} of {manifest.job} to {dest} ({size} bytes)"
 
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        """Restore into ``scratch`` and measure the copy in the sandbox; an unreadable file is an IntegrityError."""
         dest = scratch / "restore.sqlite3"
         size = self._write(source, dest)
-        db = _connect(dest)
+        chown_to(scratch, self.scratch_user())
+        sandbox = self.scratch_sandbox([scratch])
+        request = json.dumps({"path": str(dest), "checks": list(checks)}).encode()
+        out = run([PYTHON, "-I", "-c", Path(sqlite_probe.__file__).read_text()], input=request, sandbox=sandbox,
+                  name="sqlite checks")
         try:
-            problems = [row[0] for row in db.execute("PRAGMA integrity_check")]
-            outcome = VerifyOutcome(
-                row_counts=table_counts(db),
-                steps=[{"step": "restore", "bytes": size}, {"step": "integrity_check", "result": problems[:10]}],
-            )
-            outcome.checks.append(Check("PRAGMA integrity_check", problems == ["ok"], "; ".join(problems[:5])))
-            outcome.checks.extend(run_checks(db, checks))
-        finally:
-            db.close()
+            found = json.loads(out)
+        except ValueError:
+            raise DriverError(f"sqlite checks: unreadable output ({out[:80]!r})") from None
+        if "error" in found:
+            raise IntegrityError(f"backup {source.manifest.backup_id}: the restored file is not a readable SQLite "
+                                 f"database: {found['error']}")
+        problems = [str(p) for p in found["integrity"]]
+        outcome = VerifyOutcome(
+            row_counts={str(t): int(n) for t, n in found["counts"].items()},
+            steps=[{"step": "restore", "bytes": size}, {"step": "integrity_check", "result": problems[:10]}],
+        )
+        outcome.checks.append(Check("PRAGMA integrity_check", problems == ["ok"], "; ".join(problems[:5])))
+        outcome.checks.extend(Check(str(sql), bool(ok), str(detail)) for sql, ok, detail in found["checks"])
         return outcome
 
     def check(self) -> Iterable[Check]:

@@ -168,3 +168,98 @@ class FakeServer:
 
     def oldest(self) -> Timestamp:
         return Timestamp(1_700_000_000, 1)
+
+
+#: A stand-in ``mongod`` for verification tests: Debian's /usr/bin/python3 and the standard library only
+#: (the sandbox sees /usr, not the test's virtual environment). It answers pymongo's handshake, buildInfo,
+#: ping and listDatabases (empty) on mongod's unix socket, ``<prefix>/mongodb-<port>.sock``, and writes
+#: what it can see of the host to ``<dbpath>/standin.json``: the sandbox proof.
+STANDIN_MONGOD = r'''#!/usr/bin/python3
+import json, os, socket, struct, sys, threading
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+dbpath, port, prefix = args["--dbpath"], args["--port"], args["--unixSocketPrefix"]
+PROBES = __PROBES__
+seen = {"uid": os.getuid(), "visible": {p: os.path.exists(p) for p in PROBES},
+        "root": sorted(os.listdir("/root")) if os.path.isdir("/root") else None}
+with open(os.path.join(dbpath, "standin.json"), "w") as out:
+    json.dump(seen, out)
+
+def enc(doc):
+    out = b""
+    for key, value in doc.items():
+        name = key.encode() + b"\0"
+        if isinstance(value, bool):
+            out += b"\x08" + name + (b"\x01" if value else b"\x00")
+        elif isinstance(value, int):
+            out += b"\x12" + name + struct.pack("<q", value)
+        elif isinstance(value, float):
+            out += b"\x01" + name + struct.pack("<d", value)
+        elif isinstance(value, str):
+            data = value.encode() + b"\0"
+            out += b"\x02" + name + struct.pack("<i", len(data)) + data
+        elif isinstance(value, list):
+            out += b"\x04" + name + enc({str(i): v for i, v in enumerate(value)})
+        else:
+            out += b"\x03" + name + enc(value)
+    return struct.pack("<i", len(out) + 5) + out + b"\0"
+
+def first_key(doc):
+    return doc[5:doc.index(b"\0", 5)].decode()
+
+HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "maxBsonObjectSize": 16777216,
+         "maxMessageSizeBytes": 48000000, "maxWriteBatchSize": 100000, "logicalSessionTimeoutMinutes": 30,
+         "connectionId": 1, "minWireVersion": 0, "maxWireVersion": 17, "readOnly": False, "ok": 1.0}
+REPLIES = {"hello": HELLO, "ismaster": HELLO, "isMaster": HELLO,
+           "buildInfo": {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "ok": 1.0},
+           "buildinfo": {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "ok": 1.0},
+           "listDatabases": {"databases": [], "totalSize": 0, "ok": 1.0}}
+
+def read_exact(conn, n):
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return data
+
+def serve(conn):
+    try:
+        while True:
+            size, request_id, _, opcode = struct.unpack("<iiii", read_exact(conn, 16))
+            body = read_exact(conn, size - 16)
+            if opcode == 2013:  # OP_MSG: flags, kind-0 section
+                flags = struct.unpack("<I", body[:4])[0]
+                reply = enc(REPLIES.get(first_key(body[5:]), {"ok": 1.0}))
+                if flags & 2:
+                    continue
+                payload = struct.pack("<I", 0) + b"\0" + reply
+            elif opcode == 2004:  # OP_QUERY: flags, collection name, skip, limit, query
+                start = body.index(b"\0", 4) + 1 + 8
+                reply = enc(REPLIES.get(first_key(body[start:]), {"ok": 1.0}))
+                opcode, payload = 1, struct.pack("<iqii", 0, 0, 0, 1) + reply
+            else:
+                return
+            conn.sendall(struct.pack("<iiii", 16 + len(payload), 0, request_id, opcode) + payload)
+    except (EOFError, OSError):
+        pass
+    finally:
+        conn.close()
+
+path = os.path.join(prefix, "mongodb-%s.sock" % port)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen(16)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+def install_standin_mongod(directory: Path, probes: list[str]) -> Path:
+    """The stand-in mongod in ``directory`` (which the scratch user must be able to read); returns its path."""
+    directory.chmod(0o755)
+    path = directory / "mongod"
+    path.write_text(STANDIN_MONGOD.replace("__PROBES__", repr(probes)))
+    path.chmod(0o755)
+    return path

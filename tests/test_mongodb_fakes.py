@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import bson
 import pytest
@@ -28,8 +31,9 @@ from backupd.context import JobContext
 from backupd.settings import load_settings
 from core_fixtures import Keys
 from drivers.mongodb.oplog import OplogArchiver, Slice, find_gaps, list_slices, ts_text
-from mongo_support import FakeOplog, FakeServer, build_archive, install_fakes, oplog_entry, tool_calls
-from support import write_config
+from mongo_support import (FakeOplog, FakeServer, build_archive, install_fakes, install_standin_mongod, oplog_entry,
+                           tool_calls)
+from support import require_tool, write_config
 
 PASSWORD = "m0ngo-pa55-Zq9"
 T = 1_800_000_000  # oplog seconds used throughout: 2027-01-15T08:00:00Z
@@ -114,7 +118,7 @@ def test_dump_failure_is_redacted_and_leaves_no_backup(job: MongoJob, capsys: py
     monkeypatch.setenv("FAKE_MONGODUMP_MODE", "fail")
     code, out, err = run(capsys, "--config", str(job.config), "backup", "docs")
     assert code == 1
-    assert ("backupd: error: mongodump exited with status 2 during the dump: Failed: error connecting to db server: "
+    assert ("backupd: error: mongodump exited with status 2: Failed: error connecting to db server: "
             "mongodb://backup:***@db1:27017 refused") in err
     assert "leaked-pw" not in err
     run(capsys, "--config", str(job.config), "list", "--json")
@@ -291,7 +295,8 @@ def test_restore_failure_reports_mongorestore_status(job: MongoJob, capsys: pyte
     monkeypatch.setenv("FAKE_MONGORESTORE_MODE", "fail")
     code, _, err = run(capsys, "--config", str(job.config), "restore", "docs", "--to", "mongodb://h:1")
     assert code == 1
-    assert "mongorestore exited with status 1 restoring the archive: Failed: restore error: E11000 duplicate key" in err
+    assert ("mongorestore (restoring the archive) exited with status 1: Failed: restore error: E11000 duplicate key"
+            in err)
 
 
 def test_standalone_server_dumps_without_oplog(job: MongoJob, capsys: pytest.CaptureFixture[str],
@@ -311,3 +316,57 @@ def test_check_reports_tools_and_server(job: MongoJob, capsys: pytest.CaptureFix
     assert any(line.startswith("ok") and "jobs.docs: mongodump: 100.9.4" in line for line in lines)
     assert any(line.startswith("ok") and "jobs.docs: replica set: rs0" in line for line in lines)
     assert any("mongod (for verify)" in line for line in lines)
+
+
+@pytest.fixture
+def standin(job: MongoJob, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The job verifies with the stand-in mongod, through the real pymongo client, in the sandbox."""
+    require_tool("bwrap")
+    directory = Path(tempfile.mkdtemp(prefix="mongod-standin-"))  # readable by the scratch user, unlike tmp_path
+    mongod = install_standin_mongod(directory, [str(keys.identity_file), str(job.config), str(job.tmp)])
+    text = job.config.read_text()
+    job.config.write_text(text.replace("archive_logs = true", f'archive_logs = true\nmongod = "{mongod}"', 1))
+    yield mongod
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_verify_runs_the_scratch_mongod_sandboxed(job: MongoJob, standin: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from backupd import children
+    from backupd.restore import RepositorySource
+    from drivers.mongodb.server import MongoServer
+
+    assert run(capsys, "--config", str(job.config), "backup", "docs")[0] == 0
+    monkeypatch.setattr(mongo_driver, "MongoServer", MongoServer)
+    ctx = JobContext(load_settings(job.config), "docs")
+    source = RepositorySource(ctx.repository, ctx.repository.resolve(None), ctx.identities, str(ctx.identity_file))
+    scratch = Path(tempfile.mkdtemp(prefix="backupd-verify-test-"))
+    try:
+        outcome = ctx.driver.verify(source, scratch, [])
+        seen = json.loads((scratch / "mongod" / "standin.json").read_text())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert outcome.steps == [{"step": "mongorestore", "bytes": len(job.archive)}]
+    assert outcome.row_counts == {}  # the stand-in stores nothing
+    assert seen["visible"] == {str(ctx.identity_file): False, str(job.config): False, str(job.tmp): False}
+    assert not seen["root"]
+    if os.geteuid() == 0:
+        assert seen["uid"] != 0
+    restore = tool_calls(job.log)[-1]
+    assert restore["tool"] == "mongorestore" and re.search(r'uri: "mongodb://%2F.*mongodb-\d+\.sock', restore["config"])
+    assert not children.live()
+
+
+def test_archive_the_scratch_restore_refuses_fails_verification(job: MongoJob, standin: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from drivers.mongodb.server import MongoServer
+
+    assert run(capsys, "--config", str(job.config), "backup", "docs")[0] == 0
+    monkeypatch.setattr(mongo_driver, "MongoServer", MongoServer)
+    monkeypatch.setenv("FAKE_MONGORESTORE_MODE", "fail")
+    code, out, err = run(capsys, "--config", str(job.config), "verify", "docs")
+    assert code == 3, out + err
+    assert ("the scratch restore refused the archive: mongorestore (restoring the archive) exited with status 1: "
+            "Failed: restore error: E11000 duplicate key") in out
+    assert list(job.repo.glob("docs/verify/*.json"))

@@ -11,23 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
+import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator
 
-from backupd.children import stop_process
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
                             VerifyOutcome)
-from backupd.errors import DriverError, UsageError
+from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.redact import redact
+from backupd.sandbox import chown_to
+from backupd.scratch import ScratchServer
 from backupd.settings import read_secret_file
+from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
 from drivers.mongodb import tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
@@ -46,6 +47,9 @@ class MongodbOptions(DriverOptions):
     oplog_interval: float = Field(default=60.0, gt=0, description="seconds between oplog slices")
     oplog_slice_max_bytes: int = Field(default=64 << 20, gt=0)
     mongod: str = Field(default="mongod", description="binary verification starts a scratch server with")
+    mongod_readable: list[Path] = Field(default_factory=list, description=(
+        "extra read-only paths the scratch mongod needs inside the verification sandbox (it sees /usr, a few "
+        "/etc files and its scratch directory; a mongod outside /usr gets its own directory too)"))
 
     @field_validator("dsn")
     @classmethod
@@ -64,6 +68,7 @@ def _user_collections(counts: dict[str, int]) -> dict[str, int]:
 class MongodbDriver(Driver):
     methods = ("logical",)
     options_model = MongodbOptions
+    scratch_users = ("mongodb",)
 
     # ---- connection -----------------------------------------------------------------
 
@@ -90,24 +95,17 @@ class MongodbDriver(Driver):
             with tools.config_file(spool, self.options.dsn, password) as config:
                 argv = tools.dump_argv(config, oplog=bool(replica_set),
                                        namespaces=[f"{db}.*" for db in self.options.databases])
-                dump = tools.ToolProcess(argv, stdout=subprocess.PIPE, workdir=spool)
-                counter = ArchiveCounter()
-                stream = CountingStream(dump.proc.stdout, counter)
-                try:
-                    entry = sink(STREAM, stream)
-                except BaseException:
-                    dump.kill()
-                    with contextlib.suppress(ArchiveFormatError):
-                        counter.finish()
-                    raise
-                summary, problem = None, None
-                try:
-                    dump.finish("during the dump")
-                finally:
+                with Tool(argv) as dump:
+                    counter = ArchiveCounter()
+                    stream = CountingStream(dump, counter)  # a failed exit raises inside the sink's read loop
                     try:
-                        summary = counter.finish()
-                    except ArchiveFormatError as exc:
-                        problem = exc
+                        entry = sink(STREAM, stream)
+                        dump.check()
+                    finally:
+                        try:
+                            summary, problem = counter.finish(), None
+                        except ArchiveFormatError as exc:
+                            summary, problem = None, exc
             if stream.size == 0:
                 raise DriverError("mongodump exited with status 0 but wrote no archive to stdout")
             if entry.raw_size != stream.size:
@@ -200,7 +198,7 @@ class MongodbDriver(Driver):
         with tools.config_file(spool, request.to, password) as config:
             argv = tools.restore_argv(config, oplog_replay=plan.replay_dump_oplog, namespaces=plan.namespaces,
                                       drop=request.clean, jobs=request.jobs)
-            sent = _restore_archive(argv, source, spool)
+            sent = _restore_archive(argv, source)
             replayed = 0
             if plan.slices:
                 replayed = _replay_slices(plan, source, config, spool)
@@ -215,10 +213,14 @@ class MongodbDriver(Driver):
     # ---- verify -----------------------------------------------------------------------
 
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        """mongorestore into a sandboxed scratch mongod; an archive it refuses is an IntegrityError."""
         outcome = VerifyOutcome()
-        with scratch_mongod(self.options.mongod, scratch) as uri:
+        with scratch_mongod(self, scratch) as uri:
             with tools.config_file(scratch, uri, None) as config:
-                sent = _restore_archive(tools.restore_argv(config), source, scratch)
+                try:
+                    sent = _restore_archive(tools.restore_argv(config), source)
+                except DriverError as exc:
+                    raise IntegrityError(f"the scratch restore refused the archive: {exc}") from None
             outcome.steps.append({"step": "mongorestore", "bytes": sent})
             with MongoServer(uri, None) as server:
                 outcome.row_counts = _user_collections(server.count_documents())
@@ -249,19 +251,15 @@ class MongodbDriver(Driver):
                                 "no oplog for archive_logs", warning=not self.context.settings.archive_logs)
         except DriverError as exc:
             yield Check("mongodb connection", False, str(exc))
-        if shutil.which(self.options.mongod) is None:
+        if shutil.which(self.options.mongod) is None:  # a name or a path
             yield Check("mongod (for verify)", False, f"{self.options.mongod}: not found on PATH", warning=True)
 
 
-def _restore_archive(argv: list[str], source: BackupSource, workdir: Path) -> int:
-    restore = tools.ToolProcess(argv, stdin=subprocess.PIPE, workdir=workdir)
-    try:
+def _restore_archive(argv: list[str], source: BackupSource) -> int:
+    with Tool(argv, stdin=PIPE, stdout=DEVNULL) as restore:
         with source.open(STREAM) as stream:
-            sent = tools.feed_stdin(restore, stream)
-    except BaseException:
-        restore.kill()
-        raise
-    restore.finish("restoring the archive")
+            sent = restore.feed(stream)
+        restore.check(what="restoring the archive")
     if sent != source.manifest.object(STREAM).raw_size:
         raise DriverError(f"sent {sent} of {source.manifest.object(STREAM).raw_size} archive bytes to mongorestore")
     return sent
@@ -273,8 +271,8 @@ def _replay_slices(plan: RestorePlan, source: BackupSource, config: Path, spool:
         count = write_oplog(plan, lambda name: source.open_log("oplog", name), directory / "oplog.bson")
         argv = tools.restore_argv(config, archive=False, oplog_replay=True, oplog_limit=plan.oplog_limit,
                                   directory=directory)
-        replay = tools.ToolProcess(argv, workdir=spool)
-        replay.finish("replaying the oplog slices")
+        with Tool(argv, stdout=DEVNULL) as replay:
+            replay.check(what="replaying the oplog slices")
         return count
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -298,37 +296,42 @@ def run_checks(server: MongoServer, checks: list[str]) -> list[Check]:
 
 
 @contextlib.contextmanager
-def scratch_mongod(binary: str, scratch: Path) -> Iterator[str]:
-    """A one-off mongod on a free port under ``scratch``; yields its URI."""
-    import socket
+def scratch_mongod(driver: MongodbDriver, scratch: Path) -> Iterator[str]:
+    """A one-off mongod under ``scratch``, in the sandbox, reached on its unix socket; yields its URI.
 
-    path = shutil.which(binary)
-    if not path:
-        raise DriverError(f"{binary}: not found on PATH; verification needs mongod")
+    Inside the sandbox's private network namespace its TCP port is unreachable from the host (a
+    free port is still chosen, for ``verify.sandbox = "off"``); backupd, pymongo and mongorestore
+    connect through the socket, which mongod names ``<prefix>/mongodb-<port>.sock``.
+    """
+    path = find_tool(driver.options.mongod, hint="install mongod, or set the job's mongod option")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dbpath = scratch / "mongod"
     dbpath.mkdir()
-    proc = subprocess.Popen([path, "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",
-                             "--logpath", str(scratch / "mongod.log"), "--unixSocketPrefix", str(scratch)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    sock_dir = Path(tempfile.mkdtemp(prefix="backupd-mongod-"))  # short: unix socket paths max ~107 bytes
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise DriverError(f"scratch mongod exited with status {proc.returncode}; see {scratch / 'mongod.log'}")
-            try:
-                with MongoServer(uri, None, timeout_ms=500) as server:
-                    server.version()
-                break
-            except DriverError:
-                if time.monotonic() > deadline:
-                    raise
-        yield uri
+        for owned in (scratch, sock_dir):
+            chown_to(owned, driver.scratch_user())
+        binary = Path(path).resolve()
+        readable = list(driver.options.mongod_readable) + ([] if binary.is_relative_to("/usr") else [binary.parent])
+        sandbox = driver.scratch_sandbox([scratch, sock_dir], readable)
+        uri = f"mongodb://{quote(str(sock_dir / f'mongodb-{port}.sock'), safe='')}/?directConnection=true"
+        argv = [path, "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",
+                "--logpath", str(scratch / "mongod.log"), "--unixSocketPrefix", str(sock_dir)]
+        with ScratchServer("mongod", argv, sandbox, ready=lambda: _answers(uri), log=scratch / "mongod.log"):
+            yield uri
     finally:
-        stop_process(proc)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _answers(uri: str) -> bool:
+    try:
+        with MongoServer(uri, None, timeout_ms=500) as server:
+            server.version()
+        return True
+    except DriverError:
+        return False
 
 
 class _ConnectedArchiver:

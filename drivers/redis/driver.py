@@ -18,12 +18,12 @@ from pydantic import Field, field_validator
 
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
                             VerifyOutcome)
-from backupd.errors import DriverError, UsageError
+from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.settings import read_secret_file
-from drivers.redis.rdb import RdbFormatError, RdbSummary, RdbUnsupported
+from drivers.redis.rdb import MAX_DATABASE, RdbFormatError, RdbSummary, RdbUnsupported
 from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn, truthy
-from drivers.redis.scratch import ScratchLoadFailed, scratch_server, server_version
+from drivers.redis.scratch import scratch_server, server_version
 from drivers.redis.transfer import RdbTransfer, StreamingParser, TeeReader
 
 STREAM = "rdb"
@@ -53,6 +53,7 @@ class RedisOptions(DriverOptions):
 class RedisDriver(Driver):
     methods = ("rdb",)
     options_model = RedisOptions
+    scratch_users = ("redis",)
 
     # ---- connecting -------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class RedisDriver(Driver):
         manifest = source.manifest
         tmp = dest.parent / f".{DUMP_NAME}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            size, summary = _write_rdb(source, tmp)
+            size, summary = _write_rdb(source, tmp, DriverError)
             _check_counts(manifest, summary)
             os.replace(tmp, dest)
             _fsync_dir(dest.parent)
@@ -164,26 +165,26 @@ class RedisDriver(Driver):
                  + (", ".join(f"{db}={n} keys" for db, n in summary.key_counts().items()) or "no keys") + ")",
                  "start Redis on it (AOF off, or it would load the AOF instead of this file):",
                  f"  redis-server --dir {shlex.quote(str(dest.parent))} --dbfilename {DUMP_NAME} --appendonly no",
-                 "then, to turn AOF back on from the loaded data: redis-cli CONFIG SET appendonly yes"]
+                 "then, to turn AOF back on from the loaded data: redis-cli CONFIG SET appendonly yes",
+                 f"{DUMP_NAME} is private (0600, owned by the user that ran this restore): "
+                 "chown it to the user redis-server runs as"]
         return "\n".join(lines)
 
     # ---- verify -----------------------------------------------------------------------
 
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
-        size, summary = _write_rdb(source, scratch / DUMP_NAME)
+        """Load the RDB into a sandboxed scratch redis-server; a refused RDB is an IntegrityError."""
+        size, summary = _write_rdb(source, scratch / DUMP_NAME, IntegrityError)
         outcome = VerifyOutcome(steps=[{"step": "restore", "bytes": size, "rdb_version": summary.version}])
-        binary = self.options.redis_server
-        outcome.steps.append({"step": "scratch server", "redis_server": server_version(binary)})
-        databases = max(summary.keys, default=0) + 1
-        try:
-            with scratch_server(binary, scratch, DUMP_NAME, databases, self.options.load_timeout) as endpoint:
-                with Connection(endpoint, timeout=self.options.read_timeout) as conn:
-                    keyspace = conn.info("keyspace")
-                outcome.row_counts = {db: int(_keyspace_field(value, "keys")) for db, value in keyspace.items()}
-                outcome.checks.append(Check("load into redis-server", True, f"{sum(outcome.row_counts.values())} keys"))
-                outcome.checks.extend(run_checks(endpoint, checks, self.options.read_timeout))
-        except ScratchLoadFailed as exc:
-            outcome.checks.append(Check("load into redis-server", False, str(exc)))
+        outcome.steps.append({"step": "scratch server", "redis_server": server_version(self.options.redis_server)})
+        # Capped by the parser; a file it could not read to the end may use any database it allows.
+        databases = max(summary.keys, default=0) + 1 if summary.complete else MAX_DATABASE + 1
+        with scratch_server(self, scratch, DUMP_NAME, databases, self.options.load_timeout) as (endpoint, _):
+            with Connection(endpoint, timeout=self.options.read_timeout) as conn:
+                keyspace = conn.info("keyspace")
+            outcome.row_counts = {db: int(_keyspace_field(value, "keys")) for db, value in keyspace.items()}
+            outcome.checks.append(Check("load into redis-server", True, f"{sum(outcome.row_counts.values())} keys"))
+            outcome.checks.extend(run_checks(endpoint, checks, self.options.read_timeout))
         return outcome
 
     # ---- check ------------------------------------------------------------------------
@@ -214,12 +215,13 @@ def _finish(parser: StreamingParser) -> tuple[RdbSummary | None, RdbFormatError 
         return None, exc
 
 
-def _write_rdb(source: BackupSource, dest: Path) -> tuple[int, RdbSummary]:
-    """Decrypt the stored RDB into ``dest`` (fsynced), parsing it on the way."""
+def _write_rdb(source: BackupSource, dest: Path, error: type[DriverError | IntegrityError]) -> tuple[int, RdbSummary]:
+    """Decrypt the stored RDB into ``dest`` (0600, fsynced), parsing it on the way; ``error`` if malformed."""
     parser = StreamingParser()
     size = 0
     try:
-        with source.open(STREAM) as stream, open(dest, "xb") as out:
+        with source.open(STREAM) as stream, os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                      "wb") as out:
             while chunk := stream.read(COPY_CHUNK):
                 out.write(chunk)
                 parser.feed(chunk)
@@ -229,8 +231,8 @@ def _write_rdb(source: BackupSource, dest: Path) -> tuple[int, RdbSummary]:
     finally:
         summary, problem = _finish(parser)
     if problem is not None and not isinstance(problem, RdbUnsupported):
-        raise DriverError(f"backup {source.manifest.backup_id}: the stored RDB is malformed: {problem}")
-    return size, summary or RdbSummary()
+        raise error(f"backup {source.manifest.backup_id}: the stored RDB is malformed: {problem}")
+    return size, summary or RdbSummary(complete=False)
 
 
 def _check_counts(manifest: Manifest, summary: RdbSummary) -> None:
@@ -294,12 +296,17 @@ def run_checks(endpoint: Endpoint, checks: list[str], timeout: float) -> list[Ch
     return results
 
 
+SHOWN = 200  #: characters of a failing check's reply kept in the report (the reply is restored content)
+
+
 def _show(reply: object) -> str:
     if isinstance(reply, bytes):
-        return repr(reply.decode(errors="replace"))
-    if reply is None:
-        return "nil"
-    return repr(reply)
+        text = repr(reply.decode(errors="replace"))
+    elif reply is None:
+        text = "nil"
+    else:
+        text = repr(reply)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def _delay_check(conn: Connection) -> Iterator[Check]:

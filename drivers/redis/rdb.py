@@ -5,6 +5,12 @@ encoding Redis 2.6 to 7.4 writes (RDB versions up to 12), so it can count the
 keys of each database while the bytes stream past, and it proves the stream
 ends exactly where the RDB says it does (EOF opcode, then the 8-byte checksum).
 Keys with an expiry are counted like any other: they are in the snapshot.
+
+The bytes may be hostile (a repository writer, a corrupted disk): nothing the
+file says sizes what is kept in memory. Aux fields are kept up to
+``MAX_AUX_VALUE`` bytes each and ``MAX_AUX_FIELDS`` in all (longer ones are
+skipped, never read whole), database numbers above ``MAX_DATABASE`` are refused,
+and a length that runs past the end of the data is "truncated", not a huge read.
 """
 
 from __future__ import annotations
@@ -14,6 +20,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MAX_VERSION = 12
+#: Aux fields (redis-ver, ctime, ...) are a few bytes; longer values are skipped, not kept.
+MAX_AUX_VALUE = 1024
+MAX_AUX_FIELDS = 64
+#: The highest database number read (Redis defaults to 16 databases; its scratch server gets at most 16384).
+MAX_DATABASE = 16383
 
 # Value types (rdb.h RDB_TYPE_*).
 STRING, LIST, SET, ZSET, HASH, ZSET_2, MODULE_PRE_GA, MODULE_2 = range(8)
@@ -28,6 +39,7 @@ OP_IDLE, OP_FREQ, OP_AUX, OP_RESIZEDB = 0xF8, 0xF9, 0xFA, 0xFB
 OP_EXPIRETIME_MS, OP_EXPIRETIME, OP_SELECTDB, OP_EOF = 0xFC, 0xFD, 0xFE, 0xFF
 
 ENC_INT8, ENC_INT16, ENC_INT32, ENC_LZF = 0, 1, 2, 3
+_INT_ENCODINGS = {ENC_INT8: (1, "b"), ENC_INT16: (2, "<h"), ENC_INT32: (4, "<i")}
 MODULE_OP_EOF, MODULE_OP_SINT, MODULE_OP_UINT, MODULE_OP_FLOAT, MODULE_OP_DOUBLE, MODULE_OP_STRING = range(6)
 
 _SINGLE_STRING_TYPES = frozenset({HASH_ZIPMAP, LIST_ZIPLIST, SET_INTSET, ZSET_ZIPLIST, HASH_ZIPLIST,
@@ -52,6 +64,7 @@ class RdbSummary:
     functions: int = 0
     checksum: str = ""  # hex of the trailing CRC64 as stored (0 when the writer had rdbchecksum off)
     size: int = 0  # bytes parsed, header to checksum
+    complete: bool = True  # False: the parser met something it does not know (RdbUnsupported) and stopped
 
     def key_counts(self) -> dict[str, int]:
         """``{"db0": 12, ...}``: the names INFO keyspace uses."""
@@ -148,33 +161,31 @@ class RdbParser:
             raise RdbFormatError(f"expected a length, found an encoded value at byte {self.src.consumed - 1}")
         return value
 
-    def string(self, keep: bool = False) -> bytes | None:
+    def string(self, keep: int = 0) -> bytes | None:
+        """Skip a string; with ``keep`` > 0, return it if it is at most ``keep`` bytes (else skip it, None)."""
         value, encoded = self.length()
         if encoded:
-            if value == ENC_INT8:
-                data = self.src.read(1)
-                return str(struct.unpack("b", data)[0]).encode() if keep else None
-            if value == ENC_INT16:
-                data = self.src.read(2)
-                return str(struct.unpack("<h", data)[0]).encode() if keep else None
-            if value == ENC_INT32:
-                data = self.src.read(4)
-                return str(struct.unpack("<i", data)[0]).encode() if keep else None
+            if value in _INT_ENCODINGS:
+                size, fmt = _INT_ENCODINGS[value]
+                data = self.src.read(size)
+                return str(struct.unpack(fmt, data)[0]).encode() if keep else None
             if value == ENC_LZF:
                 compressed = self.count()
                 size = self.count()
-                if keep:
+                if 0 < keep and compressed <= keep and size <= keep:
                     return lzf_decompress(self.src.read(compressed), size)
                 self.src.skip(compressed)
                 return None
             raise RdbFormatError(f"unknown string encoding {value} at byte {self.src.consumed}")
-        if keep:
+        if 0 < keep and value <= keep:
             return self.src.read(value)
         self.src.skip(value)
         return None
 
-    def text(self) -> str:
-        return (self.string(keep=True) or b"").decode(errors="replace")
+    def text(self, limit: int = MAX_AUX_VALUE) -> str | None:
+        """A short string as text; None when it is longer than ``limit`` bytes (skipped)."""
+        data = self.string(keep=limit)
+        return None if data is None else data.decode(errors="replace")
 
     def old_double(self) -> None:
         size = self.src.byte()
@@ -287,11 +298,15 @@ class RdbParser:
                 break
             if op == OP_SELECTDB:
                 db = self.count()
+                if db > MAX_DATABASE:
+                    raise RdbFormatError(f"database number {db} is above the {MAX_DATABASE} backupd accepts "
+                                         f"(byte {src.consumed})")
             elif op == OP_RESIZEDB:
                 self.count(), self.count()
             elif op == OP_AUX:
-                key = self.text()
-                summary.aux[key] = self.text()
+                key, value = self.text(), self.text()
+                if key is not None and value is not None and (key in summary.aux or len(summary.aux) < MAX_AUX_FIELDS):
+                    summary.aux[key] = value
             elif op == OP_EXPIRETIME_MS:
                 src.skip(8)
                 has_expiry = True
@@ -336,6 +351,8 @@ def lzf_decompress(data: bytes, size: int) -> bytes:
             ctrl = data[i]
             i += 1
             if ctrl < 32:  # literal run of ctrl + 1 bytes
+                if len(out) + ctrl + 1 > size or i + ctrl + 1 > len(data):
+                    raise IndexError
                 out += data[i:i + ctrl + 1]
                 i += ctrl + 1
                 continue
@@ -343,6 +360,8 @@ def lzf_decompress(data: bytes, size: int) -> bytes:
             if length == 7:
                 length += data[i]
                 i += 1
+            if len(out) + length + 2 > size:
+                raise IndexError
             ref = len(out) - ((ctrl & 0x1F) << 8) - data[i] - 1
             i += 1
             if ref < 0:
