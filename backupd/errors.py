@@ -92,6 +92,10 @@ class DriverError(BackupdError):
     """The native tool or the database failed during a backup or restore."""
 
 
+class ArchiveGap(BackupdError):
+    """Replay would need a log the archive lacks: the target (or the end of the archive) is past a gap."""
+
+
 class LockHeld(BackupdError):
     """Another process holds the job's lock."""
 

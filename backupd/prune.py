@@ -63,6 +63,8 @@ class PruneResult:
     locked: list[str] = field(default_factory=list)
     #: Until when each of ``locked`` is held, where storage said (RFC 3339; legal hold: None).
     locked_until: dict[str, str | None] = field(default_factory=dict)
+    #: Where a kept backup's PITR window ends at a gap in the archived logs (dry runs: the operator's view).
+    pitr_breaks: list[str] = field(default_factory=list)
 
     def add_locked(self, key: str, exc: ObjectLocked) -> None:
         self.locked.append(key)
@@ -87,7 +89,18 @@ class PruneResult:
                         "logs": self.deleted_logs, "objects": self.deleted_objects},
             "locked": self.locked,
             "locked_until": self.locked_until,
+            "pitr_breaks": self.pitr_breaks,
         }
+
+
+def pitr_breaks(ctx: JobContext, manifests: list[Manifest]) -> list[str]:
+    """One line per backup whose PITR window ends at a gap in the archived logs."""
+    lines = []
+    for backup_id, reach in sorted(ctx.log_reaches(manifests).items()):
+        if reach is not None and reach.broken:
+            until = format_timestamp(reach.until) if reach.until else "its start"
+            lines.append(f"backup {backup_id}: the PITR window ends at {until}: {reach.missing[0]}")
+    return lines
 
 
 def journal_key(job: str) -> str:
@@ -113,6 +126,8 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
         the_plan = make_plan(ctx, now)
         result = PruneResult(ctx.name, the_plan, dry_run)
         if dry_run:
+            kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
+            result.pitr_breaks = pitr_breaks(ctx, kept)
             return result
         if the_plan.paused:
             raise PruneRefused(

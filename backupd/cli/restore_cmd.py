@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--clean", action="store_true", help="drop existing objects in the target database first")
     parser.add_argument("--jobs", type=int, default=1, help="parallel restore workers where the tool supports it")
     parser.add_argument("--password-file", type=Path, help="password for the --to URL")
+    parser.add_argument("--to-gap", action="store_true",
+                        help="where the archived logs have a gap, restore up to it (the latest reachable point)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and touch nothing")
     parser.set_defaults(handler=run)
 
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
     request = RestoreRequest(
         to=args.to,
         target=target_from(args),
+        to_gap=args.to_gap,
         tables=args.tables,
         dry_run=args.dry_run,
         force=args.force,

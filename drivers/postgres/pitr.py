@@ -5,17 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import sys
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from backupd.driver import RestoreRequest, RestoreTarget
+from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import SUFFIX, LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp
 from drivers.postgres.cluster import conf_value
-from drivers.postgres.walnames import SEGMENT_RE, format_lsn, parse_lsn, parse_segment
+from drivers.postgres.walnames import (SEGMENT_RE, Switch, expected_segments, format_lsn, parse_lsn, parse_segment,
+                                      segno_of_lsn)
 
 RECOVERY_MARK = "# recovery settings written by backupd restore"
 
@@ -27,6 +29,7 @@ class ArchiveView:
     segments: dict[str, list[str]] = field(default_factory=dict)  # timeline -> sorted segment names
     histories: list[str] = field(default_factory=list)  # archive names of .history files
     newest: dt.datetime | None = None
+    arrivals: dict[str, dt.datetime] = field(default_factory=dict)  # segment name -> when it arrived in storage
 
     @classmethod
     def scan(cls, archive: LogArchive) -> "ArchiveView":
@@ -40,6 +43,8 @@ class ArchiveView:
                 view.histories.append(name)
             elif SEGMENT_RE.match(filename):
                 view.segments.setdefault(timeline, []).append(filename)
+                if info.modified:
+                    view.arrivals[filename] = info.modified
                 if info.modified and (view.newest is None or info.modified > view.newest):
                     view.newest = info.modified
         for names in view.segments.values():
@@ -54,6 +59,50 @@ class ArchiveView:
         if not names:
             return None
         return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
+
+
+def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switch]] | None) -> LogReach:
+    """How far replay from this backup's start can go: the last segment before the first gap.
+
+    With the timeline histories (read with a key), the path follows the switches;
+    without them (a listing alone) each timeline from the backup's on is checked on its own.
+    """
+    meta = manifest.metadata
+    segment_size = int(meta.get("wal_segment_size", 16 << 20))
+    start_tli = int(meta["timeline"])
+    start = segno_of_lsn(parse_lsn(meta["start_lsn"]), segment_size)
+    present = set(view.all_segments())
+    if histories is not None:
+        last = {}
+        for name in present:
+            tli, segno = parse_segment(name, segment_size)
+            last[tli] = max(last.get(tli, segno), segno)
+        paths = [expected_segments(start_tli, start, histories, last, segment_size)]
+    else:
+        paths = []
+        for timeline, names in sorted(view.segments.items()):
+            tli = int(timeline, 16)
+            if tli >= start_tli:
+                first = start if tli == start_tli else parse_segment(names[0], segment_size)[1]
+                paths.append(expected_segments(tli, first, {}, {tli: parse_segment(names[-1], segment_size)[1]},
+                                               segment_size))
+    missing = [name for path in paths for name in path if name not in present]
+    main = paths[0] if paths else []
+    usable = list(itertools.takewhile(lambda name: name in present, main))
+    if not missing:
+        usable = [name for path in paths for name in path] or usable
+    last_log = usable[-1] if usable else None
+    return LogReach(last_log=last_log, until=view.arrivals.get(last_log) if last_log else None,
+                    first_missing=missing[0] if missing else None,
+                    missing=tuple(f"missing WAL segment {name[:8]}/{name}" for name in missing))
+
+
+def usable_segments(manifest: Manifest, view: ArchiveView, found: LogReach) -> list[str]:
+    """The segments of the backup's timeline up to the last usable one (for reading the newest commit)."""
+    if found.last_log is None:
+        return []
+    timeline = found.last_log[:8]
+    return [name for name in view.segments.get(timeline, []) if name <= found.last_log]
 
 
 def is_physical_target(to: str) -> bool:
