@@ -46,3 +46,12 @@ def _holder(fd: int) -> str:
     except OSError:
         return ""
     return f" in process {pid}" if pid.isdigit() else ""
+
+
+def lock_free(state_dir: Path, job: str) -> bool:
+    """Whether no process holds the job's lock right now (a look, not a hold)."""
+    try:
+        with job_lock(state_dir, job):
+            return True
+    except LockHeld:
+        return False
