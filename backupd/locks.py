@@ -33,8 +33,11 @@ def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
                         hint="wait for it to finish, or pass --wait SECONDS",
                     ) from None
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # name the file: "No space left on device" alone says not where
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         yield
     finally:
         os.close(fd)

@@ -77,6 +77,8 @@ def test_prune_without_a_policy_removes_what_a_killed_backup_left(sqlite_job: Sq
 
     kill_during_upload(sqlite_job.config, uploading)
     assert debris(backups), "the killed backup left nothing to clean up"
+    checked = run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config)
+    assert checked.code == 0 and "note: dead runs left" in checked.out
     dry = run_backupd("prune", "shop", "--dry-run", "--json", config=sqlite_job.config, check=True)
     planned = json.loads(dry.out)
     left = planned["abandoned"]
