@@ -10,7 +10,7 @@ import pytest
 
 import kvlog_driver
 from backupd import metrics
-from backupd.daemon.gaps import GapWatch
+from backupd.daemon.gaps import watch
 from backupd.cli.main import main
 from backupd.errors import EXIT_VERIFY_BAD
 from backupd.settings import load_settings
@@ -95,11 +95,10 @@ def test_missing_log_inside_the_window(tmp_path: Path, keys: Keys, monkeypatch, 
 
     # The daemon counts the gap once, the first time it sees it, not at every look.
     gaps_before = metrics.REGISTRY.get_sample_value("backupd_archive_gaps_total", {"job": "kv"}) or 0
-    watch = GapWatch()
     ctx = JobContext(load_settings(config), "kv")
     try:
-        assert watch.scan(ctx) == [f"missing oplog slice {lost}"]
-        assert watch.scan(ctx) == []
+        assert watch(ctx) == [f"missing oplog slice {lost}"]
+        assert watch(ctx) == []
     finally:
         ctx.close()
     assert metrics.REGISTRY.get_sample_value("backupd_archive_gaps_total", {"job": "kv"}) == gaps_before + 1

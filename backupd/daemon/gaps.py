@@ -9,36 +9,25 @@ has not counted before.
 
 from __future__ import annotations
 
-import threading
-
 import structlog
 
-from backupd import metrics
+from backupd import gaps
 from backupd.context import JobContext
 
 log = structlog.get_logger(__name__)
 
 
-class GapWatch:
-    def __init__(self) -> None:
-        self._seen: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
-
-    def scan(self, ctx: JobContext) -> list[str]:
-        """Count the newly seen gaps of one job; return them (messages naming the missing logs)."""
-        with_logs = [m for m in ctx.repository.manifests() if isinstance(m.metadata.get("pitr"), dict)]
-        if not with_logs:
-            return []
-        oldest = min(with_logs, key=lambda m: m.finished_at)
-        reach = ctx.log_reaches([oldest]).get(oldest.backup_id)
-        if reach is None:
-            return []
-        with self._lock:
-            seen = self._seen.setdefault(ctx.name, set())
-            new = [gap for gap in reach.missing if gap not in seen]
-            seen.update(new)
-        if new:
-            metrics.ARCHIVE_GAPS.labels(ctx.name).inc(len(new))
-            log.error("gap in the archived logs: point-in-time recovery past it is impossible", job=ctx.name,
-                      backup_id=oldest.backup_id, first_missing=reach.first_missing, gaps=len(new))
-        return new
+def watch(ctx: JobContext) -> list[str]:
+    """Count the newly seen gaps of one job; return them (messages naming the missing logs)."""
+    with_logs = [m for m in ctx.repository.manifests() if isinstance(m.metadata.get("pitr"), dict)]
+    if not with_logs:
+        return []
+    oldest = min(with_logs, key=lambda m: m.finished_at)
+    reach = ctx.log_reaches([oldest]).get(oldest.backup_id)
+    if reach is None:
+        return []
+    new = gaps.record(ctx.name, reach.missing)
+    if new:
+        log.error("gap in the archived logs: point-in-time recovery past it is impossible", job=ctx.name,
+                  backup_id=oldest.backup_id, first_missing=reach.first_missing, gaps=len(new))
+    return new

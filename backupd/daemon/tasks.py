@@ -19,7 +19,7 @@ from backupd import audit, metrics
 from backupd.backup import run_backup
 from backupd.context import JobContext
 from backupd.daemon import repo_metrics
-from backupd.daemon.gaps import GapWatch
+from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
 from backupd.daemon.state import ScheduleState
@@ -41,7 +41,6 @@ class Tasks:
         self.runs = runs
         self.slots = slots
         self.state = state
-        self.gaps = GapWatch()
 
     @contextlib.contextmanager
     def _task(self, kind: str, job: str, timeout: dt.timedelta | None) -> Iterator[tuple[JobContext, Run]]:
@@ -184,7 +183,7 @@ class Tasks:
     def watch_gaps(self, ctx: JobContext) -> None:
         """Count gaps in the job's archived logs the daemon has not seen yet (never fatal: storage may be down)."""
         try:
-            self.gaps.scan(ctx)
+            gap_watch.watch(ctx)
         except Exception as exc:
             log.warning("could not check the log archive for gaps", job=ctx.name, error=str(exc))
 
