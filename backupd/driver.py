@@ -89,6 +89,10 @@ class RestoreRequest:
     target: RestoreTarget | None = None
     #: restore up to the first gap in the archived logs, knowingly (``--to-gap``)
     to_gap: bool = False
+    #: the timeline to recover along (PostgreSQL ``--target-timeline``: a number or "latest"); None: the cluster's own
+    target_timeline: str | None = None
+    #: PostgreSQL: "off" keeps a restored copy from archiving into the job's WAL; "preserve" restores the primary itself
+    archive_mode: str = "off"
     tables: list[str] = field(default_factory=list)
     dry_run: bool = False
     force: bool = False
@@ -106,6 +110,7 @@ class LogReach:
     until: dt.datetime | None = None  #: when ``last_log`` arrived in storage: the window's end as listing shows it
     first_missing: str | None = None  #: the first log replay needs that the archive lacks (None: no gap)
     missing: tuple[str, ...] = ()  #: every missing log, as messages ("missing WAL segment ...")
+    notes: tuple[str, ...] = ()  #: what else an operator should know (a timeline replay will not follow)
 
     @property
     def broken(self) -> bool:
@@ -214,19 +219,10 @@ class Driver(abc.ABC):
         """How far this backup's archived logs reach: the last usable log and the first gap.
 
         None when the driver keeps no logs for it. Works from a listing alone (no key),
-        so ``list``, ``status``, ``prune`` and integrity checks can show where PITR breaks.
+        so ``list``, ``status``, ``prune`` and integrity checks can show where PITR breaks;
+        verification fails on any gap (one message per missing file, naming it).
         """
         return None
-
-    def log_continuity(self, source: BackupSource) -> list[str]:
-        """Gaps in the archived logs from this backup's start to the newest archived log.
-
-        One message per missing file, naming it (e.g. "missing WAL segment
-        00000001000000000000002A"); [] when complete or when the driver keeps no logs.
-        Verification fails on any gap, since a gap breaks PITR past it.
-        """
-        reach = self.log_reach(source)
-        return list(reach.missing) if reach is not None else []
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""

@@ -5,7 +5,7 @@ pending changes that ``rotate()`` closes into a numbered log file (like a WAL
 segment switch). ``KvlogDriver`` backs it up as one stream, records where its
 logs begin (``metadata.pitr``), restores a backup and replays archived logs up
 to a target time, and reports gaps in the archived sequence. It is honest:
-a missing log makes restore and ``log_continuity`` fail, naming the file.
+a missing log makes restore and ``log_reach`` fail, naming the file.
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def test_pusher_does_not_read_an_unchanged_file_again(tmp_path: Path, monkeypatc
 
     identity = age.X25519Identity.generate()
     pusher = walarchive.WalPusher(LogArchive(FilesystemStorage(tmp_path / "repo"), "j", "wal",
-                                             [identity.to_recipient()], level=1), "j")
+                                             [identity.to_recipient()], level=1), "j", tmp_path)
     segment = tmp_path / "000000010000000000000009"
     segment.write_bytes(os.urandom(4096))
     assert pusher.push(segment).status == "stored"

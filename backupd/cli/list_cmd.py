@@ -29,7 +29,8 @@ def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, str | No
     start = parse_timestamp(str(pitr["from"]))
     until = reach.until if reach is not None and reach.until is not None else start
     return {"from": pitr["from"], "to": format_timestamp(max(until, start)),
-            "log_kind": pitr.get("log_kind", ""), "broken_at": reach.first_missing if reach else None}
+            "log_kind": pitr.get("log_kind", ""), "broken_at": reach.first_missing if reach else None,
+            "notes": list(reach.notes) if reach else []}
 
 
 def summary(manifest: Manifest, reach: LogReach | None = None) -> dict[str, Any]:
@@ -82,4 +83,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append([m.backup_id, m.job, m.method, _short(m.started_at), _short(m.finished_at),
                      human_size(m.raw_size), human_size(m.stored_size), window])
     print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR"], rows)
+    notes = {(m.job, note) for m in manifests for note in (reaches.get(m.backup_id) or LogReach()).notes}
+    for job, note in sorted(notes):
+        print(f"warning: job {job}: {note}")
     return 0

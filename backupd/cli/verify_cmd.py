@@ -43,6 +43,8 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
                           f" ({step.get('seconds', 0):.2f} s)")
             for problem in report.problems:
                 print(f"  {problem}")
+            for note in report.notes:
+                print(f"  note: {note}")
         if partial or leftovers:
             print(f"note: dead runs left {len(partial)} partial backup(s) and {len(leftovers)} temporary object(s); "
                   "the next backup or prune removes them")

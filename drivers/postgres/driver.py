@@ -42,7 +42,8 @@ class PostgresDriver(Driver):
     @functools.cached_property
     def pusher(self) -> WalPusher:
         """One per driver instance: the control handler and the push-ahead archiver share it."""
-        return WalPusher(self.wal_archive(), self.context.job)
+        data_dir = Path(self.options.data_dir) if self.options.data_dir else None
+        return WalPusher(self.wal_archive(), self.context.job, data_dir, self.context.settings.archive_logs)
 
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
@@ -134,6 +135,9 @@ class PostgresDriver(Driver):
             settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
             pitr.write_recovery(dest, settings, manifest.backup_id)
             self.start_wal_prefetch(manifest)
+        if request.archive_mode == "off":
+            pitr.write_settings(dest, {"archive_mode": False}, "archive_mode = off: this copy archives nothing into "
+                                f"job {self.context.job}'s WAL (restore --archive-mode preserve keeps the backup's)")
         elif request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
@@ -142,6 +146,13 @@ class PostgresDriver(Driver):
         start = f"pg_ctl -D {dest} start"
         if archived:
             lines.append(f"on start, recovery fetches WAL through backupd wal-fetch: {pitr.target_text(request)}")
+        if request.archive_mode == "off":
+            lines.append("archive_mode = off is set in postgresql.auto.conf: the restored cluster archives no WAL "
+                         f"into job {self.context.job} (remove it, or restore with --archive-mode preserve, when "
+                         "this is the primary itself)")
+        else:
+            lines.append("archive_mode and archive_command are the backup's (--archive-mode preserve): once "
+                         f"promoted, this cluster archives into job {self.context.job}")
         lines.append(f"start the server: {f'runuser -u {user} -- ' if user else ''}{start}"
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
@@ -153,6 +164,8 @@ class PostgresDriver(Driver):
         A --target-time after the archive's newest commit would fail the recovery at its end;
         nothing committed in between, so the end of the archive is the state at the target.
         """
+        request = dataclasses.replace(request, target_timeline=pitr.target_timeline(
+            self._archive_view(), request.target_timeline))
         request = self.within_reach(open_log, manifest, request)
         newest = self._commit_before_target(open_log, manifest, request)
         return (request, None) if newest is None else (dataclasses.replace(request, target=None), newest)
@@ -333,4 +346,13 @@ class PostgresDriver(Driver):
         return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
 
     def check(self) -> Iterable[Check]:
-        return checks.run(self)
+        yield from checks.run(self)
+        if self.context.settings.archive_logs and self.context.logs is not None:
+            try:
+                forked = pitr.forks(self._archive_view())
+            except BackupdError as exc:
+                yield Check("WAL timelines", False, f"cannot list the archive: {exc}")
+                return
+            yield Check("WAL timelines", True, "; ".join(f"{why}; restores do not follow it unless "
+                                                         f"--target-timeline {tli}" for tli, why in sorted(forked.items()))
+                        or "only the cluster's own", warning=bool(forked))
