@@ -16,7 +16,7 @@ from backupd.pipeline import CountingReader
 from backupd.runstate import RunRecord, record_run
 from backupd.served_metrics import served
 from backupd.storage import Readable
-from backupd.timeutil import backup_id_time, utcnow
+from backupd.timeutil import utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -124,15 +124,8 @@ def _discard(ctx: JobContext, backup_id: str) -> None:
 
 
 def _remove_abandoned(ctx: JobContext) -> None:
-    """Objects of runs that died before their manifest (SIGKILL, power loss).
-
-    We hold the job lock, so no run on this host is writing them; a directory
-    younger than the job's timeout is left alone in case another host is.
-    """
-    _, partial = ctx.repository.scan()
-    cutoff = utcnow() - ctx.job.timeout
-    for backup_id in partial:
-        if backup_id_time(backup_id) > cutoff:
-            continue
-        count = ctx.repository.delete_partial(backup_id)
-        log.info("removed objects of an abandoned backup", backup_id=backup_id, objects=count)
+    """Objects of runs that died before their manifest (SIGKILL, power loss): we hold the job lock,
+    so no live run of this job is writing them."""
+    partial, leftovers = ctx.repository.abandoned(remove=True)
+    if partial or leftovers:
+        log.info("removed what dead runs left", partial_backups=partial, temporary=len(leftovers))

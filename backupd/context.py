@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from backupd import age, plugins
-from backupd.driver import Driver, DriverContext
+from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
+from backupd.manifest import Manifest
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
 from backupd.sandbox import SandboxPolicy
@@ -74,6 +75,13 @@ class JobContext:
             if secret is not None:
                 hidden.append(Path(secret))
         return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden))
+
+    def log_reaches(self, manifests: list[Manifest]) -> dict[str, LogReach | None]:
+        """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed."""
+        from backupd.restore import RepositorySource
+
+        return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, (), None))
+                for m in manifests if isinstance(m.metadata.get("pitr"), dict)}
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]

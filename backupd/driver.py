@@ -87,6 +87,12 @@ class RestoreTarget:
 class RestoreRequest:
     to: str
     target: RestoreTarget | None = None
+    #: restore up to the first gap in the archived logs, knowingly (``--to-gap``)
+    to_gap: bool = False
+    #: the timeline to recover along (PostgreSQL ``--target-timeline``: a number or "latest"); None: the cluster's own
+    target_timeline: str | None = None
+    #: PostgreSQL: "off" keeps a restored copy from archiving into the job's WAL; "preserve" restores the primary itself
+    archive_mode: str = "off"
     tables: list[str] = field(default_factory=list)
     dry_run: bool = False
     force: bool = False
@@ -94,6 +100,21 @@ class RestoreRequest:
     jobs: int = 1
     target_action: str | None = None
     password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class LogReach:
+    """How far replay from one backup can go in the archived logs: to the first gap, or to the newest log."""
+
+    last_log: str | None = None  #: the last log replay can use
+    until: dt.datetime | None = None  #: when ``last_log`` arrived in storage: the window's end as listing shows it
+    first_missing: str | None = None  #: the first log replay needs that the archive lacks (None: no gap)
+    missing: tuple[str, ...] = ()  #: every missing log, as messages ("missing WAL segment ...")
+    notes: tuple[str, ...] = ()  #: what else an operator should know (a timeline replay will not follow)
+
+    @property
+    def broken(self) -> bool:
+        return self.first_missing is not None
 
 
 @dataclass
@@ -194,14 +215,14 @@ class Driver(abc.ABC):
         """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
         return []
 
-    def log_continuity(self, source: BackupSource) -> list[str]:
-        """Gaps in the archived logs from this backup's start to the newest archived log.
+    def log_reach(self, source: BackupSource) -> LogReach | None:
+        """How far this backup's archived logs reach: the last usable log and the first gap.
 
-        One message per missing file, naming it (e.g. "missing WAL segment
-        00000001000000000000002A"); [] when complete or when the driver keeps no logs.
-        Verification fails on any gap, since a gap breaks PITR past it.
+        None when the driver keeps no logs for it. Works from a listing alone (no key),
+        so ``list``, ``status``, ``prune`` and integrity checks can show where PITR breaks;
+        verification fails on any gap (one message per missing file, naming it).
         """
-        return []
+        return None
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""

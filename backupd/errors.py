@@ -92,6 +92,10 @@ class DriverError(BackupdError):
     """The native tool or the database failed during a backup or restore."""
 
 
+class ArchiveGap(BackupdError):
+    """Replay would need a log the archive lacks: the target (or the end of the archive) is past a gap."""
+
+
 class LockHeld(BackupdError):
     """Another process holds the job's lock."""
 
@@ -102,3 +106,17 @@ class Aborted(BackupdError):
 
 class KeyMismatch(CryptoError):
     """No configured identity can open the object: the wrong key, not a bad backup."""
+
+
+def from_os_error(exc: OSError) -> BackupdError:
+    """An OS error on one of backupd's own files (state_dir, spool, a restore target) as a one-line error
+    naming the path, exit 1: "disk full" or "permission denied" is the operator's to fix, not a bug."""
+    where = exc.filename if exc.filename is not None else None
+    what = exc.strerror or type(exc).__name__
+    hints = {28: "free space on the file system that holds it (df -h)",
+             13: "check the owner and mode of the path and the user backupd runs as",
+             30: "the file system is read-only"}
+    message = f"{where}: {what}" if where else what
+    if exc.filename2:
+        message += f" (and {exc.filename2})"
+    return BackupdError(message, hint=hints.get(exc.errno or 0))

@@ -33,8 +33,11 @@ def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
                         hint="wait for it to finish, or pass --wait SECONDS",
                     ) from None
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # name the file: "No space left on device" alone says not where
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         yield
     finally:
         os.close(fd)
@@ -46,3 +49,12 @@ def _holder(fd: int) -> str:
     except OSError:
         return ""
     return f" in process {pid}" if pid.isdigit() else ""
+
+
+def lock_free(state_dir: Path, job: str) -> bool:
+    """Whether no process holds the job's lock right now (a look, not a hold)."""
+    try:
+        with job_lock(state_dir, job):
+            return True
+    except LockHeld:
+        return False

@@ -32,8 +32,8 @@ import structlog
 
 from backupd import metrics
 from backupd.context import JobContext
-from backupd.errors import BackupdError, ConfigError, ObjectLocked, ObjectNotFound
-from backupd.locks import job_lock
+from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound
+from backupd.locks import job_lock, lock_free
 from backupd.logarchive import SUFFIX, LogArchive
 from backupd.manifest import Manifest
 from backupd.pins import Pins
@@ -63,6 +63,14 @@ class PruneResult:
     locked: list[str] = field(default_factory=list)
     #: Until when each of ``locked`` is held, where storage said (RFC 3339; legal hold: None).
     locked_until: dict[str, str | None] = field(default_factory=dict)
+    #: Where a kept backup's PITR window ends at a gap in the archived logs (dry runs: the operator's view).
+    pitr_breaks: list[str] = field(default_factory=list)
+    #: What runs that died before their manifest left: partial backup ids and temporary objects (removed,
+    #: or in a dry run to be removed), whatever the policy, once no live run holds the job's lock.
+    abandoned: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    #: Set when the job has no retention policy: only what dead runs left is removed.
+    no_policy: bool = False
 
     def add_locked(self, key: str, exc: ObjectLocked) -> None:
         self.locked.append(key)
@@ -87,7 +95,20 @@ class PruneResult:
                         "logs": self.deleted_logs, "objects": self.deleted_objects},
             "locked": self.locked,
             "locked_until": self.locked_until,
+            "pitr_breaks": self.pitr_breaks,
+            "abandoned": {"partial_backups": self.abandoned, "temporary": self.leftovers},
+            "no_policy": self.no_policy,
         }
+
+
+def pitr_breaks(ctx: JobContext, manifests: list[Manifest]) -> list[str]:
+    """One line per backup whose PITR window ends at a gap in the archived logs."""
+    lines = []
+    for backup_id, reach in sorted(ctx.log_reaches(manifests).items()):
+        if reach is not None and reach.broken:
+            until = format_timestamp(reach.until) if reach.until else "its start"
+            lines.append(f"backup {backup_id}: the PITR window ends at {until}: {reach.missing[0]}")
+    return lines
 
 
 def journal_key(job: str) -> str:
@@ -95,24 +116,32 @@ def journal_key(job: str) -> str:
 
 
 def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
-    """Plan and (unless ``dry_run``) apply the job's retention policy.
+    """Remove what dead runs left, then plan and (unless ``dry_run``) apply the job's retention policy.
 
-    Raises ConfigError (exit 2) for an empty policy, PruneRefused (exit 1)
-    when the newest backup run failed, LockHeld when the job is running.
+    Without a policy only the leftovers of dead runs go. Raises PruneRefused
+    (exit 1) when the newest backup run failed, LockHeld when the job is running.
     """
     policy = ctx.job.retention
-    if policy.is_empty():
-        raise ConfigError(
-            f"jobs.{ctx.name}.retention: the policy is empty; refusing to prune",
-            hint="set at least one of keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, "
-                 "keep_hourly, keep_within, pitr_window",
-        )
     now = now or utcnow()
     lock = contextlib.nullcontext() if dry_run else job_lock(ctx.state_dir, ctx.name)
     with lock, structlog.contextvars.bound_contextvars(job=ctx.name, stage="prune"):
-        the_plan = make_plan(ctx, now)
-        result = PruneResult(ctx.name, the_plan, dry_run)
+        # no live run of the job (we hold its lock, or in a dry run nobody does): its partials are debris
+        idle = not dry_run or lock_free(ctx.state_dir, ctx.name)
+        abandoned, leftovers = ctx.repository.abandoned(remove=not dry_run) if idle else ([], [])
+        if abandoned and not dry_run:
+            ctx.storage.delete(journal_key(ctx.name))  # an interrupted prune's partials went with them
+        if abandoned or leftovers:
+            log.info("what dead runs left" + (" (dry run)" if dry_run else " removed"),
+                     partial_backups=abandoned, temporary=len(leftovers))
+        if policy.is_empty():
+            result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
+                                 abandoned=abandoned, leftovers=leftovers, no_policy=True)
+            return result
+        the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
+        result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
         if dry_run:
+            kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
+            result.pitr_breaks = pitr_breaks(ctx, kept)
             return result
         if the_plan.paused:
             raise PruneRefused(
@@ -129,10 +158,11 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
         return result
 
 
-def make_plan(ctx: JobContext, now: dt.datetime) -> Plan:
+def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
     """Read everything the planner needs from the repository (and the local run record)."""
     repo = ctx.repository
     committed, partial_ids = repo.scan()
+    partial_ids = [i for i in partial_ids if i not in skip_partials]
     manifests = [repo.load_manifest(backup_id) for backup_id in committed]
     pinned = Pins(ctx.storage, ctx.name).ids()
     warnings: list[str] = []

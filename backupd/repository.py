@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import structlog
 
-from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectNotFound, StorageError
+from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError
 from backupd.manifest import MANIFEST_NAME, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.storage import Readable, Storage
@@ -193,6 +193,22 @@ class Repository:
             self.storage.delete(info.key)
             count += 1
         return count
+
+    def abandoned(self, *, remove: bool) -> tuple[list[str], list[str]]:
+        """What runs that died before their manifest left: (partial backup ids, leftover temp objects).
+
+        Only with the job's lock held may ``remove`` be true: no run of this job is writing then.
+        """
+        _, partial = self.scan()
+        removed = []
+        for backup_id in partial:
+            if remove:
+                try:
+                    self.delete_partial(backup_id)
+                except ObjectLocked:
+                    continue  # Object Lock still holds some of it: retention removes it once the lock ends
+            removed.append(backup_id)
+        return removed, self.storage.sweep(self.backups_prefix, remove=remove)
 
     # -- verification reports ---------------------------------------------
     def write_report(self, name: str, report: dict[str, Any]) -> str:

@@ -117,6 +117,17 @@ class Storage(abc.ABC):
         Raises ``ObjectLocked`` (the object unchanged) while a retention holds it.
         """
 
+    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+        """What interrupted writes left under ``prefix`` (removed unless ``remove`` is false).
+
+        A ``put`` killed mid-way (SIGKILL, power loss) cannot clean up after
+        itself: a temp file, an empty directory, an unfinished multipart upload.
+        Complete objects are never touched. Call it only where no writer is at
+        work under ``prefix`` (the job's lock is held). Returns one description
+        each (a key or upload).
+        """
+        return []
+
     def close(self) -> None:
         """Release connections and files. Idempotent."""
 

@@ -31,6 +31,7 @@ class VerifyReport:
     mode: str  # integrity | full
     ok: bool = True
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure (a forked WAL timeline)
     steps: list[dict[str, Any]] = field(default_factory=list)
     counts_expected: dict[str, int] = field(default_factory=dict)
     counts_found: dict[str, int] = field(default_factory=dict)
@@ -45,7 +46,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "job": self.job, "backup_id": self.backup_id, "mode": self.mode,
-            "result": "passed" if self.ok else "failed", "problems": self.problems,
+            "result": "passed" if self.ok else "failed", "problems": self.problems, "notes": self.notes,
             "started_at": self.started_at, "finished_at": format_timestamp(utcnow()),
             "restore_seconds": self.restore_seconds, "steps": self.steps,
             "counts_expected": self.counts_expected, "counts_found": self.counts_found,
@@ -115,13 +116,10 @@ def require_drill(ctx: JobContext, manifest: Manifest) -> None:
 
 
 def pitr_window(ctx: JobContext, manifest: Manifest) -> tuple[dt.datetime, dt.datetime | None]:
-    """From the backup's consistent point to the arrival of the newest archived log."""
-    pitr = manifest.metadata["pitr"]
-    start = parse_timestamp(pitr["from"])
-    kind = pitr.get("log_kind")
-    objects = ctx.storage.list(f"{ctx.name}/{kind}/") if kind else []
-    times = [obj.modified for obj in objects if obj.modified is not None]
-    return start, max(times, default=None)
+    """From the backup's consistent point to the arrival of the last log replay can use (a gap ends it)."""
+    start = parse_timestamp(manifest.metadata["pitr"]["from"])
+    reach = ctx.log_reaches([manifest]).get(manifest.backup_id)
+    return start, reach.until if reach is not None else None
 
 
 def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, report: VerifyReport,
@@ -170,23 +168,26 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     """Logs must run unbroken from each backup that records log positions to the newest log.
 
     A gap breaks PITR past it, so each one fails the report, naming the missing
-    file (the driver's ``log_continuity`` finds them). Listing needs no key.
+    file (the driver's ``log_reach`` finds them). Listing needs no key.
     """
     started = time.monotonic()
     gaps: list[str] = []
+    notes: list[str] = []
     checked = 0
     for manifest in manifests:
         if not manifest.metadata.get("pitr"):
             continue
         checked += 1
         source = RepositorySource(ctx.repository, manifest, identities, key_file)
-        gaps.extend(gap for gap in ctx.driver.log_continuity(source) if gap not in gaps)
+        reach = ctx.driver.log_reach(source)
+        if reach is not None:
+            gaps.extend(gap for gap in reach.missing if gap not in gaps)
+            notes.extend(note for note in reach.notes if note not in notes)
     for gap in gaps:
-        report.fail(f"log archive gap: {gap}")
-    if gaps:
-        metrics.ARCHIVE_GAPS.labels(ctx.name).inc(len(gaps))
+        report.fail(f"log archive gap: {gap}")  # the daemon's GapWatch counts it in backupd_archive_gaps_total
+    report.notes.extend(notes)
     if checked:
-        report.steps.append({"step": "log_continuity", "backups": checked, "gaps": gaps,
+        report.steps.append({"step": "log_continuity", "backups": checked, "gaps": gaps, "notes": notes,
                              "seconds": round(time.monotonic() - started, 3)})
 
 

@@ -215,5 +215,34 @@ class FilesystemStorage(Storage):
                 parent = parent.parent
 
 
+    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+        base_dir = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        found: list[str] = []
+        if not base_dir.is_dir():
+            return found
+        with _os_errors(str(base_dir)):
+            for dirpath, dirnames, filenames in os.walk(base_dir, topdown=False):
+                directory = Path(dirpath)
+                for name in filenames:
+                    full = directory / name
+                    key = full.relative_to(self.root).as_posix()
+                    if name.startswith(TEMP_PREFIX) and key.startswith(prefix):
+                        found.append(key)
+                        if remove:
+                            with contextlib.suppress(FileNotFoundError):
+                                full.unlink()
+                if directory != base_dir and directory.relative_to(self.root).as_posix().startswith(prefix.rstrip("/")):
+                    try:
+                        empty = not any(directory.iterdir())
+                    except FileNotFoundError:
+                        continue
+                    if empty:
+                        found.append(directory.relative_to(self.root).as_posix() + "/")
+                        if remove:
+                            with contextlib.suppress(OSError):
+                                directory.rmdir()
+        return found
+
+
 def _mtime(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)

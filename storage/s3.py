@@ -425,6 +425,19 @@ class S3Storage(Storage):
                     if not obj["Key"].endswith("/"):  # "folder" markers made by consoles
                         yield ObjectInfo(obj["Key"][start:], obj["Size"], obj.get("LastModified"))
 
+    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+        """Unfinished multipart uploads under ``prefix`` (a killed upload's parts are billed until aborted)."""
+        found = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for upload in page.get("Uploads", ()):
+                    found.append(f"{upload['Key'][len(self.prefix):]} (unfinished upload {upload['UploadId']})")
+                    if remove:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                            UploadId=upload["UploadId"])
+        return found
+
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)
         try:

@@ -5,7 +5,7 @@ pending changes that ``rotate()`` closes into a numbered log file (like a WAL
 segment switch). ``KvlogDriver`` backs it up as one stream, records where its
 logs begin (``metadata.pitr``), restores a backup and replays archived logs up
 to a target time, and reports gaps in the archived sequence. It is honest:
-a missing log makes restore and ``log_continuity`` fail, naming the file.
+a missing log makes restore and ``log_reach`` fail, naming the file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from backupd import plugins
-from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
+                            StreamSink, VerifyOutcome)
 from backupd.errors import DriverError
 from backupd.timeutil import format_timestamp, parse_timestamp
 
@@ -122,14 +123,18 @@ class KvlogDriver(Driver):
             snap = json.loads(stream.read())
         return VerifyOutcome(row_counts={"keys": len(snap["data"])}, checks=[Check(c, True) for c in checks])
 
-    def log_continuity(self, source: BackupSource) -> list[str]:
+    def log_reach(self, source: BackupSource) -> LogReach | None:
         first = source.manifest.metadata["pitr"]["first_log"]
-        names = [obj.name for obj in source.logs(KIND).list() if obj.name >= first]
-        if not names:
-            return []
-        present = {int(n) for n in names}
-        return [f"missing oplog slice {log_name(seq)}" for seq in range(int(first), max(present) + 1)
-                if seq not in present]
+        objects = {int(obj.name): obj for obj in source.logs(KIND).list() if obj.name >= first}
+        if not objects:
+            return LogReach()
+        missing = [log_name(seq) for seq in range(int(first), max(objects) + 1) if seq not in objects]
+        usable = [objects[seq] for seq in range(int(first), max(objects) + 1) if seq in objects]
+        usable = usable[:len(usable) if not missing else int(missing[0]) - int(first)]
+        last = usable[-1] if usable else None
+        return LogReach(last_log=last.name if last else None, until=last.modified if last else None,
+                        first_missing=missing[0] if missing else None,
+                        missing=tuple(f"missing oplog slice {name}" for name in missing))
 
     def check(self):
         return [Check("store", self.options.path.is_dir(), str(self.options.path))]

@@ -57,6 +57,39 @@ def test_sigkill_mid_upload_on_filesystem(sqlite_job: SqliteJob) -> None:
     listed = json.loads(run_backupd("list", "--json", config=sqlite_job.config).out)["backups"]
     assert [b["backup_id"] for b in listed] == [backup_id]
     assert run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config).code == 0
+    assert debris(backups) == []  # the next backup removed what the dead one left
+
+
+def debris(backups: Path) -> list[str]:
+    """Temp files and backup directories without a manifest under a job's backups/ folder."""
+    found = [str(p) for p in backups.rglob(".tmp-*")]
+    found += [str(d) for d in backups.iterdir() if d.is_dir() and not (d / "manifest.json").exists()]
+    return found
+
+
+def test_prune_without_a_policy_removes_what_a_killed_backup_left(sqlite_job: SqliteJob) -> None:
+    big_db(sqlite_job.db, 300)
+    kept = run_backupd("backup", "shop", config=sqlite_job.config, check=True).out.strip()
+    backups = sqlite_job.repo_root / "shop" / "backups"
+
+    def uploading() -> bool:
+        return any(p.name.startswith(".tmp-") and p.stat().st_size > (8 << 20) for p in backups.glob("*/*"))
+
+    kill_during_upload(sqlite_job.config, uploading)
+    assert debris(backups), "the killed backup left nothing to clean up"
+    checked = run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config)
+    assert checked.code == 0 and "note: dead runs left" in checked.out
+    dry = run_backupd("prune", "shop", "--dry-run", "--json", config=sqlite_job.config, check=True)
+    planned = json.loads(dry.out)
+    left = planned["abandoned"]
+    assert planned["no_policy"] and any(".tmp-" in key for key in left["temporary"]), left
+    assert debris(backups), "a dry run removed something"
+
+    pruned = run_backupd("prune", "shop", config=sqlite_job.config, check=True)
+    assert "removed what dead runs left:" in pruned.out and "no retention policy" in pruned.out
+    assert debris(backups) == []
+    assert [b["backup_id"] for b in json.loads(run_backupd("list", "--json", config=sqlite_job.config).out)
+            ["backups"]] == [kept]
 
 
 def test_sigkill_mid_upload_on_s3(tmp_path: Path, keys, moto_server: str, s3_bucket: str) -> None:
@@ -80,3 +113,4 @@ def test_sigkill_mid_upload_on_s3(tmp_path: Path, keys, moto_server: str, s3_buc
     listed = json.loads(run_backupd("list", "--json", config=config).out)["backups"]
     assert [b["backup_id"] for b in listed] == [backup_id]
     assert run_backupd("verify", "shop", config=config).code == 0
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # the killed upload was aborted

@@ -268,11 +268,17 @@ def test_restore_refuses_gaps_late_targets_and_passwords(job: MongoJob, capsys: 
 
     code, _, err = run(capsys, "--config", str(job.config), "restore", "docs", "--to", "mongodb://h:1",
                        "--target-time", "2027-01-15T08:01:00Z", "--dry-run")
-    assert code == 1 and "cannot restore past a gap in the archived oplog: missing oplog from 1800000000.0000000005" in err
+    assert code == 1 and "is past a gap in the archived oplog: missing oplog from 1800000000.0000000005" in err
+    assert "reachable from backup" in err and "--to-gap" in err
+    code, out, err = run(capsys, "--config", str(job.config), "restore", "docs", "--to", "mongodb://h:1",
+                         "--to-gap", "--dry-run")
+    assert code == 0, err
+    assert "--to-gap: the archived oplog has a gap" in out
+    assert f"oplog/{T}." in out and f"oplog/{T + 50}." not in out  # replay stops before the gap
 
     code, _, err = run(capsys, "--config", str(job.config), "restore", "docs", "--to", "mongodb://h:1",
                        "--target-time", "2027-01-15T09:00:00Z")
-    assert code == 1 and "cannot restore past a gap" in err
+    assert code == 1 and "is past a gap in the archived oplog" in err
 
     code, _, err = run(capsys, "--config", str(job.config), "restore", "docs", "--to", "mongodb://u:pw@h:1")
     assert code == 2 and "--to must not carry a password; use --password-file" in err

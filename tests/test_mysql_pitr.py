@@ -193,3 +193,39 @@ def test_physical_backup_rolled_forward_to_a_position(source: Mariadb, tmp_path:
                 assert [r[0] for r in cur.fetchall()] == [1, 2]
         finally:
             conn.close()
+
+
+def test_a_binlog_gap_refuses_targets_past_it(source: Mariadb, target: Mariadb, tmp_path: Path, keys: Keys) -> None:
+    """A binlog missing from the middle of the archive: past it is refused (exit 1, naming it); before it restores."""
+    source.sql("CREATE DATABASE gap1", "CREATE TABLE gap1.marks (id INT PRIMARY KEY, phase VARCHAR(8))",
+               "INSERT INTO gap1.marks VALUES (1, 'base')")
+    job = make_job(tmp_path, keys, source, ["gap1"], archive_logs=True, binlog_flush_interval="1s")
+    with RunningArchiver(job) as archiver:
+        backup(job)
+        source.sql("INSERT INTO gap1.marks VALUES (2, 'a')")
+        before = next_second()
+        source.sql("FLUSH BINARY LOGS")
+        lost, _ = source.master_status()
+        source.sql("INSERT INTO gap1.marks VALUES (3, 'b')", "FLUSH BINARY LOGS")
+        source.sql("INSERT INTO gap1.marks VALUES (4, 'c')")
+        after = next_second()
+        source.sql("FLUSH BINARY LOGS")
+        archiver.wait_archived(source)
+    victim = next(job.repo.rglob(f"{lost}.zst.age"))
+    victim.unlink()
+
+    for extra in ([], ["--target-time", after.strftime("%Y-%m-%dT%H:%M:%SZ")]):
+        refused = run_backupd("restore", "shop", "--to", target.url(), "--clean", *extra, config=job.config)
+        assert refused.code == 1, refused.out + refused.err
+        assert f"missing binlog 21/{lost}" in refused.err and "gap" in refused.err
+        dry = run_backupd("restore", "shop", "--to", target.url(), "--clean", "--dry-run", *extra, config=job.config)
+        assert dry.code == 1 and lost in dry.err
+
+    restore(job, target, "--target-time", before.strftime("%Y-%m-%dT%H:%M:%SZ"), "--clean")
+    assert target.sql("SELECT id FROM gap1.marks ORDER BY id") == [(1,), (2,)]
+    out = restore(job, target, "--to-gap", "--clean")
+    assert "--to-gap" in out and lost in out
+    assert target.sql("SELECT id FROM gap1.marks ORDER BY id") == [(1,), (2,)]
+
+    listed = run_backupd("list", "shop", "--json", config=job.config, check=True).out
+    assert f"21/{lost}" in listed  # broken_at names the first missing binlog

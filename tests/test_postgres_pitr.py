@@ -132,23 +132,24 @@ def test_target_after_the_newest_commit_replays_to_the_end(pg_env: PgEnv, scenar
 
 
 def test_no_target_then_timeline_switch(pg_env: PgEnv, scenario: Scenario) -> None:
-    # Restore to the end of the archive, promote: timeline 2, archived into the same job.
-    first = pg_env.restored_cluster("tl2")
-    pg_env.backupd("restore", JOB, "--to", str(first.data), check=True)
-    pg_env.start_restored(first, archive=True)
-    try:
-        with first.connect("shop") as conn:
-            assert conn.execute("SELECT to_regclass('marks')").fetchone()[0] is None  # the drop was replayed
-            assert conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0] >= 1
-            conn.execute("CREATE TABLE after_switch AS SELECT g AS id FROM generate_series(1, 42) g")
-        tl = pg_env.switch_and_wait_archived(first)
-        assert int(tl[:8], 16) >= 2
-    finally:
-        first.stop()
+    """The primary itself restored in place (--archive-mode preserve) promotes to timeline 2 and goes on
+    archiving into its job; a later restore from the same base backup follows that timeline."""
+    primary = pg_env.cluster
+    primary.stop()
+    primary.data.rename(primary.data.with_name("data-before-restore"))
+    pg_env.backupd("restore", JOB, "--to", str(primary.data), "--archive-mode", "preserve", check=True)
+    primary.start()
+    primary.wait_promoted()
+    with primary.connect("shop") as conn:
+        assert conn.execute("SELECT to_regclass('marks')").fetchone()[0] is None  # the drop was replayed
+        conn.execute("CREATE TABLE after_switch AS SELECT g AS id FROM generate_series(1, 42) g")
+    tl = pg_env.switch_and_wait_archived()
+    assert int(tl[:8], 16) >= 2
     histories = list((pg_env.repo / JOB / "wal").glob("*/*.history.zst.age"))
     assert histories, "the new timeline's history file was not archived"
-    # A later restore from the same base backup follows the newest timeline.
     second = pg_env.restored_cluster("tl2-again")
+    plan = pg_env.backupd("restore", JOB, "--to", str(second.data), "--dry-run", check=True).out
+    assert "along timeline" not in plan  # no fork: recovery follows the newest timeline
     pg_env.backupd("restore", JOB, "--to", str(second.data), check=True)
     pg_env.start_restored(second)
     try:

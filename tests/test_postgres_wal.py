@@ -46,11 +46,18 @@ def test_gap_detection_follows_timelines() -> None:
 
 # -- against a live cluster --------------------------------------------------------------
 
-def segment_file(env: PgEnv, name: str, size: int = SEG) -> Path:
-    path = env.root / "fake-wal" / name
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(os.urandom(size))
+def segment_file(env: PgEnv, name: str, size: int = SEG, where: Path | None = None) -> Path:
+    """A fake segment inside the cluster's data directory (wal-push takes only its own cluster's files).
+
+    Its first page header is zero: no system identifier to compare."""
+    path = (where or fake_wal(env)) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(40) + os.urandom(size - 40))
     return path
+
+
+def fake_wal(env: PgEnv) -> Path:
+    return env.cluster.data / "backupd-test-wal"
 
 
 def stored(env: PgEnv, name: str) -> Path:
@@ -69,7 +76,7 @@ def test_same_name_identical_ok_other_content_refused(pg_env: PgEnv) -> None:
     pg_env.backupd("wal-push", str(path), "--job", JOB, "--no-daemon", as_postgres=False, check=True)
     pg_env.backupd("wal-push", str(path), "--job", JOB, "--no-daemon", as_postgres=False, check=True)
     original = path.read_bytes()
-    path.write_bytes(os.urandom(SEG))
+    path.write_bytes(bytes(40) + os.urandom(SEG - 40))
     result = pg_env.backupd("wal-push", str(path), "--job", JOB, "--no-daemon", as_postgres=False)
     assert result.code == 1 and "different content" in result.err
     assert fetch(pg_env, name) == original
@@ -145,11 +152,11 @@ def test_daemon_fast_path_and_push_ahead(pg_env: PgEnv, tmp_path: Path) -> None:
         path = segment_file(pg_env, name)
         pg_env.backupd("wal-push", str(path), "--job", JOB, as_postgres=False, check=True)
         assert [c["path"] for c in calls] == [str(path)] and stored(pg_env, name).exists()
-        # Push-ahead: a fake data dir with one .ready segment.
-        data = tmp_path / "data"
+        # Push-ahead: a fake pg_wal with one .ready segment (inside the job's data_dir: only its WAL is taken).
+        data = fake_wal(pg_env) / "data"
         (data / "pg_wal" / "archive_status").mkdir(parents=True)
         ahead = "0000000900000000000000F4"
-        (data / "pg_wal" / ahead).write_bytes(os.urandom(SEG))
+        (data / "pg_wal" / ahead).write_bytes(bytes(40) + os.urandom(SEG - 40))
         ready = data / "pg_wal" / "archive_status" / f"{ahead}.ready"
         ready.touch()
         archiver = type(driver.log_archivers()[0])(driver.pusher, data, workers=2, poll=0.05)
@@ -180,7 +187,7 @@ def test_wal_fetch_prefetches_in_the_background(pg_env: PgEnv) -> None:
     names = [f"0000000A00000000000000{n:02X}" for n in range(0x10, 0x16)]
     for name in names:
         pg_env.backupd("wal-push", str(segment_file(pg_env, name)), "--job", JOB, "--no-daemon", check=True)
-    contents = {name: (pg_env.root / "fake-wal" / name).read_bytes() for name in names}
+    contents = {name: (fake_wal(pg_env) / name).read_bytes() for name in names}
     spool = pg_env.state_dir / "spool" / JOB / "wal-fetch"
     first = pg_env.root / "got-first"
     pg_env.backupd("wal-fetch", "--job", JOB, names[0], str(first), as_postgres=False, check=True)
@@ -199,3 +206,21 @@ def test_wal_fetch_prefetches_in_the_background(pg_env: PgEnv) -> None:
             assert dest.read_bytes() == contents[name]
     finally:
         away.rename(tl_dir)
+
+
+def test_only_the_jobs_own_cluster_may_push(pg_env: PgEnv) -> None:
+    """A restored copy (or any other cluster) running wal-push --job JOB is refused: exit 1, nothing stored."""
+    outside = segment_file(pg_env, "0000000900000000000000F3", where=pg_env.root / "copy" / "pg_wal")
+    result = pg_env.backupd("wal-push", str(outside), "--job", JOB, "--no-daemon", as_postgres=False)
+    assert result.code == 2 and "is not in job pg's data directory" in result.err, result.err
+    escape = fake_wal(pg_env) / ".." / ".." / "copy" / "pg_wal" / outside.name
+    assert pg_env.backupd("wal-push", str(escape), "--job", JOB, "--no-daemon", as_postgres=False).code == 2
+    assert not stored(pg_env, outside.name).exists()
+
+    foreign = segment_file(pg_env, "0000000900000000000000F4")
+    with open(foreign, "r+b") as handle:  # a long page header carrying another system identifier
+        handle.write((0xD110).to_bytes(2, "little") + (2).to_bytes(2, "little") + bytes(20)
+                     + (123456789).to_bytes(8, "little"))
+    result = pg_env.backupd("wal-push", str(foreign), "--job", JOB, "--no-daemon", as_postgres=False)
+    assert result.code == 2 and "system identifier 123456789" in result.err, result.err
+    assert not stored(pg_env, foreign.name).exists()

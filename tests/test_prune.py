@@ -18,6 +18,7 @@ from backupd.cli.main import main
 from backupd.context import JobContext
 from backupd.driver import RestoreRequest, RestoreTarget
 from backupd.errors import StorageError
+from backupd.locks import job_lock
 from backupd.logarchive import LogArchive
 from backupd.prune import journal_key, run_prune
 from backupd.restore import run_restore
@@ -203,24 +204,29 @@ def test_a_crash_mid_prune_is_finished_by_the_next_prune(tmp_path: Path, keys: K
     # The manifest went first: the half-deleted backup is no longer listed, its stream remains.
     assert ctx.repository.scan() == ([new], [old])
 
+    assert [d.reasons for d in run_prune(ctx, dry_run=True, now=at("2026-11-24T03:00:00Z")).plan.partials] == []
     result = run_prune(ctx, now=at("2026-11-24T03:00:00Z"))
-    assert result.deleted_partials == [old]
-    assert result.plan.partials[0].reasons == ["delete: left by an interrupted prune"]
+    assert result.abandoned == [old]  # no run holds the job's lock: what the crashed prune left goes first
     assert ctx.repository.scan() == ([new], [])
     assert not list(ctx.storage.list(journal_key("shop")))
     ctx.close()
 
 
-def test_partials_younger_than_the_job_timeout_are_left_alone(tmp_path: Path, keys: Keys, monkeypatch) -> None:
+def test_partials_go_once_no_run_holds_the_job_lock(tmp_path: Path, keys: Keys, monkeypatch) -> None:
     config = sqlite_config(tmp_path, keys, {"type": "filesystem", "path": str(tmp_path / "repo")},
                            {"keep_last": 1}, timeout="1h")
     ctx = context(config)
     backup_at(ctx, at("2026-11-24T00:00:00Z"), monkeypatch)
-    for partial in ("20261124T010000Z", "20261124T023000Z"):  # a dead run, and one perhaps still writing
+    for partial in ("20261124T010000Z", "20261124T023000Z"):  # dead runs, however young
         ctx.storage.put(f"shop/backups/{partial}/db.zst.age", io.BytesIO(b"partial"))
+    with job_lock(ctx.state_dir, "shop"):  # a run is writing: a dry run leaves young partials to it
+        planned = run_prune(ctx, dry_run=True, now=at("2026-11-24T03:00:00Z"))
+    assert planned.abandoned == [] and planned.plan.deleted_partials() == ["20261124T010000Z"]
+    assert run_prune(ctx, dry_run=True, now=at("2026-11-24T03:00:00Z")).abandoned == ["20261124T010000Z",
+                                                                                      "20261124T023000Z"]
     result = run_prune(ctx, now=at("2026-11-24T03:00:00Z"))
-    assert result.deleted_partials == ["20261124T010000Z"]
-    assert ctx.repository.scan()[1] == ["20261124T023000Z"]
+    assert result.abandoned == ["20261124T010000Z", "20261124T023000Z"]
+    assert ctx.repository.scan()[1] == []
     ctx.close()
 
 
@@ -255,12 +261,12 @@ def test_no_pruning_after_a_failed_backup_until_one_succeeds(tmp_path: Path, key
     assert not (tmp_path / "repo" / "shop" / "state" / "last-failure.json").exists()
 
 
-def test_empty_policy_is_refused_with_exit_2(sqlite_job: SqliteJob) -> None:
-    run_backupd("backup", "shop", config=sqlite_job.config, check=True)
-    result = run_backupd("prune", "shop", config=sqlite_job.config)
-    assert result.code == 2
-    assert error_lines(result.err)[0] == "backupd: error: jobs.shop.retention: the policy is empty; refusing to prune"
-    assert result.out == ""
+def test_empty_policy_deletes_no_backup(sqlite_job: SqliteJob) -> None:
+    backup_id = run_backupd("backup", "shop", config=sqlite_job.config, check=True).out.strip()
+    result = run_backupd("prune", "shop", config=sqlite_job.config, check=True)
+    assert result.out == "job shop: no retention policy; only what dead runs left is removed\n"
+    listed = json.loads(run_backupd("list", "--json", config=sqlite_job.config).out)["backups"]
+    assert [b["backup_id"] for b in listed] == [backup_id]
 
 
 def test_dry_run_prints_every_decision_with_reasons(tmp_path: Path, keys: Keys, capsys) -> None:

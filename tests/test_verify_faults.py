@@ -10,6 +10,7 @@ import pytest
 
 import kvlog_driver
 from backupd import metrics
+from backupd.daemon.gaps import watch
 from backupd.cli.main import main
 from backupd.errors import EXIT_VERIFY_BAD
 from backupd.settings import load_settings
@@ -86,12 +87,20 @@ def test_missing_log_inside_the_window(tmp_path: Path, keys: Keys, monkeypatch, 
 
     lost = kvlog_driver.log_name(3)  # after the first backup, before the second
     (tmp_path / "repo" / "kv" / "oplog" / f"{lost}.zst.age").unlink()
-    gaps_before = metrics.REGISTRY.get_sample_value("backupd_archive_gaps_total", {"job": "kv"}) or 0
     capsys.readouterr()
     assert verify(config, "kv") == EXIT_VERIFY_BAD
     out = capsys.readouterr().out
     assert f"log archive gap: missing oplog slice {lost}" in out
     assert result_metric("kv") == 0
+
+    # The daemon counts the gap once, the first time it sees it, not at every look.
+    gaps_before = metrics.REGISTRY.get_sample_value("backupd_archive_gaps_total", {"job": "kv"}) or 0
+    ctx = JobContext(load_settings(config), "kv")
+    try:
+        assert watch(ctx) == [f"missing oplog slice {lost}"]
+        assert watch(ctx) == []
+    finally:
+        ctx.close()
     assert metrics.REGISTRY.get_sample_value("backupd_archive_gaps_total", {"job": "kv"}) == gaps_before + 1
 
     # The integrity-only check (no private key needed) finds it too, for each backup it affects.

@@ -277,7 +277,7 @@ def test_pusher_does_not_read_an_unchanged_file_again(tmp_path: Path, monkeypatc
 
     identity = age.X25519Identity.generate()
     pusher = walarchive.WalPusher(LogArchive(FilesystemStorage(tmp_path / "repo"), "j", "wal",
-                                             [identity.to_recipient()], level=1), "j")
+                                             [identity.to_recipient()], level=1), "j", tmp_path)
     segment = tmp_path / "000000010000000000000009"
     segment.write_bytes(os.urandom(4096))
     assert pusher.push(segment).status == "stored"
@@ -316,3 +316,25 @@ def test_wal_fetch_answers_from_the_spool_without_reading_the_configuration(tmp_
     hit = subprocess.run([*argv[:6], "000000010000000000000003", "pg_wal/RECOVERYXLOG"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert hit.returncode == 0 and (tmp_path / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"segment"
+
+
+@pytest.mark.parametrize("breakage", ['[jobs.j\n', 'schedule = "0 2 * *\n', 'what is this\n'])
+def test_a_broken_file_does_not_stop_archiving_while_the_daemon_runs(tmp_path: Path, breakage: str) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n[jobs.j]\ndriver = "postgres"\n{breakage}')
+    segment = tmp_path / "000000010000000000000009"
+    segment.write_bytes(b"wal")
+    push = [str(REPO / ".venv" / "bin" / "backupd"), "--config", str(config), "wal-push", str(segment)]
+    seen: list[dict] = []
+    answer = {"ok": True, "name": "00000001/000000010000000000000009", "status": "stored"}
+    server = control.ControlServer(control.socket_path(state), {"wal-push": lambda m: seen.append(m) or answer})
+    server.start()
+    try:
+        handed = subprocess.run(push, capture_output=True, text=True)
+    finally:
+        server.stop()
+    assert handed.returncode == 0, handed.stderr
+    assert seen == [{"op": "wal-push", "path": str(segment)}]
+    alone = subprocess.run(push, capture_output=True, text=True)  # no daemon: the broken file is reported
+    assert alone.returncode == 2 and "c.toml" in alone.stderr

@@ -9,8 +9,9 @@ from typing import Any
 from backupd.catalog import Catalog
 from backupd.cli.common import human_size, print_json, print_table, settings_from
 from backupd.context import JobContext
+from backupd.driver import LogReach
 from backupd.manifest import Manifest
-from backupd.timeutil import format_timestamp
+from backupd.timeutil import format_timestamp, parse_timestamp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,23 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def pitr_range(manifest: Manifest, newest_log: dt.datetime | None) -> dict[str, str] | None:
-    """From the backup's consistent point to the newest archived log; None without logs."""
+def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, str | None] | None:
+    """From the backup's consistent point to the last log replay can use (the first gap ends it); None without logs."""
     pitr = manifest.metadata.get("pitr")
     if not isinstance(pitr, dict) or "from" not in pitr:
         return None
-    until = format_timestamp(newest_log.replace(microsecond=0)) if newest_log else pitr["from"]
-    return {"from": pitr["from"], "to": until, "log_kind": pitr.get("log_kind", "")}
+    start = parse_timestamp(str(pitr["from"]))
+    until = reach.until if reach is not None and reach.until is not None else start
+    return {"from": pitr["from"], "to": format_timestamp(max(until, start)),
+            "log_kind": pitr.get("log_kind", ""), "broken_at": reach.first_missing if reach else None,
+            "notes": list(reach.notes) if reach else []}
 
 
-def newest_log_time(ctx: JobContext, manifests: list[Manifest]) -> dt.datetime | None:
-    kinds = {m.metadata["pitr"].get("log_kind") for m in manifests if isinstance(m.metadata.get("pitr"), dict)}
-    times = [obj.modified for kind in kinds if kind
-             for obj in ctx.storage.list(f"{ctx.name}/{kind}/") if obj.modified is not None]
-    return max(times, default=None)
-
-
-def summary(manifest: Manifest, newest_log: dt.datetime | None = None) -> dict[str, Any]:
+def summary(manifest: Manifest, reach: LogReach | None = None) -> dict[str, Any]:
     return {
         "backup_id": manifest.backup_id,
         "job": manifest.job,
@@ -46,7 +43,7 @@ def summary(manifest: Manifest, newest_log: dt.datetime | None = None) -> dict[s
         "finished_at": format_timestamp(manifest.finished_at),
         "raw_size": manifest.raw_size,
         "stored_size": manifest.stored_size,
-        "pitr": pitr_range(manifest, newest_log),
+        "pitr": pitr_range(manifest, reach),
     }
 
 
@@ -61,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
         settings.job(job)
     catalog = Catalog(settings.daemon.state_dir)
     manifests: list[Manifest] = []
-    newest_logs: dict[str, dt.datetime | None] = {}
+    reaches: dict[str, LogReach | None] = {}
     try:
         for job in jobs:
             ctx = JobContext(settings, job)
             try:
                 found = catalog.manifests(ctx.repository)
-                newest_logs[job] = newest_log_time(ctx, found)
+                reaches.update(ctx.log_reaches(found))
                 manifests.extend(found)
             finally:
                 ctx.close()
@@ -75,13 +72,18 @@ def run(args: argparse.Namespace) -> int:
         catalog.close()
     manifests.sort(key=lambda m: m.finished_at, reverse=True)
     if args.json:
-        print_json({"backups": [summary(m, newest_logs.get(m.job)) for m in manifests]})
+        print_json({"backups": [summary(m, reaches.get(m.backup_id)) for m in manifests]})
         return 0
     rows = []
     for m in manifests:
-        pitr = pitr_range(m, newest_logs.get(m.job))
+        pitr = pitr_range(m, reaches.get(m.backup_id))
         window = f"{pitr['from']} .. {pitr['to']}" if pitr else "-"
+        if pitr and pitr["broken_at"]:
+            window += f" (gap: {pitr['broken_at']} missing)"
         rows.append([m.backup_id, m.job, m.method, _short(m.started_at), _short(m.finished_at),
                      human_size(m.raw_size), human_size(m.stored_size), window])
     print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR"], rows)
+    notes = {(m.job, note) for m in manifests for note in (reaches.get(m.backup_id) or LogReach()).notes}
+    for job, note in sorted(notes):
+        print(f"warning: job {job}: {note}")
     return 0

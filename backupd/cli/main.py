@@ -101,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # backupd's own files: disk full, permissions (storage and tools map their own)
+        from backupd.errors import from_os_error
+
+        error = from_os_error(exc)
+        report(error)
+        return error.exit_code
     except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
         import structlog
 

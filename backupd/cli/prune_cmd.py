@@ -30,6 +30,13 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
 
 def print_result(result: PruneResult) -> None:
     plan = result.plan
+    if result.abandoned or result.leftovers:
+        verb = "would remove" if result.dry_run else "removed"
+        print(f"{verb} what dead runs left: {len(result.abandoned)} partial backup(s) "
+              f"{' '.join(result.abandoned)}, {len(result.leftovers)} temporary object(s)".replace("  ", " "))
+    if result.no_policy:
+        print(f"job {result.job}: no retention policy; only what dead runs left is removed")
+        return
     rows = [[d.kind, d.name, format_timestamp(d.time) if d.time else "-", d.verdict, "; ".join(
         r.split(": ", 1)[1] if ": " in r else r for r in d.reasons)] for d in plan.decisions()]
     print_table(["KIND", "NAME", "TIME", "ACTION", "REASONS"], rows)
@@ -39,6 +46,8 @@ def print_result(result: PruneResult) -> None:
         print(f"restorable from {format_timestamp(plan.restorable_from)} after pruning")
     for warning in plan.warnings:
         print(f"warning: {warning}")
+    for line in result.pitr_breaks:
+        print(f"warning: {line}")
     backups, partials, logs = len(plan.deleted_backups()), len(plan.deleted_partials()), len(plan.deleted_logs())
     if result.dry_run:
         if plan.paused:

@@ -98,16 +98,22 @@ def state_dir(config: str | None) -> str | None:
             text = handle.read()
     except (OSError, UnicodeDecodeError):
         return None
-    return scan_state_dir(text)
+    found = scan_state_dir(text)
+    # A file broken by an edit must not stop WAL archiving while the daemon runs on its last good
+    # configuration: a looser reading finds the daemon (a wrong guess finds no socket, and the full
+    # command then reports the broken file, exit 2).
+    return found if found is not None else scan_state_dir(text, lenient=True)
 
 
-def scan_state_dir(text: str) -> str | None:
+def scan_state_dir(text: str, *, lenient: bool = False) -> str | None:
     """``daemon.state_dir`` of a TOML document written the usual way; None when unsure.
 
     Understands tables, dotted keys, comments, single-line strings and
     multi-line arrays. Anything it might misread (multi-line strings, quoted
     keys, an inline ``daemon`` table, a line it cannot place) gives None, and
-    the caller parses the file properly instead.
+    the caller parses the file properly instead. ``lenient`` (for a file with a syntax
+    error elsewhere) skips whatever it cannot place and answers only with a plain
+    ``state_dir`` under a ``[daemon]`` table.
     """
     if '"""' in text or "'''" in text:
         return None
@@ -117,6 +123,9 @@ def scan_state_dir(text: str) -> str | None:
     for raw in text.splitlines():
         scanned = _scan_line(raw)
         if scanned is None:
+            if lenient:
+                depth = 0
+                continue
             return None
         code, delta = scanned
         if depth:
@@ -129,16 +138,19 @@ def scan_state_dir(text: str) -> str | None:
             continue
         if code.startswith("["):
             many = code.startswith("[[")
-            if not code.endswith("]]" if many else "]"):
-                return None
-            name = _dotted(code[2:-2] if many else code[1:-1])
+            name = _dotted(code[2:-2] if many else code[1:-1]) if code.endswith("]]" if many else "]") else None
             if name is None or (many and (name == "daemon" or name.startswith("daemon."))):
+                if lenient:
+                    table = "?"  # a broken header: what follows belongs to no table we know
+                    continue
                 return None
             table = name
             continue
         key, eq, value = code.partition("=")
         key_name = _dotted(key)
         if not eq or key_name is None:
+            if lenient:
+                continue
             return None
         full = f"{table}.{key_name}" if table else key_name
         if full == "daemon" or full.startswith("daemon.state_dir."):
@@ -152,6 +164,8 @@ def scan_state_dir(text: str) -> str | None:
         depth = _scan_line(value)[1] if "[" in value or "{" in value else 0  # type: ignore[index]
         if depth < 0:
             return None
+    if lenient:
+        return found
     if depth:
         return None
     return found if found is not None else DEFAULT_STATE_DIR

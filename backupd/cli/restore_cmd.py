@@ -31,6 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--clean", action="store_true", help="drop existing objects in the target database first")
     parser.add_argument("--jobs", type=int, default=1, help="parallel restore workers where the tool supports it")
     parser.add_argument("--password-file", type=Path, help="password for the --to URL")
+    parser.add_argument("--target-timeline", metavar="TLI",
+                        help="PostgreSQL: recover along this timeline (a number, or 'latest' to follow any); "
+                             "default: the newest timeline of the job's own cluster")
+    parser.add_argument("--archive-mode", choices=("off", "preserve"), default="off",
+                        help="PostgreSQL: 'off' (default) writes archive_mode = off into the restored cluster so a copy "
+                             "never archives into the job's WAL; 'preserve' keeps the backup's (restoring the primary "
+                             "itself in place)")
+    parser.add_argument("--to-gap", action="store_true",
+                        help="where the archived logs have a gap, restore up to it (the latest reachable point)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and touch nothing")
     parser.set_defaults(handler=run)
 
@@ -49,6 +58,20 @@ def target_from(args: argparse.Namespace) -> RestoreTarget | None:
     return None
 
 
+def timeline_from(text: str | None) -> str | None:
+    if text is None or text == "latest":
+        return text
+    value = text.lower().removeprefix("0x")
+    base = 16 if text.lower().startswith("0x") else 10
+    try:
+        number = int(value, base)
+    except ValueError:
+        raise UsageError(f"--target-timeline: a timeline number or 'latest' (got {text!r})") from None
+    if number < 1:
+        raise UsageError(f"--target-timeline: timelines start at 1 (got {text!r})")
+    return str(number)
+
+
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     if args.jobs < 1:
@@ -56,6 +79,9 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
     request = RestoreRequest(
         to=args.to,
         target=target_from(args),
+        to_gap=args.to_gap,
+        target_timeline=timeline_from(args.target_timeline),
+        archive_mode=args.archive_mode,
         tables=args.tables,
         dry_run=args.dry_run,
         force=args.force,

@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only,
                                pitr_drill=args.pitr_drill)
+    partial, leftovers = ctx.repository.abandoned(remove=False) if args.integrity_only else ([], [])
     if args.json:
-        print_json({"reports": [r.to_dict() for r in reports]})
+        print_json({"reports": [r.to_dict() for r in reports],
+                    "abandoned": {"partial_backups": partial, "temporary": leftovers}})
     else:
         for report in reports:
             verdict = "ok" if report.ok else "BAD"
@@ -41,4 +43,9 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
                           f" ({step.get('seconds', 0):.2f} s)")
             for problem in report.problems:
                 print(f"  {problem}")
+            for note in report.notes:
+                print(f"  note: {note}")
+        if partial or leftovers:
+            print(f"note: dead runs left {len(partial)} partial backup(s) and {len(leftovers)} temporary object(s); "
+                  "the next backup or prune removes them")
     return 0 if all(r.ok for r in reports) else EXIT_VERIFY_BAD

@@ -19,6 +19,7 @@ from backupd import audit, metrics
 from backupd.backup import run_backup
 from backupd.context import JobContext
 from backupd.daemon import repo_metrics
+from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
 from backupd.daemon.state import ScheduleState
@@ -142,6 +143,7 @@ class Tasks:
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
         with self._task("integrity", job, None) as (ctx, run):
+            self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests = ctx.repository.manifests()
             reads = self.state.integrity_reads(job)
@@ -174,8 +176,16 @@ class Tasks:
         ctx = JobContext(settings, job)
         try:
             repo_metrics.warm_up(ctx)
+            self.watch_gaps(ctx)
         finally:
             ctx.close()
+
+    def watch_gaps(self, ctx: JobContext) -> None:
+        """Count gaps in the job's archived logs the daemon has not seen yet (never fatal: storage may be down)."""
+        try:
+            gap_watch.watch(ctx)
+        except Exception as exc:
+            log.warning("could not check the log archive for gaps", job=ctx.name, error=str(exc))
 
 
 def integrity_period(interval: dt.timedelta) -> dt.timedelta:

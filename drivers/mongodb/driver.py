@@ -20,8 +20,8 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator
 
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
-                            VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
+                            StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.redact import redact
@@ -32,8 +32,9 @@ from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
 from drivers.mongodb import tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
-from drivers.mongodb.oplog import OplogArchiver, Slice, find_gaps, list_slices, ts_datetime, ts_from_text, ts_text
+from drivers.mongodb.oplog import OplogArchiver, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
+from drivers.mongodb.plan import reach as plan_reach
 from drivers.mongodb.server import MongoServer
 
 STREAM = "archive"
@@ -160,18 +161,15 @@ class MongodbDriver(Driver):
     def plan(self, source_logs: Any, manifest: Manifest, request: RestoreRequest) -> RestorePlan:
         slices = list_slices(source_logs) if source_logs is not None else []
         target = request.target.time if request.target else None
-        return make_plan(manifest, slices, target, request.tables)
+        return make_plan(manifest, slices, target, request.tables, to_gap=request.to_gap)
 
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
         self._check_to(request)
         logs = self.context.logs("oplog") if self.context.logs else None
         return self.plan(logs, manifest, request).describe(redact(request.to))
 
-    def log_continuity(self, source: BackupSource) -> list[str]:
-        since = source.manifest.metadata.get("oplog_from")
-        if not since:
-            return []
-        return find_gaps(list_slices(source.logs("oplog")), ts_from_text(since))
+    def log_reach(self, source: BackupSource) -> LogReach | None:
+        return plan_reach(source.manifest, list_slices(source.logs("oplog")))
 
     def log_archivers(self) -> list[Any]:
         if not self.context.settings.archive_logs or self.context.logs is None:

@@ -99,6 +99,19 @@ def find_gaps(slices: list[Slice], since: Timestamp | None = None) -> list[str]:
     return gaps
 
 
+def contiguous(slices: list[Slice], since: Timestamp) -> list[Slice]:
+    """The slices replay from ``since`` can use in order: up to the first break in the chain."""
+    run: list[Slice] = []
+    for piece in slices:
+        if key(piece.last) <= key(since):
+            continue
+        edge = run[-1].last if run else since
+        if key(piece.first) > key(edge):
+            break
+        run.append(piece)
+    return run
+
+
 def chain(slices: list[Slice], since: Timestamp, until: Timestamp | None) -> list[Slice]:
     """The contiguous slices holding every entry after ``since`` up to ``until`` (None: all)."""
     needed = []

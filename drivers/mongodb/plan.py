@@ -10,10 +10,11 @@ from typing import BinaryIO, Callable, Sequence
 import bson
 from bson import Timestamp
 
-from backupd.errors import DriverError
+from backupd.driver import LogReach
+from backupd.errors import ArchiveGap, DriverError
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp
-from drivers.mongodb.oplog import Slice, chain, find_gaps, key, ts_datetime, ts_from_text, ts_text
+from drivers.mongodb.oplog import Slice, chain, contiguous, find_gaps, key, ts_datetime, ts_from_text, ts_text
 
 
 @dataclass
@@ -24,6 +25,7 @@ class RestorePlan:
     slices: list[Slice] = field(default_factory=list)
     limit: Timestamp | None = None  # --oplogLimit (exclusive); None: every archived entry
     namespaces: list[str] = field(default_factory=list)
+    note: str | None = None  # what the plan changed knowingly (--to-gap)
 
     @property
     def oplog_limit(self) -> str | None:
@@ -42,6 +44,8 @@ class RestorePlan:
             lines.extend(f"  oplog/{piece.name}" for piece in self.slices)
         else:
             lines.append("no oplog slices to replay")
+        if self.note:
+            lines.append(self.note)
         return lines
 
 
@@ -50,8 +54,21 @@ def target_limit(target: dt.datetime) -> Timestamp:
     return Timestamp(int(target.timestamp()) + 1, 0)
 
 
+def reach(manifest: Manifest, slices: list[Slice]) -> LogReach | None:
+    """How far replay from this dump goes: the end of the last slice before the first gap."""
+    since_text = manifest.metadata.get("oplog_from")
+    if not since_text:
+        return None
+    since = ts_from_text(since_text)
+    run = contiguous(slices, since)
+    gaps = find_gaps(slices, since)
+    newest = run[-1].last if run else since
+    return LogReach(last_log=run[-1].name if run else None, until=ts_datetime(newest),
+                    first_missing=gaps[0] if gaps else None, missing=tuple(gaps))
+
+
 def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | None,
-              namespaces: Sequence[str] = ()) -> RestorePlan:
+              namespaces: Sequence[str] = (), to_gap: bool = False) -> RestorePlan:
     meta = manifest.metadata
     since = ts_from_text(meta["oplog_from"]) if meta.get("oplog_from") else None
     plan = RestorePlan(manifest, bool(meta.get("oplog")), since, namespaces=list(namespaces))
@@ -63,8 +80,17 @@ def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | Non
     needed = chain(slices, since, limit)
     gaps = find_gaps(needed, since) if needed else []
     if gaps:
-        raise DriverError(f"cannot restore past a gap in the archived oplog: {gaps[0]}",
-                          hint="restore to a time before the gap, or from a backup taken after it")
+        run = contiguous(needed, since)
+        reachable = ts_datetime(run[-1].last if run else since)
+        if not to_gap:
+            what = f"target {format_timestamp(target)}" if target is not None else "the newest state"
+            raise ArchiveGap(f"{what} is past a gap in the archived oplog: {gaps[0]} (reachable from backup "
+                             f"{manifest.backup_id} up to {format_timestamp(reachable)})",
+                             hint="restore to a --target-time at or before that point, or pass --to-gap to restore "
+                                  "up to the gap knowingly")
+        needed, limit, target = run, None, None
+        plan.note = (f"--to-gap: the archived oplog has a gap ({gaps[0]}); replay stops before it, at "
+                     f"{format_timestamp(reachable)} (later writes are not restored)")
     if target is not None:
         newest = needed[-1].last if needed else since
         if key(newest) < key(Timestamp(int(target.timestamp()), 0)):

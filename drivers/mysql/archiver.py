@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from backupd import metrics
+from backupd import gaps, metrics
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive, LogConflict
 from drivers.mysql import binlog
@@ -144,7 +144,7 @@ class BinlogArchiver:
         if later[0] > wanted:
             base, _ = binlog.split_name(on_server[0])
             missing = [binlog.file_name(base, i) for i in range(wanted, later[0])]
-            metrics.ARCHIVE_GAPS.labels(self.job).inc(len(missing))
+            gaps.record(self.job, [f"missing binlog {server}/{name}" for name in missing])
             log.error("binlogs purged from the server before they were archived: PITR cannot cross this gap",
                       job=self.job, missing=[f"{server}/{name}" for name in missing])
         return available[later[0]]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, RestoreRequest, RestoreTarget, StreamSink,
-                            VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest, RestoreTarget,
+                            StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, UsageError
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
@@ -101,10 +101,7 @@ class MysqlDriver(Driver):
             return lines
         chain = pitr.chain_from(pitr.archived_files(self.context.logs("binlog"), manifest.metadata["server"]),
                                 manifest.metadata["binlog"]["file"])
-        try:
-            plan = pitr.plan_replay(chain, manifest, request.target)
-        except DriverError as exc:
-            return lines + [f"cannot replay: {exc}"]
+        plan = pitr.plan_replay(chain, manifest, request.target, to_gap=request.to_gap)  # refuses as restore would
         lines.append(f"binlogs ({len(plan.files)}): " + ", ".join(f.object for f in plan.files))
         lines.append(f"one mysqlbinlog from {plan.files[0].name}:{plan.start_position} into one client: {plan.describe}")
         return lines
@@ -185,7 +182,7 @@ class MysqlDriver(Driver):
         archive = source.logs("binlog")
         chain = pitr.chain_from(pitr.archived_files(archive, manifest.metadata["server"]),
                                 manifest.metadata["binlog"]["file"])
-        plan = pitr.plan_replay(chain, manifest, request.target)
+        plan = pitr.plan_replay(chain, manifest, request.target, to_gap=request.to_gap)
         directory = work / "binlog"
         directory.mkdir()
         fetched: dict[str, Path] = {}
@@ -195,8 +192,9 @@ class MysqlDriver(Driver):
                 while chunk := reader.read(COPY_CHUNK):
                     out.write(chunk)
             fetched[item.name] = path
-        if request.target is not None and request.target.kind == "gtid":
-            plan = pitr.plan_replay(chain, manifest, request.target, fetched)
+        if chain.missing or (request.target is not None and request.target.kind == "gtid"):
+            # with the files at hand: a GTID's place, and how far replay before a gap really reaches
+            plan = pitr.plan_replay(chain, manifest, request.target, fetched, to_gap=request.to_gap)
         return fetched, plan
 
     @contextlib.contextmanager
@@ -284,8 +282,8 @@ class MysqlDriver(Driver):
             streamer_server_id(self.context.job, self.options.binlog_server_id),
         )]
 
-    def log_continuity(self, source: BackupSource) -> list[str]:
-        return pitr.continuity_problems(source.logs("binlog"), source.manifest)
+    def log_reach(self, source: BackupSource) -> LogReach | None:
+        return pitr.reach(source.logs("binlog"), source.manifest)
 
     def check(self) -> Iterable[Check]:
         return checks.server_checks(self)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from backupd.driver import RestoreTarget
-from backupd.errors import DriverError, UsageError
+from backupd.driver import LogReach, RestoreTarget
+from backupd.errors import ArchiveGap, DriverError, UsageError
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import UTC, format_timestamp
@@ -32,6 +32,7 @@ class ArchivedFile:
     object: str  # the LogArchive name, e.g. 1/mysql-bin.000003 or 1/mysql-bin.000004.partial
     partial: bool
     size: int | None
+    modified: dt.datetime | None = None  # when it arrived in storage
 
 
 def archived_files(archive: LogArchive, server: str) -> dict[int, ArchivedFile]:
@@ -47,7 +48,7 @@ def archived_files(archive: LogArchive, server: str) -> dict[int, ArchivedFile]:
             continue
         if index in files and not files[index].partial:
             continue
-        files[index] = ArchivedFile(name, obj.name, partial, obj.raw_size)
+        files[index] = ArchivedFile(name, obj.name, partial, obj.raw_size, obj.modified)
     return files
 
 
@@ -81,17 +82,30 @@ def chain_from(files: dict[int, ArchivedFile], first: str) -> Chain:
     return Chain(run, missing)
 
 
-def continuity_problems(archive: LogArchive, manifest: Manifest) -> list[str]:
+def reach(archive: LogArchive, manifest: Manifest) -> LogReach | None:
+    """How far replay from this backup goes: the last archived file before the first missing one."""
     info = backup_binlog(manifest)
     if not info:
-        return []
+        return None
     server = manifest.metadata.get("server", "")
-    files = archived_files(archive, server)
-    chain = chain_from(files, info["file"])
+    chain = chain_from(archived_files(archive, server), info["file"])
     problems = [f"missing binlog {server}/{name}" for name in chain.missing]
+    first = f"{server}/{chain.missing[0]}" if chain.missing else None
     if not chain.files and not chain.missing:
         problems.append(f"missing binlog {server}/{info['file']} (the backup's starting file)")
-    return problems
+        first = f"{server}/{info['file']}"
+    last = chain.files[-1] if chain.files else None
+    return LogReach(last_log=last.object if last else None, until=last.modified if last else None,
+                    first_missing=first, missing=tuple(problems))
+
+
+def last_event_time(path: Path) -> dt.datetime | None:
+    """When the last event of a binlog file was written (binlog time has one-second resolution)."""
+    newest = None
+    for event in binlog.iter_events(path):
+        if event.timestamp:
+            newest = event.timestamp
+    return dt.datetime.fromtimestamp(newest, UTC) if newest else None
 
 
 def stop_datetime(target: dt.datetime) -> str:
@@ -122,8 +136,8 @@ def parse_position(text: str) -> tuple[str, int]:
     return name, int(pos)
 
 
-def plan_replay(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None = None
-                ) -> ReplayPlan:
+def plan_replay(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None = None,
+                to_gap: bool = False) -> ReplayPlan:
     """Files and mysqlbinlog options; GTID targets need ``fetched`` local copies to locate.
 
     Replay applies the whole server's binlog: ``mysqlbinlog --database`` filters
@@ -131,11 +145,46 @@ def plan_replay(chain: Chain, manifest: Manifest, target: RestoreTarget | None, 
     ``DROP TABLE db.t`` issued from another one. A job that dumps only some
     databases therefore needs the others present on the target (check warns).
     """
+    if chain.missing and chain.files and _past_gap(chain, target, fetched):
+        server = manifest.metadata.get("server", "")
+        reachable = _reachable(chain, fetched)
+        where = (f"reachable from backup {manifest.backup_id} up to {format_timestamp(reachable)}"
+                 if reachable else f"reachable up to the end of {chain.files[-1].name}")
+        if not to_gap:
+            what = f"--target-{target.kind} {target.value}" if target is not None else "the newest state"
+            raise ArchiveGap(f"{what} is past a gap in the archived binlogs: missing binlog {server}/"
+                             f"{chain.missing[0]} ({where})",
+                             hint="restore to a --target-time or --target-position before the gap, or pass --to-gap "
+                                  "to restore up to it knowingly")
+        plan = _plan(chain, manifest, None, fetched, allow_gap=True)
+        plan.describe = (f"--to-gap: replay stops before missing binlog {server}/{chain.missing[0]}, at the end of "
+                         f"{plan.files[-1].name} ({where}); later transactions are not restored")
+        return plan
     return _plan(chain, manifest, target, fetched)
 
 
-def _plan(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None
-          ) -> ReplayPlan:
+def _past_gap(chain: Chain, target: RestoreTarget | None, fetched: dict[str, Path] | None) -> bool:
+    """Whether reaching ``target`` (None: the newest state) needs a file past the chain's first gap."""
+    if target is None:
+        return True
+    if target.kind == "time":
+        reachable = _reachable(chain, fetched)
+        return reachable is None or (target.time is not None and target.time > reachable)
+    if target.kind == "position":
+        return parse_position(target.value)[0] in chain.missing
+    return False  # a GTID is located in the fetched files: not found there, the plan says so
+
+
+def _reachable(chain: Chain, fetched: dict[str, Path] | None) -> dt.datetime | None:
+    """The last event's time before the gap (from the fetched copy), else when that file arrived (an upper bound)."""
+    last = chain.files[-1]
+    if fetched is not None and last.name in fetched:
+        return last_event_time(fetched[last.name])
+    return last.modified
+
+
+def _plan(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetched: dict[str, Path] | None,
+          allow_gap: bool = False) -> ReplayPlan:
     info = backup_binlog(manifest) or {}
     server = manifest.metadata.get("server", "")
     start = int(info["position"])
@@ -145,9 +194,9 @@ def _plan(chain: Chain, manifest: Manifest, target: RestoreTarget | None, fetche
                           hint="is archive_logs on and the archiver running?")
     gap_note = f"; missing binlog {server}/{chain.missing[0]} after it" if chain.missing else ""
     if target is None:
-        if chain.missing:
-            raise DriverError(f"missing binlog {server}/{chain.missing[0]}: cannot replay to the newest state",
-                              hint="restore to a --target-position before the gap")
+        if chain.missing and not allow_gap:
+            raise ArchiveGap(f"missing binlog {server}/{chain.missing[0]}: cannot replay to the newest state",
+                             hint="restore to a --target-position before the gap, or pass --to-gap")
         return ReplayPlan(files, start, [], f"replay to the end of {files[-1].object}")
     if target.kind == "time":
         assert target.time is not None

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 from backupd import age
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, RestoreRequest, RestoreTarget,
-                            StreamSink, VerifyOutcome)
-from backupd.errors import BackupdError, ConfigError, DriverError, UsageError
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, RestoreRequest,
+                            RestoreTarget, StreamSink, VerifyOutcome)
+from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
@@ -23,8 +23,7 @@ from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
-from drivers.postgres.walnames import (archive_name, missing_segments, parse_history, parse_lsn, parse_segment,
-                                      segno_of_lsn)
+from drivers.postgres.walnames import archive_name, parse_history, parse_lsn, parse_segment
 
 
 class PostgresDriver(Driver):
@@ -44,7 +43,8 @@ class PostgresDriver(Driver):
     @functools.cached_property
     def pusher(self) -> WalPusher:
         """One per driver instance: the control handler and the push-ahead archiver share it."""
-        return WalPusher(self.wal_archive(), self.context.job)
+        data_dir = Path(self.options.data_dir) if self.options.data_dir else None
+        return WalPusher(self.wal_archive(), self.context.job, data_dir, self.context.settings.archive_logs)
 
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
@@ -95,13 +95,16 @@ class PostgresDriver(Driver):
 
     def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
         """What recovery will aim at, as restore() will decide it. Reading the newest commit needs the identity file."""
-        if not (manifest.metadata.get("pitr") and self.context.open_log):
+        if not manifest.metadata.get("pitr"):
             return [pitr.target_text(request)]
+        notes = self.gap_note(self.context.open_log, manifest, request)
         try:
             planned, newest = self.resolve_target(self.context.open_log, manifest, request)
+        except ArchiveGap:
+            raise
         except BackupdError as exc:
-            return [pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
-        return [*self._after_newest(request, newest), pitr.target_text(planned)]
+            return [*notes, pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
+        return [*notes, *self._after_newest(request, newest), pitr.target_text(planned)]
 
     _manifests_hint: list[Manifest] | None = None
     _view_hint: pitr.ArchiveView | None = None
@@ -133,17 +136,28 @@ class PostgresDriver(Driver):
                 config = getattr(self.context, "config_path", None)
                 settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
                 pitr.write_recovery(work, settings, manifest.backup_id)
+            if request.archive_mode == "off":
+                pitr.write_settings(work, {"archive_mode": False}, "archive_mode = off: this copy archives nothing "
+                                    f"into job {self.context.job}'s WAL (restore --archive-mode preserve keeps the "
+                                    "backup's)")
         if archived:
             self.start_wal_prefetch(manifest)
         chown_tree(dest, self.context.settings.os_user)
         lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
-                 *self._after_newest(asked, newest),
+                 *self.gap_note(source.open_log, manifest, asked), *self._after_newest(asked, newest),
                  "warning: the restored configuration (postgresql.conf, postgresql.auto.conf, pg_hba.conf and "
                  "what they include) is the backup's own, and runs when the server starts: review it first"]
         user = run_as(self.context.settings.os_user)
         start = f"pg_ctl -D {dest} start"
         if archived:
             lines.append(f"on start, recovery fetches WAL through backupd wal-fetch: {pitr.target_text(request)}")
+        if request.archive_mode == "off":
+            lines.append("archive_mode = off is set in postgresql.auto.conf: the restored cluster archives no WAL "
+                         f"into job {self.context.job} (remove it, or restore with --archive-mode preserve, when "
+                         "this is the primary itself)")
+        else:
+            lines.append("archive_mode and archive_command are the backup's (--archive-mode preserve): once "
+                         f"promoted, this cluster archives into job {self.context.job}")
         lines.append(f"start the server: {f'runuser -u {user} -- ' if user else ''}{start}"
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
@@ -155,8 +169,77 @@ class PostgresDriver(Driver):
         A --target-time after the archive's newest commit would fail the recovery at its end;
         nothing committed in between, so the end of the archive is the state at the target.
         """
+        request = dataclasses.replace(request, target_timeline=pitr.target_timeline(
+            self._archive_view(), request.target_timeline))
+        request = self.within_reach(open_log, manifest, request)
         newest = self._commit_before_target(open_log, manifest, request)
         return (request, None) if newest is None else (dataclasses.replace(request, target=None), newest)
+
+    def gap(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest
+            ) -> tuple[LogReach, dt.datetime | None] | None:
+        """The first gap replay from ``manifest`` meets, with the latest time it can reach; None without one.
+
+        The reachable time is the newest commit before the gap (pg_waldump, with a key);
+        without a key it is when the last usable segment arrived (an upper bound).
+        """
+        if manifest.method != "physical" or not manifest.metadata.get("pitr"):
+            return None
+        view = self._archive_view()
+        found = pitr.reach(manifest, view, self._histories(open_log, view))
+        if not found.broken:
+            return None
+        try:
+            newest = self._newest_commit_in(open_log, manifest, pitr.usable_segments(manifest, view, found))
+        except BackupdError:
+            newest = None  # no key on this host (a dry run elsewhere): the listing's bound
+        return found, newest or found.until
+
+    def within_reach(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
+                     request: RestoreRequest) -> RestoreRequest:
+        """The request unchanged when replay can reach its target; ArchiveGap (exit 1) when a gap is in the way.
+
+        ``--to-gap`` restores up to the gap knowingly: the target (if past it) is dropped.
+        """
+        found = self.gap(open_log, manifest)
+        if found is None:
+            return request
+        reach, reachable = found
+        target = request.target
+        where = f"reachable from backup {manifest.backup_id} up to " + (
+            format_timestamp(reachable) if reachable else f"segment {reach.last_log or 'none'}")
+        if target is None or self._past(target, reach, reachable, manifest):
+            if request.to_gap:
+                return dataclasses.replace(request, target=None)
+            what = f"--target-{target.kind} {target.value}" if target is not None else "the end of the archive"
+            raise ArchiveGap(f"{what} is past a gap in the archived WAL: {reach.missing[0]} ({where})",
+                             hint="restore to a --target-time at or before that point, or pass --to-gap to "
+                                  "restore up to the gap knowingly")
+        return request
+
+    @staticmethod
+    def _past(target: RestoreTarget, reach: LogReach, reachable: dt.datetime | None, manifest: Manifest) -> bool:
+        if target.kind == "time":
+            return reachable is None or (target.time is not None and target.time > reachable)
+        if target.kind == "lsn":
+            segment_size = int(manifest.metadata.get("wal_segment_size", 16 << 20))
+            if reach.last_log is None:
+                return True
+            end = (parse_segment(reach.last_log, segment_size)[1] + 1) * segment_size
+            try:
+                return parse_lsn(target.value) >= end
+            except ValueError:
+                return False  # choose() reports the malformed LSN
+        return False  # xid, name: PostgreSQL itself fails when replay ends before reaching them
+
+    def gap_note(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
+                 request: RestoreRequest) -> list[str]:
+        """What the plan says about a gap it restores up to (``--to-gap``)."""
+        found = self.gap(open_log, manifest) if request.to_gap else None
+        if found is None:
+            return []
+        reach, reachable = found
+        return [f"--to-gap: the archived WAL has a gap at {reach.missing[0]}; recovery stops before it, at "
+                f"{format_timestamp(reachable) if reachable else reach.last_log} (later commits are not restored)"]
 
     @staticmethod
     def _after_newest(request: RestoreRequest, newest: dt.datetime | None) -> list[str]:
@@ -175,14 +258,20 @@ class PostgresDriver(Driver):
         view = self._archive_view()
         if not view.segments:
             return None
+        newest = self._newest_commit_in(open_log, manifest, view.segments[max(view.segments)])
+        return newest if newest is not None and target.time > newest else None
+
+    def _newest_commit_in(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
+                          segments: list[str]) -> dt.datetime | None:
+        """The newest commit in the last of ``segments`` (pg_waldump); None without the tool or a commit."""
+        if open_log is None or not segments:
+            return None
         major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
         try:
             pg_waldump = find_tool("pg_waldump", self.options.bin_dir, major)
         except DriverError:
             return None  # without it, the target stays as given (PostgreSQL decides)
-        newest = waldump.newest_commit(pg_waldump, view.segments[max(view.segments)],
-                                       lambda filename: open_log("wal", archive_name(filename)))
-        return newest if newest is not None and target.time > newest else None
+        return waldump.newest_commit(pg_waldump, segments, lambda filename: open_log("wal", archive_name(filename)))
 
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
@@ -191,39 +280,26 @@ class PostgresDriver(Driver):
     def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
         return verify.pitr_drill(self, source, scratch, target)
 
-    def log_continuity(self, source: BackupSource) -> list[str]:
-        """Missing segments from this backup's start to the newest archived WAL, following timelines.
+    def log_reach(self, source: BackupSource) -> LogReach | None:
+        """From this backup's start along its timelines to the first missing segment or the newest one.
 
         Timeline history files are read when a key is at hand; without one each
         timeline is checked for contiguity on its own (listing needs no key).
         """
         meta = source.manifest.metadata
         if source.manifest.method != "physical" or not meta.get("pitr"):
-            return []
+            return None
         view = pitr.ArchiveView.scan(source.logs("wal"))
-        segment_size = int(meta.get("wal_segment_size", 16 << 20))
-        start_tli = int(meta["timeline"])
-        start = segno_of_lsn(parse_lsn(meta["start_lsn"]), segment_size)
-        histories = self._histories(source, view)
-        if histories is not None:
-            missing = missing_segments(start_tli, start, view.all_segments(), histories, segment_size)
-        else:
-            missing = []
-            for timeline, names in sorted(view.segments.items()):
-                tli = int(timeline, 16)
-                if tli < start_tli:
-                    continue
-                first = start if tli == start_tli else None
-                missing += missing_segments(tli, first if first is not None else
-                                            parse_segment(names[0], segment_size)[1], names, {}, segment_size)
-        return [f"missing WAL segment {name[:8]}/{name}" for name in missing]
+        return pitr.reach(source.manifest, view, self._histories(source.open_log, view))
 
     @staticmethod
-    def _histories(source: BackupSource, view: pitr.ArchiveView) -> dict[int, list] | None:
+    def _histories(open_log: Callable[[str, str], BinaryIO] | None, view: pitr.ArchiveView) -> dict[int, list] | None:
         histories = {}
+        if open_log is None:
+            return None
         try:
             for name in view.histories:
-                with source.open_log("wal", name) as stream:
+                with open_log("wal", name) as stream:
                     histories[int(name.split("/")[0], 16)] = parse_history(stream.read().decode())
         except (BackupdError, age.AgeError, ValueError):
             return None  # no key here (integrity checks) or unreadable: per-timeline checks instead
@@ -275,4 +351,13 @@ class PostgresDriver(Driver):
         return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
 
     def check(self) -> Iterable[Check]:
-        return checks.run(self)
+        yield from checks.run(self)
+        if self.context.settings.archive_logs and self.context.logs is not None:
+            try:
+                forked = pitr.forks(self._archive_view())
+            except BackupdError as exc:
+                yield Check("WAL timelines", False, f"cannot list the archive: {exc}")
+                return
+            yield Check("WAL timelines", True, "; ".join(f"{why}; restores do not follow it unless "
+                                                         f"--target-timeline {tli}" for tli, why in sorted(forked.items()))
+                        or "only the cluster's own", warning=bool(forked))

@@ -5,17 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import sys
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from backupd.driver import RestoreRequest, RestoreTarget
+from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import SUFFIX, LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp
 from drivers.postgres.cluster import conf_value
-from drivers.postgres.walnames import SEGMENT_RE, format_lsn, parse_lsn, parse_segment
+from drivers.postgres.walnames import (SEGMENT_RE, Switch, expected_segments, format_lsn, parse_lsn, parse_segment,
+                                      segno_of_lsn)
 
 RECOVERY_MARK = "# recovery settings written by backupd restore"
 
@@ -27,6 +29,7 @@ class ArchiveView:
     segments: dict[str, list[str]] = field(default_factory=dict)  # timeline -> sorted segment names
     histories: list[str] = field(default_factory=list)  # archive names of .history files
     newest: dt.datetime | None = None
+    arrivals: dict[str, dt.datetime] = field(default_factory=dict)  # segment name -> when it arrived in storage
 
     @classmethod
     def scan(cls, archive: LogArchive) -> "ArchiveView":
@@ -40,6 +43,8 @@ class ArchiveView:
                 view.histories.append(name)
             elif SEGMENT_RE.match(filename):
                 view.segments.setdefault(timeline, []).append(filename)
+                if info.modified:
+                    view.arrivals[filename] = info.modified
                 if info.modified and (view.newest is None or info.modified > view.newest):
                     view.newest = info.modified
         for names in view.segments.values():
@@ -54,6 +59,90 @@ class ArchiveView:
         if not names:
             return None
         return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
+
+
+def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switch]] | None) -> LogReach:
+    """How far replay from this backup's start can go: the last segment before the first gap.
+
+    With the timeline histories (read with a key), the path follows the switches;
+    without them (a listing alone) each timeline from the backup's on is checked on its own.
+    """
+    meta = manifest.metadata
+    segment_size = int(meta.get("wal_segment_size", 16 << 20))
+    start_tli = int(meta["timeline"])
+    start = segno_of_lsn(parse_lsn(meta["start_lsn"]), segment_size)
+    forked = forks(view)
+    own = {tl: names for tl, names in view.segments.items() if int(tl, 16) not in forked}
+    present = {name for names in own.values() for name in names}
+    if histories is not None:
+        histories = {tli: switches for tli, switches in histories.items() if tli not in forked}
+        last = {}
+        for name in present:
+            tli, segno = parse_segment(name, segment_size)
+            last[tli] = max(last.get(tli, segno), segno)
+        paths = [expected_segments(start_tli, start, histories, last, segment_size)]
+    else:
+        paths = []
+        for timeline, names in sorted(own.items()):
+            tli = int(timeline, 16)
+            if tli >= start_tli:
+                first = start if tli == start_tli else parse_segment(names[0], segment_size)[1]
+                paths.append(expected_segments(tli, first, {}, {tli: parse_segment(names[-1], segment_size)[1]},
+                                               segment_size))
+    missing = [name for path in paths for name in path if name not in present]
+    main = paths[0] if paths else []
+    usable = list(itertools.takewhile(lambda name: name in present, main))
+    if not missing:
+        usable = [name for path in paths for name in path] or usable
+    last_log = usable[-1] if usable else None
+    return LogReach(last_log=last_log, until=view.arrivals.get(last_log) if last_log else None,
+                    first_missing=missing[0] if missing else None,
+                    missing=tuple(f"missing WAL segment {name[:8]}/{name}" for name in missing),
+                    notes=tuple(f"{why}; restores do not follow it unless --target-timeline {tli}"
+                                for tli, why in sorted(forked.items())))
+
+
+def forks(view: ArchiveView) -> dict[int, str]:
+    """Timelines that are not the job's cluster's own line: {timeline: why}, from the listing alone.
+
+    A timeline starts at the segment holding its switch point. When the timeline
+    below it reaches that segment too and went on being archived after the new
+    one stopped, the cluster kept writing the old timeline: the new one was
+    promoted elsewhere (a restored copy, a split brain), and so is every timeline
+    above it. After a failover it is the other way round: the new timeline is
+    the one that goes on, and it is followed.
+    """
+    # a segment's place on the WAL is its name after the timeline, whatever the segment size
+    named = {int(tl, 16): names for tl, names in view.segments.items() if names}
+    epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    newest = {tli: max((view.arrivals.get(name, epoch) for name in names), default=epoch)
+              for tli, names in named.items()}
+    found: dict[int, str] = {}
+    for tli in sorted(named):
+        lower = [t for t in named if t < tli]
+        if not lower:
+            continue
+        parent = max(lower)
+        if parent in found:
+            found[tli] = f"timeline {tli} follows timeline {parent}, which is not the cluster's own"
+        elif named[parent][-1][8:] >= named[tli][0][8:] and newest[parent] > newest[tli]:
+            found[tli] = (f"timeline {tli} starts at segment {named[tli][0]} while timeline {parent} went on to "
+                          f"{named[parent][-1]}, archived after it: promoted elsewhere (a restored copy?)")
+    return found
+
+
+def own_timelines(view: ArchiveView) -> dict[str, list[str]]:
+    """The archive's segments without the forked timelines."""
+    forked = forks(view)
+    return {tl: names for tl, names in view.segments.items() if int(tl, 16) not in forked}
+
+
+def usable_segments(manifest: Manifest, view: ArchiveView, found: LogReach) -> list[str]:
+    """The segments of the backup's timeline up to the last usable one (for reading the newest commit)."""
+    if found.last_log is None:
+        return []
+    timeline = found.last_log[:8]
+    return [name for name in view.segments.get(timeline, []) if name <= found.last_log]
 
 
 def is_physical_target(to: str) -> bool:
@@ -162,8 +251,23 @@ def _shell_quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\"'\"'") + "'"
 
 
+def target_timeline(view: ArchiveView, asked: str | None) -> str:
+    """``recovery_target_timeline``: as asked, else the newest of the cluster's own timelines.
+
+    PostgreSQL's 'latest' would follow any newer timeline in the archive, a promoted
+    copy's included; forks are followed only when named.
+    """
+    if asked:
+        return asked
+    own = own_timelines(view)
+    if not forks(view) or not own:
+        return "latest"
+    return str(max(int(tl, 16) for tl in own))
+
+
 def recovery_settings(request: RestoreRequest, command: str) -> dict[str, object]:
-    settings: dict[str, object] = {"restore_command": command, "recovery_target_timeline": "latest"}
+    settings: dict[str, object] = {"restore_command": command,
+                                   "recovery_target_timeline": request.target_timeline or "latest"}
     target = request.target
     if target is not None:
         value = pg_timestamp(target.time) if target.kind == "time" and target.time else target.value
@@ -178,17 +282,22 @@ def pg_timestamp(moment: dt.datetime) -> str:
 
 
 def write_recovery(data_dir: Path, settings: dict[str, object], backup_id: str) -> None:
-    auto = data_dir / "postgresql.auto.conf"
-    lines = [f"\n{RECOVERY_MARK} (backup {backup_id})"]
-    lines += [f"{key} = {conf_value(value)}" for key, value in settings.items()]
-    with open(auto, "a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_settings(data_dir, settings, f"{RECOVERY_MARK} (backup {backup_id})")
     (data_dir / "recovery.signal").write_text("")
+
+
+def write_settings(data_dir: Path, settings: dict[str, object], comment: str) -> None:
+    """Append settings to postgresql.auto.conf (the last value of a setting wins), under a comment."""
+    lines = [f"\n# {comment.removeprefix('# ')}"]
+    lines += [f"{key} = {conf_value(value)}" for key, value in settings.items()]
+    with open(data_dir / "postgresql.auto.conf", "a") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def target_text(request: RestoreRequest) -> str:
     target = request.target
+    along = f" along timeline {request.target_timeline}" if request.target_timeline not in (None, "latest") else ""
     if target is None:
-        return "no target: replay to the end of the archived WAL, then promote"
+        return f"no target: replay to the end of the archived WAL{along}, then promote"
     value = format_timestamp(target.time) if target.kind == "time" and target.time else target.value
-    return f"target {target.kind} {value}, then {request.target_action or 'promote'}"
+    return f"target {target.kind} {value}{along}, then {request.target_action or 'promote'}"

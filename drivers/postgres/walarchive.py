@@ -37,12 +37,46 @@ def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class WalPusher:
-    """Pushes WAL files for one job; concurrent pushes of one name are serialised, repeats are free."""
+def system_identifier(data_dir: Path) -> int | None:
+    """The cluster's system identifier (the first 8 bytes of global/pg_control); None when unreadable."""
+    try:
+        with open(data_dir / "global" / "pg_control", "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    return int.from_bytes(head, "little") if len(head) == 8 else None
 
-    def __init__(self, archive: LogArchive, job: str) -> None:
+
+def segment_system_identifier(path: Path) -> int | None:
+    """The system identifier in a WAL segment's long page header (offset 24); None when it has none."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(40)
+    except OSError:
+        return None
+    if len(head) < 32 or not int.from_bytes(head[2:4], "little") & XLP_LONG_HEADER:
+        return None
+    return int.from_bytes(head[24:32], "little")
+
+
+XLP_LONG_HEADER = 0x0002
+
+
+class WalPusher:
+    """Pushes WAL files for one job; concurrent pushes of one name are serialised, repeats are free.
+
+    Only the job's own cluster may push: the file must lie in the job's ``data_dir``
+    (PostgreSQL hands ``pg_wal/...`` relative to it) and a segment must carry that
+    cluster's system identifier. A restored copy or another cluster that runs
+    ``backupd wal-push --job`` this job is refused, so it can never add timelines
+    or segments to this job's archive.
+    """
+
+    def __init__(self, archive: LogArchive, job: str, data_dir: Path | None = None, archive_logs: bool = True) -> None:
         self.archive = archive
         self.job = job
+        self.data_dir = data_dir
+        self.archive_logs = archive_logs
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._guard = threading.Lock()
         #: archive name -> (plaintext sha256, identity of the file it was read from)
@@ -60,10 +94,30 @@ class WalPusher:
             while len(self._done) > DONE_MEMORY:
                 self._done.popitem(last=False)
 
+    def check_origin(self, path: Path) -> None:
+        """UsageError unless ``path`` is a WAL file of this job's own cluster."""
+        if not self.archive_logs:
+            raise UsageError(f"job {self.job} does not archive WAL (archive_logs = false); refusing {path.name}",
+                             hint=f"set jobs.{self.job}.archive_logs = true, or point archive_command at the right job")
+        if self.data_dir is None:
+            raise UsageError(f"job {self.job} names no data_dir, so it cannot tell its cluster's WAL from another's",
+                             hint=f"set jobs.{self.job}.data_dir to the cluster's data directory")
+        if not _inside(path, self.data_dir):
+            raise UsageError(f"{path} is not in job {self.job}'s data directory {self.data_dir}: WAL of another "
+                             "cluster (a restored copy?) is never archived into this job",
+                             hint="a restored copy should run with archive_mode = off or its own job")
+        if is_segment_name(path.name):
+            ours = system_identifier(self.data_dir)
+            theirs = segment_system_identifier(path)
+            if ours is not None and theirs is not None and ours != theirs:
+                raise UsageError(f"{path.name} belongs to the cluster with system identifier {theirs}, not job "
+                                 f"{self.job}'s ({ours}, data_dir {self.data_dir}); refusing it")
+
     def push(self, path: Path) -> PushResult:
         """Archive one WAL file; raise (LogConflict, StorageError...) unless it is durable in storage."""
         if not is_wal_file(path.name):
             raise UsageError(f"{path}: not a WAL segment, .partial, .backup or .history file name")
+        self.check_origin(path)
         name = archive_name(path.name)
         lock = self._locks[hash(name) % LOCK_STRIPES]
         try:
@@ -124,6 +178,17 @@ class WalPusher:
             return {"ok": False, "error": str(exc)}
         log.info("wal-push answered", name=result.name, status=result.status)
         return {"ok": True, "name": result.name, "status": result.status}
+
+
+def is_segment_name(filename: str) -> bool:
+    return len(filename) == 24 and all(c in "0123456789ABCDEF" for c in filename)
+
+
+def _inside(path: Path, data_dir: Path) -> bool:
+    """Whether the file lies in ``data_dir``, or in its pg_wal wherever that links to (symlinks and ``..`` resolved)."""
+    real = os.path.realpath(path)
+    return real.startswith(os.path.realpath(data_dir) + os.sep) or \
+        os.path.dirname(real) == os.path.realpath(data_dir / "pg_wal")
 
 
 class PushAheadArchiver:
