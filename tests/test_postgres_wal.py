@@ -210,14 +210,14 @@ def test_wal_fetch_prefetches_in_the_background(pg_env: PgEnv) -> None:
 
 def test_only_the_jobs_own_cluster_may_push(pg_env: PgEnv) -> None:
     """A restored copy (or any other cluster) running wal-push --job JOB is refused: exit 1, nothing stored."""
-    outside = segment_file(pg_env, "0000000900000000000000F3", where=pg_env.root / "copy" / "pg_wal")
+    outside = segment_file(pg_env, "0000000A00000000000000F5", where=pg_env.root / "copy" / "pg_wal")
     result = pg_env.backupd("wal-push", str(outside), "--job", JOB, "--no-daemon", as_postgres=False)
     assert result.code == 2 and "is not in job pg's data directory" in result.err, result.err
     escape = fake_wal(pg_env) / ".." / ".." / "copy" / "pg_wal" / outside.name
     assert pg_env.backupd("wal-push", str(escape), "--job", JOB, "--no-daemon", as_postgres=False).code == 2
     assert not stored(pg_env, outside.name).exists()
 
-    foreign = segment_file(pg_env, "0000000900000000000000F4")
+    foreign = segment_file(pg_env, "0000000A00000000000000F6")
     with open(foreign, "r+b") as handle:  # a long page header carrying another system identifier
         handle.write((0xD110).to_bytes(2, "little") + (2).to_bytes(2, "little") + bytes(20)
                      + (123456789).to_bytes(8, "little"))
