@@ -226,7 +226,7 @@ def test_in_a_process_serving_metrics_a_backup_is_counted(sqlite_job: SqliteJob)
 
     def runs() -> float:
         return metrics.REGISTRY.get_sample_value(
-            "backupd_backup_runs_total", {"job": "shop", "method": "logical", "result": "success"}) or 0.0
+            "backupd_backup_runs_total", {"job": "shop", "method": "logical", "type": "full", "result": "success"}) or 0.0
 
     before = runs()
     ctx = JobContext(load_settings(sqlite_job.config), "shop")
