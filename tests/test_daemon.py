@@ -152,6 +152,7 @@ def test_missed_run_runs_once_at_start_within_grace(tmp_path: Path, keys: Keys, 
     d = start_daemon(config, port)
     d.wait_ready()
     assert d.metric("backupd_scheduler_events_total", job="shop", task="backup", event="missed") == 1
+    assert d.metric("backupd_backup_missed_runs_total", job="shop") == 1
     assert runs(d, "success") == 0
     assert d.stop() == 0
 
