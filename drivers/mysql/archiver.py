@@ -100,8 +100,14 @@ class BinlogArchiver:
                 break
             if time.monotonic() - started > HEALTHY_RUN_SECONDS:
                 backoff = self.backoff_initial
-            stop.wait(backoff)
+            self._pause(stop, backoff)
             backoff = min(backoff * 2, self.backoff_max)
+
+    def _pause(self, stop: threading.Event, seconds: float) -> None:
+        """Wait out a backoff, keeping the lag current: it grows while the server is unreachable."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not stop.wait(min(left, 1.0)):
+            self._set_lag()
 
     def _session(self, stop: threading.Event) -> None:
         conn = self.credentials.connect()
