@@ -103,7 +103,7 @@ def record_success(manifest: Manifest) -> None:
     metrics = served()
     if metrics is None:
         return
-    labels = (manifest.job, manifest.method, metrics.backup_type(manifest))
+    labels = (manifest.job, manifest.method, manifest.backup_type)
     metrics.BACKUP_RUNS.labels(*labels, "success").inc()
     metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
     metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)

@@ -54,6 +54,7 @@ class LogObject:
     stored_size: int
     raw_size: int | None = None
     sha256: str | None = None
+    modified: dt.datetime | None = None  # when it was stored
 
 
 @dataclass(frozen=True)
@@ -251,4 +252,5 @@ class LogArchive:
         name = info.key[len(self.prefix):-len(SUFFIX)]
         meta = info.metadata or {}
         raw = meta.get("raw-size")
-        return LogObject(name, info.key, info.size, int(raw) if raw and raw.isdigit() else None, meta.get("sha256"))
+        return LogObject(name, info.key, info.size, int(raw) if raw and raw.isdigit() else None, meta.get("sha256"),
+                         info.modified)

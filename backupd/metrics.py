@@ -9,14 +9,11 @@ alert can see; ``forget_job`` drops the series of a job a reload removed.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 from backupd import __version__
-
-if TYPE_CHECKING:
-    from backupd.manifest import Manifest
 
 disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -68,10 +65,6 @@ _JOB_METRICS = (BACKUP_LAST_SUCCESS, BACKUP_LAST_DURATION, BACKUP_LAST_SIZE, BAC
 def backup_types(method: str) -> tuple[str, ...]:
     """The ``type`` label values a backup of this method takes (``full`` for logical backups)."""
     return ("full",)  # diff and incr come with physical backup types (DESIGN.md "Backup types")
-
-
-def backup_type(manifest: "Manifest") -> str:
-    return str(manifest.metadata.get("type") or "full")
 
 
 def declare_job(job: str, methods: Iterable[str], *, archives_logs: bool) -> None:

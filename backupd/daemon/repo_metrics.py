@@ -12,7 +12,6 @@ the truth; nothing is cached here beyond the name of the newest report seen.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from typing import Any, Callable
 
@@ -23,15 +22,13 @@ from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.manifest import Manifest
 from backupd.settings import Settings
+from backupd.status import REPORTS_SCANNED, read_report
 from backupd.timeutil import parse_timestamp
 
 log = structlog.get_logger(__name__)
 
-REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
-
-
 def set_backup_gauges(manifest: Manifest) -> None:
-    labels = (manifest.job, manifest.method, metrics.backup_type(manifest))
+    labels = (manifest.job, manifest.method, manifest.backup_type)
     metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
     metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
     metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
@@ -47,7 +44,7 @@ def refresh_backups(ctx: JobContext) -> int:
         catalog.close()
     newest: dict[tuple[str, str], Manifest] = {}
     for manifest in manifests:
-        newest.setdefault((manifest.method, metrics.backup_type(manifest)), manifest)
+        newest.setdefault((manifest.method, manifest.backup_type), manifest)
     for manifest in newest.values():
         set_backup_gauges(manifest)
     metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(manifests))
@@ -104,13 +101,10 @@ def _apply(ctx: JobContext, keys: list[str]) -> None:
 
 
 def _read_report(ctx: JobContext, key: str) -> dict[str, Any] | None:
-    try:
-        with contextlib.closing(ctx.storage.open(key)) as handle:
-            data = json.loads(handle.read())
-        return data if isinstance(data, dict) else None
-    except ValueError:
-        log.warning("verification report is not JSON; ignored", key=key)
-        return None
+    report = read_report(ctx, key)
+    if report is None:
+        log.warning("verification report is not a JSON object; ignored", key=key)
+    return report
 
 
 class RepositoryWatch:

@@ -227,8 +227,12 @@ class Daemon:
         return dispatch
 
     def _status_op(self, _message: dict[str, Any]) -> dict[str, Any]:
+        """Health, and each archiving job's live lag (for `backupd status`)."""
         healthy, details = self.health()
-        return {"ok": True, "healthy": healthy, "pid": os.getpid(), **details}
+        lags = {job: metrics.REGISTRY.get_sample_value("backupd_archive_lag_seconds", {"job": job})
+                for job in self.contexts}
+        return {"ok": True, "healthy": healthy, "pid": os.getpid(), **details,
+                "archive_lag": {job: lag for job, lag in lags.items() if lag is not None}}
 
     # -- reload ----------------------------------------------------------------
     def reload(self) -> None:
