@@ -151,7 +151,8 @@ class Daemon:
 
         A job whose settings (and storage, encryption, archiver backoff) are unchanged keeps its
         context and its running archivers: a reload that changes nothing restarts nothing, and the
-        archive lag it reports carries on. A changed job's archivers are stopped, then started anew.
+        archive lag it reports carries on. A changed job's archivers are stopped, then started anew;
+        a job whose driver could not be set up is tried again.
         """
         previous = (self.contexts, self.job_handlers, self.archivers, self.signatures)
         old_contexts, old_handlers, old_archivers, old_signatures = (dict(part) for part in previous)
@@ -163,11 +164,10 @@ class Daemon:
         backoff = settings.daemon.archiver_backoff_max.total_seconds()
         for name, job in sorted(settings.jobs.items()):
             signatures[name] = job_signature(settings, name)
-            if old_signatures.get(name) == signatures[name] and name in old_contexts:
+            if old_signatures.get(name) == signatures[name] and name in old_handlers:  # set up, unchanged
                 contexts[name] = old_contexts.pop(name)
                 archivers[name] = old_archivers.pop(name, [])
-                if name in old_handlers:
-                    handlers[name] = old_handlers[name]
+                handlers[name] = old_handlers[name]
                 continue
             self._retire(name, old_contexts, old_archivers)
             loaded.append(name)
