@@ -96,14 +96,14 @@ def run_backup(
 
 def _count_failure(job: str, method: str) -> None:
     if metrics := served():
-        metrics.BACKUP_RUNS.labels(job, method, "failure").inc()
+        metrics.BACKUP_RUNS.labels(job, method, "full", "failure").inc()  # every backup is full for now
 
 
 def record_success(manifest: Manifest) -> None:
     metrics = served()
     if metrics is None:
         return
-    labels = (manifest.job, manifest.method)
+    labels = (manifest.job, manifest.method, manifest.backup_type)
     metrics.BACKUP_RUNS.labels(*labels, "success").inc()
     metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
     metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)

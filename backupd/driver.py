@@ -13,7 +13,7 @@ import threading
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol, runtime_checkable
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -74,6 +74,18 @@ class LogArchiver(Protocol):
 
     def run(self, stop: threading.Event) -> None:
         """Ship logs until ``stop`` is set; raise on a failure the daemon should restart after."""
+
+
+@runtime_checkable
+class ReconnectingArchiver(LogArchiver, Protocol):
+    """A log archiver that retries its source itself (reconnects) instead of raising.
+
+    It must say how that goes: the daemon reports it down (``backupd_archiver_up`` 0,
+    ``/healthz`` 503) while its source fails, however long it keeps retrying.
+    """
+
+    def source_error(self) -> str | None:
+        """None while the source is reached; else why the last attempt to reach it failed."""
 
 
 @dataclass(frozen=True)

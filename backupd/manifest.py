@@ -51,6 +51,11 @@ class Manifest:
         return sum(obj.stored_size for obj in self.objects)
 
     @property
+    def backup_type(self) -> str:
+        """full, diff or incr (DESIGN.md "Backup types"); every backup taken so far is full."""
+        return str(self.metadata.get("type") or "full")
+
+    @property
     def duration_seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
 

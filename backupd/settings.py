@@ -56,9 +56,12 @@ class DaemonSettings(Strict):
     jitter: dt.timedelta | None = None
     #: Longest wait between restarts of a log archiver that keeps failing.
     archiver_backoff_max: dt.timedelta = dt.timedelta(minutes=5)
+    #: How often the daemon lists each job's verification reports, so a `backupd verify` run
+    #: elsewhere (the CLI, another host) shows in its metrics.
+    repository_poll_interval: dt.timedelta = dt.timedelta(minutes=1)
 
     _durations = field_validator("shutdown_timeout", "misfire_grace_time", "jitter", "archiver_backoff_max",
-                                 mode="before")(_duration)
+                                 "repository_poll_interval", mode="before")(_duration)
 
     @field_validator("metrics_listen")
     @classmethod

@@ -55,7 +55,7 @@ def test_the_running_daemon_takes_the_backup(tmp_path: Path, keys: Keys, start_d
     assert finished and finished[0]["backup_id"] == backup_id and finished[0]["daemon_pid"] == d.proc.pid
     started = backups_started(d)
     assert [(r["backup_id"], r["trigger"]) for r in started] == [(backup_id, "cli")]
-    assert d.metric("backupd_backup_runs_total", job="shop", method="logical", result="success") == 1
+    assert d.metric("backupd_backup_runs_total", job="shop", method="logical", type="full", result="success") == 1
     event = audit_events(tmp_path / "state")[-1]
     assert (event["command"], event["backup_id"], event["result"], event["trigger"]) == \
         ("backup", backup_id, "success", "cli")

@@ -31,7 +31,7 @@ def daemon_config(tmp_path: Path, keys: Keys, port: int, job: dict | None = None
 
 
 def runs(d: DaemonProcess, result: str) -> float:
-    return d.metric(M_SUCCESS, job="shop", method="logical", result=result) or 0
+    return d.metric(M_SUCCESS, job="shop", method="logical", type="full", result=result) or 0
 
 
 def test_scheduled_backups_metrics_health_failures_and_prune(tmp_path: Path, keys: Keys, start_daemon) -> None:
@@ -51,8 +51,8 @@ def test_scheduled_backups_metrics_health_failures_and_prune(tmp_path: Path, key
     assert set(health["scheduled"]) == {"backup:shop", "verify:shop", "integrity:shop", "prune:shop"}
 
     d.wait_for(lambda: runs(d, "success") >= 2, what="two scheduled backups")
-    first = d.metric(M_LAST, job="shop", method="logical")
-    d.wait_for(lambda: (d.metric(M_LAST, job="shop", method="logical") or 0) > first, what="timestamp advancing")
+    first = d.metric(M_LAST, job="shop", method="logical", type="full")
+    d.wait_for(lambda: (d.metric(M_LAST, job="shop", method="logical", type="full") or 0) > first, what="timestamp advancing")
     d.wait_for(lambda: d.metric("backupd_verification_last_result", job="shop") == 1, what="a verification")
     assert list((tmp_path / "repo" / "shop" / "verify").glob("*.json"))
 
@@ -68,19 +68,19 @@ def test_scheduled_backups_metrics_health_failures_and_prune(tmp_path: Path, key
     repo.write_text("storage is down\n")
     failures_before = runs(d, "failure")
     d.wait_for(lambda: runs(d, "failure") >= failures_before + 1, what="a failed run")
-    d.wait_for(lambda: (d.metric("backupd_job_consecutive_failures", job_id="backup:shop") or 0) >= 1,
+    d.wait_for(lambda: (d.metric("backupd_job_consecutive_failures", job="shop", task="backup") or 0) >= 1,
                what="consecutive failures")
-    assert d.metric("backupd_job_last_result", job_id="backup:shop") == 0
-    assert d.metric("backupd_scheduler_events_total", job_id="backup:shop", event="error") >= 1
-    stale = d.metric(M_LAST, job="shop", method="logical")
+    assert d.metric("backupd_job_last_result", job="shop", task="backup") == 0
+    assert d.metric("backupd_scheduler_events_total", job="shop", task="backup", event="error") >= 1
+    stale = d.metric(M_LAST, job="shop", method="logical", type="full")
     assert d.health()[0] == 200
 
     # storage is back: the next good run resets the state
     repo.unlink()
     (tmp_path / "repo.away").rename(repo)
-    d.wait_for(lambda: d.metric("backupd_job_consecutive_failures", job_id="backup:shop") == 0, what="reset")
-    assert d.metric("backupd_job_last_result", job_id="backup:shop") == 1
-    assert d.metric(M_LAST, job="shop", method="logical") > stale
+    d.wait_for(lambda: d.metric("backupd_job_consecutive_failures", job="shop", task="backup") == 0, what="reset")
+    assert d.metric("backupd_job_last_result", job="shop", task="backup") == 1
+    assert d.metric(M_LAST, job="shop", method="logical", type="full") > stale
     assert list(repo.glob("shop/backups/*/manifest.json"))
 
     d.signal(signal.SIGTERM)
@@ -120,7 +120,7 @@ def test_metrics_come_from_the_repository_after_restart(tmp_path: Path, keys: Ke
     d.wait_ready()
     d.wait_for(lambda: d.metric("backupd_repository_backups", job="shop") == 2, what="metrics warm-up")
     finished = dt.datetime.fromisoformat(newest["finished_at"].replace("Z", "+00:00")).timestamp()
-    assert abs(d.metric(M_LAST, job="shop", method="logical") - finished) < 1e-3
+    assert abs(d.metric(M_LAST, job="shop", method="logical", type="full") - finished) < 1e-3
     assert d.metric("backupd_verification_last_result", job="shop") == 1
     assert d.metric("backupd_verification_last_success_timestamp_seconds", job="shop") > 0
     assert d.metric("backupd_build_info", version="0.1.0") == 1
@@ -151,7 +151,8 @@ def test_missed_run_runs_once_at_start_within_grace(tmp_path: Path, keys: Keys, 
     config = daemon_config(tmp_path, keys, port, {"schedule": schedule}, {"misfire_grace_time": "30m"})
     d = start_daemon(config, port)
     d.wait_ready()
-    assert d.metric("backupd_scheduler_events_total", job_id="backup:shop", event="missed") == 1
+    assert d.metric("backupd_scheduler_events_total", job="shop", task="backup", event="missed") == 1
+    assert d.metric("backupd_backup_missed_runs_total", job="shop") == 1
     assert runs(d, "success") == 0
     assert d.stop() == 0
 
@@ -177,7 +178,7 @@ def test_sighup_keeps_old_jobs_on_a_broken_file_and_applies_a_good_one(tmp_path:
     d.signal(signal.SIGHUP)
     d.wait_for(lambda: d.metric("backupd_config_reloads_total", result="success") == 1, what="good reload")
     assert "backup:orders" in d.health()[1]["scheduled"] and "backup:shop" not in d.health()[1]["scheduled"]
-    d.wait_for(lambda: d.metric(M_SUCCESS, job="orders", method="logical", result="success"), what="new job runs")
+    d.wait_for(lambda: d.metric(M_SUCCESS, job="orders", method="logical", type="full", result="success"), what="new job runs")
     assert d.stop() == 0
 
 

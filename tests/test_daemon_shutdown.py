@@ -107,7 +107,7 @@ def test_job_timeout_aborts_the_run_and_the_daemon_goes_on(tmp_path: Path, keys:
     config = slow_config(tmp_path, keys, port, moto_server, s3_bucket, size=400 * MiB, rate=16 * MiB,
                          shutdown_timeout="10s", extra_job={"timeout": "4s"})
     d, child = start_slow_backup(start_daemon, tmp_path, config, port, moto_server, s3_bucket)
-    d.wait_for(lambda: d.metric("backupd_backup_runs_total", job="slow", method="logical", result="failure"),
+    d.wait_for(lambda: d.metric("backupd_backup_runs_total", job="slow", method="logical", type="full", result="failure"),
                what="the timed-out run counted as failed")
     failed = d.wait_for(lambda: [r for r in d.records() if r.get("event") == "scheduled run failed"],
                         what="the failure logged")

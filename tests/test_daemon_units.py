@@ -140,7 +140,7 @@ class Flaky:
 
 def test_supervisor_restarts_with_backoff() -> None:
     archiver = Flaky(failures=3)
-    supervised = Supervised("shop", archiver, backoff_max=0.2, first_delay=0.05)
+    supervised = Supervised("shop", archiver, backoff_max=0.2, first_delay=0.05, settle=0.3)
     supervised.start()
     deadline = time.monotonic() + 10
     while (archiver.calls < 4 or supervised.state != "running") and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -58,3 +59,55 @@ def test_daemon_backs_up_and_archives_binlogs(servers, tmp_path: Path, keys: Key
     assert [row[0] for row in target.sql("SELECT id FROM d1.t ORDER BY id")] == [1, 2, 3]
     listing = json.loads(run_backupd("list", "--json", config=job.config, check=True).out)["backups"]
     assert listing[0]["pitr"]["log_kind"] == "binlog"
+
+
+@pytest.fixture
+def source() -> Iterator[Mariadb]:
+    server = started(log_bin=True, server_id=33)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_binlog_lag_survives_a_reload_and_a_server_down_is_an_archiver_down(source: Mariadb, tmp_path: Path,
+                                                                            keys: Keys, start_daemon) -> None:
+    source.sql("CREATE DATABASE d1", "CREATE TABLE d1.t (id INT PRIMARY KEY)")
+    # Partial files are flushed hourly: written events wait in the spool, and the lag shows their age.
+    job = make_job(tmp_path, keys, source, ["d1"], archive_logs=True, binlog_flush_interval="1h")
+    port = free_port()
+    daemon = start_daemon(job.config, port, env={"BACKUPD_DAEMON__METRICS_LISTEN": f"127.0.0.1:{port}"})
+    daemon.wait_ready()
+    lag = lambda: daemon.metric("backupd_archive_lag_seconds", job="shop") or 0.0  # noqa: E731
+    daemon.wait_for(lambda: [r for r in daemon.records() if r.get("event") == "binlog streaming started"],
+                    what="streaming")
+    time.sleep(1)
+    source.sql("INSERT INTO d1.t VALUES (1)")
+    daemon.wait_for(lambda: lag() >= 3, what="the lag of the unflushed event")
+
+    # A reload with the same file restarts nothing: the lag goes on growing from where it was.
+    before = lag()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(lambda: daemon.metric("backupd_config_reloads_total", result="success") == 1, what="reload")
+    time.sleep(1.5)
+    assert lag() >= before + 1
+    assert len([r for r in daemon.records() if r.get("event") == "binlog streaming started"]) == 1
+
+    # The server goes away for a while: the archiver is down (metric and /healthz) as long as it is.
+    up = lambda: daemon.metric("backupd_archiver_up", job="shop", archiver="binlog:shop")  # noqa: E731
+    assert up() == 1
+    source.stop()
+    down_at = time.time()
+    daemon.wait_for(lambda: up() == 0, what="archiver down")
+    for _ in range(20):
+        status, health = daemon.health()
+        assert status == 503 and up() == 0, health
+        time.sleep(0.25)
+    assert any("log archiver binlog:shop of job shop is retrying" in r for r in health["reasons"]), health
+    assert lag() >= time.time() - down_at - 2  # at least as old as the moment the server was last reached
+
+    source.start()
+    daemon.wait_for(lambda: up() == 1, timeout=90, what="archiver up again")
+    assert daemon.health()[0] == 200
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0

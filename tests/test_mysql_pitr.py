@@ -7,6 +7,7 @@ restores go through the real CLI.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import time
@@ -166,6 +167,19 @@ def test_restore_refuses_to_cross_a_gap(source: Mariadb, target: Mariadb, tmp_pa
     assert target.sql("SHOW DATABASES LIKE 'pitr4'") == []  # nothing loaded before the plan failed
     verify = run_backupd("verify", "shop", config=job.config, timeout=300)
     assert verify.code == 3 and f"missing binlog {middle}" in verify.out + verify.err
+
+    # `status` shows the window broken there, and the failed verification, from storage alone:
+    # a host with its own, empty state_dir (disaster recovery) sees the same.
+    elsewhere = tmp_path / "dr.toml"
+    elsewhere.write_text(job.config.read_text().replace(str(tmp_path / "state"), str(tmp_path / "dr-state")))
+    for config in (job.config, elsewhere):
+        [status] = json.loads(run_backupd("status", "shop", "--json", config=config, check=True).out)["jobs"]
+        assert status["state"] == "error"
+        assert status["pitr"]["breaks"] == [f"missing binlog {middle}"]
+        assert status["archive"]["kind"] == "binlog" and status["archive"]["count"] >= 2
+        assert status["verification"]["result"] == "failed"
+        assert any(p.startswith("the PITR window is broken: missing binlog") for p in status["problems"])
+    assert not (tmp_path / "dr-state" / "audit.log").exists()  # reading changes nothing
 
 
 def test_physical_backup_rolled_forward_to_a_position(source: Mariadb, tmp_path: Path, keys: Keys) -> None:

@@ -67,6 +67,24 @@ def test_alert_rules_check_and_unit_tests_pass() -> None:
     assert test.returncode == 0, test.stdout + test.stderr
 
 
+def test_shipped_scrape_config_is_valid_and_keeps_backupds_job_label() -> None:
+    import yaml
+
+    promtool = require_tool("promtool")
+    check = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=CONFIG,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = yaml.safe_load((CONFIG / "prometheus.yml").read_text())
+    [scrape] = config["scrape_configs"]
+    assert scrape["honor_labels"] is True and config["rule_files"] == ["alerts.yml"]
+    rules = (CONFIG / "alerts.yml").read_text()
+    # The rules name the scrape job only where the series carries no backupd job label.
+    assert set(re.findall(r'job="([^"]+)"', rules)) == {scrape["job_name"]}
+    assert "job_id" not in rules and "exported_job" not in rules
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "config/prometheus.yml" in readme and "honor_labels: true" in readme
+
+
 def _metric_names() -> set[str]:
     names = set()
     for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 (every registered metric)

@@ -226,7 +226,7 @@ def test_in_a_process_serving_metrics_a_backup_is_counted(sqlite_job: SqliteJob)
 
     def runs() -> float:
         return metrics.REGISTRY.get_sample_value(
-            "backupd_backup_runs_total", {"job": "shop", "method": "logical", "result": "success"}) or 0.0
+            "backupd_backup_runs_total", {"job": "shop", "method": "logical", "type": "full", "result": "success"}) or 0.0
 
     before = runs()
     ctx = JobContext(load_settings(sqlite_job.config), "shop")
@@ -236,4 +236,4 @@ def test_in_a_process_serving_metrics_a_backup_is_counted(sqlite_job: SqliteJob)
         ctx.close()
     assert runs() == before + 1
     assert metrics.REGISTRY.get_sample_value("backupd_backup_last_size_bytes", {
-        "job": "shop", "method": "logical", "kind": "raw"}) == manifest.raw_size
+        "job": "shop", "method": "logical", "type": "full", "kind": "raw"}) == manifest.raw_size

@@ -8,7 +8,7 @@ import uuid
 from typing import Callable, Iterable
 
 from backupd import age
-from backupd.cli.common import config_path, settings_from
+from backupd.cli.common import config_path, print_json, settings_from
 from backupd.context import JobContext, open_storage
 from backupd.driver import Check
 from backupd.errors import BackupdError
@@ -18,6 +18,7 @@ from backupd.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("check", help="check configuration, tools, connectivity, storage and keys")
     parser.add_argument("job", nargs="?")
+    parser.add_argument("--json", action="store_true", help="the checks as a JSON document")
     parser.set_defaults(handler=run)
 
 
@@ -95,7 +96,16 @@ def run(args: argparse.Namespace) -> int:
             checks.append(Check(f"jobs.{job}", False, str(exc)))
         finally:
             ctx.close()
+    ok = all(check.ok for check in checks)
+    if args.json:
+        print_json({"ok": ok, "checks": [{"name": c.name, "status": _status(c), "ok": c.ok, "detail": c.detail}
+                                         for c in checks]})
+        return 0 if ok else 1
     for check in checks:
-        status = "ok  " if check.ok and not check.warning else ("warn" if check.ok else "FAIL")
-        print(f"{status}  {check.name}" + (f": {check.detail}" if check.detail else ""))
-    return 0 if all(check.ok for check in checks) else 1
+        print(f"{_status(check).upper() if not check.ok else _status(check):<4}  {check.name}"
+              + (f": {check.detail}" if check.detail else ""))
+    return 0 if ok else 1
+
+
+def _status(check: Check) -> str:
+    return "warn" if check.ok and check.warning else "ok" if check.ok else "fail"

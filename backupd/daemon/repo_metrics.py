@@ -1,31 +1,35 @@
-"""Metrics filled from the repository, so a restarted daemon reports the truth at once.
+"""Metrics filled from the repository, so the daemon reports the truth whoever wrote it.
 
 ``backupd_backup_last_success_timestamp_seconds`` and its siblings come from the
 newest committed manifest of each job; verification gauges from the newest
-reports under ``<job>/verify/``. Storage is the truth; nothing is cached here.
+reports under ``<job>/verify/``. A report is the source whichever process wrote
+it: the daemon lists each job's reports every ``daemon.repository_poll_interval``
+(one LIST per job) and reads them again only when a new one has appeared, so a
+failed ``backupd verify`` run from the CLI alerts without a restart. Storage is
+the truth; nothing is cached here beyond the name of the newest report seen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import structlog
 
 from backupd import metrics
 from backupd.catalog import Catalog
 from backupd.context import JobContext
+from backupd.daemon import gaps as gap_watch
 from backupd.manifest import Manifest
+from backupd.settings import Settings
+from backupd.status import REPORTS_SCANNED, read_report
 from backupd.timeutil import parse_timestamp
 
 log = structlog.get_logger(__name__)
 
-REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
-
-
 def set_backup_gauges(manifest: Manifest) -> None:
-    labels = (manifest.job, manifest.method)
+    labels = (manifest.job, manifest.method, manifest.backup_type)
     metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
     metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
     metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
@@ -33,57 +37,133 @@ def set_backup_gauges(manifest: Manifest) -> None:
 
 
 def refresh_backups(ctx: JobContext) -> int:
-    """Backup gauges from the newest manifest per method; returns the number of backups."""
+    """Backup gauges from the newest manifest per method and type; returns the number of backups."""
     catalog = Catalog(ctx.state_dir)
     try:
         manifests = catalog.manifests(ctx.repository)  # newest first
     finally:
         catalog.close()
-    newest: dict[str, Manifest] = {}
+    newest: dict[tuple[str, str], Manifest] = {}
     for manifest in manifests:
-        newest.setdefault(manifest.method, manifest)
+        newest.setdefault((manifest.method, manifest.backup_type), manifest)
     for manifest in newest.values():
         set_backup_gauges(manifest)
     metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(manifests))
     return len(manifests)
 
 
-def refresh_verification(ctx: JobContext) -> dict[str, Any] | None:
-    """Verification gauges from the newest report (and the newest passed one)."""
-    keys = sorted(ctx.repository.iter_reports(), reverse=True)[:REPORTS_SCANNED]
-    newest: dict[str, Any] | None = None
+class VerificationReports:
+    """The verification gauges of each job, from its newest reports; re-read only when a new one appears."""
+
+    def __init__(self) -> None:
+        self._newest: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self, ctx: JobContext, *, force: bool = False) -> bool:
+        """List ``<job>/verify/``; True when a new newest report was read into the gauges."""
+        keys = sorted(ctx.repository.iter_reports(), reverse=True)
+        newest = keys[0] if keys else None
+        with self._lock:
+            if not force and ctx.name in self._newest and self._newest[ctx.name] == newest:
+                return False
+        if keys:
+            _apply(ctx, keys[:REPORTS_SCANNED])
+        with self._lock:
+            self._newest[ctx.name] = newest
+        return bool(keys)
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self._newest.pop(job, None)
+
+
+def _apply(ctx: JobContext, keys: list[str]) -> None:
+    """Gauges from the newest readable report, and the newest passed one (newest first in ``keys``)."""
+    newest_seen = False
     for key in keys:
         report = _read_report(ctx, key)
         if report is None:
             continue
-        if newest is None:
-            newest = report
-            metrics.VERIFICATION_LAST_RESULT.labels(ctx.name).set(1 if report.get("result") == "passed" else 0)
+        if not newest_seen:
+            newest_seen = True
+            passed = report.get("result") == "passed"
+            metrics.VERIFICATION_LAST_RESULT.labels(ctx.name).set(1 if passed else 0)
             if isinstance(report.get("restore_seconds"), (int, float)):
                 metrics.VERIFICATION_LAST_RESTORE.labels(ctx.name).set(report["restore_seconds"])
+            if not passed:
+                log.warning("the newest verification report says failed", key=key,
+                            backup_id=report.get("backup_id"))
         if report.get("result") == "passed":
             with contextlib.suppress(KeyError, TypeError, ValueError):
-                when = parse_timestamp(report.get("finished_at") or report["started_at"])
-                metrics.VERIFICATION_LAST_SUCCESS.labels(ctx.name).set(when.timestamp())
-            break
-    return newest
+                when = parse_timestamp(report.get("finished_at") or report["started_at"]).timestamp()
+                gauge = metrics.VERIFICATION_LAST_SUCCESS.labels(ctx.name)
+                gauge.set(max(when, gauge._value.get()))  # noqa: SLF001 (never backwards)
+            return
 
 
 def _read_report(ctx: JobContext, key: str) -> dict[str, Any] | None:
-    try:
-        with contextlib.closing(ctx.storage.open(key)) as handle:
-            data = json.loads(handle.read())
-        return data if isinstance(data, dict) else None
-    except ValueError:
-        log.warning("verification report is not JSON; ignored", key=key)
-        return None
+    report = read_report(ctx, key)
+    if report is None:
+        log.warning("verification report is not a JSON object; ignored", key=key)
+    return report
 
 
-def warm_up(ctx: JobContext) -> None:
-    """Fill one job's gauges; storage errors are logged, never fatal (the next run retries)."""
-    try:
-        count = refresh_backups(ctx)
-        refresh_verification(ctx)
-        log.info("metrics loaded from the repository", job=ctx.name, backups=count)
-    except Exception as exc:
-        log.warning("could not load metrics from the repository", job=ctx.name, error=str(exc))
+class RepositoryWatch:
+    """A thread that fills each job's gauges at start (and for jobs a reload changed) and then
+    polls the verification reports every ``interval`` seconds. Storage errors are logged, never fatal."""
+
+    def __init__(self, settings: Callable[[], Settings], interval: float) -> None:
+        self._settings = settings
+        self.interval = interval
+        self.reports = VerificationReports()
+        self._warm: set[str] = set()  # jobs whose backup gauges still need loading
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="repository-watch", daemon=True)
+
+    def start(self, jobs: list[str]) -> None:
+        self.warm_up(jobs)
+        self._thread.start()
+
+    def warm_up(self, jobs: list[str]) -> None:
+        """Load these jobs' gauges from the repository at the next turn (now)."""
+        with self._cond:
+            for job in jobs:
+                self.reports.forget(job)
+                self._warm.add(job)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                warm, self._warm = self._warm, set()
+            settings = self._settings()
+            failed = {job for job in sorted(settings.jobs) if not self._refresh(settings, job, warm=job in warm)}
+            with self._cond:
+                if not self._warm and not self._stop:
+                    self._cond.wait(self.interval)
+                self._warm |= failed & warm  # gauges not loaded yet: retried at the next turn
+
+    def _refresh(self, settings: Settings, job: str, *, warm: bool) -> bool:
+        ctx = JobContext(settings, job)
+        try:
+            with structlog.contextvars.bound_contextvars(job=job):
+                if warm:
+                    count = refresh_backups(ctx)
+                    log.info("metrics loaded from the repository", backups=count)
+                    gap_watch.watch(ctx)  # gaps already in the archive count at start (the integrity rotation: later)
+                if self.reports.refresh(ctx) and not warm:
+                    log.info("new verification report read from the repository")
+        except Exception as exc:
+            log.warning("could not load metrics from the repository", job=job, error=str(exc))
+            return False
+        finally:
+            ctx.close()
+        return True

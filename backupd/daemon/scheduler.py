@@ -7,11 +7,13 @@ misfire grace of one schedule period unless ``daemon.misfire_grace_time`` says
 otherwise (APScheduler's own default is one second). A listener logs and counts
 errors, misses and overlaps. Last run times are persisted, so a run missed
 while the daemon was down runs once at start when it is still within its grace.
+A backup that did not start on time (missed past its grace, at start or while
+running, or skipped because the previous run still ran) counts in
+``backupd_backup_missed_runs_total``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import zoneinfo
@@ -31,9 +33,17 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from backupd.daemon.metrics import BACKUP_SCHEDULE_PERIOD, JOB_CONSECUTIVE_FAILURES, JOB_LAST_RESULT, SCHEDULER_EVENTS
+from backupd import metrics
+from backupd.daemon.metrics import (
+    BACKUP_SCHEDULE_PERIOD,
+    JOB_CONSECUTIVE_FAILURES,
+    JOB_LAST_RESULT,
+    SCHEDULER_EVENTS,
+    declare_task,
+    forget_task,
+)
 from backupd.daemon.state import ScheduleState
-from backupd.daemon.tasks import Skipped, Tasks, integrity_period
+from backupd.daemon.tasks import NotStarted, Skipped, Tasks, integrity_period
 from backupd.daemon.triggers import build_trigger, latest_missed, period
 from backupd.errors import BackupdError
 from backupd.settings import Settings
@@ -102,9 +112,7 @@ class Scheduler:
             if job_id not in wanted:
                 self.aps.remove_job(job_id)
                 spec = self.specs.pop(job_id)
-                if spec.kind == "backup":
-                    with contextlib.suppress(KeyError):
-                        BACKUP_SCHEDULE_PERIOD.remove(spec.job)
+                forget_task(spec.job, spec.kind)
                 log.info("job unscheduled", job_id=job_id)
         now = dt.datetime.now(dt.timezone.utc)
         for job_id, spec in wanted.items():
@@ -116,8 +124,9 @@ class Scheduler:
             grace = spec.grace or max(every, dt.timedelta(seconds=1))
             if spec.kind == "backup":
                 BACKUP_SCHEDULE_PERIOD.labels(spec.job).set(every.total_seconds())
+            declare_task(spec.job, spec.kind)
             kwargs = {}
-            missed = self._missed(job_id, trigger, grace, now)
+            missed = self._missed(spec, trigger, grace, now)
             if missed is not None:
                 kwargs["next_run_time"] = now.astimezone(tz)
                 log.warning("running a missed run now", job_id=job_id, missed=missed.isoformat(),
@@ -132,7 +141,9 @@ class Scheduler:
             log.info("job scheduled", job_id=job_id, schedule=spec.schedule,
                      next_run=when.isoformat() if when else "after start")
 
-    def _missed(self, job_id: str, trigger: BaseTrigger, grace: dt.timedelta, now: dt.datetime) -> dt.datetime | None:
+    def _missed(self, spec: JobSpec, trigger: BaseTrigger, grace: dt.timedelta, now: dt.datetime
+                ) -> dt.datetime | None:
+        job_id = spec.job_id
         last = self.state.last_run(job_id)
         if last is None:
             return None
@@ -142,33 +153,44 @@ class Scheduler:
         if now - missed > grace:
             log.warning("missed run is past its grace time; waiting for the next one", job_id=job_id,
                         missed=missed.isoformat(), grace_seconds=grace.total_seconds())
-            SCHEDULER_EVENTS.labels(job_id, "missed").inc()
+            self._count(spec.job, spec.kind, "missed")
             return None
         return missed
 
+    @staticmethod
+    def _count(job: str, task: str, event: str) -> None:
+        SCHEDULER_EVENTS.labels(job, task, event).inc()
+        if task == "backup" and event in ("missed", "max_instances"):
+            metrics.BACKUP_MISSED_RUNS.labels(job).inc()
+
     def _on_event(self, event: JobEvent) -> None:
         job_id = event.job_id
+        task, _, job = job_id.partition(":")
         if event.code == EVENT_JOB_MISSED:
-            SCHEDULER_EVENTS.labels(job_id, "missed").inc()
+            self._count(job, task, "missed")
             log.warning("scheduled run missed (past its grace time)", job_id=job_id,
                         scheduled=str(event.scheduled_run_time))
             return
         if event.code == EVENT_JOB_MAX_INSTANCES:
-            SCHEDULER_EVENTS.labels(job_id, "max_instances").inc()
+            self._count(job, task, "max_instances")
             log.warning("scheduled run skipped: the previous one is still running", job_id=job_id)
             return
         assert isinstance(event, JobExecutionEvent)
+        if event.code == EVENT_JOB_ERROR and isinstance(event.exception, NotStarted):
+            self._count(job, task, "missed")
+            log.warning("scheduled run could not start", job_id=job_id, reason=str(event.exception))
+            return
         if event.code == EVENT_JOB_ERROR and isinstance(event.exception, Skipped):
             log.info("scheduled run skipped", job_id=job_id, reason=str(event.exception))
             return
         self.state.set_last_run(job_id, event.scheduled_run_time)
         if event.code == EVENT_JOB_EXECUTED:
-            JOB_LAST_RESULT.labels(job_id).set(1)
-            JOB_CONSECUTIVE_FAILURES.labels(job_id).set(0)
+            JOB_LAST_RESULT.labels(job, task).set(1)
+            JOB_CONSECUTIVE_FAILURES.labels(job, task).set(0)
             return
-        SCHEDULER_EVENTS.labels(job_id, "error").inc()
-        JOB_LAST_RESULT.labels(job_id).set(0)
-        JOB_CONSECUTIVE_FAILURES.labels(job_id).inc()
+        self._count(job, task, "error")
+        JOB_LAST_RESULT.labels(job, task).set(0)
+        JOB_CONSECUTIVE_FAILURES.labels(job, task).inc()
         if isinstance(event.exception, BackupdError):
             log.error("scheduled run failed", job_id=job_id, error=str(event.exception))
         else:

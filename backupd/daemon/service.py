@@ -8,6 +8,7 @@ exits 0 once every run has stopped cleanly.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from backupd import children, __version__
+from backupd import __version__, children, metrics, plugins
 from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
 from backupd.control import ControlServer, socket_path
@@ -26,6 +27,7 @@ from backupd.daemon import requested
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
 from backupd.daemon.notify import Notifier
+from backupd.daemon.repo_metrics import RepositoryWatch
 from backupd.daemon.runs import Runs, Slots
 from backupd.daemon.scheduler import Scheduler
 from backupd.daemon.state import DaemonLock, ScheduleState
@@ -56,7 +58,8 @@ class Daemon:
         self.lock = DaemonLock(self.state_dir)
         self.contexts: dict[str, JobContext] = {}
         self.job_handlers: dict[str, dict[str, Any]] = {}
-        self.supervisors: list[Supervised] = []
+        self.archivers: dict[str, list[Supervised]] = {}
+        self.signatures: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------
     def run(self) -> int:
@@ -73,13 +76,15 @@ class Daemon:
         self.scheduler = Scheduler(self.tasks, self.state, self.settings.daemon.timezone)
         self.http = MetricsServer(self.settings.daemon.metrics_listen, self.health)
         self.control = ControlServer(socket_path(self.state_dir), {})
+        self.watch = RepositoryWatch(lambda: self.settings,
+                                     self.settings.daemon.repository_poll_interval.total_seconds())
         self._load_jobs(self.settings)
         self.scheduler.apply(self.settings)
         self.http.start()
         self.control.start()
         self.scheduler.start()
         DAEMON_START.set(time.time())
-        self._warm_up()
+        self.watch.start(sorted(self.settings.jobs))
         log.info("daemon started", version=__version__, pid=os.getpid(), jobs=sorted(self.settings.jobs),
                  metrics=self.settings.daemon.metrics_listen, state_dir=str(self.state_dir))
         self.notifier.ready(self.status_line())
@@ -122,6 +127,7 @@ class Daemon:
                 log.error("log archiver did not stop in time", archiver=supervised.name)
         for pid, name in children.kill_all():
             log.warning("terminated a leftover child process", pid=pid, command=name)
+        self.watch.stop()
         self.control.stop()
         self.http.stop()
         for ctx in self.contexts.values():
@@ -136,38 +142,73 @@ class Daemon:
         return 0
 
     # -- jobs, archivers, control handlers ----------------------------------
-    def _load_jobs(self, settings: Settings) -> None:
+    @property
+    def supervisors(self) -> list[Supervised]:
+        return [supervised for group in self.archivers.values() for supervised in group]
+
+    def _load_jobs(self, settings: Settings) -> list[str]:
+        """Contexts, control handlers and log archivers for ``settings``; returns the jobs (re)loaded.
+
+        A job whose settings (and storage, encryption, archiver backoff) are unchanged keeps its
+        context and its running archivers: a reload that changes nothing restarts nothing, and the
+        archive lag it reports carries on. A changed job's archivers are stopped, then started anew;
+        a job whose driver could not be set up is tried again.
+        """
+        previous = (self.contexts, self.job_handlers, self.archivers, self.signatures)
+        old_contexts, old_handlers, old_archivers, old_signatures = (dict(part) for part in previous)
         contexts: dict[str, JobContext] = {}
         handlers: dict[str, dict[str, Any]] = {}
-        supervisors: list[Supervised] = []
+        archivers: dict[str, list[Supervised]] = {}
+        signatures: dict[str, str] = {}
+        loaded: list[str] = []
         backoff = settings.daemon.archiver_backoff_max.total_seconds()
         for name, job in sorted(settings.jobs.items()):
+            signatures[name] = job_signature(settings, name)
+            if old_signatures.get(name) == signatures[name] and name in old_handlers:  # set up, unchanged
+                contexts[name] = old_contexts.pop(name)
+                archivers[name] = old_archivers.pop(name, [])
+                handlers[name] = old_handlers[name]
+                continue
+            self._retire(name, old_contexts, old_archivers)
+            loaded.append(name)
             ctx = JobContext(settings, name)
             contexts[name] = ctx
             try:
+                methods = plugins.driver_class(job.driver).methods
+                metrics.declare_job(name, methods, archives_logs=job.archive_logs)
                 driver = ctx.driver
                 handlers[name] = dict(driver.control_handlers())
-                archivers = driver.log_archivers() if job.archive_logs else []
+                found = driver.log_archivers() if job.archive_logs else []
             except Exception as exc:  # one broken job must not take the others down
                 log.error("job's driver could not be set up; its archivers and control ops are off",
                           job=name, error=str(exc))
                 continue
-            supervisors.extend(Supervised(name, archiver, backoff) for archiver in archivers)
-        self.contexts, self.job_handlers, self.supervisors = contexts, handlers, supervisors
+            archivers[name] = [Supervised(name, archiver, backoff) for archiver in found]
+        for name in list(old_contexts):  # jobs the new settings no longer have
+            self._retire(name, old_contexts, old_archivers)
+            metrics.forget_job(name)
+            log.info("job removed", job=name)
+        self.contexts, self.job_handlers, self.archivers, self.signatures = contexts, handlers, archivers, signatures
         ops = {op for table in handlers.values() for op in table}
         self.control.handlers = {op: self._dispatcher(op) for op in ops} | {
             "status": self._status_op,
             requested.OP: requested.handler(lambda: self.settings, lambda: self.fingerprint, self.runs),
         }
-        for supervised in supervisors:
-            supervised.start()
+        for name in loaded:
+            for supervised in archivers.get(name, []):
+                supervised.start()
+        return loaded
 
-    def _unload_jobs(self) -> None:
-        for supervised in self.supervisors:
-            supervised.stop(ARCHIVER_STOP)
-        for ctx in self.contexts.values():
+    @staticmethod
+    def _retire(name: str, contexts: dict[str, JobContext], archivers: dict[str, list[Supervised]]) -> None:
+        """Stop a job's archivers (dropping their series) and close its context."""
+        for supervised in archivers.pop(name, []):
+            if not supervised.stop(ARCHIVER_STOP):
+                log.error("log archiver did not stop in time", archiver=supervised.name)
+            supervised.forget()
+        ctx = contexts.pop(name, None)
+        if ctx is not None:
             ctx.close()
-        self.supervisors, self.contexts = [], {}
 
     def _dispatcher(self, op: str):
         def dispatch(message: dict[str, Any]) -> dict[str, Any]:
@@ -186,14 +227,12 @@ class Daemon:
         return dispatch
 
     def _status_op(self, _message: dict[str, Any]) -> dict[str, Any]:
+        """Health, and each archiving job's live lag (for `backupd status`)."""
         healthy, details = self.health()
-        return {"ok": True, "healthy": healthy, "pid": os.getpid(), **details}
-
-    def _warm_up(self) -> None:
-        jobs = sorted(self.settings.jobs)
-        thread = threading.Thread(target=lambda: [self.tasks.warm_up(job) for job in jobs],
-                                  name="metrics-warm-up", daemon=True)
-        thread.start()
+        lags = {job: metrics.REGISTRY.get_sample_value("backupd_archive_lag_seconds", {"job": job})
+                for job in self.contexts}
+        return {"ok": True, "healthy": healthy, "pid": os.getpid(), **details,
+                "archive_lag": {job: lag for job, lag in lags.items() if lag is not None}}
 
     # -- reload ----------------------------------------------------------------
     def reload(self) -> None:
@@ -213,14 +252,16 @@ class Daemon:
         if new.daemon.metrics_listen != self.settings.daemon.metrics_listen:
             log.warning("daemon.metrics_listen changes on restart only", listening=self.settings.daemon.metrics_listen)
         self.fingerprint = None  # first: a backup request never pairs the old fingerprint with new settings
-        self._unload_jobs()
-        self.settings, self.fingerprint = new, fingerprint
+        self.settings = new
+        loaded = self._load_jobs(new)
+        self.fingerprint = fingerprint
         self.slots.resize(new.daemon.max_parallel_jobs)
-        self._load_jobs(new)
         self.scheduler.apply(new)
-        self._warm_up()
+        self.watch.interval = new.daemon.repository_poll_interval.total_seconds()
+        self.watch.warm_up(loaded)
         CONFIG_RELOADS.labels("success").inc()
-        log.info("configuration reloaded", jobs=sorted(new.jobs), scheduled=sorted(self.scheduler.specs))
+        log.info("configuration reloaded", jobs=sorted(new.jobs), reloaded=loaded,
+                 scheduled=sorted(self.scheduler.specs))
         self.notifier.ready(self.status_line())
 
     # -- health ------------------------------------------------------------------
@@ -246,6 +287,24 @@ class Daemon:
 
     def status_line(self) -> str:
         return f"{len(self.scheduler.specs)} scheduled job(s), {len(self.supervisors)} log archiver(s)"
+
+
+def job_signature(settings: Settings, name: str) -> str:
+    """What a job's context, control handlers and log archivers are built from: equal, nothing to restart.
+
+    Tasks (backup, verify, prune) build their context from the current settings at each run,
+    so they are not part of it (nor is the sandbox, which only they use)."""
+    job = settings.job(name)
+    storages = job.storage if isinstance(job.storage, list) else [job.storage]
+    parts = {
+        "job": job.model_dump(mode="json"),
+        "driver": settings.driver_options(name).model_dump(mode="json"),
+        "storage": [settings.storage_options(storage).model_dump(mode="json") for storage in storages],
+        "encryption": settings.encryption.model_dump(mode="json"),
+        "archiver_backoff_max": settings.daemon.archiver_backoff_max.total_seconds(),
+        "source": str(settings.source),
+    }
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def run_daemon(settings: Settings, config_path: Path, fingerprint: str | None = None) -> int:

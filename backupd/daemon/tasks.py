@@ -18,7 +18,6 @@ import structlog
 from backupd import audit, metrics
 from backupd.backup import run_backup
 from backupd.context import JobContext
-from backupd.daemon import repo_metrics
 from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
@@ -33,6 +32,10 @@ log = structlog.get_logger(__name__)
 
 class Skipped(Exception):
     """The run had nothing to do or was superseded (daemon stopping, lock held elsewhere)."""
+
+
+class NotStarted(Skipped):
+    """The run never got a slot before its timeout: a missed run (``backupd_backup_missed_runs_total``)."""
 
 
 class Tasks:
@@ -50,14 +53,17 @@ class Tasks:
             raise Skipped(f"{job_id}: job no longer configured")
         with self.runs.start(job_id, job, timeout.total_seconds() if timeout else None) as run:
             if not self.slots.acquire(run.cancel):
+                if run.reason == "timeout":
+                    raise NotStarted(f"{job_id}: not started: every slot of daemon.max_parallel_jobs was busy "
+                                     "until the job's timeout")
                 raise Skipped(f"{job_id}: not started ({run.reason})")
             ctx = JobContext(settings, job)
-            JOB_RUNNING.labels(job_id).set(1)
+            JOB_RUNNING.labels(job, kind).set(1)
             try:
                 with structlog.contextvars.bound_contextvars(job=job, task=kind):
                     yield ctx, run
             finally:
-                JOB_RUNNING.labels(job_id).set(0)
+                JOB_RUNNING.labels(job, kind).set(0)
                 self.slots.release()
                 ctx.close()
 
@@ -168,17 +174,6 @@ class Tasks:
             log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
             if bad:
                 raise BackupdError("integrity check failed: " + "; ".join(p for r in bad for p in r.problems))
-
-    def warm_up(self, job: str) -> None:
-        settings = self._settings()
-        if job not in settings.jobs:
-            return
-        ctx = JobContext(settings, job)
-        try:
-            repo_metrics.warm_up(ctx)
-            self.watch_gaps(ctx)
-        finally:
-            ctx.close()
 
     def watch_gaps(self, ctx: JobContext) -> None:
         """Count gaps in the job's archived logs the daemon has not seen yet (never fatal: storage may be down)."""

@@ -8,7 +8,10 @@ ships each closed file (last event Rotate or Stop) as ``<server>/<file>`` and,
 every ``binlog_flush_interval``, the file still being written, cut at its last
 complete event, as ``<server>/<file>.partial``, bounding what a lost host takes
 with it. A file the server purged before it was archived is a gap: counted in
-``backupd_archive_gaps_total`` and logged by name.
+``backupd_archive_gaps_total`` and logged by name. ``backupd_archive_lag_seconds`` is the
+age of the oldest event not yet durable (read from the spooled files, so a restarted
+archiver reports it at once), and while the server cannot be reached, at least the time
+since it was last reached; meanwhile ``source_error()`` tells the daemon the archiver is down.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ POLL_SECONDS = 0.2
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_RUN_SECONDS = 60.0
+SOURCE_SETTLE_SECONDS = 5.0  # streaming this long after a failure: the server is reached again
 
 
 def streamer_server_id(job: str, configured: int) -> int:
@@ -66,8 +70,13 @@ class BinlogArchiver:
         self.process: Tool | None = None  # the current mysqlbinlog, for observers (tests, status)
         self.sessions = 0
         self._files: dict[str, _Spooled] = {}
-        self._pending_since: float | None = None
         self._last_flush = 0.0
+        self._source_error: str | None = None
+        self._unreachable_since: float | None = None
+
+    def source_error(self) -> str | None:
+        """Why the server cannot be streamed from, while it cannot (the daemon reports the archiver down)."""
+        return self._source_error
 
     # ---- supervision -------------------------------------------------------------
 
@@ -83,12 +92,22 @@ class BinlogArchiver:
             except BackupdError as exc:
                 log.warning("binlog streaming interrupted; restarting", job=self.job, error=str(exc),
                             retry_in=round(backoff, 1))
+                self._source_error = str(exc)
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.time()
+                self._set_lag()
             if stop.is_set():
                 break
             if time.monotonic() - started > HEALTHY_RUN_SECONDS:
                 backoff = self.backoff_initial
-            stop.wait(backoff)
+            self._pause(stop, backoff)
             backoff = min(backoff * 2, self.backoff_max)
+
+    def _pause(self, stop: threading.Event, seconds: float) -> None:
+        """Wait out a backoff, keeping the lag current: it grows while the server is unreachable."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not stop.wait(min(left, 1.0)):
+            self._set_lag()
 
     def _session(self, stop: threading.Event) -> None:
         conn = self.credentials.connect()
@@ -117,8 +136,11 @@ class BinlogArchiver:
             log.info("binlog streaming started", job=self.job, server=info.key, start=start)
             with Tool(argv, stdout=subprocess.DEVNULL) as tool:
                 self.process = tool
+                streaming = time.monotonic()
                 try:
                     while not stop.is_set() and tool.proc.poll() is None:
+                        if self._source_error and time.monotonic() - streaming >= SOURCE_SETTLE_SECONDS:
+                            self._source_error = self._unreachable_since = None  # reached and stays reached
                         self._ship(directory, info.key)
                         stop.wait(POLL_SECONDS)
                     exited = tool.proc.poll()
@@ -154,7 +176,6 @@ class BinlogArchiver:
     def _ship(self, directory: Path, server: str, final: bool = False) -> None:
         names = sorted((p.name for p in directory.iterdir() if binlog.NAME_RE.match(p.name)),
                        key=lambda n: binlog.split_name(n)[1])
-        pending = False
         flush_due = final or time.monotonic() - self._last_flush >= self.flush_interval
         for name in names:
             spooled = self._spooled(directory / name)
@@ -162,21 +183,24 @@ class BinlogArchiver:
                 continue
             spooled.scanner.scan()
             if spooled.scanner.closed:
-                if not self._push(server, spooled, complete=True):
-                    pending = True
+                self._push(server, spooled, complete=True)
                 continue
-            if spooled.scanner.offset > max(spooled.partial_pushed, 4):
-                if flush_due and self._push(server, spooled, complete=False):
-                    continue
-                pending = True
+            if spooled.scanner.offset > max(spooled.partial_pushed, 4) and flush_due:
+                self._push(server, spooled, complete=False)
         if flush_due:
             self._last_flush = time.monotonic()
-        now = time.time()
-        if pending and self._pending_since is None:
-            self._pending_since = now
-        elif not pending:
-            self._pending_since = None
-        metrics.ARCHIVE_LAG.labels(self.job).set(now - self._pending_since if self._pending_since else 0.0)
+        self._set_lag()
+
+    def _set_lag(self) -> None:
+        """The age of the oldest spooled event not yet durable; while the server is unreachable,
+        at least the time since it was last reached (what it wrote since is not archived)."""
+        oldest = self._unreachable_since
+        for spooled in list(self._files.values()):
+            if spooled.scanner.offset > max(spooled.partial_pushed, 4):
+                with contextlib.suppress(OSError):
+                    written = binlog.event_time(spooled.path, spooled.partial_pushed)
+                    oldest = written if oldest is None else min(oldest, written)
+        metrics.ARCHIVE_LAG.labels(self.job).set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
     def _spooled(self, path: Path) -> _Spooled | None:
         spooled = self._files.get(path.name)

@@ -148,6 +148,20 @@ def _iter_events(handle: BinaryIO, offset: int) -> Iterator[Event]:
         pos += size
 
 
+def event_time(path: Path, offset: int) -> float:
+    """When the event at ``offset`` was written (its header's timestamp; the file's mtime when the
+    header is not on disk yet or carries none)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(offset, len(MAGIC)))
+        header = handle.read(HEADER_SIZE)
+        mtime = path.stat().st_mtime
+    if len(header) == HEADER_SIZE:
+        timestamp = HEADER.unpack(header)[0]
+        if timestamp:
+            return float(timestamp)
+    return mtime
+
+
 def iter_events(path: Path) -> Iterator[Event]:
     with open(path, "rb") as handle:
         if handle.read(4) != MAGIC:

@@ -43,6 +43,8 @@ class SlowOptions(DriverOptions):
     rate: int = 64 << 20
     #: The archiver raises this many times (counted in workdir/archiver.attempts) before it runs.
     archiver_failures: int = 0
+    #: Each failing attempt runs this long before it raises (an archiver that connects, then drops).
+    archiver_fails_after: float = 0.0
 
 
 class FlakyArchiver:
@@ -55,6 +57,7 @@ class FlakyArchiver:
         count = int(attempts.read_text()) + 1 if attempts.exists() else 1
         attempts.write_text(str(count))
         if count <= self.options.archiver_failures:
+            stop.wait(self.options.archiver_fails_after)
             raise DriverError(f"archiver attempt {count} failed on purpose")
         while not stop.wait(0.1):
             (self.options.workdir / "archiver.heartbeat").write_text(str(time.time()))

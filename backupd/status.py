@@ -1,0 +1,203 @@
+"""What ``backupd status`` says about a job: read from its repository, so it works on a host that
+never saw the job (the starting point of a disaster recovery), plus what the local daemon knows
+live (the archive lag, its log archivers) when one runs on this host.
+
+Per job: the newest backup of each method and type; the newest run's result and error (the
+run record ``backupd.runstate`` keeps in the repository); the archived logs' oldest and newest
+and the PITR window they give, with its breaks (the driver's ``log_reach``); the newest
+verification report; pins; backups left without a manifest. Signatures and copies are reported
+"not available" until backupd has them. ``problems`` lists what needs an operator; ``state``
+sums it up: ``ok``, ``warning`` (never verified, no backup yet) or ``error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from typing import Any, get_args
+
+from backupd.catalog import Catalog
+from backupd.context import JobContext
+from backupd.control import request, socket_path
+from backupd.errors import BackupdError
+from backupd.logarchive import Kind, LogArchive, LogObject
+from backupd.manifest import Manifest
+from backupd.pins import Pins
+from backupd.restore import RepositorySource
+from backupd.runstate import UnreadableRecord, last_run
+from backupd.timeutil import format_timestamp, parse_timestamp
+
+NOT_AVAILABLE = "not available"
+REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
+DAEMON_TIMEOUT = 5.0
+
+
+def read_report(ctx: JobContext, key: str) -> dict[str, Any] | None:
+    """One verification report; None when it is not a JSON object."""
+    with contextlib.closing(ctx.storage.open(key)) as handle:
+        raw = handle.read()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def daemon_status(ctx: JobContext) -> dict[str, Any] | None:
+    """The local daemon's live view (``status`` on its control socket), or None when none runs here."""
+    try:
+        reply = request(socket_path(ctx.state_dir), {"op": "status"}, timeout=DAEMON_TIMEOUT)
+    except OSError:
+        return None
+    return reply if reply and reply.get("ok") else None
+
+
+def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
+    repo = ctx.repository
+    catalog = Catalog(ctx.state_dir)
+    try:
+        manifests = catalog.manifests(repo)  # newest first
+    finally:
+        catalog.close()
+    _, partial = repo.scan()
+    logs = _archive(ctx, now)
+    status: dict[str, Any] = {
+        "job": ctx.name,
+        "driver": ctx.job.driver,
+        "storage": ctx.storage.location,
+        "backups": {"count": len(manifests), "partial": partial, "newest": _newest_backups(manifests)},
+        "last_run": _last_run(ctx),
+        "archive": logs,
+        "archive_lag_seconds": _lag(ctx.name, daemon),
+        "archivers": [a for a in (daemon or {}).get("archivers", []) if a.get("job") == ctx.name]
+        if daemon else f"{NOT_AVAILABLE}: no daemon runs on this host",
+        "pitr": _pitr(ctx, manifests, logs),
+        "verification": _verification(ctx),
+        "pins": sorted(Pins(ctx.storage, ctx.name).ids()),
+        "untrusted_objects": f"{NOT_AVAILABLE}: backupd does not sign backups yet",
+        "lagging_copies": f"{NOT_AVAILABLE}: backupd keeps one repository per job",
+    }
+    status["problems"], status["warnings"] = _problems(status, manifests)
+    status["state"] = "error" if status["problems"] else "warning" if status["warnings"] else "ok"
+    return status
+
+
+def _newest_backups(manifests: list[Manifest]) -> list[dict[str, Any]]:
+    """The newest backup of each method and type."""
+    newest: dict[tuple[str, str], Manifest] = {}
+    for manifest in manifests:
+        newest.setdefault((manifest.method, manifest.backup_type), manifest)
+    return [{"method": method, "type": kind, "backup_id": m.backup_id, "result": "success",
+             "started_at": format_timestamp(m.started_at), "finished_at": format_timestamp(m.finished_at),
+             "raw_size": m.raw_size, "stored_size": m.stored_size}
+            for (method, kind), m in sorted(newest.items())]
+
+
+def _last_run(ctx: JobContext) -> dict[str, Any] | None:
+    try:
+        record = last_run(ctx.storage, ctx.state_dir, ctx.name)
+    except UnreadableRecord as exc:
+        return {"result": "unknown", "error": str(exc)}
+    if record is None:
+        return None
+    return {"result": record.result, "at": format_timestamp(record.at), "backup_id": record.backup_id,
+            "error": record.error}
+
+
+def _archive(ctx: JobContext, now: dt.datetime) -> dict[str, Any] | None:
+    """The archived logs of the job (WAL, binlogs or oplog slices): how many, the oldest and newest."""
+    for kind in get_args(Kind):
+        logs = [obj for obj in LogArchive(ctx.storage, ctx.name, kind).list()]
+        if not logs:
+            continue
+        order = sorted(logs, key=lambda o: (o.modified or dt.datetime.min.replace(tzinfo=dt.timezone.utc), o.name))
+        newest = order[-1]
+        return {"kind": kind, "count": len(logs), "oldest": _log(order[0]), "newest": _log(newest),
+                "newest_age_seconds": round((now - newest.modified).total_seconds(), 3) if newest.modified else None}
+    return None
+
+
+def _log(obj: LogObject) -> dict[str, Any]:
+    return {"name": obj.name, "stored_at": format_timestamp(obj.modified) if obj.modified else None}
+
+
+def _lag(job: str, daemon: dict[str, Any] | None) -> float | str | None:
+    if daemon is None:
+        return f"{NOT_AVAILABLE}: no daemon runs on this host"
+    return (daemon.get("archive_lag") or {}).get(job)
+
+
+def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """From the oldest backup's consistent point to the last log replay from the newest backup can use,
+    with the gaps that break it (the driver's ``log_reach``, from the oldest backup on)."""
+    with_pitr = [m for m in manifests if isinstance(m.metadata.get("pitr"), dict) and m.metadata["pitr"].get("from")]
+    if not with_pitr:
+        return None
+    oldest = min(with_pitr, key=lambda m: m.finished_at)
+    newest_backup = max(with_pitr, key=lambda m: m.finished_at)
+    start = parse_timestamp(oldest.metadata["pitr"]["from"])
+    newest = (logs or {}).get("newest") or {}
+    window: dict[str, Any] = {"from": format_timestamp(start), "to": newest.get("stored_at") or format_timestamp(start)}
+    try:
+        reaches = ctx.log_reaches([oldest, newest_backup])
+    except BackupdError as exc:
+        window["breaks"] = f"{NOT_AVAILABLE}: {exc}"
+        return window
+    first, last = reaches.get(oldest.backup_id), reaches.get(newest_backup.backup_id)
+    if last is not None and last.until is not None:
+        window["to"] = format_timestamp(max(last.until, start))
+    window["breaks"] = list(first.missing) if first is not None else []
+    window["notes"] = list(first.notes) if first is not None else []
+    return window
+
+
+def _verification(ctx: JobContext) -> dict[str, Any] | None:
+    keys = sorted(ctx.repository.iter_reports(), reverse=True)[:REPORTS_SCANNED]
+    newest: dict[str, Any] | None = None
+    for key in keys:
+        report = read_report(ctx, key)
+        if report is None:
+            continue
+        if newest is None:
+            newest = {name: report.get(name) for name in ("result", "mode", "backup_id", "started_at",
+                                                            "finished_at", "restore_seconds")}
+            problems = report.get("problems")
+            newest["problems"] = [str(p) for p in problems] if isinstance(problems, list) else []
+            newest["report"] = key
+            newest["last_passed_at"] = None
+        if report.get("result") == "passed":
+            newest["last_passed_at"] = report.get("finished_at") or report.get("started_at")
+            break
+    return newest
+
+
+def _problems(status: dict[str, Any], manifests: list[Manifest]) -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    warnings: list[str] = []
+    run = status["last_run"]
+    newest_start = manifests[0].started_at if manifests else None
+    if run and run["result"] == "failure":
+        when = parse_timestamp(run["at"])
+        if newest_start is None or when >= newest_start:
+            problems.append(f"the newest backup run failed at {run['at']}" + (f": {run['error']}" if run["error"] else ""))
+    elif run and run["result"] == "unknown":
+        problems.append(run["error"])
+    if not manifests:
+        warnings.append("no backup yet")
+    pitr = status["pitr"]
+    if pitr and isinstance(pitr.get("breaks"), list) and pitr["breaks"]:
+        problems.append(f"the PITR window is broken: {'; '.join(pitr['breaks'])}")
+    verification = status["verification"]
+    if verification is None:
+        if manifests:
+            warnings.append("never verified")
+    elif verification.get("result") != "passed":
+        problems.append(f"the newest verification ({verification.get('backup_id')}, "
+                        f"{verification.get('finished_at') or verification.get('started_at')}) failed"
+                        + (f": {'; '.join(verification['problems'])}" if verification["problems"] else ""))
+    for archiver in status["archivers"] if isinstance(status["archivers"], list) else []:
+        if archiver.get("state") not in ("starting", "running"):
+            problems.append(f"log archiver {archiver.get('name')} is {archiver.get('state')}"
+                            + (f": {archiver['last_error']}" if archiver.get("last_error") else ""))
+    return problems, warnings
