@@ -24,7 +24,6 @@ from backupd.errors import BackupdError
 from backupd.logarchive import Kind, LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.pins import Pins
-from backupd.restore import RepositorySource
 from backupd.runstate import UnreadableRecord, last_run
 from backupd.timeutil import format_timestamp, parse_timestamp
 
