@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import structlog
 
+from backupd import sealed
+from backupd.age import AgeError
 from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectNotFound, StorageError
 from backupd.manifest import MANIFEST_NAME, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
@@ -31,6 +33,7 @@ from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
 log = structlog.get_logger(__name__)
 
 OBJECT_SUFFIX = ".zst.age"
+MAX_REPORT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,27 @@ class Repository:
         key = f"{self.job}/verify/{name}.json"
         self.storage.put(key, io.BytesIO(json.dumps(report, indent=2).encode() + b"\n"))
         return key
+
+    def read_report(self, key: str, identities: Sequence[object] = ()) -> dict[str, Any]:
+        """A stored verification report; its sealed details opened when ``identities`` can.
+
+        IntegrityError when it is not a JSON object or its sealed part cannot be
+        opened with the identities given.
+        """
+        with contextlib.closing(self.storage.open(key)) as handle:
+            raw = handle.read(MAX_REPORT + 1)
+        if len(raw) > MAX_REPORT:
+            raise IntegrityError(f"{key}: verification report larger than {MAX_REPORT} bytes")
+        try:
+            report = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"{key}: verification report is not JSON ({exc})") from None
+        if not isinstance(report, dict):
+            raise IntegrityError(f"{key}: verification report is not a JSON object")
+        try:
+            return sealed.unseal(report, identities)
+        except (AgeError, ValueError) as exc:
+            raise IntegrityError(f"{key}: the report's sealed details cannot be opened ({exc})") from None
 
     def iter_reports(self) -> Iterator[str]:
         for info in self.storage.list(f"{self.job}/verify/"):

@@ -66,7 +66,14 @@ def report(exc: BackupdError) -> None:
         print(f"hint: {exc.hint}", file=sys.stderr)
 
 
+#: Every file backupd creates is its own: state, spool, scratch, temporary and plaintext files.
+UMASK = 0o077
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.umask(UMASK)  # first, whoever starts us (shell, cron, systemd, PostgreSQL's archive_command)
     if argv is None:
         argv = sys.argv[1:]
     command = requested_command(argv)
