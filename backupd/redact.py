@@ -1,7 +1,7 @@
 """Keep secrets out of logs, errors and argv echoes.
 
-A URL's user information ends at the last ``@`` before its query, so a password
-holding ``/``, ``:`` or ``@`` is found (and hidden) whole. A connection URL is
+A URL's user information ends at its last ``@``, so a password holding ``/``,
+``:``, ``?`` or ``@`` is found (and hidden) whole. A connection URL is
 named in messages by ``describe_url``: scheme, host, port and database only.
 """
 
@@ -17,10 +17,14 @@ _SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "ssl
 
 
 def _split(rest: str) -> tuple[str | None, str, str]:
-    """(user information or None, host and path, ``?query`` or "") of a URL after its ``scheme://``."""
-    before, mark, query = rest.partition("?")
-    userinfo, at, location = before.rpartition("@")
-    return (userinfo if at else None), location, mark + query
+    """(user information or None, host and path, ``?query`` or "") of a URL after its ``scheme://``.
+
+    The user information runs to the last ``@``, wherever it is: a password may hold
+    ``/``, ``?`` or ``#``, and a query value with an ``@`` must then be written ``%40``.
+    """
+    userinfo, at, after = rest.rpartition("@")
+    cut = min((i for i in (after.find("?"), after.find("#")) if i >= 0), default=len(after))
+    return (userinfo if at else None), after[:cut], after[cut:]
 
 
 def url_password_problem(url: str) -> str | None:

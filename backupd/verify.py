@@ -229,13 +229,19 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     """
     repo = ctx.repository
     if integrity_only:
-        manifests = [repo.resolve(backup_id)] if backup_id else repo.manifests()
-        if not manifests:
-            repo.resolve(None)  # raises "no backups"
+        if backup_id:
+            manifests, unusable = [repo.resolve(backup_id)], []
+        else:
+            manifests, unusable = repo.scan_manifests()
+            if not manifests and not unusable:
+                repo.resolve(None)  # raises "no backups"
         reports = []
         for manifest in manifests:
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
+        for bad_id, exc in unusable:  # a manifest that cannot be read is a failed integrity check of its backup
+            reports.append(VerifyReport(ctx.name, bad_id, "integrity"))
+            reports[-1].fail(str(exc))
         return reports
     manifest = repo.resolve(backup_id)
     if pitr_drill:
