@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import structlog
 
 from backupd import sealed
+from backupd.redact import redact
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp, utcnow
 from backupd.whoami import current_user
@@ -49,7 +50,7 @@ def make_event(command: str, *, job: str | None, backup_id: str | None, result: 
         "result": result,
     }
     if detail:
-        event["detail"] = detail
+        event["detail"] = redact(detail)
     event.update({k: v for k, v in extra.items() if v is not None})
     return event
 

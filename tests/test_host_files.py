@@ -136,8 +136,12 @@ def test_check_fails_on_secret_files_others_can_read(sqlite_job: SqliteJob, tmp_
 
     sqlite_job.keys.identity_file.chmod(0o644)
     pass_file.chmod(0o640)
+    sqlite_job.state_dir.mkdir(exist_ok=True)
+    sqlite_job.state_dir.chmod(0o755)
     result = run_backupd("check", "pg", config=config)
     assert result.code == 1
+    assert (f"warn  daemon.state_dir: {sqlite_job.state_dir} is accessible by group or others (mode 0755); "
+            f"backupd creates it 0700: run `chmod 700 {sqlite_job.state_dir}`") in result.out
     assert (f"FAIL  encryption.identity_file mode: identity file {sqlite_job.keys.identity_file} is accessible by "
             f"group or others (mode 0644); run `chmod 600 {sqlite_job.keys.identity_file}`") in result.out
     assert (f"FAIL  jobs.pg.password_file mode: password file {pass_file} is accessible by group or others "

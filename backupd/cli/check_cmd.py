@@ -83,6 +83,21 @@ def key_checks(settings: Settings) -> Iterable[Check]:
     yield _guard("encryption.identity_file", identity)
 
 
+def state_dir_check(settings: Settings) -> Check:
+    """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
+    path = settings.daemon.state_dir
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return Check("daemon.state_dir", True, f"{path}: not created yet (backupd creates it 0700)")
+    except OSError as exc:
+        return Check("daemon.state_dir", False, f"{path}: {exc.strerror}")
+    if mode & 0o077:
+        return Check("daemon.state_dir", True, f"{path} is accessible by group or others (mode {mode:04o}); "
+                     f"backupd creates it 0700: run `chmod 700 {path}`", warning=True)
+    return Check("daemon.state_dir", True, f"{path}: mode {mode:04o}")
+
+
 def password_file_checks(settings: Settings, job: str) -> Iterable[Check]:
     path = getattr(settings.driver_options(job), "password_file", None)
     if path is not None:
@@ -105,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = [args.job] if args.job else sorted(settings.jobs)
     for job in jobs:
         settings.job(job)
+    checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
     for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
         checks.append(_guard(f"storage.{storage}", lambda s=storage: storage_round_trip(settings, s)))
