@@ -112,28 +112,31 @@ def job_peers(os_user: str | None, data_dir: Path | None) -> set[int]:
 
 
 def confine(path: object, root: Path) -> Path:
-    """``path`` if it lies inside ``root`` once symlinks are resolved; ValueError naming it otherwise.
+    """``path``, resolved, if it lies inside ``root`` once symlinks are resolved; ValueError naming it otherwise.
 
-    ``..`` is refused outright. A path through one of ``root``'s own top-level
-    symlinks (PostgreSQL's ``pg_wal`` on another disk) stays inside.
+    ``..`` is refused outright. ``root`` may be named through a symlink (PostgreSQL's
+    working directory, which ``%p`` is relative to, is the resolved one), and a path
+    through one of ``root``'s own top-level symlinks (``pg_wal`` on another disk) stays inside.
     """
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ValueError(f"needs an absolute path (got {path!r})")
     if ".." in Path(path).parts:
         raise ValueError(f"{path}: '..' is not allowed")
-    base = Path(os.path.abspath(root))
     lexical = Path(os.path.normpath(path))
-    try:
-        relative = lexical.relative_to(base)
-    except ValueError:
-        raise ValueError(f"{path}: outside the data directory {base}") from None
-    resolved = lexical.resolve()
-    allowed = [base.resolve()]
-    if relative.parts and (base / relative.parts[0]).is_symlink():
-        allowed.append((base / relative.parts[0]).resolve())
-    if not any(resolved == top or top in resolved.parents for top in allowed):
-        raise ValueError(f"{path}: resolves to {resolved}, outside the data directory {base}")
-    return resolved
+    real_root = Path(root).resolve()
+    for base in dict.fromkeys((Path(os.path.abspath(root)), real_root)):
+        try:
+            relative = lexical.relative_to(base)
+        except ValueError:
+            continue
+        allowed = [real_root]
+        if relative.parts and (base / relative.parts[0]).is_symlink():
+            allowed.append((base / relative.parts[0]).resolve())
+        resolved = lexical.resolve()
+        if not any(resolved == top or top in resolved.parents for top in allowed):
+            raise ValueError(f"{path}: resolves to {resolved}, outside the data directory {root}")
+        return resolved
+    raise ValueError(f"{path}: outside the data directory {root}")
 
 
 class _RequestHandler(socketserver.StreamRequestHandler):

@@ -100,6 +100,14 @@ def test_confine(tmp_path: Path) -> None:
     for path, why in refusals.items():
         with pytest.raises(ValueError, match=why):
             control.confine(path, data)
+    # the data directory named through a symlink: PostgreSQL's working directory is the real one
+    alias = tmp_path / "alias"
+    alias.symlink_to(data)
+    real = data / "pg_wal" / "000000010000000000000001"
+    assert control.confine(str(real), alias) == real.resolve()
+    assert control.confine(str(alias / "pg_wal" / "000000010000000000000001"), alias) == real.resolve()
+    with pytest.raises(ValueError, match="resolves to"):
+        control.confine(str(alias / "pg_wal" / "000000010000000000000002"), alias)
     # pg_wal on another disk (a top-level symlink of the data directory) is still the cluster's
     moved = tmp_path / "waldisk"
     moved.mkdir()
