@@ -3,8 +3,9 @@
 Each event is one JSON line appended to ``state_dir/audit.log`` and one small
 object under ``<job>/audit/`` in the repository, so the trail survives the loss
 of the host. The repository's copy has its ``detail`` (an error message, which
-may quote restored content) sealed to the job's recipients (``backupd.sealed``). Recording never changes the outcome of the command it describes:
-a failure to write it is logged as a warning.
+may quote restored content) sealed to the job's recipients (``backupd.sealed``).
+Recording never changes the outcome of the command it describes: a failure to
+write it is logged as a warning.
 """
 
 from __future__ import annotations

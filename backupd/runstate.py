@@ -2,8 +2,9 @@
 
 ``run_backup`` records every run's result in ``state_dir/runs/<job>.json``
 (written even when storage is what failed). A failure is also recorded in the
-repository, ``<job>/state/last-failure.json``, readable from any host (its error text sealed: ``backupd.sealed``), and the
-next successful run removes it, so a healthy repository holds no extra object.
+repository, ``<job>/state/last-failure.json``, readable from any host (its error
+text sealed: ``backupd.sealed``), and the next successful run removes it, so a
+healthy repository holds no extra object.
 Retention reads both and trusts the more recent record.
 """
 
