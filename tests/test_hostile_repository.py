@@ -162,6 +162,13 @@ def test_show_escapes_terminal_control_sequences(sqlite_job: SqliteJob) -> None:
     assert "\x1b" not in listed
     as_json = run_backupd("show", backup_id, "--json", config=sqlite_job.config, check=True).out
     assert "\x1b" not in as_json and json.loads(as_json)["host"] == manifest["host"]
+    # an error quoting the manifest is escaped too
+    manifest["job"] = "shop\x1b]2;owned\x07"
+    path.write_text(json.dumps(manifest))
+    refused = run_backupd("show", backup_id, config=sqlite_job.config)
+    assert refused.code == EXIT_VERIFY_BAD
+    assert "\x1b" not in refused.err and "\x07" not in refused.err
+    assert "of job shop\\x1b]2;owned\\x07" in refused.err
 
 
 @pytest.mark.parametrize("content, message", [

@@ -58,8 +58,9 @@ def human_size(size: int | None) -> str:
     return f"{size} B"
 
 
-def printable(value: object) -> str:
-    """``value`` as text safe for a terminal: control and other non-printable characters escaped.
+def printable(value: object, keep: str = "") -> str:
+    """``value`` as text safe for a terminal: control and other non-printable characters
+    (but those in ``keep``) escaped.
 
     Manifests and reports come from the repository, and whoever can write there can
     put terminal escape sequences in a host name or a table name.
@@ -67,7 +68,8 @@ def printable(value: object) -> str:
     text = str(value)
     if text.isprintable():
         return text
-    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+    return "".join(char if char.isprintable() or char in keep else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
