@@ -113,7 +113,7 @@ def record_success(manifest: Manifest) -> None:
 
 def _record_run(ctx: JobContext, record: RunRecord) -> None:
     """Retention pauses after a failed run until a backup succeeds (backupd.runstate)."""
-    record_run(ctx.storage, ctx.state_dir, ctx.name, record)
+    record_run(ctx.storage, ctx.state_dir, ctx.name, record, ctx.recipients)
 
 
 def _discard(ctx: JobContext, backup_id: str) -> None:

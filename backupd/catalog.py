@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from backupd.errors import BackupNotFound, IntegrityError
 from backupd.manifest import Manifest
 from backupd.repository import Repository
 from backupd.timeutil import backup_id_sort_key
@@ -56,7 +57,7 @@ class Catalog:
         """Every committed backup of the job, newest first, synced with storage."""
         ids = repo.backup_ids()
         if self._db is None:
-            return [repo.load_manifest(i) for i in reversed(ids)]
+            return repo.manifests()
         location = repo.storage.location
         cached = {
             row[0]: row[1]
@@ -70,7 +71,12 @@ class Catalog:
                 if backup_id in cached:
                     result.append(Manifest.from_json(cached.pop(backup_id)))
                     continue
-                manifest = repo.load_manifest(backup_id)
+                try:
+                    manifest = repo.load_manifest(backup_id)
+                except (IntegrityError, BackupNotFound) as exc:  # one bad manifest does not hide the others
+                    log.warning("backup skipped: its manifest is unusable", job=repo.job, backup_id=backup_id,
+                                error=str(exc))
+                    continue
                 self._db.execute(
                     "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
                     (location, repo.job, backup_id, manifest.to_json()),

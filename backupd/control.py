@@ -4,6 +4,12 @@ Short-lived commands (``wal-push`` above all) hand work to a running daemon
 through it and fall back to doing the work themselves when no daemon answers.
 Handlers are looked up by ``op``; drivers contribute theirs through
 ``Driver.control_handlers()``.
+
+Only trusted peers are served: the kernel names the client's uid (SO_PEERCRED)
+and the server answers only the uids in ``ControlServer.peers`` (the daemon's
+own, root's, and the clusters' OS users, ``job_peers``); every other client gets
+a refusal. A request naming a file is confined to its job's data directory
+(``confine``), so a peer cannot have the daemon read a file of its choosing.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import socketserver
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 Handler = Callable[..., dict[str, Any]]
 MAX_MESSAGE = 1 << 20
@@ -87,11 +93,65 @@ def with_peer(handler: Callable[[dict[str, Any], Peer], dict[str, Any]]) -> Hand
     return handler
 
 
+def job_peers(os_user: str | None, data_dir: Path | None) -> set[int]:
+    """The uids a job's cluster runs as: its ``os_user`` and the owner of its data directory."""
+    import pwd
+
+    uids = set()
+    if os_user:
+        try:
+            uids.add(pwd.getpwnam(os_user).pw_uid)
+        except KeyError:
+            pass
+    if data_dir is not None:
+        try:
+            uids.add(os.stat(data_dir).st_uid)
+        except OSError:
+            pass
+    return uids
+
+
+def confine(path: object, root: Path) -> Path:
+    """``path``, resolved, if it lies inside ``root`` once symlinks are resolved; ValueError naming it otherwise.
+
+    ``..`` is refused outright. ``root`` may be named through a symlink (PostgreSQL's
+    working directory, which ``%p`` is relative to, is the resolved one), and a path
+    through one of ``root``'s own top-level symlinks (``pg_wal`` on another disk) stays inside.
+    """
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ValueError(f"needs an absolute path (got {path!r})")
+    if ".." in Path(path).parts:
+        raise ValueError(f"{path}: '..' is not allowed")
+    lexical = Path(os.path.normpath(path))
+    real_root = Path(root).resolve()
+    for base in dict.fromkeys((Path(os.path.abspath(root)), real_root)):
+        try:
+            relative = lexical.relative_to(base)
+        except ValueError:
+            continue
+        allowed = [real_root]
+        if relative.parts and (base / relative.parts[0]).is_symlink():
+            allowed.append((base / relative.parts[0]).resolve())
+        resolved = lexical.resolve()
+        if not any(resolved == top or top in resolved.parents for top in allowed):
+            raise ValueError(f"{path}: resolves to {resolved}, outside the data directory {root}")
+        return resolved
+    raise ValueError(f"{path}: outside the data directory {root}")
+
+
 class _RequestHandler(socketserver.StreamRequestHandler):
     server: "ControlServer"
 
     def handle(self) -> None:
-        raw = self.rfile.readline(MAX_MESSAGE)
+        raw = self.rfile.readline(MAX_MESSAGE)  # read first: the client then sees the refusal, not a reset
+        uid = Peer(self.connection).credentials()[1]
+        if uid not in self.server.peers:
+            from backupd.whoami import user_name
+
+            self._reply({"ok": False, "fallback": "not a trusted peer",
+                         "error": f"refused: uid {uid} ({user_name(uid)}) may not use this daemon's control socket "
+                                  "(only the daemon's user, root and the clusters' OS users may)"})
+            return
         try:
             message = json.loads(raw)
             handler = self.server.handlers.get(message.get("op", ""))
@@ -102,6 +162,9 @@ class _RequestHandler(socketserver.StreamRequestHandler):
                     else handler(message)
         except Exception as exc:  # every failure becomes a reply; the client decides what to do
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self._reply(reply)
+
+    def _reply(self, reply: dict[str, Any]) -> None:
         reply = {"ok": reply.get("ok") is True, **{key: value for key, value in reply.items() if key != "ok"}}
         try:
             self.wfile.write(json.dumps(reply).encode() + b"\n")
@@ -112,8 +175,10 @@ class _RequestHandler(socketserver.StreamRequestHandler):
 class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Handler], peers: Iterable[int] = ()) -> None:
         self.handlers = handlers
+        #: uids served; the daemon adds the clusters' users (``job_peers``) when it loads its jobs.
+        self.peers = frozenset({os.geteuid(), 0, *peers})
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():

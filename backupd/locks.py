@@ -18,7 +18,7 @@ def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
     lock_dir = state_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / f"{job}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + wait
         while True:

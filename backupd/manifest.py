@@ -12,6 +12,35 @@ from backupd.timeutil import format_timestamp, parse_timestamp
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: Bounds on what is read from the repository: whoever can write there chooses these bytes.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (iteratively: no recursion on hostile input)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items: Any = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in items)
+    return deepest
+
+
+def _typed(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = data.get(name, default)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise TypeError(f"{name} is not a {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -91,31 +120,56 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise TypeError("the manifest is not a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise IntegrityError(f"manifest format_version {version!r} is not supported (this backupd reads {FORMAT_VERSION})")
+        objects = _typed(data, "objects", list, None)
+        for obj in objects:
+            if not isinstance(obj, dict):
+                raise TypeError("an entry of objects is not an object")
+            for name in ("name", "key", "sha256"):
+                _typed(obj, name, str, None)
+            for name in ("raw_size", "stored_size"):
+                if _typed(obj, name, int, None) < 0:
+                    raise ValueError(f"objects: {name} is negative")
+        row_counts = _typed(data, "row_counts", dict, {})
+        if not all(isinstance(count, int) and not isinstance(count, bool) for count in row_counts.values()):
+            raise TypeError("row_counts holds a count that is not an integer")
         return cls(
             format_version=version,
-            backup_id=data["backup_id"],
-            job=data["job"],
-            driver=data["driver"],
-            method=data["method"],
-            host=data.get("host", ""),
-            started_at=parse_timestamp(data["started_at"]),
-            finished_at=parse_timestamp(data["finished_at"]),
-            objects=[ObjectEntry(**obj) for obj in data["objects"]],
-            compression=data["compression"],
-            encryption=data["encryption"],
-            metadata=data.get("metadata", {}),
-            row_counts=data.get("row_counts", {}),
-            tool_versions=data.get("tool_versions", {}),
+            backup_id=_typed(data, "backup_id", str, None),
+            job=_typed(data, "job", str, None),
+            driver=_typed(data, "driver", str, None),
+            method=_typed(data, "method", str, None),
+            host=_typed(data, "host", str, ""),
+            started_at=parse_timestamp(_typed(data, "started_at", str, None)),
+            finished_at=parse_timestamp(_typed(data, "finished_at", str, None)),
+            objects=[ObjectEntry(**obj) for obj in objects],
+            compression=_typed(data, "compression", dict, None),
+            encryption=_typed(data, "encryption", dict, None),
+            metadata=_typed(data, "metadata", dict, {}),
+            row_counts=row_counts,
+            tool_versions=_typed(data, "tool_versions", dict, {}),
         )
 
     @classmethod
     def from_json(cls, raw: bytes, where: str = "manifest") -> "Manifest":
+        """Parse and check a manifest; IntegrityError (one line, naming ``where``) for anything wrong with it."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{where}: manifest of {len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
         try:
-            return cls.from_dict(json.loads(raw))
-        except IntegrityError:
-            raise
+            data = json.loads(raw)
+        except RecursionError:
+            raise IntegrityError(f"{where}: unreadable manifest (JSON nested too deeply)") from None
+        except ValueError as exc:
+            raise IntegrityError(f"{where}: unreadable manifest ({exc.__class__.__name__}: {exc})") from None
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise IntegrityError(f"{where}: unreadable manifest (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+        try:
+            return cls.from_dict(data)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{where}: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"{where}: unreadable manifest ({exc.__class__.__name__}: {exc})") from None

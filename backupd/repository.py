@@ -22,8 +22,10 @@ from typing import Any, Iterator, Sequence
 
 import structlog
 
+from backupd import sealed
+from backupd.age import AgeError
 from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError
-from backupd.manifest import MANIFEST_NAME, Manifest, ObjectEntry
+from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.storage import Readable, Storage
 from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
@@ -31,6 +33,19 @@ from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
 log = structlog.get_logger(__name__)
 
 OBJECT_SUFFIX = ".zst.age"
+MAX_REPORT = 64 << 20
+
+
+def read_bounded(handle: Readable, limit: int, key: str, what: str) -> bytes:
+    """All of ``handle``, or IntegrityError naming ``key`` once it passes ``limit`` bytes."""
+    chunks = []
+    size = 0
+    while chunk := handle.read(min(1 << 20, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise IntegrityError(f"{key}: {what} larger than the limit of {limit} bytes; not read")
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -85,10 +100,11 @@ class Repository:
         return self.scan()[0]
 
     def load_manifest(self, backup_id: str) -> Manifest:
+        """The backup's manifest, checked (bounded size and depth, its own id and job); IntegrityError otherwise."""
         key = self.manifest_key(backup_id)
         try:
             with contextlib.closing(self.storage.open(key)) as handle:
-                raw = handle.read()
+                raw = read_bounded(handle, MAX_MANIFEST_BYTES, key, "manifest")
         except ObjectNotFound:
             raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}") from None
         manifest = Manifest.from_json(raw, where=key)
@@ -96,18 +112,44 @@ class Repository:
             raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
         return manifest
 
+    def scan_manifests(self) -> tuple[list[Manifest], list[tuple[str, IntegrityError]]]:
+        """(readable manifests newest first, [(backup id, why its manifest is unusable)])."""
+        good: list[Manifest] = []
+        bad: list[tuple[str, IntegrityError]] = []
+        for backup_id in reversed(self.backup_ids()):
+            try:
+                good.append(self.load_manifest(backup_id))
+            except BackupNotFound:
+                continue  # deleted since the listing (a prune)
+            except IntegrityError as exc:
+                bad.append((backup_id, exc))
+        return good, bad
+
     def manifests(self) -> list[Manifest]:
-        """Every committed backup, newest first."""
-        return [self.load_manifest(backup_id) for backup_id in reversed(self.backup_ids())]
+        """Every committed backup whose manifest is usable, newest first.
+
+        One unreadable or lying manifest does not hide the others: it is
+        logged as a warning naming it, and skipped.
+        """
+        good, bad = self.scan_manifests()
+        for backup_id, exc in bad:
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id, error=str(exc))
+        return good
 
     def resolve(self, backup_id: str | None) -> Manifest:
-        """The named backup, or the newest one."""
+        """The named backup (only its manifest is read), or the newest one whose manifest is usable."""
         if backup_id:
             return self.load_manifest(backup_id)
         ids = self.backup_ids()
         if not ids:
             raise BackupNotFound(f"no backups for job {self.job} in {self.storage.location}", hint=f"run `backupd backup {self.job}`")
-        return self.load_manifest(ids[-1])
+        for newest in reversed(ids):
+            try:
+                return self.load_manifest(newest)
+            except IntegrityError as exc:
+                log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest, error=str(exc))
+        raise BackupNotFound(f"no backup of job {self.job} in {self.storage.location} has a usable manifest "
+                             f"({len(ids)} unusable)")
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         entry = manifest.object(name)
@@ -215,6 +257,25 @@ class Repository:
         key = f"{self.job}/verify/{name}.json"
         self.storage.put(key, io.BytesIO(json.dumps(report, indent=2).encode() + b"\n"))
         return key
+
+    def read_report(self, key: str, identities: Sequence[object] = ()) -> dict[str, Any]:
+        """A stored verification report; its sealed details opened when ``identities`` can.
+
+        IntegrityError when it is not a JSON object or its sealed part cannot be
+        opened with the identities given.
+        """
+        with contextlib.closing(self.storage.open(key)) as handle:
+            raw = read_bounded(handle, MAX_REPORT, key, "verification report")
+        try:
+            report = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"{key}: verification report is not JSON ({exc})") from None
+        if not isinstance(report, dict):
+            raise IntegrityError(f"{key}: verification report is not a JSON object")
+        try:
+            return sealed.unseal(report, identities)
+        except (AgeError, ValueError) as exc:
+            raise IntegrityError(f"{key}: the report's sealed details cannot be opened ({exc})") from None
 
     def iter_reports(self) -> Iterator[str]:
         for info in self.storage.list(f"{self.job}/verify/"):

@@ -40,7 +40,9 @@ class RepositorySource:
 
 def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None) -> list[str]:
     """Restore (or with ``dry_run`` only plan); return the lines to print."""
-    manifests = ctx.repository.manifests()
+    manifests = ctx.repository.manifests()  # an unusable manifest is skipped (with a warning naming it)
+    if backup_id and not any(m.backup_id == backup_id for m in manifests):
+        manifests.append(ctx.repository.load_manifest(backup_id))  # the named one: its own error, if any
     manifest = ctx.driver.choose_backup(manifests, request, backup_id)
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:

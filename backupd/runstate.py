@@ -2,8 +2,9 @@
 
 ``run_backup`` records every run's result in ``state_dir/runs/<job>.json``
 (written even when storage is what failed). A failure is also recorded in the
-repository, ``<job>/state/last-failure.json``, readable from any host, and the
-next successful run removes it, so a healthy repository holds no extra object.
+repository, ``<job>/state/last-failure.json``, readable from any host (its error
+text sealed: ``backupd.sealed``), and the next successful run removes it, so a
+healthy repository holds no extra object.
 Retention reads both and trusts the more recent record.
 """
 
@@ -16,9 +17,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import structlog
 
+from backupd import sealed
 from backupd.errors import BackupdError, ObjectNotFound
 from backupd.redact import redact
 from backupd.storage import Storage
@@ -34,9 +37,19 @@ class RunRecord:
     backup_id: str | None = None
     error: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"result": self.result, "at": format_timestamp(self.at), "backup_id": self.backup_id,
+                "error": self.error}
+
     def to_json(self) -> bytes:
-        return json.dumps({"result": self.result, "at": format_timestamp(self.at), "backup_id": self.backup_id,
-                           "error": self.error}).encode() + b"\n"
+        return json.dumps(self.to_dict()).encode() + b"\n"
+
+    def to_stored(self, recipients: Sequence[object]) -> bytes:
+        """The repository's copy: the error (it may quote the database's own words) sealed to the recipients."""
+        document = self.to_dict()
+        if document["error"] is None:
+            del document["error"]
+        return json.dumps(sealed.seal_fields(document, ("error",), recipients)).encode() + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> "RunRecord":
@@ -54,8 +67,11 @@ def local_path(state_dir: Path, job: str) -> Path:
     return state_dir / "runs" / f"{job}.json"
 
 
-def record_run(storage: Storage, state_dir: Path, job: str, record: RunRecord) -> None:
-    """Best effort in both places: a failure to record never hides the run's own outcome."""
+def record_run(storage: Storage, state_dir: Path, job: str, record: RunRecord, recipients: Sequence[object]) -> None:
+    """Best effort in both places: a failure to record never hides the run's own outcome.
+
+    The local record (state_dir, 0600) keeps the error in the clear; the repository's has it sealed.
+    """
     if record.error:
         record = RunRecord(record.result, record.at, record.backup_id, redact(record.error)[:500])
     try:
@@ -68,7 +84,7 @@ def record_run(storage: Storage, state_dir: Path, job: str, record: RunRecord) -
         log.warning("could not record the run locally", job=job, error=str(exc))
     try:
         if record.result == "failure":
-            storage.put(repository_key(job), io.BytesIO(record.to_json()))
+            storage.put(repository_key(job), io.BytesIO(record.to_stored(recipients)))
         else:
             storage.delete(repository_key(job))
     except BackupdError as exc:

@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from backupd import plugins
 from backupd.errors import ConfigError, PluginError
 from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
-from backupd.redact import redact
+from backupd.redact import describe_url, redact, url_password_problem
 from backupd.schedule import parse_schedule
 from backupd.timeutil import parse_duration
 
@@ -231,7 +231,31 @@ def format_error(loc: tuple[Any, ...], msg: str, value: Any, *, has_value: bool 
     msg = msg.removeprefix("Value error, ")
     if not has_value:
         return f"{path}: {msg}"
-    return f"{path}: {msg} (got {redact(repr(value))})"
+    return f"{path}: {msg} (got {echo(value)})"
+
+
+def echo(value: Any) -> str:
+    """A value as an error message may show it: a connection URL by its host, port and database only."""
+    if isinstance(value, str) and "://" in value:
+        return describe_url(value)
+    return redact(repr(value))
+
+
+def url_password_errors(loc: tuple[Any, ...], table: dict[str, Any]) -> list[str]:
+    """Secrets never sit in the file: a URL-valued key carrying a password is an error, whatever it holds."""
+    errors = []
+    for key, value in table.items():
+        problem = url_password_problem(value) if isinstance(value, str) and "://" in value else None
+        if problem:
+            errors.append(format_error(loc + (key,), f"{problem}; put the password in password_file instead "
+                                       "(or the environment)", value))
+    return errors
+
+
+def _without(errors: list[str], flagged: list[str]) -> list[str]:
+    """Plugin errors minus their own word on a password the core already reported for the same key."""
+    keys = {line.partition(":")[0] for line in flagged}
+    return [line for line in errors if line.partition(":")[0] not in keys or "password" not in line]
 
 
 def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
@@ -312,10 +336,12 @@ def _validate_storage(tables: dict[str, dict[str, Any]], errors: list[str]) -> d
         except PluginError as exc:
             errors.append(format_error(loc + ("type",), str(exc), kind))
             continue
+        flagged = url_password_errors(loc, table)
+        errors.extend(flagged)
         try:
             validated[name] = backend.options_model(**table)
         except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, loc))
+            errors.extend(_without(_pydantic_errors(exc, loc), flagged))
     return validated
 
 
@@ -329,6 +355,9 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         if storage is not None and storage not in storages:
             known = ", ".join(sorted(storages)) or "none defined"
             errors.append(format_error(loc + ("storage",), f"no [storage.{storage}] table (defined: {known})", storage))
+        options = {k: v for k, v in table.items() if k not in _CORE_JOB_KEYS}
+        flagged = url_password_errors(loc, options)
+        errors.extend(flagged)
         kind = table.get("driver")
         if not kind:
             continue  # phase one reported it
@@ -341,9 +370,9 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         if method is not None and method not in driver.methods:
             errors.append(format_error(loc + ("method",), f"{kind} supports {', '.join(driver.methods)}", method))
         try:
-            validated[name] = driver.options_model(**{k: v for k, v in table.items() if k not in _CORE_JOB_KEYS})
+            validated[name] = driver.options_model(**options)
         except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, loc))
+            errors.extend(_without(_pydantic_errors(exc, loc), flagged))
     return validated
 
 

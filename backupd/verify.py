@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import structlog
 
-from backupd import metrics
+from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import Driver, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UsageError
@@ -52,6 +52,19 @@ class VerifyReport:
             "counts_expected": self.counts_expected, "counts_found": self.counts_found,
             "checks": self.checks,
         }
+
+    #: What may carry text from the restored content (table names, check output, tool errors).
+    SEALED_FIELDS = ("problems", "steps", "counts_expected", "counts_found", "checks")
+
+    def to_stored(self, recipients: Sequence[object]) -> dict[str, Any]:
+        """The repository's copy: result, times, backup id and counts in the clear, the rest sealed."""
+        document = self.to_dict()
+        document["summary"] = {
+            "problems": len(self.problems), "tables_expected": len(self.counts_expected),
+            "tables_found": len(self.counts_found), "checks": len(self.checks),
+            "checks_failed": sum(1 for check in self.checks if not check.get("ok")),
+        }
+        return sealed.seal_fields(document, self.SEALED_FIELDS, recipients)
 
 
 def check_integrity(ctx: JobContext, manifest: Manifest) -> VerifyReport:
@@ -194,7 +207,7 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
     name = report.started_at.replace(":", "").replace("-", "") + f"-{report.backup_id}"
     try:
-        return ctx.repository.write_report(name, report.to_dict())
+        return ctx.repository.write_report(name, report.to_stored(ctx.recipients))
     except BackupdError as exc:
         log.warning("could not store the verification report", error=str(exc))
         return None
@@ -217,13 +230,19 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     """
     repo = ctx.repository
     if integrity_only:
-        manifests = [repo.resolve(backup_id)] if backup_id else repo.manifests()
-        if not manifests:
-            repo.resolve(None)  # raises "no backups"
+        if backup_id:
+            manifests, unusable = [repo.resolve(backup_id)], []
+        else:
+            manifests, unusable = repo.scan_manifests()
+            if not manifests and not unusable:
+                repo.resolve(None)  # raises "no backups"
         reports = []
         for manifest in manifests:
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
+        for bad_id, exc in unusable:  # a manifest that cannot be read is a failed integrity check of its backup
+            reports.append(VerifyReport(ctx.name, bad_id, "integrity"))
+            reports[-1].fail(str(exc))
         return reports
     manifest = repo.resolve(backup_id)
     if pitr_drill:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -9,6 +10,15 @@ import s3_server  # storage fixtures
 from backupd.storage import Storage
 from storage.filesystem import FilesystemStorage
 from storage.s3 import MiB, S3Options, S3Storage
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """``main()`` sets umask 077 for its process; a test that calls it in-process gets the runner's back."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield
+    os.umask(saved)
+
 
 # ---- storage fixtures: filesystem and S3 (moto) backends ------------------------
 # `storage` runs a test once per backend (the contract suite); `s3_storage` and

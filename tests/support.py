@@ -48,6 +48,15 @@ def run_backupd(*args: str, config: Path | None = None, env: dict[str, str] | No
     return result
 
 
+def stored_report(path: Path, identity_file: Path) -> dict:
+    """A verification report from a filesystem repository, its sealed details opened (``backupd.sealed``)."""
+    import json
+
+    from backupd import age, sealed
+
+    return sealed.unseal(json.loads(path.read_text()), age.load_identities(identity_file))
+
+
 def error_lines(stderr: str) -> list[str]:
     """The operator-facing lines (not JSON log records)."""
     return [line for line in stderr.splitlines() if not line.startswith("{")]

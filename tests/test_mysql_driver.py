@@ -19,7 +19,7 @@ from backupd.context import JobContext
 from backupd.settings import load_settings
 from core_fixtures import Keys
 from mysql_support import PASSWORD, Mariadb, cmdlines, started, wait_for
-from support import error_lines, require_tool, run_backupd, write_config
+from support import error_lines, require_tool, run_backupd, stored_report, write_config
 
 pytestmark = pytest.mark.usefixtures("tools")
 
@@ -459,7 +459,7 @@ def test_verify_loads_into_a_scratch_server_and_catches_wrong_counts(source: Mar
     assert good.code == 0, good.out + good.err
     reports = list((job.repo / "shop" / "verify").glob("*.json"))
     assert len(reports) == 1
-    report = json.loads(reports[0].read_text())
+    report = stored_report(reports[0], keys.identity_file)
     assert report["result"] == "passed" and report["counts_found"] == {"shop5.audit": 0, "shop5.items": 700}
     assert report["checks"][0]["ok"] is True
 

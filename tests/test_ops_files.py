@@ -57,6 +57,25 @@ def test_systemd_unit_has_the_required_settings() -> None:
     assert "WatchdogSec" in settings and "ExecReload" in settings
 
 
+def unit_values(key: str) -> list[str]:
+    return [line.partition("=")[2].strip() for line in UNIT.read_text().splitlines()
+            if line.partition("=")[0].strip() == key and not line.startswith("#")]
+
+
+def test_systemd_unit_lets_the_verification_sandbox_run() -> None:
+    """bwrap (unprivileged) creates namespaces and mounts in them, and mounts its own /proc."""
+    namespaces = set(" ".join(unit_values("RestrictNamespaces")).split())
+    assert {"user", "mnt", "pid", "net", "ipc"} <= namespaces, namespaces
+    assert "@mount" in unit_values("SystemCallFilter") and "@system-service" in unit_values("SystemCallFilter")
+    # Mounts over /proc/sys and /proc/kmsg make the kernel refuse a new proc mount in a user namespace.
+    for key in ("ProtectKernelTunables", "ProtectKernelLogs", "ProtectProc", "ProcSubset"):
+        assert unit_values(key) in ([], ["no"], ["default"], ["all"]), f"{key} breaks bwrap's --proc"
+    assert unit_values("UMask") == ["0077"] and unit_values("StateDirectoryMode") == ["0700"]
+    # the rest of the hardening stays
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices", "RestrictSUIDSGID"):
+        assert unit_values(key) == ["yes"], key
+
+
 def test_alert_rules_check_and_unit_tests_pass() -> None:
     promtool = require_tool("promtool")
     check = subprocess.run([promtool, "check", "rules", str(CONFIG / "alerts.yml")],

@@ -13,6 +13,7 @@ import pytest
 
 from drivers.postgres import backendnice, dumpheader
 from pg_fixtures import BACKUPD_EXE, JOB, PASSWORD, PG_BIN, PgEnv, pg_env  # noqa: F401  (fixture)
+from support import stored_report
 
 ARCHIVE_LOGS = False
 METHOD = "logical"
@@ -125,7 +126,7 @@ def test_point_in_time_target_needs_physical(pg_env: PgEnv, backup_id: str) -> N
 
 def test_verify_logical(pg_env: PgEnv, backup_id: str) -> None:
     pg_env.backupd("verify", JOB, "--backup", backup_id, as_postgres=False, check=True)
-    report = json.loads(sorted((pg_env.repo / JOB / "verify").glob("*.json"))[-1].read_text())
+    report = stored_report(sorted((pg_env.repo / JOB / "verify").glob("*.json"))[-1], pg_env.identity)
     assert report["result"] == "passed"
     assert report["counts_found"] == TABLES
 

@@ -16,7 +16,7 @@ from backupd.errors import EXIT_VERIFY_BAD
 from backupd.settings import load_settings
 from backupd.context import JobContext
 from core_fixtures import Keys, SqliteJob
-from support import run_backupd
+from support import run_backupd, stored_report
 from test_prune import backup_at, kvlog_config
 
 
@@ -62,7 +62,7 @@ def test_manifest_counts_disagree_with_the_data(backed_up, capsys) -> None:
     assert f"table orders: {expected} rows restored, the manifest says {expected + 1}" in out
     assert result_metric("shop") == 0
     reports = sorted((job.repo_root / "shop" / "verify").glob("*.json"))
-    newest = json.loads(reports[-1].read_text())
+    newest = stored_report(reports[-1], job.keys.identity_file)
     assert newest["result"] == "failed" and newest["counts_found"]["orders"] == expected
 
 

@@ -57,13 +57,15 @@ def _record(args: argparse.Namespace, result: str, detail: str | None, code: int
     event = audit.make_event(name, job=job, backup_id=backup_id, result=result, detail=detail, exit_code=code)
     state_dir = settings.daemon.state_dir if settings is not None else None
     storage = None
+    recipients: list[object] = []
     ctx = None
     if settings is not None and job in settings.jobs:
         with contextlib.suppress(Exception):
             ctx = JobContext(settings, job)
             storage = ctx.storage
+            recipients = list(ctx.recipients)
     try:
-        audit.record(state_dir, event, storage)
+        audit.record(state_dir, event, storage, recipients)
     finally:
         if ctx is not None:
             ctx.close()

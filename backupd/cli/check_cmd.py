@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import stat
 import uuid
+from pathlib import Path
 from typing import Callable, Iterable
 
 from backupd import age
@@ -47,6 +50,20 @@ def storage_round_trip(settings: Settings, name: str) -> str:
         return f"{storage.location}: write, read, stat, delete ok"
 
 
+def secret_file_mode(path: Path, what: str) -> str:
+    """A secret file must be its owner's alone: BackupdError naming the file and its mode otherwise."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise BackupdError(f"{what} {path}: file not found") from None
+    except PermissionError:
+        raise BackupdError(f"{what} {path}: permission denied") from None
+    if mode & 0o077:
+        raise BackupdError(f"{what} {path} is accessible by group or others (mode {mode:04o}); "
+                           f"run `chmod 600 {path}`")
+    return f"{path}: mode {mode:04o}"
+
+
 def key_checks(settings: Settings) -> Iterable[Check]:
     recipients = settings.encryption.recipients
     yield _guard("encryption.recipients", lambda: f"{len(recipients)} recipient(s) valid" if
@@ -63,7 +80,29 @@ def key_checks(settings: Settings) -> Iterable[Check]:
             raise BackupdError(f"{path}: no identity in it matches any configured recipient; restores would fail")
         return f"{path}: matches a configured recipient"
 
+    yield _guard("encryption.identity_file mode", lambda: secret_file_mode(path, "identity file"))
     yield _guard("encryption.identity_file", identity)
+
+
+def state_dir_check(settings: Settings) -> Check:
+    """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
+    path = settings.daemon.state_dir
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return Check("daemon.state_dir", True, f"{path}: not created yet (backupd creates it 0700)")
+    except OSError as exc:
+        return Check("daemon.state_dir", False, f"{path}: {exc.strerror}")
+    if mode & 0o077:
+        return Check("daemon.state_dir", True, f"{path} is accessible by group or others (mode {mode:04o}); "
+                     f"backupd creates it 0700: run `chmod 700 {path}`", warning=True)
+    return Check("daemon.state_dir", True, f"{path}: mode {mode:04o}")
+
+
+def password_file_checks(settings: Settings, job: str) -> Iterable[Check]:
+    path = getattr(settings.driver_options(job), "password_file", None)
+    if path is not None:
+        yield _guard(f"jobs.{job}.password_file mode", lambda: secret_file_mode(Path(path), "password file"))
 
 
 def sandbox_check(ctx: JobContext) -> Check:
@@ -82,10 +121,12 @@ def run(args: argparse.Namespace) -> int:
     jobs = [args.job] if args.job else sorted(settings.jobs)
     for job in jobs:
         settings.job(job)
+    checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
     for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
         checks.append(_guard(f"storage.{storage}", lambda s=storage: storage_round_trip(settings, s)))
     for job in jobs:
+        checks.extend(password_file_checks(settings, job))
         ctx = JobContext(settings, job)
         try:
             checks.append(sandbox_check(ctx))

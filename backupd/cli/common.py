@@ -58,7 +58,22 @@ def human_size(size: int | None) -> str:
     return f"{size} B"
 
 
+def printable(value: object, keep: str = "") -> str:
+    """``value`` as text safe for a terminal: control and other non-printable characters
+    (but those in ``keep``) escaped.
+
+    Manifests and reports come from the repository, and whoever can write there can
+    put terminal escape sequences in a host name or a table name.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() or char in keep else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print(line.rstrip())

@@ -1,27 +1,54 @@
-"""backupd keys generate: a new age identity on stdout, its recipient on stderr."""
+"""backupd keys generate [-o FILE]: a new age identity (stdout, or a new 0600 file), its recipient on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from backupd import age
+from backupd.errors import BackupdError, UsageError
 from backupd.timeutil import format_timestamp, utcnow
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("keys", help="manage age keys")
     keys_sub = parser.add_subparsers(dest="keys_command", required=True)
-    generate = keys_sub.add_parser("generate", help="print a new identity (private key); recipient to stderr")
+    generate = keys_sub.add_parser("generate", help="a new identity (private key) on stdout or in a new file; "
+                                                    "its recipient (public key) to stderr")
+    generate.add_argument("-o", "--output", type=Path, metavar="FILE",
+                          help="write the identity to this new file (mode 0600; an existing file is never replaced)")
     generate.set_defaults(handler=run_generate)
+
+
+def write_new_secret(path: Path, text: str) -> None:
+    """Create ``path`` 0600 with ``text``; UsageError if it exists (O_EXCL: no race, no symlink followed)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path}: file exists; refusing to overwrite a key file") from None
+    except OSError as exc:
+        raise BackupdError(f"{path}: cannot create the key file: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     identity = age.X25519Identity.generate()
     recipient = identity.to_recipient()
     # The same layout as age-keygen, so the file works with `age -d -i`.
-    print(f"# created: {format_timestamp(utcnow())}")
-    print(f"# public key: {recipient}")
-    print(identity)
+    text = f"# created: {format_timestamp(utcnow())}\n# public key: {recipient}\n{identity}\n"
+    if args.output is not None:
+        write_new_secret(args.output, text)
+    else:
+        sys.stdout.write(text)
     print(f"Public key: {recipient}", file=sys.stderr)
     return 0

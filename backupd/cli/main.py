@@ -56,18 +56,29 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def report(exc: BackupdError) -> None:
+    from backupd.cli.common import printable
     from backupd.errors import ConfigError
     from backupd.redact import redact
 
-    print(f"backupd: error: {redact(str(exc))}", file=sys.stderr)
+    def safe(text: str) -> str:  # messages may quote the repository or restored content: no terminal escapes
+        return printable(redact(text), keep="\n")
+
+    print(f"backupd: error: {safe(str(exc))}", file=sys.stderr)
     if isinstance(exc, ConfigError):
         for line in exc.errors:
-            print(f"  {redact(line)}", file=sys.stderr)
+            print(f"  {safe(line)}", file=sys.stderr)
     if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
+        print(f"hint: {safe(exc.hint)}", file=sys.stderr)
+
+
+#: Every file backupd creates is its own: state, spool, scratch, temporary and plaintext files.
+UMASK = 0o077
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.umask(UMASK)  # first, whoever starts us (shell, cron, systemd, PostgreSQL's archive_command)
     if argv is None:
         argv = sys.argv[1:]
     command = requested_command(argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from backupd.cli.common import human_size, print_json, settings_from
+from backupd.cli.common import human_size, print_json, printable, settings_from
 from backupd.context import JobContext
 from backupd.errors import BackupNotFound
 from backupd.manifest import Manifest
@@ -35,27 +35,36 @@ def find(args: argparse.Namespace) -> Manifest:
 def run(args: argparse.Namespace) -> int:
     manifest = find(args)
     if args.json:
-        print_json(manifest.to_dict())
+        print_json(manifest.to_dict())  # JSON escapes control characters itself
         return 0
-    print(f"backup      {manifest.backup_id}")
-    print(f"job         {manifest.job} ({manifest.driver}, {manifest.method})")
-    print(f"host        {manifest.host}")
-    print(f"started     {format_timestamp(manifest.started_at)}")
-    print(f"finished    {format_timestamp(manifest.finished_at)} ({manifest.duration_seconds:.1f} s)")
-    print(f"size        {human_size(manifest.raw_size)} raw, {human_size(manifest.stored_size)} stored")
-    print(f"compression zstd level {manifest.compression.get('level')}")
-    print(f"encryption  {manifest.encryption.get('format')} to {', '.join(manifest.encryption.get('recipients', []))}")
-    print("objects")
-    for obj in manifest.objects:
-        print(f"  {obj.key}  {human_size(obj.raw_size)} raw  {human_size(obj.stored_size)} stored  sha256 {obj.sha256}")
-    if manifest.row_counts:
-        print("row counts")
-        for table, count in sorted(manifest.row_counts.items()):
-            print(f"  {table}  {count}")
-    if manifest.metadata:
-        print("metadata")
-        for key, value in sorted(manifest.metadata.items()):
-            print(f"  {key}  {value}")
-    if manifest.tool_versions:
-        print("tools       " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.tool_versions.items())))
+    for line in describe(manifest):
+        print(printable(line))
     return 0
+
+
+def describe(manifest: Manifest) -> list[str]:
+    """The human-readable lines (before escaping: the caller makes them safe for a terminal)."""
+    lines: list[str] = []
+    add = lines.append
+    add(f"backup      {manifest.backup_id}")
+    add(f"job         {manifest.job} ({manifest.driver}, {manifest.method})")
+    add(f"host        {manifest.host}")
+    add(f"started     {format_timestamp(manifest.started_at)}")
+    add(f"finished    {format_timestamp(manifest.finished_at)} ({manifest.duration_seconds:.1f} s)")
+    add(f"size        {human_size(manifest.raw_size)} raw, {human_size(manifest.stored_size)} stored")
+    add(f"compression zstd level {manifest.compression.get('level')}")
+    add(f"encryption  {manifest.encryption.get('format')} to {', '.join(manifest.encryption.get('recipients', []))}")
+    add("objects")
+    for obj in manifest.objects:
+        add(f"  {obj.key}  {human_size(obj.raw_size)} raw  {human_size(obj.stored_size)} stored  sha256 {obj.sha256}")
+    if manifest.row_counts:
+        add("row counts")
+        for table, count in sorted(manifest.row_counts.items()):
+            add(f"  {table}  {count}")
+    if manifest.metadata:
+        add("metadata")
+        for key, value in sorted(manifest.metadata.items()):
+            add(f"  {key}  {value}")
+    if manifest.tool_versions:
+        add("tools       " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.tool_versions.items())))
+    return lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from backupd.cli.common import print_json, with_job
+from backupd.cli.common import print_json, printable, with_job
 from backupd.context import JobContext
 from backupd.errors import EXIT_VERIFY_BAD
 from backupd.verify import run_verification
@@ -41,10 +41,10 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
                 if step.get("step") == "pitr drill":
                     print(f"  pitr drill to {step.get('target_time') or '-'}: {step.get('result')}"
                           f" ({step.get('seconds', 0):.2f} s)")
-            for problem in report.problems:
-                print(f"  {problem}")
+            for problem in report.problems:  # may quote restored content: escaped for the terminal
+                print(f"  {printable(problem)}")
             for note in report.notes:
-                print(f"  note: {note}")
+                print(f"  note: {printable(note)}")
         if partial or leftovers:
             print(f"note: dead runs left {len(partial)} partial backup(s) and {len(leftovers)} temporary object(s); "
                   "the next backup or prune removes them")

@@ -22,7 +22,7 @@ import structlog
 from backupd import __version__, children, metrics, plugins
 from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
-from backupd.control import ControlServer, socket_path
+from backupd.control import ControlServer, confine, job_peers, socket_path
 from backupd.daemon import requested
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
@@ -189,6 +189,10 @@ class Daemon:
             metrics.forget_job(name)
             log.info("job removed", job=name)
         self.contexts, self.job_handlers, self.archivers, self.signatures = contexts, handlers, archivers, signatures
+        peers = {os.geteuid(), 0}  # the control socket serves us, root and the clusters' OS users
+        for name, job in settings.jobs.items():
+            peers |= job_peers(job.os_user, self._data_dir(name))
+        self.control.peers = frozenset(peers)
         ops = {op for table in handlers.values() for op in table}
         self.control.handlers = {op: self._dispatcher(op) for op in ops} | {
             "status": self._status_op,
@@ -221,10 +225,26 @@ class Daemon:
             handler = self.job_handlers.get(job, {}).get(op)
             if handler is None:
                 return {"ok": False, "error": f"job {job!r} does not serve {op!r} in this daemon"}
+            if "path" in message:  # a file the daemon is to read: only inside the job's own data directory
+                data_dir = self._data_dir(job)
+                if data_dir is None:
+                    return {"ok": False, "error": f"{op}: job {job} has no data_dir; file requests are refused"}
+                try:
+                    message = {**message, "path": str(confine(message["path"], data_dir))}
+                except ValueError as exc:
+                    log.warning("control request refused", op=op, job=job, error=str(exc))
+                    return {"ok": False, "error": f"{op} refused: {exc}"}
             with structlog.contextvars.bound_contextvars(job=job, op=op):
                 return handler(message)
 
         return dispatch
+
+    def _data_dir(self, job: str) -> Path | None:
+        try:
+            data_dir = getattr(self.settings.driver_options(job), "data_dir", None)
+        except KeyError:
+            return None
+        return Path(data_dir) if data_dir is not None else None
 
     def _status_op(self, _message: dict[str, Any]) -> dict[str, Any]:
         """Health, and each archiving job's live lag (for `backupd status`)."""

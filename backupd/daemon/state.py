@@ -42,7 +42,7 @@ class DaemonLock:
     def acquire(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise BackupdError(f"state_dir {self.path.parent}: cannot create the daemon lock: {exc.strerror}",
                                hint="check daemon.state_dir and its permissions") from None

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from backupd.control import confine
 from backupd.errors import BackupdError, DriverError, ObjectNotFound, UsageError
 from backupd.logarchive import LogArchive, PushResult, conflict, file_digest
 from backupd.served_metrics import served
@@ -102,10 +103,12 @@ class WalPusher:
         if self.data_dir is None:
             raise UsageError(f"job {self.job} names no data_dir, so it cannot tell its cluster's WAL from another's",
                              hint=f"set jobs.{self.job}.data_dir to the cluster's data directory")
-        if not _inside(path, self.data_dir):
-            raise UsageError(f"{path} is not in job {self.job}'s data directory {self.data_dir}: WAL of another "
-                             "cluster (a restored copy?) is never archived into this job",
-                             hint="a restored copy should run with archive_mode = off or its own job")
+        try:
+            confine(os.path.abspath(path), self.data_dir)
+        except ValueError as exc:
+            raise UsageError(f"{path} is not in job {self.job}'s data directory {self.data_dir} ({exc}): WAL of "
+                             "another cluster (a restored copy?) is never archived into this job",
+                             hint="a restored copy should run with archive_mode = off or its own job") from None
         if is_segment_name(path.name):
             ours = system_identifier(self.data_dir)
             theirs = segment_system_identifier(path)
@@ -182,13 +185,6 @@ class WalPusher:
 
 def is_segment_name(filename: str) -> bool:
     return len(filename) == 24 and all(c in "0123456789ABCDEF" for c in filename)
-
-
-def _inside(path: Path, data_dir: Path) -> bool:
-    """Whether the file lies in ``data_dir``, or in its pg_wal wherever that links to (symlinks and ``..`` resolved)."""
-    real = os.path.realpath(path)
-    return real.startswith(os.path.realpath(data_dir) + os.sep) or \
-        os.path.dirname(real) == os.path.realpath(data_dir / "pg_wal")
 
 
 class PushAheadArchiver:

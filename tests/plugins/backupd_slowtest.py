@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
-from backupd.errors import DriverError
+from backupd.errors import DriverError, IntegrityError
 
 TRICKLE = """
 import os, sys, time
@@ -45,6 +45,9 @@ class SlowOptions(DriverOptions):
     archiver_failures: int = 0
     #: Each failing attempt runs this long before it raises (an archiver that connects, then drops).
     archiver_fails_after: float = 0.0
+    #: Verification's scratch restore "rejects the content" with this message (IntegrityError), as a
+    #: real driver does when pg_restore or the client refuses a dump; the text stands for restored content.
+    verify_error: str | None = None
 
 
 class FlakyArchiver:
@@ -95,6 +98,8 @@ class SlowDriver(Driver):
         with source.open("data") as stream:
             while chunk := stream.read(1 << 20):
                 size += len(chunk)
+        if self.options.verify_error:
+            raise IntegrityError(f"scratch restore rejected the backup: {self.options.verify_error}")
         return VerifyOutcome(row_counts={"bytes": size})
 
     def log_archivers(self) -> list[FlakyArchiver]:
