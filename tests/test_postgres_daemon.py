@@ -68,3 +68,45 @@ def test_archive_command_goes_through_the_running_daemon(pg_env: PgEnv, tmp_path
     # No daemon: wal-push uploads by itself and PostgreSQL keeps archiving.
     third = pg_env.switch_and_wait_archived()
     assert third in archived_segments(pg_env)
+
+
+def test_healthz_reports_failing_pushes(pg_env: PgEnv, tmp_path: Path) -> None:
+    """The archiver process runs, but every push fails (the repository's disk is full): /healthz says so."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run the daemon as postgres")
+    wal = pg_env.repo / JOB / "wal"
+    daemon = PostgresUserDaemon(pg_env, free_port(), tmp_path / "daemon.log")
+    full = tmp_path / "full"
+    try:
+        daemon.wait_ready()
+        assert daemon.health()[0] == 200
+        # Swap the WAL folder for a full file system (as the repository's disk filling up would).
+        shutil.move(wal, tmp_path / "wal-saved")
+        full.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0777", "tmpfs", str(full)], check=True)
+        with open(full / "filler", "wb") as out:
+            try:
+                out.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        wal.symlink_to(full)
+        pg_env.sql("CREATE TABLE IF NOT EXISTS during_full (id int)")
+        pg_env.sql("INSERT INTO during_full SELECT generate_series(1, 1000)")
+        pg_env.sql("SELECT pg_switch_wal()", dbname="postgres")
+        status, health = daemon.wait_for(lambda: (lambda h: h if h[0] == 503 else None)(daemon.health()),
+                                         what="/healthz 503 while pushes fail", timeout=60)
+        assert any(f"log pushes of job {JOB} fail since" in reason for reason in health["reasons"]), health
+        assert (daemon.metric("backupd_archive_failures_total", job=JOB) or 0) >= 1
+        # Space again: the next push succeeds and health recovers.
+        wal.unlink()
+        shutil.move(tmp_path / "wal-saved", wal)
+        pg_env.switch_and_wait_archived()
+        daemon.wait_for(lambda: daemon.health()[0] == 200 or None, what="/healthz 200 again", timeout=60)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(60) == 0
+    finally:
+        daemon.kill()
+        subprocess.run(["umount", "-l", str(full)], check=False)
+        if wal.is_symlink():
+            wal.unlink()
+            shutil.move(tmp_path / "wal-saved", wal)

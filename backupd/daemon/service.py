@@ -8,6 +8,7 @@ exits 0 once every run has stopped cleanly.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from backupd import __version__, children, metrics, plugins
+from backupd import __version__, children, metrics, plugins, pushes
 from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
 from backupd.control import ControlServer, confine, job_peers, socket_path
@@ -35,6 +36,7 @@ from backupd.daemon.supervisor import Supervised
 from backupd.daemon.tasks import Tasks
 from backupd.errors import ConfigError
 from backupd.settings import Settings, load_settings
+from backupd.timeutil import format_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -298,6 +300,11 @@ class Daemon:
             if not supervised.healthy:
                 reasons.append(f"log archiver {status.name} of job {status.job} is {status.state}"
                                + (f": {status.last_error}" if status.last_error else ""))
+        for job, failing in sorted(pushes.failing().items()):
+            if job in self.contexts:
+                since = format_timestamp(dt.datetime.fromtimestamp(failing.since, dt.timezone.utc))
+                reasons.append(f"log pushes of job {job} fail since {since} "
+                               f"({failing.attempts} attempt(s)): {failing.error}")
         return not reasons, {
             "reasons": reasons,
             "scheduled": sorted(self.scheduler.specs),

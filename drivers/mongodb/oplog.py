@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Protocol
 
 from bson import Timestamp
 
-from backupd import metrics
+from backupd import metrics, pushes
 from backupd.logarchive import LogArchive
 from backupd.timeutil import UTC
 
@@ -227,10 +227,10 @@ class OplogArchiver:
         batch.close()
         try:
             self.archive.push_file(piece.name, batch.path)
-        except Exception:
-            metrics.ARCHIVE_FAILURES.labels(self.job).inc()
+        except Exception as exc:
+            pushes.failed(self.job, exc)
             raise
-        metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
+        pushes.succeeded(self.job)
         metrics.ARCHIVE_LAG.labels(self.job).set(0)
         self._info("oplog slice archived", slice=piece.name, entries=batch.count, bytes=batch.size)
         return piece.last

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from backupd import pushes
 from backupd.control import confine
 from backupd.errors import BackupdError, DriverError, ObjectNotFound, UsageError
 from backupd.logarchive import LogArchive, PushResult, conflict, file_digest
@@ -136,15 +137,13 @@ class WalPusher:
                 except FileNotFoundError:
                     raise DriverError(f"{path}: no such file") from None
                 self._remember(name, result.sha256, before if unchanged else None)
-        except BaseException:
-            if metrics := served():
-                metrics.ARCHIVE_FAILURES.labels(self.job).inc()
+        except BaseException as exc:
+            pushes.failed(self.job, exc)
             raise
         return self._succeeded(result)
 
     def _succeeded(self, result: PushResult) -> PushResult:
-        if metrics := served():
-            metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
+        pushes.succeeded(self.job)
         return result
 
     def _push(self, name: str, path: Path) -> PushResult:
