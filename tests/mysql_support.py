@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pymysql
+import zstandard
 
 from support import require_tool
 
@@ -140,3 +143,30 @@ def cmdlines() -> dict[int, bytes]:
             continue
         found[int(entry)] = data
     return found
+
+
+def stored_stream(repo: Path, job: str, backup_id: str, name: str, identity: Any) -> bytes:
+    """A backup's stream as the driver wrote it: decrypted and decompressed."""
+    from backupd import age
+
+    manifest = json.loads((repo / job / "backups" / backup_id / "manifest.json").read_text())
+    entry = next(obj for obj in manifest["objects"] if obj["name"] == name)
+    data = age.decrypt([identity], (repo / job / "backups" / backup_id / entry["key"]).read_bytes())
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+def forge_stream(repo: Path, job: str, backup_id: str, name: str, data: bytes, recipient: Any) -> None:
+    """Replace a backup's stream with ``data``, as a writer to the repository holding the public key could.
+
+    The object is encrypted to the job's recipient and the manifest's size and sha256 updated,
+    so the integrity check passes and only the content is hostile.
+    """
+    from backupd import age
+
+    path = repo / job / "backups" / backup_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = next(obj for obj in manifest["objects"] if obj["name"] == name)
+    stored = age.encrypt([recipient], zstandard.ZstdCompressor().compress(data))
+    (repo / job / "backups" / backup_id / entry["key"]).write_bytes(stored)
+    entry.update(raw_size=len(data), stored_size=len(stored), sha256=hashlib.sha256(stored).hexdigest())
+    path.write_text(json.dumps(manifest))

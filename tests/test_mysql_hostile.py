@@ -1,0 +1,117 @@
+"""Hostile backup content against the host: verify and restore of dumps and copies an attacker wrote.
+
+A writer to the repository holds the job's public key, so it can replace a
+backup's stream with content of its own that passes the integrity check. Each
+test takes a real backup of a throwaway server, swaps in a crafted stream and
+runs the real CLI: the scratch server and the clients around it must write
+nothing outside the scratch and read nothing of the host (the age identity
+above all, which verification needs and which the old scratch server, running
+as root with secure_file_priv unset, could read and smuggle out through table
+names into the verify report).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from core_fixtures import Keys
+from mysql_support import Mariadb, forge_stream, started, stored_stream
+from support import run_backupd
+from test_mysql_driver import Job, backup, make_job, tools  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("tools")
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[Mariadb]:
+    server = started(log_bin=True, server_id=31)
+    try:
+        server.sql("CREATE DATABASE hostile1", "CREATE TABLE hostile1.t (id INT PRIMARY KEY)",
+                   "INSERT INTO hostile1.t VALUES (1), (2), (3)")
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A world-writable host directory: only the sandbox and the server's settings keep writes out of it."""
+    path = Path(tempfile.mkdtemp(prefix="backupd-mysql-outside-", dir="/tmp"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+HEADER = "CREATE DATABASE IF NOT EXISTS `hostile1`;\nUSE `hostile1`;\n" \
+         "CREATE TABLE t (id INT PRIMARY KEY);\nINSERT INTO t VALUES (1),(2),(3);\n"
+CHUNK = 28
+
+
+def smuggle(source_sql: str) -> str:
+    """SQL that names tables after hex chunks of ``@k`` (k000_..., k028_...), as the attack on the report did."""
+    lines = [source_sql]
+    for start in range(0, 280, CHUNK):
+        lines.append(f"SET @s = CONCAT('CREATE TABLE `k{start:03d}_', COALESCE(NULLIF(HEX(SUBSTRING(@k, {start + 1}, "
+                     f"{CHUNK})), ''), 'unread'), '` (id INT)');\nPREPARE s FROM @s;\nEXECUTE s;\nDEALLOCATE PREPARE s;")
+    return "\n".join(lines) + "\n"
+
+
+def attacks(identity: Path, outside: Path) -> dict[str, str]:
+    return {
+        "outfile": f"SELECT 'owned' INTO OUTFILE '{outside}/outfile';\n",
+        "load_file": smuggle(f"SET @k = LOAD_FILE('{identity}');"),
+        "local_infile": "CREATE TABLE leak (line TEXT);\n"
+                        f"LOAD DATA LOCAL INFILE '{identity}' INTO TABLE leak;\n"
+                        + smuggle("SET @k = (SELECT GROUP_CONCAT(line SEPARATOR '\\n') FROM leak);"),
+        "general_log": f"SET GLOBAL general_log_file = '{outside}/general.log';\nSET GLOBAL general_log = 1;\n"
+                       "SELECT 'logged';\nSET GLOBAL general_log = 0;\n",
+        "shell": f"\\! id > {outside}/shell\n",
+    }
+
+
+def smuggled(text: str) -> bytes:
+    """What the table names in ``text`` carry, decoded in order."""
+    found = {int(m[1]): binascii.unhexlify(m[2]) for m in re.finditer(r"k(\d{3})_([0-9A-F]{2,})", text)}
+    return b"".join(found[start] for start in sorted(found))
+
+
+def reports(job: Job) -> str:
+    return "\n".join(path.read_text() for path in sorted((job.repo / "shop" / "verify").glob("*.json")))
+
+
+@pytest.mark.parametrize("attack", ["outfile", "load_file", "local_infile", "general_log", "shell"])
+def test_a_hostile_dump_reads_and_writes_nothing_of_the_host_during_verify(
+        attack: str, source: Mariadb, tmp_path: Path, keys: Keys, outside: Path) -> None:
+    job = make_job(tmp_path, keys, source, ["hostile1"])
+    backup_id = backup(job)
+    if attack == "load_file":  # the server reads only world-readable files: the sandbox must hide it anyway
+        keys.identity_file.chmod(0o644)
+    crafted = HEADER + attacks(keys.identity_file, outside)[attack]
+    forge_stream(job.repo, "shop", backup_id, "dump", crafted.encode(), keys.identity.to_recipient())
+
+    result = run_backupd("verify", "shop", config=job.config, timeout=300)
+
+    assert list(outside.iterdir()) == [], f"{attack}: the scratch wrote on the host"
+    secret = str(keys.identity).encode()
+    seen = reports(job) + result.out + result.err
+    assert secret.decode() not in seen and secret not in smuggled(seen), f"{attack}: the identity was read"
+    assert b"public key" not in smuggled(seen)
+    if attack == "general_log":  # refused (the directory is not in the sandbox) or logged inside it
+        assert result.code in (0, 3), result.out + result.err
+    else:  # the scratch server or the client rejected the content: a failed verification, reported
+        assert result.code == 3, result.out + result.err
+        report = json.loads(sorted((job.repo / "shop" / "verify").glob("*.json"))[-1].read_text())
+        assert report["result"] == "failed"
