@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pymysql
 import zstandard
@@ -49,9 +50,12 @@ class Mariadb:
         self.log_bin = log_bin
         self.server_id = server_id
         self.proc: subprocess.Popen[bytes] | None = None
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, capture_output=True, timeout=120)
+        made = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                               "--auth-root-authentication-method=normal", "--skip-test-db"],
+                              capture_output=True, text=True, timeout=120)
+        if made.returncode != 0:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise AssertionError(f"mariadb-install-db exited {made.returncode}: {(made.stdout + made.stderr)[-3000:]}")
 
     def start(self) -> None:
         argv = [require_tool("mariadbd"), "--no-defaults", "--user=root",
@@ -170,3 +174,29 @@ def forge_stream(repo: Path, job: str, backup_id: str, name: str, data: bytes, r
     (repo / job / "backups" / backup_id / entry["key"]).write_bytes(stored)
     entry.update(raw_size=len(data), stored_size=len(stored), sha256=hashlib.sha256(stored).hexdigest())
     path.write_text(json.dumps(manifest))
+
+
+@contextlib.contextmanager
+def open_dir() -> Iterator[Path]:
+    """A directory the scratch server's OS user may pass through (pytest's tmp_path is below a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="backupd-mysql-open-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_server(datadir: Path, rundir: Path) -> Iterator[Any]:
+    """The driver's sandboxed scratch mariadbd on a restored data directory (grant tables skipped).
+
+    Both directories must lie where the scratch user can reach them (``open_dir``).
+    """
+    from backupd.sandbox import SandboxPolicy, unprivileged_user
+    from drivers.mysql.scratch import MariadbScratch
+
+    user = unprivileged_user(None, ("mysql",))
+    with MariadbScratch(datadir, rundir, lambda dirs: SandboxPolicy().for_scratch(dirs, user=user),
+                        ["--skip-grant-tables"]) as server:
+        yield server

@@ -26,7 +26,7 @@ from typing import Iterator
 import pytest
 
 from core_fixtures import Keys
-from mysql_support import Mariadb, forge_stream, started, stored_stream
+from mysql_support import Mariadb, forge_stream, open_dir, started, stored_stream
 from support import run_backupd
 from test_mysql_driver import Job, backup, make_job, tools  # noqa: F401
 
@@ -109,9 +109,67 @@ def test_a_hostile_dump_reads_and_writes_nothing_of_the_host_during_verify(
     seen = reports(job) + result.out + result.err
     assert secret.decode() not in seen and secret not in smuggled(seen), f"{attack}: the identity was read"
     assert b"public key" not in smuggled(seen)
-    if attack == "general_log":  # refused (the directory is not in the sandbox) or logged inside it
-        assert result.code in (0, 3), result.out + result.err
-    else:  # the scratch server or the client rejected the content: a failed verification, reported
-        assert result.code == 3, result.out + result.err
-        report = json.loads(sorted((job.repo / "shop" / "verify").glob("*.json"))[-1].read_text())
-        assert report["result"] == "failed"
+    # The server or the client rejected the content (general_log: the directory does not exist in the
+    # sandbox; load_file: the smuggled names are tables the manifest lacks): a failed verification.
+    assert result.code == 3, result.out + result.err
+    report = json.loads(sorted((job.repo / "shop" / "verify").glob("*.json"))[-1].read_text())
+    assert report["result"] == "failed"
+
+
+# ---- the sandbox itself -------------------------------------------------------------------------
+
+
+def uids(pid: int) -> list[int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return [int(v) for v in re.search(r"^Uid:\s+(.*)$", status, re.M)[1].split()]
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "off"])
+def test_the_scratch_server_reads_and_writes_nothing_of_the_host(mode: str, source: Mariadb, tmp_path: Path,
+                                                                 keys: Keys) -> None:
+    """A statement in the scratch server, even with secure_file_priv lifted, reaches nothing of the host.
+
+    "off" (verify.sandbox = "off") is the control: the same statements then do read the
+    identity and the production datadir and write to /tmp, so the sandbox is what stops them.
+    """
+    from drivers.mysql.scratch import MariadbScratch, install_db
+
+    production = source.datadir / "hostile1" / "db.opt"  # readable to the mysql user, were it visible
+    for path in (source.base, source.datadir, production.parent):
+        path.chmod(0o755)
+    production.chmod(0o644)
+    marker = Path(f"/tmp/backupd-general-log-{os.getpid()}-{mode}.log")
+    with open_dir() as base:
+        identity_file = base / "identity.txt"  # readable to any user: only the sandbox hides it
+        shutil.copy(keys.identity_file, identity_file)
+        identity_file.chmod(0o644)
+        job = make_job(tmp_path, Keys(keys.identity, keys.recipient, identity_file), source, ["hostile1"],
+                       verify={"sandbox": mode})
+        sandbox_for = job.context().driver.scratch_sandbox
+        try:
+            install_db(base / "data", sandbox_for)
+            with MariadbScratch(base / "data", base / "run", sandbox_for) as server:
+                conn = server.credentials.connect()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT @@secure_file_priv, @@local_infile, @@skip_networking")
+                    assert cur.fetchone() == (f"{base / 'run' / 'files'}/", 0, 1)
+                conn.close()
+                assert server.pid is not None and 0 not in uids(server.pid), "mariadbd runs as root"
+            with MariadbScratch(base / "data", base / "run", sandbox_for, ["--secure-file-priv="]) as server:
+                conn = server.credentials.connect()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT LOAD_FILE(%s), LOAD_FILE(%s)", (str(identity_file), str(production)))
+                    identity, datadir_file = cur.fetchone()
+                    cur.execute("SET GLOBAL general_log_file = %s", (str(marker),))
+                    cur.execute("SET GLOBAL general_log = 1")
+                    cur.execute("SELECT 'written'")
+                    cur.execute("SET GLOBAL general_log = 0")
+                conn.close()
+            if mode == "bwrap":
+                assert identity is None and datadir_file is None
+                assert not marker.exists()
+            else:
+                assert str(keys.identity).encode() in identity and datadir_file is not None
+                assert b"written" in marker.read_bytes()
+        finally:
+            marker.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import threading
 import time
 import zlib
@@ -27,8 +26,9 @@ import structlog
 from backupd import metrics
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive, LogConflict
+from backupd.tool import DEVNULL, Tool
 from drivers.mysql import binlog
-from drivers.mysql.client import Credentials, Tool, find_tool, query
+from drivers.mysql.client import Credentials, query, tool_path
 from drivers.mysql.logical import server_info
 from drivers.mysql.pitr import PARTIAL, archived_files
 
@@ -111,11 +111,11 @@ class BinlogArchiver:
                 self._files.pop(path.name, None)
         self.sessions += 1
         with self.credentials.defaults_file(self.spool) as defaults:
-            argv = [find_tool("binlog"), f"--defaults-extra-file={defaults}", "--read-from-remote-server", "--raw",
+            argv = [tool_path("binlog"), f"--defaults-extra-file={defaults}", "--read-from-remote-server", "--raw",
                     "--stop-never", f"--stop-never-slave-server-id={self.replica_id}",
                     f"--result-file={directory}/", start]
             log.info("binlog streaming started", job=self.job, server=info.key, start=start)
-            with Tool(argv, stdout=subprocess.DEVNULL) as tool:
+            with Tool(argv, stdout=DEVNULL) as tool:
                 self.process = tool
                 try:
                     while not stop.is_set() and tool.proc.poll() is None:
@@ -127,7 +127,7 @@ class BinlogArchiver:
                 finally:
                     self.process = None
                 if exited is not None and not stop.is_set():
-                    raise DriverError(f"{tool.name} exited {exited}: {tool.error_summary()}")
+                    raise tool.failure(exited)
 
     def _start_file(self, server: str, on_server: list[str]) -> str:
         """The first binlog not archived complete; a purged one in between is a gap."""
