@@ -173,3 +173,78 @@ def test_the_scratch_server_reads_and_writes_nothing_of_the_host(mode: str, sour
                 assert b"written" in marker.read_bytes()
         finally:
             marker.unlink(missing_ok=True)
+
+
+# ---- physical copies ------------------------------------------------------------------------------
+
+
+def xb_member(path: str, data: bytes) -> bytes:
+    """One file as an xbstream carries it: a payload chunk and its end-of-file chunk."""
+    name = path.encode()
+    head = b"XBSTCK01\0"
+    return (head + b"P" + struct.pack("<I", len(name)) + name + struct.pack("<QQI", len(data), 0, zlib.crc32(data))
+            + data + head + b"E" + struct.pack("<I", len(name)) + name)
+
+
+def physical_job(tmp_path: Path, keys: Keys, source: Mariadb) -> tuple[Job, str]:
+    job = make_job(tmp_path, keys, source, ["hostile1"], method="physical")
+    return job, backup(job)
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.backupd-")]
+
+
+def test_mbstream_refusing_a_member_fails_restore_and_verify(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+    job, backup_id = physical_job(tmp_path, keys, source)
+    stream = stored_stream(job.repo, "shop", backup_id, "physical", keys.identity)
+    forge_stream(job.repo, "shop", backup_id, "physical", stream + xb_member("../escaped.txt", b"outside\n"),
+                 keys.identity.to_recipient())
+    dest = tmp_path / "restored" / "datadir"
+
+    restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
+    assert restored.code == 1, restored.out + restored.err
+    assert "mbstream refused part of the backup" in restored.err and "invalid filename" in restored.err
+    assert not dest.exists() and leftovers(dest.parent, "datadir") == []
+    assert not (dest.parent / "escaped.txt").exists()
+
+    verified = run_backupd("verify", "shop", config=job.config, timeout=300)
+    assert verified.code == 3, verified.out + verified.err
+    assert "mbstream (extracting the backup) refused a member of the stream" in verified.out
+    assert "escaped" not in verified.out  # the report names no content
+
+
+def test_a_failed_physical_restore_leaves_no_data_directory(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+    job, backup_id = physical_job(tmp_path, keys, source)
+    stream = stored_stream(job.repo, "shop", backup_id, "physical", keys.identity)
+    forge_stream(job.repo, "shop", backup_id, "physical", stream[:len(stream) // 2] + b"NOTMAGIC" + b"x" * 64,
+                 keys.identity.to_recipient())
+    for dest in (tmp_path / "new", tmp_path / "empty"):
+        if dest.name == "empty":
+            dest.mkdir()
+        restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
+        assert (list(dest.iterdir()) == [] if dest.name == "empty" else not dest.exists())
+        assert leftovers(tmp_path, dest.name) == []
+        assert restored.code == 1 and "mbstream (extracting the backup) exited with status 1" in restored.err
+
+
+def test_restore_force_unlinks_symlinks_instead_of_writing_through_them(source: Mariadb, tmp_path: Path,
+                                                                        keys: Keys) -> None:
+    job, _ = physical_job(tmp_path, keys, source)
+    outside = tmp_path / "outside"
+    (outside / "mysql").mkdir(parents=True)
+    (outside / "mysql" / "keep.txt").write_text("keep\n")
+    (outside / "victim").write_text("untouched\n")
+    dest = tmp_path / "datadir"
+    dest.mkdir()
+    (dest / "mysql").symlink_to(outside / "mysql")
+    (dest / "ibdata1").symlink_to(outside / "victim")
+    (dest / "hostile1").symlink_to(outside)
+
+    restored = run_backupd("restore", "shop", "--to", str(dest), "--force", config=job.config, timeout=300)
+    assert restored.code == 0, restored.err
+    assert sorted(p.name for p in outside.rglob("*")) == ["keep.txt", "mysql", "victim"]
+    assert (outside / "victim").read_text() == "untouched\n"
+    for name in ("mysql", "ibdata1", "hostile1"):
+        assert not (dest / name).is_symlink() and (dest / name).exists()
+    assert leftovers(tmp_path, "datadir") == []
