@@ -278,11 +278,13 @@ class MysqlDriver(Driver):
         datadir, rundir = base / "data", base / "run"
         started = time.monotonic()
         extra = ["--skip-log-bin"]
-        if manifest.method == "physical":
+        if manifest.method == "physical":  # the copy's files are hostile too: unpacked and prepared sandboxed
             datadir.mkdir(mode=0o700)
+            sandbox = self.scratch_sandbox([datadir])
+            scratch.give_to(sandbox.user, [datadir])
             with source.open(physical.STREAM) as stream:
-                size = physical.extract(stream, datadir)
-            physical.prepare(datadir, self.timeout)
+                size = physical.extract(stream, datadir, sandbox)
+            physical.prepare(datadir, self.timeout, sandbox)
             extra.append("--skip-grant-tables")
             outcome.steps.append({"step": "extract+prepare", "bytes": size, "seconds": _since(started)})
         else:

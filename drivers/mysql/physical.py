@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Callable
 import pymysql
 
 from backupd.errors import DriverError
+from backupd.sandbox import Sandbox
 from backupd.tool import DEVNULL, PIPE, Tool
 from drivers.mysql.client import ContentRejected, Credentials, check_content, query, tool_path
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
@@ -228,14 +229,14 @@ def _all_innodb(conn: pymysql.connections.Connection, databases: list[str]) -> b
     return engines == {"innodb"}
 
 
-def extract(stream: BinaryIO, dest: Path) -> int:
-    """Unpack an xbstream into ``dest`` through mbstream; return bytes fed.
+def extract(stream: BinaryIO, dest: Path, sandbox: Sandbox | None = None) -> int:
+    """Unpack an xbstream into ``dest`` through mbstream (in ``sandbox`` if given); return bytes fed.
 
     mbstream skips a member it refuses (an absolute name, one with ``..``) with a
     message on stderr and still exits 0; it says nothing when all is well. So any
     message fails the extraction: a copy missing a member is not a good restore.
     """
-    with Tool([tool_path("stream"), "-x", "-C", str(dest)], stdin=PIPE, stdout=DEVNULL) as tool:
+    with Tool([tool_path("stream"), "-x", "-C", str(dest)], stdin=PIPE, stdout=DEVNULL, sandbox=sandbox) as tool:
         size = tool.feed(stream, COPY_CHUNK)
         check_content(tool, "extracting the backup")
         if tool.stderr_text().strip():
@@ -244,8 +245,10 @@ def extract(stream: BinaryIO, dest: Path) -> int:
     return size
 
 
-def prepare(dest: Path, timeout: float | None = None) -> None:
-    with Tool([tool_path("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"], stdout=DEVNULL) as tool:
+def prepare(dest: Path, timeout: float | None = None, sandbox: Sandbox | None = None) -> None:
+    """``mariadb-backup --prepare``: crash recovery of the copy (in ``sandbox`` if given)."""
+    with Tool([tool_path("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"], stdout=DEVNULL,
+              sandbox=sandbox) as tool:
         check_content(tool, "prepare", timeout)
 
 
