@@ -248,3 +248,25 @@ def test_restore_force_unlinks_symlinks_instead_of_writing_through_them(source: 
     for name in ("mysql", "ibdata1", "hostile1"):
         assert not (dest / name).is_symlink() and (dest / name).exists()
     assert leftovers(tmp_path, "datadir") == []
+
+
+# ---- what a verification reports ------------------------------------------------------------------
+
+
+def test_a_dump_the_scratch_rejects_fails_verification_and_one_that_cannot_run_is_exit_1(
+        source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+    job = make_job(tmp_path, keys, source, ["hostile1"])
+    backup_id = backup(job)
+    forge_stream(job.repo, "shop", backup_id, "dump", (HEADER + "INSERT INTO t VALUES ('secret-row-value';\n").encode(),
+                 keys.identity.to_recipient())
+    rejected = run_backupd("verify", "shop", config=job.config, timeout=300)
+    assert rejected.code == 3, rejected.out + rejected.err
+    assert "mariadb (loading the dump) exited with status 1: ERROR 1064 (42000) at line 5" in rejected.out
+    report = reports(job)
+    assert '"result": "failed"' in report and "secret-row-value" not in report + rejected.out
+
+    no_bwrap = tmp_path / "bin"  # a PATH without bubblewrap: the sandbox cannot start
+    no_bwrap.mkdir()
+    unsandboxed = run_backupd("verify", "shop", config=job.config, timeout=300, env={"PATH": str(no_bwrap)})
+    assert unsandboxed.code == 1, unsandboxed.out + unsandboxed.err
+    assert "bwrap: not found" in unsandboxed.err and 'verify.sandbox = "off"' in unsandboxed.err
