@@ -160,6 +160,8 @@ class MysqlDriver(Driver):
             if not request.force or not dest.is_dir():
                 raise DriverError(f"{dest}: exists and is not an empty directory; refusing to overwrite it",
                                   hint="pass --force to replace its contents")
+        if plan is not None:  # the roll-forward's scratch server works beside dest: fail before the copy if it cannot
+            scratch.require_reachable(dest, self.scratch_user())
         # The copy is extracted, prepared and rolled forward beside dest and only then moved
         # there: a failed restore leaves nothing that looks like a data directory.
         staging = physical.staging_dir(dest)

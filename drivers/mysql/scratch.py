@@ -144,14 +144,19 @@ class MariadbScratch:
 
 def give_to(user: str | None, directories: list[Path]) -> None:
     """Hand ``directories`` to the scratch user (when backupd is root), who must also reach them."""
+    for path in directories:
+        require_reachable(path, user)
+        chown_to(path, user)
+
+
+def require_reachable(path: Path, user: str | None) -> None:
+    """DriverError naming the closed parent unless ``user`` (the scratch user when backupd is root) reaches ``path``."""
     if user is None or os.geteuid() != 0:
         return
-    for path in directories:
-        blocked = closed_to(path, user)
-        if blocked is not None:
-            raise DriverError(f"{path}: the scratch server runs as OS user {user}, who cannot pass through {blocked}",
-                              hint=f"use a directory whose parents {user} may traverse (chmod o+x {blocked})")
-        chown_to(path, user)
+    blocked = closed_to(path, user)
+    if blocked is not None:
+        raise DriverError(f"{path}: the scratch server runs as OS user {user}, who cannot pass through {blocked}",
+                          hint=f"use a directory whose parents {user} may traverse (chmod o+x {blocked})")
 
 
 def closed_to(path: Path, user: str) -> Path | None:
@@ -159,7 +164,10 @@ def closed_to(path: Path, user: str) -> Path | None:
     entry = pwd.getpwnam(user)
     groups = {entry.pw_gid} | {group.gr_gid for group in grp.getgrall() if user in group.gr_mem}
     for directory in reversed(path.absolute().parents):
-        info = directory.stat()
+        try:
+            info = directory.stat()
+        except FileNotFoundError:  # made later, by root: checked again once it exists
+            return None
         if info.st_uid == entry.pw_uid:
             bit = stat.S_IXUSR
         elif info.st_gid in groups:
