@@ -19,6 +19,7 @@ declare -A PACKAGE_OF=(
   [openssl]=openssl
   [promtool]=prometheus
   [systemd-analyze]=systemd
+  [bwrap]=bubblewrap
 )
 
 missing=()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -9,9 +12,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pymysql
+import zstandard
 
 from support import require_tool
 
@@ -46,9 +50,12 @@ class Mariadb:
         self.log_bin = log_bin
         self.server_id = server_id
         self.proc: subprocess.Popen[bytes] | None = None
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, capture_output=True, timeout=120)
+        made = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                               "--auth-root-authentication-method=normal", "--skip-test-db"],
+                              capture_output=True, text=True, timeout=120)
+        if made.returncode != 0:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise AssertionError(f"mariadb-install-db exited {made.returncode}: {(made.stdout + made.stderr)[-3000:]}")
 
     def start(self) -> None:
         argv = [require_tool("mariadbd"), "--no-defaults", "--user=root",
@@ -140,3 +147,56 @@ def cmdlines() -> dict[int, bytes]:
             continue
         found[int(entry)] = data
     return found
+
+
+def stored_stream(repo: Path, job: str, backup_id: str, name: str, identity: Any) -> bytes:
+    """A backup's stream as the driver wrote it: decrypted and decompressed."""
+    from backupd import age
+
+    manifest = json.loads((repo / job / "backups" / backup_id / "manifest.json").read_text())
+    entry = next(obj for obj in manifest["objects"] if obj["name"] == name)
+    data = age.decrypt([identity], (repo / job / "backups" / backup_id / entry["key"]).read_bytes())
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+def forge_stream(repo: Path, job: str, backup_id: str, name: str, data: bytes, recipient: Any) -> None:
+    """Replace a backup's stream with ``data``, as a writer to the repository holding the public key could.
+
+    The object is encrypted to the job's recipient and the manifest's size and sha256 updated,
+    so the integrity check passes and only the content is hostile.
+    """
+    from backupd import age
+
+    path = repo / job / "backups" / backup_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = next(obj for obj in manifest["objects"] if obj["name"] == name)
+    stored = age.encrypt([recipient], zstandard.ZstdCompressor().compress(data))
+    (repo / job / "backups" / backup_id / entry["key"]).write_bytes(stored)
+    entry.update(raw_size=len(data), stored_size=len(stored), sha256=hashlib.sha256(stored).hexdigest())
+    path.write_text(json.dumps(manifest))
+
+
+@contextlib.contextmanager
+def open_dir() -> Iterator[Path]:
+    """A directory the scratch server's OS user may pass through (pytest's tmp_path is below a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="backupd-mysql-open-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_server(datadir: Path, rundir: Path) -> Iterator[Any]:
+    """The driver's sandboxed scratch mariadbd on a restored data directory (grant tables skipped).
+
+    Both directories must lie where the scratch user can reach them (``open_dir``).
+    """
+    from backupd.sandbox import SandboxPolicy, unprivileged_user
+    from drivers.mysql.scratch import MariadbScratch
+
+    user = unprivileged_user(None, ("mysql",))
+    with MariadbScratch(datadir, rundir, lambda dirs: SandboxPolicy().for_scratch(dirs, user=user),
+                        ["--skip-grant-tables"]) as server:
+        yield server

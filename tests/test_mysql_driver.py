@@ -18,7 +18,7 @@ import pytest
 from backupd.context import JobContext
 from backupd.settings import load_settings
 from core_fixtures import Keys
-from mysql_support import PASSWORD, Mariadb, cmdlines, started, wait_for
+from mysql_support import PASSWORD, Mariadb, cmdlines, open_dir, scratch_server, started, wait_for
 from support import error_lines, require_tool, run_backupd, stored_report, write_config
 
 pytestmark = pytest.mark.usefixtures("tools")
@@ -46,6 +46,13 @@ def target() -> Iterator[Mariadb]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """Where restored data directories go that a scratch server (running as mysql) starts on."""
+    with open_dir() as path:
+        yield path
 
 
 @dataclass
@@ -343,7 +350,7 @@ def test_check_reports_server_settings(source: Mariadb, tmp_path: Path, keys: Ke
 # ---- physical backups and verification ------------------------------------------------------------
 
 
-def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Path, keys: Keys, reachable: Path) -> None:
     seed(source, "shop4", rows=20000)
     expected = {f"shop4.{t}": source.count(f"shop4.{t}") for t in ("items", "audit")}
     job = make_job(tmp_path, keys, source, ["shop4"], method="physical")
@@ -353,13 +360,13 @@ def test_physical_round_trip_with_equal_row_counts(source: Mariadb, tmp_path: Pa
     assert {k: v for k, v in shown["row_counts"].items() if k.startswith("shop4.")} == expected
     assert shown["metadata"]["binlog"]["file"].startswith("mysql-bin.")
 
-    dest = tmp_path / "datadir"
+    dest = reachable / "datadir"
     out = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
     assert out.code == 0, out.err
     assert "prepared" in out.out and (dest / "ibdata1").is_file()
     info = (dest / "xtrabackup_binlog_info").read_text().split()
     assert info[0] == shown["metadata"]["binlog"]["file"]
-    assert datadir_counts(dest, tmp_path / "run", list(expected)) == expected
+    assert datadir_counts(dest, reachable / "run", list(expected)) == expected
 
     refused = run_backupd("restore", "shop", "--to", str(dest), config=job.config)
     assert refused.code == 1 and "not an empty directory" in refused.err
@@ -383,19 +390,18 @@ def quiet(server: Mariadb) -> None:
     wait_for(still, 60, "a quiet server")
 
 
-def copy_counts(job: Job, tmp_path: Path, tables: list[str]) -> dict[str, int]:
+def copy_counts(job: Job, tables: list[str]) -> dict[str, int]:
     """Row counts of the newest physical backup, restored and prepared, in a scratch server."""
-    dest = tmp_path / "copy"
-    restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
-    assert restored.code == 0, restored.err
-    return datadir_counts(dest, tmp_path / "copy-run", tables)
+    with open_dir() as reachable:
+        dest = reachable / "copy"
+        restored = run_backupd("restore", "shop", "--to", str(dest), config=job.config, timeout=300)
+        assert restored.code == 0, restored.err
+        return datadir_counts(dest, reachable / "copy-run", tables)
 
 
 def datadir_counts(datadir: Path, run_dir: Path, tables: list[str]) -> dict[str, int]:
     """Row counts of a restored data directory, read by a scratch server started on it."""
-    from drivers.mysql.scratch import ScratchServer
-
-    with ScratchServer(datadir, run_dir, ["--skip-grant-tables"]) as server:
+    with scratch_server(datadir, run_dir) as server:
         conn = server.credentials.connect()
         try:
             with conn.cursor() as cur:
@@ -416,7 +422,7 @@ def test_physical_counts_taken_during_the_copy_on_a_quiet_server(source: Mariadb
     quiet(source)
     shown = manifest(job, backup(job))
     assert shown["metadata"]["row_counts_note"].startswith("counted during the copy; no transaction committed")
-    assert shown["row_counts"] == {"quiet1.t": 5000} == copy_counts(job, tmp_path, ["quiet1.t"])
+    assert shown["row_counts"] == {"quiet1.t": 5000} == copy_counts(job, ["quiet1.t"])
 
 
 def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mariadb, tmp_path: Path,
@@ -447,7 +453,7 @@ def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mari
     assert not note.startswith("counted during the copy"), note
     if shown["row_counts"]:  # else: commits slipped in as the copy ended, and the manifest says so
         assert note == "counted in a snapshot at the copy's binlog position"
-        assert shown["row_counts"] == copy_counts(job, tmp_path, ["busy1.t"])
+        assert shown["row_counts"] == copy_counts(job, ["busy1.t"])
 
 
 def test_verify_loads_into_a_scratch_server_and_catches_wrong_counts(source: Mariadb, tmp_path: Path,

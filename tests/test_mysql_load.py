@@ -275,7 +275,7 @@ def test_an_error_in_a_data_client_fails_the_load_naming_it(target: Mariadb, tmp
             + statement * 3 + "-- Dump completed\n").encode()
     defaults = tmp_path / "target.cnf"
     defaults.write_text(f"[client]\nuser=root\nhost=127.0.0.1\nport={target.port}\nprotocol=TCP\n")
-    with pytest.raises(DriverError, match=r"mariadb \(loading the dump\) exited 1: .*Duplicate entry '1' for key"):
+    with pytest.raises(DriverError, match=r"mariadb \(loading the dump\) exited with status 1: .*Duplicate entry '1' for key"):
         load.load_dump(str(defaults), io.BytesIO(dump), set(), workers=2)
 
 

@@ -19,9 +19,9 @@ import pytest
 from backupd import metrics
 from core_fixtures import Keys
 from drivers.mysql import binlog
-from mysql_support import Mariadb, started, wait_for
+from mysql_support import Mariadb, scratch_server, started, wait_for
 from support import run_backupd
-from test_mysql_driver import RunningArchiver, backup, make_job, manifest, restore, tools  # noqa: F401
+from test_mysql_driver import RunningArchiver, backup, make_job, manifest, reachable, restore, tools  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("tools")
 
@@ -182,9 +182,8 @@ def test_restore_refuses_to_cross_a_gap(source: Mariadb, target: Mariadb, tmp_pa
     assert not (tmp_path / "dr-state" / "audit.log").exists()  # reading changes nothing
 
 
-def test_physical_backup_rolled_forward_to_a_position(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
-    from drivers.mysql.scratch import ScratchServer
-
+def test_physical_backup_rolled_forward_to_a_position(source: Mariadb, tmp_path: Path, keys: Keys,
+                                                     reachable: Path) -> None:
     source.sql("CREATE DATABASE pitr5", "CREATE TABLE pitr5.t (id INT PRIMARY KEY)", "INSERT INTO pitr5.t VALUES (1)")
     job = make_job(tmp_path, keys, source, ["pitr5"], method="physical", archive_logs=True,
                    binlog_flush_interval="1s")
@@ -194,12 +193,12 @@ def test_physical_backup_rolled_forward_to_a_position(source: Mariadb, tmp_path:
         file, pos = source.master_status()
         source.sql("INSERT INTO pitr5.t VALUES (3)")
         running.wait_archived(source)
-    dest = tmp_path / "datadir"
+    dest = reachable / "datadir"  # the roll-forward's scratch server runs as mysql
     out = run_backupd("restore", "shop", "--to", str(dest), "--target-position", f"{file}:{pos}",
                       config=job.config, timeout=300)
     assert out.code == 0, out.err
     assert "replayed" in out.out
-    with ScratchServer(dest, tmp_path / "run", ["--skip-grant-tables"]) as server:
+    with scratch_server(dest, reachable / "run") as server:
         conn = server.credentials.connect()
         try:
             with conn.cursor() as cur:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import threading
 import time
 import zlib
@@ -27,11 +26,12 @@ from pathlib import Path
 
 import structlog
 
-from backupd import gaps, metrics
+from backupd import gaps, metrics, pushes
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive, LogConflict
+from backupd.tool import DEVNULL, Tool
 from drivers.mysql import binlog
-from drivers.mysql.client import Credentials, Tool, find_tool, query
+from drivers.mysql.client import Credentials, query, tool_path
 from drivers.mysql.logical import server_info
 from drivers.mysql.pitr import PARTIAL, archived_files
 
@@ -130,11 +130,11 @@ class BinlogArchiver:
                 self._files.pop(path.name, None)
         self.sessions += 1
         with self.credentials.defaults_file(self.spool) as defaults:
-            argv = [find_tool("binlog"), f"--defaults-extra-file={defaults}", "--read-from-remote-server", "--raw",
+            argv = [tool_path("binlog"), f"--defaults-extra-file={defaults}", "--read-from-remote-server", "--raw",
                     "--stop-never", f"--stop-never-slave-server-id={self.replica_id}",
                     f"--result-file={directory}/", start]
             log.info("binlog streaming started", job=self.job, server=info.key, start=start)
-            with Tool(argv, stdout=subprocess.DEVNULL) as tool:
+            with Tool(argv, stdout=DEVNULL) as tool:
                 self.process = tool
                 streaming = time.monotonic()
                 try:
@@ -149,7 +149,7 @@ class BinlogArchiver:
                 finally:
                     self.process = None
                 if exited is not None and not stop.is_set():
-                    raise DriverError(f"{tool.name} exited {exited}: {tool.error_summary()}")
+                    raise tool.failure(exited)
 
     def _start_file(self, server: str, on_server: list[str]) -> str:
         """The first binlog not archived complete; a purged one in between is a gap."""
@@ -232,14 +232,14 @@ class BinlogArchiver:
                 self._files.pop(spooled.path.name, None)
             else:
                 result = self._push_partial(name, spooled)
-        except LogConflict:
-            metrics.ARCHIVE_FAILURES.labels(self.job).inc()
+        except LogConflict as exc:
+            pushes.failed(self.job, exc)
             raise
         except (BackupdError, OSError) as exc:
-            metrics.ARCHIVE_FAILURES.labels(self.job).inc()
+            pushes.failed(self.job, exc)
             log.warning("binlog push failed; will retry", job=self.job, binlog=name, error=str(exc))
             return False
-        metrics.ARCHIVE_LAST_SUCCESS.labels(self.job).set(time.time())
+        pushes.succeeded(self.job)
         log.info("binlog archived", job=self.job, binlog=name + ("" if complete else PARTIAL),
                  bytes=result.raw_size, status=result.status)
         return True

@@ -10,7 +10,7 @@ import pymysql
 from backupd.driver import Check
 from backupd.errors import BackupdError
 from backupd.manifest import Manifest
-from drivers.mysql.client import Credentials, query, scalar, tool_version, variable
+from drivers.mysql.client import Credentials, query, scalar, variable, version_of
 from drivers.mysql.logical import base_tables, count_rows, server_info
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def server_checks(driver: "MysqlDriver") -> Iterator[Check]:
     for kind, label in (("dump", "mysqldump"), ("client", "mysql client"), ("binlog", "mysqlbinlog")) + (
             (("backup", "mariadb-backup"), ("stream", "mbstream")) if method == "physical" else ()):
         try:
-            yield Check(f"tool {label}", True, tool_version(kind))
+            yield Check(f"tool {label}", True, version_of(kind))
         except BackupdError as exc:
             yield Check(f"tool {label}", False, str(exc))
     credentials = driver.credentials

@@ -1,27 +1,25 @@
-"""Talking to a server: credentials files, SQL connections, the native tools.
+"""Talking to a server: credentials files, SQL connections, where the native tools are.
 
 The password reaches the native tools only through a 0600 option file named by
 ``--defaults-extra-file`` (never argv, never the password environment variable), and reaches PyMySQL
-as a keyword argument. Every child's exit status is checked by ``Tool``.
+as a keyword argument. The tools run through ``backupd.tool``, which checks every exit status.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
-import subprocess
+import re
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pymysql
 import pymysql.cursors
 
 from backupd.errors import DriverError
-from backupd.redact import redact
 from backupd.settings import read_secret_file
+from backupd.tool import Tool, describe_status, find_tool, tool_version
 from drivers.mysql.options import Endpoint
 
 TOOL_NAMES = {
@@ -33,25 +31,45 @@ TOOL_NAMES = {
     "server": ("mariadbd", "mysqld"),
     "install_db": ("mariadb-install-db", "mysql_install_db"),
 }
-STDERR_TAIL = 4000
-#: Pipe buffer for a tool's stdin/stdout (Linux default 64 KiB; 1 MiB is the unprivileged maximum):
-#: the tool writes ahead while backupd compresses, and both sides wake 16 times less often.
-PIPE_SIZE = 1 << 20
+#: Where Debian and most distributions keep the server binaries (not always on a user's PATH).
+SERVER_DIRS = ("/usr/sbin", "/usr/local/sbin")
+HINT = "install the MariaDB/MySQL client tools"
 
 
-def find_tool(kind: str) -> str:
-    names = TOOL_NAMES[kind]
-    for name in names:
-        path = shutil.which(name) or (shutil.which(name, path="/usr/sbin:/usr/local/sbin") if kind == "server" else None)
-        if path:
-            return path
-    raise DriverError(f"{' or '.join(names)}: not found on PATH", hint="install the MariaDB/MySQL client tools")
+def tool_path(kind: str) -> str:
+    """The path of the native tool of ``kind`` (a key of TOOL_NAMES)."""
+    return find_tool(TOOL_NAMES[kind], dirs=SERVER_DIRS if kind == "server" else (), hint=HINT)
 
 
-def tool_version(kind: str) -> str:
-    path = find_tool(kind)
-    proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-    return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else "unknown"
+def version_of(kind: str) -> str:
+    """The first line of the tool's ``--version``."""
+    return tool_version(tool_path(kind))
+
+
+#: A server error as the client prints it, without its text (which quotes the content).
+_SERVER_ERROR = re.compile(r"ERROR (\d+)(?: \((\w+)\))?(?: at line (\d+))?")
+
+
+class ContentRejected(DriverError):
+    """A native tool refused the backup's content: a dump's SQL, binlog events, a physical copy's files.
+
+    A restore fails with it like with any error (exit 1); verification turns it into a
+    failed verification (exit 3) worded with ``brief``, which names the tool and the
+    server's error number and line but quotes none of the content.
+    """
+
+    def __init__(self, message: str, brief: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.brief = brief
+
+
+def check_content(tool: Tool, what: str, timeout: float | None = None) -> None:
+    """Wait for a tool that consumes backup content; ContentRejected unless it exited 0."""
+    code = tool.wait(timeout)
+    if code != 0:
+        match = _SERVER_ERROR.search(tool.stderr_text())
+        brief = f"{tool.name} ({what}) {describe_status(code)}" + (f": {match[0]}" if match else "")
+        raise ContentRejected(str(tool.failure(code, what)), brief)
 
 
 class Credentials:
@@ -124,85 +142,3 @@ def variable(conn: pymysql.connections.Connection, name: str) -> str | None:
 
 def quote_ident(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
-
-
-def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
-    """Best effort: a bigger pipe buffer (Linux F_SETPIPE_SZ); the default stays where it cannot be raised."""
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if setpipe is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, setpipe, size)
-
-
-class Tool:
-    """One native tool run as a child: argv list, stderr kept in a file, exit status checked."""
-
-    def __init__(self, argv: Sequence[str], *, stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.PIPE,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.argv = list(argv)
-        self.name = Path(self.argv[0]).name
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=stdout, stderr=self._stderr,
-                                         env=env, cwd=cwd)
-        except OSError as exc:
-            self._stderr.close()
-            raise DriverError(f"{self.name}: cannot start: {exc}") from None
-        for pipe in (self.proc.stdout, self.proc.stdin):
-            if pipe is not None:
-                widen_pipe(pipe.fileno())
-
-    @property
-    def stdout(self) -> IO[bytes]:
-        assert self.proc.stdout is not None
-        return self.proc.stdout
-
-    @property
-    def stdin(self) -> IO[bytes]:
-        assert self.proc.stdin is not None
-        return self.proc.stdin
-
-    def stderr_text(self, limit: int = STDERR_TAIL) -> str:
-        # pread: the child shares this file's offset, so never seek it
-        fd = self._stderr.fileno()
-        size = os.fstat(fd).st_size
-        start = max(0, size - limit)
-        return redact(os.pread(fd, size - start, start).decode(errors="replace"))
-
-    def error_summary(self) -> str:
-        lines = [line.strip() for line in self.stderr_text().splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower() or "denied" in line.lower()]
-        return (errors or lines or ["no message"])[-1]
-
-    def wait(self, timeout: float | None = None) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise DriverError(f"{self.name}: did not finish within {timeout:.0f}s; killed") from None
-
-    def check(self, timeout: float | None = None, what: str = "") -> None:
-        """Wait and raise DriverError naming the tool and its last error line unless it exited 0."""
-        code = self.wait(timeout)
-        if code != 0:
-            how = f"was killed by signal {-code}" if code < 0 else f"exited {code}"
-            raise DriverError(f"{self.name}{' (' + what + ')' if what else ''} {how}: {self.error_summary()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        self.kill()
-        for stream in (self.proc.stdout, self.proc.stdin):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self._stderr.close()
-
-    def __enter__(self) -> "Tool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -11,12 +11,12 @@ from typing import Any, Iterable, Iterator
 
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest, RestoreTarget,
                             StreamSink, VerifyOutcome)
-from backupd.errors import BackupNotFound, DriverError, UsageError
+from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
 from drivers.mysql import binlog, checks, load, logical, physical, pitr, scratch
 from drivers.mysql.archiver import BinlogArchiver, streamer_server_id
-from drivers.mysql.client import Credentials, tool_version
+from drivers.mysql.client import ContentRejected, Credentials, version_of
 from drivers.mysql.options import MysqlOptions, parse_url
 
 COPY_CHUNK = 1 << 20
@@ -28,6 +28,8 @@ class MysqlDriver(Driver):
     # and never slows the dump (bench/mysql.py, 2 GiB: 1.07 of a plain dump; 1.18 at "normal").
     default_cpu_priority = "low"
     options_model = MysqlOptions
+    #: Scratch servers run as the OS user of the production server (never root).
+    scratch_users = ("mysql",)
 
     @property
     def credentials(self) -> Credentials:
@@ -45,11 +47,11 @@ class MysqlDriver(Driver):
             if method == "physical":
                 result = physical.take_backup(self.credentials, str(defaults), self.context.spool_dir, sink,
                                               self.timeout, opts.databases, opts.exclude_databases)
-                versions = {"mariadb-backup": tool_version("backup")}
+                versions = {"mariadb-backup": version_of("backup")}
             else:
                 result = logical.take_dump(self.credentials, opts.databases, opts.exclude_databases, sink,
                                            str(defaults), self.timeout)
-                versions = {"mysqldump": tool_version("dump")}
+                versions = {"mysqldump": version_of("dump")}
         metadata = result["metadata"]
         versions["server"] = metadata["server_version"]
         position = metadata.get("binlog")
@@ -150,23 +152,28 @@ class MysqlDriver(Driver):
                           plan: pitr.ReplayPlan | None) -> str:
         if request.tables:
             raise UsageError("a physical backup restores the whole server; --table needs a logical backup")
-        dest = Path(request.to).expanduser()
+        dest = Path(request.to).expanduser().absolute()
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             if not request.force or not dest.is_dir():
                 raise DriverError(f"{dest}: exists and is not an empty directory; refusing to overwrite it",
                                   hint="pass --force to replace its contents")
-            for child in dest.iterdir():
-                scratch.remove(child) if child.is_dir() else child.unlink()
-        dest.mkdir(parents=True, exist_ok=True)
-        with source.open(physical.STREAM) as stream:
-            physical.extract(stream, dest)
-        physical.prepare(dest, self.timeout)
-        coordinates = physical.binlog_info(dest) or source.manifest.metadata.get("binlog") or {}
+        if plan is not None:  # the roll-forward's scratch server works beside dest: fail before the copy if it cannot
+            scratch.require_reachable(dest, self.scratch_user())
+        # The copy is extracted, prepared and rolled forward beside dest and only then moved
+        # there: a failed restore leaves nothing that looks like a data directory.
+        staging = physical.staging_dir(dest)
+        try:
+            with source.open(physical.STREAM) as stream:
+                physical.extract(stream, staging)
+            physical.prepare(staging, self.timeout)
+            coordinates = physical.binlog_info(staging) or source.manifest.metadata.get("binlog") or {}
+            if plan is not None:
+                self._replay_into_copy(staging, plan, fetched, work)
+            physical.install(staging, dest)
+        finally:
+            scratch.remove(staging)
         message = f"restored backup {source.manifest.backup_id} of {source.manifest.job} to {dest} (prepared)"
         if plan is not None:
-            with scratch.ScratchServer(dest, work / "run", ["--skip-grant-tables", "--skip-log-bin"]) as server:
-                with server.credentials.defaults_file(work) as defaults:
-                    pitr.replay(plan, fetched, str(defaults), self.timeout)
             message += f"; replayed {len(plan.files)} binlog file(s) ({plan.describe})"
         elif coordinates:
             message += f"; binlog position {coordinates.get('file')}:{coordinates.get('position')}"
@@ -174,6 +181,19 @@ class MysqlDriver(Driver):
         if owner:
             message += f"; before starting it: chown -R {owner}:{owner} {dest}"
         return message
+
+    def _replay_into_copy(self, datadir: Path, plan: pitr.ReplayPlan, fetched: dict[str, Path], work: Path) -> None:
+        """Binlogs applied to a prepared copy by a scratch server on it (sandboxed; the client connects over its socket)."""
+        rundir = Path(tempfile.mkdtemp(prefix="backupd-mysql-run-"))
+        try:
+            with self._scratch_server(datadir, rundir, ["--skip-grant-tables", "--skip-log-bin"]) as server:
+                with server.credentials.defaults_file(work) as defaults:
+                    pitr.replay(plan, fetched, str(defaults), self.timeout)
+        finally:
+            scratch.remove(rundir)
+
+    def _scratch_server(self, datadir: Path, rundir: Path, extra: list[str]) -> scratch.MariadbScratch:
+        return scratch.MariadbScratch(datadir, rundir, self.scratch_sandbox, extra)
 
     def _fetch_binlogs(self, source: BackupSource, request: RestoreRequest, work: Path
                        ) -> tuple[dict[str, Path], pitr.ReplayPlan]:
@@ -184,7 +204,7 @@ class MysqlDriver(Driver):
                                 manifest.metadata["binlog"]["file"])
         plan = pitr.plan_replay(chain, manifest, request.target, to_gap=request.to_gap)
         directory = work / "binlog"
-        directory.mkdir()
+        directory.mkdir(mode=0o700)
         fetched: dict[str, Path] = {}
         for item in plan.files:
             path = directory / item.name
@@ -210,7 +230,7 @@ class MysqlDriver(Driver):
     def verify(self, source: BackupSource, scratch_dir: Path, checks_sql: list[str]) -> VerifyOutcome:
         manifest = source.manifest
         outcome = VerifyOutcome()
-        with self._loaded_scratch(source, scratch_dir, outcome) as server:
+        with _content_judged(), self._loaded_scratch(source, scratch_dir, outcome) as server:
             found = checks.count_tables(server.credentials, manifest)
             if manifest.row_counts:
                 outcome.row_counts = found
@@ -227,11 +247,11 @@ class MysqlDriver(Driver):
                              "archive_logs = true")
         outcome = VerifyOutcome()
         work = scratch_dir / "binlogs"
-        work.mkdir()
+        work.mkdir(mode=0o700)
         started = time.monotonic()
         fetched, plan = self._fetch_binlogs(source, RestoreRequest(to=str(scratch_dir), target=target), work)
         outcome.steps.append({"step": "fetch binlogs", "files": len(plan.files), "seconds": _since(started)})
-        with self._loaded_scratch(source, scratch_dir / "server", outcome) as server:
+        with _content_judged(), self._loaded_scratch(source, scratch_dir, outcome) as server:
             started = time.monotonic()
             with server.credentials.defaults_file(scratch_dir) as defaults:
                 pitr.replay(plan, fetched, str(defaults), self.timeout)
@@ -243,33 +263,41 @@ class MysqlDriver(Driver):
 
     @contextlib.contextmanager
     def _loaded_scratch(self, source: BackupSource, scratch_dir: Path, outcome: VerifyOutcome
-                        ) -> Iterator[scratch.ScratchServer]:
-        """A throwaway mariadbd under ``scratch_dir`` holding the backup; stopped on the way out."""
+                        ) -> Iterator[scratch.MariadbScratch]:
+        """A throwaway mariadbd under ``scratch_dir``/server holding the backup; stopped on the way out.
+
+        The server runs sandboxed as the scratch user, which must reach its directories:
+        ``scratch_dir`` and ``server`` are opened to it for traversal (not listing).
+        """
         manifest = source.manifest
-        datadir, rundir = scratch_dir / "data", scratch_dir / "run"
+        base = scratch_dir / "server"
+        base.mkdir(mode=0o700)
+        if self.scratch_user() is not None:
+            for path in (scratch_dir, base):
+                path.chmod(0o711)
+        datadir, rundir = base / "data", base / "run"
         started = time.monotonic()
         extra = ["--skip-log-bin"]
-        if manifest.method == "physical":
-            datadir.mkdir(parents=True)
+        if manifest.method == "physical":  # the copy's files are hostile too: unpacked and prepared sandboxed
+            datadir.mkdir(mode=0o700)
+            sandbox = self.scratch_sandbox([datadir])
+            scratch.give_to(sandbox.user, [datadir])
             with source.open(physical.STREAM) as stream:
-                size = physical.extract(stream, datadir)
-            physical.prepare(datadir, self.timeout)
+                size = physical.extract(stream, datadir, sandbox)
+            physical.prepare(datadir, self.timeout, sandbox)
             extra.append("--skip-grant-tables")
             outcome.steps.append({"step": "extract+prepare", "bytes": size, "seconds": _since(started)})
         else:
-            scratch.install_db(datadir)
-        server = scratch.ScratchServer(datadir, rundir, extra)
-        try:
-            server.start()
+            scratch.install_db(datadir, self.scratch_sandbox)
+        with self._scratch_server(datadir, rundir, extra) as server:
             outcome.steps.append({"step": "start scratch mariadbd", "seconds": _since(started)})
             if manifest.method == "logical":
                 step = time.monotonic()
-                with server.credentials.defaults_file(scratch_dir) as defaults, source.open(logical.STREAM) as stream:
+                with server.credentials.defaults_file(base) as defaults, \
+                        source.open(logical.STREAM) as stream:
                     size = load.load_dump(str(defaults), stream, set())
                 outcome.steps.append({"step": "load dump", "bytes": size, "seconds": _since(step)})
             yield server
-        finally:
-            server.stop()
 
     # ---- logs and checks --------------------------------------------------------------------
 
@@ -287,6 +315,17 @@ class MysqlDriver(Driver):
 
     def check(self) -> Iterable[Check]:
         return checks.server_checks(self)
+
+
+@contextlib.contextmanager
+def _content_judged() -> Iterator[None]:
+    """In verification, content the scratch restore rejects makes the backup bad (exit 3), not the run failed."""
+    try:
+        yield
+    except ContentRejected as exc:
+        raise IntegrityError(f"the scratch restore rejected the backup: {exc.brief}") from None
+    except BackupNotFound as exc:  # the manifest names no stream of the kind its method writes
+        raise IntegrityError(str(exc)) from None
 
 
 def _since(started: float) -> float:

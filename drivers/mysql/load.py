@@ -9,7 +9,7 @@ from typing import BinaryIO, Iterable, Iterator
 import pymysql
 
 from backupd.errors import DriverError
-from drivers.mysql.client import Credentials, find_tool, query, quote_ident
+from drivers.mysql.client import Credentials, query, quote_ident, tool_path
 from drivers.mysql.dumpsyntax import NAME
 from drivers.mysql.loader import load_parallel
 
@@ -73,7 +73,14 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
 
 
 def client_argv(defaults_file: str, *extra: str) -> list[str]:
-    return [find_tool("client"), f"--defaults-extra-file={defaults_file}", "--binary-mode",
+    """The client that runs backup content (a dump, mysqlbinlog's output) against a server.
+
+    That content may be hostile, and the client runs on this host as backupd: ``--binary-mode``
+    turns off its own commands (``\\!`` runs a shell, ``tee`` and ``pager`` write files; only
+    ``DELIMITER`` and ``\\C`` remain), and ``--local-infile=0`` keeps ``LOAD DATA LOCAL INFILE``
+    from sending it a file of this host.
+    """
+    return [tool_path("client"), f"--defaults-extra-file={defaults_file}", "--binary-mode", "--local-infile=0",
             "--max-allowed-packet=1G", *extra]
 
 

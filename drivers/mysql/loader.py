@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import re
 import secrets
-import subprocess
 import threading
 from typing import Iterable, Sequence
 
 from backupd.errors import DriverError
-from drivers.mysql.client import Tool
+from backupd.tool import PIPE, Tool
+from drivers.mysql.client import check_content
 from drivers.mysql.dumpsyntax import (DATA_HEADER, DATA_STATEMENT, DATABASE_HEADER, NAME, OTHER_SECTION, STRUCTURE_HEADER,
                                       quote, unquote)
 
@@ -53,7 +53,7 @@ class _Client:
     """One ``mariadb`` client fed through stdin; its stdout is watched for barrier markers."""
 
     def __init__(self, argv: Sequence[str], marker: bytes) -> None:
-        self.tool = Tool(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.tool = Tool(argv, stdin=PIPE, stdout=PIPE)
         self.database: bytes | None = None
         self._marker = marker
         self._seen: set[bytes] = set()
@@ -156,7 +156,7 @@ class ParallelLoad:
         for client in [self.main, *self._workers]:
             client.finish()
         for client in [*self._workers, self.main]:
-            client.tool.check(what="loading the dump")
+            check_content(client.tool, "loading the dump")
 
     def close(self) -> None:
         for client in [self.main, *self._workers]:
@@ -170,7 +170,7 @@ class ParallelLoad:
             except OSError:
                 pass
         for client in [self.main, *self._workers]:
-            client.tool.check(what="loading the dump")
+            check_content(client.tool, "loading the dump")
         raise DriverError("a mysql client stopped reading the dump")
 
     def _starts_statement(self, line: bytes | bytearray) -> bool:

@@ -24,7 +24,8 @@ import pymysql
 
 from backupd.errors import DriverError
 from backupd.timeutil import format_timestamp, utcnow
-from drivers.mysql.client import Credentials, Tool, find_tool, query, quote_ident, scalar, variable
+from backupd.tool import Tool
+from drivers.mysql.client import Credentials, query, quote_ident, scalar, tool_path, variable
 from drivers.mysql.options import SYSTEM_SCHEMAS
 from drivers.mysql.rowcount import RowCounter
 
@@ -226,12 +227,12 @@ def _read_header(tool: Tool, want_coordinates: bool) -> tuple[bytes, tuple[str, 
             return b"".join(lines), None
     if want_coordinates:
         tool.kill()
-        raise DriverError(f"{tool.name} printed no binlog coordinates: {tool.error_summary()}")
+        raise DriverError(f"{tool.name} printed no binlog coordinates: {tool.stderr_summary()}")
     return b"".join(lines), None
 
 
 def dump_argv(defaults_file: str, info: ServerInfo, databases: list[str]) -> list[str]:
-    argv = [find_tool("dump"), f"--defaults-extra-file={defaults_file}", "--single-transaction", "--quick",
+    argv = [tool_path("dump"), f"--defaults-extra-file={defaults_file}", "--single-transaction", "--quick",
             "--routines", "--events", "--triggers", "--hex-blob", "--default-character-set=utf8mb4"]
     if info.log_bin:
         argv.append("--master-data=2" if info.flavor == "mariadb" else "--source-data=2")

@@ -20,18 +20,22 @@ counts, as before.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
-import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from backupd.errors import DriverError
 import pymysql
 
-from drivers.mysql.client import Credentials, Tool, find_tool, query
+from backupd.errors import DriverError
+from backupd.sandbox import Sandbox
+from backupd.tool import DEVNULL, PIPE, Tool
+from drivers.mysql.client import ContentRejected, Credentials, check_content, query, tool_path
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
 
 STREAM = "physical"
@@ -156,7 +160,7 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         conn.close()
     target = work_dir / "mariadb-backup"
     shutil.rmtree(target, ignore_errors=True)
-    argv = [find_tool("backup"), f"--defaults-extra-file={defaults_file}", "--backup", "--stream=xbstream",
+    argv = [tool_path("backup"), f"--defaults-extra-file={defaults_file}", "--backup", "--stream=xbstream",
             f"--target-dir={target}"]
     counting = info.flavor == "mariadb" and info.log_bin
     early = _EarlyCount(credentials, tables) if counting and all_innodb else None
@@ -225,25 +229,64 @@ def _all_innodb(conn: pymysql.connections.Connection, databases: list[str]) -> b
     return engines == {"innodb"}
 
 
-def extract(stream: BinaryIO, dest: Path) -> int:
-    """Unpack an xbstream into ``dest`` through mbstream; return bytes fed."""
-    size = 0
-    with Tool([find_tool("stream"), "-x", "-C", str(dest)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as tool:
-        try:
-            while chunk := stream.read(COPY_CHUNK):
-                tool.stdin.write(chunk)
-                size += len(chunk)
-            tool.stdin.close()
-        except BrokenPipeError:
-            pass
-        tool.check(what="extracting the backup")
+def extract(stream: BinaryIO, dest: Path, sandbox: Sandbox | None = None) -> int:
+    """Unpack an xbstream into ``dest`` through mbstream (in ``sandbox`` if given); return bytes fed.
+
+    mbstream skips a member it refuses (an absolute name, one with ``..``) with a
+    message on stderr and still exits 0; it says nothing when all is well. So any
+    message fails the extraction: a copy missing a member is not a good restore.
+    """
+    with Tool([tool_path("stream"), "-x", "-C", str(dest)], stdin=PIPE, stdout=DEVNULL, sandbox=sandbox) as tool:
+        size = tool.feed(stream, COPY_CHUNK)
+        check_content(tool, "extracting the backup")
+        if tool.stderr_text().strip():
+            raise ContentRejected(f"{tool.name} refused part of the backup: {tool.stderr_summary()}",
+                                  f"{tool.name} (extracting the backup) refused a member of the stream")
     return size
 
 
-def prepare(dest: Path, timeout: float | None = None) -> None:
-    with Tool([find_tool("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"],
-              stdout=subprocess.DEVNULL) as tool:
-        tool.check(timeout, "prepare")
+def prepare(dest: Path, timeout: float | None = None, sandbox: Sandbox | None = None) -> None:
+    """``mariadb-backup --prepare``: crash recovery of the copy (in ``sandbox`` if given)."""
+    with Tool([tool_path("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"], stdout=DEVNULL,
+              sandbox=sandbox) as tool:
+        check_content(tool, "prepare", timeout)
+
+
+def staging_dir(dest: Path) -> Path:
+    """An empty directory beside ``dest`` (same filesystem) to restore into before it becomes ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.backupd-", dir=dest.parent))
+
+
+def install(staging: Path, dest: Path) -> None:
+    """Make the restored copy in ``staging`` the directory ``dest``.
+
+    A missing ``dest`` is simply renamed into place. An existing one (empty, or
+    replaced with --force) keeps its inode (it may be a mount point): its entries
+    are removed without following symbolic links (a link to a directory outside is
+    unlinked, never emptied or written through), then the copy's entries moved in.
+    """
+    if not dest.exists() and not dest.is_symlink():
+        os.rename(staging, dest)
+        return
+    clear(dest)
+    for child in staging.iterdir():
+        try:
+            os.rename(child, dest / child.name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(str(child), str(dest / child.name))
+    staging.rmdir()
+
+
+def clear(directory: Path) -> None:
+    """Remove everything inside ``directory``; symbolic links are unlinked, not followed."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def binlog_info(dest: Path) -> dict[str, Any] | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,8 @@ from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import UTC, format_timestamp
 from drivers.mysql import binlog
-from drivers.mysql.client import Tool, find_tool
+from backupd.tool import DEVNULL, Tool
+from drivers.mysql.client import ContentRejected, check_content, tool_path
 from drivers.mysql.load import client_argv
 
 PARTIAL = ".partial"
@@ -246,14 +246,14 @@ def _gtid_end(path: Path, gtid: str, start: int) -> int | None:
 def replay(plan: ReplayPlan, fetched: dict[str, Path], defaults_file: str, timeout: float | None = None) -> None:
     """ONE mysqlbinlog over every file, piped into ONE client connection."""
     paths: Sequence[str] = [str(fetched[f.name]) for f in plan.files]
-    argv = [find_tool("binlog"), f"--start-position={plan.start_position}", *plan.stop_args, *paths]
+    argv = [tool_path("binlog"), f"--start-position={plan.start_position}", *plan.stop_args, *paths]
     env = {**os.environ, "TZ": "UTC"}
     with Tool(argv, env=env) as reader:
-        with Tool(client_argv(defaults_file), stdin=reader.stdout, stdout=subprocess.DEVNULL) as client:
+        with Tool(client_argv(defaults_file), stdin=reader.stdout, stdout=DEVNULL) as client:
             reader.stdout.close()  # the client holds the pipe now; mysqlbinlog sees EPIPE if it dies
             try:
-                client.check(timeout, "applying binlogs")
-            except DriverError as exc:
+                check_content(client, "applying binlogs", timeout)
+            except ContentRejected as exc:
                 if "gone away" in str(exc):
                     exc.hint = "raise max_allowed_packet on the target server (large row events need it)"
                 raise
