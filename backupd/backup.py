@@ -119,6 +119,7 @@ def _record_run(ctx: JobContext, record: RunRecord) -> None:
 def _discard(ctx: JobContext, backup_id: str) -> None:
     try:
         ctx.repository.delete_partial(backup_id)
+        ctx.repository.release_id(backup_id)
     except Exception as exc:  # the original failure matters more; prune/next run cleans up
         log.warning("could not remove objects of the failed backup", backup_id=backup_id, error=str(exc))
 
@@ -135,4 +136,5 @@ def _remove_abandoned(ctx: JobContext) -> None:
         if backup_id_time(backup_id) > cutoff:
             continue
         count = ctx.repository.delete_partial(backup_id)
+        ctx.repository.release_id(backup_id)
         log.info("removed objects of an abandoned backup", backup_id=backup_id, objects=count)

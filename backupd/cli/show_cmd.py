@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from backupd.cli.common import human_size, print_json, settings_from
-from backupd.context import JobContext
-from backupd.errors import BackupNotFound
+from backupd.cli.common import human_size, job_of_backup, print_json
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp
 
@@ -20,16 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def find(args: argparse.Namespace) -> Manifest:
-    settings = settings_from(args)
-    jobs = [args.job] if args.job else sorted(settings.jobs)
-    for job in jobs:
-        ctx = JobContext(settings, job)
-        try:
-            if args.backup_id in ctx.repository.backup_ids():
-                return ctx.repository.load_manifest(args.backup_id)
-        finally:
-            ctx.close()
-    raise BackupNotFound(f"backup {args.backup_id} not found in the repositories of: {', '.join(jobs) or 'no jobs'}")
+    ctx = job_of_backup(args)
+    try:
+        return ctx.repository.load_manifest(args.backup_id)
+    finally:
+        ctx.close()
 
 
 def run(args: argparse.Namespace) -> int:
