@@ -177,7 +177,8 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
 
 # -- restore -------------------------------------------------------------------------------
 
-def prepare_directory(dest: Path, force: bool) -> None:
+def check_directory(dest: Path, force: bool) -> None:
+    """Raise what ``prepare_directory`` would refuse, changing nothing."""
     if dest.exists() and not dest.is_dir():
         raise DriverError(f"{dest}: exists and is not a directory; --to must name a data directory")
     if dest.is_dir() and any(dest.iterdir()):
@@ -186,6 +187,11 @@ def prepare_directory(dest: Path, force: bool) -> None:
         if not force:
             raise DriverError(f"{dest}: directory is not empty; refusing to overwrite it",
                               hint="pass --force to replace its contents, or choose an empty directory")
+
+
+def prepare_directory(dest: Path, force: bool) -> None:
+    check_directory(dest, force)
+    if dest.is_dir() and any(dest.iterdir()):
         for child in dest.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
