@@ -99,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(exc)
         return exc.exit_code
     except KeyboardInterrupt:
+        from backupd.errors import EXIT_INTERRUPTED
+
         print("backupd: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
         import structlog
 
