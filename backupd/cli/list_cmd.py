@@ -10,7 +10,7 @@ from backupd.catalog import Catalog
 from backupd.cli.common import human_size, print_json, print_table, settings_from
 from backupd.context import JobContext
 from backupd.manifest import Manifest
-from backupd.timeutil import format_timestamp
+from backupd.timeutil import format_timestamp, parse_timestamp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,9 @@ def pitr_range(manifest: Manifest, newest_log: dt.datetime | None) -> dict[str, 
     pitr = manifest.metadata.get("pitr")
     if not isinstance(pitr, dict) or "from" not in pitr:
         return None
-    until = format_timestamp(newest_log.replace(microsecond=0)) if newest_log else pitr["from"]
+    start = parse_timestamp(pitr["from"])
+    # the window ends at the newest archived log, never before it starts (no log archived since the backup)
+    until = format_timestamp(newest_log.replace(microsecond=0)) if newest_log and newest_log > start else pitr["from"]
     return {"from": pitr["from"], "to": until, "log_kind": pitr.get("log_kind", "")}
 
 

@@ -56,14 +56,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def report(exc: BackupdError) -> None:
     from backupd.errors import ConfigError
+    from backupd.logs import write_stderr
     from backupd.redact import redact
 
-    print(f"backupd: error: {redact(str(exc))}", file=sys.stderr)
+    lines = [f"backupd: error: {redact(str(exc))}"]
     if isinstance(exc, ConfigError):
-        for line in exc.errors:
-            print(f"  {redact(line)}", file=sys.stderr)
+        lines.extend(f"  {redact(line)}" for line in exc.errors)
     if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
+        lines.append(f"hint: {exc.hint}")
+    write_stderr("".join(f"{line}\n" for line in lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,13 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         from backupd.errors import EXIT_INTERRUPTED
 
-        print("backupd: interrupted", file=sys.stderr)
+        from backupd.logs import write_stderr
+
+        write_stderr("backupd: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
         import structlog
 
         structlog.get_logger("backupd").exception("internal error")
-        print(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        logs.write_stderr(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}\n")
         return EXIT_FAILURE
 
 

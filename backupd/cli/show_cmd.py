@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any, Iterator
 
 from backupd.cli.common import human_size, job_of_backup, print_json
 from backupd.manifest import Manifest
@@ -47,8 +49,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {table}  {count}")
     if manifest.metadata:
         print("metadata")
-        for key, value in sorted(manifest.metadata.items()):
+        for key, value in flatten(manifest.metadata):
             print(f"  {key}  {value}")
     if manifest.tool_versions:
         print("tools       " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.tool_versions.items())))
     return 0
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Nested metadata as ``dotted.key  text`` pairs: plain text and JSON, never Python reprs."""
+    if isinstance(value, dict) and value:
+        for key in sorted(value, key=str):
+            yield from flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+        yield prefix, ", ".join(str(item) for item in value) if value else "-"
+    elif isinstance(value, (dict, list)):
+        yield prefix, json.dumps(value, sort_keys=True) if value else "-"
+    elif value is None:
+        yield prefix, "-"
+    elif isinstance(value, bool):
+        yield prefix, "yes" if value else "no"
+    else:
+        yield prefix, str(value)
