@@ -5,16 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 
-from core_fixtures import Keys, make_sample_db
+from core_fixtures import Keys, make_sample_db, sqlite_job_config
 from support import error_lines, require_tool, run_backupd, write_config
 
 from backupd.repository import Repository
 from backupd.timeutil import UTC
 from storage.filesystem import FilesystemStorage, FilesystemOptions
 
-FROZEN = "2026-11-24 02:00:00"  # faketime's clock, UTC
+FROZEN = "2026-11-24 02:00:00"  # faketime: the wall clock stands still there (UTC); monotonic runs
 FROZEN_ID = "20261124T020000Z"
 
 
@@ -34,7 +35,7 @@ def two_jobs(tmp_path: Path, keys: Keys) -> Path:
 
 def backup_at_frozen_time(config: Path, job: str) -> str:
     require_tool("faketime")
-    env = {"FAKETIME": f"@{FROZEN}", "FAKETIME_DONT_FAKE_MONOTONIC": "1", "TZ": "UTC",
+    env = {"FAKETIME": FROZEN, "FAKETIME_DONT_FAKE_MONOTONIC": "1", "TZ": "UTC",
            "LD_PRELOAD": _libfaketime()}
     result = run_backupd("backup", job, config=config, env=env, check=True)
     return result.out.strip()
@@ -93,3 +94,16 @@ def test_a_deleted_backup_gives_its_id_back(tmp_path: Path) -> None:
     assert shop.new_backup_id(moment) == f"{FROZEN_ID}-2"
     billing.release_id(FROZEN_ID)
     assert shop.new_backup_id(moment) == FROZEN_ID
+
+
+def test_prune_gives_the_ids_of_pruned_backups_back(tmp_path: Path, keys: Keys) -> None:
+    db = tmp_path / "shop.sqlite3"
+    make_sample_db(db, rows=200)
+    config = sqlite_job_config(tmp_path, keys, {"type": "filesystem", "path": str(tmp_path / "repo")}, db,
+                               {"retention": {"keep_last": 1}})
+    first = run_backupd("backup", "shop", config=config, check=True).out.strip()
+    time.sleep(1.1)  # a second backup in another second: its own id
+    second = run_backupd("backup", "shop", config=config, check=True).out.strip()
+    assert sorted(p.name for p in (tmp_path / "repo" / "_ids").iterdir()) == sorted([first, second])
+    run_backupd("prune", "shop", config=config, check=True)
+    assert [p.name for p in (tmp_path / "repo" / "_ids").iterdir()] == [second]
