@@ -3,12 +3,16 @@ real run would refuse and exits non-zero. No database server is needed: a wrong 
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from core_fixtures import Keys, SqliteJob
-from support import error_lines, run_backupd, write_config
+from support import BACKUPD, error_lines, run_backupd, write_config
 
 JOBS: dict[str, dict[str, object]] = {
     "pg": {"driver": "postgres", "dsn": "postgresql://backup@127.0.0.1:1/shop"},
@@ -86,3 +90,29 @@ def test_dry_run_exits_non_zero_where_the_restore_would_refuse(sqlite_job: Sqlit
     assert forced.code == 0 and backup_id in forced.out
     fresh = run_backupd("restore", "shop", "--to", str(tmp_path / "new.sqlite3"), "--dry-run", config=sqlite_job.config)
     assert fresh.code == 0 and not (tmp_path / "new.sqlite3").exists()
+
+
+def test_a_directory_the_user_cannot_write_is_refused_up_front(keys: Keys) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run backupd as nobody")
+    root = Path(tempfile.mkdtemp(prefix="backupd-to-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        identity = root / "identity.txt"
+        shutil.copy(keys.identity_file, identity)
+        config = write_config(root / "backupd.toml", {
+            "daemon": {"state_dir": str(root / "state")},
+            "storage.main": {"type": "filesystem", "path": str(root / "repo")},
+            "encryption": {"recipients": [keys.recipient], "identity_file": str(identity)},
+            "jobs.lite": {**JOBS["lite"], "storage": "main"},
+        })
+        locked = root / "locked"
+        locked.mkdir(mode=0o755)
+        argv = ["runuser", "-u", "nobody", "--", *BACKUPD, "--config", str(config), "--log-format", "json",
+                "restore", "lite", "--to", str(locked / "x.db")]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
+        assert proc.returncode == 2, proc.stderr
+        assert error_lines(proc.stderr) == [f"backupd: error: --to {locked}/x.db: directory {locked} is not "
+                                            "writable by nobody"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
