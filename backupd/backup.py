@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Callable
 
 import structlog
 
@@ -27,7 +28,9 @@ def run_backup(
     *,
     wait: float = 0.0,
     cancel: threading.Event | None = None,
+    on_id: Callable[[str], None] | None = None,
 ) -> Manifest:
+    """One backup of the job; ``on_id`` hears the new backup's id as soon as it is chosen."""
     driver = ctx.driver
     method = method or driver.default_method
     if method not in driver.methods:
@@ -39,6 +42,8 @@ def run_backup(
             _remove_abandoned(ctx)
             started = utcnow()
             backup_id = repo.new_backup_id(started)
+            if on_id is not None:
+                on_id(backup_id)
         except BaseException as exc:  # storage down before the first byte: still a failed attempt
             _count_failure(ctx.name, method)
             _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
@@ -119,6 +124,7 @@ def _record_run(ctx: JobContext, record: RunRecord) -> None:
 def _discard(ctx: JobContext, backup_id: str) -> None:
     try:
         ctx.repository.delete_partial(backup_id)
+        ctx.repository.release_id(backup_id)
     except Exception as exc:  # the original failure matters more; prune/next run cleans up
         log.warning("could not remove objects of the failed backup", backup_id=backup_id, error=str(exc))
 

@@ -93,7 +93,8 @@ class JobContext:
 
     @functools.cached_property
     def recipients(self) -> list[age.X25519Recipient]:
-        return [age.parse_recipient(text) for text in self.settings.encryption.recipients]
+        texts = self.settings.encryption.require_recipients("writing a backup or an archived log")
+        return [age.parse_recipient(text) for text in texts]
 
     @property
     def identity_file(self) -> Path:

@@ -274,3 +274,12 @@ class Driver(abc.ABC):
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
         """Lines of the plan ``--dry-run`` prints."""
         return [f"restore backup {manifest.backup_id} ({manifest.method}) to {request.to}"]
+
+    def check_to(self, request: RestoreRequest) -> None:
+        """Refuse (UsageError, exit 2) a ``--to`` of a kind this driver cannot restore to, using
+        ``backupd.restore_to`` (a directory, a file, a URL of its scheme). Called before anything is read."""
+
+    def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        """Raise what restoring ``manifest`` to ``request.to`` would refuse (an existing file, a non-empty
+        directory, a database holding data) without changing anything. Called before a restore writes its
+        first byte, and by ``--dry-run``, which then exits non-zero."""

@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_VERIFY_BAD = 3
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report 128 + 2
 
 
 class BackupdError(Exception):

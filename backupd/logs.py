@@ -53,3 +53,21 @@ def configure(fmt: str | None = None, level: str = "info") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def write_stderr(text: str) -> None:
+    """Write operator-facing lines to stderr in one piece, between log records, never inside one.
+
+    Log records come from any thread; holding the log handler's lock while the whole text
+    is written and flushed keeps a JSON log line and the error message apart on a pipe.
+    """
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr]
+    for handler in handlers:
+        handler.acquire()
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    finally:
+        for handler in reversed(handlers):
+            handler.release()

@@ -254,6 +254,7 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
             log.warning("backup is under Object Lock; kept", backup_id=backup_id, error=str(exc))
             continue
         result.deleted_objects += 1 + _delete_objects(ctx, backup_id, result)
+        repo.release_id(backup_id)
         result.deleted_backups.append(backup_id)
         log.info("backup pruned", backup_id=backup_id)
     for backup_id in doomed_partials:
@@ -264,6 +265,7 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
             decision.keep = True
             decision.reasons.insert(0, "keep: some objects are locked (Object Lock)")
             continue
+        repo.release_id(backup_id)
         result.deleted_partials.append(backup_id)
         log.info("partial backup removed", backup_id=backup_id)
     archives: dict[str, LogArchive] = {}

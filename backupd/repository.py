@@ -5,6 +5,7 @@ Layout (DESIGN.md)::
     <job>/backups/<backup_id>/manifest.json     written last; the commit point
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
     <job>/verify/<timestamp>.json               verification reports
+    _ids/<backup_id>                            claim of a backup id, naming its job
 
 A backup exists only once its manifest does. Directories without one are
 partial leftovers of a failed or killed run; they are never listed as backups.
@@ -28,11 +29,12 @@ from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectL
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.storage import Readable, Storage
-from backupd.timeutil import BACKUP_ID_RE, backup_id_for, backup_id_sort_key
+from backupd.timeutil import BACKUP_ID_RE, backup_id_candidates, backup_id_sort_key
 
 log = structlog.get_logger(__name__)
 
 OBJECT_SUFFIX = ".zst.age"
+ID_CLAIMS_PREFIX = "_ids/"
 MAX_REPORT = 64 << 20
 
 
@@ -183,8 +185,33 @@ class Repository:
 
     # -- writing -----------------------------------------------------------
     def new_backup_id(self, moment: dt.datetime) -> str:
+        """An id for a backup starting at ``moment``, claimed for this job in the whole storage."""
         committed, partial = self.scan()
-        return backup_id_for(moment, set(committed) | set(partial))
+        taken = set(committed) | set(partial)
+        for candidate in backup_id_candidates(moment):
+            if candidate in taken:
+                continue
+            try:
+                self.storage.put(self.claim_key(candidate), io.BytesIO(self.job.encode()), if_absent=True)
+            except ObjectExists:
+                continue  # another job of this storage has it
+            return candidate
+        raise AssertionError("unreachable")  # backup_id_candidates never ends
+
+    @staticmethod
+    def claim_key(backup_id: str) -> str:
+        return f"{ID_CLAIMS_PREFIX}{backup_id}"
+
+    def release_id(self, backup_id: str) -> None:
+        """Drop this job's claim of ``backup_id`` (never another job's)."""
+        key = self.claim_key(backup_id)
+        try:
+            with contextlib.closing(self.storage.open(key)) as handle:
+                owner = handle.read(256).decode(errors="replace")
+        except ObjectNotFound:
+            return
+        if owner == self.job:
+            self.storage.delete(key)
 
     def write_stream(
         self,
@@ -227,7 +254,9 @@ class Repository:
     def delete_backup(self, backup_id: str) -> int:
         """Manifest first (so a half-deleted backup is never listed), then its objects."""
         self.storage.delete(self.manifest_key(backup_id))
-        return 1 + self.delete_partial(backup_id)
+        count = 1 + self.delete_partial(backup_id)
+        self.release_id(backup_id)
+        return count
 
     def delete_partial(self, backup_id: str) -> int:
         count = 0
@@ -249,6 +278,7 @@ class Repository:
                     self.delete_partial(backup_id)
                 except ObjectLocked:
                     continue  # Object Lock still holds some of it: retention removes it once the lock ends
+                self.release_id(backup_id)
             removed.append(backup_id)
         return removed, self.storage.sweep(self.backups_prefix, remove=remove)
 

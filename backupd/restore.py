@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import structlog
 
@@ -38,18 +38,30 @@ class RepositorySource:
         return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]
 
 
-def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None) -> list[str]:
-    """Restore (or with ``dry_run`` only plan); return the lines to print."""
+def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None,
+                emit: Callable[[str], None] | None = None) -> list[str]:
+    """Restore (or with ``dry_run`` only plan); return the lines to print, passing each to ``emit`` too.
+
+    A dry run emits its plan, then raises what the real run would refuse (so it exits non-zero).
+    """
+    ctx.driver.check_to(request)
     manifests = ctx.repository.manifests()  # an unusable manifest is skipped (with a warning naming it)
     if backup_id and not any(m.backup_id == backup_id for m in manifests):
         manifests.append(ctx.repository.load_manifest(backup_id))  # the named one: its own error, if any
     manifest = ctx.driver.choose_backup(manifests, request, backup_id)
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:
-        return ["plan (dry run, nothing touched):", *("  " + line for line in plan)]
+        lines = ["plan (dry run, nothing touched):", *("  " + line for line in plan)]
+        for line in lines if emit else ():
+            emit(line)
+        ctx.driver.check_target(manifest, request)
+        return lines
+    ctx.driver.check_target(manifest, request)
     source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file))
     with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=manifest.backup_id, stage="restore"):
         log.info("restore started", to=request.to)
         message = ctx.driver.restore(source, request)
         log.info("restore finished")
+    if emit:
+        emit(message)
     return [message]

@@ -84,8 +84,19 @@ class DaemonSettings(Strict):
 
 
 class EncryptionSettings(Strict):
-    recipients: list[str] = Field(min_length=1)
+    #: Needed to write (backups, archived logs); reading the repository (list, show,
+    #: verify --integrity-only, prune) needs none, so a DR or audit host may leave it out.
+    recipients: list[str] = []
     identity_file: Path | None = None
+
+    def require_recipients(self, needed_for: str) -> list[str]:
+        if not self.recipients:
+            raise ConfigError(
+                f"encryption.recipients is empty: {needed_for} encrypts to it",
+                hint='add recipients = ["age1..."] (the public key `backupd keys generate` prints) to [encryption], '
+                     "or set BACKUPD_ENCRYPTION__RECIPIENTS",
+            )
+        return self.recipients
 
     @field_validator("recipients")
     @classmethod
@@ -192,7 +203,7 @@ class Settings(BaseSettings):
 
     daemon: DaemonSettings = DaemonSettings()
     storage: dict[str, dict[str, Any]]
-    encryption: EncryptionSettings
+    encryption: EncryptionSettings = EncryptionSettings()
     jobs: dict[str, JobSettings] = {}
 
     @classmethod

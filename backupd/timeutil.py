@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
+
+TYPE_CHECKING = False  # importing typing costs each WAL file start-up a few ms
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 UTC = dt.timezone.utc
 
@@ -47,14 +52,17 @@ def utcnow() -> dt.datetime:
 BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z(?:-\d+)?$")
 
 
-def backup_id_for(moment: dt.datetime, taken: set[str] | frozenset[str] = frozenset()) -> str:
-    """``20261124T020000Z``, with ``-2``, ``-3``... when that id is taken; sorts by time."""
+def backup_id_candidates(moment: dt.datetime) -> Iterator[str]:
+    """``20261124T020000Z``, then ``-2``, ``-3``... for when the previous one is taken; sorts by time."""
     base = moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    candidate, n = base, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
+    yield base
+    for n in itertools.count(2):
+        yield f"{base}-{n}"
+
+
+def backup_id_for(moment: dt.datetime, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """The first of ``backup_id_candidates(moment)`` not in ``taken``."""
+    return next(c for c in backup_id_candidates(moment) if c not in taken)
 
 
 def backup_id_sort_key(backup_id: str) -> tuple[str, int]:

@@ -23,7 +23,9 @@ from typing import Iterable, Iterator
 from pydantic import Field
 
 from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
+from backupd import restore_to
 from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.manifest import Manifest
 from backupd.sandbox import chown_to
 from backupd.tool import run
 
@@ -131,16 +133,20 @@ class SqliteDriver(Driver):
             os.fsync(out.fileno())
         return size
 
-    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+    def check_to(self, request: RestoreRequest) -> None:
+        restore_to.file(request.to, "sqlite")
         if request.tables:
             raise UsageError("the sqlite driver restores whole databases; --table is not supported")
-        dest = Path(request.to).expanduser()
+
+    def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        dest = restore_to.file(request.to, "sqlite")
         if dest.exists() and not request.force:
             raise DriverError(f"{dest}: file exists; refusing to overwrite it", hint="pass --force to replace it")
-        if dest.is_dir():
-            raise DriverError(f"{dest}: is a directory; --to must name the database file")
-        if not dest.parent.is_dir():
-            raise DriverError(f"{dest.parent}: directory does not exist")
+
+    def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        self.check_to(request)
+        self.check_target(source.manifest, request)
+        dest = restore_to.file(request.to, "sqlite")
         with _temp_path(dest.parent, dest.name) as tmp:
             size = self._write(source, tmp)
             db = _connect(tmp)

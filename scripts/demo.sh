@@ -62,4 +62,18 @@ if command -v age >/dev/null && command -v zstd >/dev/null; then
 else
   echo "(age or zstd CLI not installed; skipped)"
 fi
+step "backupd prune demo --dry-run (what retention would keep, and why)"
+$BACKUPD --log-level warning prune demo --dry-run
+
 step "done: repository in var/repository, config in config/quickstart.toml"
+cat <<EOF
+Carry on from this directory with the demo's configuration:
+  export BACKUPD_CONFIG=config/quickstart.toml
+  .venv/bin/backupd list
+  .venv/bin/backupd show $id
+  .venv/bin/backupd verify demo --integrity-only
+  .venv/bin/backupd prune demo --dry-run
+Reading needs no key; taking another backup needs the demo's public key too:
+  export BACKUPD_ENCRYPTION__RECIPIENTS='["$recipient"]'
+  .venv/bin/backupd backup demo
+EOF

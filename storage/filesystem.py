@@ -134,6 +134,7 @@ class FilesystemStorage(Storage):
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+                self._tidy(target.parent)  # a failed first write leaves no empty backup directory
                 raise
         return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),
                           metadata=dict(metadata) if metadata is not None else None)
@@ -205,14 +206,16 @@ class FilesystemStorage(Storage):
                 return
             with contextlib.suppress(FileNotFoundError):
                 self._meta_path(path).unlink()
-            # Tidy empty parents up to the root so listings stay small.
-            parent = path.parent
-            while parent != self.root:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-                parent = parent.parent
+            self._tidy(path.parent)
+
+    def _tidy(self, parent: Path) -> None:
+        """Remove empty directories from ``parent`` up to the root, so listings stay small."""
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
 
     def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:

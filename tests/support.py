@@ -34,14 +34,14 @@ class Result:
 
 
 def run_backupd(*args: str, config: Path | None = None, env: dict[str, str] | None = None,
-                timeout: float = 120, check: bool = False) -> Result:
+                timeout: float = 120, check: bool = False, cwd: Path = REPO_ROOT) -> Result:
     """Run the real ``backupd`` in a child process, as an operator would."""
     argv = [*BACKUPD]
     if config is not None:
         argv += ["--config", str(config)]
     argv += ["--log-format", "json", *args]
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO_ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"backupd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")

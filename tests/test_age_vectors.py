@@ -29,10 +29,9 @@ from backupd.age import (
     dearmor,
 )
 
-VECTORS = Path(
-    os.environ.get("BACKUPD_AGE_VECTORS")
-    or Path(__file__).resolve().parents[2] / "shared" / "testdata" / "age-cctv"
-)
+#: C2SP CCTV's age vectors, kept in this repository (tests/data/age-cctv, see SOURCE.txt there);
+#: BACKUPD_AGE_VECTORS points at another copy (e.g. a newer CCTV checkout).
+VECTORS = Path(os.environ.get("BACKUPD_AGE_VECTORS") or Path(__file__).resolve().parent / "data" / "age-cctv")
 EXPECTED_ERRORS: dict[str, type[AgeError]] = {
     "no match": NoIdentityMatch,
     "HMAC failure": HmacError,

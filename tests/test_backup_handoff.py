@@ -154,7 +154,8 @@ def test_killing_the_command_aborts_the_daemons_backup(tmp_path: Path, keys: Key
                what="the aborted backup cleaned up")
     assert manifests(tmp_path / "repo", "slow") == []
     assert not list((tmp_path / "repo" / "slow" / "backups").glob("*/*")), "aborted backup's objects left"
-    assert "went away" in audit_events(tmp_path / "state")[-1]["detail"]
+    d.wait_for(lambda: (tmp_path / "state" / "audit.log").exists()  # written after the clean-up
+               and "went away" in audit_events(tmp_path / "state")[-1].get("detail", ""), what="the audit record")
     assert d.health()[0] == 200 and d.health()[1]["running"] == []
 
     config.write_text(config.read_text().replace(f"size = {400 * MiB}", f"size = {MiB}"))

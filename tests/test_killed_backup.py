@@ -114,3 +114,29 @@ def test_sigkill_mid_upload_on_s3(tmp_path: Path, keys, moto_server: str, s3_buc
     assert [b["backup_id"] for b in listed] == [backup_id]
     assert run_backupd("verify", "shop", config=config).code == 0
     assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # the killed upload was aborted
+
+
+def test_sigint_mid_upload_exits_130_leaves_nothing_and_is_audited_as_interrupted(sqlite_job: SqliteJob) -> None:
+    sqlite_job.db.unlink()
+    big_db(sqlite_job.db, 200)
+    backups = sqlite_job.repo_root / "shop" / "backups"
+    proc = subprocess.Popen([*BACKUPD, "--config", str(sqlite_job.config), "--log-format", "json", "backup", "shop"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if backups.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in backups.iterdir()):
+            break  # the stream is being written
+        time.sleep(0.005)
+    assert proc.poll() is None, "backup finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err
+    assert out == "" and err.splitlines()[-1] == "backupd: interrupted"
+    assert not backups.exists() or list(backups.iterdir()) == []  # no empty backup directory
+    assert not (sqlite_job.repo_root / "_ids").exists() or list((sqlite_job.repo_root / "_ids").iterdir()) == []
+    audit = [json.loads(line) for line in (sqlite_job.state_dir / "audit.log").read_text().splitlines()]
+    assert audit[-1]["command"] == "backup" and audit[-1]["result"] == "interrupted"
+    assert audit[-1]["exit_code"] == 130 and audit[-1]["detail"] == "interrupted by SIGINT"
+    assert audit[-1]["backup_id"]  # names the backup that was abandoned
+    assert json.loads(run_backupd("list", "--json", config=sqlite_job.config, check=True).out)["backups"] == []

@@ -99,6 +99,9 @@ def test_non_empty_target_is_refused_unless_clean(pg_env: PgEnv, backup_id: str)
     pg_env.sql("CREATE DATABASE shop_busy")
     pg_env.sql("CREATE TABLE customers (id int PRIMARY KEY, name text); INSERT INTO customers VALUES (1, 'x')",
                dbname="shop_busy")
+    dry = pg_env.backupd("restore", JOB, "--to", pg_env.cluster.url("shop_busy"), "--dry-run")
+    assert dry.code == 1 and "plan (dry run, nothing touched)" in dry.out and "not empty" in dry.err
+    assert pg_env.backupd("restore", JOB, "--to", pg_env.cluster.url("shop_busy"), "--clean", "--dry-run").code == 0
     result = pg_env.backupd("restore", JOB, "--to", pg_env.cluster.url("shop_busy"))
     assert result.code == 1 and "not empty" in result.err and "--clean" in result.err
     assert pg_env.sql("SELECT count(*) FROM customers", dbname="shop_busy") == [(1,)]

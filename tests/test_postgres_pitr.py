@@ -175,6 +175,8 @@ def test_restore_refuses_non_empty_directory(pg_env: PgEnv, scenario: Scenario) 
     target = pg_env.root / "busy"
     target.mkdir()
     (target / "precious").write_text("keep")
+    dry = pg_env.backupd("restore", JOB, "--to", str(target), "--dry-run", as_postgres=False)
+    assert dry.code == 1 and scenario.backup_id in dry.out and "directory is not empty" in dry.err
     result = pg_env.backupd("restore", JOB, "--to", str(target), as_postgres=False)
     assert result.code == 1 and "not empty" in result.err
     assert (target / "precious").read_text() == "keep"

@@ -177,8 +177,9 @@ def test_restore_refuses_overwrite_table_and_shows_plan(source: RedisServer, key
     target.mkdir()
     (target / "dump.rdb").write_bytes(b"precious")
 
-    plan = run_backupd("restore", "cache", "--to", str(target), "--dry-run", config=config, check=True)
+    plan = run_backupd("restore", "cache", "--to", str(target), "--dry-run", config=config)
     assert backup_id in plan.out and "refuse to overwrite it without --force" in plan.out
+    assert plan.code == 1 and "dump.rdb: file exists; refusing to overwrite it" in plan.err  # as the real run
     assert (target / "dump.rdb").read_bytes() == b"precious"
 
     refused = run_backupd("restore", "cache", "--to", str(target), config=config)

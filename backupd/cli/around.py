@@ -13,7 +13,7 @@ import contextlib
 import sys
 
 from backupd import audit, progress
-from backupd.errors import BackupdError
+from backupd.errors import EXIT_INTERRUPTED, BackupdError
 
 PROGRESS_COMMANDS = frozenset({"backup", "restore", "verify"})
 
@@ -27,9 +27,10 @@ def run_handler(args: argparse.Namespace) -> int:
     try:
         code = args.handler(args)
     except BaseException as exc:
-        if command in audit.AUDITED:
-            _record(args, "failure" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                    str(exc) if isinstance(exc, BackupdError) else f"{type(exc).__name__}: {exc}",
+        if command in audit.AUDITED and isinstance(exc, KeyboardInterrupt):
+            _record(args, "interrupted", "interrupted by SIGINT", EXIT_INTERRUPTED)
+        elif command in audit.AUDITED:
+            _record(args, "failure", str(exc) if isinstance(exc, BackupdError) else f"{type(exc).__name__}: {exc}",
                     getattr(exc, "exit_code", 1))
         raise
     finally:

@@ -67,7 +67,7 @@ def secret_file_mode(path: Path, what: str) -> str:
 def key_checks(settings: Settings) -> Iterable[Check]:
     recipients = settings.encryption.recipients
     yield _guard("encryption.recipients", lambda: f"{len(recipients)} recipient(s) valid" if
-                 all(age.parse_recipient(r) for r in recipients) else None)
+                 all(age.parse_recipient(r) for r in settings.encryption.require_recipients("backing up")) else None)
     path = settings.encryption.identity_file
     if path is None:
         yield Check("encryption.identity_file", True, "not set (fine on a host that only backs up)", warning=True)

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backupd.context import JobContext
+from backupd.errors import BackupNotFound, UsageError
 from backupd.settings import DEFAULT_CONFIG, Settings, load_settings
+from backupd.timeutil import BACKUP_ID_RE
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -40,6 +42,40 @@ def with_job(func: Callable[[argparse.Namespace, JobContext], int]) -> Handler:
             ctx.close()
 
     return wrapper
+
+
+def job_of_backup(args: argparse.Namespace) -> JobContext:
+    """The one job (``args.job``, else any configured job) whose repository holds ``args.backup_id``.
+
+    An id that several jobs hold (backups written before ids were claimed across jobs)
+    is refused with the list of those jobs, never picked silently. The caller closes the context.
+    """
+    if not BACKUP_ID_RE.match(args.backup_id):
+        raise UsageError(f"not a backup id (like 20261124T020000Z): {args.backup_id!r}")
+    settings = settings_from(args)
+    jobs = [args.job] if args.job else sorted(settings.jobs)
+    found: list[JobContext] = []
+    for job in jobs:
+        settings.job(job)  # unknown --job -> ConfigError listing the known ones
+        ctx = JobContext(settings, job)
+        try:
+            holds = args.backup_id in ctx.repository.backup_ids()
+        except BaseException:
+            ctx.close()
+            raise
+        if holds:
+            found.append(ctx)
+        else:
+            ctx.close()
+    if len(found) == 1:
+        return found[0]
+    for ctx in found:
+        ctx.close()
+    if found:
+        names = ", ".join(ctx.name for ctx in found)
+        raise UsageError(f"backup id {args.backup_id} is ambiguous: jobs {names} each have one",
+                         hint=f"name the job with --job (one of: {names})")
+    raise BackupNotFound(f"backup {args.backup_id} not found in the repositories of: {', '.join(jobs) or 'no jobs'}")
 
 
 def print_json(data: Any) -> None:

@@ -58,17 +58,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def report(exc: BackupdError) -> None:
     from backupd.cli.common import printable
     from backupd.errors import ConfigError
+    from backupd.logs import write_stderr
     from backupd.redact import redact
 
     def safe(text: str) -> str:  # messages may quote the repository or restored content: no terminal escapes
         return printable(redact(text), keep="\n")
 
-    print(f"backupd: error: {safe(str(exc))}", file=sys.stderr)
+    lines = [f"backupd: error: {safe(str(exc))}"]
     if isinstance(exc, ConfigError):
-        for line in exc.errors:
-            print(f"  {safe(line)}", file=sys.stderr)
+        lines.extend(f"  {safe(line)}" for line in exc.errors)
     if exc.hint:
-        print(f"hint: {safe(exc.hint)}", file=sys.stderr)
+        lines.append(f"hint: {safe(exc.hint)}")
+    write_stderr("".join(f"{line}\n" for line in lines))
 
 
 #: Every file backupd creates is its own: state, spool, scratch, temporary and plaintext files.
@@ -111,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("backupd: interrupted", file=sys.stderr)
-        return 130
+        from backupd.errors import EXIT_INTERRUPTED
+        from backupd.logs import write_stderr
+
+        write_stderr("backupd: interrupted\n")
+        return EXIT_INTERRUPTED
     except OSError as exc:  # backupd's own files: disk full, permissions (storage and tools map their own)
         from backupd.errors import from_os_error
 
@@ -123,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import structlog
 
         structlog.get_logger("backupd").exception("internal error")
-        print(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        logs.write_stderr(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}\n")
         return EXIT_FAILURE
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from backupd.cli.common import settings_from
+from backupd.cli.common import job_of_backup, settings_from
 from backupd.context import JobContext
 from backupd.errors import BackupNotFound, UsageError
 from backupd.pins import Pins
@@ -23,38 +23,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     unpin.set_defaults(handler=run_unpin)
 
 
-def _contexts(args: argparse.Namespace) -> list[JobContext]:
+def run_pin(args: argparse.Namespace) -> int:
+    ctx = job_of_backup(args)
+    try:
+        Pins(ctx.storage, ctx.name).pin(args.backup_id, args.note)
+        print(f"pinned {args.backup_id} of job {ctx.name}")
+        return 0
+    finally:
+        ctx.close()
+
+
+def run_unpin(args: argparse.Namespace) -> int:
     if not BACKUP_ID_RE.match(args.backup_id):
         raise UsageError(f"not a backup id (like 20261124T020000Z): {args.backup_id!r}")
     settings = settings_from(args)
     jobs = [args.job] if args.job else sorted(settings.jobs)
     for job in jobs:
         settings.job(job)
-    return [JobContext(settings, job) for job in jobs]
-
-
-def run_pin(args: argparse.Namespace) -> int:
-    contexts = _contexts(args)
+    contexts = [JobContext(settings, job) for job in jobs]
     try:
-        for ctx in contexts:
-            if args.backup_id in ctx.repository.backup_ids():
-                Pins(ctx.storage, ctx.name).pin(args.backup_id, args.note)
-                print(f"pinned {args.backup_id} of job {ctx.name}")
-                return 0
-    finally:
-        for ctx in contexts:
-            ctx.close()
-    raise BackupNotFound(f"backup {args.backup_id} not found in the repositories of: "
-                         f"{', '.join(c.name for c in contexts) or 'no jobs'}")
-
-
-def run_unpin(args: argparse.Namespace) -> int:
-    contexts = _contexts(args)
-    try:
-        for ctx in contexts:
-            if Pins(ctx.storage, ctx.name).unpin(args.backup_id):
-                print(f"unpinned {args.backup_id} of job {ctx.name}")
-                return 0
+        pinned = [ctx for ctx in contexts if Pins(ctx.storage, ctx.name).is_pinned(args.backup_id)]
+        if len(pinned) > 1:
+            names = ", ".join(ctx.name for ctx in pinned)
+            raise UsageError(f"backup id {args.backup_id} is ambiguous: jobs {names} each have it pinned",
+                             hint=f"name the job with --job (one of: {names})")
+        if pinned:
+            Pins(pinned[0].storage, pinned[0].name).unpin(args.backup_id)
+            print(f"unpinned {args.backup_id} of job {pinned[0].name}")
+            return 0
     finally:
         for ctx in contexts:
             ctx.close()

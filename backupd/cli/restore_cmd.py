@@ -90,6 +90,5 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
         target_action=args.target_action,
         password_file=args.password_file,
     )
-    for line in run_restore(ctx, request, args.backup):
-        print(line)
+    run_restore(ctx, request, args.backup, emit=print)
     return 0

@@ -17,4 +17,6 @@ def run(args: argparse.Namespace) -> int:
     from backupd.daemon.service import run_daemon  # the scheduler stack loads only for the daemon
 
     settings, fingerprint = stable_fingerprint(config_path(args), lambda: settings_from(args))
+    if any(job.schedule or job.archive_logs for job in settings.jobs.values()):
+        settings.encryption.require_recipients("the daemon's scheduled backups and log archiving")
     return run_daemon(settings, config_path(args), fingerprint)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any, Iterator
 
-from backupd.cli.common import human_size, print_json, printable, settings_from
-from backupd.context import JobContext
-from backupd.errors import BackupNotFound
+from backupd.cli.common import human_size, job_of_backup, print_json, printable
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp
 
@@ -20,16 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def find(args: argparse.Namespace) -> Manifest:
-    settings = settings_from(args)
-    jobs = [args.job] if args.job else sorted(settings.jobs)
-    for job in jobs:
-        ctx = JobContext(settings, job)
-        try:
-            if args.backup_id in ctx.repository.backup_ids():
-                return ctx.repository.load_manifest(args.backup_id)
-        finally:
-            ctx.close()
-    raise BackupNotFound(f"backup {args.backup_id} not found in the repositories of: {', '.join(jobs) or 'no jobs'}")
+    ctx = job_of_backup(args)
+    try:
+        return ctx.repository.load_manifest(args.backup_id)
+    finally:
+        ctx.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +58,25 @@ def describe(manifest: Manifest) -> list[str]:
             add(f"  {table}  {count}")
     if manifest.metadata:
         add("metadata")
-        for key, value in sorted(manifest.metadata.items()):
+        for key, value in flatten(manifest.metadata):
             add(f"  {key}  {value}")
     if manifest.tool_versions:
         add("tools       " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.tool_versions.items())))
     return lines
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Nested metadata as ``dotted.key  text`` pairs: plain text and JSON, never Python reprs."""
+    if isinstance(value, dict) and value:
+        for key in sorted(value, key=str):
+            yield from flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+        yield prefix, ", ".join(str(item) for item in value) if value else "-"
+    elif isinstance(value, (dict, list)):
+        yield prefix, json.dumps(value, sort_keys=True) if value else "-"
+    elif value is None:
+        yield prefix, "-"
+    elif isinstance(value, bool):
+        yield prefix, "yes" if value else "no"
+    else:
+        yield prefix, str(value)

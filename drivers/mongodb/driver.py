@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator
 
+from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
@@ -164,7 +165,7 @@ class MongodbDriver(Driver):
         return make_plan(manifest, slices, target, request.tables, to_gap=request.to_gap)
 
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
-        self._check_to(request)
+        self.check_to(request)
         logs = self.context.logs("oplog") if self.context.logs else None
         return self.plan(logs, manifest, request).describe(redact(request.to))
 
@@ -178,10 +179,9 @@ class MongodbDriver(Driver):
 
     # ---- restore ----------------------------------------------------------------------
 
-    def _check_to(self, request: RestoreRequest) -> None:
+    def check_to(self, request: RestoreRequest) -> None:
+        restore_to.url(request.to, "mongodb", SCHEMES)
         parts = urlsplit(request.to)
-        if parts.scheme.lower() not in SCHEMES:
-            raise UsageError(f"--to must be a mongodb:// URL for the mongodb driver (got {redact(request.to)})")
         if parts.password is not None:
             raise UsageError("--to must not carry a password; use --password-file")
         for name in request.tables:
@@ -189,7 +189,7 @@ class MongodbDriver(Driver):
                 raise UsageError(f"--collection must name db.collection (got {name!r})")
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
-        self._check_to(request)
+        self.check_to(request)
         plan = self.plan(source.logs("oplog"), source.manifest, request)
         password = self.password(request.password_file)
         spool = self.context.spool_dir

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest, RestoreTarget,
                             StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
@@ -63,7 +64,24 @@ class MysqlDriver(Driver):
     # ---- choosing and planning a restore ----------------------------------------------
 
     def _wanted_method(self, request: RestoreRequest) -> str:
-        return "logical" if "://" in request.to else "physical"
+        return "logical" if restore_to.is_url(request.to) else "physical"
+
+    def check_to(self, request: RestoreRequest) -> None:
+        takes = "a directory (physical backups) or a mysql:// URL (logical backups)"
+        if restore_to.is_url(request.to):
+            restore_to.url(request.to, "mysql", ("mysql", "mariadb"), takes)
+        else:
+            restore_to.directory(request.to, "mysql", takes=takes)
+
+    def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        if manifest.method == "physical":
+            _check_datadir(Path(request.to).expanduser(), request.force)
+            return
+        endpoint = parse_url(request.to, what="--to", default_user=self.options.endpoint.user)
+        target = Credentials(endpoint, request.password_file or self.options.password_file)
+        tables = {load.parse_table(t, manifest.row_counts) for t in request.tables}
+        load.prepare_target(target, manifest.metadata.get("databases", []), tables,
+                            force=request.force or request.clean, clean=False)  # only looks
 
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         job = self.context.job
@@ -153,10 +171,7 @@ class MysqlDriver(Driver):
         if request.tables:
             raise UsageError("a physical backup restores the whole server; --table needs a logical backup")
         dest = Path(request.to).expanduser().absolute()
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            if not request.force or not dest.is_dir():
-                raise DriverError(f"{dest}: exists and is not an empty directory; refusing to overwrite it",
-                                  hint="pass --force to replace its contents")
+        _check_datadir(dest, request.force)
         if plan is not None:  # the roll-forward's scratch server works beside dest: fail before the copy if it cannot
             scratch.require_reachable(dest, self.scratch_user())
         # The copy is extracted, prepared and rolled forward beside dest and only then moved
@@ -356,3 +371,11 @@ def _before(manifest: Manifest, target: Any) -> bool:
             raise UsageError(f"--target-gtid: {exc}") from None
         return binlog.gtid_state(info.get("gtid")).get(domain, 0) < seq
     raise UsageError(f"the mysql driver cannot restore to a --target-{target.kind} (use time, position or gtid)")
+
+
+def _check_datadir(dest: Path, force: bool) -> None:
+    """Refuse a physical restore over a file, or over a non-empty directory without --force."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if not force or not dest.is_dir():
+            raise DriverError(f"{dest}: exists and is not an empty directory; refusing to overwrite it",
+                              hint="pass --force to replace its contents")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -19,13 +20,27 @@ if TYPE_CHECKING:
 
 SWITCH_TIMEOUT = 60.0
 
+# data_directory is for superusers and pg_read_all_settings only: pg_settings gives others NULL, not an error.
 SERVER_FACTS = """
 SELECT current_setting('server_version'), current_setting('server_version_num')::int,
        r.rolsuper, r.rolreplication, pg_has_role(current_user, 'pg_read_all_data', 'member'),
-       current_setting('wal_level'), current_setting('archive_mode'), current_setting('archive_command'),
-       pg_is_in_recovery(), (SELECT setting FROM pg_settings WHERE name = 'data_directory')
+       current_setting('wal_level'), current_setting('archive_mode'),
+       (SELECT setting FROM pg_settings WHERE name = 'archive_command'),
+       pg_is_in_recovery(), (SELECT setting FROM pg_settings WHERE name = 'data_directory'),
+       current_user, current_database(), pg_has_role(current_user, 'pg_read_all_settings', 'member'),
+       has_function_privilege('pg_catalog.pg_switch_wal()', 'EXECUTE')
 FROM pg_roles r WHERE r.rolname = current_user
 """
+
+
+def _ident(name: str) -> str:
+    """A role name as SQL: bare when it can be, else double-quoted."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+
+
+def grant(statement: str, where: str = "any database") -> str:
+    """A check's hint: the statement a superuser runs, and where."""
+    return f"missing: {statement} (as a superuser, in {where})"
 
 
 def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Iterator[Check]:
@@ -43,26 +58,33 @@ def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Ite
             yield Check("connection", False, f"{driver.conn.describe()}: {str(exc).strip()}")
             return
         (version, version_num, superuser, replication, read_all, wal_level, archive_mode, archive_command,
-         in_recovery, data_directory) = facts
+         in_recovery, data_directory, user, database, read_settings, may_switch) = facts
+        role = _ident(user)
         yield Check("connection", True, f"{driver.conn.describe()}: PostgreSQL {version}"
                     + (" (standby)" if in_recovery else ""))
         method = driver.default_method
         if method == "logical":
             yield Check("privileges", bool(superuser or read_all),
                         "superuser" if superuser else "member of pg_read_all_data" if read_all else
-                        "needs pg_read_all_data: GRANT pg_read_all_data TO the job's user (or superuser)")
+                        grant(f"GRANT pg_read_all_data TO {role};"))
         else:
             yield Check("privileges", bool(superuser or replication),
                         "REPLICATION" if replication else "superuser" if superuser else
-                        "needs the REPLICATION attribute: ALTER ROLE ... REPLICATION")
+                        grant(f"ALTER ROLE {role} REPLICATION;") + f"; pg_hba.conf also needs a "
+                        f"`host replication {user} ...` line")
             yield Check("wal_level", wal_level in ("replica", "logical"), f"{wal_level}"
                         + ("" if wal_level in ("replica", "logical") else " (physical backups need replica)"))
         major = version_num // 10000
         for tool in ("pg_dump", "pg_restore") if method == "logical" else ("pg_basebackup",):
             yield _tool_check(driver, tool, major)
         if settings.archive_logs:
-            yield from _archive_checks(driver, job, wal_level, archive_mode, archive_command, data_directory)
-            if not in_recovery:
+            unseen = None if superuser or read_settings else grant(f"GRANT pg_read_all_settings TO {role};")
+            yield from _archive_checks(driver, job, wal_level, archive_mode, archive_command, data_directory, unseen)
+            if not (in_recovery or may_switch):
+                yield Check("privileges: wal switch", False, "cannot call pg_switch_wal() to test archiving; "
+                            + grant(f"GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {role};",
+                                    f"database {database}"))
+            elif not in_recovery:
                 yield _switch_check(driver, pg, switch_timeout)
 
 
@@ -78,7 +100,8 @@ def _tool_check(driver: "PostgresDriver", tool: str, server_major: int) -> Check
 
 
 def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_mode: str, archive_command: str,
-                    data_directory: str | None) -> Iterator[Check]:
+                    data_directory: str | None, unseen: str | None) -> Iterator[Check]:
+    """``unseen``: why the server's data_directory could not be read (the missing grant), if so."""
     yield Check("wal_level", wal_level in ("replica", "logical"), wal_level)
     yield Check("archive_mode", archive_mode in ("on", "always"),
                 archive_mode + ("" if archive_mode in ("on", "always") else ": set archive_mode = on (restart needed)"))
@@ -97,6 +120,9 @@ def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_
         yield Check("data_dir", False, f"{data_dir}: no pg_wal/archive_status in it (or not readable)")
     elif data_directory and Path(data_directory).resolve() != Path(data_dir).resolve():
         yield Check("data_dir", False, f"{data_dir}: the server's data_directory is {data_directory}")
+    elif unseen:
+        yield Check("data_dir", True, f"{data_dir}: not compared with the server's data_directory; {unseen}",
+                    warning=True)
     else:
         yield Check("data_dir", True, str(data_dir))
 

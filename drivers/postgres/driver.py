@@ -8,7 +8,7 @@ import functools
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
-from backupd import age
+from backupd import age, restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, RestoreRequest,
                             RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
@@ -114,6 +114,19 @@ class PostgresDriver(Driver):
         if self._view_hint is None:
             self._view_hint = pitr.ArchiveView.scan(self.wal_archive())
         return self._view_hint
+
+    def check_to(self, request: RestoreRequest) -> None:
+        takes = "a data directory (physical backups) or a postgresql:// URL (logical backups)"
+        if restore_to.is_url(request.to):
+            restore_to.url(request.to, "postgres", ("postgresql", "postgres"), takes)
+        else:
+            restore_to.directory(request.to, "postgres", takes=takes)
+
+    def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        if manifest.method == "logical":
+            logical.check_target(self, request)
+        else:
+            physical.check_directory(Path(request.to).expanduser().absolute(), request.force)
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
         manifest = source.manifest

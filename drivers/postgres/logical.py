@@ -185,6 +185,14 @@ def _table_args(tables: list[str]) -> list[str]:
     return args
 
 
+def check_target(driver: "PostgresDriver", request: RestoreRequest) -> None:
+    """Raise what ``restore`` would refuse about the target database (a non-empty one), changing nothing."""
+    target = Conn.from_url(request.to, request.password_file or driver.options.password_file, what="--to")
+    with _admin(target) as admin:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,)).fetchone():
+            _refuse_non_empty(target, request)
+
+
 def _prepare_database(admin: psycopg.Connection, target: Conn, request: RestoreRequest) -> bool:
     dbname = target.dbname
     if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
@@ -193,8 +201,14 @@ def _prepare_database(admin: psycopg.Connection, target: Conn, request: RestoreR
         except psycopg.Error as exc:
             raise DriverError(f"cannot create database {dbname}: {str(exc).strip()}") from None
         return True
+    _refuse_non_empty(target, request)
+    return False
+
+
+def _refuse_non_empty(target: Conn, request: RestoreRequest) -> None:
+    dbname = target.dbname
     if request.clean or request.tables:
-        return False
+        return
     with target.connect() as pg:
         relations = pg.execute(USER_RELATIONS).fetchone()[0]
     if relations:
@@ -202,7 +216,6 @@ def _prepare_database(admin: psycopg.Connection, target: Conn, request: RestoreR
             f"database {dbname} on {target.describe()} is not empty ({relations} relations); refusing to restore into it",
             hint="pass --clean to drop the objects the backup contains first, or restore into a new database",
         )
-    return False
 
 
 

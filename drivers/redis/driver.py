@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 from pydantic import Field, field_validator
 
+from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
                             VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
@@ -131,10 +132,15 @@ class RedisDriver(Driver):
     def _target(self, request: RestoreRequest) -> Path:
         if request.tables:
             raise UsageError("the redis driver restores whole datasets; --table is not supported")
-        directory = Path(request.to).expanduser()
-        if directory.exists() and not directory.is_dir():
-            raise DriverError(f"{directory}: not a directory; --to names the directory that will hold {DUMP_NAME}")
-        return directory / DUMP_NAME
+        return restore_to.directory(request.to, "redis", DUMP_NAME) / DUMP_NAME
+
+    def check_to(self, request: RestoreRequest) -> None:
+        self._target(request)
+
+    def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        dest = self._target(request)
+        if dest.exists() and not request.force:
+            raise DriverError(f"{dest}: file exists; refusing to overwrite it", hint="pass --force to replace it")
 
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
         dest = self._target(request)
@@ -147,9 +153,8 @@ class RedisDriver(Driver):
         return lines
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        self.check_target(source.manifest, request)
         dest = self._target(request)
-        if dest.exists() and not request.force:
-            raise DriverError(f"{dest}: file exists; refusing to overwrite it", hint="pass --force to replace it")
         dest.parent.mkdir(parents=True, exist_ok=True)
         manifest = source.manifest
         tmp = dest.parent / f".{DUMP_NAME}.{uuid.uuid4().hex[:8]}.tmp"
