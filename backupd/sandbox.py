@@ -19,7 +19,6 @@ import functools
 import os
 import pwd
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -169,14 +168,12 @@ class SandboxPolicy:
 @functools.lru_cache(maxsize=None)
 def probe(user: str | None) -> str | None:
     """None when bubblewrap can build a sandbox here (as ``user``), else why not."""
+    from backupd.tool import run
+
     try:
-        argv = Sandbox((), user).wrap(["true"])
+        run(Sandbox((), user).wrap(["true"]), env={"PATH": PATH}, timeout=30, name="bwrap")
     except SandboxUnavailable as exc:
         return str(exc).split(";")[0]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={"PATH": PATH})
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except DriverError as exc:
         return str(exc)
-    if proc.returncode != 0:
-        return (proc.stderr.strip().splitlines() or [f"exited with status {proc.returncode}"])[-1]
     return None

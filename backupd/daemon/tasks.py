@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import threading
 from typing import Callable, Iterator
 
 import structlog
@@ -132,14 +131,14 @@ class Tasks:
         with self._task("verify", job, timeout) as (ctx, run):
             if ctx.settings.encryption.identity_file is None:
                 raise Skipped("full verification needs encryption.identity_file on this host")
-            watcher = _overrun_watch(run, "verification")
             try:
-                reports = run_verification(ctx)
+                reports = run_verification(ctx)  # aborting the run kills its scratch servers and tools
             except BaseException as exc:
-                self._audit(ctx, "verify", None, "failure", str(exc))
+                error = _describe(exc, run, "verify.timeout")
+                self._audit(ctx, "verify", None, "failure", error)
+                if run.cancel.is_set():
+                    raise Aborted(f"verification {error}") from None
                 raise
-            finally:
-                watcher.set()
             report = reports[0]
             self._audit(ctx, "verify", report.backup_id, "passed" if report.ok else "failed",
                         "; ".join(report.problems) or None)
@@ -188,10 +187,12 @@ def integrity_period(interval: dt.timedelta) -> dt.timedelta:
     return max(dt.timedelta(hours=1), min(dt.timedelta(days=1), interval / 4))
 
 
-def _describe(exc: BaseException, run: Run) -> str:
-    if isinstance(exc, Aborted) and run.reason == "timeout":
-        return f"timed out after {run.timeout:.0f} s and was aborted (jobs.{run.job}.timeout)"
-    if isinstance(exc, Aborted) and run.reason:
+def _describe(exc: BaseException, run: Run, setting: str = "timeout") -> str:
+    """The run's failure; once it was cancelled, why (its tools were killed, so their errors say little)."""
+    cancelled = isinstance(exc, Aborted) or run.cancel.is_set()
+    if cancelled and run.reason == "timeout":
+        return f"timed out after {run.timeout:.0f} s and was aborted (jobs.{run.job}.{setting})"
+    if cancelled and run.reason:
         return f"aborted ({run.reason})"
     return str(exc) or type(exc).__name__
 
@@ -202,18 +203,3 @@ def _summary(result: object) -> str | None:
     if backups is None and objects is None:
         return None
     return f"deleted {len(backups or [])} backup(s), {objects or 0} object(s)"
-
-
-def _overrun_watch(run: Run, what: str) -> threading.Event:
-    """Drivers' restores take no cancel Event: log loudly once a run exceeds its timeout."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.5):
-            if run.cancel.is_set():
-                log.error(f"{what} is past its timeout and cannot be interrupted; it keeps running",
-                          job_id=run.job_id, reason=run.reason)
-                return
-
-    threading.Thread(target=watch, name=f"watch-{run.job_id}", daemon=True).start()
-    return done

@@ -19,6 +19,7 @@ from typing import Iterable
 
 from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
 from backupd.errors import DriverError, IntegrityError
+from backupd.tool import DEVNULL, Tool
 
 TRICKLE = """
 import os, sys, time
@@ -48,6 +49,8 @@ class SlowOptions(DriverOptions):
     #: Verification's scratch restore "rejects the content" with this message (IntegrityError), as a
     #: real driver does when pg_restore or the client refuses a dump; the text stands for restored content.
     verify_error: str | None = None
+    #: Verification's scratch restore is a native tool that runs this long (its pid in workdir/verify.pid).
+    verify_seconds: float = 0.0
 
 
 class FlakyArchiver:
@@ -100,6 +103,10 @@ class SlowDriver(Driver):
                 size += len(chunk)
         if self.options.verify_error:
             raise IntegrityError(f"scratch restore rejected the backup: {self.options.verify_error}")
+        if self.options.verify_seconds:
+            with Tool(["sleep", str(self.options.verify_seconds)], stdout=DEVNULL) as restoring:
+                (self.options.workdir / "verify.pid").write_text(str(restoring.pid))
+                restoring.check()
         return VerifyOutcome(row_counts={"bytes": size})
 
     def log_archivers(self) -> list[FlakyArchiver]:
