@@ -111,3 +111,46 @@ def test_binlog_lag_survives_a_reload_and_a_server_down_is_an_archiver_down(sour
     assert daemon.health()[0] == 200
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(60) == 0
+
+
+def test_binlogs_purged_before_archiving_are_a_gap_everywhere(servers, tmp_path: Path, keys: Keys,
+                                                               start_daemon) -> None:
+    """Binlogs the server purged while the daemon was down: counted the moment the archiver starts again, and
+    seen by list, status --json and restore --dry-run (which refuses, exit 1)."""
+    source, target = servers
+    source.sql("CREATE DATABASE p1", "CREATE TABLE p1.t (id INT PRIMARY KEY)", "INSERT INTO p1.t VALUES (1)")
+    job = make_job(tmp_path, keys, source, ["p1"], archive_logs=True, binlog_flush_interval="1s",
+                   schedule="@every 1h")
+    port = free_port()
+    env = {"BACKUPD_DAEMON__METRICS_LISTEN": f"127.0.0.1:{port}"}
+    daemon = start_daemon(job.config, port, env=env)
+    daemon.wait_ready()
+    assert run_backupd("backup", "shop", config=job.config).code == 0
+    source.sql("INSERT INTO p1.t VALUES (2)", "FLUSH BINARY LOGS")
+    first, _ = source.master_status()
+    wait_for(lambda: any(p.name.startswith(first) for p in (job.repo / "shop" / "binlog").glob("*/*")),
+             timeout=60, what=f"{first} being archived")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+
+    # While no archiver runs, the server writes and purges binlogs nobody archived.
+    source.sql("INSERT INTO p1.t VALUES (3)", "FLUSH BINARY LOGS", "INSERT INTO p1.t VALUES (4)", "FLUSH BINARY LOGS",
+               "INSERT INTO p1.t VALUES (5)", "FLUSH BINARY LOGS")
+    newest, _ = source.master_status()
+    source.sql(f"PURGE BINARY LOGS TO '{newest}'")
+
+    daemon = start_daemon(job.config, port, env=env)
+    daemon.wait_ready()
+    gaps = daemon.wait_for(lambda: daemon.metric("backupd_archive_gaps_total", job="shop") or None,
+                           what="the purged binlogs counted as a gap", timeout=60)
+    assert gaps >= 1
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+
+    listed = json.loads(run_backupd("list", "--json", config=job.config, check=True).out)["backups"]
+    assert listed[0]["pitr"]["broken_at"], listed[0]["pitr"]
+    status = json.loads(run_backupd("status", "shop", "--json", config=job.config).out)
+    text = json.dumps(status)
+    assert "missing binlog" in text, text
+    dry = run_backupd("restore", "shop", "--to", target.url(), "--dry-run", config=job.config)
+    assert dry.code == 1 and "missing binlog" in dry.err and "gap" in dry.err, dry.err
