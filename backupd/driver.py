@@ -232,9 +232,16 @@ class Driver(abc.ABC):
 
         None when the driver keeps no logs for it. Works from a listing alone (no key),
         so ``list``, ``status``, ``prune`` and integrity checks can show where PITR breaks;
-        verification fails on any gap (one message per missing file, naming it).
+        verification fails on any gap (one message per missing file, naming it). This
+        default knows no log order: it reaches the newest archived log and finds no gap;
+        drivers that archive logs say better.
         """
-        return None
+        pitr = source.manifest.metadata.get("pitr")
+        if not isinstance(pitr, dict) or not pitr.get("log_kind"):
+            return None
+        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        newest = max(source.logs(str(pitr["log_kind"])).list(), key=lambda obj: obj.modified or epoch, default=None)
+        return LogReach(last_log=newest.name, until=newest.modified) if newest is not None else LogReach()
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""

@@ -6,7 +6,9 @@ telling the operator what to do next.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from typing import Iterator
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -107,6 +109,17 @@ class Aborted(BackupdError):
 
 class KeyMismatch(CryptoError):
     """No configured identity can open the object: the wrong key, not a bad backup."""
+
+
+@contextlib.contextmanager
+def naming(path: object) -> Iterator[None]:
+    """OS errors inside the block name ``path`` when they name nothing (a write or fsync on an open file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def from_os_error(exc: OSError) -> BackupdError:

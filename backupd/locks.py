@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from backupd.errors import LockHeld
+from backupd.errors import LockHeld, naming
 
 
 @contextlib.contextmanager
@@ -33,11 +33,9 @@ def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
                         hint="wait for it to finish, or pass --wait SECONDS",
                     ) from None
                 time.sleep(0.2)
-        try:
+        with naming(path):  # "No space left on device" alone says not where
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError as exc:  # name the file: "No space left on device" alone says not where
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         yield
     finally:
         os.close(fd)

@@ -12,35 +12,45 @@ sums it up: ``ok``, ``warning`` (never verified, no backup yet) or ``error``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
-from typing import Any, get_args
+from typing import Any, Sequence, get_args
+
+import structlog
 
 from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.control import request, socket_path
-from backupd.errors import BackupdError
+from backupd.errors import BackupdError, IntegrityError
 from backupd.logarchive import Kind, LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.pins import Pins
 from backupd.runstate import UnreadableRecord, last_run
 from backupd.timeutil import format_timestamp, parse_timestamp
 
+log = structlog.get_logger(__name__)
+
 NOT_AVAILABLE = "not available"
 REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
 DAEMON_TIMEOUT = 5.0
 
 
-def read_report(ctx: JobContext, key: str) -> dict[str, Any] | None:
-    """One verification report; None when it is not a JSON object."""
-    with contextlib.closing(ctx.storage.open(key)) as handle:
-        raw = handle.read()
+def read_report(ctx: JobContext, key: str, identities: Sequence[object] = ()) -> dict[str, Any] | None:
+    """One verification report, its sealed details opened where ``identities`` can; None when it is unusable."""
     try:
-        data = json.loads(raw)
-    except ValueError:
+        return ctx.repository.read_report(key, identities)
+    except IntegrityError as exc:
+        log.warning("verification report ignored", key=key, error=str(exc))
         return None
-    return data if isinstance(data, dict) else None
+
+
+def readable_identities(ctx: JobContext) -> Sequence[object]:
+    """This host's identities when it has a usable identity file; none otherwise (status needs no key)."""
+    if ctx.settings.encryption.identity_file is None:
+        return ()
+    try:
+        return ctx.identities
+    except BackupdError:
+        return ()
 
 
 def daemon_status(ctx: JobContext) -> dict[str, Any] | None:
@@ -154,8 +164,9 @@ def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | Non
 def _verification(ctx: JobContext) -> dict[str, Any] | None:
     keys = sorted(ctx.repository.iter_reports(), reverse=True)[:REPORTS_SCANNED]
     newest: dict[str, Any] | None = None
+    identities = readable_identities(ctx)  # this host's key opens the report's details, if it has one
     for key in keys:
-        report = read_report(ctx, key)
+        report = read_report(ctx, key, identities)
         if report is None:
             continue
         if newest is None:

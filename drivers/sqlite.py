@@ -24,7 +24,7 @@ from pydantic import Field
 
 from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
 from backupd import restore_to
-from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.errors import DriverError, IntegrityError, UsageError, naming
 from backupd.manifest import Manifest
 from backupd.sandbox import chown_to
 from backupd.tool import run
@@ -125,7 +125,7 @@ class SqliteDriver(Driver):
     def _write(self, source: BackupSource, dest: Path) -> int:
         size = 0
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with source.open(STREAM) as stream, os.fdopen(fd, "wb") as out:
+        with naming(dest), source.open(STREAM) as stream, os.fdopen(fd, "wb") as out:
             while chunk := stream.read(COPY_CHUNK):
                 out.write(chunk)
                 size += len(chunk)

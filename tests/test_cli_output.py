@@ -54,7 +54,8 @@ def test_list_shows_the_pitr_window_start_before_its_end(sqlite_job: SqliteJob) 
     _rewrite_metadata(sqlite_job, backup_id, {"pitr": {"from": "2026-12-01T00:00:00Z", "log_kind": "binlog"}})
 
     listed = json.loads(run_backupd("list", "--json", config=sqlite_job.config, check=True).out)["backups"]
-    assert listed[0]["pitr"] == {"from": "2026-12-01T00:00:00Z", "to": "2026-12-01T00:00:00Z", "log_kind": "binlog"}
+    assert listed[0]["pitr"] == {"from": "2026-12-01T00:00:00Z", "to": "2026-12-01T00:00:00Z", "log_kind": "binlog",
+                                 "broken_at": None, "notes": []}
     table = run_backupd("list", config=sqlite_job.config, check=True).out
     assert "2026-12-01T00:00:00Z .. 2026-12-01T00:00:00Z" in table
 

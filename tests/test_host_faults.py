@@ -43,11 +43,11 @@ def test_a_full_state_dir_is_a_one_line_error(sqlite_job: SqliteJob) -> None:
     assert any(line.startswith("hint: free space") for line in lines)
 
 
-def test_a_restore_target_that_cannot_be_written_is_a_one_line_error(sqlite_job: SqliteJob, tmp_path: Path) -> None:
+def test_a_restore_target_on_a_full_disk_is_a_one_line_error(sqlite_job: SqliteJob, tmp_path: Path) -> None:
     run_backupd("backup", "shop", config=sqlite_job.config, check=True)
-    with tmpfs(tmp_path / "ro", "64k", "ro") as readonly:
-        result = run_backupd("restore", "shop", "--to", str(readonly / "shop.sqlite3"), config=sqlite_job.config)
+    with tmpfs(tmp_path / "small", "64k") as small:
+        result = run_backupd("restore", "shop", "--to", str(small / "shop.sqlite3"), config=sqlite_job.config)
     assert result.code == 1, result.err
     assert "internal error" not in result.err
     line = error_lines(result.err)[0]
-    assert str(readonly) in line and "Read-only file system" in line
+    assert str(small) in line and "No space left on device" in line

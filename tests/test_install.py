@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from drivers.postgres.cluster import Cluster
+from drivers.postgres.cluster import Cluster, unsandboxed
 from support import REPO_ROOT, require_tool
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -60,7 +60,7 @@ def prefix() -> Iterator[Path]:
 def cluster(prefix: Path) -> Iterator[Cluster]:
     backupd = prefix / "opt/backupd/venv/bin/backupd"
     config = prefix / "etc/backupd/backupd.toml"
-    server = Cluster(prefix / "pg", PG_BIN, "postgres")
+    server = Cluster(prefix / "pg", PG_BIN, unsandboxed(prefix / "pg"))
     try:
         server.init({"wal_level": "replica", "max_wal_senders": 5, "fsync": False, "archive_mode": True,
                      "archive_command": f"{backupd} --config {config} wal-push --job {JOB} %p"})

@@ -21,6 +21,7 @@ from psycopg import sql
 from backupd.context import JobContext
 from backupd.settings import load_settings
 from drivers.postgres import verify as pg_verify
+from support import stored_report
 from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401  (fixture: physical, archive_logs on)
 
 ARCHIVE_LOGS = True
@@ -65,7 +66,7 @@ def without_sandbox(env: PgEnv) -> PgEnv:
 
 
 def latest_report(env: PgEnv) -> dict:
-    return json.loads(sorted((env.repo / JOB / "verify").glob("*.json"))[-1].read_text())
+    return stored_report(sorted((env.repo / JOB / "verify").glob("*.json"))[-1], env.identity)
 
 
 @pytest.fixture(scope="module")
