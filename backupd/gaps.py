@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Iterable
 
-from backupd import metrics
+from backupd.errors import ArchiveGap
+from backupd.served_metrics import served
 
 _seen: dict[str, set[str]] = {}
 _lock = threading.Lock()
@@ -23,6 +24,17 @@ def record(job: str, gaps: Iterable[str]) -> list[str]:
         seen = _seen.setdefault(job, set())
         new = [gap for gap in dict.fromkeys(gaps) if gap not in seen]
         seen.update(new)
-    if new:
+    if new and (metrics := served()):
         metrics.ARCHIVE_GAPS.labels(job).inc(len(new))
     return new
+
+
+def past_gap(what: str, logs: str, missing: str, where: str) -> ArchiveGap:
+    """The refusal of a restore whose target (``what``) lies past the first missing log.
+
+    ``logs`` names the archive ("WAL", "binlogs", "oplog"), ``missing`` the first missing
+    log, ``where`` the latest point replay can reach ("reachable from backup B up to T").
+    """
+    return ArchiveGap(f"{what} is past a gap in the archived {logs}: {missing} ({where})",
+                      hint="restore to a target at or before that point, or pass --to-gap to restore up to the "
+                           "gap knowingly")

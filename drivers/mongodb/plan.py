@@ -11,7 +11,8 @@ import bson
 from bson import Timestamp
 
 from backupd.driver import LogReach
-from backupd.errors import ArchiveGap, DriverError
+from backupd.errors import DriverError
+from backupd.gaps import past_gap
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp
 from drivers.mongodb.oplog import Slice, chain, contiguous, find_gaps, key, ts_datetime, ts_from_text, ts_text
@@ -84,10 +85,8 @@ def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | Non
         reachable = ts_datetime(run[-1].last if run else since)
         if not to_gap:
             what = f"target {format_timestamp(target)}" if target is not None else "the newest state"
-            raise ArchiveGap(f"{what} is past a gap in the archived oplog: {gaps[0]} (reachable from backup "
-                             f"{manifest.backup_id} up to {format_timestamp(reachable)})",
-                             hint="restore to a --target-time at or before that point, or pass --to-gap to restore "
-                                  "up to the gap knowingly")
+            raise past_gap(what, "oplog", gaps[0],
+                           f"reachable from backup {manifest.backup_id} up to {format_timestamp(reachable)}")
         needed, limit, target = run, None, None
         plan.note = (f"--to-gap: the archived oplog has a gap ({gaps[0]}); replay stops before it, at "
                      f"{format_timestamp(reachable)} (later writes are not restored)")

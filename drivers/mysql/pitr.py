@@ -15,6 +15,7 @@ from typing import Sequence
 
 from backupd.driver import LogReach, RestoreTarget
 from backupd.errors import ArchiveGap, DriverError, UsageError
+from backupd.gaps import past_gap
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import UTC, format_timestamp
@@ -152,10 +153,7 @@ def plan_replay(chain: Chain, manifest: Manifest, target: RestoreTarget | None, 
                  if reachable else f"reachable up to the end of {chain.files[-1].name}")
         if not to_gap:
             what = f"--target-{target.kind} {target.value}" if target is not None else "the newest state"
-            raise ArchiveGap(f"{what} is past a gap in the archived binlogs: missing binlog {server}/"
-                             f"{chain.missing[0]} ({where})",
-                             hint="restore to a --target-time or --target-position before the gap, or pass --to-gap "
-                                  "to restore up to it knowingly")
+            raise past_gap(what, "binlogs", f"missing binlog {server}/{chain.missing[0]}", where)
         plan = _plan(chain, manifest, None, fetched, allow_gap=True)
         plan.describe = (f"--to-gap: replay stops before missing binlog {server}/{chain.missing[0]}, at the end of "
                          f"{plan.files[-1].name} ({where}); later transactions are not restored")

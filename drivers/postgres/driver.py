@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 from backupd import age, restore_to
+from backupd.gaps import past_gap
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, RestoreRequest,
                             RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
@@ -224,9 +225,7 @@ class PostgresDriver(Driver):
             if request.to_gap:
                 return dataclasses.replace(request, target=None)
             what = f"--target-{target.kind} {target.value}" if target is not None else "the end of the archive"
-            raise ArchiveGap(f"{what} is past a gap in the archived WAL: {reach.missing[0]} ({where})",
-                             hint="restore to a --target-time at or before that point, or pass --to-gap to "
-                                  "restore up to the gap knowingly")
+            raise past_gap(what, "WAL", reach.missing[0], where)
         return request
 
     @staticmethod
