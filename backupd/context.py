@@ -22,7 +22,8 @@ from backupd.storage import Storage
 
 def open_storage(settings: Settings, name: str) -> Storage:
     options: Any = settings.storage_options(name)
-    return plugins.storage_class(options.type)(options)
+    backend: Any = plugins.storage_class(options.type)  # a backend's constructor takes its options model
+    return backend(options)
 
 
 @dataclass

@@ -296,8 +296,8 @@ def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, 
         # Oldest kept backup first, so "needed by" names the backup that reaches back furthest.
         starts = [(b.pitr.first_log, b) for b in reversed(kept) if b.pitr is not None and b.pitr.kind == kind]
         if paused or not starts:
-            why = f"keep: pruning paused ({paused})" if paused else "keep: no kept backup records where its logs begin"
-            decisions.extend(Decision(kind, log.name, log.stored_at, True, [why]) for log in items)
+            reason = f"keep: pruning paused ({paused})" if paused else "keep: no kept backup records where its logs begin"
+            decisions.extend(Decision(kind, log.name, log.stored_at, True, [reason]) for log in items)
             continue
         across = kind in ORDERED_KINDS
         start_dirs = {_directory(first) for first, _ in starts}

@@ -119,7 +119,8 @@ def bwrap_argv(sandbox: Sandbox) -> list[str]:
     for path in sandbox.writable:
         argv += ["--bind", str(path), str(path)]
     for path in sandbox.hidden:
-        if any(_inside(path, Path(tree)) for tree in (*SYSTEM_TREES, *sandbox.readable, *sandbox.writable)):
+        trees = [Path(tree) for tree in SYSTEM_TREES] + list(sandbox.readable) + list(sandbox.writable)
+        if any(_inside(path, tree) for tree in trees):
             argv += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
     return argv
 

@@ -15,9 +15,12 @@ Callers never see botocore or OS exceptions. Storage that enforces a retention
 from __future__ import annotations
 
 import abc
+import builtins
 import datetime as dt
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Mapping, Protocol, Union
+from typing import BinaryIO, Callable, ClassVar, Iterator, Mapping, Protocol, Union
+
+from pydantic import BaseModel
 
 from backupd.errors import StorageError
 
@@ -63,6 +66,9 @@ def check_key(key: str) -> str:
 
 class Storage(abc.ABC):
     """A place to keep objects: a directory, an S3 bucket, ..."""
+
+    #: The backend's configuration keys (``[storage.NAME]``); unknown keys are errors.
+    options_model: ClassVar[type[BaseModel]]
 
     #: Human-readable location for messages, e.g. ``s3://bucket/prefix/``.
     location: str = ""
@@ -117,7 +123,7 @@ class Storage(abc.ABC):
         Raises ``ObjectLocked`` (the object unchanged) while a retention holds it.
         """
 
-    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+    def sweep(self, prefix: str, *, remove: bool = True) -> builtins.list[str]:
         """What interrupted writes left under ``prefix`` (removed unless ``remove`` is false).
 
         A ``put`` killed mid-way (SIGKILL, power loss) cannot clean up after

@@ -147,7 +147,8 @@ class Tool:
         bytes have come: the consumer (zstd) works on each piece while the tool writes the
         next. At the end the exit status is checked: a failure raises DriverError here.
         """
-        data = self.stdout.read1(size) if size and size > 0 else self.stdout.read()
+        stdout: Any = self.stdout  # a BufferedReader: read1 is its one-raw-read
+        data = stdout.read1(size) if size and size > 0 else stdout.read()
         if data:
             if len(self.head) < self._keep_head:
                 self.head += data[:self._keep_head - len(self.head)]

@@ -7,6 +7,7 @@ complete object.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import errno
@@ -58,7 +59,7 @@ def _start_writeback(out: BinaryIO, start: int, end: int) -> int:
     if sync_range is not None:
         out.flush()
         with contextlib.suppress(OSError):
-            sync_range(out.fileno(), start, end - start, os.SYNC_FILE_RANGE_WRITE)
+            sync_range(out.fileno(), start, end - start, os.SYNC_FILE_RANGE_WRITE)  # type: ignore[attr-defined]
     return end
 
 
@@ -218,9 +219,9 @@ class FilesystemStorage(Storage):
             parent = parent.parent
 
 
-    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+    def sweep(self, prefix: str, *, remove: bool = True) -> builtins.list[str]:
         base_dir = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        found: list[str] = []
+        found: builtins.list[str] = []
         if not base_dir.is_dir():
             return found
         with _os_errors(str(base_dir)):

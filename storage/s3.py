@@ -22,6 +22,7 @@ unchanged.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import io
@@ -161,7 +162,7 @@ class _Part:
     """
 
     def __init__(self, source: Readable, size: int) -> None:
-        data = _read(source, size)
+        data: bytes | bytearray = _read(source, size)
         if data and len(data) < size and (more := _read(source, size - len(data))):
             # A source of short reads: fill one buffer in place (never pieces plus a joined copy).
             buf, got = bytearray(size), len(data)
@@ -338,6 +339,7 @@ class S3Storage(Storage):
                 if if_absent and self._exists(key):  # fail early; the condition on completing decides
                     raise ObjectExists(f"{self.location}{key}: already exists")
                 metadata = resolve_metadata(metadata)  # needed before the parts: the function works it out
+                assert first is not None  # a second part implies a first
                 size = self._put_multipart(name, itertools.chain((first, second), parts), condition, metadata,
                                            retain_until)
         return ObjectInfo(key=key, size=size, modified=dt.datetime.now(dt.timezone.utc),
@@ -425,7 +427,7 @@ class S3Storage(Storage):
                     if not obj["Key"].endswith("/"):  # "folder" markers made by consoles
                         yield ObjectInfo(obj["Key"][start:], obj["Size"], obj.get("LastModified"))
 
-    def sweep(self, prefix: str, *, remove: bool = True) -> list[str]:
+    def sweep(self, prefix: str, *, remove: bool = True) -> builtins.list[str]:
         """Unfinished multipart uploads under ``prefix`` (a killed upload's parts are billed until aborted)."""
         found = []
         paginator = self._client.get_paginator("list_multipart_uploads")
@@ -494,9 +496,9 @@ class S3Storage(Storage):
             self._bucket_locked = enabled
         return self._bucket_locked
 
-    def _versions(self, name: str) -> list[str]:
+    def _versions(self, name: str) -> builtins.list[str]:
         """Version ids (delete markers included) of exactly ``name``, oldest first."""
-        found: list[tuple[bool, dt.datetime, str]] = []
+        found: builtins.list[tuple[bool, dt.datetime, str]] = []
         paginator = self._client.get_paginator("list_object_versions")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=name):
             for item in itertools.chain(page.get("Versions", ()), page.get("DeleteMarkers", ())):

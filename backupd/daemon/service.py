@@ -156,8 +156,8 @@ class Daemon:
         archive lag it reports carries on. A changed job's archivers are stopped, then started anew;
         a job whose driver could not be set up is tried again.
         """
-        previous = (self.contexts, self.job_handlers, self.archivers, self.signatures)
-        old_contexts, old_handlers, old_archivers, old_signatures = (dict(part) for part in previous)
+        old_contexts, old_handlers = dict(self.contexts), dict(self.job_handlers)
+        old_archivers, old_signatures = dict(self.archivers), dict(self.signatures)
         contexts: dict[str, JobContext] = {}
         handlers: dict[str, dict[str, Any]] = {}
         archivers: dict[str, list[Supervised]] = {}

@@ -24,8 +24,10 @@ START_TOLERANCE = 5.0  # seconds between the postmaster's exec and its recorded 
 
 def lower(conn: psycopg.Connection, nice: int) -> bool:
     """Renice the connection's backend to ``nice``; False when it is not ours to renice."""
-    pid, started = conn.execute(
-        "SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())::float8").fetchone()
+    row = conn.execute("SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())::float8").fetchone()
+    if row is None:
+        return False
+    pid, started = row
     if not is_local_backend(pid, started):
         return False
     try:

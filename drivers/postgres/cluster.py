@@ -185,7 +185,8 @@ class Cluster:
                 raise DriverError(f"the server stopped during recovery; server log: {self.log_tail()}")
             with contextlib.suppress(psycopg.OperationalError):
                 with self.connect() as conn:
-                    if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                    if row is not None and not row[0]:
                         return
             if time.monotonic() > deadline:
                 raise DriverError(f"recovery did not finish within {timeout:.0f} s; server log: {self.log_tail()}")

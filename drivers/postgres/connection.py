@@ -64,7 +64,7 @@ class Conn:
         return f"{self.params.get('user') or '(default user)'}@{host}:{self.params.get('port') or 5432}/{self.dbname}"
 
     def connect(self, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
-        extra = {"password": self.password} if self.password else {}
+        extra: dict[str, Any] = {"password": self.password} if self.password else {}
         try:
             return psycopg.connect(self.conninfo(), autocommit=autocommit, connect_timeout=10, **extra, **kwargs)
         except psycopg.Error as exc:

@@ -53,11 +53,11 @@ def newest_commit(pg_waldump: str, segments: list[str],
                 # It exits 1 at the end of the written WAL ("invalid record length"): what it printed counts.
                 with Tool([pg_waldump, "--rmgr=Transaction", "--path", scratch, filename],
                           env={**os.environ, "TZ": "UTC"}) as waldump:
-                    out, _ = waldump.proc.communicate(timeout=TIMEOUT)
+                    printed, _ = waldump.proc.communicate(timeout=TIMEOUT)
             except (DriverError, subprocess.TimeoutExpired):
                 return None
             finally:
                 path.unlink()
-            if times := commit_times(out.decode(errors="replace")):
+            if times := commit_times(printed.decode(errors="replace")):
                 return max(times)
     return None

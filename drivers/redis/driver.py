@@ -12,7 +12,7 @@ import os
 import shlex
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import Field, field_validator
 
@@ -103,7 +103,7 @@ class RedisDriver(Driver):
             self.log.warning("RDB stored, but key counts are unavailable", reason=str(problem))
         elif problem is not None:
             raise DriverError(f"{conn.where}: the RDB snapshot is malformed: {problem}")
-        metadata = {
+        metadata: dict[str, Any] = {
             "server": conn.where,
             "redis_version": version,
             "redis_mode": server.get("redis_mode", ""),
