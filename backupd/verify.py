@@ -221,6 +221,15 @@ def record_metrics(report: VerifyReport) -> None:
         metrics.VERIFICATION_LAST_RESTORE.labels(report.job).set(report.restore_seconds)
 
 
+def unusable_reports(ctx: JobContext, unusable: list[tuple[str, IntegrityError]]) -> list[VerifyReport]:
+    """A manifest that cannot be read is a failed integrity check of its backup."""
+    reports = []
+    for bad_id, exc in unusable:
+        reports.append(VerifyReport(ctx.name, bad_id, "integrity"))
+        reports[-1].fail(str(exc))
+    return reports
+
+
 def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False,
                      pitr_drill: bool = False) -> list[VerifyReport]:
     """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
@@ -240,9 +249,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
         for manifest in manifests:
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
-        for bad_id, exc in unusable:  # a manifest that cannot be read is a failed integrity check of its backup
-            reports.append(VerifyReport(ctx.name, bad_id, "integrity"))
-            reports[-1].fail(str(exc))
+        reports.extend(unusable_reports(ctx, unusable))
         return reports
     manifest = repo.resolve(backup_id)
     if pitr_drill:

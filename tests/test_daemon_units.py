@@ -257,4 +257,10 @@ def test_integrity_rotation_reads_unread_backups_and_reports_corruption(sqlite_j
         tasks.integrity("shop")
     assert metrics.VERIFICATION_LAST_RESULT.labels("shop")._value.get() == 0
     assert list((sqlite_job.repo_root / "shop" / "verify").glob(f"*{ids[0]}.json"))
+
+    # A manifest that cannot be read fails the rotation too (it used to be a warning in the log only).
+    (sqlite_job.repo_root / "shop" / "backups" / ids[1] / "manifest.json").write_text("{ not json")
+    with pytest.raises(BackupdError, match=ids[1]):
+        tasks.integrity("shop")
+    assert list((sqlite_job.repo_root / "shop" / "verify").glob(f"*{ids[1]}.json"))
     ctx.close()

@@ -24,7 +24,7 @@ from backupd.daemon.state import ScheduleState
 from backupd.errors import Aborted, BackupdError, LockHeld
 from backupd.settings import Settings
 from backupd.timeutil import utcnow
-from backupd.verify import record_metrics, run_verification, save_report
+from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +150,7 @@ class Tasks:
         with self._task("integrity", job, None) as (ctx, run):
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
-            manifests = ctx.repository.manifests()
+            manifests, unusable = ctx.repository.scan_manifests()
             reads = self.state.integrity_reads(job)
             reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
@@ -160,7 +160,10 @@ class Tasks:
             share = math.ceil(len(manifests) * period / interval) if manifests else 0
             due = [m for m in manifests if now - reads.get(m.backup_id, epoch) >= interval - period]
             chosen = manifests[:max(share, len(due))] if due or share else []
-            bad = []
+            bad = unusable_reports(ctx, unusable)  # checked every rotation until it is fixed or pruned
+            for report in bad:
+                save_report(ctx, report)
+                record_metrics(report)
             for manifest in chosen:
                 run.check()
                 report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
