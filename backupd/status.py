@@ -12,15 +12,13 @@ sums it up: ``ok``, ``warning`` (never verified, no backup yet) or ``error``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
-from typing import Any, get_args
+from typing import Any, Sequence, get_args
 
 from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.control import request, socket_path
-from backupd.errors import BackupdError
+from backupd.errors import BackupdError, ConfigError, CryptoError, IntegrityError
 from backupd.logarchive import Kind, LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.pins import Pins
@@ -32,15 +30,23 @@ REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
 DAEMON_TIMEOUT = 5.0
 
 
-def read_report(ctx: JobContext, key: str) -> dict[str, Any] | None:
-    """One verification report; None when it is not a JSON object."""
-    with contextlib.closing(ctx.storage.open(key)) as handle:
-        raw = handle.read()
+def read_report(ctx: JobContext, key: str, identities: Sequence[object] = ()) -> dict[str, Any] | None:
+    """One verification report, its sealed details opened with ``identities`` where they can be
+    (else left sealed); None when it is not a JSON object."""
     try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+        return ctx.repository.read_report(key, identities)
+    except IntegrityError:
+        if not identities:
+            return None
+    return read_report(ctx, key)
+
+
+def _identities(ctx: JobContext) -> Sequence[object]:
+    """The job's private keys where this host holds them (the details of a report are sealed to them); else none."""
+    try:
+        return ctx.identities
+    except (ConfigError, CryptoError):
+        return ()
 
 
 def daemon_status(ctx: JobContext) -> dict[str, Any] | None:
@@ -154,8 +160,9 @@ def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | Non
 def _verification(ctx: JobContext) -> dict[str, Any] | None:
     keys = sorted(ctx.repository.iter_reports(), reverse=True)[:REPORTS_SCANNED]
     newest: dict[str, Any] | None = None
+    identities = _identities(ctx) if keys else ()
     for key in keys:
-        report = read_report(ctx, key)
+        report = read_report(ctx, key, identities if newest is None else ())  # only the newest's details are shown
         if report is None:
             continue
         if newest is None:
