@@ -206,6 +206,14 @@ class Repository:
     def backup_ids(self) -> list[str]:
         return self.scan()[0]
 
+    def has_backup(self, backup_id: str) -> bool:
+        """Whether the backup is committed (its manifest exists): one stat, no listing."""
+        try:
+            self.storage.stat(self.manifest_key(backup_id))
+        except ObjectNotFound:
+            return False
+        return True
+
     def load_manifest(self, backup_id: str) -> Manifest:
         """The backup's manifest, checked (bounded size and depth, its own id and job); IntegrityError otherwise."""
         key = self.manifest_key(backup_id)
