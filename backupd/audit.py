@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import socket
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ import structlog
 
 from backupd import sealed
 from backupd.redact import redact
+from backupd.repository import Layout
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp, utcnow
 from backupd.whoami import current_user
@@ -69,9 +69,7 @@ def append(state_dir: Path, event: dict[str, Any]) -> None:
 
 
 def object_key(job: str, event: dict[str, Any]) -> str:
-    stamp = event["time"].replace("-", "").replace(":", "")
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", str(event.get("host") or "host"))[:64]
-    return f"{job}/audit/{stamp}-{host}-{event.get('pid', 0)}-{uuid.uuid4().hex[:8]}.json"
+    return Layout(job).audit_key(event["time"], event.get("host"), event.get("pid", 0), uuid.uuid4().hex[:8])
 
 
 #: Members of an event that may carry text from outside backupd's control.

@@ -61,8 +61,13 @@ class JobContext:
             config_path=self.settings.source,
             open_log=self.open_log,
             sandbox=self.sandbox_policy(),
+            manifests=self.manifests,
         )
         return cls(context)
+
+    def manifests(self) -> list[Manifest]:
+        """Every usable backup of the job, newest first (an unusable manifest is skipped with a warning)."""
+        return self.repository.manifests()
 
     def sandbox_policy(self) -> SandboxPolicy:
         """The job's sandbox mode; every secret and state path of this configuration stays hidden in it."""

@@ -162,6 +162,9 @@ class DriverContext:
     open_log: Callable[[str, str], BinaryIO] | None = None
     #: How scratch servers run (bubblewrap or not) and which host paths they must never see.
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
+    #: Every usable backup of the job, newest first, read from storage on each call. ``choose_backup`` gets
+    #: only the named backup when one is named; a plan that describes the others (a PITR window) asks here.
+    manifests: Callable[[], list[Manifest]] | None = None
 
     @property
     def spool_dir(self) -> Path:

@@ -1,6 +1,6 @@
 """Continuous log objects for PITR: PostgreSQL WAL, MySQL binlogs, MongoDB oplog slices.
 
-Layout (DESIGN.md)::
+Layout (DESIGN.md; the keys come from ``backupd.repository.Layout``)::
 
     <job>/wal/<timeline>/<segment>.zst.age
     <job>/binlog/<server>/<file>.zst.age
@@ -26,10 +26,10 @@ from typing import BinaryIO, Iterator, Literal, Sequence
 
 from backupd.errors import BackupdError, ObjectExists, ObjectNotFound
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
+from backupd.repository import Layout
 from backupd.storage import ObjectInfo, Storage
 
 Kind = Literal["wal", "binlog", "oplog"]
-SUFFIX = ".zst.age"
 #: Logs up to this size (a default WAL segment) are encoded in memory at once; larger ones stream.
 ONE_SHOT_MAX = 16 << 20
 
@@ -116,6 +116,7 @@ class LogArchive:
         self.storage = storage
         self.job = job
         self.kind = kind
+        self.layout = Layout(job)
         self.recipients = list(recipients)
         self.level = level
         #: How long the retention policy guarantees to keep a new log (``retention.guaranteed_keep``).
@@ -123,13 +124,13 @@ class LogArchive:
 
     @property
     def prefix(self) -> str:
-        return f"{self.job}/{self.kind}/"
+        return self.layout.log_prefix(self.kind)
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}{name}{SUFFIX}"
+        return self.layout.log_key(self.kind, name)
 
     def stat(self, name: str) -> LogObject:
-        return self._log_object(self.storage.stat(self.key(name)))
+        return self._log_object(self.storage.stat(self.key(name)), name)
 
     def exists(self, name: str) -> bool:
         try:
@@ -234,11 +235,12 @@ class LogArchive:
         """Archived logs whose name starts with ``under``, in name order."""
         objects = []
         for info in self.storage.list(self.prefix + under):
-            if not info.key.endswith(SUFFIX):
+            name = self.layout.log_name(self.kind, info.key)
+            if name is None:
                 continue
             if with_metadata:
                 info = self.storage.stat(info.key)
-            objects.append(self._log_object(info))
+            objects.append(self._log_object(info, name))
         return objects
 
     def iter_names(self, under: str = "") -> Iterator[str]:
@@ -248,8 +250,8 @@ class LogArchive:
     def delete(self, name: str) -> None:
         self.storage.delete(self.key(name))
 
-    def _log_object(self, info: ObjectInfo) -> LogObject:
-        name = info.key[len(self.prefix):-len(SUFFIX)]
+    @staticmethod
+    def _log_object(info: ObjectInfo, name: str) -> LogObject:
         meta = info.metadata or {}
         raw = meta.get("raw-size")
         return LogObject(name, info.key, info.size, int(raw) if raw and raw.isdigit() else None, meta.get("sha256"),

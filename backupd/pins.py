@@ -11,21 +11,19 @@ import io
 import json
 
 from backupd.errors import ObjectNotFound
+from backupd.repository import Layout
 from backupd.storage import Storage
-from backupd.timeutil import BACKUP_ID_RE, format_timestamp, utcnow
+from backupd.timeutil import format_timestamp, utcnow
 
 
 class Pins:
     def __init__(self, storage: Storage, job: str) -> None:
         self.storage = storage
         self.job = job
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.job}/pins/"
+        self.layout = Layout(job)
 
     def key(self, backup_id: str) -> str:
-        return f"{self.prefix}{backup_id}"
+        return self.layout.pin_key(backup_id)
 
     def pin(self, backup_id: str, note: str = "") -> None:
         record = {"backup_id": backup_id, "pinned_at": format_timestamp(utcnow()), "note": note}
@@ -45,5 +43,5 @@ class Pins:
         return False
 
     def ids(self) -> set[str]:
-        names = (info.key[len(self.prefix):] for info in self.storage.list(self.prefix))
-        return {name for name in names if BACKUP_ID_RE.match(name)}
+        ids = (self.layout.pinned_id(info.key) for info in self.storage.list(self.layout.pins_prefix))
+        return {backup_id for backup_id in ids if backup_id is not None}

@@ -34,16 +34,15 @@ from backupd import metrics
 from backupd.context import JobContext
 from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound
 from backupd.locks import job_lock, lock_free
-from backupd.logarchive import SUFFIX, LogArchive
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.pins import Pins
+from backupd.repository import LOG_KINDS, Layout
 from backupd.retention import BackupItem, Decision, LogItem, PartialItem, PitrPoint, Plan, locked_reason, plan
 from backupd.runstate import UnreadableRecord, last_run, pause_reason
 from backupd.timeutil import backup_id_time, format_timestamp, parse_timestamp, utcnow
 
 log = structlog.get_logger(__name__)
-
-LOG_KINDS = ("wal", "binlog", "oplog")
 
 
 class PruneRefused(BackupdError):
@@ -112,7 +111,7 @@ def pitr_breaks(ctx: JobContext, manifests: list[Manifest]) -> list[str]:
 
 
 def journal_key(job: str) -> str:
-    return f"{job}/state/prune.json"
+    return Layout(job).journal_key()
 
 
 def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
@@ -219,10 +218,8 @@ def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backu
 
 
 def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
-    prefix = LogArchive(ctx.storage, ctx.name, kind).prefix  # type: ignore[arg-type]
-    for info in ctx.storage.list(prefix):
-        if info.key.endswith(SUFFIX):
-            yield LogItem(kind, info.key[len(prefix):-len(SUFFIX)], info.modified)
+    for obj in LogArchive(ctx.storage, ctx.name, kind).list():  # type: ignore[arg-type]
+        yield LogItem(kind, obj.name, obj.modified)
 
 
 def _read_journal(ctx: JobContext) -> list[str]:

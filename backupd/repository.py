@@ -1,11 +1,17 @@
-"""One job's area of a storage: where objects and manifests live.
+"""One job's area of a storage: every key and listing of it (the repository contract).
 
-Layout (DESIGN.md)::
+Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
 
     <job>/backups/<backup_id>/manifest.json     written last; the commit point
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
-    <job>/verify/<timestamp>.json               verification reports
+    <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
+    <job>/pins/<backup_id>                      pins (``backupd.pins``)
+    <job>/state/prune.json                      the prune journal (``backupd.prune``)
+    <job>/state/last-failure.json               the newest failed run (``backupd.runstate``)
+    <job>/audit/<time>-<host>-<pid>-<n>.json    audit events (``backupd.audit``)
+    <job>/verify/<time>-<backup_id>.json        verification reports
     _ids/<backup_id>                            claim of a backup id, naming its job
+    .backupd-check/<random>                     ``backupd check``'s round trip, deleted at once
 
 A backup exists only once its manifest does. Directories without one are
 partial leftovers of a failed or killed run; they are never listed as backups.
@@ -17,6 +23,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -35,8 +42,103 @@ log = structlog.get_logger(__name__)
 
 OBJECT_SUFFIX = ".zst.age"
 ID_CLAIMS_PREFIX = "_ids/"
+#: The kinds of archived logs, each under its own ``<job>/<kind>/``.
+LOG_KINDS = ("wal", "binlog", "oplog")
 MAX_REPORT = 64 << 20
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Every key of one job's area of a storage; the on-storage layout is the repository contract."""
+
+    job: str
+
+    # backups
+    @property
+    def backups_prefix(self) -> str:
+        return f"{self.job}/backups/"
+
+    def backup_prefix(self, backup_id: str) -> str:
+        return f"{self.backups_prefix}{backup_id}/"
+
+    def manifest_key(self, backup_id: str) -> str:
+        return f"{self.backup_prefix(backup_id)}{MANIFEST_NAME}"
+
+    @staticmethod
+    def object_name(stream: str) -> str:
+        """A stream's object name inside its backup's directory (a manifest entry's ``key``)."""
+        return f"{stream}{OBJECT_SUFFIX}"
+
+    def object_key(self, backup_id: str, stream: str) -> str:
+        return self.entry_key(backup_id, self.object_name(stream))
+
+    def entry_key(self, backup_id: str, entry_key: str) -> str:
+        """The key of a manifest entry (its ``key`` is relative to the backup's directory)."""
+        return f"{self.backup_prefix(backup_id)}{entry_key}"
+
+    def split_backup_key(self, key: str) -> tuple[str, str]:
+        """(backup id, the rest) of a key listed under ``backups_prefix``."""
+        backup_id, _, rest = key[len(self.backups_prefix):].partition("/")
+        return backup_id, rest
+
+    # archived logs
+    def log_prefix(self, kind: str) -> str:
+        return f"{self.job}/{kind}/"
+
+    def log_key(self, kind: str, name: str) -> str:
+        return f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+
+    def log_name(self, kind: str, key: str) -> str | None:
+        """The log name of a key listed under ``log_prefix(kind)``; None for anything that is not a log object."""
+        if not key.endswith(OBJECT_SUFFIX):
+            return None
+        return key[len(self.log_prefix(kind)):-len(OBJECT_SUFFIX)]
+
+    # pins
+    @property
+    def pins_prefix(self) -> str:
+        return f"{self.job}/pins/"
+
+    def pin_key(self, backup_id: str) -> str:
+        return f"{self.pins_prefix}{backup_id}"
+
+    def pinned_id(self, key: str) -> str | None:
+        """The backup id a key listed under ``pins_prefix`` pins; None when it is not one."""
+        name = key[len(self.pins_prefix):]
+        return name if BACKUP_ID_RE.match(name) else None
+
+    # state
+    def journal_key(self) -> str:
+        """The prune journal: the backups a prune is deleting."""
+        return f"{self.job}/state/prune.json"
+
+    def failure_key(self) -> str:
+        """The newest backup run's failure, while no later run succeeded."""
+        return f"{self.job}/state/last-failure.json"
+
+    # audit events
+    def audit_key(self, time: str, host: str | None, pid: object, unique: str) -> str:
+        stamp = time.replace("-", "").replace(":", "")
+        safe_host = re.sub(r"[^A-Za-z0-9.-]", "_", str(host or "host"))[:64]
+        return f"{self.job}/audit/{stamp}-{safe_host}-{pid}-{unique}.json"
+
+    # verification reports
+    @property
+    def reports_prefix(self) -> str:
+        return f"{self.job}/verify/"
+
+    def report_key(self, started_at: str, backup_id: str) -> str:
+        return f"{self.reports_prefix}{started_at.replace(':', '').replace('-', '')}-{backup_id}.json"
+
+    # backup id claims (storage-wide: ids are unique across jobs)
+    @staticmethod
+    def claim_key(backup_id: str) -> str:
+        return f"{ID_CLAIMS_PREFIX}{backup_id}"
+
+    @staticmethod
+    def probe_key(token: str) -> str:
+        """A storage-wide scratch key for ``backupd check``'s write, read, stat, delete round trip."""
+        return f".backupd-check/{token}"
 
 def read_bounded(handle: Readable, limit: int, key: str, what: str) -> bytes:
     """All of ``handle``, or IntegrityError naming ``key`` once it passes ``limit`` bytes."""
@@ -67,21 +169,24 @@ class Repository:
         ``retain_until`` = now + it, so storage with Object Lock can lock them."""
         self.storage = storage
         self.job = job
+        self.layout = Layout(job)
         self.retain_for = retain_for
 
     # -- layout ------------------------------------------------------------
     @property
     def backups_prefix(self) -> str:
-        return f"{self.job}/backups/"
+        return self.layout.backups_prefix
 
     def backup_prefix(self, backup_id: str) -> str:
-        return f"{self.backups_prefix}{backup_id}/"
+        return self.layout.backup_prefix(backup_id)
 
     def manifest_key(self, backup_id: str) -> str:
-        return f"{self.backup_prefix(backup_id)}{MANIFEST_NAME}"
+        return self.layout.manifest_key(backup_id)
 
     def object_key(self, backup_id: str, stream: str) -> str:
-        return f"{self.backup_prefix(backup_id)}{stream}{OBJECT_SUFFIX}"
+        return self.layout.object_key(backup_id, stream)
+
+    claim_key = staticmethod(Layout.claim_key)
 
     # -- reading -----------------------------------------------------------
     def scan(self) -> tuple[list[str], list[str]]:
@@ -89,7 +194,7 @@ class Repository:
         committed: set[str] = set()
         seen: set[str] = set()
         for info in self.storage.list(self.backups_prefix):
-            backup_id, _, rest = info.key[len(self.backups_prefix):].partition("/")
+            backup_id, rest = self.layout.split_backup_key(info.key)
             if not BACKUP_ID_RE.match(backup_id):
                 continue
             seen.add(backup_id)
@@ -100,6 +205,14 @@ class Repository:
 
     def backup_ids(self) -> list[str]:
         return self.scan()[0]
+
+    def has_backup(self, backup_id: str) -> bool:
+        """Whether the backup is committed (its manifest exists): one stat, no listing."""
+        try:
+            self.storage.stat(self.manifest_key(backup_id))
+        except ObjectNotFound:
+            return False
+        return True
 
     def load_manifest(self, backup_id: str) -> Manifest:
         """The backup's manifest, checked (bounded size and depth, its own id and job); IntegrityError otherwise."""
@@ -155,7 +268,7 @@ class Repository:
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         entry = manifest.object(name)
-        key = f"{self.backup_prefix(manifest.backup_id)}{entry.key}"
+        key = self.layout.entry_key(manifest.backup_id, entry.key)
         return DecodingReader(
             self.storage.open(key),
             identities,
@@ -170,7 +283,7 @@ class Repository:
         """Read every object back and compare size and sha256 with the manifest. No key needed."""
         problems = []
         for entry in manifest.objects:
-            key = f"{self.backup_prefix(manifest.backup_id)}{entry.key}"
+            key = self.layout.entry_key(manifest.backup_id, entry.key)
             try:
                 with contextlib.closing(self.storage.open(key)) as handle:
                     size, digest = hash_stored(handle)
@@ -197,10 +310,6 @@ class Repository:
                 continue  # another job of this storage has it
             return candidate
         raise AssertionError("unreachable")  # backup_id_candidates never ends
-
-    @staticmethod
-    def claim_key(backup_id: str) -> str:
-        return f"{ID_CLAIMS_PREFIX}{backup_id}"
 
     def release_id(self, backup_id: str) -> None:
         """Drop this job's claim of ``backup_id`` (never another job's)."""
@@ -235,7 +344,7 @@ class Repository:
         if info.size != stats.stored_size:
             raise StorageError(f"{key}: storage accepted {info.size} bytes, the pipeline produced {stats.stored_size}")
         log.debug("object stored", key=key, raw=stats.raw_size, stored=stats.stored_size)
-        return ObjectEntry(name=name, key=f"{name}{OBJECT_SUFFIX}", raw_size=stats.raw_size,
+        return ObjectEntry(name=name, key=self.layout.object_name(name), raw_size=stats.raw_size,
                            stored_size=stats.stored_size, sha256=stats.sha256)
 
     def commit(self, manifest: Manifest) -> None:
@@ -283,8 +392,9 @@ class Repository:
         return removed, self.storage.sweep(self.backups_prefix, remove=remove)
 
     # -- verification reports ---------------------------------------------
-    def write_report(self, name: str, report: dict[str, Any]) -> str:
-        key = f"{self.job}/verify/{name}.json"
+    def write_report(self, started_at: str, backup_id: str, report: dict[str, Any]) -> str:
+        """Store a verification report (named for when it started and its backup); return its key."""
+        key = self.layout.report_key(started_at, backup_id)
         self.storage.put(key, io.BytesIO(json.dumps(report, indent=2).encode() + b"\n"))
         return key
 
@@ -308,5 +418,5 @@ class Repository:
             raise IntegrityError(f"{key}: the report's sealed details cannot be opened ({exc})") from None
 
     def iter_reports(self) -> Iterator[str]:
-        for info in self.storage.list(f"{self.job}/verify/"):
+        for info in self.storage.list(self.layout.reports_prefix):
             yield info.key

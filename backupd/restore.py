@@ -45,9 +45,10 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
     A dry run emits its plan, then raises what the real run would refuse (so it exits non-zero).
     """
     ctx.driver.check_to(request)
-    manifests = ctx.repository.manifests()  # an unusable manifest is skipped (with a warning naming it)
-    if backup_id and not any(m.backup_id == backup_id for m in manifests):
-        manifests.append(ctx.repository.load_manifest(backup_id))  # the named one: its own error, if any
+    if backup_id:  # only the named backup's manifest is read (its own error, if any)
+        manifests = [ctx.repository.load_manifest(backup_id)]
+    else:  # an unusable manifest is skipped (with a warning naming it)
+        manifests = ctx.repository.manifests()
     manifest = ctx.driver.choose_backup(manifests, request, backup_id)
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:

@@ -24,6 +24,7 @@ import structlog
 from backupd import sealed
 from backupd.errors import BackupdError, ObjectNotFound
 from backupd.redact import redact
+from backupd.repository import Layout
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp, parse_timestamp
 
@@ -60,7 +61,7 @@ class RunRecord:
 
 
 def repository_key(job: str) -> str:
-    return f"{job}/state/last-failure.json"
+    return Layout(job).failure_key()
 
 
 def local_path(state_dir: Path, job: str) -> Path:

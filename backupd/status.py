@@ -15,19 +15,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Sequence, get_args
 
-import structlog
-
 from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.control import request, socket_path
-from backupd.errors import BackupdError, IntegrityError
+from backupd.errors import BackupdError, ConfigError, CryptoError, IntegrityError
 from backupd.logarchive import Kind, LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.pins import Pins
 from backupd.runstate import UnreadableRecord, last_run
 from backupd.timeutil import format_timestamp, parse_timestamp
 
-log = structlog.get_logger(__name__)
 
 NOT_AVAILABLE = "not available"
 REPORTS_SCANNED = 50  # how far back to look for the newest passed verification
@@ -35,21 +32,21 @@ DAEMON_TIMEOUT = 5.0
 
 
 def read_report(ctx: JobContext, key: str, identities: Sequence[object] = ()) -> dict[str, Any] | None:
-    """One verification report, its sealed details opened where ``identities`` can; None when it is unusable."""
+    """One verification report, its sealed details opened with ``identities`` where they can be
+    (else left sealed); None when it is not a JSON object."""
     try:
         return ctx.repository.read_report(key, identities)
-    except IntegrityError as exc:
-        log.warning("verification report ignored", key=key, error=str(exc))
-        return None
+    except IntegrityError:
+        if not identities:
+            return None
+    return read_report(ctx, key)
 
 
-def readable_identities(ctx: JobContext) -> Sequence[object]:
-    """This host's identities when it has a usable identity file; none otherwise (status needs no key)."""
-    if ctx.settings.encryption.identity_file is None:
-        return ()
+def _identities(ctx: JobContext) -> Sequence[object]:
+    """The job's private keys where this host holds them (the details of a report are sealed to them); else none."""
     try:
         return ctx.identities
-    except BackupdError:
+    except (ConfigError, CryptoError):
         return ()
 
 
@@ -164,9 +161,9 @@ def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | Non
 def _verification(ctx: JobContext) -> dict[str, Any] | None:
     keys = sorted(ctx.repository.iter_reports(), reverse=True)[:REPORTS_SCANNED]
     newest: dict[str, Any] | None = None
-    identities = readable_identities(ctx)  # this host's key opens the report's details, if it has one
+    identities = _identities(ctx) if keys else ()
     for key in keys:
-        report = read_report(ctx, key, identities)
+        report = read_report(ctx, key, identities if newest is None else ())  # only the newest's details are shown
         if report is None:
             continue
         if newest is None:

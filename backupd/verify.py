@@ -205,9 +205,8 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
 
 
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
-    name = report.started_at.replace(":", "").replace("-", "") + f"-{report.backup_id}"
     try:
-        return ctx.repository.write_report(name, report.to_stored(ctx.recipients))
+        return ctx.repository.write_report(report.started_at, report.backup_id, report.to_stored(ctx.recipients))
     except BackupdError as exc:
         log.warning("could not store the verification report", error=str(exc))
         return None

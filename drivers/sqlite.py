@@ -28,6 +28,7 @@ from backupd.errors import DriverError, IntegrityError, UsageError, naming
 from backupd.manifest import Manifest
 from backupd.sandbox import chown_to
 from backupd.tool import run
+from backupd.usercheck import NO_ROW, Answer, judge
 
 from drivers import sqlite_probe
 
@@ -40,6 +41,13 @@ PYTHON = "/usr/bin/python3"
 class SqliteOptions(DriverOptions):
     path: Path
     busy_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for a writer's lock")
+
+
+def _answer(sql: object, value: object, error: object) -> Answer:
+    """One check as ``sqlite_probe`` reports it: ``[sql, value, error]``."""
+    if error:
+        return Answer(str(sql), error=str(error))
+    return Answer(str(sql), NO_ROW if value == {"no_row": True} else value)
 
 
 def _connect(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqlite3.Connection:
@@ -185,7 +193,7 @@ class SqliteDriver(Driver):
             steps=[{"step": "restore", "bytes": size}, {"step": "integrity_check", "result": problems[:10]}],
         )
         outcome.checks.append(Check("PRAGMA integrity_check", problems == ["ok"], "; ".join(problems[:5])))
-        outcome.checks.extend(Check(str(sql), bool(ok), str(detail)) for sql, ok, detail in found["checks"])
+        outcome.checks.extend(judge(_answer(*check)) for check in found["checks"])
         return outcome
 
     def check(self) -> Iterable[Check]:

@@ -9,8 +9,9 @@ sees /usr, not backupd's virtual environment. ATTACH (and so ``VACUUM INTO``'s
 second file) is refused by an authorizer as well.
 
 stdin: ``{"path": "...", "checks": ["SQL", ...]}``; stdout:
-``{"integrity": ["ok"], "counts": {"table": n}, "checks": [[sql, ok, detail], ...]}``
-or ``{"error": "..."}`` when the file is not a database SQLite can read.
+``{"integrity": ["ok"], "counts": {"table": n}, "checks": [[sql, value, error], ...]}`` (``value``: the
+first column of the first row, ``{"no_row": true}`` when there is none; ``error``: null when it ran; backupd
+judges them) or ``{"error": "..."}`` when the file is not a database SQLite can read.
 """
 
 import json
@@ -34,6 +35,16 @@ def _short(text: str) -> str:
     return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
+NO_ROW = {"no_row": True}
+
+
+def _value(value: object) -> object:
+    """A column's value as JSON carries it: a blob as its text, long text cut short."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return _short(value) if isinstance(value, str) else value
+
+
 def probe(path: str, checks: list) -> dict:
     try:
         db = sqlite3.connect(f"file:{path}", uri=True, isolation_level=None)
@@ -49,10 +60,9 @@ def probe(path: str, checks: list) -> dict:
     for sql in checks:
         try:
             row = db.execute(sql).fetchone()
-            ok = bool(row and row[0])
-            results.append([sql, ok, "" if ok else _short(f"returned {row[0] if row else 'no row'}")])
+            results.append([sql, _value(row[0]) if row else NO_ROW, None])
         except sqlite3.Error as exc:
-            results.append([sql, False, _short(f"error: {exc}")])
+            results.append([sql, None, _short(f"error: {exc}")])
     db.close()
     return {"integrity": problems, "counts": counts, "checks": results}
 

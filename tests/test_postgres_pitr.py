@@ -93,6 +93,16 @@ def test_dry_run_prints_plan_and_touches_nothing(pg_env: PgEnv, scenario: Scenar
     assert not target.exists()
 
 
+def test_dry_run_of_a_named_backup_describes_the_same_window(pg_env: PgEnv, scenario: Scenario) -> None:
+    """Naming the backup reads only its manifest to choose it; the plan still describes the job's window."""
+    target = str(pg_env.root / "never")
+    unnamed = pg_env.backupd("restore", JOB, "--to", target, "--dry-run", check=True)
+    named = pg_env.backupd("restore", JOB, "--to", target, "--backup", scenario.backup_id, "--dry-run", check=True)
+    window = [line for line in unnamed.out.splitlines() if "restorable window" in line]
+    assert window and window == [line for line in named.out.splitlines() if "restorable window" in line]
+    assert named.out == unnamed.out
+
+
 def test_target_outside_window_is_refused(pg_env: PgEnv, scenario: Scenario) -> None:
     for arg in ("--target-time=2000-01-01T00:00:00Z", "--target-time=2999-01-01T00:00:00Z",
                 "--target-lsn=FF/0"):

@@ -56,17 +56,11 @@ def _record(args: argparse.Namespace, result: str, detail: str | None, code: int
     name = args.command if args.command != "keys" else f"keys {getattr(args, 'keys_command', '')}".strip()
     backup_id = getattr(args, "audit_backup_id", None) or getattr(args, "backup", None)
     event = audit.make_event(name, job=job, backup_id=backup_id, result=result, detail=detail, exit_code=code)
-    state_dir = settings.daemon.state_dir if settings is not None else None
-    storage = None
-    recipients: list[object] = []
-    ctx = None
-    if settings is not None and job in settings.jobs:
-        with contextlib.suppress(Exception):
-            ctx = JobContext(settings, job)
-            storage = ctx.storage
-            recipients = list(ctx.recipients)
+    if settings is None or job not in settings.jobs:
+        audit.record(settings.daemon.state_dir if settings is not None else None, event)
+        return
+    ctx = JobContext(settings, job)
     try:
-        audit.record(state_dir, event, storage, recipients)
+        audit.record_for_job(ctx, event)
     finally:
-        if ctx is not None:
-            ctx.close()
+        ctx.close()

@@ -15,6 +15,7 @@ from backupd.cli.common import config_path, print_json, settings_from
 from backupd.context import JobContext, open_storage
 from backupd.driver import Check
 from backupd.errors import BackupdError
+from backupd.repository import Layout
 from backupd.settings import Settings
 
 
@@ -36,7 +37,7 @@ def _guard(name: str, func: Callable[[], str | None]) -> Check:
 
 def storage_round_trip(settings: Settings, name: str) -> str:
     payload = uuid.uuid4().bytes * 64
-    key = f".backupd-check/{uuid.uuid4().hex}"
+    key = Layout.probe_key(uuid.uuid4().hex)
     with open_storage(settings, name) as storage:
         storage.put(key, io.BytesIO(payload))
         try:

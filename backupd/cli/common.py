@@ -59,7 +59,7 @@ def job_of_backup(args: argparse.Namespace) -> JobContext:
         settings.job(job)  # unknown --job -> ConfigError listing the known ones
         ctx = JobContext(settings, job)
         try:
-            holds = args.backup_id in ctx.repository.backup_ids()
+            holds = ctx.repository.has_backup(args.backup_id)
         except BaseException:
             ctx.close()
             raise

@@ -31,6 +31,7 @@ from backupd.scratch import ScratchServer
 from backupd.settings import read_secret_file
 from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
+from backupd.usercheck import Answer, judge
 from drivers.mongodb import tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
 from drivers.mongodb.oplog import OplogArchiver, Slice, list_slices, ts_datetime, ts_text
@@ -278,7 +279,7 @@ def _replay_slices(plan: RestorePlan, source: BackupSource, config: Path, spool:
 
 def run_checks(server: MongoServer, checks: list[str]) -> list[Check]:
     """``db.collection [JSON filter]``: passes when at least one document matches."""
-    results = []
+    answers = []
     for text in checks:
         ns, _, query = text.strip().partition(" ")
         db, _, coll = ns.partition(".")
@@ -287,10 +288,10 @@ def run_checks(server: MongoServer, checks: list[str]) -> list[Check]:
             if not db or not coll or not isinstance(filter_, dict):
                 raise ValueError("expected `db.collection {\"field\": value}`")
             found = server._call("check", lambda: server.client[db][coll].count_documents(filter_, limit=1))
-            results.append(Check(text, found > 0, "" if found else "no matching document"))
+            answers.append(Answer(text, found, shown=f"{found} matching documents"))
         except (ValueError, DriverError) as exc:
-            results.append(Check(text, False, str(exc)))
-    return results
+            answers.append(Answer(text, error=str(exc)))
+    return [judge(answer) for answer in answers]
 
 
 @contextlib.contextmanager

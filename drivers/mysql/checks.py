@@ -10,7 +10,8 @@ import pymysql
 from backupd.driver import Check
 from backupd.errors import BackupdError
 from backupd.manifest import Manifest
-from drivers.mysql.client import Credentials, query, scalar, variable, version_of
+from backupd.usercheck import NO_ROW, Answer, judge
+from drivers.mysql.client import Credentials, query, variable, version_of
 from drivers.mysql.logical import base_tables, count_rows, server_info
 
 if TYPE_CHECKING:
@@ -127,14 +128,14 @@ def run_user_checks(credentials: Credentials, manifest: Manifest, checks: list[s
         return []
     databases = manifest.metadata.get("databases") or []
     conn = credentials.connect(database=databases[0] if databases else None)
-    results = []
+    answers = []
     try:
         for sql in checks:
             try:
-                value = scalar(conn, sql)
-                results.append(Check(sql, bool(value), "" if value else f"returned {value!r}"))
+                rows = query(conn, sql)
+                answers.append(Answer(sql, rows[0][0] if rows else NO_ROW))
             except pymysql.MySQLError as exc:
-                results.append(Check(sql, False, f"error: {exc.args[-1]}"))
+                answers.append(Answer(sql, error=f"error: {exc.args[-1]}"))
     finally:
         conn.close()
-    return results
+    return [judge(answer) for answer in answers]

@@ -55,7 +55,7 @@ class PostgresDriver(Driver):
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
-        self._manifests_hint = manifests
+        self._manifests_hint = None if backup_id else manifests  # named: the others are read when described
         self._view_hint = None  # a new restore: the archive is listed again, once
         if pitr.is_physical_target(request.to):
             return pitr.choose(manifests, request, backup_id, self.context.job, self._archive_view)
@@ -79,7 +79,7 @@ class PostgresDriver(Driver):
         view = self._archive_view()
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
-        physical_ones = [m for m in self._manifests_hint or [manifest] if m.method == "physical"]
+        physical_ones = [m for m in self._all_manifests(manifest) if m.method == "physical"]
         lines = [
             f"backup {manifest.backup_id} (physical, ended {format_timestamp(pitr.backup_end(manifest))}, "
             f"timeline {meta.get('timeline')}, LSN {meta.get('start_lsn')} to {meta.get('stop_lsn')})",
@@ -109,6 +109,12 @@ class PostgresDriver(Driver):
 
     _manifests_hint: list[Manifest] | None = None
     _view_hint: pitr.ArchiveView | None = None
+
+    def _all_manifests(self, chosen: Manifest) -> list[Manifest]:
+        """The job's backups for the restorable window: those ``choose_backup`` saw, else read once now."""
+        if self._manifests_hint is None:
+            self._manifests_hint = self.context.manifests() if self.context.manifests else [chosen]
+        return self._manifests_hint or [chosen]
 
     def _archive_view(self) -> pitr.ArchiveView:
         """The WAL archive's listing, made once per restore (choosing, planning and the newest-commit check)."""

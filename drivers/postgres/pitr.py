@@ -12,7 +12,7 @@ from typing import Callable
 
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
-from backupd.logarchive import SUFFIX, LogArchive
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp
 from drivers.postgres.cluster import conf_value
@@ -34,19 +34,16 @@ class ArchiveView:
     @classmethod
     def scan(cls, archive: LogArchive) -> "ArchiveView":
         view = cls()
-        for info in archive.storage.list(archive.prefix):
-            if not info.key.endswith(SUFFIX):
-                continue
-            name = info.key[len(archive.prefix):-len(SUFFIX)]
-            timeline, _, filename = name.partition("/")
+        for obj in archive.list():
+            timeline, _, filename = obj.name.partition("/")
             if filename.endswith(".history"):
-                view.histories.append(name)
+                view.histories.append(obj.name)
             elif SEGMENT_RE.match(filename):
                 view.segments.setdefault(timeline, []).append(filename)
-                if info.modified:
-                    view.arrivals[filename] = info.modified
-                if info.modified and (view.newest is None or info.modified > view.newest):
-                    view.newest = info.modified
+                if obj.modified:
+                    view.arrivals[filename] = obj.modified
+                if obj.modified and (view.newest is None or obj.modified > view.newest):
+                    view.newest = obj.modified
         for names in view.segments.values():
             names.sort()
         return view

@@ -16,6 +16,7 @@ from backupd.manifest import Manifest
 from backupd.pipeline import READ_CHUNK
 from backupd.sandbox import chown_to
 from backupd.timeutil import format_timestamp
+from backupd.usercheck import NO_ROW, Answer, judge
 from drivers.postgres import logical, physical, pitr, scratchconf
 from drivers.postgres.cluster import Cluster
 from drivers.postgres.connection import find_tool
@@ -34,15 +35,15 @@ ORDER BY 1
 
 
 def run_checks(conn: psycopg.Connection, checks: list[str]) -> list[Check]:
-    results = []
+    """The job's ``verify.checks``: what each query's first column answered, judged by the core."""
+    answers = []
     for query in checks:
         try:
             row = conn.execute(query).fetchone()
-            ok = bool(row and row[0])
-            results.append(Check(query, ok, "" if ok else f"returned {row[0] if row else 'no row'}"))
+            answers.append(Answer(query, row[0] if row else NO_ROW))
         except psycopg.Error as exc:
-            results.append(Check(query, False, f"error: {str(exc).strip()}"))
-    return results
+            answers.append(Answer(query, error=f"error: {str(exc).strip()}"))
+    return [judge(answer) for answer in answers]
 
 
 def amcheck(conn: psycopg.Connection) -> tuple[int, list[str]]:

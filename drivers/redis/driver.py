@@ -22,8 +22,9 @@ from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOpt
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.settings import read_secret_file
+from backupd.usercheck import Answer, judge
 from drivers.redis.rdb import MAX_DATABASE, RdbFormatError, RdbSummary, RdbUnsupported
-from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn, truthy
+from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn
 from drivers.redis.scratch import scratch_server, server_version
 from drivers.redis.transfer import RdbTransfer, StreamingParser, TeeReader
 
@@ -278,27 +279,26 @@ def parse_check(text: str) -> tuple[int, list[str]]:
 
 
 def run_checks(endpoint: Endpoint, checks: list[str], timeout: float) -> list[Check]:
-    """Each check is a Redis command; it passes when the reply is truthy (not nil, 0, "", "0" or [])."""
-    results = []
+    """Each check is a Redis command; the core judges its reply (nil, 0, "", "0" and [] fail)."""
+    answers = []
     for text in checks:
         try:
             db, argv = parse_check(text)
         except ValueError as exc:
-            results.append(Check(text, False, str(exc)))
+            answers.append(Answer(text, error=str(exc)))
             continue
         try:
             with Connection(endpoint, timeout=timeout) as conn:
                 conn.command("SELECT", db)
                 reply = conn.command(*argv)
         except RedisReplyError as exc:
-            results.append(Check(text, False, f"error: {exc}"))
+            answers.append(Answer(text, error=f"error: {exc}"))
             continue
         except DriverError as exc:
-            results.append(Check(text, False, str(exc)))
+            answers.append(Answer(text, error=str(exc)))
             continue
-        ok = truthy(reply)
-        results.append(Check(text, ok, "" if ok else f"returned {_show(reply)}"))
-    return results
+        answers.append(Answer(text, reply, shown=_show(reply)))
+    return [judge(answer) for answer in answers]
 
 
 SHOWN = 200  #: characters of a failing check's reply kept in the report (the reply is restored content)

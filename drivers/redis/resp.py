@@ -252,17 +252,3 @@ def _first_word_reason(exc: RedisReplyError) -> str:
     text = str(exc)
     code, _, rest = text.partition(" ")
     return f"{code}: {rest}" if code.isupper() and rest else text
-
-
-def truthy(reply: Any) -> bool:
-    """How a user check's reply reads as pass/fail: nil, 0, "", "0" and [] fail."""
-    if reply is None or isinstance(reply, RedisReplyError):
-        return False
-    if isinstance(reply, int):
-        return reply != 0
-    if isinstance(reply, (bytes, str)):
-        text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
-        return text not in ("", "0")
-    if isinstance(reply, list):
-        return bool(reply)
-    return bool(reply)
