@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Iterable
 
-from backupd import metrics
+from backupd.served_metrics import served
 
 _seen: dict[str, set[str]] = {}
 _lock = threading.Lock()
@@ -23,6 +23,6 @@ def record(job: str, gaps: Iterable[str]) -> list[str]:
         seen = _seen.setdefault(job, set())
         new = [gap for gap in dict.fromkeys(gaps) if gap not in seen]
         seen.update(new)
-    if new:
+    if new and (metrics := served()):
         metrics.ARCHIVE_GAPS.labels(job).inc(len(new))
     return new

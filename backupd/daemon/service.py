@@ -176,7 +176,7 @@ class Daemon:
             ctx = JobContext(settings, name)
             contexts[name] = ctx
             try:
-                methods = plugins.driver_class(job.driver).methods
+                methods = plugins.driver_descriptor(job.driver).methods
                 metrics.declare_job(name, methods, archives_logs=job.archive_logs)
                 driver = ctx.driver
                 handlers[name] = dict(driver.control_handlers())
