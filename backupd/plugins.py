@@ -71,5 +71,6 @@ def storage_class(name: str) -> "type[Storage]":
 
     loaded = _load(STORAGE_GROUP, name)
     if not (isinstance(loaded, type) and issubclass(loaded, Storage)):
-        raise PluginError(f"storage type {name!r} ({_entry_points(STORAGE_GROUP)[name].value}) is not a Storage subclass")
+        value = _entry_points(STORAGE_GROUP)[name].value
+        raise PluginError(f"storage type {name!r} ({value}) is not a Storage subclass")
     return loaded

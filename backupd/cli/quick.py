@@ -29,6 +29,8 @@ GLOBAL_OPTIONS = ("--config", "--log-format", "--log-level")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")  # = backupd.logs.LEVELS
 COMMANDS = ("wal-push", "wal-fetch")
+GLOBAL_USAGE = ("usage: backupd [-h] [--config PATH] [--log-format {json,console}] "
+                "[--log-level {debug,info,warning,error}] [--version] COMMAND ...")
 BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 PUSH_TIMEOUT = 600.0
 ASK_TIMEOUT = 5.0  # how long wal-fetch waits for the running prefetcher before fetching itself
@@ -97,7 +99,8 @@ class Call:
         self.prefetch_after = options.get("--prefetch-after")
         self.lock_fd = int(options["--lock-fd"]) if "--lock-fd" in options else None
         self.no_daemon = no_daemon
-        #: socket path -> the daemon's reply (b"": it took the request and gave no answer; None: nobody listened)
+        #: absolute socket path -> the daemon's reply
+        #: (b"": it took the request and gave no answer; None: nobody listened there)
         self.answers: dict[str, bytes | None] = {}
 
     @property
@@ -349,7 +352,7 @@ def wal_push(call: Call) -> int | None:
         return None
     message = '{"op": "wal-push", "path": ' + path + (', "job": ' + job if job else "") + "}\n"
     socket = os.path.join(state, SOCKET_NAME)
-    reply = call.answers[socket] = _request(socket, message.encode(), PUSH_TIMEOUT)
+    reply = call.answers[os.path.abspath(socket)] = _request(socket, message.encode(), PUSH_TIMEOUT)
     return 0 if reply is not None and reply.startswith(OK_REPLY) else None
 
 
@@ -401,8 +404,7 @@ def run(argv: list[str]) -> int | Call:
         print(USAGE[asked.command] + "\n" + HELP[asked.command], end="")
         return 0
     except UsageError as exc:
-        usage = USAGE[exc.command] if exc.command else "usage: backupd [-h] [--config PATH] [--log-format {json,console}] " \
-            "[--log-level {debug,info,warning,error}] [--version] COMMAND ..."
+        usage = USAGE[exc.command] if exc.command else GLOBAL_USAGE
         print(f"{usage}\nbackupd{' ' + exc.command if exc.command else ''}: error: {exc}", file=sys.stderr)
         return 2
     if call.fast:

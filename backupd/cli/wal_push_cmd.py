@@ -11,6 +11,7 @@ uploads the file itself.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,8 @@ def hand_to_daemon(state_dir: Path, call: Call, path: Path) -> bool:
     A daemon the fast path already asked at this socket is not asked again: its answer stands.
     """
     socket = control.socket_path(state_dir)
-    if str(socket) in call.answers:
-        answer = call.answers[str(socket)]
+    if os.path.abspath(socket) in call.answers:
+        answer = call.answers[os.path.abspath(socket)]
         reply = json.loads(answer) if answer else None  # b"": it took the request and gave no answer
     else:
         message = {"op": "wal-push", "path": str(path)}

@@ -6,5 +6,8 @@ from backupd.descriptor import DriverDescriptor
 from drivers.mongodb.options import MongodbOptions
 
 DESCRIPTOR = DriverDescriptor(
-    name="mongodb", options_model=MongodbOptions, methods=("logical",), driver="drivers.mongodb.driver:MongodbDriver",
+    name="mongodb",
+    options_model=MongodbOptions,
+    methods=("logical",),
+    driver="drivers.mongodb.driver:MongodbDriver",
 )

@@ -6,5 +6,8 @@ from backupd.descriptor import DriverDescriptor
 from drivers.mysql.options import MysqlOptions
 
 DESCRIPTOR = DriverDescriptor(
-    name="mysql", options_model=MysqlOptions, methods=("logical", "physical"), driver="drivers.mysql.driver:MysqlDriver",
+    name="mysql",
+    options_model=MysqlOptions,
+    methods=("logical", "physical"),
+    driver="drivers.mysql.driver:MysqlDriver",
 )

@@ -7,6 +7,9 @@ from backupd.descriptor import WAL_ARCHIVING, DriverDescriptor
 from drivers.postgres.options import PostgresOptions
 
 DESCRIPTOR = DriverDescriptor(
-    name="postgres", options_model=PostgresOptions, methods=("logical", "physical"), driver="drivers.postgres.driver:PostgresDriver",
+    name="postgres",
+    options_model=PostgresOptions,
+    methods=("logical", "physical"),
+    driver="drivers.postgres.driver:PostgresDriver",
     capabilities=frozenset({WAL_ARCHIVING}),
 )

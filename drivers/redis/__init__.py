@@ -6,5 +6,8 @@ from backupd.descriptor import DriverDescriptor
 from drivers.redis.options import RedisOptions
 
 DESCRIPTOR = DriverDescriptor(
-    name="redis", options_model=RedisOptions, methods=("rdb",), driver="drivers.redis.driver:RedisDriver",
+    name="redis",
+    options_model=RedisOptions,
+    methods=("rdb",),
+    driver="drivers.redis.driver:RedisDriver",
 )

@@ -6,5 +6,8 @@ from backupd.descriptor import DriverDescriptor
 from drivers.sqlite.options import SqliteOptions
 
 DESCRIPTOR = DriverDescriptor(
-    name="sqlite", options_model=SqliteOptions, methods=("logical",), driver="drivers.sqlite.driver:SqliteDriver",
+    name="sqlite",
+    options_model=SqliteOptions,
+    methods=("logical",),
+    driver="drivers.sqlite.driver:SqliteDriver",
 )
