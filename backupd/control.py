@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import socketserver
 import struct
@@ -57,7 +56,7 @@ def request(path: Path, message: dict[str, Any], timeout: float = 60.0) -> dict[
 
 
 class Peer:
-    """The client on the other end of a request, for handlers that run long (``with_peer``)."""
+    """The client on the other end of a request."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -66,31 +65,6 @@ class Peer:
         """(pid, uid, gid) of the connecting process, from the kernel (SO_PEERCRED)."""
         raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", raw)  # type: ignore[return-value]
-
-    def watch_hangup(self, on_hangup: Callable[[], None], done: threading.Event) -> threading.Thread:
-        """Call ``on_hangup`` if the client closes its end before ``done`` is set.
-
-        The client sends its request and then only waits, so anything readable
-        after the request (end of file, above all) means it went away.
-        """
-        def watch() -> None:
-            poller = select.poll()
-            poller.register(self._sock.fileno(), select.POLLIN | select.POLLRDHUP)
-            while not done.is_set():
-                if poller.poll(200):
-                    if not done.is_set():
-                        on_hangup()
-                    return
-
-        thread = threading.Thread(target=watch, name="control-peer", daemon=True)
-        thread.start()
-        return thread
-
-
-def with_peer(handler: Callable[[dict[str, Any], Peer], dict[str, Any]]) -> Handler:
-    """Mark a handler that also takes the request's ``Peer``."""
-    handler.wants_peer = True  # type: ignore[attr-defined]
-    return handler
 
 
 def job_peers(os_user: str | None, data_dir: Path | None) -> set[int]:
@@ -158,8 +132,7 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             if handler is None:
                 reply = {"ok": False, "error": f"unknown op {message.get('op')!r}"}
             else:
-                reply = handler(message, Peer(self.connection)) if getattr(handler, "wants_peer", False) \
-                    else handler(message)
+                reply = handler(message)
         except Exception as exc:  # every failure becomes a reply; the client decides what to do
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self._reply(reply)

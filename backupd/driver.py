@@ -177,6 +177,9 @@ class Driver(abc.ABC):
     #: Methods this driver supports; the first is the default.
     methods: ClassVar[tuple[str, ...]] = ("logical",)
     options_model: ClassVar[type[BaseModel]] = DriverOptions
+    #: What the driver can do beyond backup/restore/verify (``backupd.descriptor.WAL_ARCHIVING``).
+    #: Built-in drivers take methods, options model and capabilities from their package's descriptor.
+    capabilities: ClassVar[frozenset[str]] = frozenset()
     #: A backup's compression priority when the job sets no ``cpu_priority``. "normal" suits a
     #: dump whose own producers (server and tool) keep every core busy: lowered compression would
     #: starve the chain; a driver whose tools leave a share free may prefer "low".

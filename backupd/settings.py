@@ -373,7 +373,7 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         if not kind:
             continue  # phase one reported it
         try:
-            driver = plugins.driver_class(str(kind))
+            driver = plugins.driver_descriptor(str(kind))  # its options model, not the driver
         except PluginError as exc:
             errors.append(format_error(loc + ("driver",), str(exc), kind))
             continue

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from backupd import plugins
+from backupd.descriptor import DriverDescriptor
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError
@@ -142,9 +143,9 @@ class KvlogDriver(Driver):
 
 def install(monkeypatch) -> None:
     """Make driver = "kvlog" resolvable for in-process tests (config validation and contexts)."""
-    original = plugins.driver_class
+    original = plugins.driver_descriptor
 
-    def driver_class(name: str):
-        return KvlogDriver if name == "kvlog" else original(name)
+    def driver_descriptor(name: str):
+        return DriverDescriptor.of("kvlog", KvlogDriver) if name == "kvlog" else original(name)
 
-    monkeypatch.setattr(plugins, "driver_class", driver_class)
+    monkeypatch.setattr(plugins, "driver_descriptor", driver_descriptor)

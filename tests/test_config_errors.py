@@ -112,7 +112,7 @@ def test_unknown_job_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_cpu_priority_is_the_drivers_unless_set_and_checked(tmp_path: Path) -> None:
     from backupd.context import JobContext
-    from drivers.mysql import MysqlDriver
+    from drivers.mysql.driver import MysqlDriver
 
     tables = base(tmp_path)
     settings = load_settings(write_config(tmp_path / "ok.toml", tables))

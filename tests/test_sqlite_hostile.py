@@ -70,7 +70,7 @@ def test_the_checks_run_sandboxed(sqlite_job: SqliteJob, tmp_path: Path, monkeyp
     import tempfile
     from types import SimpleNamespace
 
-    import drivers.sqlite
+    import drivers.sqlite.driver
     from backupd.context import JobContext
     from backupd.restore import RepositorySource
     from backupd.settings import load_settings
@@ -80,7 +80,7 @@ def test_the_checks_run_sandboxed(sqlite_job: SqliteJob, tmp_path: Path, monkeyp
     spy = tmp_path / "spy.py"
     spy.write_text(SPY.replace("IDENTITY", repr(str(sqlite_job.keys.identity_file)))
                    .replace("CONFIG", repr(str(sqlite_job.config))))
-    monkeypatch.setattr(drivers.sqlite, "sqlite_probe", SimpleNamespace(__file__=str(spy)))
+    monkeypatch.setattr(drivers.sqlite.driver, "sqlite_probe", SimpleNamespace(__file__=str(spy)))
     ctx = JobContext(load_settings(sqlite_job.config), "shop")
     manifest = ctx.repository.resolve(None)
     source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file))

@@ -338,3 +338,80 @@ def test_a_broken_file_does_not_stop_archiving_while_the_daemon_runs(tmp_path: P
     assert seen == [{"op": "wal-push", "path": str(segment)}]
     alone = subprocess.run(push, capture_output=True, text=True)  # no daemon: the broken file is reported
     assert alone.returncode == 2 and "c.toml" in alone.stderr
+
+
+# -- one parser, one request: what the full command gets from the fast path ------------------------
+
+def _answering_socket(path: Path, reply: bytes) -> tuple[list[bytes], threading.Thread]:
+    """A stand-in daemon at ``path`` answering every request with ``reply``; the requests it got."""
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    server.settimeout(0.2)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not getattr(thread, "stop", False):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                got.append(conn.makefile("rb").readline())
+                conn.sendall(reply)
+        server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return got, thread
+
+
+def test_a_refused_push_asks_the_daemon_once_and_reports_its_answer(tmp_path: Path) -> None:
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="backupd-q-", dir="/tmp"))  # a unix socket path must stay short
+    try:
+        got, thread = _answering_socket(state / quick.SOCKET_NAME,
+                                        b'{"ok": false, "error": "wal-push refused: not this cluster"}\n')
+        config = tmp_path / "c.toml"
+        config.write_text(f'[daemon]\nstate_dir = "{state}"\n[storage.main]\ntype = "filesystem"\npath = "{tmp_path}"\n')
+        segment = tmp_path / "000000010000000000000001"
+        segment.write_bytes(b"wal")
+        out = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), "wal-push", str(segment)],
+                             capture_output=True, text=True, timeout=60)
+        thread.stop = True  # type: ignore[attr-defined]
+        thread.join()
+    finally:
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
+    assert out.returncode == 1, out.stderr
+    assert "backupd: error: wal-push 000000010000000000000001: wal-push refused: not this cluster" in out.stderr
+    assert len(got) == 1, got
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["wal-push"], 2, "backupd wal-push: error: the following arguments are required: path"),
+    (["wal-push", "X", "--bogus"], 2, "backupd wal-push: error: unrecognized arguments: --bogus"),
+    (["wal-push", "X", "Y"], 2, "backupd wal-push: error: unrecognized arguments: Y"),
+    (["wal-fetch", "--job"], 2, "backupd wal-fetch: error: argument --job: expected one argument"),
+    (["--log-level", "loud", "wal-push", "X"], 2, "argument --log-level: invalid choice: 'loud'"),
+    (["wal-fetch", "A"], 2, "wal-fetch: NAME and DEST are required"),
+])
+def test_usage_errors_are_reported_like_every_command(tmp_path: Path, argv: list[str], code: int, says: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "backupd", "--config", str(tmp_path / "none.toml"), *argv],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == code, out.stderr
+    assert says in out.stderr
+
+
+def test_help_is_the_quick_parsers_own() -> None:
+    out = subprocess.run([sys.executable, "-m", "backupd", "wal-push", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.startswith("usage: backupd wal-push") and "--no-daemon" in out.stdout
+    listing = subprocess.run([sys.executable, "-m", "backupd", "--help"], capture_output=True, text=True, check=True)
+    assert "archive one WAL file (PostgreSQL archive_command: wal-push %p)" in " ".join(listing.stdout.split()) \
+        .replace("wal- push", "wal-push")

@@ -20,6 +20,7 @@ COMMANDS = {
     "status": "status_cmd",
 }
 FAST_COMMANDS = ("wal-push", "wal-fetch")
+FAST_MODULES = {COMMANDS[command]: command for command in FAST_COMMANDS}
 _OPTIONS_WITH_VALUES = {"--config", "--log-format", "--log-level"}
 
 
@@ -51,6 +52,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = [COMMANDS[only]] if only else list(dict.fromkeys(COMMANDS.values()))
     for module in modules:
+        if module in FAST_MODULES:  # listed for --help only: backupd.cli.quick reads these command lines
+            from backupd.cli.quick import SUMMARY
+
+            command = FAST_MODULES[module]
+            sub.add_parser(command, help=SUMMARY[command].replace("%", "%%"), add_help=False)
+            continue
         importlib.import_module(f"backupd.cli.{module}").register(sub)
     return parser
 
@@ -83,31 +90,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     command = requested_command(argv)
-    if command in FAST_COMMANDS:  # once per WAL file: try the import-light path first
+    if command in FAST_COMMANDS:  # once per WAL file: the import-light path reads the command line
         from backupd.cli import quick
 
-        code = quick.run(list(argv))
-        if code is not None:
-            return code
-    elif command == "backup":  # a running daemon has everything loaded: the dump starts at once
-        from backupd.cli import backup_handoff
+        call = quick.run(list(argv))
+        if isinstance(call, int):
+            return call
 
-        code = backup_handoff.run(list(argv))
-        if code is not None:
-            return code
+        def handler() -> int:  # the fast path could not finish: the full command, same call, same process
+            import importlib
+
+            return importlib.import_module(f"backupd.cli.{COMMANDS[command]}").run(call)
+    else:
+        args = build_parser(command).parse_args(argv)
+
+        def handler() -> int:
+            from backupd.cli.around import run_handler
+
+            logs.configure(args.log_format, args.log_level)
+            return run_handler(args)  # TTY progress and the audit trail around the command
     from backupd import logs
     from backupd.errors import EXIT_FAILURE, BackupdError
     from backupd.redact import redact
 
-    args = build_parser(requested_command(argv)).parse_args(argv)
-    if not getattr(args, "defer_logging", False):  # fast-path commands configure it when they need it
-        logs.configure(args.log_format, args.log_level)
     try:
-        if getattr(args, "defer_logging", False):
-            return args.handler(args)  # per-WAL-file commands: neither audited nor drawing progress
-        from backupd.cli.around import run_handler
-
-        return run_handler(args)  # TTY progress and the audit trail around the command
+        return handler()  # per-WAL-file commands configure logging themselves, and are neither audited nor drawn
     except BackupdError as exc:
         report(exc)
         return exc.exit_code

@@ -1,15 +1,17 @@
-"""Fast paths for the commands PostgreSQL runs once per WAL file, before argparse or any heavy import.
+"""``wal-push`` and ``wal-fetch``, the commands PostgreSQL runs once per WAL file: their one parser and fast paths.
 
-``wal-push`` hands the file to a running daemon and ``wal-fetch`` takes a
-prefetched file from the spool. Both need only ``daemon.state_dir``, so the
-configuration is scanned for that one key instead of being parsed, validated
-and turned into plugins: a call costs little more than starting Python. Only
-``os``, ``sys`` and ``_socket`` are imported here.
+Both are read here, by ``read()``, and never by argparse: a call costs little
+more than starting Python. ``wal-push`` hands the file to a running daemon and
+``wal-fetch`` takes a prefetched file from the spool; both need only
+``daemon.state_dir``, so the configuration is scanned for that one key instead
+of being parsed, validated and turned into plugins. Only ``os``, ``sys`` and
+``_socket`` are imported here.
 
-``run()`` returns an exit status, or None whenever anything is unusual (other
-options, an odd configuration, no daemon, a file not spooled): the full
-command then runs and reports problems properly, so the fast path can only
-ever be faster, never different.
+``run()`` returns an exit status, or the ``Call`` when the fast path cannot
+finish it (other options, an odd configuration, no daemon, a file not spooled,
+a refusal): ``backupd.cli.main`` then continues with the full command
+(``wal_push_cmd``/``wal_fetch_cmd``) in the same process, on the same ``Call``,
+which also carries what the daemon already answered, so it is never asked twice.
 """
 
 from __future__ import annotations
@@ -24,58 +26,158 @@ DEFAULT_STATE_DIR = "/var/lib/backupd"  # = backupd.paths.DEFAULT_STATE_DIR
 SOCKET_NAME = "control.sock"  # = backupd.control.SOCKET_NAME
 OK_REPLY = b'{"ok": true'  # = backupd.control.OK_REPLY: the daemon writes "ok" first
 GLOBAL_OPTIONS = ("--config", "--log-format", "--log-level")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")  # = backupd.logs.LEVELS
 COMMANDS = ("wal-push", "wal-fetch")
+GLOBAL_USAGE = ("usage: backupd [-h] [--config PATH] [--log-format {json,console}] "
+                "[--log-level {debug,info,warning,error}] [--version] COMMAND ...")
 BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 PUSH_TIMEOUT = 600.0
 ASK_TIMEOUT = 5.0  # how long wal-fetch waits for the running prefetcher before fetching itself
 LOW_WATER = 8  # spooled segments ahead of replay below which a new prefetcher is started
 
+#: One line each for ``backupd --help`` (argparse lists the commands; it never parses these two).
+SUMMARY = {
+    "wal-push": "archive one WAL file (PostgreSQL archive_command: wal-push %p)",
+    "wal-fetch": "fetch one WAL file (PostgreSQL restore_command: wal-fetch %f %p)",
+}
+USAGE = {
+    "wal-push": "usage: backupd wal-push [-h] [--job JOB] [--no-daemon] path",
+    "wal-fetch": "usage: backupd wal-fetch [-h] [--job JOB] [name] [dest]",
+}
+HELP = {
+    "wal-push": """
+positional arguments:
+  path         the file PostgreSQL names with %p (relative to its data directory)
+
+options:
+  -h, --help   show this help message and exit
+  --job JOB    the postgres job; may be left out when only one archives WAL
+  --no-daemon  upload directly, without asking a running daemon
+""",
+    "wal-fetch": """
+positional arguments:
+  name        the WAL file name (%f)
+  dest        where to write it (%p)
+
+options:
+  -h, --help  show this help message and exit
+  --job JOB   the postgres job; may be left out when only one archives WAL
+""",
+}
+#: Options taking a value, per command (``--prefetch-*`` and ``--lock-fd`` are the detached prefetcher's own).
+VALUE_OPTIONS = {
+    "wal-push": ("--job",),
+    "wal-fetch": ("--job", "--prefetch-from", "--prefetch-after", "--lock-fd"),
+}
+FLAGS = {"wal-push": ("--no-daemon",), "wal-fetch": ()}
+
+
+class UsageError(Exception):
+    """A command line these commands do not take: the usage line and the message, exit 2 (as argparse)."""
+
+    def __init__(self, command: str | None, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+class HelpRequested(Exception):
+    def __init__(self, command: str) -> None:
+        self.command = command
+
 
 class Call:
-    """A ``wal-push``/``wal-fetch`` command line of the usual shape."""
+    """One ``wal-push``/``wal-fetch`` command line, read; what the daemon answered, once asked."""
 
-    def __init__(self, command: str, config: str | None, args: list[str], job: str | None) -> None:
+    def __init__(self, command: str, config: str | None, args: list[str], job: str | None, *,
+                 log_format: str | None = None, log_level: str = "info", options: dict[str, str] | None = None,
+                 no_daemon: bool = False) -> None:
         self.command, self.config, self.args, self.job = command, config, args, job
+        self.log_format, self.log_level = log_format, log_level
+        options = options or {}
+        self.prefetch_from = options.get("--prefetch-from")
+        self.prefetch_after = options.get("--prefetch-after")
+        self.lock_fd = int(options["--lock-fd"]) if "--lock-fd" in options else None
+        self.no_daemon = no_daemon
+        #: absolute socket path -> the daemon's reply
+        #: (b"": it took the request and gave no answer; None: nobody listened there)
+        self.answers: dict[str, bytes | None] = {}
+
+    @property
+    def fast(self) -> bool:
+        """Of the usual shape PostgreSQL runs, which the fast path may finish."""
+        if self.no_daemon or self.prefetch_from or self.prefetch_after or self.lock_fd is not None:
+            return False
+        return len(self.args) == (1 if self.command == "wal-push" else 2)
 
 
-def parse(argv: list[str]) -> Call | None:
-    config = None
+def read(argv: list[str]) -> Call:
+    """The command line, read as the full grammar of these two commands; UsageError or HelpRequested."""
+    globals_: dict[str, str] = {}
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         option, eq, value = argv[i].partition("=")
         if option not in GLOBAL_OPTIONS:
-            return None
+            raise UsageError(None, f"unrecognized arguments: {argv[i]}")
         if not eq:
             i += 1
             if i >= len(argv):
-                return None
+                raise UsageError(None, f"argument {option}: expected one argument")
             value = argv[i]
-        if option == "--config":
-            config = value
+        globals_[option] = value
         i += 1
     if i >= len(argv) or argv[i] not in COMMANDS:
-        return None
+        raise UsageError(None, f"not one of {', '.join(COMMANDS)}: {argv[i] if i < len(argv) else '(none)'}")
+    log_format, log_level = globals_.get("--log-format"), globals_.get("--log-level", "info")
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise UsageError(None, f"argument --log-format: invalid choice: {log_format!r} (choose from json, console)")
+    if log_level not in LOG_LEVELS:
+        raise UsageError(None, f"argument --log-level: invalid choice: {log_level!r} "
+                               f"(choose from {', '.join(LOG_LEVELS)})")
     command, rest = argv[i], argv[i + 1:]
     args: list[str] = []
-    job = None
+    options: dict[str, str] = {}
+    no_daemon = False
     i = 0
     while i < len(rest):
-        option, eq, value = rest[i].partition("=")
-        if option == "--job":
+        word = rest[i]
+        option, eq, value = word.partition("=")
+        if word in ("-h", "--help"):
+            raise HelpRequested(command)
+        if option in VALUE_OPTIONS[command]:
             if not eq:
                 i += 1
-                if i >= len(rest):
-                    return None
+                if i >= len(rest) or rest[i].startswith("-"):
+                    raise UsageError(command, f"argument {option}: expected one argument")
                 value = rest[i]
-            job = value
-        elif rest[i].startswith("-"):
-            return None  # --no-daemon, --help, the prefetcher's own options: the full command
+            options[option] = value
+        elif word in FLAGS[command]:
+            no_daemon = True
+        elif word.startswith("-") and word != "-":
+            raise UsageError(command, f"unrecognized arguments: {word}")
         else:
-            args.append(rest[i])
+            args.append(word)
         i += 1
-    if len(args) != (1 if command == "wal-push" else 2):
+    wanted = 1 if command == "wal-push" else 2
+    if len(args) > wanted:
+        raise UsageError(command, f"unrecognized arguments: {' '.join(args[wanted:])}")
+    if command == "wal-push" and not args:
+        raise UsageError(command, "the following arguments are required: path")
+    if "--prefetch-from" in options and "--prefetch-after" in options:
+        raise UsageError(command, "argument --prefetch-after: not allowed with argument --prefetch-from")
+    if "--lock-fd" in options and not options["--lock-fd"].isdigit():
+        raise UsageError(command, f"argument --lock-fd: invalid int value: {options['--lock-fd']!r}")
+    return Call(command, globals_.get("--config"), args, options.get("--job"), log_format=log_format,
+                log_level=log_level, options=options, no_daemon=no_daemon)
+
+
+def parse(argv: list[str]) -> Call | None:
+    """The call the fast path may finish; None for anything else (``read`` tells what)."""
+    try:
+        call = read(argv)
+    except (UsageError, HelpRequested):
         return None
-    return Call(command, config, args, job)
+    return call if call.fast else None
 
 
 def config_path(config: str | None) -> str:
@@ -218,14 +320,11 @@ def _json_string(text: str) -> str | None:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-#: Set when a daemon took a request and gave no answer: the full command then pushes without asking again.
-daemon_failed = False
-
-
 def _request(path: str, payload: bytes, timeout: float) -> bytes | None:
+    """The daemon's reply: None when nobody listens at ``path``, b"" when it took the request and gave no
+    answer (hung up, timed out: the full command then pushes itself without asking again)."""
     import _socket
 
-    global daemon_failed
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -233,16 +332,14 @@ def _request(path: str, payload: bytes, timeout: float) -> bytes | None:
             sock.connect(path)
         except OSError:
             return None  # no daemon there
-        daemon_failed = True
+        reply = b""
         sock.sendall(payload)
         sock.shutdown(_socket.SHUT_WR)
-        reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
-        daemon_failed = not reply
         return reply
-    except OSError:  # it hung up or timed out: the full command pushes itself
-        return None
+    except OSError:
+        return b""
     finally:
         sock.close()
 
@@ -254,7 +351,8 @@ def wal_push(call: Call) -> int | None:
     if state is None or path is None or (call.job and job is None):
         return None
     message = '{"op": "wal-push", "path": ' + path + (', "job": ' + job if job else "") + "}\n"
-    reply = _request(os.path.join(state, SOCKET_NAME), message.encode(), PUSH_TIMEOUT)
+    socket = os.path.join(state, SOCKET_NAME)
+    reply = call.answers[os.path.abspath(socket)] = _request(socket, message.encode(), PUSH_TIMEOUT)
     return 0 if reply is not None and reply.startswith(OK_REPLY) else None
 
 
@@ -298,8 +396,19 @@ def start_prefetcher(config: str | None, job: str, directory: str, name: str, *,
         return False
 
 
-def run(argv: list[str]) -> int | None:
-    call = parse(argv)
-    if call is None:
-        return None
-    return wal_push(call) if call.command == "wal-push" else wal_fetch(call)
+def run(argv: list[str]) -> int | Call:
+    """An exit status when done here (the fast path, a usage error, help); else the Call to continue with."""
+    try:
+        call = read(argv)
+    except HelpRequested as asked:
+        print(USAGE[asked.command] + "\n" + HELP[asked.command], end="")
+        return 0
+    except UsageError as exc:
+        usage = USAGE[exc.command] if exc.command else GLOBAL_USAGE
+        print(f"{usage}\nbackupd{' ' + exc.command if exc.command else ''}: error: {exc}", file=sys.stderr)
+        return 2
+    if call.fast:
+        code = wal_push(call) if call.command == "wal-push" else wal_fetch(call)
+        if code is not None:
+            return code
+    return call

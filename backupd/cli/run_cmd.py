@@ -13,10 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backupd.configprint import stable_fingerprint
     from backupd.daemon.service import run_daemon  # the scheduler stack loads only for the daemon
 
-    settings, fingerprint = stable_fingerprint(config_path(args), lambda: settings_from(args))
+    settings = settings_from(args)
     if any(job.schedule or job.archive_logs for job in settings.jobs.values()):
         settings.encryption.require_recipients("the daemon's scheduled backups and log archiving")
-    return run_daemon(settings, config_path(args), fingerprint)
+    return run_daemon(settings, config_path(args))

@@ -21,10 +21,8 @@ from typing import Any
 import structlog
 
 from backupd import __version__, children, metrics, plugins, pushes
-from backupd.configprint import stable_fingerprint
 from backupd.context import JobContext
 from backupd.control import ControlServer, confine, job_peers, socket_path
-from backupd.daemon import requested
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
 from backupd.daemon.notify import Notifier
@@ -46,10 +44,9 @@ ARCHIVER_STOP = 10.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, config_path: Path, fingerprint: str | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: Path) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.fingerprint = fingerprint  # of what `settings` was loaded from; None: no backups handed over
         self.state_dir = settings.daemon.state_dir
         self.stop_event = threading.Event()
         self.abort_event = threading.Event()
@@ -176,7 +173,7 @@ class Daemon:
             ctx = JobContext(settings, name)
             contexts[name] = ctx
             try:
-                methods = plugins.driver_class(job.driver).methods
+                methods = plugins.driver_descriptor(job.driver).methods
                 metrics.declare_job(name, methods, archives_logs=job.archive_logs)
                 driver = ctx.driver
                 handlers[name] = dict(driver.control_handlers())
@@ -196,10 +193,7 @@ class Daemon:
             peers |= job_peers(job.os_user, self._data_dir(name))
         self.control.peers = frozenset(peers)
         ops = {op for table in handlers.values() for op in table}
-        self.control.handlers = {op: self._dispatcher(op) for op in ops} | {
-            "status": self._status_op,
-            requested.OP: requested.handler(lambda: self.settings, lambda: self.fingerprint, self.runs),
-        }
+        self.control.handlers = {op: self._dispatcher(op) for op in ops} | {"status": self._status_op}
         for name in loaded:
             for supervised in archivers.get(name, []):
                 supervised.start()
@@ -261,7 +255,7 @@ class Daemon:
         self.notifier.reloading()
         log.info("reloading the configuration", path=str(self.config_path))
         try:
-            new, fingerprint = stable_fingerprint(self.config_path, lambda: load_settings(self.config_path))
+            new = load_settings(self.config_path)
             if new.daemon.state_dir != self.settings.daemon.state_dir:
                 raise ConfigError("daemon.state_dir cannot change while the daemon runs",
                                   errors=[f"daemon.state_dir: restart the daemon to change it (got {new.daemon.state_dir})"])
@@ -273,10 +267,8 @@ class Daemon:
             return
         if new.daemon.metrics_listen != self.settings.daemon.metrics_listen:
             log.warning("daemon.metrics_listen changes on restart only", listening=self.settings.daemon.metrics_listen)
-        self.fingerprint = None  # first: a backup request never pairs the old fingerprint with new settings
         self.settings = new
         loaded = self._load_jobs(new)
-        self.fingerprint = fingerprint
         self.slots.resize(new.daemon.max_parallel_jobs)
         self.scheduler.apply(new)
         self.watch.interval = new.daemon.repository_poll_interval.total_seconds()
@@ -334,5 +326,5 @@ def job_signature(settings: Settings, name: str) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def run_daemon(settings: Settings, config_path: Path, fingerprint: str | None = None) -> int:
-    return Daemon(settings, config_path, fingerprint).run()
+def run_daemon(settings: Settings, config_path: Path) -> int:
+    return Daemon(settings, config_path).run()

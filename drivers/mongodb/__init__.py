@@ -1,5 +1,13 @@
-"""The MongoDB driver: mongodump archives, oplog slices for PITR, mongorestore."""
+"""The MongoDB driver: mongodump archives, oplog slices for PITR, mongorestore.
 
-from drivers.mongodb.driver import MongodbDriver, MongodbOptions
+The entry point names ``DESCRIPTOR``; ``drivers.mongodb.driver`` is imported only when a job's driver is created."""
 
-__all__ = ["MongodbDriver", "MongodbOptions"]
+from backupd.descriptor import DriverDescriptor
+from drivers.mongodb.options import MongodbOptions
+
+DESCRIPTOR = DriverDescriptor(
+    name="mongodb",
+    options_model=MongodbOptions,
+    methods=("logical",),
+    driver="drivers.mongodb.driver:MongodbDriver",
+)

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, field_validator
-
 from backupd import restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
@@ -32,35 +30,15 @@ from backupd.settings import read_secret_file
 from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
 from backupd.usercheck import Answer, judge
-from drivers.mongodb import tools
+from drivers.mongodb import DESCRIPTOR, tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
 from drivers.mongodb.oplog import OplogArchiver, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
 from drivers.mongodb.plan import reach as plan_reach
+from drivers.mongodb.options import SCHEMES, MongodbOptions
 from drivers.mongodb.server import MongoServer
 
 STREAM = "archive"
-SCHEMES = ("mongodb", "mongodb+srv")
-
-
-class MongodbOptions(DriverOptions):
-    dsn: str = Field(description="mongodb://user@host:port/?replicaSet=rs0&authSource=admin (no password)")
-    password_file: Path | None = None
-    databases: list[str] = Field(default_factory=list, description="dump only these databases (default: all)")
-    oplog_interval: float = Field(default=60.0, gt=0, description="seconds between oplog slices")
-    oplog_slice_max_bytes: int = Field(default=64 << 20, gt=0)
-    mongod: str = Field(default="mongod", description="binary verification starts a scratch server with")
-    mongod_readable: list[Path] = Field(default_factory=list, description=(
-        "extra read-only paths the scratch mongod needs inside the verification sandbox (it sees /usr, a few "
-        "/etc files and its scratch directory; a mongod outside /usr gets its own directory too)"))
-
-    @field_validator("dsn")
-    @classmethod
-    def _dsn(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme.lower()
-        if scheme not in SCHEMES:
-            raise ValueError(f"expected a mongodb:// or mongodb+srv:// URL, not {scheme or 'no'} scheme")
-        return value
 
 
 def _user_collections(counts: dict[str, int]) -> dict[str, int]:
@@ -69,7 +47,7 @@ def _user_collections(counts: dict[str, int]) -> dict[str, int]:
 
 
 class MongodbDriver(Driver):
-    methods = ("logical",)
+    methods = DESCRIPTOR.methods
     options_model = MongodbOptions
     scratch_users = ("mongodb",)
 

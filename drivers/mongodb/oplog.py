@@ -27,7 +27,8 @@ from typing import Callable, Iterator, Protocol
 
 from bson import Timestamp
 
-from backupd import metrics, pushes
+from backupd import pushes
+from backupd.served_metrics import served
 from backupd.logarchive import LogArchive
 from backupd.timeutil import UTC
 
@@ -195,7 +196,8 @@ class OplogArchiver:
             if key(ts) == key(since):
                 return since, []
             self.gaps += 1
-            metrics.ARCHIVE_GAPS.labels(self.job).inc()
+            if metrics := served():
+                metrics.ARCHIVE_GAPS.labels(self.job).inc()
             self._warn("oplog gap: the oplog rolled over before it was archived; PITR cannot cross it",
                        expected=ts_text(since), oldest=ts_text(ts))
             return ts_before(ts), [entry]
@@ -211,7 +213,8 @@ class OplogArchiver:
                     if batch.count == 1:
                         deadline = self.clock() + self.interval
                 lag = time.time() - batch.first.time if batch.count else 0.0
-                metrics.ARCHIVE_LAG.labels(self.job).set(max(0.0, lag))
+                if metrics := served():
+                    metrics.ARCHIVE_LAG.labels(self.job).set(max(0.0, lag))
                 if batch.count and (self.clock() >= deadline or batch.size >= self.max_bytes):
                     since = self._push(since, batch)
                     batch = _Batch(self.spool)
@@ -231,7 +234,8 @@ class OplogArchiver:
             pushes.failed(self.job, exc)
             raise
         pushes.succeeded(self.job)
-        metrics.ARCHIVE_LAG.labels(self.job).set(0)
+        if metrics := served():
+            metrics.ARCHIVE_LAG.labels(self.job).set(0)
         self._info("oplog slice archived", slice=piece.name, entries=batch.count, bytes=batch.size)
         return piece.last
 

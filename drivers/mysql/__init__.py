@@ -1,5 +1,13 @@
-"""The MySQL/MariaDB driver (entry point ``mysql``)."""
+"""The MySQL/MariaDB driver: mysqldump/mariadb-dump and mariadb-backup, binlog archiving for PITR.
 
-from drivers.mysql.driver import MysqlDriver
+The entry point names ``DESCRIPTOR``; ``drivers.mysql.driver`` is imported only when a job's driver is created."""
 
-__all__ = ["MysqlDriver"]
+from backupd.descriptor import DriverDescriptor
+from drivers.mysql.options import MysqlOptions
+
+DESCRIPTOR = DriverDescriptor(
+    name="mysql",
+    options_model=MysqlOptions,
+    methods=("logical", "physical"),
+    driver="drivers.mysql.driver:MysqlDriver",
+)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from backupd import gaps, metrics, pushes
+from backupd import gaps, pushes
+from backupd.served_metrics import served
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive, LogConflict
 from backupd.tool import DEVNULL, Tool
@@ -200,7 +201,8 @@ class BinlogArchiver:
                 with contextlib.suppress(OSError):
                     written = binlog.event_time(spooled.path, spooled.partial_pushed)
                     oldest = written if oldest is None else min(oldest, written)
-        metrics.ARCHIVE_LAG.labels(self.job).set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+        if metrics := served():
+            metrics.ARCHIVE_LAG.labels(self.job).set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
     def _spooled(self, path: Path) -> _Spooled | None:
         spooled = self._files.get(path.name)

@@ -15,7 +15,7 @@ from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach,
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
-from drivers.mysql import binlog, checks, load, logical, physical, pitr, scratch
+from drivers.mysql import DESCRIPTOR, binlog, checks, load, logical, physical, pitr, scratch
 from drivers.mysql.archiver import BinlogArchiver, streamer_server_id
 from drivers.mysql.client import ContentRejected, Credentials, version_of
 from drivers.mysql.options import MysqlOptions, parse_url
@@ -24,7 +24,7 @@ COPY_CHUNK = 1 << 20
 
 
 class MysqlDriver(Driver):
-    methods = ("logical", "physical")
+    methods = DESCRIPTOR.methods
     # mariadbd and the dump keep about 1.4 of 2 cores busy: zstd at nice 10 fits in the rest
     # and never slows the dump (bench/mysql.py, 2 GiB: 1.07 of a plain dump; 1.18 at "normal").
     default_cpu_priority = "low"

@@ -1,5 +1,15 @@
-"""PostgreSQL driver plugin (entry point ``postgres = "drivers.postgres:PostgresDriver"``)."""
+"""The PostgreSQL driver: pg_dump/pg_basebackup backups, WAL archiving through wal-push/wal-fetch.
 
-from drivers.postgres.driver import PostgresDriver
+The entry point names ``DESCRIPTOR``; ``drivers.postgres.driver`` (psycopg, a dozen modules) is
+imported only when a job's driver is created."""
 
-__all__ = ["PostgresDriver"]
+from backupd.descriptor import WAL_ARCHIVING, DriverDescriptor
+from drivers.postgres.options import PostgresOptions
+
+DESCRIPTOR = DriverDescriptor(
+    name="postgres",
+    options_model=PostgresOptions,
+    methods=("logical", "physical"),
+    driver="drivers.postgres.driver:PostgresDriver",
+    capabilities=frozenset({WAL_ARCHIVING}),
+)

@@ -18,7 +18,7 @@ from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
 from backupd.spool import directory as spool_directory
 from backupd.timeutil import format_timestamp
-from drivers.postgres import checks, logical, physical, pitr, verify, waldump
+from drivers.postgres import DESCRIPTOR, checks, logical, physical, pitr, verify, waldump
 from drivers.postgres.cluster import chown_tree, run_as
 from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.options import PostgresOptions
@@ -28,7 +28,8 @@ from drivers.postgres.walnames import archive_name, parse_history, parse_lsn, pa
 
 
 class PostgresDriver(Driver):
-    methods = ("logical", "physical")
+    methods = DESCRIPTOR.methods
+    capabilities = DESCRIPTOR.capabilities
     scratch_users = ("postgres",)
     options_model = PostgresOptions
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, field_validator
 
 from backupd.driver import DriverOptions
@@ -26,6 +25,8 @@ class PostgresOptions(DriverOptions):
     def _dsn(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected a postgresql:// URL")
+        from psycopg.conninfo import conninfo_to_dict  # libpq parses it; imported only to validate a dsn
+
         try:
             params = conninfo_to_dict(value)
         except Exception as exc:  # psycopg.ProgrammingError: not a valid connection string

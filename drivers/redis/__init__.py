@@ -1,5 +1,13 @@
-"""The Redis driver: RDB snapshots taken through the replication protocol."""
+"""The Redis driver: RDB snapshots taken through the replication protocol.
 
-from drivers.redis.driver import RedisDriver, RedisOptions
+The entry point names ``DESCRIPTOR``; ``drivers.redis.driver`` is imported only when a job's driver is created."""
 
-__all__ = ["RedisDriver", "RedisOptions"]
+from backupd.descriptor import DriverDescriptor
+from drivers.redis.options import RedisOptions
+
+DESCRIPTOR = DriverDescriptor(
+    name="redis",
+    options_model=RedisOptions,
+    methods=("rdb",),
+    driver="drivers.redis.driver:RedisDriver",
+)

@@ -14,15 +14,15 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pydantic import Field, field_validator
-
 from backupd import restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink,
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, RestoreRequest, StreamSink,
                             VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.settings import read_secret_file
 from backupd.usercheck import Answer, judge
+from drivers.redis import DESCRIPTOR
+from drivers.redis.options import RedisOptions
 from drivers.redis.rdb import MAX_DATABASE, RdbFormatError, RdbSummary, RdbUnsupported
 from drivers.redis.resp import Connection, Endpoint, RedisReplyError, TlsFiles, parse_dsn
 from drivers.redis.scratch import scratch_server, server_version
@@ -34,26 +34,8 @@ COPY_CHUNK = 1 << 20
 AUX_KEPT = ("redis-ver", "redis-bits", "ctime", "used-mem", "repl-id", "repl-offset", "aof-base")
 
 
-class RedisOptions(DriverOptions):
-    dsn: str = Field(description="redis://[user@]host[:port], rediss:// for TLS, or unix:///path/to.sock")
-    password_file: Path | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    read_timeout: float = Field(default=60.0, gt=0, description="seconds without data from the server before failing")
-    connect_timeout: float = Field(default=10.0, gt=0)
-    redis_server: str = Field(default="redis-server", description="binary verification starts")
-    load_timeout: float = Field(default=600.0, gt=0, description="seconds the scratch server may take to load")
-
-    @field_validator("dsn")
-    @classmethod
-    def _dsn(cls, value: str) -> str:
-        parse_dsn(value)
-        return value
-
-
 class RedisDriver(Driver):
-    methods = ("rdb",)
+    methods = DESCRIPTOR.methods
     options_model = RedisOptions
     scratch_users = ("redis",)
 

@@ -20,9 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pydantic import Field
-
-from backupd.driver import BackupResult, BackupSource, Check, Driver, DriverOptions, RestoreRequest, StreamSink, VerifyOutcome
+from backupd.driver import BackupResult, BackupSource, Check, Driver, RestoreRequest, StreamSink, VerifyOutcome
 from backupd import restore_to
 from backupd.errors import DriverError, IntegrityError, UsageError, naming
 from backupd.manifest import Manifest
@@ -31,16 +29,13 @@ from backupd.tool import run
 from backupd.usercheck import NO_ROW, Answer, judge
 
 from drivers import sqlite_probe
+from drivers.sqlite import DESCRIPTOR
+from drivers.sqlite.options import SqliteOptions
 
 STREAM = "db"
 COPY_CHUNK = 1 << 20
 #: The interpreter the sandboxed checks run with: Debian's, under /usr (the sandbox's only system tree).
 PYTHON = "/usr/bin/python3"
-
-
-class SqliteOptions(DriverOptions):
-    path: Path
-    busy_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for a writer's lock")
 
 
 def _answer(sql: object, value: object, error: object) -> Answer:
@@ -85,7 +80,7 @@ def _temp_path(directory: Path, stem: str) -> Iterator[Path]:
 
 
 class SqliteDriver(Driver):
-    methods = ("logical",)
+    methods = DESCRIPTOR.methods
     options_model = SqliteOptions
 
     @property
