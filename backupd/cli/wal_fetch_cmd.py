@@ -21,6 +21,7 @@ from backupd.errors import EXIT_FAILURE, UsageError
 
 if TYPE_CHECKING:
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,20 +48,22 @@ def run(args: argparse.Namespace) -> int:
     from backupd.cli.common import settings_from
     from backupd.cli.wal_push_cmd import wal_job
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
+    from backupd.driver import WalArchiving
 
     settings = settings_from(args)
     job = wal_job(settings, args.job, "wal-fetch")
     ctx = JobContext(settings, job)
     try:
         driver = ctx.driver
-        if getattr(driver, "wal_fetch", None) is None:
+        if not isinstance(driver, WalArchiving):
             raise UsageError(f"job {job} (driver {ctx.job.driver}) does not archive WAL")
         if prefetching:
             return prefetch(args, driver, ctx)
         if driver.wal_fetch(args.name, dest, ctx.identities, str(ctx.identity_file)):
             if spool.is_segment(args.name):
                 directory = spool.directory(str(ctx.state_dir), job)
-                quick.start_prefetcher(args.config, job, directory, args.name, after=True)
+                spool.start_prefetcher(directory, quick.config_path(args.config), job, args.name, after=True)
             return 0
     finally:
         ctx.close()
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
-def prefetch(args: argparse.Namespace, driver: Any, ctx: JobContext) -> int:
+def prefetch(args: argparse.Namespace, driver: WalArchiving, ctx: JobContext) -> int:
     """Run the prefetcher; with no lock handed over (``--lock-fd``), take it or leave if one runs."""
     import fcntl
 

@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def wal_job(settings: Settings, job: str | None, command: str) -> str:
     """The named job, or the one job whose driver archives WAL with archive_logs on."""
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
     if job is not None:
         settings.job(job)
         return job
     candidates = [name for name, cfg in sorted(settings.jobs.items()) if cfg.archive_logs
-                  and hasattr(JobContext(settings, name).driver, "wal_push")]
+                  and isinstance(JobContext(settings, name).driver, WalArchiving)]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     from backupd.cli.common import settings_from
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
     settings = settings_from(args)
     asked = not args.no_daemon and not quick.daemon_failed  # the fast path may have waited for it in vain
@@ -76,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
     job = wal_job(settings, args.job, "wal-push")
     ctx = JobContext(settings, job)
     try:
-        push = getattr(ctx.driver, "wal_push", None)
-        if push is None:
+        if not isinstance(ctx.driver, WalArchiving):
             raise UsageError(f"job {job} (driver {ctx.job.driver}) does not archive WAL")
-        push(path)
+        ctx.driver.wal_push(path)
     finally:
         ctx.close()
     return 0

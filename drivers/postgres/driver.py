@@ -8,14 +8,13 @@ import functools
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
-from backupd import age, restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, RestoreRequest,
-                            RestoreTarget, StreamSink, VerifyOutcome)
+from backupd import age, restore_to, spool
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, LogArchiver, LogReach,
+                            PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
-from backupd.spool import directory as spool_directory
 from backupd.timeutil import format_timestamp
 from drivers.postgres import checks, logical, physical, pitr, verify, waldump
 from drivers.postgres.cluster import chown_tree, run_as
@@ -26,10 +25,15 @@ from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 from drivers.postgres.walnames import archive_name, parse_history, parse_lsn, parse_segment
 
 
-class PostgresDriver(Driver):
+class PostgresDriver(Driver, WalArchiving, PitrDrill):
     methods = ("logical", "physical")
     scratch_users = ("postgres",)
     options_model = PostgresOptions
+
+    def __init__(self, context: DriverContext) -> None:
+        super().__init__(context)
+        #: the state one restore's steps share; replaced by each choose_backup (the core calls it first)
+        self.restoring = pitr.RestoreScope(self.wal_archive)
 
     @functools.cached_property
     def conn(self) -> Conn:
@@ -54,8 +58,7 @@ class PostgresDriver(Driver):
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
-        self._manifests_hint = manifests
-        self._view_hint = None  # a new restore: the archive is listed again, once
+        self.restoring = pitr.RestoreScope(self.wal_archive, manifests)  # a new restore: the archive is listed again, once
         if pitr.is_physical_target(request.to):
             return pitr.choose(manifests, request, backup_id, self.context.job, self._archive_view)
         if request.target is not None:
@@ -78,7 +81,7 @@ class PostgresDriver(Driver):
         view = self._archive_view()
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
-        physical_ones = [m for m in self._manifests_hint or [manifest] if m.method == "physical"]
+        physical_ones = [m for m in self.restoring.manifests or [manifest] if m.method == "physical"]
         lines = [
             f"backup {manifest.backup_id} (physical, ended {format_timestamp(pitr.backup_end(manifest))}, "
             f"timeline {meta.get('timeline')}, LSN {meta.get('start_lsn')} to {meta.get('stop_lsn')})",
@@ -106,14 +109,9 @@ class PostgresDriver(Driver):
             return [*notes, pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
         return [*notes, *self._after_newest(request, newest), pitr.target_text(planned)]
 
-    _manifests_hint: list[Manifest] | None = None
-    _view_hint: pitr.ArchiveView | None = None
-
     def _archive_view(self) -> pitr.ArchiveView:
         """The WAL archive's listing, made once per restore (choosing, planning and the newest-commit check)."""
-        if self._view_hint is None:
-            self._view_hint = pitr.ArchiveView.scan(self.wal_archive())
-        return self._view_hint
+        return self.restoring.view
 
     def check_to(self, request: RestoreRequest) -> None:
         takes = "a data directory (physical backups) or a postgresql:// URL (logical backups)"
@@ -139,14 +137,14 @@ class PostgresDriver(Driver):
         asked, newest = request, None
         if archived:
             request, newest = self.resolve_target(source.open_log, manifest, request)
-        self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
+        self.restoring = pitr.RestoreScope(self.wal_archive)  # used up: a later restore lists the archive afresh
         if not archived and request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
         with physical.staged_directory(dest, request.force) as work:
             count = physical.restore_files(source, work)
             if archived:
-                config = getattr(self.context, "config_path", None)
+                config = self.context.config_path
                 settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
                 pitr.write_recovery(work, settings, manifest.backup_id)
             if request.archive_mode == "off":
@@ -336,8 +334,6 @@ class PostgresDriver(Driver):
 
     def start_wal_prefetch(self, manifest: Manifest) -> None:
         """Have the backup's first segments decrypted in the spool by the time the restored server asks."""
-        from backupd.cli import quick
-
         first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
         if not first:
             return
@@ -348,9 +344,9 @@ class PostgresDriver(Driver):
 
             entry = pwd.getpwnam(name)
             user = (entry.pw_uid, entry.pw_gid)
-        config = getattr(self.context, "config_path", None)
-        directory = spool_directory(str(self.context.state_dir), self.context.job)
-        quick.start_prefetcher(str(config) if config else None, self.context.job, directory, first, after=False,
+        config = self.context.config_path
+        spool.start_prefetcher(spool.directory(str(self.context.state_dir), self.context.job),
+                               str(config.absolute()) if config else None, self.context.job, first, after=False,
                                user=user)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:

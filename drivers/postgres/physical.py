@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 from backupd import tool
 from backupd.driver import BackupResult, BackupSource, StreamSink
 from backupd.errors import DriverError
+from backupd.manifest import PitrStart
 from backupd.storage import Readable
-from backupd.timeutil import format_timestamp, utcnow
+from backupd.timeutil import utcnow
 from drivers.postgres.connection import find_tool
 from drivers.postgres.logical import tool_version
 from drivers.postgres.walnames import format_lsn, parse_lsn, segment_name, segno_of_lsn
@@ -171,10 +172,9 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         "wal_range": {"first": f"{timeline}/{first}", "last": f"{timeline}/{last}"},
         "xid_snapshot_after": snapshot, "files": watcher.count,
     }
-    if settings.archive_logs:
-        metadata["pitr"] = {"log_kind": "wal", "first_log": f"{timeline}/{first}", "from": format_timestamp(ended)}
-    return BackupResult(metadata=metadata, tool_versions={"postgresql": str(version),
-                                                           "pg_basebackup": tool_version(pg_basebackup)})
+    pitr = PitrStart("wal", f"{timeline}/{first}", ended) if settings.archive_logs else None
+    return BackupResult(metadata=metadata, pitr=pitr,
+                        tool_versions={"postgresql": str(version), "pg_basebackup": tool_version(pg_basebackup)})
 
 
 # -- restore -------------------------------------------------------------------------------

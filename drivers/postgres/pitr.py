@@ -8,13 +8,13 @@ import sys
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import SUFFIX, LogArchive
-from backupd.manifest import Manifest
-from backupd.timeutil import format_timestamp, parse_timestamp
+from backupd.manifest import Manifest, PitrStart
+from backupd.timeutil import format_timestamp
 from drivers.postgres.cluster import conf_value
 from drivers.postgres.walnames import (SEGMENT_RE, Switch, expected_segments, format_lsn, parse_lsn, parse_segment,
                                       segno_of_lsn)
@@ -59,6 +59,22 @@ class ArchiveView:
         if not names:
             return None
         return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
+
+
+class RestoreScope:
+    """What the steps of one restore share (choosing, planning, the newest-commit check, the restore):
+    the backups chosen among, and the WAL archive's listing, made once and only when needed."""
+
+    def __init__(self, archive: Callable[[], LogArchive], manifests: Sequence[Manifest] = ()) -> None:
+        self._archive = archive
+        self.manifests = list(manifests)
+        self._view: ArchiveView | None = None
+
+    @property
+    def view(self) -> ArchiveView:
+        if self._view is None:
+            self._view = ArchiveView.scan(self._archive())
+        return self._view
 
 
 def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switch]] | None) -> LogReach:
@@ -150,8 +166,8 @@ def is_physical_target(to: str) -> bool:
 
 
 def backup_end(manifest: Manifest) -> dt.datetime:
-    pitr = manifest.metadata.get("pitr") or {}
-    return parse_timestamp(pitr["from"]) if pitr.get("from") else manifest.finished_at
+    start = PitrStart.from_manifest(manifest)
+    return start.since if start is not None else manifest.finished_at
 
 
 def window(physical: list[Manifest], view: ArchiveView) -> tuple[dt.datetime | None, dt.datetime | None]:
