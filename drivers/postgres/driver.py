@@ -53,8 +53,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         if method == "physical":
-            return physical.backup(self, sink)
-        return logical.backup(self, sink)
+            return physical.backup(self.conn, self.options, self.context, sink)
+        return logical.backup(self.conn, self.options, self.context.spool_dir, self.cpu_priority, sink)
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
@@ -122,14 +122,14 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
 
     def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
         if manifest.method == "logical":
-            logical.check_target(self, request)
+            logical.check_target(self.options, request)
         else:
             physical.check_directory(Path(request.to).expanduser().absolute(), request.force)
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
         manifest = source.manifest
         if manifest.method == "logical":
-            return logical.restore(self, source, request)
+            return logical.restore(self.options, self.context.spool_dir, source, request)
         if request.tables:
             raise UsageError("--table needs a logical backup; a physical backup restores the whole cluster")
         dest = Path(request.to).expanduser().absolute()
@@ -360,7 +360,7 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
 
     def check(self) -> Iterable[Check]:
-        yield from checks.run(self)
+        yield from checks.run(self.conn, self.options, self.context, self.default_method, self.wal_archive)
         if self.context.settings.archive_logs and self.context.logs is not None:
             try:
                 forked = pitr.forks(self._archive_view())
