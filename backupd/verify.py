@@ -118,23 +118,22 @@ def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None =
     return report
 
 
-def require_drill(ctx: JobContext, manifest: Manifest) -> PitrDrill:
-    """This job's driver as a PITR drill; UsageError (exit 2) unless it and this backup support one."""
+def require_drill(ctx: JobContext, manifest: Manifest) -> tuple[PitrDrill, PitrStart]:
+    """This job's driver as a PITR drill, and where the backup's logs begin; UsageError (exit 2) unless
+    the driver and this backup support a drill."""
     driver = ctx.driver
     if not isinstance(driver, PitrDrill):
         raise UsageError(f"driver {ctx.job.driver} has no PITR drill (--pitr-drill needs archived logs: "
                          "postgres with method physical, or mysql, with archive_logs = true)")
-    if PitrStart.from_manifest(manifest) is None:
-        raise UsageError(f"backup {manifest.backup_id} has no PITR window: --pitr-drill needs a backup taken with "
-                         "archive_logs = true (for postgres, also method = physical)")
-    return driver
-
-
-def pitr_window(ctx: JobContext, manifest: Manifest) -> tuple[dt.datetime, dt.datetime | None]:
-    """From the backup's consistent point to the arrival of the last log replay can use (a gap ends it)."""
     start = PitrStart.from_manifest(manifest)
     if start is None:
-        raise UsageError(f"backup {manifest.backup_id} has no PITR window")
+        raise UsageError(f"backup {manifest.backup_id} has no PITR window: --pitr-drill needs a backup taken with "
+                         "archive_logs = true (for postgres, also method = physical)")
+    return driver, start
+
+
+def pitr_window(ctx: JobContext, manifest: Manifest, start: PitrStart) -> tuple[dt.datetime, dt.datetime | None]:
+    """From the backup's consistent point to the arrival of the last log replay can use (a gap ends it)."""
     reach = ctx.log_reaches([manifest]).get(manifest.backup_id)
     return start.since, reach.until if reach is not None else None
 
@@ -142,8 +141,8 @@ def pitr_window(ctx: JobContext, manifest: Manifest) -> tuple[dt.datetime, dt.da
 def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, report: VerifyReport,
               scratch_root: Path | None = None) -> None:
     """Restore to a uniformly random moment of the PITR window; the driver must start it and query it."""
-    drill = require_drill(ctx, manifest)
-    start, end = pitr_window(ctx, manifest)
+    drill, log_start = require_drill(ctx, manifest)
+    start, end = pitr_window(ctx, manifest, log_start)
     step: dict[str, Any] = {"step": "pitr drill", "window_from": format_timestamp(start),
                             "window_to": format_timestamp(end) if end else None}
     if end is None or end <= start:

@@ -8,7 +8,7 @@ import sys
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
@@ -59,22 +59,6 @@ class ArchiveView:
         if not names:
             return None
         return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
-
-
-class RestoreScope:
-    """What the steps of one restore share (choosing, planning, the newest-commit check, the restore):
-    the backups chosen among, and the WAL archive's listing, made once and only when needed."""
-
-    def __init__(self, archive: Callable[[], LogArchive], manifests: Sequence[Manifest] = ()) -> None:
-        self._archive = archive
-        self.manifests = list(manifests)
-        self._view: ArchiveView | None = None
-
-    @property
-    def view(self) -> ArchiveView:
-        if self._view is None:
-            self._view = ArchiveView.scan(self._archive())
-        return self._view
 
 
 def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switch]] | None) -> LogReach:
