@@ -49,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from backupd.cli.wal_push_cmd import wal_job
     from backupd.context import JobContext
     from backupd.driver import WalArchiving
-    from backupd.driver import WalArchiving
 
     settings = settings_from(args)
     job = wal_job(settings, args.job, "wal-fetch")
