@@ -80,7 +80,7 @@ def run_backup(
                     objects=sorted(entries, key=lambda entry: entry.name),
                     compression={"algorithm": "zstd", "level": ctx.job.compression_level},
                     encryption={"format": "age-v1", "recipients": [str(r) for r in recipients]},
-                    metadata=result.metadata,
+                    metadata=result.manifest_metadata(),
                     row_counts=result.row_counts,
                     tool_versions={"backupd": __version__, **result.tool_versions},
                     host=socket.gethostname(),

@@ -12,7 +12,7 @@ from backupd import age, plugins
 from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
 from backupd.sandbox import SandboxPolicy
@@ -87,7 +87,7 @@ class JobContext:
         from backupd.restore import RepositorySource
 
         return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, (), None))
-                for m in manifests if isinstance(m.metadata.get("pitr"), dict)}
+                for m in manifests if PitrStart.recorded(m)}
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]

@@ -13,14 +13,14 @@ import threading
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import BackupNotFound, UsageError
-from backupd.logarchive import LogArchive
-from backupd.manifest import Manifest, ObjectEntry
+from backupd.logarchive import LogArchive, PushResult
+from backupd.manifest import Manifest, ObjectEntry, PitrStart
 from backupd.paths import spool_dir
 from backupd.pipeline import Priority
 from backupd.sandbox import Sandbox, SandboxPolicy, unprivileged_user
@@ -50,6 +50,12 @@ class BackupResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     row_counts: dict[str, int] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
+    #: where this backup's archived logs begin (``archive_logs = true``); the manifest's ``metadata.pitr``
+    pitr: PitrStart | None = None
+
+    def manifest_metadata(self) -> dict[str, Any]:
+        """``metadata`` with ``pitr`` last, as the manifest records it."""
+        return self.metadata if self.pitr is None else {**self.metadata, "pitr": self.pitr.to_metadata()}
 
 
 class BackupSource(Protocol):
@@ -221,14 +227,6 @@ class Driver(abc.ABC):
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
         """Restore into a scratch place under ``scratch`` and measure it (counts, user checks)."""
 
-    def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
-        """Restore ``source`` into a throwaway instance under ``scratch``, replayed to ``target`` (a time
-        inside the PITR window); it must start and answer queries, then the user's checks run on it.
-
-        Raise an IntegrityError/DriverError when it cannot be restored there; always stop what was started.
-        """
-        raise UsageError(f"driver {self.context.settings.driver} has no PITR drill")
-
     def log_archivers(self) -> list[LogArchiver]:
         """Continuous archivers for ``archive_logs = true`` (binlog stream, oplog tailer, WAL push-ahead)."""
         return []
@@ -296,3 +294,33 @@ class Driver(abc.ABC):
         """Raise what restoring ``manifest`` to ``request.to`` would refuse (an existing file, a non-empty
         directory, a database holding data) without changing anything. Called before a restore writes its
         first byte, and by ``--dry-run``, which then exits non-zero."""
+
+
+class PitrDrill(abc.ABC):
+    """A driver capability: ``verify --pitr-drill`` (a restore to a random moment of the PITR window)."""
+
+    @abc.abstractmethod
+    def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+        """Restore ``source`` into a throwaway instance under ``scratch``, replayed to ``target`` (a time
+        inside the PITR window); it must start and answer queries, then the user's checks run on it.
+
+        Raise an IntegrityError/DriverError when it cannot be restored there; always stop what was started.
+        """
+
+
+class WalArchiving(abc.ABC):
+    """A driver capability: the ``wal-push``/``wal-fetch`` commands PostgreSQL runs (archive_command and
+    restore_command), and the background prefetcher that keeps replay fed."""
+
+    @abc.abstractmethod
+    def wal_push(self, path: Path) -> PushResult:
+        """Archive one WAL file (a path PostgreSQL names); return once it is durable."""
+
+    @abc.abstractmethod
+    def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
+        """Write the archived ``filename`` to ``dest``; False when the archive lacks it."""
+
+    @abc.abstractmethod
+    def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
+                     inclusive: bool = True) -> int:
+        """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""

@@ -54,6 +54,53 @@ class ObjectEntry:
     sha256: str
 
 
+@dataclass(frozen=True)
+class PitrStart:
+    """Where a backup's archived logs begin: ``metadata.pitr`` in its manifest.
+
+    A driver that archives logs reports one in its ``BackupResult``; the core reads it
+    back (retention keeps the logs from ``first_log`` on, ``list`` and ``status`` show
+    the PITR window from ``since``). In the manifest it is
+    ``{"log_kind": ..., "first_log": ..., "from": <RFC 3339>}``, in that order.
+    """
+
+    log_kind: str  #: "wal", "binlog" or "oplog"; "" when a manifest lacks it
+    first_log: str  #: the first archived log replay from this backup needs; "" when a manifest lacks it
+    since: dt.datetime  #: the backup's consistent point: the earliest moment it restores to
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"log_kind": self.log_kind, "first_log": self.first_log, "from": format_timestamp(self.since)}
+
+    @staticmethod
+    def recorded(manifest: Manifest) -> bool:
+        """Whether the backup records a log start at all (its driver archived logs for it)."""
+        return isinstance(manifest.metadata.get("pitr"), dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> PitrStart | None:
+        """The backup's log start; None when it records none or none readable (``read`` says why)."""
+        try:
+            return cls.read(manifest)
+        except ValueError:
+            return None
+
+    @classmethod
+    def read(cls, manifest: Manifest) -> PitrStart | None:
+        """The backup's log start; None when it records none; ValueError naming what is malformed."""
+        pitr = manifest.metadata.get("pitr")
+        if pitr is None:
+            return None
+        if not isinstance(pitr, dict):
+            raise ValueError("metadata.pitr is not an object")
+        if not pitr.get("from"):
+            raise ValueError("metadata.pitr has no 'from'")
+        try:
+            return cls(_typed(pitr, "log_kind", str, ""), _typed(pitr, "first_log", str, ""),
+                       parse_timestamp(_typed(pitr, "from", str, "")))
+        except TypeError as exc:
+            raise ValueError(f"metadata.pitr: {exc}") from None
+
+
 @dataclass
 class Manifest:
     backup_id: str

@@ -35,12 +35,12 @@ from backupd.context import JobContext
 from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound
 from backupd.locks import job_lock, lock_free
 from backupd.logarchive import LogArchive
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
 from backupd.repository import LOG_KINDS, Layout
 from backupd.retention import BackupItem, Decision, LogItem, PartialItem, PitrPoint, Plan, locked_reason, plan
 from backupd.runstate import UnreadableRecord, last_run, pause_reason
-from backupd.timeutil import backup_id_time, format_timestamp, parse_timestamp, utcnow
+from backupd.timeutil import backup_id_time, format_timestamp, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -206,14 +206,16 @@ def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
 
 
 def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
-    pitr = manifest.metadata.get("pitr")
     point = None
-    if pitr is not None:
-        try:
-            point = PitrPoint(str(pitr["log_kind"]), str(pitr["first_log"]), parse_timestamp(str(pitr["from"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            warnings.append(f"backup {manifest.backup_id}: unreadable metadata.pitr ({exc}); "
-                            "its logs are not located")
+    try:
+        start = PitrStart.read(manifest)
+        if start is not None and not (start.log_kind and start.first_log):
+            raise ValueError("no log_kind or first_log")
+    except ValueError as exc:
+        warnings.append(f"backup {manifest.backup_id}: unreadable metadata.pitr ({exc}); its logs are not located")
+    else:
+        if start is not None:
+            point = PitrPoint(start.log_kind, start.first_log, start.since)
     return BackupItem(manifest.backup_id, manifest.started_at, point, pinned)
 
 

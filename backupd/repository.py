@@ -360,13 +360,6 @@ class Repository:
             return {}  # put() as before, for storage written before retain_until existed
         return {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
 
-    def delete_backup(self, backup_id: str) -> int:
-        """Manifest first (so a half-deleted backup is never listed), then its objects."""
-        self.storage.delete(self.manifest_key(backup_id))
-        count = 1 + self.delete_partial(backup_id)
-        self.release_id(backup_id)
-        return count
-
     def delete_partial(self, backup_id: str) -> int:
         count = 0
         for info in list(self.storage.list(self.backup_prefix(backup_id))):

@@ -139,14 +139,28 @@ def segments_ahead(spool: str, name: str) -> int:
     return sum(1 for entry in entries if is_segment(entry) and entry[:8] == name[:8] and entry > name)
 
 
-def start_prefetcher(spool: str, argv: list[str], user: tuple[int, int] | None = None) -> bool:
-    """Start ``argv`` (a ``wal-fetch --prefetch-from`` command) detached, unless a prefetcher runs.
+def start_prefetcher(spool: str, config: str | None, job: str, name: str, *, after: bool,
+                     user: tuple[int, int] | None = None) -> bool:
+    """Start the background prefetcher (a detached ``backupd wal-fetch --prefetch-from NAME``) from
+    ``name``, or the segment after it, unless one runs; False when none was started.
 
-    Run as ourselves, the lock is taken here and handed over (``--lock-fd``), so
-    the calls that follow at once already see a prefetcher at work. Started for
-    another OS user (``user`` = uid, gid; a root restore for PostgreSQL), the
-    child takes the lock itself, so every spool file stays that user's.
+    ``config`` is the configuration file as an absolute path (None: the child finds
+    the default itself). Run as ourselves, the lock is taken here and handed over
+    (``--lock-fd``), so the calls that follow at once already see a prefetcher at
+    work. Started for another OS user (``user`` = uid, gid; a root restore for
+    PostgreSQL), the child takes the lock itself, so every spool file stays that user's.
     """
+    import sys
+
+    argv = [sys.executable, "-m", "backupd", *(("--config", config) if config else ()), "--log-format", "json",
+            "wal-fetch", "--job", job, "--prefetch-from" if not after else "--prefetch-after", name]
+    try:
+        return _start(spool, argv, user)
+    except OSError:
+        return False
+
+
+def _start(spool: str, argv: list[str], user: tuple[int, int] | None) -> bool:
     import fcntl
     import subprocess
 

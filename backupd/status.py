@@ -20,7 +20,7 @@ from backupd.context import JobContext
 from backupd.control import request, socket_path
 from backupd.errors import BackupdError, ConfigError, CryptoError, IntegrityError
 from backupd.logarchive import Kind, LogArchive, LogObject
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
 from backupd.runstate import UnreadableRecord, last_run
 from backupd.timeutil import format_timestamp, parse_timestamp
@@ -137,12 +137,13 @@ def _lag(job: str, daemon: dict[str, Any] | None) -> float | str | None:
 def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | None) -> dict[str, Any] | None:
     """From the oldest backup's consistent point to the last log replay from the newest backup can use,
     with the gaps that break it (the driver's ``log_reach``, from the oldest backup on)."""
-    with_pitr = [m for m in manifests if isinstance(m.metadata.get("pitr"), dict) and m.metadata["pitr"].get("from")]
+    starts = {m.backup_id: start for m in manifests if (start := PitrStart.from_manifest(m)) is not None}
+    with_pitr = [m for m in manifests if m.backup_id in starts]
     if not with_pitr:
         return None
     oldest = min(with_pitr, key=lambda m: m.finished_at)
     newest_backup = max(with_pitr, key=lambda m: m.finished_at)
-    start = parse_timestamp(oldest.metadata["pitr"]["from"])
+    start = starts[oldest.backup_id].since
     newest = (logs or {}).get("newest") or {}
     window: dict[str, Any] = {"from": format_timestamp(start), "to": newest.get("stored_at") or format_timestamp(start)}
     try:

@@ -15,11 +15,11 @@ import structlog
 
 from backupd import metrics, sealed
 from backupd.context import JobContext
-from backupd.driver import Driver, RestoreTarget
+from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UsageError
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.restore import RepositorySource
-from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
+from backupd.timeutil import format_timestamp, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -118,27 +118,31 @@ def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None =
     return report
 
 
-def require_drill(ctx: JobContext, manifest: Manifest) -> None:
-    """UsageError (exit 2) unless this job's driver and this backup support a PITR drill."""
-    if type(ctx.driver).pitr_drill is Driver.pitr_drill:
+def require_drill(ctx: JobContext, manifest: Manifest) -> tuple[PitrDrill, PitrStart]:
+    """This job's driver as a PITR drill, and where the backup's logs begin; UsageError (exit 2) unless
+    the driver and this backup support a drill."""
+    driver = ctx.driver
+    if not isinstance(driver, PitrDrill):
         raise UsageError(f"driver {ctx.job.driver} has no PITR drill (--pitr-drill needs archived logs: "
                          "postgres with method physical, or mysql, with archive_logs = true)")
-    if not isinstance(manifest.metadata.get("pitr"), dict) or not manifest.metadata["pitr"].get("from"):
+    start = PitrStart.from_manifest(manifest)
+    if start is None:
         raise UsageError(f"backup {manifest.backup_id} has no PITR window: --pitr-drill needs a backup taken with "
                          "archive_logs = true (for postgres, also method = physical)")
+    return driver, start
 
 
-def pitr_window(ctx: JobContext, manifest: Manifest) -> tuple[dt.datetime, dt.datetime | None]:
+def pitr_window(ctx: JobContext, manifest: Manifest, start: PitrStart) -> tuple[dt.datetime, dt.datetime | None]:
     """From the backup's consistent point to the arrival of the last log replay can use (a gap ends it)."""
-    start = parse_timestamp(manifest.metadata["pitr"]["from"])
     reach = ctx.log_reaches([manifest]).get(manifest.backup_id)
-    return start, reach.until if reach is not None else None
+    return start.since, reach.until if reach is not None else None
 
 
 def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, report: VerifyReport,
               scratch_root: Path | None = None) -> None:
     """Restore to a uniformly random moment of the PITR window; the driver must start it and query it."""
-    start, end = pitr_window(ctx, manifest)
+    drill, log_start = require_drill(ctx, manifest)
+    start, end = pitr_window(ctx, manifest, log_start)
     step: dict[str, Any] = {"step": "pitr drill", "window_from": format_timestamp(start),
                             "window_to": format_timestamp(end) if end else None}
     if end is None or end <= start:
@@ -154,7 +158,7 @@ def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, rep
     started = time.monotonic()
     problems: list[str] = []
     try:
-        outcome = ctx.driver.pitr_drill(source, scratch, target)
+        outcome = drill.pitr_drill(source, scratch, target)
     except KeyMismatch:
         raise
     except (CryptoError, IntegrityError, DriverError) as exc:
@@ -188,7 +192,7 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     notes: list[str] = []
     checked = 0
     for manifest in manifests:
-        if not manifest.metadata.get("pitr"):
+        if not PitrStart.recorded(manifest):
             continue
         checked += 1
         source = RepositorySource(ctx.repository, manifest, identities, key_file)

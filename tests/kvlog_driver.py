@@ -20,6 +20,7 @@ from backupd.descriptor import DriverDescriptor
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError
+from backupd.manifest import PitrStart
 from backupd.timeutil import format_timestamp, parse_timestamp
 
 KIND = "oplog"
@@ -91,7 +92,7 @@ class KvlogDriver(Driver):
         snap = self.store.snapshot()
         sink("data", io.BytesIO(json.dumps(snap).encode()))
         return BackupResult(
-            metadata={"pitr": {"log_kind": KIND, "first_log": snap["first_log"], "from": snap["at"]}},
+            pitr=PitrStart(KIND, snap["first_log"], parse_timestamp(snap["at"])),
             row_counts={"keys": len(snap["data"])},
         )
 
@@ -125,7 +126,9 @@ class KvlogDriver(Driver):
         return VerifyOutcome(row_counts={"keys": len(snap["data"])}, checks=[Check(c, True) for c in checks])
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
-        first = source.manifest.metadata["pitr"]["first_log"]
+        start = PitrStart.from_manifest(source.manifest)
+        assert start is not None
+        first = start.first_log
         objects = {int(obj.name): obj for obj in source.logs(KIND).list() if obj.name >= first}
         if not objects:
             return LogReach()

@@ -183,7 +183,8 @@ def test_programs_run_by_the_scratch_server_see_nothing_of_the_host(attacker: Pg
     ctx = JobContext(load_settings(env.config), JOB)
     scratch = Path(tempfile.mkdtemp(prefix="backupd-sandbox-test-", dir="/tmp"))
     try:
-        cluster = pg_verify.scratch_cluster(ctx.driver, scratch, 15)
+        cluster = pg_verify.scratch_cluster(scratch, 15, bin_dir=ctx.driver.options.bin_dir,
+                                            sandbox=ctx.driver.scratch_sandbox)
         try:
             cluster.init({"listen_addresses": "", "fsync": False})
             cluster.start()

@@ -10,8 +10,8 @@ from backupd.catalog import Catalog
 from backupd.cli.common import human_size, print_json, print_table, settings_from
 from backupd.context import JobContext
 from backupd.driver import LogReach
-from backupd.manifest import Manifest
-from backupd.timeutil import format_timestamp, parse_timestamp
+from backupd.manifest import Manifest, PitrStart
+from backupd.timeutil import format_timestamp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, str | None] | None:
     """From the backup's consistent point to the last log replay can use (the first gap ends it); None without logs."""
-    pitr = manifest.metadata.get("pitr")
-    if not isinstance(pitr, dict) or "from" not in pitr:
+    pitr = PitrStart.from_manifest(manifest)
+    if pitr is None:
         return None
-    start = parse_timestamp(str(pitr["from"]))
+    start = pitr.since
     until = reach.until if reach is not None and reach.until is not None else start
-    return {"from": pitr["from"], "to": format_timestamp(max(until, start)),
-            "log_kind": pitr.get("log_kind", ""), "broken_at": reach.first_missing if reach else None,
+    return {"from": format_timestamp(start), "to": format_timestamp(max(until, start)),
+            "log_kind": pitr.log_kind, "broken_at": reach.first_missing if reach else None,
             "notes": list(reach.notes) if reach else []}
 
 

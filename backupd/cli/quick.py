@@ -381,19 +381,8 @@ def wal_fetch(call: Call) -> int | None:
         print(f"backupd: {name}: not in the archive of job {call.job}", file=sys.stderr)
         return 1
     if spool.is_segment(name) and spool.segments_ahead(directory, name) < LOW_WATER:
-        start_prefetcher(call.config, call.job, directory, name, after=True)
+        spool.start_prefetcher(directory, config_path(call.config), call.job, name, after=True)
     return 0
-
-
-def start_prefetcher(config: str | None, job: str, directory: str, name: str, *, after: bool,
-                     user: tuple[int, int] | None = None) -> bool:
-    """Start the background prefetcher from ``name`` (or the segment after it) unless one runs."""
-    argv = [sys.executable, "-m", "backupd", "--config", config_path(config), "--log-format", "json",
-            "wal-fetch", "--job", job, "--prefetch-from" if not after else "--prefetch-after", name]
-    try:
-        return spool.start_prefetcher(directory, argv, user)
-    except OSError:
-        return False
 
 
 def run(argv: list[str]) -> int | Call:

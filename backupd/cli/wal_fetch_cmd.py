@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from backupd import logs, spool
 from backupd.cli import quick
@@ -21,6 +21,7 @@ from backupd.errors import EXIT_FAILURE, UsageError
 if TYPE_CHECKING:
     from backupd.cli.quick import Call
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
 
 def run(call: Call) -> int:
@@ -36,20 +37,21 @@ def run(call: Call) -> int:
     from backupd.cli.common import settings_from
     from backupd.cli.wal_push_cmd import wal_job
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
     settings = settings_from(call)
     job = wal_job(settings, call.job, "wal-fetch")
     ctx = JobContext(settings, job)
     try:
         driver = ctx.driver
-        if getattr(driver, "wal_fetch", None) is None:
+        if not isinstance(driver, WalArchiving):
             raise UsageError(f"job {job} (driver {ctx.job.driver}) does not archive WAL")
         if prefetching:
             return prefetch(call, driver, ctx)
         if driver.wal_fetch(name, dest, ctx.identities, str(ctx.identity_file)):
             if spool.is_segment(name):
                 directory = spool.directory(str(ctx.state_dir), job)
-                quick.start_prefetcher(call.config, job, directory, name, after=True)
+                spool.start_prefetcher(directory, quick.config_path(call.config), job, name, after=True)
             return 0
     finally:
         ctx.close()
@@ -57,7 +59,7 @@ def run(call: Call) -> int:
     return EXIT_FAILURE
 
 
-def prefetch(call: Call, driver: Any, ctx: JobContext) -> int:
+def prefetch(call: Call, driver: WalArchiving, ctx: JobContext) -> int:
     """Run the prefetcher; with no lock handed over (``--lock-fd``), take it or leave if one runs."""
     import fcntl
 

@@ -69,6 +69,7 @@ def run(call: Call) -> int:
     logs.configure(call.log_format, call.log_level)
     from backupd.cli.common import settings_from
     from backupd.context import JobContext
+    from backupd.driver import WalArchiving
 
     settings = settings_from(call)
     if not call.no_daemon and hand_to_daemon(settings.daemon.state_dir, call, path):
@@ -76,10 +77,9 @@ def run(call: Call) -> int:
     job = wal_job(settings, call.job, "wal-push")
     ctx = JobContext(settings, job)
     try:
-        push = getattr(ctx.driver, "wal_push", None)
-        if push is None:
+        if not isinstance(ctx.driver, WalArchiving):
             raise UsageError(f"job {job} (driver {ctx.job.driver}) does not archive WAL")
-        push(path)
+        ctx.driver.wal_push(path)
     finally:
         ctx.close()
     return 0

@@ -13,13 +13,14 @@ import structlog
 
 from backupd import gaps
 from backupd.context import JobContext
+from backupd.manifest import PitrStart
 
 log = structlog.get_logger(__name__)
 
 
 def watch(ctx: JobContext) -> list[str]:
     """Count the newly seen gaps of one job; return them (messages naming the missing logs)."""
-    with_logs = [m for m in ctx.repository.manifests() if isinstance(m.metadata.get("pitr"), dict)]
+    with_logs = [m for m in ctx.repository.manifests() if PitrStart.recorded(m)]
     if not with_logs:
         return []
     oldest = min(with_logs, key=lambda m: m.finished_at)

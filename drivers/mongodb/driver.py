@@ -22,7 +22,7 @@ from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.redact import redact
 from backupd.sandbox import chown_to
 from backupd.scratch import ScratchServer
@@ -104,13 +104,13 @@ class MongodbDriver(Driver):
             "archive_header": {k: v for k, v in summary.header.items() if isinstance(v, (str, int))},
             "oplog_entries_in_dump": summary.oplog_entries,
         }
+        pitr = None
         if consistent is not None:
             metadata["oplog_from"] = ts_text(consistent)
             metadata["consistent_at"] = format_timestamp(ts_datetime(consistent))
             if self.context.settings.archive_logs:
-                metadata["pitr"] = {"log_kind": "oplog", "first_log": self._first_log(consistent),
-                                    "from": metadata["consistent_at"]}
-        return BackupResult(metadata=metadata, row_counts=_user_collections(summary.counts),
+                pitr = PitrStart("oplog", self._first_log(consistent), ts_datetime(consistent))
+        return BackupResult(metadata=metadata, row_counts=_user_collections(summary.counts), pitr=pitr,
                             tool_versions={"mongodump": tools.tool_version("mongodump"), "mongodb": version})
 
     def _first_log(self, since: Any) -> str:

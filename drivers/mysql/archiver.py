@@ -17,7 +17,6 @@ since it was last reached; meanwhile ``source_error()`` tells the daemon the arc
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 import zlib
@@ -264,7 +263,3 @@ class BinlogArchiver:
                 tmp.unlink()
         spooled.partial_pushed = size
         return result
-
-
-def remove_spool(spool: Path) -> None:
-    shutil.rmtree(spool, ignore_errors=True)

@@ -45,11 +45,6 @@ def file_name(base: str, index: int, width: int = 6) -> str:
     return f"{base}.{index:0{width}d}"
 
 
-def successor(name: str) -> str:
-    base, index = split_name(name)
-    return file_name(base, index + 1, len(name) - len(base) - 1)
-
-
 @dataclass(frozen=True)
 class Event:
     offset: int

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from backupd import restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest, RestoreTarget,
-                            StreamSink, VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, PitrDrill, RestoreRequest,
+                            RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
-from backupd.manifest import Manifest
+from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
 from drivers.mysql import DESCRIPTOR, binlog, checks, load, logical, physical, pitr, scratch
 from drivers.mysql.archiver import BinlogArchiver, streamer_server_id
@@ -23,7 +23,7 @@ from drivers.mysql.options import MysqlOptions, parse_url
 COPY_CHUNK = 1 << 20
 
 
-class MysqlDriver(Driver):
+class MysqlDriver(Driver, PitrDrill):
     methods = DESCRIPTOR.methods
     # mariadbd and the dump keep about 1.4 of 2 cores busy: zstd at nice 10 fits in the rest
     # and never slows the dump (bench/mysql.py, 2 GiB: 1.07 of a plain dump; 1.18 at "normal").
@@ -56,10 +56,10 @@ class MysqlDriver(Driver):
         metadata = result["metadata"]
         versions["server"] = metadata["server_version"]
         position = metadata.get("binlog")
+        pitr = None
         if self.context.settings.archive_logs and position:
-            metadata["pitr"] = {"log_kind": "binlog", "first_log": f"{metadata['server']}/{position['file']}",
-                                "from": format_timestamp(utcnow())}
-        return BackupResult(metadata=metadata, row_counts=result["row_counts"], tool_versions=versions)
+            pitr = PitrStart("binlog", f"{metadata['server']}/{position['file']}", utcnow())
+        return BackupResult(metadata=metadata, row_counts=result["row_counts"], tool_versions=versions, pitr=pitr)
 
     # ---- choosing and planning a restore ----------------------------------------------
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
 import psycopg
 
-from backupd.driver import Check
+from backupd.driver import Check, DriverContext
 from backupd.errors import BackupdError, DriverError
-from drivers.postgres.connection import find_tool
+from backupd.logarchive import LogArchive
+from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.logical import tool_version
+from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walnames import archive_name
-
-if TYPE_CHECKING:
-    from drivers.postgres.driver import PostgresDriver
 
 SWITCH_TIMEOUT = 60.0
 
@@ -43,11 +42,13 @@ def grant(statement: str, where: str = "any database") -> str:
     return f"missing: {statement} (as a superuser, in {where})"
 
 
-def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Iterator[Check]:
-    settings = driver.context.settings
-    job = driver.context.job
+def run(conn: Conn, options: PostgresOptions, context: DriverContext, method: str,
+        wal_archive: Callable[[], LogArchive], switch_timeout: float = SWITCH_TIMEOUT) -> Iterator[Check]:
+    """``backupd check`` for a job backing up with ``method``: connection, privileges, tools, archiving."""
+    settings = context.settings
+    job = context.job
     try:
-        pg = driver.conn.connect()
+        pg = conn.connect()
     except BackupdError as exc:
         yield Check("connection", False, str(exc))
         return
@@ -55,14 +56,13 @@ def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Ite
         try:
             facts = pg.execute(SERVER_FACTS).fetchone()
         except psycopg.Error as exc:
-            yield Check("connection", False, f"{driver.conn.describe()}: {str(exc).strip()}")
+            yield Check("connection", False, f"{conn.describe()}: {str(exc).strip()}")
             return
         (version, version_num, superuser, replication, read_all, wal_level, archive_mode, archive_command,
          in_recovery, data_directory, user, database, read_settings, may_switch) = facts
         role = _ident(user)
-        yield Check("connection", True, f"{driver.conn.describe()}: PostgreSQL {version}"
+        yield Check("connection", True, f"{conn.describe()}: PostgreSQL {version}"
                     + (" (standby)" if in_recovery else ""))
-        method = driver.default_method
         if method == "logical":
             yield Check("privileges", bool(superuser or read_all),
                         "superuser" if superuser else "member of pg_read_all_data" if read_all else
@@ -76,21 +76,21 @@ def run(driver: "PostgresDriver", switch_timeout: float = SWITCH_TIMEOUT) -> Ite
                         + ("" if wal_level in ("replica", "logical") else " (physical backups need replica)"))
         major = version_num // 10000
         for tool in ("pg_dump", "pg_restore") if method == "logical" else ("pg_basebackup",):
-            yield _tool_check(driver, tool, major)
+            yield _tool_check(options, tool, major)
         if settings.archive_logs:
             unseen = None if superuser or read_settings else grant(f"GRANT pg_read_all_settings TO {role};")
-            yield from _archive_checks(driver, job, wal_level, archive_mode, archive_command, data_directory, unseen)
+            yield from _archive_checks(options, job, wal_level, archive_mode, archive_command, data_directory, unseen)
             if not (in_recovery or may_switch):
                 yield Check("privileges: wal switch", False, "cannot call pg_switch_wal() to test archiving; "
                             + grant(f"GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {role};",
                                     f"database {database}"))
             elif not in_recovery:
-                yield _switch_check(driver, pg, switch_timeout)
+                yield _switch_check(wal_archive, pg, switch_timeout)
 
 
-def _tool_check(driver: "PostgresDriver", tool: str, server_major: int) -> Check:
+def _tool_check(options: PostgresOptions, tool: str, server_major: int) -> Check:
     try:
-        path = find_tool(tool, driver.options.bin_dir, server_major)
+        path = find_tool(tool, options.bin_dir, server_major)
         version = tool_version(path)
     except BackupdError as exc:
         return Check(tool, False, str(exc))
@@ -99,7 +99,7 @@ def _tool_check(driver: "PostgresDriver", tool: str, server_major: int) -> Check
     return Check(tool, ok, f"{path} {version}" + ("" if ok else f": older than the server ({server_major})"))
 
 
-def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_mode: str, archive_command: str,
+def _archive_checks(options: PostgresOptions, job: str, wal_level: str, archive_mode: str, archive_command: str,
                     data_directory: str | None, unseen: str | None) -> Iterator[Check]:
     """``unseen``: why the server's data_directory could not be read (the missing grant), if so."""
     yield Check("wal_level", wal_level in ("replica", "logical"), wal_level)
@@ -113,7 +113,7 @@ def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_
     elif not names_job:
         detail += f": no --job {job}; fine only while this is the one postgres job archiving WAL"
     yield Check("archive_command", calls, detail, warning=calls and not names_job)
-    data_dir = driver.options.data_dir
+    data_dir = options.data_dir
     if data_dir is None:
         yield Check("data_dir", False, "not set: the daemon cannot push WAL ahead of archive_command")
     elif not (Path(data_dir) / "pg_wal" / "archive_status").is_dir():
@@ -127,13 +127,13 @@ def _archive_checks(driver: "PostgresDriver", job: str, wal_level: str, archive_
         yield Check("data_dir", True, str(data_dir))
 
 
-def _switch_check(driver: "PostgresDriver", pg: psycopg.Connection, timeout: float) -> Check:
+def _switch_check(wal_archive: Callable[[], LogArchive], pg: psycopg.Connection, timeout: float) -> Check:
     try:
         pg.execute("SELECT txid_current()")  # some WAL, so the switch really closes a segment
         filename = pg.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
     except psycopg.Error as exc:
         return Check("wal switch", False, f"pg_switch_wal() failed: {str(exc).strip()}")
-    archive = driver.wal_archive()
+    archive = wal_archive()
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         try:

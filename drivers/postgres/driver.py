@@ -2,40 +2,43 @@
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import functools
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from backupd import age, restore_to
-from backupd.gaps import past_gap
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, RestoreRequest,
-                            RestoreTarget, StreamSink, VerifyOutcome)
+from backupd import restore_to, spool
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, LogArchiver, LogReach,
+                            PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
-from backupd.spool import directory as spool_directory
 from backupd.timeutil import format_timestamp
-from drivers.postgres import DESCRIPTOR, checks, logical, physical, pitr, verify, waldump
+from drivers.postgres import DESCRIPTOR, checks, logical, physical, pitr, recovery, verify
 from drivers.postgres.cluster import chown_tree, run_as
-from drivers.postgres.connection import Conn, find_tool
+from drivers.postgres.connection import Conn
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
-from drivers.postgres.walnames import archive_name, parse_history, parse_lsn, parse_segment
 
 
-class PostgresDriver(Driver):
+class PostgresDriver(Driver, WalArchiving, PitrDrill):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
     scratch_users = ("postgres",)
     options_model = PostgresOptions
 
+    def __init__(self, context: DriverContext) -> None:
+        super().__init__(context)
+        #: the state one restore's steps share; replaced by each choose_backup (the core calls it first)
+        self.restoring = self._plan()
+
     @functools.cached_property
     def conn(self) -> Conn:
         return Conn.from_url(self.options.dsn, self.options.password_file)
+
+    def _plan(self, manifests: Sequence[Manifest] = ()) -> recovery.RecoveryPlan:
+        return recovery.RecoveryPlan(self.wal_archive, self.options.bin_dir, manifests)
 
     def wal_archive(self) -> LogArchive:
         if self.context.logs is None:
@@ -51,15 +54,16 @@ class PostgresDriver(Driver):
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         if method == "physical":
-            return physical.backup(self, sink)
-        return logical.backup(self, sink)
+            return physical.backup(self.conn, self.options, self.context, sink)
+        return logical.backup(self.conn, self.options, self.context.spool_dir, self.cpu_priority, sink)
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
-        self._manifests_hint = None if backup_id else manifests  # named: the others are read when described
-        self._view_hint = None  # a new restore: the archive is listed again, once
+        # a new restore: the archive is listed again, once; a named backup came alone, the others are read
+        # only when the plan describes the restorable window
+        plan = self.restoring = self._plan(() if backup_id else manifests)
         if pitr.is_physical_target(request.to):
-            return pitr.choose(manifests, request, backup_id, self.context.job, self._archive_view)
+            return pitr.choose(manifests, request, backup_id, self.context.job, lambda: plan.view)
         if request.target is not None:
             raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
                              "point-in-time targets need --to DIR (a physical backup with archived WAL)")
@@ -77,10 +81,12 @@ class PostgresDriver(Driver):
             return [f"backup {manifest.backup_id} (logical, {format_timestamp(manifest.finished_at)}, "
                     f"{len(manifest.row_counts)} tables)",
                     f"pg_restore {what} {meta.get('database')} into {request.to} (jobs {request.jobs}); {mode}"]
-        view = self._archive_view()
+        view = self.restoring.view
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
-        physical_ones = [m for m in self._all_manifests(manifest) if m.method == "physical"]
+        if not self.restoring.manifests and self.context.manifests:
+            self.restoring.manifests = list(self.context.manifests())
+        physical_ones = [m for m in self.restoring.manifests or [manifest] if m.method == "physical"]
         lines = [
             f"backup {manifest.backup_id} (physical, ended {format_timestamp(pitr.backup_end(manifest))}, "
             f"timeline {meta.get('timeline')}, LSN {meta.get('start_lsn')} to {meta.get('stop_lsn')})",
@@ -99,29 +105,14 @@ class PostgresDriver(Driver):
         """What recovery will aim at, as restore() will decide it. Reading the newest commit needs the identity file."""
         if not manifest.metadata.get("pitr"):
             return [pitr.target_text(request)]
-        notes = self.gap_note(self.context.open_log, manifest, request)
+        notes = self.restoring.gap_note(self.context.open_log, manifest, request)
         try:
-            planned, newest = self.resolve_target(self.context.open_log, manifest, request)
+            planned, newest = self.restoring.resolve_target(self.context.open_log, manifest, request)
         except ArchiveGap:
             raise
         except BackupdError as exc:
             return [*notes, pitr.target_text(request), f"(not compared with the archive's newest commit: {exc})"]
-        return [*notes, *self._after_newest(request, newest), pitr.target_text(planned)]
-
-    _manifests_hint: list[Manifest] | None = None
-    _view_hint: pitr.ArchiveView | None = None
-
-    def _all_manifests(self, chosen: Manifest) -> list[Manifest]:
-        """The job's backups for the restorable window: those ``choose_backup`` saw, else read once now."""
-        if self._manifests_hint is None:
-            self._manifests_hint = self.context.manifests() if self.context.manifests else [chosen]
-        return self._manifests_hint or [chosen]
-
-    def _archive_view(self) -> pitr.ArchiveView:
-        """The WAL archive's listing, made once per restore (choosing, planning and the newest-commit check)."""
-        if self._view_hint is None:
-            self._view_hint = pitr.ArchiveView.scan(self.wal_archive())
-        return self._view_hint
+        return [*notes, *recovery.after_newest(request, newest), pitr.target_text(planned)]
 
     def check_to(self, request: RestoreRequest) -> None:
         takes = "a data directory (physical backups) or a postgresql:// URL (logical backups)"
@@ -132,29 +123,29 @@ class PostgresDriver(Driver):
 
     def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
         if manifest.method == "logical":
-            logical.check_target(self, request)
+            logical.check_target(self.options, request)
         else:
             physical.check_directory(Path(request.to).expanduser().absolute(), request.force)
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
         manifest = source.manifest
         if manifest.method == "logical":
-            return logical.restore(self, source, request)
+            return logical.restore(self.options, self.context.spool_dir, source, request)
         if request.tables:
             raise UsageError("--table needs a logical backup; a physical backup restores the whole cluster")
         dest = Path(request.to).expanduser().absolute()
         archived = bool(manifest.metadata.get("pitr"))
         asked, newest = request, None
         if archived:
-            request, newest = self.resolve_target(source.open_log, manifest, request)
-        self._view_hint = None  # used up: a later restore by this driver lists the archive afresh
+            request, newest = self.restoring.resolve_target(source.open_log, manifest, request)
+        self.restoring = self._plan()  # used up: a later restore lists the archive afresh
         if not archived and request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
         with physical.staged_directory(dest, request.force) as work:
             count = physical.restore_files(source, work)
             if archived:
-                config = getattr(self.context, "config_path", None)
+                config = self.context.config_path
                 settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
                 pitr.write_recovery(work, settings, manifest.backup_id)
             if request.archive_mode == "off":
@@ -165,7 +156,8 @@ class PostgresDriver(Driver):
             self.start_wal_prefetch(manifest)
         chown_tree(dest, self.context.settings.os_user)
         lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
-                 *self.gap_note(source.open_log, manifest, asked), *self._after_newest(asked, newest),
+                 *self.restoring.gap_note(source.open_log, manifest, asked),
+                 *recovery.after_newest(asked, newest),
                  "warning: the restored configuration (postgresql.conf, postgresql.auto.conf, pg_hba.conf and "
                  "what they include) is the backup's own, and runs when the server starts: review it first"]
         user = run_as(self.context.settings.os_user)
@@ -183,121 +175,15 @@ class PostgresDriver(Driver):
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
 
-    def resolve_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
-                       request: RestoreRequest) -> tuple[RestoreRequest, dt.datetime | None]:
-        """The request recovery should run, and the newest commit when that is not the one given.
-
-        A --target-time after the archive's newest commit would fail the recovery at its end;
-        nothing committed in between, so the end of the archive is the state at the target.
-        """
-        request = dataclasses.replace(request, target_timeline=pitr.target_timeline(
-            self._archive_view(), request.target_timeline))
-        request = self.within_reach(open_log, manifest, request)
-        newest = self._commit_before_target(open_log, manifest, request)
-        return (request, None) if newest is None else (dataclasses.replace(request, target=None), newest)
-
-    def gap(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest
-            ) -> tuple[LogReach, dt.datetime | None] | None:
-        """The first gap replay from ``manifest`` meets, with the latest time it can reach; None without one.
-
-        The reachable time is the newest commit before the gap (pg_waldump, with a key);
-        without a key it is when the last usable segment arrived (an upper bound).
-        """
-        if manifest.method != "physical" or not manifest.metadata.get("pitr"):
-            return None
-        view = self._archive_view()
-        found = pitr.reach(manifest, view, self._histories(open_log, view))
-        if not found.broken:
-            return None
-        try:
-            newest = self._newest_commit_in(open_log, manifest, pitr.usable_segments(manifest, view, found))
-        except BackupdError:
-            newest = None  # no key on this host (a dry run elsewhere): the listing's bound
-        return found, newest or found.until
-
-    def within_reach(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
-                     request: RestoreRequest) -> RestoreRequest:
-        """The request unchanged when replay can reach its target; ArchiveGap (exit 1) when a gap is in the way.
-
-        ``--to-gap`` restores up to the gap knowingly: the target (if past it) is dropped.
-        """
-        found = self.gap(open_log, manifest)
-        if found is None:
-            return request
-        reach, reachable = found
-        target = request.target
-        where = f"reachable from backup {manifest.backup_id} up to " + (
-            format_timestamp(reachable) if reachable else f"segment {reach.last_log or 'none'}")
-        if target is None or self._past(target, reach, reachable, manifest):
-            if request.to_gap:
-                return dataclasses.replace(request, target=None)
-            what = f"--target-{target.kind} {target.value}" if target is not None else "the end of the archive"
-            raise past_gap(what, "WAL", reach.missing[0], where)
-        return request
-
-    @staticmethod
-    def _past(target: RestoreTarget, reach: LogReach, reachable: dt.datetime | None, manifest: Manifest) -> bool:
-        if target.kind == "time":
-            return reachable is None or (target.time is not None and target.time > reachable)
-        if target.kind == "lsn":
-            segment_size = int(manifest.metadata.get("wal_segment_size", 16 << 20))
-            if reach.last_log is None:
-                return True
-            end = (parse_segment(reach.last_log, segment_size)[1] + 1) * segment_size
-            try:
-                return parse_lsn(target.value) >= end
-            except ValueError:
-                return False  # choose() reports the malformed LSN
-        return False  # xid, name: PostgreSQL itself fails when replay ends before reaching them
-
-    def gap_note(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
-                 request: RestoreRequest) -> list[str]:
-        """What the plan says about a gap it restores up to (``--to-gap``)."""
-        found = self.gap(open_log, manifest) if request.to_gap else None
-        if found is None:
-            return []
-        reach, reachable = found
-        return [f"--to-gap: the archived WAL has a gap at {reach.missing[0]}; recovery stops before it, at "
-                f"{format_timestamp(reachable) if reachable else reach.last_log} (later commits are not restored)"]
-
-    @staticmethod
-    def _after_newest(request: RestoreRequest, newest: dt.datetime | None) -> list[str]:
-        if newest is None:
-            return []
-        return [f"--target-time {format_timestamp(request.target.time)} is after the newest commit in the "  # type: ignore[union-attr]
-                f"archived WAL ({format_timestamp(newest)}): nothing committed in between, so recovery replays "
-                "to the end of the archive, the state at the target"]
-
-    def _commit_before_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
-                              request: RestoreRequest) -> dt.datetime | None:
-        """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
-        target = request.target
-        if target is None or target.kind != "time" or target.time is None:
-            return None
-        view = self._archive_view()
-        if not view.segments:
-            return None
-        newest = self._newest_commit_in(open_log, manifest, view.segments[max(view.segments)])
-        return newest if newest is not None and target.time > newest else None
-
-    def _newest_commit_in(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
-                          segments: list[str]) -> dt.datetime | None:
-        """The newest commit in the last of ``segments`` (pg_waldump); None without the tool or a commit."""
-        if open_log is None or not segments:
-            return None
-        major = int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
-        try:
-            pg_waldump = find_tool("pg_waldump", self.options.bin_dir, major)
-        except DriverError:
-            return None  # without it, the target stays as given (PostgreSQL decides)
-        return waldump.newest_commit(pg_waldump, segments, lambda filename: open_log("wal", archive_name(filename)))
-
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
-        return verify.verify(self, source, scratch, checks)
+        return verify.verify(source, scratch, checks, bin_dir=self.options.bin_dir, sandbox=self.scratch_sandbox,
+                             dbname=self.conn.dbname)
 
     def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
-        return verify.pitr_drill(self, source, scratch, target)
+        return verify.pitr_drill(source, scratch, target, self._plan(), bin_dir=self.options.bin_dir,
+                                 sandbox=self.scratch_sandbox, dbname=self.conn.dbname,
+                                 checks=self.context.settings.verify.checks)
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
         """From this backup's start along its timelines to the first missing segment or the newest one.
@@ -309,20 +195,7 @@ class PostgresDriver(Driver):
         if source.manifest.method != "physical" or not meta.get("pitr"):
             return None
         view = pitr.ArchiveView.scan(source.logs("wal"))
-        return pitr.reach(source.manifest, view, self._histories(source.open_log, view))
-
-    @staticmethod
-    def _histories(open_log: Callable[[str, str], BinaryIO] | None, view: pitr.ArchiveView) -> dict[int, list] | None:
-        histories = {}
-        if open_log is None:
-            return None
-        try:
-            for name in view.histories:
-                with open_log("wal", name) as stream:
-                    histories[int(name.split("/")[0], 16)] = parse_history(stream.read().decode())
-        except (BackupdError, age.AgeError, ValueError):
-            return None  # no key here (integrity checks) or unreadable: per-timeline checks instead
-        return histories
+        return pitr.reach(source.manifest, view, recovery.histories(source.open_log, view))
 
     # -- WAL archiving ---------------------------------------------------------------------
     def wal_push(self, path: Path) -> PushResult:
@@ -342,8 +215,6 @@ class PostgresDriver(Driver):
 
     def start_wal_prefetch(self, manifest: Manifest) -> None:
         """Have the backup's first segments decrypted in the spool by the time the restored server asks."""
-        from backupd.cli import quick
-
         first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
         if not first:
             return
@@ -354,9 +225,9 @@ class PostgresDriver(Driver):
 
             entry = pwd.getpwnam(name)
             user = (entry.pw_uid, entry.pw_gid)
-        config = getattr(self.context, "config_path", None)
-        directory = spool_directory(str(self.context.state_dir), self.context.job)
-        quick.start_prefetcher(str(config) if config else None, self.context.job, directory, first, after=False,
+        config = self.context.config_path
+        spool.start_prefetcher(spool.directory(str(self.context.state_dir), self.context.job),
+                               str(config.absolute()) if config else None, self.context.job, first, after=False,
                                user=user)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
@@ -370,10 +241,10 @@ class PostgresDriver(Driver):
         return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
 
     def check(self) -> Iterable[Check]:
-        yield from checks.run(self)
+        yield from checks.run(self.conn, self.options, self.context, self.default_method, self.wal_archive)
         if self.context.settings.archive_logs and self.context.logs is not None:
             try:
-                forked = pitr.forks(self._archive_view())
+                forked = pitr.forks(self.restoring.view)
             except BackupdError as exc:
                 yield Check("WAL timelines", False, f"cannot list the archive: {exc}")
                 return

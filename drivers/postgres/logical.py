@@ -9,7 +9,7 @@ import io
 import os
 import re
 import tempfile
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -17,13 +17,11 @@ from psycopg import sql
 from backupd import tool
 from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
 from backupd.errors import DriverError, IntegrityError, UsageError
-from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK
+from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK, Priority
 from backupd.sandbox import Sandbox
 from drivers.postgres import backendnice, dumpheader
 from drivers.postgres.connection import Conn, find_tool
-
-if TYPE_CHECKING:
-    from drivers.postgres.driver import PostgresDriver
+from drivers.postgres.options import PostgresOptions
 
 DUMP = "dump"
 GLOBALS = "globals"
@@ -72,8 +70,8 @@ def tool_version(path: str) -> str:
     return words[words.index("(PostgreSQL)") + 1] if "(PostgreSQL)" in words[:-1] else words[-1]
 
 
-def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
-    conn = driver.conn
+def backup(conn: Conn, options: PostgresOptions, spool: Path, priority: Priority, sink: StreamSink) -> BackupResult:
+    """One pg_dump of ``conn``'s database (plus pg_dumpall's globals); side queries run at ``priority``."""
     with conn.connect(autocommit=False) as pg:
         pg.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         pg.read_only = True
@@ -81,9 +79,9 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
             "SELECT pg_export_snapshot(), current_database(), current_setting('server_version_num')::int, "
             "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
         major = version // 10000
-        pg_dump = find_tool("pg_dump", driver.options.bin_dir, major)
-        pg_dumpall = find_tool("pg_dumpall", driver.options.bin_dir, major)
-        with conn.tool_env(driver.context.spool_dir) as env:
+        pg_dump = find_tool("pg_dump", options.bin_dir, major)
+        pg_dumpall = find_tool("pg_dumpall", options.bin_dir, major)
+        with conn.tool_env(spool) as env:
             globals_argv = [pg_dumpall, "--globals-only", "--no-password", "--dbname", conn.conninfo()]
             if not superuser:
                 globals_argv.append("--no-role-passwords")  # pg_authid is superuser-only
@@ -96,7 +94,7 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
             with tool.Tool(argv, env=env, keep_head=dumpheader.HEAD_SIZE) as reader, \
                     concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pg-dump-side") as side:
                 # the counts: in the same snapshot, on the exporting connection
-                counting = side.submit(row_counts, pg, IDLE_NICE if driver.cpu_priority == "idle" else LOW_NICE)
+                counting = side.submit(row_counts, pg, IDLE_NICE if priority == "idle" else LOW_NICE)
                 storing = side.submit(store_globals)
                 entry = sink(DUMP, reader)
             try:
@@ -185,9 +183,9 @@ def _table_args(tables: list[str]) -> list[str]:
     return args
 
 
-def check_target(driver: "PostgresDriver", request: RestoreRequest) -> None:
+def check_target(options: PostgresOptions, request: RestoreRequest) -> None:
     """Raise what ``restore`` would refuse about the target database (a non-empty one), changing nothing."""
-    target = Conn.from_url(request.to, request.password_file or driver.options.password_file, what="--to")
+    target = Conn.from_url(request.to, request.password_file or options.password_file, what="--to")
     with _admin(target) as admin:
         if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,)).fetchone():
             _refuse_non_empty(target, request)
@@ -219,25 +217,25 @@ def _refuse_non_empty(target: Conn, request: RestoreRequest) -> None:
 
 
 
-def restore(driver: "PostgresDriver", source: BackupSource, request: RestoreRequest) -> str:
+def restore(options: PostgresOptions, spool: Path, source: BackupSource, request: RestoreRequest) -> str:
     if request.target is not None:
         raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
                          "point-in-time targets need a physical backup with archived WAL")
-    target = Conn.from_url(request.to, request.password_file or driver.options.password_file, what="--to")
+    target = Conn.from_url(request.to, request.password_file or options.password_file, what="--to")
     with _admin(target) as admin:
         version = admin.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]
         created_db = _prepare_database(admin, target, request)
         with source.open(GLOBALS) as stream:
             globals_sql = stream.read().decode()
         roles = create_missing_roles(admin, globals_sql)
-    pg_restore = find_tool("pg_restore", driver.options.bin_dir, version // 10000)
+    pg_restore = find_tool("pg_restore", options.bin_dir, version // 10000)
     argv = [pg_restore, "--no-password", "--exit-on-error", "--dbname", target.conninfo()]
     if request.clean:
         argv += ["--clean", "--if-exists"]
     argv += _table_args(request.tables)
     with target.tool_env() as env:
         if request.jobs > 1:
-            _restore_parallel(driver, source, argv + ["--jobs", str(request.jobs)], env)
+            _restore_parallel(spool, source, argv + ["--jobs", str(request.jobs)], env)
         else:
             with source.open(DUMP) as stream:
                 tool.feed(argv + ["--single-transaction"], stream, env=env)
@@ -261,9 +259,9 @@ def _admin(target: Conn):
         yield conn
 
 
-def _restore_parallel(driver: "PostgresDriver", source: BackupSource, argv: list[str], env: dict[str, str]) -> None:
+def _restore_parallel(spool: Path, source: BackupSource, argv: list[str], env: dict[str, str]) -> None:
     """pg_restore --jobs needs a seekable file: spool the dump (0600), restore, remove it."""
-    fd, name = tempfile.mkstemp(prefix="pg_restore-", suffix=".dump", dir=driver.context.spool_dir)
+    fd, name = tempfile.mkstemp(prefix="pg_restore-", suffix=".dump", dir=spool)
     try:
         with os.fdopen(fd, "wb") as out, source.open(DUMP) as stream:
             while chunk := stream.read(READ_CHUNK):

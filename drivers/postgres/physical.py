@@ -11,19 +11,18 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from backupd import tool
-from backupd.driver import BackupResult, BackupSource, StreamSink
+from backupd.driver import BackupResult, BackupSource, DriverContext, StreamSink
 from backupd.errors import DriverError
+from backupd.manifest import PitrStart
 from backupd.storage import Readable
-from backupd.timeutil import format_timestamp, utcnow
-from drivers.postgres.connection import find_tool
+from backupd.timeutil import utcnow
+from drivers.postgres.connection import Conn, find_tool
 from drivers.postgres.logical import tool_version
+from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walnames import format_lsn, parse_lsn, segment_name, segno_of_lsn
-
-if TYPE_CHECKING:
-    from drivers.postgres.driver import PostgresDriver
 
 BASE = "base"
 BLOCK = 512
@@ -132,9 +131,9 @@ def backup_points(members: dict[str, bytes]) -> BackupPoints:
         raise DriverError(f"cannot read the backup's label or manifest: {exc}") from None
 
 
-def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
-    settings = driver.context.settings
-    with driver.conn.connect() as pg:
+def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: StreamSink) -> BackupResult:
+    settings = context.settings
+    with conn.connect() as pg:
         version, segment_size, in_recovery, system_id = pg.execute(
             "SELECT current_setting('server_version_num')::int, "
             "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
@@ -147,18 +146,18 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
             "holds one data directory only, so physical backups of this cluster are refused",
             hint="move those tables to pg_default, or use method = \"logical\"",
         )
-    pg_basebackup = find_tool("pg_basebackup", driver.options.bin_dir, version // 10000)
+    pg_basebackup = find_tool("pg_basebackup", options.bin_dir, version // 10000)
     wal_method = "none" if settings.archive_logs else "fetch"  # without an archive the backup carries its WAL
     argv = [pg_basebackup, "--pgdata=-", "--format=tar", f"--wal-method={wal_method}", "--checkpoint=fast",
-            f"--label=backupd {driver.context.job}", "--no-password", "--dbname", driver.conn.conninfo()]
-    with driver.conn.tool_env(driver.context.spool_dir) as env, tool.Tool(argv, env=env) as proc:
+            f"--label=backupd {context.job}", "--no-password", "--dbname", conn.conninfo()]
+    with conn.tool_env(context.spool_dir) as env, tool.Tool(argv, env=env) as proc:
         watcher = TarWatcher(proc)
         entry = sink(BASE, watcher)
     if entry.raw_size != proc.size:
         raise DriverError(f"pg_basebackup wrote {proc.size} bytes but {entry.raw_size} were stored")
     points = backup_points(watcher.members)
     ended = utcnow()
-    with driver.conn.connect() as pg:
+    with conn.connect() as pg:
         snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     first = segment_name(points.timeline, segno_of_lsn(points.start_lsn, segment_size), segment_size)
     last = segment_name(points.timeline, segno_of_lsn(points.stop_lsn - 1, segment_size), segment_size)
@@ -171,10 +170,9 @@ def backup(driver: "PostgresDriver", sink: StreamSink) -> BackupResult:
         "wal_range": {"first": f"{timeline}/{first}", "last": f"{timeline}/{last}"},
         "xid_snapshot_after": snapshot, "files": watcher.count,
     }
-    if settings.archive_logs:
-        metadata["pitr"] = {"log_kind": "wal", "first_log": f"{timeline}/{first}", "from": format_timestamp(ended)}
-    return BackupResult(metadata=metadata, tool_versions={"postgresql": str(version),
-                                                           "pg_basebackup": tool_version(pg_basebackup)})
+    pitr = PitrStart("wal", f"{timeline}/{first}", ended) if settings.archive_logs else None
+    return BackupResult(metadata=metadata, pitr=pitr,
+                        tool_versions={"postgresql": str(version), "pg_basebackup": tool_version(pg_basebackup)})
 
 
 # -- restore -------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Callable
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import LogArchive
-from backupd.manifest import Manifest
-from backupd.timeutil import format_timestamp, parse_timestamp
+from backupd.manifest import Manifest, PitrStart
+from backupd.timeutil import format_timestamp
 from drivers.postgres.cluster import conf_value
 from drivers.postgres.walnames import (SEGMENT_RE, Switch, expected_segments, format_lsn, parse_lsn, parse_segment,
                                       segno_of_lsn)
@@ -147,8 +147,8 @@ def is_physical_target(to: str) -> bool:
 
 
 def backup_end(manifest: Manifest) -> dt.datetime:
-    pitr = manifest.metadata.get("pitr") or {}
-    return parse_timestamp(pitr["from"]) if pitr.get("from") else manifest.finished_at
+    start = PitrStart.from_manifest(manifest)
+    return start.since if start is not None else manifest.finished_at
 
 
 def window(physical: list[Manifest], view: ArchiveView) -> tuple[dt.datetime | None, dt.datetime | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import psycopg
 from psycopg import sql
@@ -14,17 +14,15 @@ from backupd.driver import BackupSource, Check, RestoreRequest, RestoreTarget, V
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.pipeline import READ_CHUNK
-from backupd.sandbox import chown_to
+from backupd.sandbox import Sandbox, chown_to
 from backupd.timeutil import format_timestamp
 from backupd.usercheck import NO_ROW, Answer, judge
 from drivers.postgres import logical, physical, pitr, scratchconf
 from drivers.postgres.cluster import Cluster
 from drivers.postgres.connection import find_tool
+from drivers.postgres.recovery import RecoveryPlan
 from drivers.postgres.walnames import parse_segment, segment_name
 from drivers.postgres.walstage import WalStager
-
-if TYPE_CHECKING:
-    from drivers.postgres.driver import PostgresDriver
 
 BTREE_INDEXES = """
 SELECT c.oid::regclass::text FROM pg_index i
@@ -71,24 +69,34 @@ def major_version(manifest: Manifest) -> int | None:
     return int(manifest.tool_versions.get("postgresql", "0") or 0) // 10000 or None
 
 
-def scratch_cluster(driver: "PostgresDriver", scratch: Path, major: int | None) -> Cluster:
-    """A server under ``scratch``, run in the job's sandbox as its unprivileged OS user."""
-    bin_dir = Path(find_tool("initdb", driver.options.bin_dir, major)).parent
-    readable = [] if bin_dir.is_relative_to("/usr") else [bin_dir.parent]
-    sandbox = driver.scratch_sandbox([scratch], readable)
-    chown_to(scratch, sandbox.user)
-    return Cluster(scratch / "pg", bin_dir, sandbox)
+#: The driver's ``scratch_sandbox``: the sandbox for a server writing only the first list, reading the second.
+SandboxFor = Callable[[list[Path], list[Path]], Sandbox]
 
 
-def verify(driver: "PostgresDriver", source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+def scratch_cluster(scratch: Path, major: int | None, *, bin_dir: str | None, sandbox: SandboxFor) -> Cluster:
+    """A server under ``scratch``, run in the job's sandbox as its unprivileged OS user.
+
+    ``bin_dir``: the job's PostgreSQL programs, looked for first (the options' ``bin_dir``).
+    """
+    programs = Path(find_tool("initdb", bin_dir, major)).parent
+    readable = [] if programs.is_relative_to("/usr") else [programs.parent]
+    scratch_sandbox = sandbox([scratch], readable)
+    chown_to(scratch, scratch_sandbox.user)
+    return Cluster(scratch / "pg", programs, scratch_sandbox)
+
+
+def verify(source: BackupSource, scratch: Path, checks: list[str], *, bin_dir: str | None, sandbox: SandboxFor,
+           dbname: str) -> VerifyOutcome:
+    """Restore ``source`` into a scratch cluster and measure it; ``checks`` run in ``dbname`` (the job's
+    database) when the restored cluster has it, else in postgres."""
     manifest = source.manifest
-    cluster = scratch_cluster(driver, scratch, major_version(manifest))
+    cluster = scratch_cluster(scratch, major_version(manifest), bin_dir=bin_dir, sandbox=sandbox)
     outcome = VerifyOutcome()
     try:
         if manifest.method == "logical":
             _verify_logical(cluster, source, outcome, checks)
         else:
-            _verify_physical(driver, cluster, source, outcome, checks)
+            _verify_physical(dbname, cluster, source, outcome, checks)
     finally:
         cluster.close()
     return outcome
@@ -182,7 +190,7 @@ def _own_config(cluster: Cluster, settings: dict[str, Any]) -> None:
     chown_to(cluster.data / "recovery.signal", cluster.user)
 
 
-def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupSource, outcome: VerifyOutcome,
+def _verify_physical(dbname: str, cluster: Cluster, source: BackupSource, outcome: VerifyOutcome,
                      checks: list[str]) -> None:
     meta = source.manifest.metadata
     _extract(cluster, source, outcome)
@@ -222,7 +230,6 @@ def _verify_physical(driver: "PostgresDriver", cluster: Cluster, source: BackupS
     outcome.steps.append({"step": "row counts", "counts": counts})
     outcome.checks.append(Check(f"amcheck bt_index_check on {indexes} B-tree indexes", not problems,
                                 "; ".join(problems[:5])))
-    dbname = driver.conn.dbname
     if checks:
         target = dbname if dbname in databases else "postgres"
         with cluster.connect(target) as conn:
@@ -233,7 +240,8 @@ TARGET_NOT_REACHED = "before configured recovery target was reached"
 NOTHING_AFTER = "no commit after the target in the archived WAL: recovered to its end (the same state)"
 
 
-def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+def pitr_drill(source: BackupSource, scratch: Path, target: RestoreTarget, plan: RecoveryPlan, *,
+               bin_dir: str | None, sandbox: SandboxFor, dbname: str, checks: list[str]) -> VerifyOutcome:
     """Restore the base backup as ``backupd restore --to DIR --target-time`` would, start it, query it.
 
     The server runs in the sandbox with backupd's own configuration; WAL is staged into
@@ -244,16 +252,16 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
     if manifest.method != "physical" or not manifest.metadata.get("pitr"):
         raise UsageError(f"backup {manifest.backup_id}: a PITR drill needs a physical backup taken with "
                          "archive_logs = true")
-    cluster = scratch_cluster(driver, scratch, major_version(manifest))
+    cluster = scratch_cluster(scratch, major_version(manifest), bin_dir=bin_dir, sandbox=sandbox)
     outcome = VerifyOutcome()
-    view = pitr.ArchiveView.scan(driver.wal_archive())
+    view = plan.view
     first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2] or None
     stager = WalStager(scratch / "wal-stage", view.all_segments(), [n.rpartition("/")[2] for n in view.histories],
                        source.open_log, cluster.user, first=first)
     try:
         _extract(cluster, source, outcome)
         request = RestoreRequest(to=str(cluster.data), target=target, target_action="promote")
-        request, newest = driver.resolve_target(source.open_log, manifest, request)  # as restore does
+        request, newest = plan.resolve_target(source.open_log, manifest, request)  # as restore does
         note = f"{NOTHING_AFTER} (newest commit {format_timestamp(newest)})" if newest else ""
         settings = pitr.recovery_settings(request, stager.restore_command())
         stager.start()
@@ -292,9 +300,8 @@ def pitr_drill(driver: "PostgresDriver", source: BackupSource, scratch: Path, ta
             outcome.checks.append(Check("SELECT 1", True))
             outcome.steps.append({"step": "accepts queries", "databases": len(databases),
                                   "last_replayed_commit": format_timestamp(replayed) if replayed else None})
-            dbname = driver.conn.dbname
             with cluster.connect(dbname if dbname in databases else "postgres") as conn:
-                outcome.checks.extend(run_checks(conn, driver.context.settings.verify.checks))
+                outcome.checks.extend(run_checks(conn, checks))
         except psycopg.Error as exc:
             raise IntegrityError(f"the cluster restored to {target.value} does not answer queries: "
                                  f"{str(exc).strip()}") from None

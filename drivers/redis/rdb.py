@@ -377,8 +377,3 @@ def lzf_decompress(data: bytes, size: int) -> bytes:
 
 def parse_stream(next_chunk: Callable[[], bytes]) -> RdbSummary:
     return RdbParser(ByteSource(next_chunk)).parse()
-
-
-def parse_file(path: str, chunk: int = 1 << 20) -> RdbSummary:
-    with open(path, "rb") as handle:
-        return parse_stream(lambda: handle.read(chunk))
