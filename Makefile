@@ -27,6 +27,7 @@ demo: $(STAMP)
 	@bash scripts/demo.sh
 
 test: $(STAMP) tools
+	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP) tools

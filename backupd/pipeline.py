@@ -20,7 +20,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import BinaryIO, Literal, Sequence, cast
 
 import zstandard
 
@@ -303,7 +303,7 @@ class DecodingReader:
     ) -> None:
         self._where = where
         self._inner = _DecryptingReader(stored, identities, where, expected_size, expected_sha256, key_file)
-        self._reader = zstandard.ZstdDecompressor().stream_reader(self._inner, read_size=READ_CHUNK)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, self._inner), read_size=READ_CHUNK)
         self._expected_raw_size = expected_raw_size
         progress.expect(expected_raw_size)
         self.raw_size = 0

@@ -355,7 +355,7 @@ class Repository:
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
 
-    def _retention(self) -> dict[str, dt.datetime]:
+    def _retention(self) -> dict[str, Any]:
         if self.retain_for is None:
             return {}  # put() as before, for storage written before retain_until existed
         return {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}

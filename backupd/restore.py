@@ -53,8 +53,9 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:
         lines = ["plan (dry run, nothing touched):", *("  " + line for line in plan)]
-        for line in lines if emit else ():
-            emit(line)
+        if emit is not None:
+            for line in lines:
+                emit(line)
         ctx.driver.check_target(manifest, request)
         return lines
     ctx.driver.check_target(manifest, request)

@@ -137,7 +137,7 @@ def _lag(job: str, daemon: dict[str, Any] | None) -> float | str | None:
 def _pitr(ctx: JobContext, manifests: list[Manifest], logs: dict[str, Any] | None) -> dict[str, Any] | None:
     """From the oldest backup's consistent point to the last log replay from the newest backup can use,
     with the gaps that break it (the driver's ``log_reach``, from the oldest backup on)."""
-    starts = {m.backup_id: start for m in manifests if (start := PitrStart.from_manifest(m)) is not None}
+    starts = {m.backup_id: found for m in manifests if (found := PitrStart.from_manifest(m)) is not None}
     with_pitr = [m for m in manifests if m.backup_id in starts]
     if not with_pitr:
         return None

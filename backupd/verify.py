@@ -243,7 +243,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     repo = ctx.repository
     if integrity_only:
         if backup_id:
-            manifests, unusable = [repo.resolve(backup_id)], []
+            manifests, unusable = [repo.resolve(backup_id)], list[tuple[str, IntegrityError]]()
         else:
             manifests, unusable = repo.scan_manifests()
             if not manifests and not unusable:

@@ -56,7 +56,7 @@ def _record(args: argparse.Namespace, result: str, detail: str | None, code: int
     name = args.command if args.command != "keys" else f"keys {getattr(args, 'keys_command', '')}".strip()
     backup_id = getattr(args, "audit_backup_id", None) or getattr(args, "backup", None)
     event = audit.make_event(name, job=job, backup_id=backup_id, result=result, detail=detail, exit_code=code)
-    if settings is None or job not in settings.jobs:
+    if settings is None or job is None or job not in settings.jobs:
         audit.record(settings.daemon.state_dir if settings is not None else None, event)
         return
     ctx = JobContext(settings, job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import stat
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
     for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
-        checks.append(_guard(f"storage.{storage}", lambda s=storage: storage_round_trip(settings, s)))
+        checks.append(_guard(f"storage.{storage}", functools.partial(storage_round_trip, settings, storage)))
     for job in jobs:
         checks.extend(password_file_checks(settings, job))
         ctx = JobContext(settings, job)

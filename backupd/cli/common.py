@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from backupd.context import JobContext
 from backupd.errors import BackupNotFound, UsageError
@@ -18,14 +18,23 @@ from backupd.timeutil import BACKUP_ID_RE
 Handler = Callable[[argparse.Namespace], int]
 
 
-def config_path(args: argparse.Namespace) -> Path:
+class ConfigArgs(Protocol):
+    """A parsed command line naming a configuration file (argparse's, or quick.Call for wal-push/wal-fetch)."""
+
+    config: str | None
+
+
+def config_path(args: ConfigArgs) -> Path:
     return Path(args.config or os.environ.get("BACKUPD_CONFIG") or DEFAULT_CONFIG)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    if getattr(args, "_settings", None) is None:
-        args._settings = load_settings(config_path(args))
-    return args._settings
+def settings_from(args: ConfigArgs) -> Settings:
+    """The configuration, loaded once per command line."""
+    settings: Settings | None = getattr(args, "_settings", None)
+    if settings is None:
+        settings = load_settings(config_path(args))
+        setattr(args, "_settings", settings)
+    return settings
 
 
 def with_job(func: Callable[[argparse.Namespace, JobContext], int]) -> Handler:

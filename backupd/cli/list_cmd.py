@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, str | None] | None:
+def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, Any] | None:
     """From the backup's consistent point to the last log replay can use (the first gap ends it); None without logs."""
     pitr = PitrStart.from_manifest(manifest)
     if pitr is None:

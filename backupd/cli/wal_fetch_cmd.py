@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 def run(call: Call) -> int:
     prefetching = call.prefetch_from or call.prefetch_after
-    name = call.args[0] if call.args else None
+    name = call.args[0] if call.args else ""
+    dest = Path()
     if not prefetching:
         if len(call.args) != 2:
             raise UsageError("wal-fetch: NAME and DEST are required (restore_command = 'backupd wal-fetch %f %p')")
@@ -74,6 +75,6 @@ def prefetch(call: Call, driver: WalArchiving, ctx: JobContext) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0  # one is already at work
-    first = call.prefetch_from or call.prefetch_after
+    first = call.prefetch_from or call.prefetch_after or ""
     driver.wal_prefetch(first, ctx.identities, str(ctx.identity_file), inclusive=call.prefetch_from is not None)
     return 0

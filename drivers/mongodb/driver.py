@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 from urllib.parse import quote, urlsplit
 
 from backupd import restore_to
@@ -31,8 +31,8 @@ from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
 from backupd.usercheck import Answer, judge
 from drivers.mongodb import DESCRIPTOR, tools
-from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, CountingStream
-from drivers.mongodb.oplog import OplogArchiver, Slice, list_slices, ts_datetime, ts_text
+from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, ArchiveSummary, CountingStream
+from drivers.mongodb.oplog import OplogArchiver, OplogSource, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
 from drivers.mongodb.plan import reach as plan_reach
 from drivers.mongodb.options import SCHEMES, MongodbOptions
@@ -84,7 +84,8 @@ class MongodbDriver(Driver):
                         dump.check()
                     finally:
                         try:
-                            summary, problem = counter.finish(), None
+                            summary: ArchiveSummary | None = counter.finish()
+                            problem: ArchiveFormatError | None = None
                         except ArchiveFormatError as exc:
                             summary, problem = None, exc
             if stream.size == 0:
@@ -321,7 +322,8 @@ class _ConnectedArchiver:
     def run(self, stop: threading.Event) -> None:
         driver = self.driver
         with driver.server() as server:
-            archiver = OplogArchiver(driver.context.job, driver.context.logs("oplog"), server,  # type: ignore[misc]
+            source = cast(OplogSource, server)  # its raw documents are OplogEntry (bytes and item access)
+            archiver = OplogArchiver(driver.context.job, driver.context.logs("oplog"), source,  # type: ignore[misc]
                                      driver.context.spool_dir, interval=driver.options.oplog_interval,
                                      max_bytes=driver.options.oplog_slice_max_bytes, log=driver.log)
             archiver.run(stop)

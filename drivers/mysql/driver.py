@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from backupd import restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, PitrDrill, RestoreRequest,
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, PitrDrill, RestoreRequest,
                             RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
 from drivers.mysql import DESCRIPTOR, binlog, checks, load, logical, physical, pitr, scratch
@@ -119,7 +120,7 @@ class MysqlDriver(Driver, PitrDrill):
             lines.append("no binlog replay (" + ("--table restores the dump only" if request.tables
                                                  else "the backup has no archived binlogs") + ")")
             return lines
-        chain = pitr.chain_from(pitr.archived_files(self.context.logs("binlog"), manifest.metadata["server"]),
+        chain = pitr.chain_from(pitr.archived_files(self.binlog_archive(), manifest.metadata["server"]),
                                 manifest.metadata["binlog"]["file"])
         plan = pitr.plan_replay(chain, manifest, request.target, to_gap=request.to_gap)  # refuses as restore would
         lines.append(f"binlogs ({len(plan.files)}): " + ", ".join(f.object for f in plan.files))
@@ -316,7 +317,12 @@ class MysqlDriver(Driver, PitrDrill):
 
     # ---- logs and checks --------------------------------------------------------------------
 
-    def log_archivers(self) -> list[BinlogArchiver]:
+    def binlog_archive(self) -> LogArchive:
+        if self.context.logs is None:
+            raise DriverError("no log archive is available to this driver context")
+        return self.context.logs("binlog")
+
+    def log_archivers(self) -> list[LogArchiver]:
         if not self.context.settings.archive_logs or self.context.logs is None:
             return []
         return [BinlogArchiver(

@@ -78,7 +78,7 @@ def chain_from(files: dict[int, ArchivedFile], first: str) -> Chain:
         if not usable:
             missing.append(binlog.file_name(base, index, width))
             broken = True
-        elif not broken:
+        elif not broken and item is not None:
             run.append(item)
     return Chain(run, missing)
 

@@ -12,7 +12,7 @@ import psycopg
 from backupd.driver import Check, DriverContext
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive
-from drivers.postgres.connection import Conn, find_tool
+from drivers.postgres.connection import one, Conn, find_tool
 from drivers.postgres.logical import tool_version
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walnames import archive_name
@@ -54,7 +54,7 @@ def run(conn: Conn, options: PostgresOptions, context: DriverContext, method: st
         return
     with pg:
         try:
-            facts = pg.execute(SERVER_FACTS).fetchone()
+            facts = one(pg.execute(SERVER_FACTS))
         except psycopg.Error as exc:
             yield Check("connection", False, f"{conn.describe()}: {str(exc).strip()}")
             return
@@ -130,7 +130,7 @@ def _archive_checks(options: PostgresOptions, job: str, wal_level: str, archive_
 def _switch_check(wal_archive: Callable[[], LogArchive], pg: psycopg.Connection, timeout: float) -> Check:
     try:
         pg.execute("SELECT txid_current()")  # some WAL, so the switch really closes a segment
-        filename = pg.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        filename = one(pg.execute("SELECT pg_walfile_name(pg_switch_wal())"))[0]
     except psycopg.Error as exc:
         return Check("wal switch", False, f"pg_switch_wal() failed: {str(exc).strip()}")
     archive = wal_archive()

@@ -91,11 +91,19 @@ class Conn:
                 os.unlink(name)
 
 
-def find_tool(name: str, bin_dir: Path | None = None, major: int | None = None) -> str:
+def one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The one row a query always returns (an aggregate, a function call)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise DriverError("PostgreSQL returned no row where one is always expected")
+    return row
+
+
+def find_tool(name: str, bin_dir: Path | str | None = None, major: int | None = None) -> str:
     """The tool's path: bin_dir, else the server's major version under /usr/lib/postgresql, else PATH."""
     candidates: list[Path] = []
     if bin_dir is not None:
-        candidates.append(bin_dir / name)
+        candidates.append(Path(bin_dir) / name)
     if major is not None:
         candidates.append(PG_LIB / str(major) / "bin" / name)
     for candidate in candidates:

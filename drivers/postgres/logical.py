@@ -20,7 +20,7 @@ from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK, Priority
 from backupd.sandbox import Sandbox
 from drivers.postgres import backendnice, dumpheader
-from drivers.postgres.connection import Conn, find_tool
+from drivers.postgres.connection import one, Conn, find_tool
 from drivers.postgres.options import PostgresOptions
 
 DUMP = "dump"
@@ -60,7 +60,7 @@ def row_counts(conn: psycopg.Connection, nice: int | None = LOW_NICE) -> dict[st
     counts = {}
     for schema, table in conn.execute(USER_TABLES).fetchall():
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-        counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
+        counts[f"{schema}.{table}"] = one(conn.execute(query))[0]
     return counts
 
 
@@ -75,9 +75,9 @@ def backup(conn: Conn, options: PostgresOptions, spool: Path, priority: Priority
     with conn.connect(autocommit=False) as pg:
         pg.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         pg.read_only = True
-        snapshot, database, version, superuser = pg.execute(
+        snapshot, database, version, superuser = one(pg.execute(
             "SELECT pg_export_snapshot(), current_database(), current_setting('server_version_num')::int, "
-            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
+            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"))
         major = version // 10000
         pg_dump = find_tool("pg_dump", options.bin_dir, major)
         pg_dumpall = find_tool("pg_dumpall", options.bin_dir, major)
@@ -208,7 +208,7 @@ def _refuse_non_empty(target: Conn, request: RestoreRequest) -> None:
     if request.clean or request.tables:
         return
     with target.connect() as pg:
-        relations = pg.execute(USER_RELATIONS).fetchone()[0]
+        relations = one(pg.execute(USER_RELATIONS))[0]
     if relations:
         raise DriverError(
             f"database {dbname} on {target.describe()} is not empty ({relations} relations); refusing to restore into it",
@@ -223,7 +223,7 @@ def restore(options: PostgresOptions, spool: Path, source: BackupSource, request
                          "point-in-time targets need a physical backup with archived WAL")
     target = Conn.from_url(request.to, request.password_file or options.password_file, what="--to")
     with _admin(target) as admin:
-        version = admin.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]
+        version = one(admin.execute("SELECT current_setting('server_version_num')::int"))[0]
         created_db = _prepare_database(admin, target, request)
         with source.open(GLOBALS) as stream:
             globals_sql = stream.read().decode()

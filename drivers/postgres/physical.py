@@ -19,7 +19,7 @@ from backupd.errors import DriverError
 from backupd.manifest import PitrStart
 from backupd.storage import Readable
 from backupd.timeutil import utcnow
-from drivers.postgres.connection import Conn, find_tool
+from drivers.postgres.connection import one, Conn, find_tool
 from drivers.postgres.logical import tool_version
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walnames import format_lsn, parse_lsn, segment_name, segno_of_lsn
@@ -134,10 +134,10 @@ def backup_points(members: dict[str, bytes]) -> BackupPoints:
 def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: StreamSink) -> BackupResult:
     settings = context.settings
     with conn.connect() as pg:
-        version, segment_size, in_recovery, system_id = pg.execute(
+        version, segment_size, in_recovery, system_id = one(pg.execute(
             "SELECT current_setting('server_version_num')::int, "
             "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
-            "pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())").fetchone()
+            "pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())"))
         spaces = [row[0] for row in pg.execute(
             "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")]
     if spaces:
@@ -158,7 +158,7 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
     points = backup_points(watcher.members)
     ended = utcnow()
     with conn.connect() as pg:
-        snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        snapshot = one(pg.execute("SELECT pg_current_snapshot()::text"))[0]
     first = segment_name(points.timeline, segno_of_lsn(points.start_lsn, segment_size), segment_size)
     last = segment_name(points.timeline, segno_of_lsn(points.stop_lsn - 1, segment_size), segment_size)
     timeline = f"{points.timeline:08X}"
@@ -227,7 +227,8 @@ def staged_directory(dest: Path, force: bool) -> Iterator[Path]:
 def extract(stream: BinaryIO, dest: Path) -> int:
     """Unpack the base backup tar; refuses links and names escaping ``dest``. Returns the member count."""
     count = 0
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_BUFFER, copybufsize=COPY_BUFFER) as tar:
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_BUFFER,  # type: ignore[call-overload]
+                      copybufsize=COPY_BUFFER) as tar:  # (copybufsize: Python 3.11's tarfile takes it; typeshed not)
         for member in tar:
             name = member.name.removeprefix("./")
             parts = Path(name).parts

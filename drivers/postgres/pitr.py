@@ -73,7 +73,7 @@ def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switc
     present = {name for names in own.values() for name in names}
     if histories is not None:
         histories = {tli: switches for tli, switches in histories.items() if tli not in forked}
-        last = {}
+        last: dict[int, int] = {}
         for name in present:
             tli, segno = parse_segment(name, segment_size)
             last[tli] = max(last.get(tli, segno), segno)

@@ -40,7 +40,7 @@ class RecoveryPlan:
             self._view = pitr.ArchiveView.scan(self._archive())
         return self._view
 
-    def resolve_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
+    def resolve_target(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
                        request: RestoreRequest) -> tuple[RestoreRequest, dt.datetime | None]:
         """The request recovery should run, and the newest commit when that is not the one given.
 
@@ -117,7 +117,7 @@ class RecoveryPlan:
         return [f"--to-gap: the archived WAL has a gap at {reach.missing[0]}; recovery stops before it, at "
                 f"{format_timestamp(reachable) if reachable else reach.last_log} (later commits are not restored)"]
 
-    def _commit_before_target(self, open_log: Callable[[str, str], BinaryIO], manifest: Manifest,
+    def _commit_before_target(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
                               request: RestoreRequest) -> dt.datetime | None:
         """The archive's newest commit time when a --target-time lies after it (recovery would fail), else None."""
         target = request.target
@@ -160,6 +160,7 @@ def after_newest(request: RestoreRequest, newest: dt.datetime | None) -> list[st
     """What the plan says when a --target-time lies after the archive's newest commit (``newest``)."""
     if newest is None:
         return []
-    return [f"--target-time {format_timestamp(request.target.time)} is after the newest commit in the "  # type: ignore[union-attr]
+    asked = request.target.time if request.target is not None else None
+    return [f"--target-time {format_timestamp(asked) if asked else '?'} is after the newest commit in the "
             f"archived WAL ({format_timestamp(newest)}): nothing committed in between, so recovery replays "
             "to the end of the archive, the state at the target"]

@@ -19,7 +19,7 @@ from backupd.timeutil import format_timestamp
 from backupd.usercheck import NO_ROW, Answer, judge
 from drivers.postgres import logical, physical, pitr, scratchconf
 from drivers.postgres.cluster import Cluster
-from drivers.postgres.connection import find_tool
+from drivers.postgres.connection import one, find_tool
 from drivers.postgres.recovery import RecoveryPlan
 from drivers.postgres.walnames import parse_segment, segment_name
 from drivers.postgres.walstage import WalStager
@@ -118,9 +118,9 @@ def _verify_logical(cluster: Cluster, source: BackupSource, outcome: VerifyOutco
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         statement = "ALTER DATABASE {} OWNER TO {}" if exists else "CREATE DATABASE {} OWNER {} TEMPLATE template0"
         admin.execute(sql.SQL(statement).format(sql.Identifier(database), sql.Identifier(ROLE)))
-        granted = admin.execute("SELECT rolsuper OR EXISTS (SELECT FROM unnest(%s::text[]) AS r "
+        granted = one(admin.execute("SELECT rolsuper OR EXISTS (SELECT FROM unnest(%s::text[]) AS r "
                                 "WHERE pg_has_role(rolname, r, 'MEMBER')) FROM pg_roles WHERE rolname = %s",
-                                (list(SERVER_ROLES), ROLE)).fetchone()[0]
+                                (list(SERVER_ROLES), ROLE)))[0]
         if granted:
             raise DriverError(f"the scratch role {ROLE} has server privileges; refusing to restore as it")
     pg_restore = str(cluster.bin_dir / "pg_restore")
@@ -219,7 +219,7 @@ def _verify_physical(dbname: str, cluster: Cluster, source: BackupSource, outcom
     with cluster.connect() as admin:
         databases = [row[0] for row in admin.execute(
             "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
-    indexes, problems, counts = 0, [], {}
+    indexes, problems, counts = 0, list[str](), dict[str, int]()
     for database in databases:
         with cluster.connect(database) as conn:
             checked, found = amcheck(conn)
@@ -296,7 +296,7 @@ def pitr_drill(source: BackupSource, scratch: Path, target: RestoreTarget, plan:
                 admin.execute("SELECT 1").fetchone()
                 databases = [row[0] for row in admin.execute(
                     "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
-                replayed = admin.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
+                replayed = one(admin.execute("SELECT pg_last_xact_replay_timestamp()"))[0]
             outcome.checks.append(Check("SELECT 1", True))
             outcome.steps.append({"step": "accepts queries", "databases": len(databases),
                                   "last_replayed_commit": format_timestamp(replayed) if replayed else None})
