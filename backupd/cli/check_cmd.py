@@ -102,7 +102,7 @@ def signing_check(settings: Settings) -> Check:
         if public not in trusted:
             raise BackupdError(f"{path}: its public key {public} is not in signing.trusted_keys; backups "
                                f"signed here would be refused: add {public.line()!r}")
-        return f"{mode}, {public}, trusted"
+        return f"{mode}, {trusted[trusted.index(public)]}, trusted"  # as configured, with its comment
 
     return _guard("signing.key_file", key)
 
