@@ -384,3 +384,11 @@ def test_check_reports_the_signing_key(tmp_path: Path) -> None:
     assert check["status"] == "warn" and "not signed" in check["detail"]
     check = _signing_check(tmp_path, {"trusted_keys": [line]})
     assert check["status"] == "ok" and "only reads" in check["detail"]
+
+
+def test_the_signing_key_is_hidden_from_scratch_sandboxes(tmp_path: Path) -> None:
+    from backupd.context import JobContext
+
+    key_file = tmp_path / "keys" / "signing.key"
+    settings = load_settings(data=_config(tmp_path, {"key_file": str(key_file)}, {}))
+    assert key_file in JobContext(settings, "db").sandbox_policy().hidden
