@@ -76,6 +76,8 @@ class JobContext:
             hidden.append(Path(self.settings.source).resolve().parent)
         if self.settings.encryption.identity_file is not None:
             hidden.append(self.settings.encryption.identity_file)
+        if self.settings.signing.key_file is not None:
+            hidden.append(self.settings.signing.key_file)
         for name in self.settings.jobs:
             secret = getattr(self.settings.driver_options(name), "password_file", None)
             if secret is not None:

@@ -14,12 +14,12 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from backupd import plugins
+from backupd import plugins, sshsig
 from backupd.errors import ConfigError, PluginError
 from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import describe_url, redact, url_password_problem
@@ -107,6 +107,25 @@ class EncryptionSettings(Strict):
         return values
 
 
+def _public_key_line(value: str) -> str:
+    sshsig.parse_public_key(value)
+    return value
+
+
+#: ``ssh-ed25519 AAAA... comment``; a bad line is an error at its own index (signing.trusted_keys.1).
+PublicKeyLine = Annotated[str, AfterValidator(_public_key_line)]
+
+
+class SigningSettings(Strict):
+    #: Hosts that write backups and logs sign them with this Ed25519 key (OpenSSH format, 0600).
+    key_file: Path | None = None
+    #: Hosts that restore, verify or prune accept what these keys signed (more than one: rotation).
+    trusted_keys: list[PublicKeyLine] = []
+
+    def public_keys(self) -> list[sshsig.PublicKey]:
+        return [sshsig.parse_public_key(line) for line in self.trusted_keys]
+
+
 class RetentionSettings(Strict):
     keep_last: int | None = Field(default=None, ge=1)
     keep_hourly: int | None = Field(default=None, ge=1)
@@ -158,8 +177,17 @@ class JobSettings(BaseModel):
     timeout: dt.timedelta = dt.timedelta(hours=6)
     retention: RetentionSettings = RetentionSettings()
     verify: VerifySettings = VerifySettings()
+    #: Narrows signing.trusted_keys for this job (so host A's key cannot vouch for host B's job).
+    trusted_keys: list[PublicKeyLine] | None = None
 
     _durations = field_validator("timeout", mode="before")(_duration)
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _trusted_keys(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty; leave it out to trust every key in signing.trusted_keys")
+        return value
 
     @field_validator("schedule")
     @classmethod
@@ -204,6 +232,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     storage: dict[str, dict[str, Any]]
     encryption: EncryptionSettings = EncryptionSettings()
+    signing: SigningSettings = SigningSettings()
     jobs: dict[str, JobSettings] = {}
 
     @classmethod
@@ -235,6 +264,11 @@ class Settings(BaseSettings):
         except KeyError:
             known = ", ".join(sorted(self.jobs)) or "none"
             raise ConfigError(f"unknown job {name!r} (configured jobs: {known})") from None
+
+    def trusted_keys(self, job: str) -> list[sshsig.PublicKey]:
+        """The keys whose signatures ``job``'s backups and logs are accepted with (empty: signing not checked)."""
+        lines = self.job(job).trusted_keys
+        return self.signing.public_keys() if lines is None else [sshsig.parse_public_key(line) for line in lines]
 
 
 def format_error(loc: tuple[Any, ...], msg: str, value: Any, *, has_value: bool = True) -> str:
@@ -317,6 +351,8 @@ def load_settings(path: Path | None = None, *, data: dict[str, Any] | None = Non
     )
     storage_options = _validate_storage(storage_tables, errors)
     driver_options = _validate_jobs(job_tables, set(storage_tables), errors)
+    if settings is not None:
+        errors.extend(_narrowing_errors(settings))
     if errors or settings is None:
         raise ConfigError(_summary(path, errors), errors=errors)
     settings._storage_options = storage_options
@@ -385,6 +421,20 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         except ValidationError as exc:
             errors.extend(_without(_pydantic_errors(exc, loc), flagged))
     return validated
+
+
+def _narrowing_errors(settings: Settings) -> list[str]:
+    """A job's trusted_keys narrows signing.trusted_keys: each of its keys must be one of those."""
+    trusted = settings.signing.public_keys()
+    errors = []
+    for name, job in settings.jobs.items():
+        for index, line in enumerate(job.trusted_keys or []):
+            key = sshsig.parse_public_key(line)
+            if key not in trusted:
+                errors.append(format_error(("jobs", name, "trusted_keys", index),
+                                           f"{key} is not in signing.trusted_keys (a job's list narrows that one)",
+                                           line))
+    return errors
 
 
 def _summary(path: Path | None, errors: list[str]) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian tools the test suite drives (age, zstd) when missing.
+# Installs the Debian tools the test suite drives (age, zstd, ssh-keygen, ...) when missing.
 # With CI=true a tool that is still missing afterwards fails the run: tests never
 # silently skip in CI.
 set -euo pipefail
@@ -20,6 +20,7 @@ declare -A PACKAGE_OF=(
   [promtool]=prometheus
   [systemd-analyze]=systemd
   [bwrap]=bubblewrap
+  [ssh-keygen]=openssh-client
 )
 
 missing=()

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
-from backupd import age
+from backupd import age, sshsig
 from backupd.cli.common import config_path, print_json, settings_from
 from backupd.context import JobContext, open_storage
 from backupd.driver import Check
@@ -86,6 +86,29 @@ def key_checks(settings: Settings) -> Iterable[Check]:
     yield _guard("encryption.identity_file", identity)
 
 
+def signing_check(settings: Settings) -> Check:
+    """One line on the signing key: readable, the owner's alone, and trusted by this configuration."""
+    path = settings.signing.key_file
+    trusted = settings.signing.public_keys()
+    if path is None:
+        detail = ("not set: backups and logs written here are not signed" if not trusted else
+                  f"not set (fine on a host that only reads; {len(trusted)} trusted key(s))")
+        return Check("signing.key_file", True, detail, warning=not trusted)
+
+    def key() -> str:
+        mode = secret_file_mode(path, "signing key")
+        public = sshsig.load_private_key(path).public
+        if not trusted:
+            raise BackupdError(f"{path}: its public key is not in signing.trusted_keys (empty), so no signature "
+                               f"is checked here; add {public.line()!r}")
+        if public not in trusted:
+            raise BackupdError(f"{path}: its public key {public} is not in signing.trusted_keys; backups "
+                               f"signed here would be refused: add {public.line()!r}")
+        return f"{mode}, {trusted[trusted.index(public)]}, trusted"  # as configured, with its comment
+
+    return _guard("signing.key_file", key)
+
+
 def state_dir_check(settings: Settings) -> Check:
     """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
     path = settings.daemon.state_dir
@@ -125,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         settings.job(job)
     checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
+    checks.append(signing_check(settings))
     for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
         checks.append(_guard(f"storage.{storage}", functools.partial(storage_round_trip, settings, storage)))
     for job in jobs:

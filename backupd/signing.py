@@ -1,0 +1,85 @@
+"""Signed manifests: ``manifest.json.sig`` beside each ``manifest.json`` (DESIGN.md "Signing").
+
+The signature is an SSH signature (backupd.sshsig, namespace ``backupd``) over the manifest's
+exact bytes; the manifest lists every stream's sha256, so the streams are covered too. It is
+put before the manifest, which stays the commit point: a committed backup written by a
+signing host always has its signature. Anyone can check one by hand::
+
+    ssh-keygen -Y verify -n backupd -f allowed_signers -I backupd -s manifest.json.sig < manifest.json
+
+Callers check only when trusted keys are configured (``Settings.trusted_keys(job)``); an
+empty list trusts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from backupd import sshsig
+from backupd.errors import ObjectNotFound
+from backupd.sshsig import PublicKey, SignatureError, SigningKey
+from backupd.storage import Storage
+
+SIGNATURE_SUFFIX = ".sig"
+
+
+class Unsigned(SignatureError):
+    """The object has no signature beside it."""
+
+
+def signature_key(manifest_key: str) -> str:
+    """Where the signature of the manifest stored at ``manifest_key`` lives: ``.../manifest.json.sig``."""
+    return manifest_key + SIGNATURE_SUFFIX
+
+
+def sign_manifest(storage: Storage, manifest_key: str, manifest: bytes, key: SigningKey, *,
+                  retain_until: dt.datetime | None = None) -> str:
+    """Sign ``manifest`` (the bytes about to be put at ``manifest_key``) and put the signature beside it.
+
+    Call it before putting the manifest. Returns the signature's key."""
+    sig_key = signature_key(manifest_key)
+    storage.put(sig_key, io.BytesIO(sshsig.sign(manifest, key).encode()), retain_until=retain_until)
+    return sig_key
+
+
+def check_manifest(storage: Storage, manifest_key: str, manifest: bytes, trusted: Sequence[PublicKey]) -> PublicKey:
+    """The trusted key that signed ``manifest`` (the bytes read from ``manifest_key``).
+
+    Raises Unsigned (no signature object), or BadArmor, WrongNamespace, UnknownKey, BadSignature,
+    each naming the signature's key; storage errors pass through."""
+    sig_key = signature_key(manifest_key)
+    try:
+        with contextlib.closing(storage.open(sig_key)) as handle:
+            armored = handle.read(sshsig.MAX_ARMOR + 1)  # bounded: a larger one is refused as BadArmor
+    except ObjectNotFound:
+        raise Unsigned(f"{sig_key}: missing; the manifest is not signed") from None
+    return sshsig.verify(manifest, armored, trusted, what=sig_key)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What ``list``, ``show`` and ``prune`` say of a manifest: signed by a trusted key, unsigned, or bad."""
+
+    status: Literal["signed", "unsigned", "bad"]
+    signer: PublicKey | None = None
+    problem: str = ""
+
+    def __str__(self) -> str:
+        if self.status == "signed":
+            assert self.signer is not None
+            return f"signed-by {self.signer.comment or self.signer.fingerprint}"
+        return "unsigned" if self.status == "unsigned" else "BAD"
+
+
+def assess_manifest(storage: Storage, manifest_key: str, manifest: bytes, trusted: Sequence[PublicKey]) -> Trust:
+    """check_manifest() as a verdict instead of an exception (storage errors still pass through)."""
+    try:
+        return Trust("signed", check_manifest(storage, manifest_key, manifest, trusted))
+    except Unsigned as exc:
+        return Trust("unsigned", problem=str(exc))
+    except SignatureError as exc:
+        return Trust("bad", problem=str(exc))
