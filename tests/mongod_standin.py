@@ -16,7 +16,8 @@ them, adding exactly three things SecantusDB 0.7.0b3 lacks:
 3. mongod's unix socket, ``<unixSocketPrefix>/mongodb-<port>.sock`` (the scratch
    mongod of ``verify`` is reached only through it inside the sandbox).
 
-``--replSet NAME`` makes it a one-node replica set named NAME (with an oplog);
+``--oplogMaxEntries N`` (stand-in only) caps the oplog so tests can roll it
+over. ``--replSet NAME`` makes it a one-node replica set named NAME (with an oplog);
 without it, a standalone. It proves how backupd drives the real mongodump,
 mongorestore and pymongo, not mongod's own behaviour.
 """
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logpath")
     parser.add_argument("--replSet")
     parser.add_argument("--unixSocketPrefix", default="/tmp")
+    parser.add_argument("--oplogMaxEntries", type=int, default=100_000,
+                        help="stand-in only: SecantusDB's oplog cap, so tests can roll the oplog over")
     parser.add_argument("--version", action="store_true")
     args = parser.parse_args(argv)
     if args.version:
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install()
     server = SecantusDBServer(host=args.bind_ip.split(",")[0], port=args.port, storage_path=args.dbpath,
-                              replica_set_name=args.replSet, enable_test_commands=False)
+                              replica_set_name=args.replSet, enable_test_commands=False,
+                              oplog_max_entries=args.oplogMaxEntries)
     server.start()
     serve_unix(server, os.path.join(args.unixSocketPrefix, f"mongodb-{server.port}.sock"))
     done = threading.Event()

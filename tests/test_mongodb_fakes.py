@@ -324,6 +324,20 @@ def test_check_reports_tools_and_server(job: MongoJob, capsys: pytest.CaptureFix
     assert any("mongod (for verify)" in line for line in lines)
 
 
+def test_check_reports_the_mongod_verify_will_use(job: MongoJob, capsys: pytest.CaptureFixture[str]) -> None:
+    bin_dir = job.tmp / "bin"
+    (bin_dir / "mongod").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "mongod").chmod(0o755)
+    code, out, _ = run(capsys, "--config", str(job.config), "check", "docs")
+    assert any(line.startswith("ok") and f"mongod (for verify): {bin_dir / 'mongod'}" in line
+               for line in out.splitlines()), out
+    (bin_dir / "mongod").unlink()
+    job.config.write_text(job.config.read_text().replace("archive_logs = true",
+                                                         'archive_logs = true\nmongod = "no-such-mongod"', 1))
+    code, out, _ = run(capsys, "--config", str(job.config), "check", "docs")
+    assert any("mongod (for verify): no-such-mongod: not found on PATH" in line for line in out.splitlines()), out
+
+
 @pytest.fixture
 def standin(job: MongoJob, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The job verifies with the stand-in mongod, through the real pymongo client, in the sandbox."""
