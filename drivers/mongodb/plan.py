@@ -133,6 +133,21 @@ def wanted(entry: bson.raw_bson.RawBSONDocument, namespaces: Sequence[str]) -> b
     return any(pattern in (f"{db}.*", f"{db}.{coll}") for pattern in namespaces)
 
 
+def narrowed(entry: bson.raw_bson.RawBSONDocument, namespaces: Sequence[str]) -> bytes | None:
+    """The entry's BSON if it touches ``namespaces``; a transaction (``applyOps``) keeps only its operations that do."""
+    command = entry.get("o") if entry.get("op") == "c" else None
+    inner = command.get("applyOps") if command is not None else None
+    if not namespaces or inner is None:
+        return entry.raw if wanted(entry, namespaces) else None
+    doc = bson.decode(entry.raw)
+    ops = [op for op in doc["o"]["applyOps"]
+           if wanted(bson.raw_bson.RawBSONDocument(bson.encode(op)), namespaces)]
+    if not ops:
+        return None
+    doc["o"]["applyOps"] = ops
+    return bson.encode(doc)
+
+
 def write_oplog(plan: RestorePlan, open_slice: Callable[[str], BinaryIO], dest: Path,
                 dump_oplog: BinaryIO | None = None) -> int:
     """One oplog.bson for mongorestore --oplogReplay: the dump's own entries (when given), then the planned
@@ -143,15 +158,15 @@ def write_oplog(plan: RestorePlan, open_slice: Callable[[str], BinaryIO], dest: 
     with open(dest, "wb") as out:
         if dump_oplog is not None:
             for raw in bson.decode_file_iter(dump_oplog, codec_options=raw_codec):
-                if wanted(raw, plan.namespaces):
-                    out.write(raw.raw)
+                if (data := narrowed(raw, plan.namespaces)) is not None:
+                    out.write(data)
                     written += 1
         for piece in plan.slices:
             with open_slice(piece.name) as stream:
                 for raw in bson.decode_file_iter(stream, codec_options=raw_codec):
-                    if key(raw["ts"]) <= since or not wanted(raw, plan.namespaces):
+                    if key(raw["ts"]) <= since or (data := narrowed(raw, plan.namespaces)) is None:
                         continue
-                    out.write(raw.raw)
+                    out.write(data)
                     written += 1
     return written
 
