@@ -111,12 +111,9 @@ def test_backup_under_writes_records_exact_counts_and_verifies(source: Standin, 
         assert set(counts) == {"shop.orders", "crm.people", "shop.events"}
         assert 0 < counts["shop.events"]
         assert manifest["metadata"]["oplog"] is True and manifest["tool_versions"]["mongodump"] == "100.18.0-21-g8fa3cfc82"
-        assert manifest["metadata"]["oplog_entries_in_dump"] >= 0
 
-        result = backupd(config, "verify", "docs", check=False)
+        result = backupd(config, "verify", "docs", check=False)  # the scratch stand-in restores the same counts
         assert result.code == 0, result.err
-        report = json.loads(backupd(config, "show", backup_id, "--json").out)
-        assert report["backup_id"] == backup_id
     finally:
         shutil.rmtree(mongod.parent, ignore_errors=True)
         client.close()
@@ -200,8 +197,7 @@ def test_partial_restore_of_one_collection(source: Standin, target: Standin, key
     assert result.code == 0, result.err  # defect 4: no --oplogReplay together with --nsInclude
     assert "only shop.orders" in result.out and "the dump's own oplog (filtered" in result.out
     restored = target.client()
-    assert restored.list_database_names() == ["shop"] or set(restored.list_database_names()) <= {"shop", "admin",
-                                                                                                  "config", "local"}
+    assert set(restored.list_database_names()) - {"admin", "config", "local"} == {"shop"}
     assert restored.shop.list_collection_names() == ["orders"]
     assert restored.shop.orders.count_documents({}) == manifest["row_counts"]["shop.orders"] == 60
     restored.close()
