@@ -95,6 +95,8 @@ def build_archive(collections: dict[str, list[dict]], oplog: list[dict]) -> byte
     for ns in collections:
         db, coll = ns.split(".", 1)
         out += bson.encode({"db": db, "collection": coll, "metadata": "{}", "size": 0, "type": "collection"})
+    if oplog:  # mongodump --oplog announces the oplog in the prelude too (db "", collection "oplog")
+        out += bson.encode({"db": "", "collection": "oplog", "metadata": "", "size": 0, "type": ""})
     out += TERM
     blocks = [(ns.split(".", 1)[0], ns.split(".", 1)[1], docs) for ns, docs in collections.items()]
     if oplog:

@@ -23,6 +23,7 @@ from typing import Iterator
 import bson
 import pytest
 from bson import Timestamp
+from bson.raw_bson import RawBSONDocument
 
 import drivers.mongodb.driver as mongo_driver
 from backupd import metrics
@@ -324,6 +325,20 @@ def test_check_reports_tools_and_server(job: MongoJob, capsys: pytest.CaptureFix
     assert any("mongod (for verify)" in line for line in lines)
 
 
+def test_check_reports_the_mongod_verify_will_use(job: MongoJob, capsys: pytest.CaptureFixture[str]) -> None:
+    bin_dir = job.tmp / "bin"
+    (bin_dir / "mongod").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "mongod").chmod(0o755)
+    code, out, _ = run(capsys, "--config", str(job.config), "check", "docs")
+    assert any(line.startswith("ok") and f"mongod (for verify): {bin_dir / 'mongod'}" in line
+               for line in out.splitlines()), out
+    (bin_dir / "mongod").unlink()
+    job.config.write_text(job.config.read_text().replace("archive_logs = true",
+                                                         'archive_logs = true\nmongod = "no-such-mongod"', 1))
+    code, out, _ = run(capsys, "--config", str(job.config), "check", "docs")
+    assert any("mongod (for verify): no-such-mongod: not found on PATH" in line for line in out.splitlines()), out
+
+
 @pytest.fixture
 def standin(job: MongoJob, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The job verifies with the stand-in mongod, through the real pymongo client, in the sandbox."""
@@ -376,3 +391,23 @@ def test_archive_the_scratch_restore_refuses_fails_verification(job: MongoJob, s
     assert ("the scratch restore refused the archive: mongorestore (restoring the archive) exited with status 1: "
             "Failed: restore error: E11000 duplicate key") in out
     assert list(job.repo.glob("docs/verify/*.json"))
+
+
+def test_partial_replay_keeps_only_the_namespaces_operations() -> None:
+    from drivers.mongodb.plan import narrowed
+
+    def entry(doc: dict) -> RawBSONDocument:
+        return RawBSONDocument(bson.encode({"ts": Timestamp(T, 1), **doc}))
+
+    wanted = ["shop.orders"]
+    assert narrowed(entry({"op": "i", "ns": "shop.orders", "o": {"_id": 1}}), wanted) is not None
+    assert narrowed(entry({"op": "i", "ns": "shop.customers", "o": {"_id": 1}}), wanted) is None
+    assert narrowed(entry({"op": "c", "ns": "shop.$cmd", "o": {"create": "orders"}}), wanted) is not None
+    assert narrowed(entry({"op": "c", "ns": "shop.$cmd", "o": {"drop": "customers"}}), wanted) is None
+    assert narrowed(entry({"op": "i", "ns": "crm.people", "o": {"_id": 1}}), ["crm.*"]) is not None
+    txn = entry({"op": "c", "ns": "admin.$cmd", "o": {"applyOps": [
+        {"op": "i", "ns": "shop.orders", "o": {"_id": 1}}, {"op": "i", "ns": "shop.customers", "o": {"_id": 2}}]}})
+    kept = bson.decode(narrowed(txn, wanted))  # type: ignore[arg-type]
+    assert [op["ns"] for op in kept["o"]["applyOps"]] == ["shop.orders"] and kept["ts"] == Timestamp(T, 1)
+    assert narrowed(txn, ["crm.*"]) is None
+    assert narrowed(txn, []) == txn.raw

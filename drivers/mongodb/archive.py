@@ -74,7 +74,9 @@ def _document(reader: _Reader, length: int) -> bytes:
     return struct.pack("<i", length) + reader.read(length - 4)
 
 
-def parse_archive(next_chunk: Callable[[], bytes]) -> ArchiveSummary:
+def parse_archive(next_chunk: Callable[[], bytes], on_oplog: Callable[[bytes], object] | None = None
+                  ) -> ArchiveSummary:
+    """Counts per collection; ``on_oplog`` receives each ``--oplog`` entry's BSON, in order."""
     reader = _Reader(next_chunk)
     summary = ArchiveSummary()
     magic = reader.read(4) if not reader.at_end() else b""
@@ -83,6 +85,8 @@ def parse_archive(next_chunk: Callable[[], bytes]) -> ArchiveSummary:
     summary.header = bson.decode(_document(reader, _int32(reader)))
     while (length := _int32(reader)) != TERMINATOR:  # prelude: collection metadata
         meta = bson.decode(_document(reader, length))
+        if meta.get("db") == "" and meta.get("collection") == "oplog":
+            continue  # the --oplog entries' own prelude entry: not a collection
         if meta.get("collection") and meta.get("db") is not None:
             summary.counts.setdefault(f"{meta['db']}.{meta['collection']}", 0)
     while not reader.at_end():
@@ -99,6 +103,8 @@ def parse_archive(next_chunk: Callable[[], bytes]) -> ArchiveSummary:
                 ts = bson.decode(doc).get("ts")
                 if isinstance(ts, bson.Timestamp):
                     summary.last_oplog_ts = ts
+                if on_oplog is not None:
+                    on_oplog(doc)
             else:
                 name = f"{db}.{coll}"
                 summary.counts[name] = summary.counts.get(name, 0) + 1

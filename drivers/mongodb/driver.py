@@ -31,7 +31,7 @@ from backupd.tool import DEVNULL, PIPE, Tool, find_tool
 from backupd.timeutil import format_timestamp, parse_timestamp
 from backupd.usercheck import Answer, judge
 from drivers.mongodb import DESCRIPTOR, tools
-from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, ArchiveSummary, CountingStream
+from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, ArchiveSummary, CountingStream, parse_archive
 from drivers.mongodb.oplog import OplogArchiver, OplogSource, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
 from drivers.mongodb.plan import reach as plan_reach
@@ -74,8 +74,7 @@ class MongodbDriver(Driver):
             if self.context.settings.archive_logs and not replica_set:
                 self.log.warning("archive_logs is on but the server is not a replica set member: no oplog, no PITR")
             with tools.config_file(spool, self.options.dsn, password) as config:
-                argv = tools.dump_argv(config, oplog=bool(replica_set),
-                                       namespaces=[f"{db}.*" for db in self.options.databases])
+                argv = tools.dump_argv(config, oplog=bool(replica_set))
                 with Tool(argv) as dump:
                     counter = ArchiveCounter()
                     stream = CountingStream(dump, counter)  # a failed exit raises inside the sink's read loop
@@ -177,14 +176,15 @@ class MongodbDriver(Driver):
             argv = tools.restore_argv(config, oplog_replay=plan.replay_dump_oplog, namespaces=plan.namespaces,
                                       drop=request.clean, jobs=request.jobs)
             sent = _restore_archive(argv, source)
-            replayed = 0
-            if plan.slices:
-                replayed = _replay_slices(plan, source, config, spool)
+            replayed = _replay_oplog(plan, source, config, spool) if plan.replays else 0
         manifest = source.manifest
         lines = [f"restored backup {manifest.backup_id} of {manifest.job} to {redact(request.to)} "
-                 f"({sent} archive bytes)"]
-        if plan.slices:
-            lines.append(f"replayed {replayed} oplog entries from {len(plan.slices)} slice(s)"
+                 f"({sent} archive bytes)" + (f", only {', '.join(plan.namespaces)}" if plan.namespaces else "")]
+        if plan.replays:
+            what = " and ".join(part for part in (
+                "the dump's own oplog (filtered to those namespaces by backupd)" if plan.filter_dump_oplog else "",
+                f"{len(plan.slices)} archived slice(s)" if plan.slices else "") if part)
+            lines.append(f"replayed {replayed} oplog entries from {what}"
                          + (f" up to --oplogLimit={plan.oplog_limit}" if plan.limit else ""))
         return "\n".join(lines)
 
@@ -229,8 +229,11 @@ class MongodbDriver(Driver):
                                 "no oplog for archive_logs", warning=not self.context.settings.archive_logs)
         except DriverError as exc:
             yield Check("mongodb connection", False, str(exc))
-        if shutil.which(self.options.mongod) is None:  # a name or a path
+        found = shutil.which(self.options.mongod)  # a name or a path
+        if found is None:
             yield Check("mongod (for verify)", False, f"{self.options.mongod}: not found on PATH", warning=True)
+        else:
+            yield Check("mongod (for verify)", True, found)
 
 
 def _restore_archive(argv: list[str], source: BackupSource) -> int:
@@ -243,14 +246,26 @@ def _restore_archive(argv: list[str], source: BackupSource) -> int:
     return sent
 
 
-def _replay_slices(plan: RestorePlan, source: BackupSource, config: Path, spool: Path) -> int:
+def _replay_oplog(plan: RestorePlan, source: BackupSource, config: Path, spool: Path) -> int:
+    """mongorestore --oplogReplay of one oplog.bson that backupd assembled (and filtered to the plan's namespaces)."""
     directory = Path(tempfile.mkdtemp(prefix="oplog-replay-", dir=spool))
     try:
-        count = write_oplog(plan, lambda name: source.open_log("oplog", name), directory / "oplog.bson")
+        dump_oplog = directory / "dump-oplog.bson"
+        if plan.filter_dump_oplog:
+            with open(dump_oplog, "wb") as out, source.open(STREAM) as stream:
+                try:
+                    parse_archive(lambda: stream.read(1 << 20), on_oplog=out.write)
+                except ArchiveFormatError as exc:
+                    raise IntegrityError(f"backup {source.manifest.backup_id}: the stored archive: {exc}") from None
+        with open(dump_oplog, "rb") if plan.filter_dump_oplog else contextlib.nullcontext() as dumped:
+            count = write_oplog(plan, lambda name: source.open_log("oplog", name), directory / "oplog.bson", dumped)
+        dump_oplog.unlink(missing_ok=True)
+        if count == 0:
+            return 0
         argv = tools.restore_argv(config, archive=False, oplog_replay=True, oplog_limit=plan.oplog_limit,
                                   directory=directory)
         with Tool(argv, stdout=DEVNULL) as replay:
-            replay.check(what="replaying the oplog slices")
+            replay.check(what="replaying the oplog")
         return count
     finally:
         shutil.rmtree(directory, ignore_errors=True)

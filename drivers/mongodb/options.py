@@ -15,7 +15,9 @@ SCHEMES = ("mongodb", "mongodb+srv")
 class MongodbOptions(DriverOptions):
     dsn: str = Field(description="mongodb://user@host:port/?replicaSet=rs0&authSource=admin (no password)")
     password_file: Path | None = None
-    databases: list[str] = Field(default_factory=list, description="dump only these databases (default: all)")
+    databases: list[str] = Field(default_factory=list, description=(
+        "restore only these databases (default: all); the dump holds the whole server, since mongodump's "
+        "--oplog (point-in-time consistency) only works on full dumps"))
     oplog_interval: float = Field(default=60.0, gt=0, description="seconds between oplog slices")
     oplog_slice_max_bytes: int = Field(default=64 << 20, gt=0)
     mongod: str = Field(default="mongod", description="binary verification starts a scratch server with")

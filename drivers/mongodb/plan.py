@@ -25,8 +25,18 @@ class RestorePlan:
     since: Timestamp | None  # the dump is consistent here; slices replay entries after it
     slices: list[Slice] = field(default_factory=list)
     limit: Timestamp | None = None  # --oplogLimit (exclusive); None: every archived entry
-    namespaces: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)  # "db.collection" or "db.*"; empty: everything
     note: str | None = None  # what the plan changed knowingly (--to-gap)
+
+    @property
+    def filter_dump_oplog(self) -> bool:
+        """A partial restore of an --oplog dump: mongorestore refuses --oplogReplay with --nsInclude, so backupd
+        replays the dump's own oplog entries for these namespaces itself, with the slices."""
+        return bool(self.manifest.metadata.get("oplog")) and bool(self.namespaces)
+
+    @property
+    def replays(self) -> bool:
+        return bool(self.slices) or self.filter_dump_oplog
 
     @property
     def oplog_limit(self) -> str | None:
@@ -37,7 +47,11 @@ class RestorePlan:
         consistent = manifest.metadata.get("consistent_at", format_timestamp(manifest.finished_at))
         only = f" (only {', '.join(self.namespaces)})" if self.namespaces else ""
         lines = [f"restore backup {manifest.backup_id} (mongodump archive, consistent at {consistent}) to {to}{only}",
-                 "  mongorestore --archive" + (" --oplogReplay" if self.replay_dump_oplog else "")]
+                 "  mongorestore --archive" + (" --oplogReplay" if self.replay_dump_oplog else "")
+                 + "".join(f" --nsInclude={ns}" for ns in self.namespaces)]
+        if self.filter_dump_oplog:
+            lines.append(f"then replay the dump's own oplog entries for {', '.join(self.namespaces)} (filtered by "
+                         "backupd: mongorestore refuses --oplogReplay with --nsInclude)")
         if self.slices:
             upto = (f"--oplogLimit={self.oplog_limit} ({format_timestamp(ts_datetime(self.limit))})"
                     if self.limit else "the newest archived entry")
@@ -72,7 +86,10 @@ def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | Non
               namespaces: Sequence[str] = (), to_gap: bool = False) -> RestorePlan:
     meta = manifest.metadata
     since = ts_from_text(meta["oplog_from"]) if meta.get("oplog_from") else None
-    plan = RestorePlan(manifest, bool(meta.get("oplog")), since, namespaces=list(namespaces))
+    databases = meta.get("databases")
+    if not namespaces and isinstance(databases, list):  # the job's databases filter applies on restore
+        namespaces = [f"{db}.*" for db in databases]
+    plan = RestorePlan(manifest, bool(meta.get("oplog")) and not namespaces, since, namespaces=list(namespaces))
     if since is None:
         if target is not None and slices:
             raise DriverError(f"backup {manifest.backup_id} records no oplog position; it cannot be rolled forward")
@@ -101,20 +118,55 @@ def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | Non
     return plan
 
 
-def write_oplog(plan: RestorePlan, open_slice: Callable[[str], BinaryIO], dest: Path) -> int:
-    """Concatenate the planned slices' entries after ``since`` (and in the namespaces) into one oplog.bson."""
-    wanted = set(plan.namespaces)
+def wanted(entry: bson.raw_bson.RawBSONDocument, namespaces: Sequence[str]) -> bool:
+    """Whether an oplog entry touches one of ``namespaces`` ("db.collection" or "db.*"; none: all).
+
+    A command entry (``db.$cmd``) counts for the collection its command names (``{create: "orders"}``)."""
+    if not namespaces:
+        return True
+    ns = str(entry.get("ns", ""))
+    db, _, coll = ns.partition(".")
+    if coll == "$cmd":
+        command = entry.get("o")
+        first = next(iter(command.values()), None) if command is not None else None
+        coll = first if isinstance(first, str) else ""
+    return any(pattern in (f"{db}.*", f"{db}.{coll}") for pattern in namespaces)
+
+
+def narrowed(entry: bson.raw_bson.RawBSONDocument, namespaces: Sequence[str]) -> bytes | None:
+    """The entry's BSON if it touches ``namespaces``; a transaction (``applyOps``) keeps only its operations that do."""
+    command = entry.get("o") if entry.get("op") == "c" else None
+    inner = command.get("applyOps") if command is not None else None
+    if not namespaces or inner is None:
+        return entry.raw if wanted(entry, namespaces) else None
+    doc = bson.decode(entry.raw)
+    ops = [op for op in doc["o"]["applyOps"]
+           if wanted(bson.raw_bson.RawBSONDocument(bson.encode(op)), namespaces)]
+    if not ops:
+        return None
+    doc["o"]["applyOps"] = ops
+    return bson.encode(doc)
+
+
+def write_oplog(plan: RestorePlan, open_slice: Callable[[str], BinaryIO], dest: Path,
+                dump_oplog: BinaryIO | None = None) -> int:
+    """One oplog.bson for mongorestore --oplogReplay: the dump's own entries (when given), then the planned
+    slices' entries after ``since``; only those in the plan's namespaces."""
     since = key(plan.since) if plan.since else (0, 0)
+    raw_codec = bson.CodecOptions(document_class=bson.raw_bson.RawBSONDocument)
     written = 0
     with open(dest, "wb") as out:
+        if dump_oplog is not None:
+            for raw in bson.decode_file_iter(dump_oplog, codec_options=raw_codec):
+                if (data := narrowed(raw, plan.namespaces)) is not None:
+                    out.write(data)
+                    written += 1
         for piece in plan.slices:
             with open_slice(piece.name) as stream:
-                for raw in bson.decode_file_iter(stream, codec_options=bson.CodecOptions(
-                        document_class=bson.raw_bson.RawBSONDocument)):
-                    ts = raw["ts"]
-                    if key(ts) <= since or (wanted and raw.get("ns") not in wanted):
+                for raw in bson.decode_file_iter(stream, codec_options=raw_codec):
+                    if key(raw["ts"]) <= since or (data := narrowed(raw, plan.namespaces)) is None:
                         continue
-                    out.write(raw.raw)
+                    out.write(data)
                     written += 1
     return written
 

@@ -76,13 +76,15 @@ class MongoServer:
     def tail(self, since: Timestamp, stop: threading.Event) -> Iterator[RawBSONDocument | None]:
         """Entries with ts >= since, following the oplog; None each time it waits without news."""
         cursor = self._call("tailing local.oplog.rs", lambda: self._oplog(raw=True).find(
-            {"ts": {"$gte": since}}, cursor_type=self._pymongo.CursorType.TAILABLE_AWAIT,
-            max_await_time_ms=AWAIT_MS))
+            {"ts": {"$gte": since}}, cursor_type=self._pymongo.CursorType.TAILABLE_AWAIT).max_await_time_ms(AWAIT_MS))
         try:
             while not stop.is_set():
                 if not cursor.alive:
                     raise DriverError(f"{self.where}: the oplog cursor died (the oplog may have rolled over)")
-                entry = self._call("tailing local.oplog.rs", cursor.try_next)
+                try:
+                    entry = self._call("tailing local.oplog.rs", lambda: next(cursor))
+                except StopIteration:  # the await ran out with no new entry; the tailable cursor stays open
+                    entry = None
                 yield entry
         finally:
             cursor.close()

@@ -47,11 +47,12 @@ def config_file(directory: Path, uri: str, password: str | None) -> Iterator[Pat
             path.unlink()
 
 
-def dump_argv(config: Path, *, oplog: bool, namespaces: Sequence[str] = ()) -> list[str]:
+def dump_argv(config: Path, *, oplog: bool) -> list[str]:
+    """Always the whole server: mongodump has no --nsInclude, and --oplog only works on full dumps
+    (a job's ``databases`` filter applies on restore)."""
     argv = [find_tool("mongodump"), f"--config={config}", "--archive"]
     if oplog:
         argv.append("--oplog")
-    argv += [f"--nsInclude={ns}" for ns in namespaces]
     return argv
 
 
