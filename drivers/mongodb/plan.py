@@ -138,7 +138,7 @@ def narrowed(entry: bson.raw_bson.RawBSONDocument, namespaces: Sequence[str]) ->
     command = entry.get("o") if entry.get("op") == "c" else None
     inner = command.get("applyOps") if command is not None else None
     if not namespaces or inner is None:
-        return entry.raw if wanted(entry, namespaces) else None
+        return bytes(entry.raw) if wanted(entry, namespaces) else None
     doc = bson.decode(entry.raw)
     ops = [op for op in doc["o"]["applyOps"]
            if wanted(bson.raw_bson.RawBSONDocument(bson.encode(op)), namespaces)]
