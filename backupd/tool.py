@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from backupd import children
-from backupd.errors import DriverError
+from backupd.errors import DriverError, IntegrityError
 from backupd.redact import redact
 
 if TYPE_CHECKING:
@@ -214,6 +214,15 @@ class Tool:
         code = self.wait(timeout)
         if code != 0:
             raise self.failure(code, what)
+
+    def check_content(self, what: str) -> None:
+        """Wait, for a tool that reads restored content: a non-zero exit is the content's doing
+        (IntegrityError: a failed verification); killed by a signal (a cancelled run) is DriverError."""
+        code = self.wait()
+        if code < 0:
+            raise self.failure(code)
+        if code != 0:
+            raise IntegrityError(f"{what}: {self.failure(code)}")
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -122,3 +122,21 @@ def cmdlines() -> list[str]:
             except OSError:
                 pass
     return found
+
+
+def real_rdb(directory: Path) -> bytes:
+    """A real RDB with every type (and an LZF-compressed value), from a real redis-server in ``directory``."""
+    from drivers.redis.transfer import RdbTransfer
+    from support import require_tool
+
+    server = start_redis(require_tool("redis-server"), directory)
+    try:
+        populate(server, b"L" * 100_000, ttl_ms=3_600_000)
+        conn = Connection(server.admin)
+        conn.authenticate()
+        transfer = RdbTransfer.start(conn)
+        data = b"".join(iter(lambda: transfer.read(1 << 20), b""))
+        conn.close()
+        return data
+    finally:
+        server.stop()

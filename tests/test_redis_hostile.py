@@ -28,6 +28,7 @@ from backupd import age
 from backupd.context import JobContext
 from backupd.settings import load_settings
 from core_fixtures import Keys
+import redis_support
 from redis_support import RedisServer, start_redis
 from support import BACKUPD, REPO_ROOT, error_lines, require_tool, run_backupd, write_config
 
@@ -253,21 +254,7 @@ def test_scratch_server_is_sandboxed(backed_up: tuple[Path, str], keys: Keys, tm
 @pytest.fixture(scope="module")
 def real_rdb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A real RDB with every type (and an LZF-compressed value) from a real redis-server."""
-    from drivers.redis.resp import Connection
-    from drivers.redis.transfer import RdbTransfer
-    from redis_support import populate
-
-    server = start_redis(require_tool("redis-server"), tmp_path_factory.mktemp("fuzz-source"))
-    try:
-        populate(server, b"L" * 100_000, ttl_ms=3_600_000)
-        conn = Connection(server.admin)
-        conn.authenticate()
-        transfer = RdbTransfer.start(conn)
-        data = b"".join(iter(lambda: transfer.read(1 << 20), b""))
-        conn.close()
-        return data
-    finally:
-        server.stop()
+    return redis_support.real_rdb(tmp_path_factory.mktemp("fuzz-source"))
 
 
 def test_fuzzed_rdb_is_read_or_refused_in_one_line(real_rdb: bytes) -> None:

@@ -23,7 +23,7 @@ from core_fixtures import Keys
 from drivers.redis.rdb import RdbFormatError, RdbUnsupported, parse_stream
 from drivers.redis.resp import Connection, parse_dsn
 from drivers.redis.transfer import RdbTransfer, StreamingParser, TeeReader
-from redis_support import RedisServer, populate, start_redis
+from redis_support import RedisServer, populate, real_rdb, start_redis
 from support import BACKUPD, REPO_ROOT, require_tool, run_backupd, write_config
 
 MARK = b"0123456789abcdef0123456789abcdef01234567"
@@ -87,18 +87,7 @@ class FakeMaster:
 @pytest.fixture(scope="module")
 def rdb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A real RDB with every type, from a real redis-server."""
-    binary = require_tool("redis-server")
-    server = start_redis(binary, tmp_path_factory.mktemp("rdb-source"))
-    try:
-        populate(server, b"L" * 100_000, ttl_ms=3_600_000)
-        conn = Connection(server.admin)
-        conn.authenticate()
-        transfer = RdbTransfer.start(conn)
-        data = b"".join(iter(lambda: transfer.read(1 << 20), b""))
-        conn.close()
-        return data
-    finally:
-        server.stop()
+    return real_rdb(tmp_path_factory.mktemp("rdb-source"))
 
 
 @pytest.fixture

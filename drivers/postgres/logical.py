@@ -16,7 +16,7 @@ from psycopg import sql
 
 from backupd import tool
 from backupd.driver import BackupResult, BackupSource, RestoreRequest, StreamSink
-from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.errors import DriverError, UsageError
 from backupd.pipeline import IDLE_NICE, LOW_NICE, READ_CHUNK, Priority
 from backupd.sandbox import Sandbox
 from drivers.postgres import backendnice, dumpheader
@@ -286,11 +286,7 @@ def dump_extensions(pg_restore: str, source: BackupSource, workfile: str, sandbo
     with tool.Tool(argv, stdin=tool.PIPE, stdout=tool.DEVNULL, sandbox=sandbox) as listing:
         with source.open(DUMP) as stream:
             listing.feed(stream)
-        code = listing.wait()
-        if code < 0:  # killed (a cancelled run), not the content's doing
-            raise listing.failure(code)
-        if code != 0:
-            raise IntegrityError(f"the dump's table of contents does not read: {listing.failure(code)}")
+        listing.check_content("the dump's table of contents does not read")
     try:
         with open(workfile, encoding="utf-8", errors="replace") as handle:
             text = handle.read()
@@ -311,8 +307,4 @@ def restore_into_scratch(pg_restore: str, source: BackupSource, conninfo: str, s
     with tool.Tool(argv, stdin=tool.PIPE, stdout=tool.DEVNULL, sandbox=sandbox) as restoring:
         with source.open(DUMP) as stream:
             restoring.feed(stream)
-        code = restoring.wait()
-        if code < 0:  # killed (a cancelled run), not the content's doing
-            raise restoring.failure(code)
-        if code != 0:
-            raise IntegrityError(f"the dump does not restore: {restoring.failure(code)}")
+        restoring.check_content("the dump does not restore")
