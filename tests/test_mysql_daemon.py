@@ -144,6 +144,9 @@ def test_binlogs_purged_before_archiving_are_a_gap_everywhere(servers, tmp_path:
     gaps = daemon.wait_for(lambda: daemon.metric("backupd_archive_gaps_total", job="shop") or None,
                            what="the purged binlogs counted as a gap", timeout=60)
     assert gaps >= 1
+    # the archive shows the gap once a binlog after it is stored (the repository knows nothing of the server)
+    wait_for(lambda: any(p.name.startswith(newest) for p in (job.repo / "shop" / "binlog").glob("*/*")),
+             timeout=60, what=f"{newest} archived after the gap")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(60) == 0
 
