@@ -19,9 +19,12 @@ from typing import Iterator
 
 import pytest
 
-from backupd import age, signing
+from backupd import age, metrics, signing
+from backupd.context import JobContext
+from backupd.daemon.repo_metrics import refresh_backups
 from backupd.manifest import Manifest
 from backupd.pipeline import encode_bytes
+from backupd.settings import load_settings
 from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from backupd.timeutil import parse_timestamp
@@ -150,6 +153,21 @@ def test_a_forged_unsigned_backup_is_refused_and_steers_nothing(signed: Signed) 
 
     run_backupd("prune", "shop", config=signed.config, check=True)  # keep_last = 1: the forgery is not "the last"
     assert set(signatures(signed)) == {real, forged}
+
+    status = json.loads(run_backupd("status", "shop", "--json", config=signed.config).out)["jobs"][0]
+    assert status["backups"]["count"] == 1 and status["backups"]["newest"][0]["backup_id"] == real
+    assert [line.split(":")[0] for line in status["untrusted_objects"]] == [forged]
+    assert any("not signed by a trusted key" in p for p in status["problems"])
+
+    ctx = JobContext(load_settings(signed.config), "shop")  # the daemon's listing: the metric and the gauges
+    try:
+        assert refresh_backups(ctx) == 1
+    finally:
+        ctx.close()
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 1  # noqa: SLF001
+    newest = parse_timestamp(json.loads(read(signed.storage, f"shop/backups/{real}/manifest.json"))["finished_at"])
+    gauge = metrics.BACKUP_LAST_SUCCESS.labels("shop", "logical", "full")._value.get()  # noqa: SLF001
+    assert gauge == newest.timestamp()  # not the forgery's later time
 
 
 def test_a_moved_signature_and_another_hosts_key_are_bad(signed: Signed) -> None:
