@@ -39,6 +39,7 @@ def run_backup(
     recipients = ctx.recipients
     with job_lock(ctx.state_dir, ctx.name, wait=wait):
         try:
+            _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
             started = utcnow()
             backup_id = repo.new_backup_id(started)

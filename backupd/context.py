@@ -32,6 +32,8 @@ class JobContext:
 
     settings: Settings
     name: str
+    #: Unsigned backups may be read (with a warning), badly signed ones never (``restore --allow-unsigned``).
+    allow_unsigned: bool = False
 
     @property
     def job(self) -> JobSettings:
@@ -47,7 +49,9 @@ class JobContext:
 
     @functools.cached_property
     def repository(self) -> Repository:
-        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"))
+        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
+                          signing_key_file=self.settings.signing.key_file,
+                          trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)
 
     @functools.cached_property
     def driver(self) -> Driver:

@@ -87,6 +87,14 @@ class IntegrityError(BackupdError):
     exit_code = EXIT_VERIFY_BAD
 
 
+class UntrustedObject(IntegrityError):
+    """A manifest (or log object) no trusted key vouches for: unsigned, or badly signed.
+
+    Refused by restore (exit 1); verify turns it into a failed report (exit 3)."""
+
+    exit_code = EXIT_FAILURE
+
+
 class BackupNotFound(BackupdError):
     """No backup with the given id (or none at all) for the job."""
 

@@ -52,6 +52,9 @@ VERIFICATION_LAST_RESTORE = Gauge("backupd_verification_last_restore_seconds",
 
 RETENTION_DELETED = Counter("backupd_retention_deleted_objects", "Objects pruned", ["job"], registry=REGISTRY)
 REPOSITORY_BACKUPS = Gauge("backupd_repository_backups", "Backups the repository holds", ["job"], registry=REGISTRY)
+REPOSITORY_UNTRUSTED = Gauge("backupd_repository_untrusted_objects",
+                             "Objects whose signature failed or was missing at the last listing or verification",
+                             ["job"], registry=REGISTRY)
 BUILD_INFO = Gauge("backupd_build_info", "Always 1; the version label tells which", ["version"], registry=REGISTRY)
 BUILD_INFO.labels(__version__).set(1)
 
@@ -59,7 +62,7 @@ BUILD_INFO.labels(__version__).set(1)
 _JOB_METRICS = (BACKUP_LAST_SUCCESS, BACKUP_LAST_DURATION, BACKUP_LAST_SIZE, BACKUP_RUNS, BACKUP_MISSED_RUNS,
                 ARCHIVE_LAST_SUCCESS, ARCHIVE_FAILURES, ARCHIVE_LAG, ARCHIVE_GAPS, PITR_WINDOW_START,
                 VERIFICATION_LAST_SUCCESS, VERIFICATION_LAST_RESULT, VERIFICATION_LAST_RESTORE,
-                RETENTION_DELETED, REPOSITORY_BACKUPS)
+                RETENTION_DELETED, REPOSITORY_BACKUPS, REPOSITORY_UNTRUSTED)
 
 
 def backup_types(method: str) -> tuple[str, ...]:

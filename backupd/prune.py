@@ -32,7 +32,7 @@ import structlog
 
 from backupd import metrics
 from backupd.context import JobContext
-from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound
+from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound, UntrustedObject
 from backupd.locks import job_lock, lock_free
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
@@ -85,6 +85,7 @@ class PruneResult:
             "window_start": format_timestamp(p.window_start) if p.window_start else None,
             "restorable_from": format_timestamp(p.restorable_from) if p.restorable_from else None,
             "warnings": p.warnings,
+            "untrusted": p.untrusted,
             "decisions": [
                 {"kind": d.kind, "name": d.name, "time": format_timestamp(d.time) if d.time else None,
                  "action": d.verdict, "reasons": d.reasons}
@@ -162,7 +163,13 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
     repo = ctx.repository
     committed, partial_ids = repo.scan()
     partial_ids = [i for i in partial_ids if i not in skip_partials]
-    manifests = [repo.load_manifest(backup_id) for backup_id in committed]
+    manifests: list[Manifest] = []
+    untrusted: list[str] = []
+    for backup_id in committed:
+        try:
+            manifests.append(repo.load_manifest(backup_id))
+        except UntrustedObject as exc:  # a forged manifest must not steer what is deleted: left out, and kept
+            untrusted.append(str(exc))
     pinned = Pins(ctx.storage, ctx.name).ids()
     warnings: list[str] = []
     backups = [_backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
@@ -184,6 +191,7 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
     if locks:  # plan again, keeping them (and the logs they need) with the lock as the reason
         result = planned([replace(b, locked_until=locks.get(b.backup_id)) for b in backups])
     result.warnings[:0] = warnings
+    result.untrusted = untrusted
     return result
 
 

@@ -3,6 +3,7 @@
 Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
 
     <job>/backups/<backup_id>/manifest.json     written last; the commit point
+    <job>/backups/<backup_id>/manifest.json.sig its SSH signature, put just before it (``backupd.signing``)
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
     <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
     <job>/pins/<backup_id>                      pins (``backupd.pins``)
@@ -26,15 +27,18 @@ import json
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import structlog
 
-from backupd import sealed
+from backupd import sealed, signing, sshsig
 from backupd.age import AgeError
-from backupd.errors import BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError
+from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
+                            UntrustedObject)
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
+from backupd.signing import Trust
 from backupd.storage import Readable, Storage
 from backupd.timeutil import BACKUP_ID_RE, backup_id_candidates, backup_id_sort_key
 
@@ -63,6 +67,10 @@ class Layout:
 
     def manifest_key(self, backup_id: str) -> str:
         return f"{self.backup_prefix(backup_id)}{MANIFEST_NAME}"
+
+    def signature_key(self, backup_id: str) -> str:
+        """The manifest's signature, ``manifest.json.sig`` beside it."""
+        return signing.signature_key(self.manifest_key(backup_id))
 
     @staticmethod
     def object_name(stream: str) -> str:
@@ -163,14 +171,25 @@ class IntegrityProblem:
 
 
 class Repository:
-    def __init__(self, storage: Storage, job: str, *, retain_for: dt.timedelta | None = None) -> None:
+    def __init__(self, storage: Storage, job: str, *, retain_for: dt.timedelta | None = None,
+                 signing_key_file: Path | None = None, trusted: Sequence[sshsig.PublicKey] = (),
+                 allow_unsigned: bool = False) -> None:
         """``retain_for``: how long the retention policy guarantees to keep a new backup
         (``retention.guaranteed_keep``); streams and manifests are put with
-        ``retain_until`` = now + it, so storage with Object Lock can lock them."""
+        ``retain_until`` = now + it, so storage with Object Lock can lock them.
+
+        ``signing_key_file``: manifests committed here are signed with it (loaded on first use).
+        ``trusted``: when not empty, a manifest is used only if one of these keys signed it
+        (``Settings.trusted_keys(job)``); ``allow_unsigned`` lets unsigned ones through, with a
+        warning, never badly signed ones (``restore --allow-unsigned``)."""
         self.storage = storage
         self.job = job
         self.layout = Layout(job)
         self.retain_for = retain_for
+        self.signing_key_file = signing_key_file
+        self.trusted = tuple(trusted)
+        self.allow_unsigned = allow_unsigned
+        self._signing_key: sshsig.SigningKey | None = None
 
     # -- layout ------------------------------------------------------------
     @property
@@ -215,7 +234,16 @@ class Repository:
         return True
 
     def load_manifest(self, backup_id: str) -> Manifest:
-        """The backup's manifest, checked (bounded size and depth, its own id and job); IntegrityError otherwise."""
+        """The backup's manifest, checked (bounded size and depth, its own id and job; with trusted keys,
+        its signature); IntegrityError otherwise (UntrustedObject when no trusted key vouches for it)."""
+        manifest, trust = self.read_manifest(backup_id)
+        self.require_trusted(manifest, trust)
+        return manifest
+
+    def read_manifest(self, backup_id: str) -> tuple[Manifest, Trust | None]:
+        """The backup's manifest and what its signature says (None: no trusted keys, not checked).
+
+        Does not refuse an untrusted manifest: for ``list`` and ``show``, which say what it is."""
         key = self.manifest_key(backup_id)
         try:
             with contextlib.closing(self.storage.open(key)) as handle:
@@ -225,7 +253,23 @@ class Repository:
         manifest = Manifest.from_json(raw, where=key)
         if manifest.backup_id != backup_id or manifest.job != self.job:
             raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
-        return manifest
+        if not self.trusted:
+            return manifest, None
+        return manifest, signing.assess_manifest(self.storage, key, raw, self.trusted)
+
+    def require_trusted(self, manifest: Manifest, trust: Trust | None) -> None:
+        """UntrustedObject unless ``trust`` lets the manifest be used (an unsigned one only with allow_unsigned)."""
+        if trust is None or trust.status == "signed":
+            return
+        key = self.manifest_key(manifest.backup_id)
+        if trust.status == "unsigned" and self.allow_unsigned:
+            log.warning("using an UNSIGNED backup (--allow-unsigned): nothing proves this host's key wrote it",
+                        job=self.job, backup_id=manifest.backup_id, key=key)
+            return
+        raise UntrustedObject(f"backup {manifest.backup_id} of job {self.job} is not trusted: {trust.problem}",
+                              hint="only backups signed by a key in trusted_keys are used"
+                                   + ("; `restore --allow-unsigned` reads backups from before signing"
+                                      if trust.status == "unsigned" else ""))
 
     def scan_manifests(self) -> tuple[list[Manifest], list[tuple[str, IntegrityError]]]:
         """(readable manifests newest first, [(backup id, why its manifest is unusable)])."""
@@ -347,11 +391,22 @@ class Repository:
         return ObjectEntry(name=name, key=self.layout.object_name(name), raw_size=stats.raw_size,
                            stored_size=stats.stored_size, sha256=stats.sha256)
 
+    @property
+    def signing_key(self) -> sshsig.SigningKey | None:
+        """The key manifests are signed with (``signing.key_file``), loaded once; ConfigError when unreadable."""
+        if self._signing_key is None and self.signing_key_file is not None:
+            self._signing_key = sshsig.load_private_key(self.signing_key_file)
+        return self._signing_key
+
     def commit(self, manifest: Manifest) -> None:
-        """Write the manifest: from now on the backup exists."""
+        """Write the manifest (its signature first, with a signing key): from now on the backup exists."""
+        raw = manifest.to_json()
+        key = self.manifest_key(manifest.backup_id)
+        retention = self._retention()
+        if self.signing_key is not None:
+            signing.sign_manifest(self.storage, key, raw, self.signing_key, **retention)
         try:
-            self.storage.put(self.manifest_key(manifest.backup_id), io.BytesIO(manifest.to_json()), if_absent=True,
-                             **self._retention())
+            self.storage.put(key, io.BytesIO(raw), if_absent=True, **retention)
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
 

@@ -111,6 +111,8 @@ class Plan:
     #: Earliest moment the repository can restore to once the plan is applied (None: no PITR).
     restorable_from: dt.datetime | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Why, for each backup whose manifest no trusted key signed: not planned from, never deleted by it.
+    untrusted: list[str] = field(default_factory=list)
 
     def decisions(self) -> list[Decision]:
         return [*self.backups, *self.partials, *self.logs]

@@ -63,9 +63,12 @@ def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime)
     repo = ctx.repository
     catalog = Catalog(ctx.state_dir)
     try:
-        manifests = catalog.manifests(repo)  # newest first
+        entries = catalog.entries(repo)  # newest first
     finally:
         catalog.close()
+    manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
+    untrusted = [f"{m.backup_id}: {trust} ({trust.problem})" for m, trust in entries
+                 if trust is not None and trust.status != "signed"]
     _, partial = repo.scan()
     logs = _archive(ctx, now)
     status: dict[str, Any] = {
@@ -81,7 +84,8 @@ def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime)
         "pitr": _pitr(ctx, manifests, logs),
         "verification": _verification(ctx),
         "pins": sorted(Pins(ctx.storage, ctx.name).ids()),
-        "untrusted_objects": f"{NOT_AVAILABLE}: backupd does not sign backups yet",
+        "untrusted_objects": untrusted if repo.trusted
+        else f"{NOT_AVAILABLE}: the job has no trusted keys (signatures are not checked)",
         "lagging_copies": f"{NOT_AVAILABLE}: backupd keeps one repository per job",
     }
     status["problems"], status["warnings"] = _problems(status, manifests)
@@ -193,6 +197,9 @@ def _problems(status: dict[str, Any], manifests: list[Manifest]) -> tuple[list[s
         problems.append(run["error"])
     if not manifests:
         warnings.append("no backup yet")
+    if isinstance(status["untrusted_objects"], list) and status["untrusted_objects"]:
+        problems.append(f"{len(status['untrusted_objects'])} backup(s) not signed by a trusted key: "
+                        + "; ".join(status["untrusted_objects"]))
     pitr = status["pitr"]
     if pitr and isinstance(pitr.get("breaks"), list) and pitr["breaks"]:
         problems.append(f"the PITR window is broken: {'; '.join(pitr['breaks'])}")

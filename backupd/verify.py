@@ -16,7 +16,7 @@ import structlog
 from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
-from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UsageError
+from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
 from backupd.manifest import Manifest, PitrStart
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
@@ -237,10 +237,21 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
                      pitr_drill: bool = False) -> list[VerifyReport]:
     """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
 
-    Full mode verifies one backup (default the newest); integrity mode every
-    backup unless one is named. Raises (exit 1) when verification cannot run.
+    Full mode verifies one backup (default the newest trusted one); integrity mode every
+    backup unless one is named. With trusted keys, a manifest no trusted key signed is a
+    failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
     repo = ctx.repository
+    if backup_id:
+        try:
+            repo.load_manifest(backup_id)
+        except UntrustedObject as exc:  # refused before anything of it is read
+            report = unusable_reports(ctx, [(backup_id, exc)])[0]
+            report.mode = "integrity" if integrity_only else "full"
+            if not integrity_only:
+                save_report(ctx, report)
+                record_metrics(report)
+            return [report]
     if integrity_only:
         if backup_id:
             manifests, unusable = [repo.resolve(backup_id)], list[tuple[str, IntegrityError]]()
@@ -257,8 +268,14 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     manifest = repo.resolve(backup_id)
     if pitr_drill:
         require_drill(ctx, manifest)  # exit 2 before any restore
+    kept, unusable = repo.scan_manifests()
+    for bad_id, problem in unusable:
+        log.warning("backup skipped: its manifest is unusable", job=ctx.name, backup_id=bad_id, error=str(problem))
+    untrusted = [] if backup_id else [str(e) for _, e in unusable if isinstance(e, UntrustedObject)]
     report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
-    check_continuity(ctx, repo.manifests(), report)  # from each kept backup to the newest log
+    check_continuity(ctx, kept, report)  # from each kept backup to the newest log
+    for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
+        report.fail(line)
     save_report(ctx, report)
     record_metrics(report)
     return [report]

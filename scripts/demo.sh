@@ -16,6 +16,12 @@ recipient=$(sed -n 's/^Public key: //p' var/recipient.txt)
 echo "recipient: $recipient"
 export BACKUPD_ENCRYPTION__RECIPIENTS="[\"$recipient\"]"
 
+step "generate a signing key (var/signing.key): every manifest gets a manifest.json.sig"
+$BACKUPD keys generate --signing -o var/signing.key 2> var/signer.txt
+signer=$(sed -n 's/^Public key: //p' var/signer.txt)
+echo "signing public key: $signer"
+export BACKUPD_SIGNING__TRUSTED_KEYS="[\"$signer\"]"  # only backups it signed are restored, verified, pruned
+
 step "make a sample database: var/demo.sqlite3"
 .venv/bin/python - <<'PY'
 import sqlite3
@@ -62,6 +68,14 @@ if command -v age >/dev/null && command -v zstd >/dev/null; then
 else
   echo "(age or zstd CLI not installed; skipped)"
 fi
+step "check the manifest's signature without backupd: ssh-keygen -Y verify"
+if command -v ssh-keygen >/dev/null; then
+  echo "backupd $signer" > var/allowed_signers
+  ssh-keygen -Y verify -n backupd -f var/allowed_signers -I backupd \
+    -s "var/repository/demo/backups/$id/manifest.json.sig" < "var/repository/demo/backups/$id/manifest.json"
+else
+  echo "(ssh-keygen not installed; skipped)"
+fi
 step "backupd prune demo --dry-run (what retention would keep, and why)"
 $BACKUPD --log-level warning prune demo --dry-run
 
@@ -73,7 +87,9 @@ Carry on from this directory with the demo's configuration:
   .venv/bin/backupd show $id
   .venv/bin/backupd verify demo --integrity-only
   .venv/bin/backupd prune demo --dry-run
-Reading needs no key; taking another backup needs the demo's public key too:
+Reading needs no key; checking signatures needs the demo's signing public key:
+  export BACKUPD_SIGNING__TRUSTED_KEYS='["$signer"]'
+Taking another backup needs the demo's public key too:
   export BACKUPD_ENCRYPTION__RECIPIENTS='["$recipient"]'
   .venv/bin/backupd backup demo
 EOF

@@ -44,7 +44,7 @@ def with_job(func: Callable[[argparse.Namespace, JobContext], int]) -> Handler:
     def wrapper(args: argparse.Namespace) -> int:
         settings = settings_from(args)
         settings.job(args.job)  # unknown job -> ConfigError listing the known ones
-        ctx = JobContext(settings, args.job)
+        ctx = JobContext(settings, args.job, allow_unsigned=getattr(args, "allow_unsigned", False))
         try:
             return func(args, ctx)
         finally:

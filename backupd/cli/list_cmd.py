@@ -11,6 +11,7 @@ from backupd.cli.common import human_size, print_json, print_table, settings_fro
 from backupd.context import JobContext
 from backupd.driver import LogReach
 from backupd.manifest import Manifest, PitrStart
+from backupd.signing import Trust
 from backupd.timeutil import format_timestamp
 
 
@@ -33,7 +34,12 @@ def pitr_range(manifest: Manifest, reach: LogReach | None) -> dict[str, Any] | N
             "notes": list(reach.notes) if reach else []}
 
 
-def summary(manifest: Manifest, reach: LogReach | None = None) -> dict[str, Any]:
+def signature(trust: Trust | None) -> str | None:
+    """``signed-by COMMENT``, ``unsigned`` or ``BAD``; None when the job has no trusted keys (not checked)."""
+    return None if trust is None else str(trust)
+
+
+def summary(manifest: Manifest, reach: LogReach | None = None, trust: Trust | None = None) -> dict[str, Any]:
     return {
         "backup_id": manifest.backup_id,
         "job": manifest.job,
@@ -44,6 +50,7 @@ def summary(manifest: Manifest, reach: LogReach | None = None) -> dict[str, Any]
         "raw_size": manifest.raw_size,
         "stored_size": manifest.stored_size,
         "pitr": pitr_range(manifest, reach),
+        "signature": signature(trust),
     }
 
 
@@ -59,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
     catalog = Catalog(settings.daemon.state_dir)
     manifests: list[Manifest] = []
     reaches: dict[str, LogReach | None] = {}
+    trust: dict[tuple[str, str], Trust | None] = {}
     try:
         for job in jobs:
             ctx = JobContext(settings, job)
             try:
-                found = catalog.manifests(ctx.repository)
+                entries = catalog.entries(ctx.repository)  # untrusted ones too: marked, not hidden
+                found = [manifest for manifest, _ in entries]
+                trust.update(((m.job, m.backup_id), t) for m, t in entries)
                 reaches.update(ctx.log_reaches(found))
                 manifests.extend(found)
             finally:
@@ -72,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         catalog.close()
     manifests.sort(key=lambda m: m.finished_at, reverse=True)
     if args.json:
-        print_json({"backups": [summary(m, reaches.get(m.backup_id)) for m in manifests]})
+        print_json({"backups": [summary(m, reaches.get(m.backup_id), trust.get((m.job, m.backup_id)))
+                                for m in manifests]})
         return 0
     rows = []
     for m in manifests:
@@ -81,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if pitr and pitr["broken_at"]:
             window += f" (gap: {pitr['broken_at']} missing)"
         rows.append([m.backup_id, m.job, m.method, _short(m.started_at), _short(m.finished_at),
-                     human_size(m.raw_size), human_size(m.stored_size), window])
-    print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR"], rows)
+                     human_size(m.raw_size), human_size(m.stored_size), window,
+                     signature(trust.get((m.job, m.backup_id))) or "-"])
+    print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR", "SIGNATURE"], rows)
     notes = {(m.job, note) for m in manifests for note in (reaches.get(m.backup_id) or LogReach()).notes}
     for job, note in sorted(notes):
         print(f"warning: job {job}: {note}")

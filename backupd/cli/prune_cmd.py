@@ -46,6 +46,8 @@ def print_result(result: PruneResult) -> None:
         print(f"restorable from {format_timestamp(plan.restorable_from)} after pruning")
     for warning in plan.warnings:
         print(f"warning: {warning}")
+    for line in plan.untrusted:
+        print(f"untrusted, kept and not planned from: {line}")
     for line in result.pitr_breaks:
         print(f"warning: {line}")
     backups, partials, logs = len(plan.deleted_backups()), len(plan.deleted_partials()), len(plan.deleted_logs())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from backupd.cli.common import with_job
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--to-gap", action="store_true",
                         help="where the archived logs have a gap, restore up to it (the latest reachable point)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and touch nothing")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="with trusted_keys set, also read unsigned backups (from before signing); "
+                             "a badly signed one is still refused")
     parser.set_defaults(handler=run)
 
 
@@ -90,5 +94,8 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
         target_action=args.target_action,
         password_file=args.password_file,
     )
+    if args.allow_unsigned and ctx.settings.trusted_keys(ctx.name):
+        print(f"WARNING: --allow-unsigned: job {ctx.name}: unsigned backups are accepted; nothing proves "
+              "who wrote them", file=sys.stderr)
     run_restore(ctx, request, args.backup, emit=print)
     return 0

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 from backupd.cli.common import human_size, job_of_backup, print_json, printable
 from backupd.manifest import Manifest
+from backupd.signing import Trust
 from backupd.timeutil import format_timestamp
 
 
@@ -19,29 +20,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def find(args: argparse.Namespace) -> Manifest:
+def find(args: argparse.Namespace) -> tuple[Manifest, Trust | None]:
+    """The manifest and what its signature says (an untrusted one is shown, marked, never hidden)."""
     ctx = job_of_backup(args)
     try:
-        return ctx.repository.load_manifest(args.backup_id)
+        return ctx.repository.read_manifest(args.backup_id)
     finally:
         ctx.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = find(args)
+    manifest, trust = find(args)
     if args.json:
         print_json(manifest.to_dict())  # JSON escapes control characters itself
         return 0
-    for line in describe(manifest):
+    for line in describe(manifest, trust):
         print(printable(line))
     return 0
 
 
-def describe(manifest: Manifest) -> list[str]:
+def describe(manifest: Manifest, trust: Trust | None = None) -> list[str]:
     """The human-readable lines (before escaping: the caller makes them safe for a terminal)."""
     lines: list[str] = []
     add = lines.append
     add(f"backup      {manifest.backup_id}")
+    if trust is not None:
+        add(f"signature   {trust}" + (f" ({trust.problem})" if trust.problem else ""))
     add(f"job         {manifest.job} ({manifest.driver}, {manifest.method})")
     add(f"host        {manifest.host}")
     add(f"started     {format_timestamp(manifest.started_at)}")

@@ -94,7 +94,8 @@ def _text(s: dict[str, Any]) -> str:
     else:
         row("verification", "never")
     row("pins", ", ".join(s["pins"]) or "none")
-    row("untrusted", s["untrusted_objects"])
+    untrusted = s["untrusted_objects"]
+    row("untrusted", untrusted if isinstance(untrusted, str) else f"{len(untrusted)} backup(s)" if untrusted else "none")
     row("copies", s["lagging_copies"])
     for problem in s["problems"]:
         lines.append(f"  PROBLEM: {problem}")

@@ -37,12 +37,22 @@ def set_backup_gauges(manifest: Manifest) -> None:
 
 
 def refresh_backups(ctx: JobContext) -> int:
-    """Backup gauges from the newest manifest per method and type; returns the number of backups."""
+    """Backup gauges from the newest trusted manifest per method and type; returns the number of backups.
+
+    With trusted keys, manifests no trusted key signed set no gauge (a forged "newest" backup must not
+    silence the backup-too-old alert); they are counted in ``backupd_repository_untrusted_objects``."""
     catalog = Catalog(ctx.state_dir)
     try:
-        manifests = catalog.manifests(ctx.repository)  # newest first
+        entries = catalog.entries(ctx.repository)  # newest first
     finally:
         catalog.close()
+    manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
+    if ctx.settings.trusted_keys(ctx.name):
+        metrics.REPOSITORY_UNTRUSTED.labels(ctx.name).set(len(entries) - len(manifests))
+        for manifest, trust in entries:
+            if trust is not None and trust.status != "signed":
+                log.warning("backup not trusted", backup_id=manifest.backup_id, signature=str(trust),
+                            problem=trust.problem)
     newest: dict[tuple[str, str], Manifest] = {}
     for manifest in manifests:
         newest.setdefault((manifest.method, manifest.backup_type), manifest)

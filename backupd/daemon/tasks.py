@@ -21,7 +21,7 @@ from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
 from backupd.daemon.state import ScheduleState
-from backupd.errors import Aborted, BackupdError, LockHeld
+from backupd.errors import Aborted, BackupdError, LockHeld, UntrustedObject
 from backupd.settings import Settings
 from backupd.timeutil import utcnow
 from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
@@ -151,6 +151,9 @@ class Tasks:
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests, unusable = ctx.repository.scan_manifests()
+            if ctx.repository.trusted:  # what failed its signature check at this verification
+                metrics.REPOSITORY_UNTRUSTED.labels(job).set(
+                    sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
             reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)

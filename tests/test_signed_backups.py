@@ -1,0 +1,213 @@
+"""Signed manifests in use: an attacker who can write the repository (filesystem or S3) but holds
+no trusted signing key cannot make restore, verify, prune or "the newest backup" use what they wrote.
+
+Each forgery is a complete backup as the attacker can make one: a manifest naming a stream that
+is valid age to the job's recipient with the right size and sha256 (so it passes every check
+but the signature). Jobs without trusted_keys behave as before (the rest of the suite).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from backupd import age, metrics, signing
+from backupd.context import JobContext
+from backupd.daemon.repo_metrics import refresh_backups
+from backupd.manifest import Manifest
+from backupd.pipeline import encode_bytes
+from backupd.settings import load_settings
+from backupd.sshsig import SigningKey
+from backupd.storage import Storage
+from backupd.timeutil import parse_timestamp
+from core_fixtures import Keys, make_sample_db, sqlite_job_config
+from storage.filesystem import FilesystemStorage
+from storage.s3 import S3Options, S3Storage
+from support import error_lines, run_backupd, write_config
+
+HOST_A = SigningKey.generate("backupd@host-a")  # writes this job's backups
+HOST_B = SigningKey.generate("backupd@host-b")  # another host of the same bucket: trusted, not for this job
+
+
+@dataclass
+class Signed:
+    config: Path
+    unsigned_config: Path  # the same job and repository, written by a host without a signing key
+    storage: Storage  # the repository as the attacker sees it
+    keys: Keys
+    counts: dict[str, int]
+    tmp: Path
+
+
+def key_file(path: Path, key: SigningKey) -> Path:
+    path.write_text(key.to_openssh())
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def signed(request: pytest.FixtureRequest, tmp_path: Path, keys: Keys) -> Iterator[Signed]:
+    if request.param == "filesystem":
+        table: dict[str, object] = {"type": "filesystem", "path": str(tmp_path / "repo")}
+        storage: Storage = FilesystemStorage(tmp_path / "repo")
+    else:
+        endpoint = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        table = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint}
+        storage = S3Storage(S3Options(bucket=bucket, prefix="prod/", endpoint_url=endpoint, region="us-east-1"))
+    db = tmp_path / "shop.sqlite3"
+    counts = make_sample_db(db, rows=50)
+    unsigned = sqlite_job_config(tmp_path, keys, table, db, {"retention": {"keep_last": 1}})
+    unsigned = unsigned.rename(tmp_path / "unsigned.toml")
+    config = sqlite_job_config(tmp_path, keys, table, db,
+                               {"trusted_keys": [HOST_A.public.line()], "retention": {"keep_last": 1}})
+    signing_table = write_config(tmp_path / "signing.toml", {"signing": {
+        "key_file": str(key_file(tmp_path / "host-a.key", HOST_A)),
+        "trusted_keys": [HOST_A.public.line(), HOST_B.public.line()]}}).read_text()
+    config.write_text(signing_table + "\n" + config.read_text())
+    with storage:
+        yield Signed(config, unsigned, storage, keys, counts, tmp_path)
+
+
+def backup(signed: Signed, config: Path | None = None) -> str:
+    run_backupd("backup", "shop", config=config or signed.config, check=True)
+    listing = run_backupd("list", "shop", "--json", config=signed.config, check=True)
+    return json.loads(listing.out)["backups"][0]["backup_id"]
+
+
+def read(storage: Storage, key: str) -> bytes:
+    handle = storage.open(key)
+    try:
+        return handle.read()
+    finally:
+        handle.close()
+
+
+def forge(signed: Signed, *, after: str, rows: int = 7) -> tuple[str, bytes]:
+    """A newer backup written by the attacker: their own database, valid age to the recipient, right
+    sha256, in a manifest copied from a real one. Returns its id and its manifest's bytes."""
+    evil = signed.tmp / f"evil-{rows}.sqlite3"
+    make_sample_db(evil, rows=rows)
+    stored = encode_bytes(evil.read_bytes(), [age.X25519Recipient.parse(signed.keys.recipient)])
+    real = json.loads(read(signed.storage, f"shop/backups/{after}/manifest.json"))
+    moment = parse_timestamp(real["started_at"]) + dt.timedelta(hours=1 + rows)
+    backup_id = moment.strftime("%Y%m%dT%H%M%SZ")
+    real.update(backup_id=backup_id, started_at=moment.isoformat(), finished_at=moment.isoformat())
+    real["objects"] = [{**real["objects"][0], "raw_size": evil.stat().st_size, "stored_size": len(stored),
+                        "sha256": hashlib.sha256(stored).hexdigest()}]
+    manifest = Manifest.from_dict(real).to_json()
+    signed.storage.put(f"shop/backups/{backup_id}/{real['objects'][0]['key']}", io.BytesIO(stored))
+    signed.storage.put(f"shop/backups/{backup_id}/manifest.json", io.BytesIO(manifest))
+    return backup_id, manifest
+
+
+def rows_in(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM orders").fetchone()[0]
+
+
+def signatures(signed: Signed) -> dict[str, str | None]:
+    listing = run_backupd("list", "shop", "--json", config=signed.config, check=True)
+    return {b["backup_id"]: b["signature"] for b in json.loads(listing.out)["backups"]}
+
+
+def test_a_forged_unsigned_backup_is_refused_and_steers_nothing(signed: Signed) -> None:
+    real = backup(signed)
+    assert signed.storage.stat(f"shop/backups/{real}/manifest.json.sig").size > 0
+    forged, _ = forge(signed, after=real)
+
+    assert signatures(signed) == {forged: "unsigned", real: "signed-by backupd@host-a"}
+
+    named = run_backupd("restore", "shop", "--to", str(signed.tmp / "named.sqlite3"), "--backup", forged,
+                        config=signed.config)
+    assert named.code == 1, named.err
+    line = error_lines(named.err)[0]
+    assert forged in line and "manifest.json.sig: missing" in line and "not trusted" in line
+    assert not (signed.tmp / "named.sqlite3").exists()
+
+    newest = signed.tmp / "newest.sqlite3"  # "the newest backup" is the newest trusted one
+    run_backupd("restore", "shop", "--to", str(newest), config=signed.config, check=True)
+    assert rows_in(newest) == signed.counts["orders"]
+
+    for args in (["--integrity-only"], [], ["--backup", forged], ["--backup", forged, "--integrity-only"]):
+        result = run_backupd("verify", "shop", "--json", *args, config=signed.config)
+        assert result.code == 3, (args, result.out, result.err)
+        problems = [p for r in json.loads(result.out)["reports"] for p in r["problems"]]
+        assert any(forged in p and "not signed" in p for p in problems), (args, problems)
+
+    plan = run_backupd("prune", "shop", "--dry-run", "--json", config=signed.config, check=True)
+    document = json.loads(plan.out)
+    assert [d["name"] for d in document["decisions"] if d["kind"] == "backup"] == [real]
+    assert document["decisions"][0]["action"] == "keep"
+    assert len(document["untrusted"]) == 1 and forged in document["untrusted"][0]
+    text = run_backupd("prune", "shop", "--dry-run", config=signed.config, check=True).out
+    assert f"untrusted, kept and not planned from: backup {forged}" in text
+
+    run_backupd("prune", "shop", config=signed.config, check=True)  # keep_last = 1: the forgery is not "the last"
+    assert set(signatures(signed)) == {real, forged}
+
+    status = json.loads(run_backupd("status", "shop", "--json", config=signed.config).out)["jobs"][0]
+    assert status["backups"]["count"] == 1 and status["backups"]["newest"][0]["backup_id"] == real
+    assert [line.split(":")[0] for line in status["untrusted_objects"]] == [forged]
+    assert any("not signed by a trusted key" in p for p in status["problems"])
+
+    ctx = JobContext(load_settings(signed.config), "shop")  # the daemon's listing: the metric and the gauges
+    try:
+        assert refresh_backups(ctx) == 1
+    finally:
+        ctx.close()
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 1  # noqa: SLF001
+    newest = parse_timestamp(json.loads(read(signed.storage, f"shop/backups/{real}/manifest.json"))["finished_at"])
+    gauge = metrics.BACKUP_LAST_SUCCESS.labels("shop", "logical", "full")._value.get()  # noqa: SLF001
+    assert gauge == newest.timestamp()  # not the forgery's later time
+
+
+def test_a_moved_signature_and_another_hosts_key_are_bad(signed: Signed) -> None:
+    real = backup(signed)
+    moved, _ = forge(signed, after=real, rows=3)
+    signed.storage.put(f"shop/backups/{moved}/manifest.json.sig",
+                       io.BytesIO(read(signed.storage, f"shop/backups/{real}/manifest.json.sig")))
+    foreign, manifest = forge(signed, after=real, rows=5)
+    signing.sign_manifest(signed.storage, f"shop/backups/{foreign}/manifest.json", manifest, HOST_B)
+
+    assert signatures(signed) == {foreign: "BAD", moved: "BAD", real: "signed-by backupd@host-a"}
+    for forged, why in ((moved, "signature"), (foreign, HOST_B.public.fingerprint)):
+        for allow in ([], ["--allow-unsigned"]):  # never accepted, not even with --allow-unsigned
+            target = signed.tmp / f"{forged}.sqlite3"
+            result = run_backupd("restore", "shop", "--to", str(target), "--backup", forged, *allow,
+                                 config=signed.config)
+            assert result.code == 1 and not target.exists(), result.err
+            line = next(line for line in error_lines(result.err) if line.startswith("backupd: error"))
+            assert forged in line and "manifest.json.sig" in line and why in line, line
+        verify = run_backupd("verify", "shop", "--backup", forged, config=signed.config)
+        assert verify.code == 3, verify.err
+    show = run_backupd("show", foreign, "--job", "shop", config=signed.config, check=True)
+    assert "signature   BAD" in show.out
+    show = run_backupd("show", real, "--job", "shop", config=signed.config, check=True)
+    assert "signature   signed-by backupd@host-a" in show.out
+
+
+def test_unsigned_backups_need_allow_unsigned(signed: Signed) -> None:
+    old = backup(signed, signed.unsigned_config)  # from before signing
+    assert signatures(signed) == {old: "unsigned"}
+    target = signed.tmp / "restored.sqlite3"
+    refused = run_backupd("restore", "shop", "--to", str(target), config=signed.config)
+    assert refused.code == 1 and not target.exists(), refused.err
+
+    allowed = run_backupd("restore", "shop", "--to", str(target), "--allow-unsigned", config=signed.config)
+    assert allowed.code == 0, allowed.err
+    assert rows_in(target) == signed.counts["orders"]
+    assert "WARNING: --allow-unsigned" in allowed.err
+    assert "UNSIGNED backup" in allowed.err
+
+    # Jobs without trusted keys read it as before, and list marks nothing.
+    listing = run_backupd("list", "shop", "--json", config=signed.unsigned_config, check=True)
+    assert json.loads(listing.out)["backups"][0]["signature"] is None
