@@ -101,7 +101,9 @@ class JobContext:
     def log_archive(self, kind: str) -> LogArchive:
         """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""
         return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
-                          retain_for=guaranteed_keep(self.job.retention, "log"))
+                          retain_for=guaranteed_keep(self.job.retention, "log"),
+                          signing_key_file=self.settings.signing.key_file,
+                          trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)
 
     @functools.cached_property
     def recipients(self) -> list[age.X25519Recipient]:

@@ -10,6 +10,13 @@ Each object is an age file wrapping a zstd frame, like every backup object. Its
 plaintext sha256 and size travel as storage metadata, so a host holding only
 public keys can still tell "already archived, same bytes" (success) from "same
 name, different bytes" (refused, never overwritten).
+
+With a signing key, every pushed object (partial ones too, re-signed each time they are
+replaced) gets ``<key>.sig`` beside it, put first: an SSH signature over its key and
+plaintext sha256 (``backupd.signing.log_message``). With trusted keys, ``open`` refuses an
+object whose signature is missing or bad before reading it, and the plaintext's sha256 is
+checked against the signed one at its end (UntrustedObject), so ``fetch_to`` never leaves it
+in place.
 """
 
 from __future__ import annotations
@@ -24,10 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal, Sequence
 
-from backupd.errors import BackupdError, ObjectExists, ObjectNotFound
+import structlog
+
+from backupd import signing, sshsig
+from backupd.errors import BackupdError, ObjectExists, ObjectNotFound, UntrustedObject
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
 from backupd.repository import Layout
 from backupd.storage import ObjectInfo, Storage
+
+log = structlog.get_logger(__name__)
 
 Kind = Literal["wal", "binlog", "oplog"]
 #: Logs up to this size (a default WAL segment) are encoded in memory at once; larger ones stream.
@@ -110,9 +122,39 @@ class _Digesting:
         return {"sha256": sha256, "raw-size": str(raw_size)}
 
 
+class _CheckedReader(DecodingReader):
+    """A signed log object's plaintext; at its end, UntrustedObject unless its sha256 is the signed one."""
+
+    def __init__(self, stored: BinaryIO, identities: Sequence[object], *, signed_sha256: str, where: str,
+                 expected_size: int | None, expected_raw_size: int | None, key_file: str | None) -> None:
+        super().__init__(stored, identities, where=where, expected_size=expected_size,
+                         expected_raw_size=expected_raw_size, key_file=key_file)
+        self._signed_sha256 = signed_sha256
+        self._hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(READ_CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        data = super().read(size)
+        self._hash.update(data)
+        if not data and size and self._hash.hexdigest() != self._signed_sha256:
+            raise UntrustedObject(f"{self._where}: its content does not match its signature (sha256 "
+                                  f"{self._hash.hexdigest()[:12]}..., signed {self._signed_sha256[:12]}...)",
+                                  hint="the object was replaced after it was signed; it is not replayed")
+        return data
+
+
 class LogArchive:
     def __init__(self, storage: Storage, job: str, kind: Kind, recipients: Sequence[object] = (), level: int = 3,
-                 *, retain_for: dt.timedelta | None = None) -> None:
+                 *, retain_for: dt.timedelta | None = None, signing_key_file: Path | None = None,
+                 trusted: Sequence[sshsig.PublicKey] = (), allow_unsigned: bool = False) -> None:
+        """``signing_key_file``: pushed objects are signed with it (loaded on first push).
+        ``trusted``: when not empty (``Settings.trusted_keys(job)``), ``open`` reads only objects
+        one of these keys signed; ``allow_unsigned`` lets unsigned ones through with a warning,
+        never badly signed ones (``restore --allow-unsigned``)."""
         self.storage = storage
         self.job = job
         self.kind = kind
@@ -121,6 +163,16 @@ class LogArchive:
         self.level = level
         #: How long the retention policy guarantees to keep a new log (``retention.guaranteed_keep``).
         self.retain_for = retain_for
+        self.signing_key_file = signing_key_file
+        self.trusted = tuple(trusted)
+        self.allow_unsigned = allow_unsigned
+        self._signing_key: sshsig.SigningKey | None = None
+
+    @property
+    def signing_key(self) -> sshsig.SigningKey | None:
+        if self._signing_key is None and self.signing_key_file is not None:
+            self._signing_key = sshsig.load_private_key(self.signing_key_file)
+        return self._signing_key
 
     @property
     def prefix(self) -> str:
@@ -159,8 +211,11 @@ class LogArchive:
             retention = {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
         if os.stat(path).st_size <= ONE_SHOT_MAX:
             return self._push_small(name, path, replace, digest, retention)
-        if digest is None and not self.storage.deferred_metadata:
+        if digest is None and (self.signing_key is not None or not self.storage.deferred_metadata):
             digest = file_digest(path)
+        if self.signing_key is not None:
+            assert digest is not None
+            signing.sign_log(self.storage, key, digest[1], self.signing_key, replace=replace, **retention)
         with open(path, "rb") as handle:
             source = _Digesting(handle, path, digest)
             reader = EncodingReader(source, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
@@ -184,6 +239,8 @@ class LogArchive:
         if digest is not None and digest != (raw_size, sha256):
             raise BackupdError(f"{path}: changed while being archived")
         key = self.key(name)
+        if self.signing_key is not None:
+            signing.sign_log(self.storage, key, sha256, self.signing_key, replace=replace, **retention)
         body = encode_bytes(data, self.recipients, self.level)  # type: ignore[arg-type]
         try:
             info = self.storage.put(key, io.BytesIO(body), if_absent=not replace,
@@ -201,17 +258,32 @@ class LogArchive:
         raise conflict(key, existing.get("sha256"), sha256)
 
     def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
+        """The plaintext of an archived log; with trusted keys, only a signed one (UntrustedObject otherwise)."""
         key = self.key(name)
         info = self.storage.stat(key)
         raw = (info.metadata or {}).get("raw-size")
-        return DecodingReader(
-            self.storage.open(key),
-            identities,
-            where=key,
-            expected_size=info.size,
-            expected_raw_size=int(raw) if raw and raw.isdigit() else None,
-            key_file=key_file,
-        )
+        expected_raw_size = int(raw) if raw and raw.isdigit() else None
+        sha256 = (info.metadata or {}).get("sha256")
+        try:
+            if self.trusted:
+                signing.check_log(self.storage, key, sha256, self.trusted)
+        except signing.Unsigned as exc:
+            if not self.allow_unsigned:
+                raise UntrustedObject(f"log {key} of job {self.job} is not trusted: {exc}",
+                                      hint="only log objects signed by a key in trusted_keys are replayed; "
+                                           "`restore --allow-unsigned` reads logs from before signing") from None
+            log.warning("replaying an UNSIGNED log object (--allow-unsigned)", key=key)
+        except sshsig.SignatureError as exc:
+            raise UntrustedObject(f"log {key} of job {self.job} is not trusted: {exc}",
+                                  hint="only log objects signed by a key in trusted_keys are replayed") from None
+        else:
+            if self.trusted:
+                assert sha256 is not None
+                return _CheckedReader(self.storage.open(key), identities, where=key, expected_size=info.size,
+                                      expected_raw_size=expected_raw_size, key_file=key_file,
+                                      signed_sha256=sha256)
+        return DecodingReader(self.storage.open(key), identities, where=key, expected_size=info.size,
+                              expected_raw_size=expected_raw_size, key_file=key_file)
 
     def fetch_to(self, name: str, dest: Path, identities: Sequence[object], key_file: str | None = None) -> int:
         """Decrypt into ``dest`` atomically (temp file + rename); return the byte count."""
@@ -248,7 +320,9 @@ class LogArchive:
             yield obj.name
 
     def delete(self, name: str) -> None:
+        """Remove the object, then its signature (a missing one is not an error)."""
         self.storage.delete(self.key(name))
+        self.storage.delete(self.layout.log_signature_key(self.kind, name))
 
     @staticmethod
     def _log_object(info: ObjectInfo, name: str) -> LogObject:

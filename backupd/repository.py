@@ -6,6 +6,7 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
     <job>/backups/<backup_id>/manifest.json.sig its SSH signature, put just before it (``backupd.signing``)
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
     <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
+    <job>/wal|binlog|oplog/<name>.zst.age.sig   its SSH signature over key and sha256, put just before it
     <job>/pins/<backup_id>                      pins (``backupd.pins``)
     <job>/state/prune.json                      the prune journal (``backupd.prune``)
     <job>/state/last-failure.json               the newest failed run (``backupd.runstate``)
@@ -95,6 +96,10 @@ class Layout:
 
     def log_key(self, kind: str, name: str) -> str:
         return f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+
+    def log_signature_key(self, kind: str, name: str) -> str:
+        """The log object's signature, ``<object key>.sig`` beside it (``backupd.signing.sign_log``)."""
+        return signing.signature_key(self.log_key(kind, name))
 
     def log_name(self, kind: str, key: str) -> str | None:
         """The log name of a key listed under ``log_prefix(kind)``; None for anything that is not a log object."""

@@ -32,7 +32,8 @@ class RepositorySource:
             raise BackupNotFound(f"backup {self.manifest.backup_id} has no stream {name!r}") from None
 
     def logs(self, kind: str) -> LogArchive:
-        return LogArchive(self.repo.storage, self.repo.job, kind)  # type: ignore[arg-type]
+        return LogArchive(self.repo.storage, self.repo.job, kind, trusted=self.repo.trusted,  # type: ignore[arg-type]
+                          allow_unsigned=self.repo.allow_unsigned)
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]

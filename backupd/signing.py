@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from backupd import sshsig
-from backupd.errors import ObjectNotFound
+from backupd.errors import ObjectExists, ObjectNotFound
 from backupd.sshsig import PublicKey, SignatureError, SigningKey
 from backupd.storage import Storage
 
@@ -58,6 +58,47 @@ def check_manifest(storage: Storage, manifest_key: str, manifest: bytes, trusted
     except ObjectNotFound:
         raise Unsigned(f"{sig_key}: missing; the manifest is not signed") from None
     return sshsig.verify(manifest, armored, trusted, what=sig_key)
+
+
+def log_message(key: str, sha256: str) -> bytes:
+    """What a log object's signature covers: its key and its plaintext's sha256 (hex).
+
+    Checked by hand with ``printf 'backupd-log-v1\\n%s\\n%s\\n' KEY SHA256 | ssh-keygen -Y verify ...``."""
+    return b"backupd-log-v1\n" + key.encode() + b"\n" + sha256.encode() + b"\n"
+
+
+def sign_log(storage: Storage, key: str, sha256: str, signer: SigningKey, *, replace: bool,
+             retain_until: dt.datetime | None = None) -> str:
+    """Put the signature of the log object about to be put at ``key`` (plaintext ``sha256``) beside it.
+
+    Call it before putting the object. Without ``replace`` an existing signature is kept while
+    its object exists (the object's own put then reports "identical" or a conflict); one left
+    by a push that died before its object is overwritten. Returns the signature's key."""
+    sig_key = signature_key(key)
+    body = sshsig.sign(log_message(key, sha256), signer).encode()
+    try:
+        storage.put(sig_key, io.BytesIO(body), if_absent=not replace, retain_until=retain_until)
+    except ObjectExists:
+        try:
+            storage.stat(key)
+        except ObjectNotFound:
+            storage.put(sig_key, io.BytesIO(body), retain_until=retain_until)
+    return sig_key
+
+
+def check_log(storage: Storage, key: str, sha256: str | None, trusted: Sequence[PublicKey]) -> PublicKey:
+    """The trusted key that signed the log object at ``key`` whose plaintext sha256 is recorded as ``sha256``.
+
+    Raises Unsigned or another SignatureError naming the signature's key."""
+    sig_key = signature_key(key)
+    try:
+        with contextlib.closing(storage.open(sig_key)) as handle:
+            armored = handle.read(sshsig.MAX_ARMOR + 1)
+    except ObjectNotFound:
+        raise Unsigned(f"{sig_key}: missing; the log object is not signed") from None
+    if not sha256:
+        raise sshsig.BadSignature(f"{key}: no sha256 recorded with the object; its signature cannot be checked")
+    return sshsig.verify(log_message(key, sha256), armored, trusted, what=sig_key)
 
 
 @dataclass(frozen=True)

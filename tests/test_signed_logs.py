@@ -1,0 +1,159 @@
+"""Signed log objects (WAL segments, binlogs, oplog slices): an attacker who can write the repository
+but holds no trusted signing key cannot get a log object of theirs replayed.
+
+Each object is pushed with ``<key>.sig`` beside it (an SSH signature over its key and plaintext
+sha256). With trusted keys, ``LogArchive.open`` refuses an unsigned or badly signed object before
+reading it, and one whose content is not the signed content at its end; ``fetch_to`` then leaves
+nothing behind. Without trusted keys nothing is checked (as before signing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backupd import age, signing
+from backupd.errors import UntrustedObject
+from backupd.logarchive import LogArchive
+from backupd.pipeline import encode_bytes
+from backupd.sshsig import SigningKey
+from core_fixtures import Keys, keys  # noqa: F401 (fixture)
+from storage.filesystem import FilesystemStorage
+
+HOST_A = SigningKey.generate("backupd@host-a")
+STRANGER = SigningKey.generate("backupd@stranger")
+
+
+def key_file(path: Path, key: SigningKey) -> Path:
+    path.write_text(key.to_openssh())
+    path.chmod(0o600)
+    return path
+
+
+def archive(storage: FilesystemStorage, keys: Keys, **options: object) -> LogArchive:
+    return LogArchive(storage, "db", "wal", [age.parse_recipient(keys.recipient)], **options)  # type: ignore[arg-type]
+
+
+def push(storage: FilesystemStorage, keys: Keys, tmp_path: Path, name: str, data: bytes,
+         signer: SigningKey | None = HOST_A) -> str:
+    path = tmp_path / name.replace("/", "_")
+    path.write_bytes(data)
+    signing_key = None if signer is None else key_file(tmp_path / f"signing-{signer.public.comment}", signer)
+    archive(storage, keys, signing_key_file=signing_key).push_file(name, path)
+    return LogArchive(storage, "db", "wal").key(name)
+
+
+def replace_object(storage: FilesystemStorage, keys: Keys, key: str, data: bytes, sha256: str | None = None) -> None:
+    """What an attacker with write access does: other valid age content, metadata as they like."""
+    body = encode_bytes(data, [age.parse_recipient(keys.recipient)], 3)
+    storage.delete(key)
+    storage.put(key, io.BytesIO(body), metadata={"sha256": sha256 or hashlib.sha256(data).hexdigest(),
+                                                 "raw-size": str(len(data))})
+
+
+def read(storage: FilesystemStorage, keys: Keys, name: str, trusted: list[SigningKey] | None = None) -> bytes:
+    reader = archive(storage, keys, trusted=[k.public for k in trusted or []])
+    with reader.open(name, [keys.identity]) as stream:
+        return stream.read()
+
+
+def test_a_pushed_log_is_signed_and_read_back(fs_storage: FilesystemStorage, keys: Keys, tmp_path: Path) -> None:
+    key = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000003", b"wal" * 1000)
+    sig_key = LogArchive(fs_storage, "db", "wal").layout.log_signature_key("wal", "00000001/000000010000000000000003")
+    assert sig_key == key + ".sig"
+    fs_storage.stat(sig_key)
+    assert read(fs_storage, keys, "00000001/000000010000000000000003", [HOST_A]) == b"wal" * 1000
+    # listings see the log, not its signature
+    assert [o.name for o in LogArchive(fs_storage, "db", "wal").list()] == ["00000001/000000010000000000000003"]
+
+
+def test_the_signature_checks_by_hand_with_ssh_keygen(fs_storage: FilesystemStorage, keys: Keys,
+                                                      tmp_path: Path) -> None:
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen not installed")
+    data = b"segment" * 100
+    key = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000004", data)
+    sig = tmp_path / "log.sig"
+    sig.write_bytes(fs_storage.open(key + ".sig").read())
+    signers = tmp_path / "allowed_signers"
+    signers.write_text(f"backupd {HOST_A.public.line()}\n")
+    message = b"backupd-log-v1\n" + key.encode() + b"\n" + hashlib.sha256(data).hexdigest().encode() + b"\n"
+    done = subprocess.run(["ssh-keygen", "-Y", "verify", "-n", "backupd", "-f", str(signers), "-I", "backupd",
+                           "-s", str(sig)], input=message, capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("same_sha256_metadata", [True, False])
+def test_a_replaced_log_object_is_refused(fs_storage: FilesystemStorage, keys: Keys, tmp_path: Path,
+                                          same_sha256_metadata: bool) -> None:
+    name = "00000001/000000010000000000000005"
+    original = b"real" * 2000
+    key = push(fs_storage, keys, tmp_path, name, original)
+    forged = b"evil" * 2000
+    replace_object(fs_storage, keys, key, forged,
+                   hashlib.sha256(original).hexdigest() if same_sha256_metadata else None)
+    with pytest.raises(UntrustedObject, match=key):
+        read(fs_storage, keys, name, [HOST_A])
+    dest = tmp_path / "spool" / "000000010000000000000005"
+    dest.parent.mkdir()
+    with pytest.raises(UntrustedObject, match=key):
+        archive(fs_storage, keys, trusted=[HOST_A.public]).fetch_to(name, dest, [keys.identity])
+    assert list(dest.parent.iterdir()) == []  # nothing spooled, not even a temporary file
+
+
+def test_a_moved_signature_is_refused(fs_storage: FilesystemStorage, keys: Keys, tmp_path: Path) -> None:
+    data = b"same bytes" * 500
+    first = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000006", data)
+    second = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000007", data)
+    fs_storage.delete(second + ".sig")
+    fs_storage.put(second + ".sig", io.BytesIO(fs_storage.open(first + ".sig").read()))
+    with pytest.raises(UntrustedObject, match=second):
+        read(fs_storage, keys, "00000001/000000010000000000000007", [HOST_A])
+
+
+def test_a_stranger_s_signature_is_refused(fs_storage: FilesystemStorage, keys: Keys, tmp_path: Path) -> None:
+    key = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000008", b"x" * 100, signer=STRANGER)
+    with pytest.raises(UntrustedObject, match=key):
+        read(fs_storage, keys, "00000001/000000010000000000000008", [HOST_A])
+
+
+def test_unsigned_logs_are_refused_with_trusted_keys_and_read_without(fs_storage: FilesystemStorage, keys: Keys,
+                                                                     tmp_path: Path) -> None:
+    name = "00000001/000000010000000000000009"
+    key = push(fs_storage, keys, tmp_path, name, b"old" * 100, signer=None)
+    with pytest.raises(UntrustedObject, match=f"{key}.sig: missing"):
+        read(fs_storage, keys, name, [HOST_A])
+    assert read(fs_storage, keys, name) == b"old" * 100
+    reader = archive(fs_storage, keys, trusted=[HOST_A.public], allow_unsigned=True)
+    with reader.open(name, [keys.identity]) as stream:
+        assert stream.read() == b"old" * 100
+
+
+def test_partial_objects_are_re_signed_as_they_grow_and_deleted_with_their_signature(
+        fs_storage: FilesystemStorage, keys: Keys, tmp_path: Path) -> None:
+    signer = key_file(tmp_path / "signing", HOST_A)
+    logs = archive(fs_storage, keys, signing_key_file=signer)
+    path = tmp_path / "binlog.partial"
+    for size in (10, 20):
+        path.write_bytes(b"p" * size)
+        logs.push_file("mysql-bin.000001.partial", path, replace=True)
+        assert read(fs_storage, keys, "mysql-bin.000001.partial", [HOST_A]) == b"p" * size
+    logs.delete("mysql-bin.000001.partial")
+    assert list(fs_storage.list("db/")) == []
+
+
+def test_a_second_push_of_other_bytes_keeps_the_first_signature(fs_storage: FilesystemStorage, keys: Keys,
+                                                                tmp_path: Path) -> None:
+    from backupd.logarchive import LogConflict
+
+    name = "00000001/00000001000000000000000A"
+    push(fs_storage, keys, tmp_path, name, b"first" * 10)
+    with pytest.raises(LogConflict):
+        push(fs_storage, keys, tmp_path, name, b"second" * 10)
+    assert read(fs_storage, keys, name, [HOST_A]) == b"first" * 10
+    assert signing.signature_key(LogArchive(fs_storage, "db", "wal").key(name)).endswith(".zst.age.sig")
