@@ -23,7 +23,10 @@ from backupd.logarchive import LogArchive
 from backupd.pipeline import encode_bytes
 from backupd.sshsig import SigningKey
 from core_fixtures import Keys, keys  # noqa: F401 (fixture)
+from drivers.postgres.cluster import chown_tree
+from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401 (fixture)
 from storage.filesystem import FilesystemStorage
+from support import write_config
 
 HOST_A = SigningKey.generate("backupd@host-a")
 STRANGER = SigningKey.generate("backupd@stranger")
@@ -157,3 +160,52 @@ def test_a_second_push_of_other_bytes_keeps_the_first_signature(fs_storage: File
         push(fs_storage, keys, tmp_path, name, b"second" * 10)
     assert read(fs_storage, keys, name, [HOST_A]) == b"first" * 10
     assert signing.signature_key(LogArchive(fs_storage, "db", "wal").key(name)).endswith(".zst.age.sig")
+
+
+# -- against a real PostgreSQL cluster: a replaced WAL segment is never replayed ---------------------
+
+ARCHIVE_LOGS = True
+METHOD = "physical"
+
+
+def test_a_replaced_wal_segment_is_refused_by_wal_fetch_and_not_replayed(pg_env: PgEnv) -> None:  # noqa: F811
+    key = pg_env.root / "signing.key"
+    key_file(key, HOST_A)
+    settings = write_config(pg_env.root / "signing.toml", {"signing": {
+        "key_file": str(key), "trusted_keys": [HOST_A.public.line()]}}).read_text()
+    pg_env.config.write_text(settings + "\n" + pg_env.config.read_text())
+    chown_tree(pg_env.root, "postgres")
+    pg_env.sql("CREATE TABLE orders (id serial PRIMARY KEY, note text)")
+    pg_env.sql("INSERT INTO orders (note) SELECT 'before' FROM generate_series(1, 100)")
+    pg_env.backupd("backup", JOB, check=True)
+    pg_env.sql("INSERT INTO orders (note) SELECT 'after' FROM generate_series(1, 100)")
+    segment = pg_env.switch_and_wait_archived()
+    pg_env.switch_and_wait_archived()  # a segment after it, so the archive goes on past the forgery
+
+    repo = FilesystemStorage(pg_env.repo)
+    wal = LogArchive(repo, JOB, "wal")
+    name = f"{segment[:8]}/{segment}"
+    original = wal.stat(name)
+    assert repo.stat(wal.layout.log_signature_key("wal", name))
+    forged = (pg_env.cluster.data / "pg_wal" / segment).read_bytes()[:8192] * 2048  # another 16 MiB, valid age
+    identity = age.load_identities(pg_env.identity)[0]
+    replace_object(repo, Keys(identity, str(identity.to_recipient()), pg_env.identity), wal.key(name), forged,
+                   original.sha256)
+    chown_tree(pg_env.root, "postgres")
+
+    fetched = pg_env.backupd("wal-fetch", "--job", JOB, segment, str(pg_env.root / segment))
+    assert fetched.code == 1 and "does not match its signature" in fetched.err and wal.key(name) in fetched.err, \
+        fetched.err
+    assert not (pg_env.root / segment).exists()
+
+    restored = pg_env.restored_cluster("after-forgery")
+    result = pg_env.backupd("restore", JOB, "--to", str(restored.data))
+    assert result.code == 0, result.err  # the backup itself is signed; its WAL is fetched during recovery
+    pg_env.start_restored(restored)
+    try:
+        with restored.connect("shop") as conn:  # recovery stopped before the forged segment
+            notes = dict(conn.execute("SELECT note, count(*) FROM orders GROUP BY note").fetchall())
+        assert notes == {"before": 100}, notes
+        assert "does not match its signature" in restored.log_tail(), restored.log_tail()
+    finally:
+        restored.stop()
