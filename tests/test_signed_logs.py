@@ -26,7 +26,9 @@ from core_fixtures import Keys, keys  # noqa: F401 (fixture)
 from drivers.postgres.cluster import chown_tree
 from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401 (fixture)
 from storage.filesystem import FilesystemStorage
-from support import write_config
+from mysql_support import started
+from support import run_backupd, write_config
+from test_mysql_driver import RunningArchiver, backup, make_job, tools  # noqa: F401 (fixture)
 
 HOST_A = SigningKey.generate("backupd@host-a")
 STRANGER = SigningKey.generate("backupd@stranger")
@@ -209,3 +211,32 @@ def test_a_replaced_wal_segment_is_refused_by_wal_fetch_and_not_replayed(pg_env:
         assert "does not match its signature" in restored.log_tail(), restored.log_tail()
     finally:
         restored.stop()
+
+
+# -- against real MariaDB servers: a replaced binlog stops the restore before the target is touched --
+
+@pytest.mark.usefixtures("tools")
+def test_a_replaced_binlog_is_refused_before_the_target_is_touched(tmp_path: Path, keys: Keys) -> None:  # noqa: F811
+    source, target = started(log_bin=True, server_id=31), started(log_bin=False, server_id=32)
+    try:
+        source.sql("CREATE DATABASE sig1", "CREATE TABLE sig1.t (id INT PRIMARY KEY)", "INSERT INTO sig1.t VALUES (1)")
+        job = make_job(tmp_path, keys, source, ["sig1"], archive_logs=True, binlog_flush_interval="1s")
+        settings = write_config(tmp_path / "signing.toml", {"signing": {
+            "key_file": str(key_file(tmp_path / "signing.key", HOST_A)),
+            "trusted_keys": [HOST_A.public.line()]}}).read_text()
+        job.config.write_text(settings + "\n" + job.config.read_text())
+        with RunningArchiver(job) as running:
+            backup(job)
+            source.sql("INSERT INTO sig1.t VALUES (2)")
+            name = running.wait_archived(source)
+            archive = running.archive
+            original = archive.stat(name)
+            replace_object(FilesystemStorage(job.repo), keys, archive.key(name), b"forged binlog" * 100,
+                           original.sha256)
+        result = run_backupd("restore", "shop", "--to", target.url(), config=job.config)
+        assert result.code == 1, result.err
+        assert "does not match its signature" in result.err and archive.key(name) in result.err, result.err
+        assert target.sql("SHOW DATABASES LIKE 'sig1'") == []  # nothing loaded before the binlogs were checked
+    finally:
+        source.destroy()
+        target.destroy()
