@@ -314,11 +314,10 @@ def job_signature(settings: Settings, name: str) -> str:
     Tasks (backup, verify, prune) build their context from the current settings at each run,
     so they are not part of it (nor is the sandbox, which only they use)."""
     job = settings.job(name)
-    storages = job.storage if isinstance(job.storage, list) else [job.storage]
     parts = {
         "job": job.model_dump(mode="json"),
         "driver": settings.driver_options(name).model_dump(mode="json"),
-        "storage": [settings.storage_options(storage).model_dump(mode="json") for storage in storages],
+        "storage": [settings.storage_options(storage).model_dump(mode="json") for storage in job.storages],
         "encryption": settings.encryption.model_dump(mode="json"),
         "archiver_backoff_max": settings.daemon.archiver_backoff_max.total_seconds(),
         "source": str(settings.source),
