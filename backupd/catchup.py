@@ -12,8 +12,10 @@ target) and taken from the next source instead. Oldest first; a run that stops h
 resumed by the next, which copies only what is still missing, and a run with nothing missing
 copies nothing.
 
-A repository that holds backups gets nothing older than its oldest backup (minus
-``LOG_SLACK``): its own retention deleted that, and the catch-up must not bring it back.
+A repository gets only what its own retention policy keeps (``retention_by_storage``): the
+policy is planned (``backupd.retention.plan``, pure) over every backup and log the job's
+repositories hold together, so what a short local policy pruned is not brought back from a
+long offsite one, and is not counted as missing either.
 """
 
 from __future__ import annotations
@@ -28,16 +30,20 @@ import structlog
 
 from backupd import progress
 from backupd.errors import IntegrityError, ObjectExists, ObjectNotFound, StorageError
+from backupd.context import JobContext
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from backupd.pins import Pins
+from backupd.prune import backup_item
 from backupd.repository import LOG_KINDS, Layout, read_bounded
+from backupd.retention import LogItem
+from backupd.retention import plan as retention_plan
+from backupd.settings import RetentionSettings
 from backupd.storage import ObjectInfo, Readable, Storage
 from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key
 
 log = structlog.get_logger(__name__)
 
 SIGNATURE_SUFFIX = ".sig"
-#: Logs this much older than a repository's oldest backup are still copied (WAL its start needs).
-LOG_SLACK = dt.timedelta(hours=1)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -50,6 +56,7 @@ class Unit:
     keys: list[str]
     backup_id: str | None = None  # a backup: its manifest gives each stream's size and sha256
     sizes: dict[str, int] = field(default_factory=dict)
+    log: tuple[str, str] | None = None  # a log: (kind, name)
 
 
 @dataclass
@@ -72,13 +79,6 @@ class Listing:
                if key.startswith(layout.backups_prefix) and key.endswith("/" + MANIFEST_NAME)}
         return sorted((i for i in ids if BACKUP_ID_RE.match(i)), key=backup_id_sort_key)
 
-    def cutoff(self, layout: Layout) -> dt.datetime | None:
-        """Nothing older than this is copied here: its oldest backup's start, less LOG_SLACK (None: no backup)."""
-        committed = self.committed(layout)
-        if not committed:
-            return None
-        return backup_time(committed[0]) - LOG_SLACK
-
 
 def backup_time(backup_id: str) -> dt.datetime:
     return dt.datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
@@ -95,27 +95,80 @@ def units(source: Listing, layout: Layout) -> list[Unit]:
         keys += [key for key in (signature, manifest) if key in source.objects]
         found.append(Unit(f"backup {backup_id}", backup_time(backup_id), keys, backup_id,
                           {key: source.objects[key].size for key in keys}))
-    for key, info in source.objects.items():
-        if key.startswith(layout.backups_prefix) or key.endswith(SIGNATURE_SUFFIX) or ".partial" in key:
-            continue
-        keys = [key + SIGNATURE_SUFFIX] if key + SIGNATURE_SUFFIX in source.objects else []
-        found.append(Unit(f"log {key}", info.modified or _EPOCH, [*keys, key], sizes={
-            k: source.objects[k].size for k in [*keys, key]}))
+    for kind in LOG_KINDS:
+        for key, info in source.objects.items():
+            name = layout.log_name(kind, key) if key.startswith(layout.log_prefix(kind)) else None
+            if name is None or ".partial" in name:
+                continue
+            keys = [key + SIGNATURE_SUFFIX] if key + SIGNATURE_SUFFIX in source.objects else []
+            found.append(Unit(f"log {key}", info.modified or _EPOCH, [*keys, key],
+                              sizes={k: source.objects[k].size for k in [*keys, key]}, log=(kind, name)))
     found.sort(key=lambda unit: (unit.time, unit.label))
     return found
 
 
-def lacking(source: Listing, target: Listing, layout: Layout) -> list[Unit]:
-    """The units (narrowed to their missing keys) ``target`` lacks, oldest first."""
-    cutoff = target.cutoff(layout)
+Keep = Callable[[Unit], bool]
+
+
+def keep_all(unit: Unit) -> bool:
+    return True
+
+
+def lacking(source: Listing, target: Listing, layout: Layout, keep: Keep = keep_all) -> list[Unit]:
+    """The units (narrowed to their missing keys) ``target`` lacks and keeps by its policy, oldest first."""
     missing = []
     for unit in units(source, layout):
-        if cutoff is not None and unit.time < cutoff:
-            continue
         keys = [key for key in unit.keys if key not in target.objects]
-        if keys:
-            missing.append(Unit(unit.label, unit.time, keys, unit.backup_id, unit.sizes))
+        if keys and keep(unit):
+            missing.append(Unit(unit.label, unit.time, keys, unit.backup_id, unit.sizes, unit.log))
     return missing
+
+
+class Manifests:
+    """Manifests by backup id, read once from whichever repository has a readable one (they never change)."""
+
+    def __init__(self, job: str) -> None:
+        self.layout = Layout(job)
+        self._cache: dict[str, Manifest | None] = {}
+
+    def get(self, backup_id: str, storages: Iterable[Storage]) -> Manifest | None:
+        if backup_id not in self._cache:
+            self._cache[backup_id] = None
+            key = self.layout.manifest_key(backup_id)
+            for storage in storages:
+                try:
+                    with contextlib.closing(storage.open(key)) as handle:
+                        raw = read_bounded(handle, MAX_MANIFEST_BYTES, key, "manifest")
+                    self._cache[backup_id] = Manifest.from_json(raw, where=key)
+                    break
+                except (StorageError, IntegrityError):
+                    continue
+        return self._cache[backup_id]
+
+
+def policy_keeps(listings: Iterable[Listing], layout: Layout, policy: RetentionSettings, manifests: Manifests,
+                 storages: Iterable[Storage], *, pinned: Iterable[str] = (), tz: str = "UTC",
+                 now: dt.datetime | None = None) -> Keep:
+    """What a repository with ``policy`` keeps of everything the job's repositories hold together."""
+    if policy.is_empty():
+        return keep_all
+    storages = list(storages)
+    everything: dict[str, Unit] = {}
+    for listing in listings:
+        for unit in units(listing, layout):
+            everything.setdefault(unit.label, unit)
+    warnings: list[str] = []
+    pins = set(pinned)
+    backups = []
+    for unit in everything.values():
+        manifest = manifests.get(unit.backup_id, storages) if unit.backup_id else None
+        if manifest is not None:
+            backups.append(backup_item(manifest, manifest.backup_id in pins, warnings))
+    logs = [LogItem(unit.log[0], unit.log[1], unit.time) for unit in everything.values() if unit.log]
+    decided = retention_plan(backups, logs, policy, now or dt.datetime.now(dt.timezone.utc), tz)
+    kept_backups = set(decided.kept_backups())
+    kept_logs = {(d.kind, d.name) for d in decided.logs if d.keep}
+    return lambda unit: unit.backup_id in kept_backups if unit.backup_id else unit.log in kept_logs
 
 
 @dataclass
@@ -127,15 +180,15 @@ class Behind:
         return max(0.0, (now - self.oldest).total_seconds()) if self.oldest else 0.0
 
 
-def behind(listings: dict[str, Listing], layout: Layout) -> dict[str, Behind]:
-    """Per repository: how many objects the others hold that it lacks, and the oldest one's time."""
+def behind(listings: dict[str, Listing], layout: Layout, keeps: dict[str, Keep]) -> dict[str, Behind]:
+    """Per repository: how many objects the others hold that it lacks (and keeps), and the oldest one's time."""
     result = {}
     for name, target in listings.items():
         missing: dict[str, dt.datetime] = {}
         for other, source in listings.items():
             if other == name:
                 continue
-            for unit in lacking(source, target, layout):
+            for unit in lacking(source, target, layout, keeps.get(name, keep_all)):
                 for key in unit.keys:
                     missing.setdefault(key, unit.time)
         result[name] = Behind(len(missing), min(missing.values(), default=None))
@@ -186,22 +239,28 @@ class Copier:
     """Copies what ``target`` lacks from ``sources`` (tried in order, object by object)."""
 
     def __init__(self, job: str, target: Storage, sources: dict[str, Storage],
-                 retain_until: RetainUntil = lambda: None) -> None:
+                 retain_until: RetainUntil = lambda: None, keep: Callable[[list[Listing]], Keep] | None = None,
+                 manifests: Manifests | None = None) -> None:
+        """``keep``: given every listing (the target's first), what the target's policy keeps."""
         self.layout = Layout(job)
         self.target = target
         self.sources = sources
         self.retain_until = retain_until
+        self.keep = keep
+        self.manifests = manifests or Manifests(job)
 
     def plan(self) -> list[Unit]:
         target = Listing.read(self.target, self.layout.job)
+        sources = [Listing.read(source, self.layout.job) for source in self.sources.values()]
+        keep = self.keep([target, *sources]) if self.keep is not None else keep_all
         seen: set[str] = set()
         plan: list[Unit] = []
-        for source in self.sources.values():
-            for unit in lacking(Listing.read(source, self.layout.job), target, self.layout):
+        for source in sources:
+            for unit in lacking(source, target, self.layout, keep):
                 keys = [key for key in unit.keys if key not in seen]
                 seen.update(keys)
                 if keys:
-                    plan.append(Unit(unit.label, unit.time, keys, unit.backup_id, unit.sizes))
+                    plan.append(Unit(unit.label, unit.time, keys, unit.backup_id, unit.sizes, unit.log))
         plan.sort(key=lambda unit: (unit.time, unit.label))
         return plan
 
@@ -235,17 +294,12 @@ class Copier:
         return True
 
     def _expected(self, unit: Unit) -> dict[str, tuple[int, str]]:
-        """Each stream's (size, sha256) from the backup's manifest, read from the first source that has it."""
+        """Each stream's (size, sha256) from the backup's manifest (read from the first source that has one)."""
         assert unit.backup_id is not None
-        key = self.layout.manifest_key(unit.backup_id)
-        for storage in (*self.sources.values(), self.target):
-            try:
-                with contextlib.closing(storage.open(key)) as handle:
-                    manifest = Manifest.from_json(read_bounded(handle, MAX_MANIFEST_BYTES, key, "manifest"), where=key)
-            except (StorageError, IntegrityError):
-                continue
-            return {self.layout.entry_key(unit.backup_id, e.key): (e.stored_size, e.sha256) for e in manifest.objects}
-        return {}
+        manifest = self.manifests.get(unit.backup_id, [*self.sources.values(), self.target])
+        if manifest is None:
+            return {}
+        return {self.layout.entry_key(unit.backup_id, e.key): (e.stored_size, e.sha256) for e in manifest.objects}
 
     def _copy(self, key: str, expected: tuple[int, str] | None, result: CopyResult) -> str | None:
         """Copy one object from the first source with a good copy; None when done, else why not."""
@@ -286,3 +340,26 @@ def read_all(storages: dict[str, Storage], job: str) -> dict[str, Listing]:
         except StorageError as exc:
             log.warning("repository not reachable; its copy state is unknown", storage=name, error=str(exc))
     return listings
+
+
+def for_target(target: JobContext, sources: dict[str, Storage], manifests: Manifests | None = None) -> Copier:
+    """A copier into one repository of the job (``JobContext.for_storage``) that keeps to its own policy."""
+    manifests = manifests or Manifests(target.name)
+    retain_for = target.repository.retain_for
+
+    def retain_until() -> dt.datetime | None:
+        return None if retain_for is None else dt.datetime.now(dt.timezone.utc) + retain_for
+
+    return Copier(target.name, target.storage, sources, retain_until, target_keep(target, sources, manifests),
+                  manifests)
+
+
+def target_keep(target: JobContext, sources: dict[str, Storage], manifests: Manifests) -> Callable[[list[Listing]], Keep]:
+    """What the target's policy keeps of given listings (pins read from the target)."""
+    def keep(listings: list[Listing]) -> Keep:
+        if target.job.retention.is_empty():
+            return keep_all
+        pinned = Pins(target.storage, target.name).ids()
+        return policy_keeps(listings, Layout(target.name), target.job.retention, manifests,
+                            [*sources.values(), target.storage], pinned=pinned, tz=target.settings.daemon.timezone)
+    return keep

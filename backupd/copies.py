@@ -29,13 +29,12 @@ import heapq
 import queue
 import threading
 import time
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import structlog
 
 from backupd.errors import ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
 from backupd.manifest import MANIFEST_NAME
-from backupd.metrics import STORAGE_UP
 from backupd.pipeline import hash_stored
 from backupd.storage import Metadata, ObjectInfo, Readable, Storage
 
@@ -46,6 +45,15 @@ QUEUE_CHUNKS = 8
 #: Seconds a backend that failed a write is skipped for further writes (reads always try it).
 RETRY_AFTER = 30.0
 _EOF = b""
+#: Told of every operation's outcome per storage (name, succeeded); the daemon sets ``backupd_storage_up``
+#: from it. Left None in one-shot commands, which export no metrics (and never import prometheus_client).
+on_storage_state: Callable[[str, bool], None] | None = None
+
+
+def _report(name: str, up: bool) -> None:
+    hook = on_storage_state
+    if hook is not None:
+        hook(name, up)
 
 
 def is_commit_marker(key: str) -> bool:
@@ -110,23 +118,22 @@ class Copies(Storage):
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
         self._failed_dirs: dict[str, set[str]] = {name: set() for name in self.backends}
-        for name in self.backends:
-            STORAGE_UP.labels(name)
 
     # -- bookkeeping -----------------------------------------------------------
     def _up(self, name: str) -> None:
-        STORAGE_UP.labels(name).set(1)
+        _report(name, True)
         with self._lock:
             self._down_until.pop(name, None)
 
     def _down(self, name: str, exc: BaseException, key: str | None = None, *, write: bool = False) -> None:
-        STORAGE_UP.labels(name).set(0)
+        _report(name, False)
         with self._lock:
             if write:
                 self._down_until[name] = time.monotonic() + RETRY_AFTER
                 if key is not None:
                     self._failed_dirs[name].add(_directory(key))
-        log.warning("storage failed; the other repositories carry on", storage=name, key=key, error=str(exc))
+        log.warning("storage failed; the other repositories carry on", storage=name, key=key, error=str(exc),
+                    operation="write" if write else "read")
 
     def _writers(self, key: str) -> list[str]:
         now = time.monotonic()
@@ -203,6 +210,7 @@ class Copies(Storage):
         if len(stored) + len(exists) < self.min_copies:
             held = ", ".join([*stored, *exists]) or "none"
             first = next(iter(failures.values()), None)
+            self._undo(key, list(stored))
             raise StorageUnavailable(
                 f"{key}: stored in {len(stored) + len(exists)} of the {self.min_copies} repositories min_copies "
                 f"requires (held by: {held}; failed: {', '.join(failures) or '-'}; "
@@ -213,6 +221,16 @@ class Copies(Storage):
         if exists:
             raise ObjectExists(f"{key}: already stored in {', '.join(exists)}")
         return next(iter(stored.values()))
+
+    def _undo(self, key: str, names: builtins.list[str]) -> None:
+        """A put that failed leaves nothing (the storage contract): remove what fewer than min_copies got,
+        so a retry pushes it again rather than finding it "already archived" in too few repositories."""
+        for name in names:
+            try:
+                self.backends[name].delete(key)
+            except StorageError as exc:
+                log.warning("could not remove an object stored in too few repositories", storage=name, key=key,
+                            error=str(exc))
 
     def delete(self, key: str) -> None:
         locked: ObjectLocked | None = None
@@ -260,8 +278,10 @@ class Copies(Storage):
                 log.warning(f"{what} read from another repository", key=key, storage=name,
                             missing_in=", ".join(f"{n} ({type(e).__name__})" for n, e in problems.items()))
             return name, answer
-        if all(isinstance(exc, ObjectNotFound) for exc in problems.values()):
-            raise ObjectNotFound(f"{key}: in none of the repositories ({', '.join(self.backends)})")
+        if any(isinstance(exc, ObjectNotFound) for exc in problems.values()):  # not where it could be looked for
+            unreachable = [name for name, exc in problems.items() if not isinstance(exc, ObjectNotFound)]
+            raise ObjectNotFound(f"{key}: in none of the repositories ({', '.join(self.backends)})"
+                                 + (f"; not reachable: {', '.join(unreachable)}" if unreachable else ""))
         raise StorageUnavailable(f"{key}: not readable from any repository: "
                                  + "; ".join(f"{n}: {e}" for n, e in problems.items()))
 
@@ -294,11 +314,13 @@ class Copies(Storage):
         (whose reader then reports what is wrong with it)."""
         problems: builtins.list[str] = []
         first: str | None = None
+        answered = False
         for name, backend in self.backends.items():
             try:
                 with contextlib.closing(backend.open(key)) as handle:
                     got = hash_stored(handle)
             except ObjectNotFound:
+                answered = True
                 problems.append(f"{name}: missing")
                 continue
             except StorageError as exc:
@@ -314,6 +336,8 @@ class Copies(Storage):
                 log.warning("object read from another repository", key=key, storage=name,
                             problems="; ".join(problems))
             return backend.open(key)
+        if first is None and not answered:
+            raise StorageUnavailable(f"{key}: not readable from any repository ({'; '.join(problems)})")
         if first is None:
             raise ObjectNotFound(f"{key}: in none of the repositories ({'; '.join(problems)})")
         return self.backends[first].open(key)

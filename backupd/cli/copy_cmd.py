@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 
-from backupd.catchup import Copier
+from backupd.catchup import for_target
 from backupd.cli.common import print_json, with_job
 from backupd.context import JobContext
 from backupd.errors import EXIT_FAILURE, UsageError
@@ -36,12 +35,7 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
     target = ctx.for_storage(args.to)
     sources = [ctx.for_storage(name) for name in names]
     try:
-        retain_for = target.repository.retain_for
-
-        def retain_until() -> dt.datetime | None:
-            return None if retain_for is None else dt.datetime.now(dt.timezone.utc) + retain_for
-
-        copier = Copier(ctx.name, target.storage, {s.only_storage or "": s.storage for s in sources}, retain_until)
+        copier = for_target(target, {s.only_storage or "": s.storage for s in sources})
         plan = copier.plan()
         if args.dry_run:
             keys = [key for unit in plan for key in unit.keys]

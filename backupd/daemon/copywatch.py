@@ -16,8 +16,8 @@ from typing import Callable
 
 import structlog
 
-from backupd import metrics
-from backupd.catchup import Copier, Listing, behind
+from backupd import copies, metrics
+from backupd.catchup import Listing, Manifests, behind, for_target, target_keep
 from backupd.context import JobContext
 from backupd.errors import StorageError
 from backupd.repository import Layout
@@ -31,11 +31,13 @@ class CopyWatch:
         self._settings = settings
         self.interval = interval
         self._last: dict[tuple[str, str], Listing] = {}
+        self._manifests: dict[str, Manifests] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="copy-watch", daemon=True)
 
     def start(self) -> None:
+        copies.on_storage_state = lambda name, up: metrics.STORAGE_UP.labels(name).set(1 if up else 0)
         self._thread.start()
 
     def stop(self) -> None:
@@ -77,8 +79,9 @@ class CopyWatch:
             if len(contexts) < 2:
                 self._probe(contexts)
                 return
+            manifests = self._manifests.setdefault(job, Manifests(job))
             listings = self._list(job, contexts)
-            self._measure(job, listings)
+            self._measure(job, contexts, listings, manifests)
             copied = False
             for name, target in contexts.items():
                 if name not in listings or self._stopping():
@@ -86,7 +89,7 @@ class CopyWatch:
                 sources = {other: c.storage for other, c in contexts.items() if other != name and other in listings}
                 if not sources:
                     continue
-                copier = Copier(job, target.storage, sources, _retain_until(target))
+                copier = for_target(target, sources, manifests)
                 plan = copier.plan()
                 if not plan:
                     continue
@@ -101,7 +104,7 @@ class CopyWatch:
                 log.info("repository caught up" if not result.failed else "repository partly caught up",
                          storage=name, copied=len(result.copied), bytes=result.bytes, failed=len(result.failed))
             if copied:
-                self._measure(job, self._list(job, contexts))
+                self._measure(job, contexts, self._list(job, contexts), manifests)
         finally:
             for one in contexts.values():
                 one.close()
@@ -131,20 +134,20 @@ class CopyWatch:
             self._last[(job, name)] = listings[name]
         return listings
 
-    def _measure(self, job: str, listings: dict[str, Listing]) -> None:
-        """Behind per repository; one not reachable now is judged by its last listing (empty if never seen)."""
-        names = self._settings().job(job).storages if job in self._settings().jobs else list(listings)
-        known = {name: listings.get(name) or self._last.get((job, name)) or Listing({}) for name in names}
-        reachable = {name: listing for name, listing in listings.items()}
+    def _measure(self, job: str, contexts: dict[str, JobContext], listings: dict[str, Listing],
+                 manifests: Manifests) -> None:
+        """Behind per repository, by its own policy; one not reachable now is judged by its last listing
+        (an empty one if never seen)."""
+        known = {name: listings.get(name) or self._last.get((job, name)) or Listing({}) for name in contexts}
+        storages = {name: one.storage for name, one in contexts.items() if name in listings}
+        keeps = {}
+        for name, one in contexts.items():
+            try:
+                keeps[name] = target_keep(one, storages, manifests)(list(known.values()))
+            except StorageError as exc:  # its pins cannot be read: count everything it lacks
+                log.warning("repository's policy not planned; counting everything it lacks", storage=name,
+                            error=str(exc))
         now = dt.datetime.now(dt.timezone.utc)
-        for name, lag in behind({**known, **reachable}, Layout(job)).items():
+        for name, lag in behind(known, Layout(job), keeps).items():
             metrics.COPY_BEHIND_OBJECTS.labels(job, name).set(lag.objects)
             metrics.COPY_BEHIND_SECONDS.labels(job, name).set(lag.seconds(now))
-
-
-def _retain_until(ctx: JobContext) -> Callable[[], dt.datetime | None]:
-    retain_for = ctx.repository.retain_for
-
-    def until() -> dt.datetime | None:
-        return None if retain_for is None else dt.datetime.now(dt.timezone.utc) + retain_for
-    return until
