@@ -279,6 +279,11 @@ class Copier:
                 # every stream the manifest names, whichever source lists it, before the commit markers
                 keys = [*[key for key in expected if not self._has(key)], *[k for k in keys if k not in expected]]
             for key in keys:
+                if unit.backup_id and key not in expected and (gone := [k for k in expected if not self._has(k)]):
+                    vanished = f"{len(gone)} stream(s) vanished from the target before its manifest (a prune?)"
+                    result.failed.append(f"{key}: {vanished}")
+                    log.error("commit marker not copied", key=key, problem=vanished)
+                    break
                 why = self._copy(key, expected.get(key), result)
                 if why is not None:
                     result.failed.append(f"{key}: {why}")

@@ -139,6 +139,8 @@ class Copies(Storage):
         now = time.monotonic()
         with self._lock:
             names = [name for name in self.backends if self._down_until.get(name, 0) <= now]
+            if len(names) < self.min_copies:  # too few left to succeed: try them all again
+                names = list(self.backends)
             if is_commit_marker(key):
                 names = [name for name in names if _directory(key) not in self._failed_dirs[name]]
         return names
