@@ -27,6 +27,7 @@ from backupd import metrics
 from backupd.daemon.copywatch import CopyWatch
 from backupd.settings import load_settings
 from core_fixtures import Keys
+from daemon_support import start_daemon  # noqa: F401 (fixture)
 from support import BACKUPD, error_lines, run_backupd, write_config
 
 
@@ -357,3 +358,40 @@ def test_a_corrupt_wal_object_is_fetched_from_the_other_repository(geo: Geo) -> 
         assert result.code == 0, result.err
         assert sha(dest.read_bytes()) == sha(path.read_bytes())
         assert "log read from another repository" in result.err
+
+
+# ---- the daemon ------------------------------------------------------------------------------------
+
+def test_the_daemon_exports_copy_metrics_from_start_and_catches_a_repository_up(tmp_path: Path, keys: Keys,
+                                                                                 start_daemon) -> None:
+    from core_fixtures import make_sample_db
+    from daemon_support import free_port
+
+    db = tmp_path / "shop.sqlite3"
+    make_sample_db(db)
+    port = free_port()
+
+    def config(storage: object) -> Path:
+        return write_config(tmp_path / "backupd.toml", {
+            "daemon": {"state_dir": str(tmp_path / "state"), "metrics_listen": f"127.0.0.1:{port}",
+                       "shutdown_timeout": "10s", "repository_poll_interval": "1s"},
+            "storage.local": {"type": "filesystem", "path": str(tmp_path / "local")},
+            "storage.offsite": {"type": "filesystem", "path": str(tmp_path / "offsite")},
+            "encryption": {"recipients": [keys.recipient], "identity_file": str(keys.identity_file)},
+            "jobs.shop": {"driver": "sqlite", "path": str(db), "storage": storage},
+        })
+
+    backup_id = run_backupd("backup", "shop", config=config("local"), check=True).out.strip()
+    d = start_daemon(config(["local", "offsite"]), port)
+    d.wait_ready()
+    for storage in ("local", "offsite"):  # the series exist from the first scrape
+        assert d.metric("backupd_copy_behind_objects", job="shop", storage=storage) is not None
+        assert d.metric("backupd_copy_behind_seconds", job="shop", storage=storage) is not None
+        assert d.metric("backupd_storage_up", storage=storage) is not None
+    d.wait_for(lambda: (tmp_path / "offsite" / "shop" / "backups" / backup_id / "manifest.json").exists(),
+               what="the catch-up copying the backup offsite")
+    d.wait_for(lambda: d.metric("backupd_copy_behind_objects", job="shop", storage="offsite") == 0
+               and d.metric("backupd_storage_up", storage="offsite") == 1, what="offsite caught up")
+    assert (tmp_path / "offsite" / "shop" / "backups" / backup_id / "db.zst.age").read_bytes() == \
+        (tmp_path / "local" / "shop" / "backups" / backup_id / "db.zst.age").read_bytes()
+    assert d.stop() == 0
