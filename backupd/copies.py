@@ -6,7 +6,8 @@ job's backends, so the repository, the log archive and everything above them are
 - ``put`` reads its source once (compressed and encrypted once) and streams the same bytes
   to every backend at the same time, each in its own thread with a bounded queue. A backend
   that fails is left out; the put succeeds once ``min_copies`` backends hold the object (a
-  WAL segment is acknowledged only then). A backend that failed is skipped for writes for
+  WAL segment is acknowledged only then); below that it raises and removes the object from the
+  backends that took it, so a retry is not told "already archived" by too few. A backend that failed is skipped for writes for
   ``RETRY_AFTER`` seconds, so an unreachable endpoint does not slow every push down.
 - A commit marker (``manifest.json`` and its ``.sig``) goes only to backends that failed no
   write under the same backup directory: a repository commits only a backup it holds whole.
@@ -23,13 +24,13 @@ The daemon's catch-up (``backupd.catchup``) copies what a lagging repository mis
 from __future__ import annotations
 
 import builtins
-import datetime as dt
 import contextlib
+import datetime as dt
 import heapq
 import queue
 import threading
 import time
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator
 
 import structlog
 
@@ -355,6 +356,3 @@ def open_object(storage: Storage, key: str, size: int, sha256: str) -> BinaryIO:
         return storage.open_checked(key, size, sha256)
     return storage.open(key)
 
-
-def backends(storage: Storage) -> Sequence[Storage]:
-    return list(storage.backends.values()) if isinstance(storage, Copies) else [storage]
