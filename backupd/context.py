@@ -13,7 +13,7 @@ from backupd.copies import Copies
 from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
-from backupd.logcopies import CopiesLogArchive
+from backupd.copyreads import CopiesLogArchive, CopiesRepository
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
@@ -73,7 +73,8 @@ class JobContext:
 
     @functools.cached_property
     def repository(self) -> Repository:
-        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
+        repository = CopiesRepository if isinstance(self.storage, Copies) else Repository
+        return repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
                           signing_key_file=self.settings.signing.key_file,
                           trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)
 

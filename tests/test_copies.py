@@ -213,6 +213,15 @@ def test_an_object_deleted_from_one_repository_restores_from_the_other(geo: Geo,
     assert result.code == 0, result.err
     assert geo.backupd("verify", "shop", "--integrity-only", storage="offsite").code == 3
 
+    # a manifest that no longer parses in local is read from offsite
+    (geo.local / "shop" / "backups" / backup_id / "manifest.json").write_text("{ not json")
+    listing = json.loads(geo.backupd("list", "--json", check=True).out)["backups"]
+    assert [b["backup_id"] for b in listing] == [backup_id]
+    result = geo.backupd("restore", "shop", "--to", str(tmp_path / "again.sqlite3"))
+    assert result.code == 0, result.err
+    assert rows(tmp_path / "again.sqlite3") == 2000
+    assert "manifest read from another repository" in result.err
+
 
 def test_each_repository_is_pruned_by_its_own_policy(geo: Geo) -> None:
     config = geo.config.read_text().replace(

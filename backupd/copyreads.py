@@ -1,6 +1,11 @@
-"""Archived logs of a job with several repositories: a log is read from the first repository whose copy is good.
+"""Reads of a job with several repositories that judge each repository's copy on its own.
 
-Pushes go through ``backupd.copies.Copies`` unchanged (every repository gets the same bytes).
+``backupd.copies.Copies`` falls back for an object that is missing, or (``open_object``) whose
+sha256 differs from its manifest's. Two kinds of objects carry no digest to check beforehand:
+
+A manifest is read from the first repository whose copy is usable (it parses, names its own
+backup and job, and, with trusted keys, is signed by one): ``CopiesRepository``.
+
 A log object records no stored digest a reader could check before using it, so a copy is
 judged by decoding it: it is decrypted (age authenticates every chunk) and, when signed,
 checked against its signature into a private temporary file; a copy that is missing, corrupt,
@@ -18,12 +23,50 @@ import structlog
 
 from backupd.age import AgeError
 from backupd.copies import Copies
-from backupd.errors import CryptoError, IntegrityError, ObjectNotFound, StorageError
+from backupd.errors import BackupNotFound, CryptoError, IntegrityError, ObjectNotFound, StorageError
 from backupd.logarchive import LogArchive
+from backupd.manifest import Manifest
 from backupd.pipeline import READ_CHUNK, DecodingReader
+from backupd.repository import Repository
+from backupd.signing import Trust
 from backupd.storage import Storage
 
 log = structlog.get_logger(__name__)
+
+
+class CopiesRepository(Repository):
+    """A ``Repository`` over ``Copies`` whose manifests are read from the first repository with a usable one."""
+
+    def read_manifest(self, backup_id: str) -> tuple[Manifest, Trust | None]:
+        assert isinstance(self.storage, Copies)
+        problems: list[str] = []
+        fallback: tuple[Manifest, Trust | None] | None = None
+        first_error: IntegrityError | None = None
+        for storage_name, backend in self.storage.backends.items():
+            one = copy.copy(self)
+            one.storage = backend
+            try:
+                manifest, trust = Repository.read_manifest(one, backup_id)
+            except BackupNotFound:
+                problems.append(f"{storage_name}: missing")
+                continue
+            except (IntegrityError, StorageError) as exc:
+                first_error = first_error or (exc if isinstance(exc, IntegrityError) else None)
+                problems.append(f"{storage_name}: {exc}")
+                continue
+            if trust is not None and trust.status != "signed":
+                fallback = fallback or (manifest, trust)
+                problems.append(f"{storage_name}: {trust.status}")
+                continue
+            if problems:
+                log.warning("manifest read from another repository", job=self.job, backup_id=backup_id,
+                            storage=storage_name, problems="; ".join(problems))
+            return manifest, trust
+        if fallback is not None:
+            return fallback  # no signed copy anywhere: the caller says why it is not trusted
+        if first_error is not None:
+            raise first_error
+        raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}")
 
 
 class CopiesLogArchive(LogArchive):
