@@ -39,7 +39,7 @@ from backupd.retention import LogItem
 from backupd.retention import plan as retention_plan
 from backupd.settings import RetentionSettings
 from backupd.storage import ObjectInfo, Readable, Storage
-from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key
+from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key, format_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -368,3 +368,45 @@ def target_keep(target: JobContext, sources: dict[str, Storage], manifests: Mani
         return policy_keeps(listings, Layout(target.name), target.job.retention, manifests,
                             [*sources.values(), target.storage], pinned=pinned, tz=target.settings.daemon.timezone)
     return keep
+
+
+def measure(contexts: dict[str, JobContext], listings: dict[str, Listing], manifests: Manifests,
+            last: dict[str, Listing] | None = None) -> dict[str, Behind]:
+    """How far behind each repository of a job is, by its own policy (``contexts``: ``for_storage`` each).
+    One without a listing now is judged by ``last`` (its last one seen), else as empty."""
+    last = last or {}
+    job = next(iter(contexts.values())).name
+    known = {name: listings.get(name) or last.get(name) or Listing({}) for name in contexts}
+    storages = {name: one.storage for name, one in contexts.items() if name in listings}
+    keeps = {}
+    for name, one in contexts.items():
+        try:
+            keeps[name] = target_keep(one, storages, manifests)(list(known.values()))
+        except StorageError as exc:  # its pins cannot be read: count everything it lacks
+            log.warning("repository's policy not planned; counting everything it lacks", storage=name,
+                        error=str(exc))
+    return behind(known, Layout(job), keeps)
+
+
+def lagging(ctx: JobContext) -> list[dict[str, object]]:
+    """Per repository of the job: reachable or not (and why), objects it lacks, the oldest one's time."""
+    contexts = {name: ctx.for_storage(name) for name in ctx.job.storages}
+    try:
+        listings: dict[str, Listing] = {}
+        errors: dict[str, str] = {}
+        for name, one in contexts.items():
+            try:
+                listings[name] = Listing.read(one.storage, ctx.name)
+            except StorageError as exc:
+                errors[name] = str(exc)
+        lags = measure(contexts, listings, Manifests(ctx.name)) if listings else {}
+        report: list[dict[str, object]] = []
+        for name in contexts:
+            lag = lags.get(name) if name not in errors else None
+            report.append({"storage": name, "reachable": name not in errors, "error": errors.get(name),
+                           "behind_objects": lag.objects if lag else None,
+                           "oldest_missing": format_timestamp(lag.oldest) if lag and lag.oldest else None})
+        return report
+    finally:
+        for one in contexts.values():
+            one.close()

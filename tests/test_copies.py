@@ -177,6 +177,9 @@ def test_s3_stopped_during_a_backup_then_caught_up(geo: Geo) -> None:
     assert gauge(metrics.COPY_BEHIND_SECONDS, "shop", "offsite") >= 0
     listing = geo.backupd("list", "--json", check=True)
     assert [b["backup_id"] for b in json.loads(listing.out)["backups"]] == [second, first]
+    status = json.loads(geo.backupd("status", "shop", "--json").out)["jobs"][0]
+    assert [(c["storage"], c["reachable"]) for c in status["lagging_copies"]] == [("local", True), ("offsite", False)]
+    assert any(p.startswith("repository offsite is not reachable") for p in status["problems"])
 
     geo.endpoint.start()
     assert f"shop/backups/{second}/manifest.json" not in geo.s3_keys()  # never committed in a partial copy
@@ -186,6 +189,8 @@ def test_s3_stopped_during_a_backup_then_caught_up(geo: Geo) -> None:
     assert gauge(metrics.STORAGE_UP, "offsite") == 1
     local, s3 = geo.local_keys("shop/backups"), geo.s3_keys("shop/backups")
     assert {k: sha(v) for k, v in local.items()} == {k: sha(v) for k, v in s3.items()}
+    status = json.loads(geo.backupd("status", "shop", "--json").out)["jobs"][0]
+    assert [c["behind_objects"] for c in status["lagging_copies"]] == [0, 0]
     for storage in ("local", "offsite"):
         result = geo.backupd("verify", "shop", "--integrity-only", storage=storage)
         assert result.code == 0, result.err

@@ -17,10 +17,9 @@ from typing import Callable
 import structlog
 
 from backupd import copies, metrics
-from backupd.catchup import Listing, Manifests, behind, for_target, target_keep
+from backupd.catchup import Listing, Manifests, for_target, measure
 from backupd.context import JobContext
 from backupd.errors import StorageError
-from backupd.repository import Layout
 from backupd.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -136,18 +135,9 @@ class CopyWatch:
 
     def _measure(self, job: str, contexts: dict[str, JobContext], listings: dict[str, Listing],
                  manifests: Manifests) -> None:
-        """Behind per repository, by its own policy; one not reachable now is judged by its last listing
-        (an empty one if never seen)."""
-        known = {name: listings.get(name) or self._last.get((job, name)) or Listing({}) for name in contexts}
-        storages = {name: one.storage for name, one in contexts.items() if name in listings}
-        keeps = {}
-        for name, one in contexts.items():
-            try:
-                keeps[name] = target_keep(one, storages, manifests)(list(known.values()))
-            except StorageError as exc:  # its pins cannot be read: count everything it lacks
-                log.warning("repository's policy not planned; counting everything it lacks", storage=name,
-                            error=str(exc))
+        """Behind per repository; one not reachable now is judged by its last listing (empty if never seen)."""
+        last = {name: self._last[(job, name)] for name in contexts if (job, name) in self._last}
         now = dt.datetime.now(dt.timezone.utc)
-        for name, lag in behind(known, Layout(job), keeps).items():
+        for name, lag in measure(contexts, listings, manifests, last).items():
             metrics.COPY_BEHIND_OBJECTS.labels(job, name).set(lag.objects)
             metrics.COPY_BEHIND_SECONDS.labels(job, name).set(lag.seconds(now))
