@@ -45,6 +45,8 @@ class Signed:
     keys: Keys
     counts: dict[str, int]
     tmp: Path
+    table: dict[str, object]  # the repository's storage table
+    db: Path
 
 
 def key_file(path: Path, key: SigningKey) -> Path:
@@ -74,7 +76,7 @@ def signed(request: pytest.FixtureRequest, tmp_path: Path, keys: Keys) -> Iterat
         "trusted_keys": [HOST_A.public.line(), HOST_B.public.line()]}}).read_text()
     config.write_text(signing_table + "\n" + config.read_text())
     with storage:
-        yield Signed(config, unsigned, storage, keys, counts, tmp_path)
+        yield Signed(config, unsigned, storage, keys, counts, tmp_path, table, db)
 
 
 def backup(signed: Signed, config: Path | None = None) -> str:
@@ -211,3 +213,39 @@ def test_unsigned_backups_need_allow_unsigned(signed: Signed) -> None:
     # Jobs without trusted keys read it as before, and list marks nothing.
     listing = run_backupd("list", "shop", "--json", config=signed.unsigned_config, check=True)
     assert json.loads(listing.out)["backups"][0]["signature"] is None
+
+
+def signatures_check(config: Path) -> dict:
+    result = run_backupd("check", "shop", "--json", config=config)
+    return next(c for c in json.loads(result.out)["checks"] if c["name"] == "jobs.shop: signatures")
+
+
+def test_check_warns_in_one_line_when_the_jobs_backups_are_not_signed(signed: Signed) -> None:
+    assert signatures_check(signed.config) == {"name": "jobs.shop: signatures", "status": "ok", "ok": True,
+                                               "detail": "no backups yet; 1 trusted key(s)"}
+    real = backup(signed)
+    check = signatures_check(signed.config)
+    assert check["status"] == "ok", check
+    assert check["detail"] == f"1 backup(s), all signed by a trusted key (the newest, {real}, is signed-by backupd@host-a)"
+
+    newest = backup(signed, signed.unsigned_config)  # written by a host without a signing key
+    check = signatures_check(signed.config)
+    assert check["status"] == "warn" and check["ok"], check
+    assert check["detail"].startswith(f"1 of 2 backup(s) not signed by a trusted key (the newest, {newest}, is "
+                                      f"unsigned; {newest}: unsigned: shop/backups/{newest}/manifest.json.sig: "
+                                      "missing"), check
+    text = run_backupd("check", "shop", config=signed.config).out.splitlines()
+    assert [line for line in text if "signatures" in line] == [f"warn  jobs.shop: signatures: {check['detail']}"]
+
+    check = signatures_check(signed.unsigned_config)  # neither signed nor checked
+    assert check["status"] == "warn" and "not signed and signatures are not checked" in check["detail"], check
+
+    # a host that writes the job's backups on a schedule, trusts keys, but has no signing key of its own
+    (signed.tmp / "writer").mkdir()
+    writer = sqlite_job_config(signed.tmp / "writer", signed.keys, signed.table, signed.db,
+                               {"schedule": "@daily", "trusted_keys": [HOST_A.public.line()]})
+    writer.write_text(write_config(signed.tmp / "writer" / "signing.toml", {"signing": {
+        "trusted_keys": [HOST_A.public.line()]}}).read_text() + "\n" + writer.read_text())
+    check = signatures_check(writer)
+    assert check["status"] == "warn", check
+    assert check["detail"].startswith("this host writes the job's backups or logs unsigned (no signing.key_file)")
