@@ -15,7 +15,6 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -28,10 +27,8 @@ from backupd.settings import load_settings
 from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from backupd.timeutil import parse_timestamp
-from core_fixtures import Keys, make_sample_db, sqlite_job_config
-from storage.filesystem import FilesystemStorage
-from storage.s3 import S3Options, S3Storage
-from support import error_lines, run_backupd, write_config
+from core_fixtures import Keys, Repo, make_sample_db, sqlite_job_config
+from support import add_signing, error_lines, run_backupd, signing_key_file
 
 HOST_A = SigningKey.generate("backupd@host-a")  # writes this job's backups
 HOST_B = SigningKey.generate("backupd@host-b")  # another host of the same bucket: trusted, not for this job
@@ -49,34 +46,17 @@ class Signed:
     db: Path
 
 
-def key_file(path: Path, key: SigningKey) -> Path:
-    path.write_text(key.to_openssh())
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture(params=["filesystem", "s3"])
-def signed(request: pytest.FixtureRequest, tmp_path: Path, keys: Keys) -> Iterator[Signed]:
-    if request.param == "filesystem":
-        table: dict[str, object] = {"type": "filesystem", "path": str(tmp_path / "repo")}
-        storage: Storage = FilesystemStorage(tmp_path / "repo")
-    else:
-        endpoint = request.getfixturevalue("moto_server")
-        bucket = request.getfixturevalue("s3_bucket")
-        table = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint}
-        storage = S3Storage(S3Options(bucket=bucket, prefix="prod/", endpoint_url=endpoint, region="us-east-1"))
+@pytest.fixture
+def signed(repository: Repo, tmp_path: Path, keys: Keys) -> Signed:
     db = tmp_path / "shop.sqlite3"
     counts = make_sample_db(db, rows=50)
-    unsigned = sqlite_job_config(tmp_path, keys, table, db, {"retention": {"keep_last": 1}})
+    unsigned = sqlite_job_config(tmp_path, keys, repository.table, db, {"retention": {"keep_last": 1}})
     unsigned = unsigned.rename(tmp_path / "unsigned.toml")
-    config = sqlite_job_config(tmp_path, keys, table, db,
+    config = sqlite_job_config(tmp_path, keys, repository.table, db,
                                {"trusted_keys": [HOST_A.public.line()], "retention": {"keep_last": 1}})
-    signing_table = write_config(tmp_path / "signing.toml", {"signing": {
-        "key_file": str(key_file(tmp_path / "host-a.key", HOST_A)),
-        "trusted_keys": [HOST_A.public.line(), HOST_B.public.line()]}}).read_text()
-    config.write_text(signing_table + "\n" + config.read_text())
-    with storage:
-        yield Signed(config, unsigned, storage, keys, counts, tmp_path, table, db)
+    add_signing(config, [HOST_A.public.line(), HOST_B.public.line()],
+                signing_key_file(tmp_path / "host-a.key", HOST_A))
+    return Signed(config, unsigned, repository.storage, keys, counts, tmp_path, repository.table, db)
 
 
 def backup(signed: Signed, config: Path | None = None) -> str:
@@ -93,22 +73,29 @@ def read(storage: Storage, key: str) -> bytes:
         handle.close()
 
 
-def forge(signed: Signed, *, after: str, rows: int = 7) -> tuple[str, bytes]:
-    """A newer backup written by the attacker: their own database, valid age to the recipient, right
-    sha256, in a manifest copied from a real one. Returns its id and its manifest's bytes."""
-    evil = signed.tmp / f"evil-{rows}.sqlite3"
-    make_sample_db(evil, rows=rows)
-    stored = encode_bytes(evil.read_bytes(), [age.X25519Recipient.parse(signed.keys.recipient)])
-    real = json.loads(read(signed.storage, f"shop/backups/{after}/manifest.json"))
-    moment = parse_timestamp(real["started_at"]) + dt.timedelta(hours=1 + rows)
+def forge_backup(storage: Storage, job: str, after: str, plaintext: bytes, recipient: str,
+                 hours: int) -> tuple[str, bytes]:
+    """A backup of ``job`` written by an attacker ``hours`` after backup ``after``: ``plaintext`` as its
+    stream, valid age to the job's recipient with the right sizes and sha256, in a manifest copied
+    from the real one. Returns its id and its manifest's bytes."""
+    stored = encode_bytes(plaintext, [age.X25519Recipient.parse(recipient)])
+    real = json.loads(read(storage, f"{job}/backups/{after}/manifest.json"))
+    moment = parse_timestamp(real["started_at"]) + dt.timedelta(hours=hours)
     backup_id = moment.strftime("%Y%m%dT%H%M%SZ")
     real.update(backup_id=backup_id, started_at=moment.isoformat(), finished_at=moment.isoformat())
-    real["objects"] = [{**real["objects"][0], "raw_size": evil.stat().st_size, "stored_size": len(stored),
+    real["objects"] = [{**real["objects"][0], "raw_size": len(plaintext), "stored_size": len(stored),
                         "sha256": hashlib.sha256(stored).hexdigest()}]
     manifest = Manifest.from_dict(real).to_json()
-    signed.storage.put(f"shop/backups/{backup_id}/{real['objects'][0]['key']}", io.BytesIO(stored))
-    signed.storage.put(f"shop/backups/{backup_id}/manifest.json", io.BytesIO(manifest))
+    storage.put(f"{job}/backups/{backup_id}/{real['objects'][0]['key']}", io.BytesIO(stored))
+    storage.put(f"{job}/backups/{backup_id}/manifest.json", io.BytesIO(manifest))
     return backup_id, manifest
+
+
+def forge(signed: Signed, *, after: str, rows: int = 7) -> tuple[str, bytes]:
+    """A newer backup of the attacker's own database (``rows`` orders)."""
+    evil = signed.tmp / f"evil-{rows}.sqlite3"
+    make_sample_db(evil, rows=rows)
+    return forge_backup(signed.storage, "shop", after, evil.read_bytes(), signed.keys.recipient, 1 + rows)
 
 
 def rows_in(path: Path) -> int:
@@ -244,8 +231,7 @@ def test_check_warns_in_one_line_when_the_jobs_backups_are_not_signed(signed: Si
     (signed.tmp / "writer").mkdir()
     writer = sqlite_job_config(signed.tmp / "writer", signed.keys, signed.table, signed.db,
                                {"schedule": "@daily", "trusted_keys": [HOST_A.public.line()]})
-    writer.write_text(write_config(signed.tmp / "writer" / "signing.toml", {"signing": {
-        "trusted_keys": [HOST_A.public.line()]}}).read_text() + "\n" + writer.read_text())
+    add_signing(writer, [HOST_A.public.line()])
     check = signatures_check(writer)
     assert check["status"] == "warn", check
     assert check["detail"].startswith("this host writes the job's backups or logs unsigned (no signing.key_file)")
