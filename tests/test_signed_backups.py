@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from backupd import age, metrics, signing
 from backupd.context import JobContext
@@ -28,7 +29,9 @@ from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from backupd.timeutil import parse_timestamp
 from core_fixtures import Keys, Repo, make_sample_db, sqlite_job_config
+from mysql_support import started
 from support import add_signing, error_lines, run_backupd, signing_key_file
+from test_mysql_driver import backup as mysql_backup, make_job, restore as mysql_restore, tools  # noqa: F401 (fixture)
 
 HOST_A = SigningKey.generate("backupd@host-a")  # writes this job's backups
 HOST_B = SigningKey.generate("backupd@host-b")  # another host of the same bucket: trusted, not for this job
@@ -235,3 +238,66 @@ def test_check_warns_in_one_line_when_the_jobs_backups_are_not_signed(signed: Si
     check = signatures_check(writer)
     assert check["status"] == "warn", check
     assert check["detail"].startswith("this host writes the job's backups or logs unsigned (no signing.key_file)")
+
+
+# -- against a real MariaDB server: forged logical backups ------------------------------------------
+
+
+def plaintext_stream(storage: Storage, job: str, backup_id: str, identity: age.X25519Identity) -> bytes:
+    """A backup's (first) stream as the driver wrote it: what an attacker holding the job's identity
+    would start a forgery from; one without it writes a dump of their own."""
+    manifest = json.loads(read(storage, f"{job}/backups/{backup_id}/manifest.json"))
+    stored = read(storage, f"{job}/backups/{backup_id}/{manifest['objects'][0]['key']}")
+    return zstandard.ZstdDecompressor().decompressobj().decompress(age.decrypt([identity], stored))
+
+
+@pytest.mark.usefixtures("tools")
+def test_forged_mariadb_backups_are_refused_and_nothing_is_restored(repository: Repo, tmp_path: Path,
+                                                                    keys: Keys) -> None:
+    source, target = started(log_bin=True, server_id=41), started(log_bin=False, server_id=42)
+    try:
+        source.sql("CREATE DATABASE sig2", "CREATE TABLE sig2.t (id INT PRIMARY KEY)",
+                   "INSERT INTO sig2.t VALUES (1), (2), (3)")
+        job = make_job(tmp_path, keys, source, ["sig2"], storage=repository.table,
+                       trusted_keys=[HOST_A.public.line()])  # host B's key is trusted, but not for this job
+        add_signing(job.config, [HOST_A.public.line(), HOST_B.public.line()],
+                    signing_key_file(tmp_path / "host-a.key", HOST_A))
+        real = mysql_backup(job)
+        storage = repository.storage
+        evil = plaintext_stream(storage, "shop", real, keys.identity) + b"\nCREATE DATABASE pwned;\n"
+        unsigned, _ = forge_backup(storage, "shop", real, evil, keys.recipient, 1)
+        moved, _ = forge_backup(storage, "shop", real, evil, keys.recipient, 2)
+        storage.put(f"shop/backups/{moved}/manifest.json.sig",
+                    io.BytesIO(read(storage, f"shop/backups/{real}/manifest.json.sig")))
+        foreign, manifest = forge_backup(storage, "shop", real, evil, keys.recipient, 3)
+        signing.sign_manifest(storage, f"shop/backups/{foreign}/manifest.json", manifest, HOST_B)
+
+        listing = json.loads(run_backupd("list", "shop", "--json", config=job.config, check=True).out)["backups"]
+        assert {b["backup_id"]: b["signature"] for b in listing} == {
+            foreign: "BAD", moved: "BAD", unsigned: "unsigned", real: "signed-by backupd@host-a"}
+        for forged, why in ((unsigned, "manifest.json.sig: missing"), (moved, "does not match the data"),
+                            (foreign, f"signed by ssh-ed25519 {HOST_B.public.fingerprint}, which is not a trusted")):
+            result = run_backupd("restore", "shop", "--to", target.url(), "--backup", forged, config=job.config,
+                                 timeout=300)
+            assert result.code == 1, result.err
+            line = next(line for line in error_lines(result.err) if line.startswith("backupd: error"))
+            assert forged in line and f"shop/backups/{forged}/manifest.json.sig" in line and why in line, line
+            assert target.sql("SHOW DATABASES LIKE 'sig2'") == target.sql("SHOW DATABASES LIKE 'pwned'") == []
+            for args in ([], ["--integrity-only"]):
+                verify = run_backupd("verify", "shop", "--backup", forged, "--json", *args, config=job.config)
+                assert verify.code == 3, (args, verify.err)
+                [report] = json.loads(verify.out)["reports"]
+                assert report["backup_id"] == forged and any(why in p for p in report["problems"]), report
+
+        mysql_restore(job, target)  # the newest trusted backup: the real one
+        assert target.sql("SELECT id FROM sig2.t ORDER BY id") == [(1,), (2,), (3,)]
+        assert target.sql("SHOW DATABASES LIKE 'pwned'") == []
+
+        # The forgery is a working backup: only its missing signature kept it out.
+        allowed = run_backupd("restore", "shop", "--to", target.url(), "--backup", unsigned, "--allow-unsigned", "--clean",
+                              config=job.config, timeout=300)
+        assert allowed.code == 0 and "UNSIGNED backup" in allowed.err, allowed.err
+        assert target.sql("SHOW DATABASES LIKE 'pwned'") == [("pwned",)]
+    finally:
+        source.destroy()
+        target.destroy()
