@@ -84,19 +84,3 @@ def write_config(path: Path, tables: dict[str, dict[str, object]]) -> Path:
     path.write_text("\n".join(lines))
     return path
 
-
-def signing_key_file(path: Path, key) -> Path:  # key: backupd.sshsig.SigningKey
-    """``key`` written as a host's ``signing.key_file`` (OpenSSH private key, 0600)."""
-    path.write_text(key.to_openssh())
-    path.chmod(0o600)
-    return path
-
-
-def add_signing(config: Path, trusted: list[str], key_file: Path | None = None) -> Path:
-    """Put a ``[signing]`` table (``trusted_keys`` lines, and ``key_file`` when given) in front of ``config``."""
-    table: dict[str, object] = {"trusted_keys": trusted}
-    if key_file is not None:
-        table["key_file"] = str(key_file)
-    signing = write_config(config.with_name(config.stem + "-signing.toml"), {"signing": table}).read_text()
-    config.write_text(signing + "\n" + config.read_text())
-    return config

@@ -9,7 +9,6 @@ but the signature). Jobs without trusted_keys behave as before (the rest of the 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import sqlite3
@@ -22,15 +21,14 @@ import zstandard
 from backupd import age, metrics, signing
 from backupd.context import JobContext
 from backupd.daemon.repo_metrics import refresh_backups
-from backupd.manifest import Manifest
-from backupd.pipeline import encode_bytes
 from backupd.settings import load_settings
 from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from backupd.timeutil import parse_timestamp
 from core_fixtures import Keys, Repo, make_sample_db, sqlite_job_config
 from mysql_support import started
-from support import add_signing, error_lines, run_backupd, signing_key_file
+from signing_support import add_signing, forge_backup, read, signing_key_file
+from support import error_lines, run_backupd
 from test_mysql_driver import backup as mysql_backup, make_job, restore as mysql_restore, tools  # noqa: F401 (fixture)
 
 HOST_A = SigningKey.generate("backupd@host-a")  # writes this job's backups
@@ -68,37 +66,11 @@ def backup(signed: Signed, config: Path | None = None) -> str:
     return json.loads(listing.out)["backups"][0]["backup_id"]
 
 
-def read(storage: Storage, key: str) -> bytes:
-    handle = storage.open(key)
-    try:
-        return handle.read()
-    finally:
-        handle.close()
-
-
-def forge_backup(storage: Storage, job: str, after: str, plaintext: bytes, recipient: str,
-                 hours: int) -> tuple[str, bytes]:
-    """A backup of ``job`` written by an attacker ``hours`` after backup ``after``: ``plaintext`` as its
-    stream, valid age to the job's recipient with the right sizes and sha256, in a manifest copied
-    from the real one. Returns its id and its manifest's bytes."""
-    stored = encode_bytes(plaintext, [age.X25519Recipient.parse(recipient)])
-    real = json.loads(read(storage, f"{job}/backups/{after}/manifest.json"))
-    moment = parse_timestamp(real["started_at"]) + dt.timedelta(hours=hours)
-    backup_id = moment.strftime("%Y%m%dT%H%M%SZ")
-    real.update(backup_id=backup_id, started_at=moment.isoformat(), finished_at=moment.isoformat())
-    real["objects"] = [{**real["objects"][0], "raw_size": len(plaintext), "stored_size": len(stored),
-                        "sha256": hashlib.sha256(stored).hexdigest()}]
-    manifest = Manifest.from_dict(real).to_json()
-    storage.put(f"{job}/backups/{backup_id}/{real['objects'][0]['key']}", io.BytesIO(stored))
-    storage.put(f"{job}/backups/{backup_id}/manifest.json", io.BytesIO(manifest))
-    return backup_id, manifest
-
-
 def forge(signed: Signed, *, after: str, rows: int = 7) -> tuple[str, bytes]:
     """A newer backup of the attacker's own database (``rows`` orders)."""
     evil = signed.tmp / f"evil-{rows}.sqlite3"
     make_sample_db(evil, rows=rows)
-    return forge_backup(signed.storage, "shop", after, evil.read_bytes(), signed.keys.recipient, 1 + rows)
+    return forge_backup(signed.storage, "shop", after, evil.read_bytes(), signed.keys.recipient, dt.timedelta(hours=1 + rows))
 
 
 def rows_in(path: Path) -> int:
@@ -265,11 +237,11 @@ def test_forged_mariadb_backups_are_refused_and_nothing_is_restored(repository: 
         real = mysql_backup(job)
         storage = repository.storage
         evil = plaintext_stream(storage, "shop", real, keys.identity) + b"\nCREATE DATABASE pwned;\n"
-        unsigned, _ = forge_backup(storage, "shop", real, evil, keys.recipient, 1)
-        moved, _ = forge_backup(storage, "shop", real, evil, keys.recipient, 2)
+        unsigned, _ = forge_backup(storage, "shop", real, evil, keys.recipient, dt.timedelta(hours=1))
+        moved, _ = forge_backup(storage, "shop", real, evil, keys.recipient, dt.timedelta(hours=2))
         storage.put(f"shop/backups/{moved}/manifest.json.sig",
                     io.BytesIO(read(storage, f"shop/backups/{real}/manifest.json.sig")))
-        foreign, manifest = forge_backup(storage, "shop", real, evil, keys.recipient, 3)
+        foreign, manifest = forge_backup(storage, "shop", real, evil, keys.recipient, dt.timedelta(hours=3))
         signing.sign_manifest(storage, f"shop/backups/{foreign}/manifest.json", manifest, HOST_B)
 
         listing = json.loads(run_backupd("list", "shop", "--json", config=job.config, check=True).out)["backups"]

@@ -28,7 +28,8 @@ from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401 (fixture)
 from backupd.storage import Storage
 from storage.filesystem import FilesystemStorage
 from mysql_support import started
-from support import add_signing, error_lines, run_backupd, signing_key_file, write_config
+from signing_support import add_signing, signing_key_file
+from support import error_lines, run_backupd, write_config
 from test_mysql_driver import RunningArchiver, backup, make_job, tools  # noqa: F401 (fixture)
 
 HOST_A = SigningKey.generate("backupd@host-a")
