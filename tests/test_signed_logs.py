@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -278,6 +279,10 @@ def test_a_replaced_binlog_is_refused_before_the_target_is_touched(repository: R
         line = next(line for line in error_lines(result.err) if line.startswith("backupd: error"))
         assert "does not match its signature" in line and archive.key(name) in line, result.err
         assert target.sql("SHOW DATABASES LIKE 'sig1'") == []  # nothing loaded before the binlogs were checked
+        drill = run_backupd("verify", "shop", "--pitr-drill", "--json", config=job.config, timeout=300)
+        assert drill.code == 3, drill.out + drill.err
+        problems = [p for report in json.loads(drill.out)["reports"] for p in report["problems"]]
+        assert any(archive.key(name) in p and "does not match its signature" in p for p in problems), problems
     finally:
         source.destroy()
         target.destroy()
