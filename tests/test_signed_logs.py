@@ -29,7 +29,7 @@ from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401 (fixture)
 from backupd.storage import Storage
 from storage.filesystem import FilesystemStorage
 from mysql_support import started
-from signing_support import add_signing, signing_key_file
+from signing_support import add_signing, read as read_stored, signing_key_file
 from support import error_lines, run_backupd, write_config
 from test_mysql_driver import RunningArchiver, backup, make_job, tools  # noqa: F401 (fixture)
 
@@ -128,6 +128,28 @@ def test_a_stranger_s_signature_is_refused(fs_storage: FilesystemStorage, keys: 
     key = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000008", b"x" * 100, signer=STRANGER)
     with pytest.raises(UntrustedObject, match=key):
         read(fs_storage, keys, "00000001/000000010000000000000008", [HOST_A])
+
+
+def test_untrusted_lists_logs_no_trusted_key_vouches_for(storage: Storage, keys: Keys, tmp_path: Path) -> None:
+    names = [f"00000001/0000000100000000000000{n:02X}" for n in range(0x30, 0x36)]
+    pushed = {name: push(storage, keys, tmp_path, name, name.encode() * 100,  # type: ignore[arg-type]
+                         signer=None if name == names[1] else STRANGER if name == names[2] else HOST_A)
+              for name in names}
+    storage.delete(pushed[names[3]] + ".sig")  # the signature of another log in its place
+    storage.put(pushed[names[3]] + ".sig", io.BytesIO(read_stored(storage, pushed[names[0]] + ".sig")))
+    replace_object(storage, keys, pushed[names[4]], b"forged" * 100)  # other content, its own sha256
+    replace_object(storage, keys, pushed[names[5]], b"forged" * 100,  # the signed sha256 kept: found when read
+                   hashlib.sha256(names[5].encode() * 100).hexdigest())
+    checked = archive(storage, keys, trusted=[HOST_A.public])  # type: ignore[arg-type]
+    found = list(checked.untrusted())
+    assert [line.split()[1] for line in found] == [pushed[n] for n in names[1:5]], found
+    assert "missing; the log object is not signed" in found[0]
+    assert f"signed by ssh-ed25519 {STRANGER.public.fingerprint}, which is not a trusted key" in found[1]
+    assert "does not match the data" in found[2] and "does not match the data" in found[3]
+    with pytest.raises(UntrustedObject, match=pushed[names[5]]):
+        with checked.open(names[5], [keys.identity]) as stream:
+            stream.read()
+    assert list(archive(storage, keys).untrusted()) == []  # without trusted keys nothing is checked
 
 
 def test_unsigned_logs_are_refused_with_trusted_keys_and_read_without(fs_storage: FilesystemStorage, keys: Keys,
@@ -283,6 +305,16 @@ def test_a_replaced_binlog_is_refused_before_the_target_is_touched(repository: R
         assert drill.code == 3, drill.out + drill.err
         problems = [p for report in json.loads(drill.out)["reports"] for p in report["problems"]]
         assert any(archive.key(name) in p and "does not match its signature" in p for p in problems), problems
+
+        # verify checks every archived log's signature over its key and recorded sha256 (the content only
+        # when it is replayed, as above): an unsigned binlog fails it, full and --integrity-only
+        repository.storage.delete(archive.key(name) + ".sig")
+        for args in ([], ["--integrity-only"]):
+            verify = run_backupd("verify", "shop", "--json", *args, config=job.config, timeout=300)
+            assert verify.code == 3, (args, verify.out + verify.err)
+            problems = [p for report in json.loads(verify.out)["reports"] for p in report["problems"]]
+            assert problems == [f"log {archive.key(name)} of job shop is not trusted: {archive.key(name)}.sig: "
+                                "missing; the log object is not signed"], (args, problems)
     finally:
         source.destroy()
         target.destroy()
