@@ -162,6 +162,8 @@ def test_a_moved_signature_and_another_hosts_key_are_bad(signed: Signed) -> None
 def test_unsigned_backups_need_allow_unsigned(signed: Signed) -> None:
     old = backup(signed, signed.unsigned_config)  # from before signing
     assert signatures(signed) == {old: "unsigned"}
+    show = run_backupd("show", old, "--job", "shop", config=signed.config, check=True)
+    assert "signature   unsigned" in show.out, show.out
     target = signed.tmp / "restored.sqlite3"
     refused = run_backupd("restore", "shop", "--to", str(target), config=signed.config)
     assert refused.code == 1 and not target.exists(), refused.err
