@@ -275,3 +275,23 @@ def test_forged_mariadb_backups_are_refused_and_nothing_is_restored(repository: 
     finally:
         source.destroy()
         target.destroy()
+
+
+def test_the_integrity_rotation_counts_untrusted_backups(signed: Signed) -> None:
+    from backupd.daemon.runs import Runs, Slots
+    from backupd.daemon.state import ScheduleState
+    from backupd.daemon.tasks import Tasks
+    from backupd.errors import BackupdError
+
+    real = backup(signed)
+    forged, _ = forge(signed, after=real)
+    settings = load_settings(signed.config)
+    state = ScheduleState(signed.tmp / "state")
+    tasks = Tasks(lambda: settings, Runs(), Slots(1), state)
+    with pytest.raises(BackupdError, match=forged):
+        tasks.integrity("shop")
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 1  # noqa: SLF001
+    assert sorted(state.integrity_reads("shop")) == [real]  # the real backup is read; the forgery never
+    signed.storage.delete(f"shop/backups/{forged}/manifest.json")  # removed by hand once found out
+    tasks.integrity("shop")
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 0  # noqa: SLF001
