@@ -143,6 +143,10 @@ def test_a_moved_signature_and_another_hosts_key_are_bad(signed: Signed) -> None
     signing.sign_manifest(signed.storage, f"shop/backups/{foreign}/manifest.json", manifest, HOST_B)
 
     assert signatures(signed) == {foreign: "BAD", moved: "BAD", real: "signed-by backupd@host-a"}
+    table = run_backupd("list", "shop", config=signed.config, check=True).out.splitlines()
+    column = table[0].index("SIGNATURE")
+    assert {line.split()[0]: line[column:].strip() for line in table[1:]} == {
+        foreign: "BAD", moved: "BAD", real: "signed-by backupd@host-a"}, table
     for forged, why in ((moved, "signature"), (foreign, HOST_B.public.fingerprint)):
         for allow in ([], ["--allow-unsigned"]):  # never accepted, not even with --allow-unsigned
             target = signed.tmp / f"{forged}.sqlite3"
