@@ -217,6 +217,17 @@ def test_check_warns_in_one_line_when_the_jobs_backups_are_not_signed(signed: Si
     assert check["status"] == "warn", check
     assert check["detail"].startswith("this host writes the job's backups or logs unsigned (no signing.key_file)")
 
+    # a host whose key is trusted, but not for this job
+    (signed.tmp / "other").mkdir()
+    other = sqlite_job_config(signed.tmp / "other", signed.keys, signed.table, signed.db,
+                              {"trusted_keys": [HOST_A.public.line()]})
+    add_signing(other, [HOST_A.public.line(), HOST_B.public.line()],
+                signing_key_file(signed.tmp / "other" / "host-b.key", HOST_B))
+    check = signatures_check(other)
+    assert check["status"] == "warn", check
+    assert check["detail"] == (f"{signed.tmp / 'other' / 'host-b.key'}: its public key ssh-ed25519 {HOST_B.public.fingerprint} is not among "
+                               "the job's trusted keys: backups signed here will be refused")
+
 
 # -- against a real MariaDB server: forged logical backups ------------------------------------------
 
