@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
     checks.append(signing_check(settings))
-    for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
+    for storage in sorted({name for job in jobs for name in settings.job(job).storages} or set(settings.storage)):
         checks.append(_guard(f"storage.{storage}", functools.partial(storage_round_trip, settings, storage)))
     for job in jobs:
         checks.extend(password_file_checks(settings, job))
