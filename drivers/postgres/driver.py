@@ -25,6 +25,7 @@ from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 class PostgresDriver(Driver, WalArchiving, PitrDrill):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
+    log_namings = DESCRIPTOR.log_namings
     scratch_users = ("postgres",)
     options_model = PostgresOptions
 
