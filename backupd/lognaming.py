@@ -31,6 +31,11 @@ class LogNaming:
     #: Why retention keeps a log whatever the backups need (a reason like "timeline history"); None for most.
     always_keep: Callable[[str], str | None] = _nothing
 
+    @property
+    def foldered(self) -> bool:
+        """Whether logs go in sub-folders (the repository had none before: ``backupd migrate`` moves them)."""
+        return self.folder is not _nothing
+
     def split(self, name: str) -> tuple[str, str]:
         """(directory, file) of a log name; the directory is "" for a name without one."""
         directory, _, file = name.rpartition("/")

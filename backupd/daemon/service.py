@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from backupd import __version__, children, metrics, plugins, pushes
-from backupd.context import JobContext
+from backupd.context import JobContext, open_storage
 from backupd.control import ControlServer, confine, job_peers, socket_path
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
@@ -33,6 +33,7 @@ from backupd.daemon.state import DaemonLock, ScheduleState
 from backupd.daemon.supervisor import Supervised
 from backupd.daemon.tasks import Tasks
 from backupd.errors import ConfigError
+from backupd.migrate import migrate_in_background
 from backupd.settings import Settings, load_settings
 from backupd.timeutil import format_timestamp
 
@@ -84,6 +85,7 @@ class Daemon:
         self.scheduler.start()
         DAEMON_START.set(time.time())
         self.watch.start(sorted(self.settings.jobs))
+        self._migrate()
         log.info("daemon started", version=__version__, pid=os.getpid(), jobs=sorted(self.settings.jobs),
                  metrics=self.settings.daemon.metrics_listen, state_dir=str(self.state_dir))
         self.notifier.ready(self.status_line())
@@ -141,6 +143,16 @@ class Daemon:
         return 0
 
     # -- jobs, archivers, control handlers ----------------------------------
+    def _migrate(self) -> None:
+        """Move each job's repository from an older layout, once, in the background (``backupd migrate``)."""
+        storages = {}
+        for name in self.settings.jobs:
+            try:
+                storages[name] = open_storage(self.settings, self.settings.job(name).storage)
+            except Exception as exc:  # reads keep finding the old layout; the next start tries again
+                log.error("cannot open the job's storage to migrate it", job=name, error=str(exc))
+        migrate_in_background(storages)
+
     @property
     def supervisors(self) -> list[Supervised]:
         return [supervised for group in self.archivers.values() for supervised in group]
