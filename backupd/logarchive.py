@@ -28,6 +28,7 @@ in place.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -179,6 +180,8 @@ class LogArchive:
         self._signing_key: sshsig.SigningKey | None = None
         self._legacy: bool | None = None
         self._legacy_checked = 0.0
+        #: whole listings shared by the archives of one command (``JobContext.one_listing``), by kind
+        self.listings: dict[str, list[LogObject]] | None = None
 
     @property
     def signing_key(self) -> sshsig.SigningKey | None:
@@ -367,6 +370,13 @@ class LogArchive:
 
         ``under`` is a directory, a start of a file name no longer than its folder (then only that
         folder is listed), or a whole name (``Layout.log_list_prefixes``)."""
+        if self.listings is not None and not with_metadata:
+            if self.kind not in self.listings:
+                self.listings[self.kind] = self._list("", False)
+            return [obj for obj in self.listings[self.kind] if obj.name.startswith(under)]
+        return self._list(under, with_metadata)
+
+    def _list(self, under: str, with_metadata: bool) -> "builtins.list[LogObject]":
         found: dict[str, ObjectInfo] = {}
         for prefix in self.layout.log_list_prefixes(self.kind, under):
             for info in self.storage.list(prefix):
@@ -391,6 +401,8 @@ class LogArchive:
             if key is not None:
                 self.storage.delete(key)
                 self.storage.delete(signing.signature_key(key))
+        if self.listings is not None:
+            self.listings.pop(self.kind, None)
 
     @staticmethod
     def _log_object(info: ObjectInfo, name: str) -> LogObject:

@@ -190,13 +190,9 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    checked = 0
-    for manifest in manifests:
-        if not PitrStart.recorded(manifest):
-            continue
-        checked += 1
-        source = RepositorySource(ctx.repository, manifest, identities, key_file)
-        reach = ctx.driver.log_reach(source)
+    reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+    checked = len(reaches)
+    for reach in reaches.values():
         if reach is not None:
             gaps.extend(gap for gap in reach.missing if gap not in gaps)
             notes.extend(note for note in reach.notes if note not in notes)
@@ -241,6 +237,12 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     backup unless one is named. With trusted keys, a manifest no trusted key signed is a
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
+    with ctx.one_listing():  # the log archive is listed once, however many backups record logs
+        return _run_verification(ctx, backup_id, integrity_only=integrity_only, pitr_drill=pitr_drill)
+
+
+def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only: bool,
+                      pitr_drill: bool) -> list[VerifyReport]:
     repo = ctx.repository
     if backup_id:
         try:

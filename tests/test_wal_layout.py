@@ -14,15 +14,20 @@ from typing import Iterator
 import pytest
 
 from backupd import age, retention, signing, sshsig
+from backupd.context import JobContext
+from backupd.driver import RestoreRequest
 from backupd.logarchive import LogArchive
+from backupd.manifest import Manifest
 from backupd.pipeline import encode_bytes
-from backupd.repository import Layout
-from backupd.settings import RetentionSettings
+from backupd.repository import Layout, Repository
+from backupd.restore import run_restore
+from backupd.settings import RetentionSettings, load_settings
+from backupd.verify import run_verification
 from backupd.storage import ObjectInfo
 from core_fixtures import Keys, keys  # noqa: F401
 from storage.filesystem import FilesystemStorage
 from support import run_backupd, write_config
-from test_signed_logs import HOST_A
+from test_signed_logs import HOST_A, key_file
 
 JOB = "pg"
 # the last two segments of logical log 0 and the first two of log 1: two folders
@@ -183,3 +188,49 @@ def test_a_folder_is_listed_alone_and_retention_deletes_across_folders(tmp_path:
     assert [o.name for o in archive.list()] == sorted(
         ["00000002/00000002.history", *(name_of(s) for s in SEGMENTS[2:]), "00000001/000000010000000100000002"])
     assert not list(storage.list(f"{JOB}/wal/00000001/0000000100000000/"))
+
+
+def physical_manifest(backup_id: str, start_lsn: str, first: str) -> Manifest:
+    moment = dt.datetime(2026, 11, 30, tzinfo=dt.timezone.utc)
+    return Manifest(backup_id, JOB, "postgres", "physical", moment, moment, [], {}, {}, metadata={
+        "timeline": 1, "start_lsn": start_lsn, "stop_lsn": start_lsn, "wal_segment_size": 16 << 20,
+        "wal_range": {"first": first}, "pitr": {"log_kind": "wal", "first_log": first, "from": "2026-11-30T00:00:00Z"},
+    }, tool_versions={"postgresql": "150000"})
+
+
+def test_a_restore_plan_lists_only_the_folders_its_range_needs(old_repo, keys: Keys,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    storage, _, config = old_repo  # logical logs 0 and 1 in the layout before folders, a timeline 2 history
+    signer = key_file(tmp_path / "signing.key", HOST_A)
+    archive = LogArchive(storage, JOB, "wal", [age.parse_recipient(keys.recipient)], level=1,
+                         signing_key_file=signer)
+    source = tmp_path / "seg"
+    source.write_bytes(b"x" * 100)
+    for segno in range(0x102, 0x212):  # from logical log 1 across into log 2
+        archive.push_file(name_of(f"00000001{segno >> 8:08X}{segno & 0xFF:08X}"), source)
+    for segno in range(0x400, 0x402):  # logical log 4, after a whole folder missing: past the plan's walk
+        archive.push_file(name_of(f"00000001{segno >> 8:08X}{segno & 0xFF:08X}"), source)
+    old = Repository(storage, JOB, signing_key_file=signer)
+    old.commit(physical_manifest("20261130T000000Z", "1/80000028", "00000001/000000010000000100000080"))
+    newer = physical_manifest("20261201T000000Z", "2/05000028", "00000001/000000010000000200000005")
+    old.commit(newer)
+
+    ctx = JobContext(load_settings(config), JOB)
+    counting = CountingStorage(storage.root)
+    counting.listed = []
+    ctx.__dict__["storage"] = counting
+    lines = run_restore(ctx, RestoreRequest(to=str(tmp_path / "restored"), dry_run=True), newer.backup_id)
+    assert any("WAL: from 00000001/000000010000000200000005 to 000000010000000200000011" in line for line in lines), \
+        lines
+    wal_listings = [prefix for prefix in counting.listed if "/wal/" in prefix]
+    # the folders from the backup's first segment to the first empty one, each once, and timeline 2 (its
+    # history is archived) where its parent ended; never the whole archive, never logical logs 0, 1 or 4
+    assert wal_listings == [f"{JOB}/wal/00000001/0000000100000002", f"{JOB}/wal/00000001/0000000100000003",
+                            f"{JOB}/wal/00000002/0000000200000002"]
+
+    # integrity checks of every backup: their continuity from one listing of the archive
+    counting.listed.clear()
+    reports = run_verification(ctx, integrity_only=True)
+    assert len(reports) == 2
+    assert [prefix for prefix in counting.listed if "/wal/" in prefix] == [f"{JOB}/wal/"]
+    ctx.close()

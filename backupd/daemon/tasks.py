@@ -155,7 +155,8 @@ class Tasks:
                 metrics.REPOSITORY_UNTRUSTED.labels(job).set(
                     sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
-            reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
+            present = {m.backup_id for m in manifests}
+            reads = {k: v for k, v in reads.items() if k in present}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
             manifests.sort(key=lambda m: reads.get(m.backup_id, epoch))
             now = utcnow()
@@ -167,14 +168,15 @@ class Tasks:
             for report in bad:
                 save_report(ctx, report)
                 record_metrics(report)
-            for manifest in chosen:
-                run.check()
-                report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
-                reads[manifest.backup_id] = utcnow()
-                if not report.ok:
-                    bad.append(report)
-                    save_report(ctx, report)
-                    record_metrics(report)
+            with ctx.one_listing():  # the log archive is scanned once for the whole rotation
+                for manifest in chosen:
+                    run.check()
+                    report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
+                    reads[manifest.backup_id] = utcnow()
+                    if not report.ok:
+                        bad.append(report)
+                        save_report(ctx, report)
+                        record_metrics(report)
             self.state.set_integrity_reads(job, reads)
             log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
             if bad:

@@ -64,7 +64,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         # only when the plan describes the restorable window
         plan = self.restoring = self._plan(() if backup_id else manifests)
         if pitr.is_physical_target(request.to):
-            return pitr.choose(manifests, request, backup_id, self.context.job, lambda: plan.view)
+            # a target is looked for from the newest backup with WAL on: its folders reach the archive's end
+            return pitr.choose(manifests, request, backup_id, self.context.job,
+                               lambda: plan.view_for(pitr.newest_with_wal(manifests)))
         if request.target is not None:
             raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
                              "point-in-time targets need --to DIR (a physical backup with archived WAL)")
@@ -82,7 +84,7 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
             return [f"backup {manifest.backup_id} (logical, {format_timestamp(manifest.finished_at)}, "
                     f"{len(manifest.row_counts)} tables)",
                     f"pg_restore {what} {meta.get('database')} into {request.to} (jobs {request.jobs}); {mode}"]
-        view = self.restoring.view
+        view = self.restoring.view_for([manifest])
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
         if not self.restoring.manifests and self.context.manifests:
