@@ -321,9 +321,11 @@ class WalArchiving(abc.ABC):
 
     @abc.abstractmethod
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
-        """Write the archived ``filename`` to ``dest``; False when the archive lacks it."""
+        """Write the archived ``filename`` to ``dest``; False when the archive lacks it. The driver starts its
+        prefetcher (``backupd.spool.start_prefetcher``) after a file that others follow."""
 
     @abc.abstractmethod
     def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
                      inclusive: bool = True) -> int:
-        """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        """The background half of wal-fetch: keep the spool ahead of replay from ``first`` (return at once, 0,
+        when nothing follows ``first``)."""

@@ -20,6 +20,7 @@ from drivers.postgres.connection import Conn
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
+from drivers.postgres.walnames import is_segment
 
 
 class PostgresDriver(Driver, WalArchiving, PitrDrill):
@@ -207,11 +208,19 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
         fetcher = WalFetcher(self.wal_archive(), identities, key_file,
                              wal_fetch_spool(self.context.state_dir, self.context.job))
-        return fetch_with_retries(fetcher, filename, dest)
+        if not fetch_with_retries(fetcher, filename, dest):
+            return False
+        if is_segment(filename):  # keep the next segments coming
+            config = self.context.config_path
+            spool.start_prefetcher(spool.directory(str(self.context.state_dir), self.context.job),
+                                   str(config.absolute()) if config else None, self.context.job, filename, after=True)
+        return True
 
     def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
                      inclusive: bool = True) -> int:
         """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        if not is_segment(first):
+            return 0  # a history file: replay asks for what follows it by name
         prefetcher = Prefetcher(self.wal_archive(), identities, key_file,
                                 wal_fetch_spool(self.context.state_dir, self.context.job), self.options.wal_prefetch)
         return prefetcher.run(first, inclusive=inclusive)
