@@ -20,13 +20,14 @@ import hashlib
 import io
 import threading
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import structlog
 
 from backupd import lognaming, signing
 from backupd.errors import ObjectExists, ObjectLocked, ObjectNotFound
 from backupd.pipeline import READ_CHUNK, hash_stored
-from backupd.repository import LOG_KINDS, Layout
+from backupd.repository import Layout
 from backupd.storage import Readable, Storage
 
 log = structlog.get_logger(__name__)
@@ -60,13 +61,21 @@ class _Hashing:
         return chunk
 
 
-def migrate(storage: Storage, job: str, *, dry_run: bool = False, if_needed: bool = False) -> MigrationResult:
-    """Move every log of ``job`` still in the layout before folders; see the module's docstring.
+def kinds_of(driver: str) -> list[str]:
+    """The log kinds a driver archives in folders (those a repository of an older layout holds flat)."""
+    from backupd import plugins
 
-    ``if_needed`` (the daemon at start): skip a kind whose layout marker says it was done."""
+    return [naming.kind for naming in plugins.driver_descriptor(driver).log_namings if naming.foldered]
+
+
+def migrate(storage: Storage, job: str, kinds: Sequence[str], *, dry_run: bool = False,
+            if_needed: bool = False) -> MigrationResult:
+    """Move every log of ``kinds`` (``kinds_of`` the job's driver) of ``job`` still in the layout before folders;
+    see the module's docstring. ``if_needed`` (the daemon at start): skip a kind whose layout marker says it
+    was done."""
     layout = Layout(job)
     result = MigrationResult(job, dry_run)
-    for kind in LOG_KINDS:
+    for kind in kinds:
         if not lognaming.naming(kind).foldered or (if_needed and _exists(storage, layout.log_layout_key(kind))):
             continue
         left = 0
@@ -94,12 +103,13 @@ def migrate(storage: Storage, job: str, *, dry_run: bool = False, if_needed: boo
     return result
 
 
-def migrate_in_background(storages: dict[str, Storage]) -> threading.Thread:
-    """The daemon's start: each job's repository migrated once, in a thread of its own (errors logged)."""
+def migrate_in_background(storages: dict[str, tuple[Storage, list[str]]]) -> threading.Thread:
+    """The daemon's start: each job's repository (storage, log kinds) migrated once, in a thread of its own
+    (errors logged)."""
     def run() -> None:
-        for job, storage in sorted(storages.items()):
+        for job, (storage, kinds) in sorted(storages.items()):
             try:
-                result = migrate(storage, job, if_needed=True)
+                result = migrate(storage, job, kinds, if_needed=True)
             except Exception as exc:  # a storage outage: reads still find the old layout; the next start tries again
                 log.error("migrating the repository to the current layout failed", job=job, error=str(exc))
                 continue

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from backupd import age, retention, signing, sshsig
+from backupd import age, migrate, retention, signing, sshsig
 from backupd.context import JobContext
 from backupd.driver import RestoreRequest
 from backupd.logarchive import LogArchive
@@ -234,3 +234,18 @@ def test_a_restore_plan_lists_only_the_folders_its_range_needs(old_repo, keys: K
     assert len(reports) == 2
     assert [prefix for prefix in counting.listed if "/wal/" in prefix] == [f"{JOB}/wal/"]
     ctx.close()
+
+
+def test_the_daemon_migrates_once_in_the_background(old_repo) -> None:  # noqa: F811
+    storage, contents, _ = old_repo
+    assert migrate.kinds_of("postgres") == ["wal"] and migrate.kinds_of("sqlite") == []
+    migrate.migrate_in_background({JOB: (FilesystemStorage(storage.root), ["wal"])}).join(60)
+    storage.stat(Layout(JOB).log_layout_key("wal"))
+    assert [o.name for o in LogArchive(storage, JOB, "wal").list()] == sorted(contents)
+    assert not any(Layout(JOB).legacy_log_key("wal", name) == key
+                   for name in contents for key in log_keys(storage))
+    # the next start sees the marker: not even a listing
+    counting = CountingStorage(storage.root)
+    counting.listed = []
+    assert migrate.migrate(counting, JOB, ["wal"], if_needed=True).moved == []
+    assert counting.listed == []

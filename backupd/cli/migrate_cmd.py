@@ -6,7 +6,7 @@ import argparse
 
 from backupd.cli.common import print_json, with_job
 from backupd.context import JobContext
-from backupd.migrate import migrate
+from backupd.migrate import kinds_of, migrate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    result = migrate(ctx.storage, ctx.name, dry_run=args.dry_run)
+    result = migrate(ctx.storage, ctx.name, kinds_of(ctx.job.driver), dry_run=args.dry_run)
     if args.json:
         print_json(result.to_dict())
     elif args.dry_run:

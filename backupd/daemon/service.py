@@ -33,7 +33,7 @@ from backupd.daemon.state import DaemonLock, ScheduleState
 from backupd.daemon.supervisor import Supervised
 from backupd.daemon.tasks import Tasks
 from backupd.errors import ConfigError
-from backupd.migrate import migrate_in_background
+from backupd.migrate import kinds_of, migrate_in_background
 from backupd.settings import Settings, load_settings
 from backupd.timeutil import format_timestamp
 
@@ -148,7 +148,9 @@ class Daemon:
         storages = {}
         for name in self.settings.jobs:
             try:
-                storages[name] = open_storage(self.settings, self.settings.job(name).storage)
+                kinds = kinds_of(self.settings.job(name).driver)
+                if kinds:
+                    storages[name] = (open_storage(self.settings, self.settings.job(name).storage), kinds)
             except Exception as exc:  # reads keep finding the old layout; the next start tries again
                 log.error("cannot open the job's storage to migrate it", job=name, error=str(exc))
         migrate_in_background(storages)
