@@ -20,10 +20,10 @@ name, different bytes" (refused, never overwritten).
 
 With a signing key, every pushed object (partial ones too, re-signed each time they are
 replaced) gets ``<key>.sig`` beside it, put first: an SSH signature over its kind, name and
-plaintext sha256 (``backupd.signing.log_message``), so it stays valid when the object moves. With trusted keys, ``open`` refuses an
-object whose signature is missing or bad before reading it, and the plaintext's sha256 is
-checked against the signed one at its end (UntrustedObject), so ``fetch_to`` never leaves it
-in place.
+plaintext sha256 (``backupd.signing.log_message``), so it stays valid when the object moves.
+With trusted keys, ``open`` refuses an object whose signature is missing or bad before reading
+it, and the plaintext's sha256 is checked against the signed one at its end (UntrustedObject),
+so ``fetch_to`` never leaves it in place.
 """
 
 from __future__ import annotations
@@ -249,11 +249,20 @@ class LogArchive:
         storage with Object Lock locks it; a partial one is replaced and
         deleted as the log grows, and is never locked.
         """
-        key = self.key(name)
-        if not replace and (legacy := self.legacy_key(name)) is not None:
+        legacy = self.legacy_key(name)
+        if legacy is not None and not replace:
             known = self._in_legacy(name, legacy, path, digest)
             if known is not None:
                 return known
+        result = self._push_file(name, path, replace, threads, digest)
+        if legacy is not None and replace:  # the newer copy is where it goes now: the older layout's goes
+            self.storage.delete(legacy)
+            self.storage.delete(signing.signature_key(legacy))
+        return result
+
+    def _push_file(self, name: str, path: Path, replace: bool, threads: int | None,
+                   digest: tuple[int, str] | None) -> PushResult:
+        key = self.key(name)
         retention: dict[str, dt.datetime] = {}
         if self.retain_for is not None and not replace:
             retention = {"retain_until": dt.datetime.now(dt.timezone.utc) + self.retain_for}
