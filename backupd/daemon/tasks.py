@@ -147,7 +147,7 @@ class Tasks:
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run):
+        with self._task("integrity", job, None) as (ctx, run), ctx.one_listing():  # the log archive scanned once
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests, unusable = ctx.repository.scan_manifests()
@@ -168,15 +168,14 @@ class Tasks:
             for report in bad:
                 save_report(ctx, report)
                 record_metrics(report)
-            with ctx.one_listing():  # the log archive is scanned once for the whole rotation
-                for manifest in chosen:
-                    run.check()
-                    report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
-                    reads[manifest.backup_id] = utcnow()
-                    if not report.ok:
-                        bad.append(report)
-                        save_report(ctx, report)
-                        record_metrics(report)
+            for manifest in chosen:
+                run.check()
+                report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
+                reads[manifest.backup_id] = utcnow()
+                if not report.ok:
+                    bad.append(report)
+                    save_report(ctx, report)
+                    record_metrics(report)
             self.state.set_integrity_reads(job, reads)
             log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
             if bad:
