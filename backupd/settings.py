@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backupd import plugins, sshsig
-from backupd.errors import ConfigError, PluginError
+from backupd.errors import ConfigError, PluginError, read_secret
 from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import describe_url, redact, url_password_problem
 from backupd.schedule import parse_schedule
@@ -446,11 +446,9 @@ def _summary(path: Path | None, errors: list[str]) -> str:
 def read_secret_file(path: Path, what: str) -> str:
     """Read a secret from a ``*_file``; the first line, without its newline."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path}: permission denied") from None
+        text = read_secret(path, what).decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
     secret = text.splitlines()[0] if text else ""
     if not secret:
         raise ConfigError(f"{what} {path}: file is empty")
