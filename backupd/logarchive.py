@@ -401,22 +401,24 @@ class LogArchive:
         return objects
 
     def untrusted(self) -> Iterator[str]:
-        """With trusted keys, a line naming each archived log whose signature does not vouch for its key and
-        recorded sha256 (unsigned, moved, another key, or replaced with other metadata). The content is not
-        read: ``open`` checks it against the signed sha256 when the log is replayed."""
+        """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
+        recorded sha256 (unsigned, moved to another name, another key, or replaced with other metadata). The
+        content is not read: ``open`` checks it against the signed sha256 when the log is replayed."""
         if not self.trusted:
             return
         for obj in self.list():
-            problem = self._signature_problem(obj.key)
+            problem = self._signature_problem(obj.key, obj.name)
             if problem is not None:
                 yield f"log {obj.key} of job {self.job} is not trusted: {problem}"
 
-    def _signature_problem(self, key: str) -> str | None:
+    def _signature_problem(self, key: str, name: str) -> str | None:
         problem = None
+        legacy = self.layout.legacy_log_key(self.kind, name)
         for _ in range(2):  # a partial log is re-signed just before it is replaced: look a second time
             try:
                 sha256 = (self.storage.stat(key).metadata or {}).get("sha256")
-                signing.check_log(self.storage, key, sha256, self.trusted)
+                signing.check_log(self.storage, key, self.kind, name, sha256, self.trusted,
+                                  legacy_keys=[legacy] if legacy is not None else [])
                 return None
             except ObjectNotFound:
                 return None  # pruned, or a partial log completed, since the listing

@@ -17,7 +17,6 @@ from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
-from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
@@ -213,7 +212,7 @@ def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
     if not trusted:
         return
     started = time.monotonic()
-    archives = [LogArchive(ctx.storage, ctx.name, kind, trusted=trusted) for kind in LOG_KINDS]  # type: ignore[arg-type]
+    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
     untrusted = [line for archive in archives for line in archive.untrusted()]
     for line in untrusted:
         report.fail(line)
