@@ -206,7 +206,7 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
 
 
 def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
-    """With trusted keys, every archived log object of the job must carry a trusted signature over its key
+    """With trusted keys, every archived log object of the job must carry a trusted signature over its name
     and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
     trusted = ctx.settings.trusted_keys(ctx.name)
     if not trusted:
