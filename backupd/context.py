@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from backupd import age, plugins
 from backupd.copies import Copies
 from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
-from backupd.logarchive import LogArchive
 from backupd.copyreads import CopiesLogArchive, CopiesRepository
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
@@ -38,6 +39,8 @@ class JobContext:
     allow_unsigned: bool = False
     #: One of the job's repositories alone, with its own retention (``for_storage``); None: all of them.
     only_storage: str | None = None
+    #: Inside ``one_listing``: each log kind's archive as listed once, shared by every continuity check.
+    _listings: dict[str, list[LogObject]] | None = field(default=None, repr=False)
 
     @property
     def job(self) -> JobSettings:
@@ -113,12 +116,36 @@ class JobContext:
                 hidden.append(Path(secret))
         return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden))
 
-    def log_reaches(self, manifests: list[Manifest]) -> dict[str, LogReach | None]:
-        """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed."""
+    @contextlib.contextmanager
+    def one_listing(self) -> Iterator[None]:
+        """A command that checks the logs of many backups (verify, the integrity rotation, prune): inside,
+        ``log_reaches`` lists each log archive once, not once per backup (a prune's deletion drops it)."""
+        outer = self._listings
+        if outer is None:
+            self._listings = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._listings = None
+
+    def listed_archive(self, kind: str) -> LogArchive:
+        """The job's archive of ``kind`` for listing and deleting (no key): listed once inside ``one_listing``."""
+        archive = LogArchive(self.storage, self.name, kind, trusted=self.settings.trusted_keys(self.name),  # type: ignore[arg-type]
+                             allow_unsigned=self.allow_unsigned)
+        archive.listings = self._listings
+        return archive
+
+    def log_reaches(self, manifests: list[Manifest], identities: Sequence[object] = (),
+                    key_file: str | None = None) -> dict[str, LogReach | None]:
+        """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed
+        (with ``identities``, what the driver can read too, e.g. PostgreSQL's timeline histories)."""
         from backupd.restore import RepositorySource
 
-        return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, (), None))
-                for m in manifests if PitrStart.recorded(m)}
+        with self.one_listing():
+            return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
+                                                                         listings=self._listings))
+                    for m in manifests if PitrStart.recorded(m)}
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]

@@ -137,12 +137,13 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
-        the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
-        result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
-        if dry_run:
-            kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
-            result.pitr_breaks = pitr_breaks(ctx, kept)
-            return result
+        with ctx.one_listing():  # the plan and the PITR breaks share one listing of each log archive
+            the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
+            result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
+            if dry_run:
+                kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
+                result.pitr_breaks = pitr_breaks(ctx, kept)
+                return result
         if the_plan.paused:
             raise PruneRefused(
                 f"job {ctx.name}: not pruning: {the_plan.paused}",
@@ -228,7 +229,7 @@ def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backup
 
 
 def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
-    for obj in LogArchive(ctx.storage, ctx.name, kind).list():  # type: ignore[arg-type]
+    for obj in ctx.listed_archive(kind).list():
         yield LogItem(kind, obj.name, obj.modified)
 
 
@@ -277,7 +278,7 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         log.info("partial backup removed", backup_id=backup_id)
     archives: dict[str, LogArchive] = {}
     for decision in the_plan.deleted_logs():
-        archive = archives.setdefault(decision.kind, LogArchive(ctx.storage, ctx.name, decision.kind))  # type: ignore[arg-type]
+        archive = archives.setdefault(decision.kind, ctx.listed_archive(decision.kind))
         try:
             archive.delete(decision.name)
         except ObjectLocked as exc:

@@ -20,7 +20,7 @@ from backupd.catchup import lagging
 from backupd.context import JobContext
 from backupd.control import request, socket_path
 from backupd.errors import BackupdError, ConfigError, CryptoError, IntegrityError
-from backupd.logarchive import Kind, LogArchive, LogObject
+from backupd.logarchive import Kind, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
 from backupd.runstate import UnreadableRecord, last_run
@@ -61,6 +61,11 @@ def daemon_status(ctx: JobContext) -> dict[str, Any] | None:
 
 
 def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
+    with ctx.one_listing():  # the log archive's counts and its PITR breaks from one listing
+        return _job_status(ctx, daemon, now)
+
+
+def _job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
     repo = ctx.repository
     catalog = Catalog(ctx.state_dir)
     try:
@@ -120,7 +125,7 @@ def _last_run(ctx: JobContext) -> dict[str, Any] | None:
 def _archive(ctx: JobContext, now: dt.datetime) -> dict[str, Any] | None:
     """The archived logs of the job (WAL, binlogs or oplog slices): how many, the oldest and newest."""
     for kind in get_args(Kind):
-        logs = [obj for obj in LogArchive(ctx.storage, ctx.name, kind).list()]
+        logs = ctx.listed_archive(kind).list()
         if not logs:
             continue
         order = sorted(logs, key=lambda o: (o.modified or dt.datetime.min.replace(tzinfo=dt.timezone.utc), o.name))

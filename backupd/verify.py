@@ -17,7 +17,6 @@ from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
-from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
@@ -192,13 +191,9 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    checked = 0
-    for manifest in manifests:
-        if not PitrStart.recorded(manifest):
-            continue
-        checked += 1
-        source = RepositorySource(ctx.repository, manifest, identities, key_file)
-        reach = ctx.driver.log_reach(source)
+    reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+    checked = len(reaches)
+    for reach in reaches.values():
         if reach is not None:
             gaps.extend(gap for gap in reach.missing if gap not in gaps)
             notes.extend(note for note in reach.notes if note not in notes)
@@ -211,13 +206,13 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
 
 
 def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
-    """With trusted keys, every archived log object of the job must carry a trusted signature over its key
+    """With trusted keys, every archived log object of the job must carry a trusted signature over its name
     and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
     trusted = ctx.settings.trusted_keys(ctx.name)
     if not trusted:
         return
     started = time.monotonic()
-    archives = [LogArchive(ctx.storage, ctx.name, kind, trusted=trusted) for kind in LOG_KINDS]  # type: ignore[arg-type]
+    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
     untrusted = [line for archive in archives for line in archive.untrusted()]
     for line in untrusted:
         report.fail(line)
@@ -258,6 +253,12 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     backup unless one is named. With trusted keys, a manifest no trusted key signed is a
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
+    with ctx.one_listing():  # the log archive is listed once, however many backups record logs
+        return _run_verification(ctx, backup_id, integrity_only=integrity_only, pitr_drill=pitr_drill)
+
+
+def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only: bool,
+                      pitr_drill: bool) -> list[VerifyReport]:
     repo = ctx.repository
     if backup_id:
         try:

@@ -91,9 +91,10 @@ def test_the_signature_checks_by_hand_with_ssh_keygen(fs_storage: FilesystemStor
     sig.write_bytes(fs_storage.open(key + ".sig").read())
     signers = tmp_path / "allowed_signers"
     signers.write_text(f"backupd {HOST_A.public.line()}\n")
-    message = b"backupd-log-v1\n" + key.encode() + b"\n" + hashlib.sha256(data).hexdigest().encode() + b"\n"
+    # the signature covers the log's kind, name and sha256 (not its storage key: it survives a move)
+    message = f"backupd-log-v2\nwal\n00000001/000000010000000000000004\n{hashlib.sha256(data).hexdigest()}\n"
     done = subprocess.run(["ssh-keygen", "-Y", "verify", "-n", "backupd", "-f", str(signers), "-I", "backupd",
-                           "-s", str(sig)], input=message, capture_output=True)
+                           "-s", str(sig)], input=message.encode(), capture_output=True)
     assert done.returncode == 0, done.stderr
 
 

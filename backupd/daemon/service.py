@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from backupd import __version__, children, metrics, plugins, pushes
-from backupd.context import JobContext
+from backupd.context import JobContext, open_storage
 from backupd.control import ControlServer, confine, job_peers, socket_path
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
@@ -34,6 +34,7 @@ from backupd.daemon.state import DaemonLock, ScheduleState
 from backupd.daemon.supervisor import Supervised
 from backupd.daemon.tasks import Tasks
 from backupd.errors import ConfigError
+from backupd.migrate import kinds_of, migrate_in_background
 from backupd.settings import Settings, load_settings
 from backupd.timeutil import format_timestamp
 
@@ -87,6 +88,7 @@ class Daemon:
         DAEMON_START.set(time.time())
         self.watch.start(sorted(self.settings.jobs))
         self.copies.start()
+        self._migrate()
         log.info("daemon started", version=__version__, pid=os.getpid(), jobs=sorted(self.settings.jobs),
                  metrics=self.settings.daemon.metrics_listen, state_dir=str(self.state_dir))
         self.notifier.ready(self.status_line())
@@ -145,6 +147,19 @@ class Daemon:
         return 0
 
     # -- jobs, archivers, control handlers ----------------------------------
+    def _migrate(self) -> None:
+        """Move each job's repository from an older layout, once, in the background (``backupd migrate``)."""
+        repositories = []
+        for name in sorted(self.settings.jobs):
+            kinds = kinds_of(self.settings.job(name).driver)
+            for storage in self.settings.job(name).storages if kinds else []:
+                try:
+                    repositories.append((name, open_storage(self.settings, storage), kinds))
+                except Exception as exc:  # reads keep finding the old layout; the next start tries again
+                    log.error("cannot open the job's storage to migrate it", job=name, storage=storage,
+                              error=str(exc))
+        migrate_in_background(repositories)
+
     @property
     def supervisors(self) -> list[Supervised]:
         return [supervised for group in self.archivers.values() for supervised in group]

@@ -163,7 +163,7 @@ class Tasks:
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run):
+        with self._task("integrity", job, None) as (ctx, run), ctx.one_listing():  # the log archive scanned once
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests, unusable = ctx.repository.scan_manifests()
@@ -171,7 +171,8 @@ class Tasks:
                 metrics.REPOSITORY_UNTRUSTED.labels(job).set(
                     sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
-            reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
+            present = {m.backup_id for m in manifests}
+            reads = {k: v for k, v in reads.items() if k in present}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
             manifests.sort(key=lambda m: reads.get(m.backup_id, epoch))
             now = utcnow()
