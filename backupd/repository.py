@@ -7,6 +7,7 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
     <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
     <job>/wal|binlog|oplog/<name>.zst.age.sig   its SSH signature over key and sha256, put just before it
+    <job>/index.json                            the index of committed backups (``backupd.index``)
     <job>/pins/<backup_id>                      pins (``backupd.pins``)
     <job>/state/prune.json                      the prune journal (``backupd.prune``)
     <job>/state/last-failure.json               the newest failed run (``backupd.runstate``)
@@ -17,6 +18,8 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
 
 A backup exists only once its manifest does. Directories without one are
 partial leftovers of a failed or killed run; they are never listed as backups.
+Which backups exist is read from the index (one object) and each manifest by key;
+only a rebuild of the index and the search for partial leftovers list ``backups/``.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import structlog
 
+from backupd import index as backup_index
 from backupd import sealed, signing, sshsig
 from backupd.age import AgeError
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
+from backupd.index import IndexedBackup
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.signing import Trust
@@ -195,6 +200,7 @@ class Repository:
         self.trusted = tuple(trusted)
         self.allow_unsigned = allow_unsigned
         self._signing_key: sshsig.SigningKey | None = None
+        self._index: backup_index.Index | None = None
 
     # -- layout ------------------------------------------------------------
     @property
@@ -227,8 +233,20 @@ class Repository:
         order = lambda ids: sorted(ids, key=backup_id_sort_key)  # noqa: E731
         return order(committed), order(seen - committed)
 
+    def index(self, *, fresh: bool = False) -> backup_index.Index:
+        """The job's index of committed backups (read once per Repository; ``backupd.index``)."""
+        if self._index is None or fresh:
+            self._index = backup_index.read(self)
+        return self._index
+
+    def update_index(self, change: Callable[[backup_index.Index], None]) -> backup_index.Index:
+        """Change the stored index (compare-and-swap, retried on a concurrent writer)."""
+        self._index = backup_index.update(self, change)
+        return self._index
+
     def backup_ids(self) -> list[str]:
-        return self.scan()[0]
+        """Committed backups, oldest first (from the index)."""
+        return self.index().ids()
 
     def has_backup(self, backup_id: str) -> bool:
         """Whether the backup is committed (its manifest exists): one stat, no listing."""
@@ -249,6 +267,13 @@ class Repository:
         """The backup's manifest and what its signature says (None: no trusted keys, not checked).
 
         Does not refuse an untrusted manifest: for ``list`` and ``show``, which say what it is."""
+        manifest, raw = self.read_manifest_bytes(backup_id)
+        if not self.trusted:
+            return manifest, None
+        return manifest, signing.assess_manifest(self.storage, self.manifest_key(backup_id), raw, self.trusted)
+
+    def read_manifest_bytes(self, backup_id: str) -> tuple[Manifest, bytes]:
+        """The backup's manifest (bounded, its own id and job checked; its signature not) and its bytes."""
         key = self.manifest_key(backup_id)
         try:
             with contextlib.closing(self.storage.open(key)) as handle:
@@ -258,9 +283,7 @@ class Repository:
         manifest = Manifest.from_json(raw, where=key)
         if manifest.backup_id != backup_id or manifest.job != self.job:
             raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
-        if not self.trusted:
-            return manifest, None
-        return manifest, signing.assess_manifest(self.storage, key, raw, self.trusted)
+        return manifest, raw
 
     def require_trusted(self, manifest: Manifest, trust: Trust | None) -> None:
         """UntrustedObject unless ``trust`` lets the manifest be used (an unsigned one only with allow_unsigned)."""
@@ -276,21 +299,29 @@ class Repository:
                                    + ("; `restore --allow-unsigned` reads backups from before signing"
                                       if trust.status == "unsigned" else ""))
 
+    def entries(self) -> list[tuple[Manifest, Trust | None]]:
+        """Every committed backup with a readable manifest, newest first, with what its signature says
+        (None: the job has no trusted keys), from the index: untrusted ones too, for ``list`` to mark."""
+        trusted = self.trusted
+        return [(entry, entry.trust(trusted)) for entry in reversed(self.index().committed)]
+
     def scan_manifests(self) -> tuple[list[Manifest], list[tuple[str, IntegrityError]]]:
-        """(readable manifests newest first, [(backup id, why its manifest is unusable)])."""
+        """(usable backups newest first, [(backup id, why its manifest is unusable)]), from the index.
+
+        The backups are the index's summaries (no object list): load a manifest by key to read its streams."""
         good: list[Manifest] = []
-        bad: list[tuple[str, IntegrityError]] = []
-        for backup_id in reversed(self.backup_ids()):
-            try:
-                good.append(self.load_manifest(backup_id))
-            except BackupNotFound:
-                continue  # deleted since the listing (a prune)
-            except IntegrityError as exc:
-                bad.append((backup_id, exc))
+        bad: list[tuple[str, IntegrityError]] = [(i, IntegrityError(p)) for i, p in self.index().unusable.items()]
+        for entry, trust in self.entries():
+            try:  # a summary from the index (IndexedBackup): no object list
+                self.require_trusted(entry, trust)
+            except UntrustedObject as exc:
+                bad.append((entry.backup_id, exc))
+                continue
+            good.append(entry)
         return good, bad
 
     def manifests(self) -> list[Manifest]:
-        """Every committed backup whose manifest is usable, newest first.
+        """Every committed backup that may be used, newest first (summaries from the index).
 
         One unreadable or lying manifest does not hide the others: it is
         logged as a warning naming it, and skipped.
@@ -304,16 +335,32 @@ class Repository:
         """The named backup (only its manifest is read), or the newest one whose manifest is usable."""
         if backup_id:
             return self.load_manifest(backup_id)
-        ids = self.backup_ids()
-        if not ids:
+        good, bad = self.scan_manifests()
+        if not good and not bad:
             raise BackupNotFound(f"no backups for job {self.job} in {self.storage.location}", hint=f"run `backupd backup {self.job}`")
-        for newest in reversed(ids):
+        for backup_id_, exc in bad:
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id_, error=str(exc))
+        for newest in good:
             try:
-                return self.load_manifest(newest)
+                return self.load_full(newest)
             except IntegrityError as exc:
-                log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest, error=str(exc))
+                log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest.backup_id,
+                            error=str(exc))
         raise BackupNotFound(f"no backup of job {self.job} in {self.storage.location} has a usable manifest "
-                             f"({len(ids)} unusable)")
+                             f"({len(good) + len(bad)} unusable)")
+
+    def load_full(self, chosen: Manifest) -> Manifest:
+        """The whole manifest of a backup chosen from the index (``scan_manifests``, ``manifests``), read by
+        key: its signature checked again, and IntegrityError unless it is the manifest the index describes."""
+        if not isinstance(chosen, IndexedBackup):
+            return chosen
+        entry = chosen
+        manifest, raw = self.read_manifest_bytes(entry.backup_id)
+        if self.trusted:
+            self.require_trusted(manifest, signing.assess_manifest(self.storage, self.manifest_key(entry.backup_id),
+                                                                   raw, self.trusted))
+        backup_index.checked(self, entry, manifest, raw)
+        return manifest
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         entry = manifest.object(name)
@@ -348,8 +395,7 @@ class Repository:
     # -- writing -----------------------------------------------------------
     def new_backup_id(self, moment: dt.datetime) -> str:
         """An id for a backup starting at ``moment``, claimed for this job in the whole storage."""
-        committed, partial = self.scan()
-        taken = set(committed) | set(partial)
+        taken = {b.backup_id for b in self.index().backups}  # the index (pending too): no listing; the claim decides
         for candidate in backup_id_candidates(moment):
             if candidate in taken:
                 continue
@@ -404,16 +450,41 @@ class Repository:
         return self._signing_key
 
     def commit(self, manifest: Manifest) -> None:
-        """Write the manifest (its signature first, with a signing key): from now on the backup exists."""
+        """Write the manifest (its signature first, with a signing key): from now on the backup exists.
+
+        The index records the backup as pending before the manifest is put and as committed after,
+        so a reader of an index written by a run killed in between stats that one manifest."""
         raw = manifest.to_json()
         key = self.manifest_key(manifest.backup_id)
         retention = self._retention()
+        if self.signing_key is not None:
+            signed: tuple[str, str | None, str] = ("signed", self.signing_key.public.line(), "")
+        else:
+            signed = ("unsigned", None, f"{self.layout.signature_key(manifest.backup_id)}: the manifest is not signed")
+        entry = IndexedBackup.of(manifest, raw, *signed, pending=True)
+        self._record(lambda index: index.put(entry))
         if self.signing_key is not None:
             signing.sign_manifest(self.storage, key, raw, self.signing_key, **retention)
         try:
             self.storage.put(key, io.BytesIO(raw), if_absent=True, **retention)
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
+        committed = IndexedBackup.of(manifest, raw, *signed)
+        self._record(lambda index: index.put(committed))
+
+    def forget(self, backup_ids: list[str]) -> None:
+        """Drop backups from the index: before a prune deletes their manifests."""
+        if backup_ids:
+            doomed = set(backup_ids)
+            self._record(lambda index: index.drop(doomed))
+
+    def _record(self, change: Callable[[backup_index.Index], None]) -> None:
+        """Change the index; a failure to write it is logged, never fatal: the manifests are the truth."""
+        try:
+            self.update_index(change)
+        except StorageError as exc:
+            self._index = None
+            log.warning("index not updated; readers rebuild it from the manifests", job=self.job, error=str(exc))
 
     def _retention(self) -> dict[str, Any]:
         if self.retain_for is None:

@@ -50,7 +50,7 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
         manifests = [ctx.repository.load_manifest(backup_id)]
     else:  # an unusable manifest is skipped (with a warning naming it)
         manifests = ctx.repository.manifests()
-    manifest = ctx.driver.choose_backup(manifests, request, backup_id)
+    manifest = ctx.repository.load_full(ctx.driver.choose_backup(manifests, request, backup_id))  # by key
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:
         lines = ["plan (dry run, nothing touched):", *("  " + line for line in plan)]

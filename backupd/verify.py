@@ -260,7 +260,12 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
             if not manifests and not unusable:
                 repo.resolve(None)  # raises "no backups"
         reports = []
-        for manifest in manifests:
+        for chosen in manifests:
+            try:
+                manifest = repo.load_full(chosen)  # the index's summary -> the manifest itself, by key
+            except IntegrityError as exc:
+                reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
+                continue
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
         reports.extend(unusable_reports(ctx, unusable))

@@ -155,7 +155,8 @@ class Tasks:
                 metrics.REPOSITORY_UNTRUSTED.labels(job).set(
                     sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
-            reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
+            present = {m.backup_id for m in manifests}
+            reads = {k: v for k, v in reads.items() if k in present}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
             manifests.sort(key=lambda m: reads.get(m.backup_id, epoch))
             now = utcnow()
