@@ -43,7 +43,7 @@ import structlog
 
 from backupd import sshsig
 from backupd.errors import BackupNotFound, IntegrityError, ObjectChanged, ObjectNotFound, StorageError
-from backupd.manifest import MAX_JSON_DEPTH, Manifest, json_depth
+from backupd.manifest import MANIFEST_NAME, MAX_JSON_DEPTH, Manifest, json_depth
 from backupd.signing import Trust
 from backupd.storage import ConditionalWritesUnsupported
 from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key, format_timestamp, parse_timestamp, utcnow
@@ -301,6 +301,7 @@ def read(repo: Repository) -> Index:
         return _rebuilt(repo, stored.version, str(exc))
     index.version = stored.version
     _resolve_pending(repo, index)
+    _catch_up(repo, index)
     return index
 
 
@@ -321,6 +322,29 @@ def _resolve_pending(repo: Repository, index: Index) -> None:
     for entry in index.backups:
         if entry.pending and repo.has_backup(entry.backup_id):
             entry.pending = False
+
+
+def _catch_up(repo: Repository, index: Index) -> None:
+    """Add what was committed past the index's newest backup (a commit whose index update was lost, a
+    backup written by an older backupd, one put there by hand): one listing of the keys after it."""
+    layout = repo.layout
+    newest = index.backups[-1].backup_id if index.backups else None
+    listed = repo.storage.list_after(layout.backups_prefix, layout.backups_prefix + newest) if newest \
+        else repo.storage.list(layout.backups_prefix)
+    known = {b.backup_id for b in index.backups} | set(index.unusable)
+    for info in listed:
+        backup_id, rest = layout.split_backup_key(info.key)
+        if rest != MANIFEST_NAME or backup_id in known or not BACKUP_ID_RE.match(backup_id):
+            continue
+        log.info("backup committed past the index; adding it", job=repo.job, backup_id=backup_id)
+        try:
+            manifest, raw = repo.read_manifest_bytes(backup_id)
+        except BackupNotFound:
+            continue
+        except IntegrityError as exc:
+            index.unusable[backup_id] = str(exc)
+            continue
+        index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
 
 
 def update(repo: Repository, change: Callable[[Index], None]) -> Index:

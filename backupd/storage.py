@@ -131,6 +131,11 @@ class Storage(abc.ABC):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, in key order."""
 
+    def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        """As ``list``, but only keys that sort after ``start_after``: what was added past a known point
+        (the index's newest backup) at the cost of what is listed, not of everything under ``prefix``."""
+        return (info for info in self.list(prefix) if info.key > start_after)
+
     @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo:
         """Size (and time) of one object."""

@@ -447,10 +447,16 @@ class S3Storage(Storage):
         return str(resp["ETag"])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._list(prefix, {})
+
+    def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        return self._list(prefix, {"StartAfter": self._name(start_after)})
+
+    def _list(self, prefix: str, extra: dict[str, str]) -> Iterator[ObjectInfo]:
         start = len(self.prefix)
         paginator = self._client.get_paginator("list_objects_v2")
         with self._errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, **extra):
                 for obj in page.get("Contents", ()):
                     if not obj["Key"].endswith("/"):  # "folder" markers made by consoles
                         yield ObjectInfo(obj["Key"][start:], obj["Size"], obj.get("LastModified"))
