@@ -135,6 +135,7 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
             log.info("what dead runs left" + (" (dry run)" if dry_run else " removed"),
                      partial_backups=abandoned, temporary=len(leftovers))
         if policy.is_empty():
+            reconcile(ctx, ctx.repository.scan()[0], write=not dry_run)
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
