@@ -301,8 +301,22 @@ def read(repo: Repository) -> Index:
         return _rebuilt(repo, stored.version, str(exc))
     index.version = stored.version
     _resolve_pending(repo, index)
+    _recheck_unusable(repo, index)
     _catch_up(repo, index)
     return index
+
+
+def _recheck_unusable(repo: Repository, index: Index) -> None:
+    """Read again the manifests the index records as unusable (rare, and they may have been repaired)."""
+    for backup_id in list(index.unusable):
+        try:
+            manifest, raw = repo.read_manifest_bytes(backup_id)
+        except BackupNotFound:
+            del index.unusable[backup_id]
+        except IntegrityError as exc:
+            index.unusable[backup_id] = str(exc)
+        else:
+            index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
 
 
 def _rebuilt(repo: Repository, version: str | None, why: str) -> Index:

@@ -306,11 +306,15 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         ctx.storage.put(journal_key(ctx.name), io.BytesIO(json.dumps(record).encode() + b"\n"))
     decisions = {(d.kind, d.name): d for d in the_plan.decisions()}
     doomed = [backup_id for backup_id in doomed if _still_as_indexed(ctx, backup_id, decisions[("backup", backup_id)])]
+    entries = {backup_id: repo.index().get(backup_id) for backup_id in doomed}
     repo.forget(doomed)  # the index first: a backup is never listed once its manifest may be gone
     for backup_id in doomed:
         try:
             ctx.storage.delete(repo.manifest_key(backup_id))
         except ObjectLocked as exc:  # locked since planning
+            entry = entries[backup_id]
+            if entry is not None:
+                repo.reindex(entry)
             result.add_locked(repo.manifest_key(backup_id), exc)
             _keep_locked(decisions[("backup", backup_id)], exc)
             log.warning("backup is under Object Lock; kept", backup_id=backup_id, error=str(exc))
@@ -352,7 +356,7 @@ def _still_as_indexed(ctx: JobContext, backup_id: str, decision: Decision) -> bo
     try:
         if entry is None:
             raise IntegrityError(f"backup {backup_id} is no longer in the index")
-        ctx.repository.load_full(entry)
+        ctx.repository.load_full(entry, strict=True)
     except BackupNotFound:
         return True  # already gone: finish deleting its objects
     except IntegrityError as exc:

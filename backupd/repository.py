@@ -302,16 +302,21 @@ class Repository:
     def entries(self) -> list[tuple[Manifest, Trust | None]]:
         """Every committed backup with a readable manifest, newest first, with what its signature says
         (None: the job has no trusted keys), from the index: untrusted ones too, for ``list`` to mark."""
+        index = self.index()
+        for backup_id, problem in index.unusable.items():
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id, error=problem)
         trusted = self.trusted
-        return [(entry, entry.trust(trusted)) for entry in reversed(self.index().committed)]
+        return [(entry, entry.trust(trusted)) for entry in reversed(index.committed)]
 
     def scan_manifests(self) -> tuple[list[Manifest], list[tuple[str, IntegrityError]]]:
         """(usable backups newest first, [(backup id, why its manifest is unusable)]), from the index.
 
         The backups are the index's summaries (no object list): load a manifest by key to read its streams."""
         good: list[Manifest] = []
-        bad: list[tuple[str, IntegrityError]] = [(i, IntegrityError(p)) for i, p in self.index().unusable.items()]
-        for entry, trust in self.entries():
+        index = self.index()
+        bad: list[tuple[str, IntegrityError]] = [(i, IntegrityError(p)) for i, p in index.unusable.items()]
+        for entry in reversed(index.committed):
+            trust = entry.trust(self.trusted)
             try:  # a summary from the index (IndexedBackup): no object list
                 self.require_trusted(entry, trust)
             except UntrustedObject as exc:
@@ -349,17 +354,27 @@ class Repository:
         raise BackupNotFound(f"no backup of job {self.job} in {self.storage.location} has a usable manifest "
                              f"({len(good) + len(bad)} unusable)")
 
-    def load_full(self, chosen: Manifest) -> Manifest:
+    def load_full(self, chosen: Manifest, *, strict: bool = False) -> Manifest:
         """The whole manifest of a backup chosen from the index (``scan_manifests``, ``manifests``), read by
-        key: its signature checked again, and IntegrityError unless it is the manifest the index describes."""
+        key, its signature checked again. The manifest is the truth: where it is no longer the one the index
+        describes (rewritten in place), the index entry is refreshed, or with ``strict`` (prune, about to
+        delete what it planned from the index) IntegrityError is raised."""
         if not isinstance(chosen, IndexedBackup):
             return chosen
-        entry = chosen
-        manifest, raw = self.read_manifest_bytes(entry.backup_id)
+        manifest, raw = self.read_manifest_bytes(chosen.backup_id)
+        trust = None
         if self.trusted:
-            self.require_trusted(manifest, signing.assess_manifest(self.storage, self.manifest_key(entry.backup_id),
-                                                                   raw, self.trusted))
-        backup_index.checked(self, entry, manifest, raw)
+            trust = signing.assess_manifest(self.storage, self.manifest_key(chosen.backup_id), raw, self.trusted)
+            self.require_trusted(manifest, trust)
+        try:
+            backup_index.checked(self, chosen, manifest, raw)
+        except IntegrityError as exc:
+            if strict:
+                raise
+            log.info("manifest changed since it was indexed; refreshing the index", job=self.job,
+                     backup_id=chosen.backup_id, error=str(exc))
+            status = backup_index.assess(self, manifest, raw)
+            self._record(lambda index: index.put(IndexedBackup.of(manifest, raw, *status)))
         return manifest
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
@@ -471,6 +486,10 @@ class Repository:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
         committed = IndexedBackup.of(manifest, raw, *signed)
         self._record(lambda index: index.put(committed))
+
+    def reindex(self, entry: IndexedBackup) -> None:
+        """Put a backup back in the index (a prune that dropped it could not delete its manifest)."""
+        self._record(lambda index: index.put(entry))
 
     def forget(self, backup_ids: list[str]) -> None:
         """Drop backups from the index: before a prune deletes their manifests."""
