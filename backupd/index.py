@@ -64,10 +64,9 @@ WRITE_ATTEMPTS = 16
 
 @dataclass
 class IndexedBackup(Manifest):
-    """A committed backup as the index describes it: its manifest without the object list.
-
-    ``objects`` is empty: whatever reads or checks the streams loads the manifest by key
-    (``Repository.load_manifest``)."""
+    """A committed backup as the index describes it: its manifest without the object list, host,
+    compression and encryption (``objects`` is empty): whatever reads or checks the streams, or shows
+    the manifest, loads it by key (``Repository.load_manifest``, ``load_full``)."""
 
     sizes: tuple[int, int] = (0, 0)
     manifest_sha256: str = ""
@@ -110,41 +109,43 @@ class IndexedBackup(Manifest):
     def to_entry(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id, "job": self.job, "driver": self.driver, "method": self.method,
-            "type": self.backup_type, "parent": self.parent, "host": self.host,
+            "type": self.backup_type, "parent": self.parent,
             "started_at": format_timestamp(self.started_at), "finished_at": format_timestamp(self.finished_at),
             "raw_size": self.raw_size, "stored_size": self.stored_size,
-            "compression": self.compression, "encryption": self.encryption, "metadata": self.metadata,
+            "metadata": self.metadata,
             "manifest_sha256": self.manifest_sha256, "signature": self.signature, "signer": self.signer,
             "problem": self.problem, "pending": self.pending,
         }
 
     @classmethod
     def from_entry(cls, data: Any, job: str) -> IndexedBackup:
+        """One entry read back (hostile: every field's type checked; metadata bounded in depth)."""
         if not isinstance(data, dict):
             raise TypeError("an entry of backups is not an object")
-
-        def typed(name: str, kind: type | tuple[type, ...]) -> Any:
-            value = data.get(name)
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-                raise TypeError(f"{name} of {data.get('backup_id')!r} is not a {getattr(kind, '__name__', kind)}")
-            return value
-
-        backup_id = typed("backup_id", str)
-        if not BACKUP_ID_RE.match(backup_id) or typed("job", str) != job:
-            raise ValueError(f"entry {backup_id[:40]!r} of job {str(data.get('job'))[:40]!r} does not belong here")
-        sizes = (typed("raw_size", int), typed("stored_size", int))
-        if min(sizes) < 0:
-            raise ValueError(f"negative size for {backup_id}")
-        signature = typed("signature", str)
+        backup_id, entry_job, driver, method, started, finished, digest, signature, problem = (
+            data.get(name) for name in ("backup_id", "job", "driver", "method", "started_at", "finished_at",
+                                        "manifest_sha256", "signature", "problem"))
+        strings = (backup_id, entry_job, driver, method, started, finished, digest, signature, problem)
+        if not all(isinstance(value, str) for value in strings):
+            raise TypeError(f"entry {str(backup_id)[:40]!r}: a field that must be text is not")
+        assert isinstance(backup_id, str) and isinstance(started, str) and isinstance(finished, str)
+        if not BACKUP_ID_RE.match(backup_id) or entry_job != job:
+            raise ValueError(f"entry {backup_id[:40]!r} of job {str(entry_job)[:40]!r} does not belong here")
+        sizes = (data.get("raw_size"), data.get("stored_size"))
+        if not all(type(size) is int and size >= 0 for size in sizes):
+            raise ValueError(f"entry {backup_id}: sizes are not counts of bytes")
         if signature not in ("signed", "unsigned", "bad", "unknown"):
-            raise ValueError(f"signature of {backup_id} is {signature[:20]!r}")
-        return cls(backup_id=backup_id, job=job, driver=typed("driver", str), method=typed("method", str),
-                   host=typed("host", str), started_at=parse_timestamp(typed("started_at", str)),
-                   finished_at=parse_timestamp(typed("finished_at", str)), objects=[],
-                   compression=typed("compression", dict), encryption=typed("encryption", dict),
-                   metadata=typed("metadata", dict), sizes=sizes, manifest_sha256=typed("manifest_sha256", str),
-                   signature=signature, signer=typed("signer", (str, type(None))), problem=typed("problem", str),
-                   pending=typed("pending", bool))
+            raise ValueError(f"entry {backup_id}: signature is {str(signature)[:20]!r}")
+        signer, pending, metadata = data.get("signer"), data.get("pending"), data.get("metadata")
+        if not isinstance(signer, (str, type(None))) or not isinstance(pending, bool) or not isinstance(metadata, dict):
+            raise TypeError(f"entry {backup_id}: signer, pending or metadata of the wrong type")
+        if json_depth(metadata) > MAX_JSON_DEPTH:
+            raise ValueError(f"entry {backup_id}: metadata nested too deeply")
+        return cls(backup_id=backup_id, job=job, driver=str(driver), method=str(method),
+                   started_at=parse_timestamp(started), finished_at=parse_timestamp(finished), objects=[],
+                   compression={}, encryption={}, metadata=metadata, sizes=sizes,  # type: ignore[arg-type]
+                   manifest_sha256=str(digest), signature=str(signature), signer=signer, problem=str(problem),
+                   pending=pending)
 
     @classmethod
     def of(cls, manifest: Manifest, raw: bytes, signature: str, signer: str | None, problem: str = "",
@@ -152,8 +153,8 @@ class IndexedBackup(Manifest):
         """The entry for ``manifest``, whose bytes are ``raw``."""
         small = {k: v for k, v in manifest.metadata.items() if len(json.dumps(v)) <= MAX_METADATA_VALUE}
         return cls(backup_id=manifest.backup_id, job=manifest.job, driver=manifest.driver, method=manifest.method,
-                   host=manifest.host, started_at=manifest.started_at, finished_at=manifest.finished_at, objects=[],
-                   compression=manifest.compression, encryption=manifest.encryption, metadata=small,
+                   started_at=manifest.started_at, finished_at=manifest.finished_at, objects=[],
+                   compression={}, encryption={}, metadata=small,
                    sizes=(manifest.raw_size, manifest.stored_size), manifest_sha256=hashlib.sha256(raw).hexdigest(),
                    signature=signature, signer=signer, problem=problem, pending=pending)
 
@@ -216,14 +217,19 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"{where}: unreadable index ({exc.__class__.__name__})") from None
-    if json_depth(document) > MAX_JSON_DEPTH or not isinstance(document, dict) or not isinstance(
-            document.get("index"), dict):
+    if not isinstance(document, dict) or not isinstance(document.get("index"), dict):
         raise IntegrityError(f"{where}: not a backupd index")
     payload = document["index"]
     if payload.get("format_version") != FORMAT_VERSION:
         raise IntegrityError(f"{where}: index format_version {payload.get('format_version')!r} is not supported")
     if payload.get("job") != job:
         raise IntegrityError(f"{where}: the index names job {str(payload.get('job'))[:60]!r}, not {job}")
+    try:
+        backups = [IndexedBackup.from_entry(entry, job) for entry in payload.get("backups", [])]
+        unusable = {str(u["backup_id"]): str(u["problem"]) for u in payload.get("unusable", [])}
+        logs = {str(kind): {str(d): str(n) for d, n in dirs.items()} for kind, dirs in payload.get("logs", {}).items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise IntegrityError(f"{where}: unreadable index ({exc})") from None
     if trusted:
         signature = document.get("signature")
         if not isinstance(signature, str):
@@ -232,12 +238,8 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
             sshsig.verify(signed_message(payload), signature, trusted, what=f"{where} signature")
         except sshsig.SignatureError as exc:
             raise IntegrityError(str(exc)) from None
-    try:
-        backups = [IndexedBackup.from_entry(entry, job) for entry in payload.get("backups", [])]
-        unusable = {str(u["backup_id"]): str(u["problem"]) for u in payload.get("unusable", [])}
-        logs = {str(kind): {str(d): str(n) for d, n in dirs.items()} for kind, dirs in payload.get("logs", {}).items()}
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise IntegrityError(f"{where}: unreadable index ({exc})") from None
+        except (RecursionError, ValueError):
+            raise IntegrityError(f"{where}: unreadable index (nested too deeply)") from None
     if len({b.backup_id for b in backups}) != len(backups):
         raise IntegrityError(f"{where}: the index lists a backup twice")
     backups.sort(key=lambda b: backup_id_sort_key(b.backup_id))

@@ -97,12 +97,15 @@ def run_one(argv: list[str]) -> dict[str, Any]:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "requests": requests(counts), "counts": counts}
 
 
-def measure(checkout: Path, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+def measure(checkout: Path, argv: list[str], env: dict[str, str], timeout: float = 600) -> dict[str, Any]:
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
             "import scale; print(json.dumps(scale.run_one(json.loads(sys.argv[3]))))")
-    proc = subprocess.run([PYTHON, "-c", code, str(checkout), str(REPO / "bench"), json.dumps(argv)],
-                          capture_output=True, text=True, env={**os.environ, **env,
-                                                               "PYTHONPATH": str(checkout)})
+    try:
+        proc = subprocess.run([PYTHON, "-c", code, str(checkout), str(REPO / "bench"), json.dumps(argv)],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env, "PYTHONPATH": str(checkout)})
+    except subprocess.TimeoutExpired:
+        return {"code": None, "seconds": float("inf"), "rss_mib": float("nan"), "requests": -1, "counts": {}}
     if proc.returncode != 0:
         raise RuntimeError(f"{argv}: {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,6 +205,7 @@ def main() -> int:
     parser.add_argument("--checkout", type=Path, default=REPO, help="the backupd source tree to measure")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a command may take (then: stopped)")
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split(":")) for size in args.sizes.split(",")]
     work_root = Path(tempfile.mkdtemp(prefix="backupd-scale-", dir=args.work))
@@ -225,9 +229,10 @@ def main() -> int:
                       file=sys.stderr)
                 cfg = config(work, storage)
                 env = {"BACKUPD_CONFIG": str(cfg)}
-                measure(args.checkout, ["--log-level", "error", "list", JOB], env)  # a first read builds any cache
+                # a first read builds any cache (the index; before it, the local catalog)
+                measure(args.checkout, ["--log-level", "error", "list", JOB], env, args.timeout)
                 for name, argv in commands(backups, work).items():
-                    result = measure(args.checkout, ["--log-level", "error", *argv], env)
+                    result = measure(args.checkout, ["--log-level", "error", *argv], env, args.timeout)
                     rows.append({"storage": kind, "backups": backups, "wal": wal, "command": name, **result})
                     print(f"{kind:3} {backups:>6} {wal:>7}  {name:34} {result['seconds']:>8.2f} s "
                           f"{result['rss_mib']:>7.1f} MiB {result['requests']:>7} req  exit {result['code']}",

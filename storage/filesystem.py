@@ -217,18 +217,19 @@ class FilesystemStorage(Storage):
         if not base_dir.is_dir():
             return iter(())
         found: list[ObjectInfo] = []
+        root = str(self.root) + os.sep
         with _os_errors(str(base_dir)):
-            for dirpath, dirnames, filenames in os.walk(base_dir):
+            for dirpath, dirnames, filenames in os.walk(base_dir):  # plain strings: 100k keys, no pathlib
                 dirnames.sort()
+                relative = dirpath[len(root):].replace(os.sep, "/") if dirpath.startswith(root) else ""
                 for name in filenames:
                     if name.startswith((TEMP_PREFIX, META_PREFIX)):
                         continue
-                    full = Path(dirpath) / name
-                    key = full.relative_to(self.root).as_posix()
+                    key = f"{relative}/{name}" if relative else name
                     if not key.startswith(prefix):
                         continue
                     try:
-                        st = full.stat()
+                        st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue  # deleted while listing
                     found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
