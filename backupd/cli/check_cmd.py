@@ -110,7 +110,7 @@ def signing_check(settings: Settings) -> Check:
 
 
 def state_dir_check(settings: Settings) -> Check:
-    """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
+    """Warn when the state directory (spool, control socket, audit log) is open to others."""
     path = settings.daemon.state_dir
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
