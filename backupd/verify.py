@@ -242,9 +242,10 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
     repo = ctx.repository
+    named: Manifest | None = None
     if backup_id:
         try:
-            repo.load_manifest(backup_id)
+            named = repo.load_manifest(backup_id)  # by key, once
         except UntrustedObject as exc:  # refused before anything of it is read
             report = unusable_reports(ctx, [(backup_id, exc)])[0]
             report.mode = "integrity" if integrity_only else "full"
@@ -253,8 +254,8 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
                 record_metrics(report)
             return [report]
     if integrity_only:
-        if backup_id:
-            manifests, unusable = [repo.resolve(backup_id)], list[tuple[str, IntegrityError]]()
+        if named is not None:
+            manifests, unusable = [named], list[tuple[str, IntegrityError]]()
         else:
             manifests, unusable = repo.scan_manifests()
             if not manifests and not unusable:
@@ -270,7 +271,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
             check_continuity(ctx, [manifest], reports[-1])
         reports.extend(unusable_reports(ctx, unusable))
         return reports
-    manifest = repo.resolve(backup_id)
+    manifest = named if named is not None else repo.resolve(None)
     if pitr_drill:
         require_drill(ctx, manifest)  # exit 2 before any restore
     kept, unusable = repo.scan_manifests()
