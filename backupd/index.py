@@ -363,6 +363,33 @@ def _catch_up(repo: Repository, index: Index) -> None:
         index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
 
 
+def reverify(repo: Repository) -> Index:
+    """Check the stored index against every manifest (one listing, a read of each manifest and signature:
+    the daemon's integrity rotation does it once per run); where they differ, the manifests win and the
+    index is rewritten. Returns the index as the manifests say."""
+    fresh = rebuild(repo)
+    stored = read(repo)
+
+    def summary(index: Index) -> tuple[dict[str, tuple[str, str, str | None]], dict[str, str]]:
+        return ({b.backup_id: (b.manifest_sha256, b.signature, b.signer) for b in index.committed},
+                dict(index.unusable))
+
+    if summary(fresh) == summary(stored):
+        return stored
+    log.warning("the index disagrees with the manifests; rewritten from them", job=repo.job)
+
+    def replace_all(index: Index) -> None:
+        pending = [b for b in index.backups if b.pending and b.backup_id not in {f.backup_id for f in fresh.backups}]
+        index.backups = sorted(fresh.backups + pending, key=lambda b: backup_id_sort_key(b.backup_id))
+        index.unusable = dict(fresh.unusable)
+
+    try:
+        return update(repo, replace_all)
+    except StorageError as exc:
+        log.warning("index not rewritten", job=repo.job, error=str(exc))
+        return fresh
+
+
 def update(repo: Repository, change: Callable[[Index], None]) -> Index:
     """Apply ``change`` to the stored index with compare-and-swap, re-reading and re-applying it when
     another writer got there first; the index written. A host that cannot write conditionally

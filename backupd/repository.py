@@ -239,6 +239,11 @@ class Repository:
             self._index = backup_index.read(self)
         return self._index
 
+    def reverify_index(self) -> backup_index.Index:
+        """Check the index against every manifest and correct it (``backupd.index.reverify``)."""
+        self._index = backup_index.reverify(self)
+        return self._index
+
     def update_index(self, change: Callable[[backup_index.Index], None]) -> backup_index.Index:
         """Change the stored index (compare-and-swap, retried on a concurrent writer)."""
         self._index = backup_index.update(self, change)
