@@ -3,7 +3,10 @@
 Every command that needs the job's backups reads this one object instead of listing
 the repository and reading every manifest. The manifests stay the source of truth; the
 index is derived from them and rebuilt (one listing, one GET per manifest) whenever it is
-missing, unreadable, of another job, or not vouched for.
+missing, unreadable, of another job, or not vouched for. It is kept true cheaply: every read
+lists the keys past its newest backup (a commit whose index update was lost), a prune
+reconciles it with the listing of ``backups/`` it makes anyway, and the daemon's integrity
+rotation checks it against every manifest (``reverify``).
 
 Document::
 
@@ -179,16 +182,17 @@ class Index:
     def ids(self) -> list[str]:
         return [b.backup_id for b in self.committed]
 
-    def get(self, backup_id: str) -> IndexedBackup | None:
-        for entry in self.backups:
-            if entry.backup_id == backup_id:
-                return entry
-        return None
+    def by_id(self) -> dict[str, IndexedBackup]:
+        return {entry.backup_id: entry for entry in self.backups}
 
     def put(self, entry: IndexedBackup) -> None:
+        key = backup_id_sort_key(entry.backup_id)
+        self.unusable.pop(entry.backup_id, None)
+        if not self.backups or key > backup_id_sort_key(self.backups[-1].backup_id):
+            self.backups.append(entry)  # a new newest backup: the usual commit
+            return
         self.backups = [b for b in self.backups if b.backup_id != entry.backup_id] + [entry]
         self.backups.sort(key=lambda b: backup_id_sort_key(b.backup_id))
-        self.unusable.pop(entry.backup_id, None)
 
     def drop(self, backup_ids: set[str]) -> None:
         self.backups = [b for b in self.backups if b.backup_id not in backup_ids]
@@ -204,7 +208,7 @@ class Index:
     def to_bytes(self, signing_key: sshsig.SigningKey | None) -> bytes:
         payload = self.payload()
         signature = sshsig.sign(signed_message(payload), signing_key) if signing_key is not None else None
-        return (json.dumps({"index": payload, "signature": signature}, indent=1) + "\n").encode()
+        return (json.dumps({"index": payload, "signature": signature}, separators=(",", ":")) + "\n").encode()
 
 
 def signed_message(payload: dict[str, Any]) -> bytes:
@@ -272,7 +276,7 @@ def assess(repo: Repository, manifest: Manifest, raw: bytes) -> tuple[str, str |
 def rebuild(repo: Repository) -> Index:
     """The index from the manifests themselves: one listing, one read of each manifest and its signature."""
     index = Index(repo.job, source="rebuilt")
-    for backup_id in repo.scan()[0]:
+    for backup_id in repo.scan()[0]:  # oldest first: each put appends
         try:
             manifest, raw = repo.read_manifest_bytes(backup_id)
         except BackupNotFound:

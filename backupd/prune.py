@@ -305,8 +305,10 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         record = {"started_at": format_timestamp(utcnow()), "deleting": doomed + doomed_partials}
         ctx.storage.put(journal_key(ctx.name), io.BytesIO(json.dumps(record).encode() + b"\n"))
     decisions = {(d.kind, d.name): d for d in the_plan.decisions()}
-    doomed = [backup_id for backup_id in doomed if _still_as_indexed(ctx, backup_id, decisions[("backup", backup_id)])]
-    entries = {backup_id: repo.index().get(backup_id) for backup_id in doomed}
+    indexed = repo.index().by_id()
+    doomed = [backup_id for backup_id in doomed
+              if _still_as_indexed(ctx, indexed.get(backup_id), backup_id, decisions[("backup", backup_id)])]
+    entries = {backup_id: indexed.get(backup_id) for backup_id in doomed}
     repo.forget(doomed)  # the index first: a backup is never listed once its manifest may be gone
     for backup_id in doomed:
         try:
@@ -349,10 +351,9 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         ctx.storage.delete(journal_key(ctx.name))
 
 
-def _still_as_indexed(ctx: JobContext, backup_id: str, decision: Decision) -> bool:
+def _still_as_indexed(ctx: JobContext, entry: IndexedBackup | None, backup_id: str, decision: Decision) -> bool:
     """Whether the manifest about to be deleted is still the one the plan was made from (read by key,
     its signature checked again); if not, the backup is kept, saying why."""
-    entry = ctx.repository.index().get(backup_id)
     try:
         if entry is None:
             raise IntegrityError(f"backup {backup_id} is no longer in the index")
