@@ -235,3 +235,23 @@ def test_per_backup_commands_cost_the_same_requests_at_any_size(kind: str, tmp_p
         }
     assert costs[5] == costs[60], costs
     assert costs[5]["show"] <= 2 and costs[5]["restore --backup"] <= 2, costs
+
+
+def test_prune_dry_run_reads_nothing_per_backup_it_would_delete(tmp_path: Path, keys, monkeypatch) -> None:
+    reads: dict[int, dict[str, int]] = {}
+    for backups in (5, 80):
+        work = tmp_path / str(backups)
+        work.mkdir()
+        scale.build_fs(work / "repo", backups, 30)
+        config = sqlite_job_config(work, keys, {"type": "filesystem", "path": str(work / "repo")},
+                                   work / "db.sqlite3", {"retention": {"keep_last": 2}})
+        ctx = JobContext(load_settings(config), "shop")
+        ctx.repository.backup_ids()  # the first read builds the index
+        ctx.close()
+        counts: dict[str, int] = {}
+        opened = context.open_storage
+        monkeypatch.setattr(context, "open_storage", lambda s, n: scale.count_requests(opened(s, n), counts))
+        assert main(["--config", str(config), "--log-level", "error", "prune", "shop", "--dry-run"]) == 0
+        monkeypatch.setattr(context, "open_storage", opened)
+        reads[backups] = {k: v for k, v in counts.items() if k not in ("list", "list_after")}
+    assert reads[5] == reads[80], reads  # GETs and HEADs: the index, pins, journal, run record; no per backup
