@@ -30,6 +30,7 @@ import io
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -55,6 +56,8 @@ ID_CLAIMS_PREFIX = "_ids/"
 #: The kinds of archived logs, each under its own ``<job>/<kind>/``.
 LOG_KINDS = ("wal", "binlog", "oplog")
 MAX_REPORT = 64 << 20
+#: Seconds a Repository reuses the index it read.
+INDEX_REUSE = 30.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class Repository:
         self.allow_unsigned = allow_unsigned
         self._signing_key: sshsig.SigningKey | None = None
         self._index: backup_index.Index | None = None
+        self._index_read_at = 0.0
 
     # -- layout ------------------------------------------------------------
     @property
@@ -234,19 +238,23 @@ class Repository:
         return order(committed), order(seen - committed)
 
     def index(self, *, fresh: bool = False) -> backup_index.Index:
-        """The job's index of committed backups (read once per Repository; ``backupd.index``)."""
-        if self._index is None or fresh:
+        """The job's index of committed backups (``backupd.index``): read once per command, again after
+        ``INDEX_REUSE`` seconds (the daemon keeps a Repository for as long as a job's configuration)."""
+        if self._index is None or fresh or time.monotonic() - self._index_read_at > INDEX_REUSE:
             self._index = backup_index.read(self)
+            self._index_read_at = time.monotonic()
         return self._index
 
     def reverify_index(self) -> backup_index.Index:
         """Check the index against every manifest and correct it (``backupd.index.reverify``)."""
         self._index = backup_index.reverify(self)
+        self._index_read_at = time.monotonic()
         return self._index
 
     def update_index(self, change: Callable[[backup_index.Index], None]) -> backup_index.Index:
         """Change the stored index (compare-and-swap, retried on a concurrent writer)."""
         self._index = backup_index.update(self, change)
+        self._index_read_at = time.monotonic()
         return self._index
 
     def backup_ids(self) -> list[str]:
