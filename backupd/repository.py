@@ -391,6 +391,7 @@ class Repository:
         return manifest
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
+        manifest = self.load_full(manifest)  # an index summary lists no streams: the manifest does
         entry = manifest.object(name)
         key = self.layout.entry_key(manifest.backup_id, entry.key)
         return DecodingReader(
@@ -405,6 +406,7 @@ class Repository:
 
     def check_integrity(self, manifest: Manifest) -> list[IntegrityProblem]:
         """Read every object back and compare size and sha256 with the manifest. No key needed."""
+        manifest = self.load_full(manifest)  # never "no objects, all fine" from an index summary
         problems = []
         for entry in manifest.objects:
             key = self.layout.entry_key(manifest.backup_id, entry.key)

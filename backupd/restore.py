@@ -26,6 +26,7 @@ class RepositorySource:
         self._key_file = key_file
 
     def open(self, name: str) -> BinaryIO:
+        self.manifest = self.repo.load_full(self.manifest)  # chosen from the index: its streams are in the manifest
         try:
             return self.repo.open_stream(self.manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
         except KeyError:
