@@ -18,7 +18,7 @@ Document::
 
 An ENTRY holds what ``list``, ``prune``, ``status`` and restore's choice of a backup need
 (id, driver, method, type, parent, times, sizes, the manifest's small metadata with its
-PITR start), the sha256 of the manifest's bytes, and who signed the manifest (``signer``:
+PITR start), the sha256 of the manifest (of its canonical form, ``digest``), and who signed the manifest (``signer``:
 the OpenSSH public key whose signature over those bytes checks out; ``signature``:
 signed, unsigned or bad). ``pending`` marks a backup whose manifest was being put when the
 index was written: readers stat that one manifest to learn whether it committed.
@@ -151,14 +151,14 @@ class IndexedBackup(Manifest):
                    pending=pending)
 
     @classmethod
-    def of(cls, manifest: Manifest, raw: bytes, signature: str, signer: str | None, problem: str = "",
+    def of(cls, manifest: Manifest, signature: str, signer: str | None, problem: str = "",
            pending: bool = False) -> IndexedBackup:
-        """The entry for ``manifest``, whose bytes are ``raw``."""
+        """The entry for ``manifest`` whose signature is as given."""
         small = {k: v for k, v in manifest.metadata.items() if len(json.dumps(v)) <= MAX_METADATA_VALUE}
         return cls(backup_id=manifest.backup_id, job=manifest.job, driver=manifest.driver, method=manifest.method,
                    started_at=manifest.started_at, finished_at=manifest.finished_at, objects=[],
                    compression={}, encryption={}, metadata=small,
-                   sizes=(manifest.raw_size, manifest.stored_size), manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                   sizes=(manifest.raw_size, manifest.stored_size), manifest_sha256=digest(manifest),
                    signature=signature, signer=signer, problem=problem, pending=pending)
 
 
@@ -284,7 +284,7 @@ def rebuild(repo: Repository) -> Index:
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
             continue
-        index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
+        index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
     log.info("index rebuilt from the manifests", job=repo.job, backups=len(index.backups),
              unusable=len(index.unusable))
     return index
@@ -322,7 +322,7 @@ def _recheck_unusable(repo: Repository, index: Index) -> None:
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
         else:
-            index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
+            index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
 
 
 def _rebuilt(repo: Repository, version: str | None, why: str) -> Index:
@@ -364,7 +364,7 @@ def _catch_up(repo: Repository, index: Index) -> None:
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
             continue
-        index.put(IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw)))
+        index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
 
 
 def reverify(repo: Repository) -> Index:
@@ -413,9 +413,15 @@ def update(repo: Repository, change: Callable[[Index], None]) -> Index:
     raise StorageError(f"{repo.storage.location}{key}: changed by other writers {WRITE_ATTEMPTS} times in a row")
 
 
-def checked(repo: Repository, entry: IndexedBackup, manifest: Manifest, raw: bytes) -> None:
+def digest(manifest: Manifest) -> str:
+    """The sha256 the index records of a manifest: of its canonical form (``Manifest.to_json``, the bytes
+    backupd writes), so it can be compared whichever repository or reader produced the manifest."""
+    return hashlib.sha256(manifest.to_json()).hexdigest()
+
+
+def checked(repo: Repository, entry: IndexedBackup, manifest: Manifest) -> None:
     """IntegrityError unless the manifest read by key is the one the index describes."""
-    if hashlib.sha256(raw).hexdigest() != entry.manifest_sha256:
+    if digest(manifest) != entry.manifest_sha256:
         raise IntegrityError(f"{repo.manifest_key(manifest.backup_id)}: differs from the index's record of it "
                              f"(replaced since it was indexed)")
     if manifest.started_at != entry.started_at:

@@ -228,7 +228,7 @@ def reconcile(ctx: JobContext, listed: list[str], *, write: bool) -> None:
         except IntegrityError as exc:
             added.append((backup_id, str(exc)))
             continue
-        added.append((backup_id, IndexedBackup.of(manifest, raw, *assess(repo, manifest, raw))))
+        added.append((backup_id, IndexedBackup.of(manifest, *assess(repo, manifest, raw))))
     gone = (known - set(listed)) | dead_pending
 
     def change(index: Index) -> None:

@@ -374,20 +374,17 @@ class Repository:
         delete what it planned from the index) IntegrityError is raised."""
         if not isinstance(chosen, IndexedBackup):
             return chosen
-        manifest, raw = self.read_manifest_bytes(chosen.backup_id)
-        trust = None
-        if self.trusted:
-            trust = signing.assess_manifest(self.storage, self.manifest_key(chosen.backup_id), raw, self.trusted)
-            self.require_trusted(manifest, trust)
+        manifest = self.load_manifest(chosen.backup_id)
         try:
-            backup_index.checked(self, chosen, manifest, raw)
+            backup_index.checked(self, chosen, manifest)
         except IntegrityError as exc:
             if strict:
                 raise
             log.info("manifest changed since it was indexed; refreshing the index", job=self.job,
                      backup_id=chosen.backup_id, error=str(exc))
-            status = backup_index.assess(self, manifest, raw)
-            self._record(lambda index: index.put(IndexedBackup.of(manifest, raw, *status)))
+            manifest_now, raw = self.read_manifest_bytes(chosen.backup_id)
+            status = backup_index.assess(self, manifest_now, raw)
+            self._record(lambda index: index.put(IndexedBackup.of(manifest_now, *status)))
         return manifest
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
@@ -491,7 +488,7 @@ class Repository:
             signed: tuple[str, str | None, str] = ("signed", self.signing_key.public.line(), "")
         else:
             signed = ("unsigned", None, f"{self.layout.signature_key(manifest.backup_id)}: the manifest is not signed")
-        entry = IndexedBackup.of(manifest, raw, *signed, pending=True)
+        entry = IndexedBackup.of(manifest, *signed, pending=True)
         self._record(lambda index: index.put(entry))
         if self.signing_key is not None:
             signing.sign_manifest(self.storage, key, raw, self.signing_key, **retention)
@@ -499,7 +496,7 @@ class Repository:
             self.storage.put(key, io.BytesIO(raw), if_absent=True, **retention)
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
-        committed = IndexedBackup.of(manifest, raw, *signed)
+        committed = IndexedBackup.of(manifest, *signed)
         self._record(lambda index: index.put(committed))
 
     def reindex(self, entry: IndexedBackup) -> None:

@@ -106,11 +106,9 @@ def test_replace_is_a_compare_and_swap(storage: Storage) -> None:
 
 
 def test_two_writers_never_lose_each_others_entries(storage: Storage) -> None:
-    raw = scale.manifest(0)
-
     def entry(number: int) -> IndexedBackup:
         manifest = Manifest.from_json(scale.manifest(number))
-        return IndexedBackup.of(manifest, raw, "unsigned", None)
+        return IndexedBackup.of(manifest, "unsigned", None)
 
     writers = [Repository(storage, "shop"), Repository(storage, "shop")]
     writers[0].update_index(lambda index: index.put(entry(0)))
