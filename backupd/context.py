@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from backupd import age, plugins
+from backupd.copies import Copies
 from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
 from backupd.logarchive import LogArchive
+from backupd.copyreads import CopiesLogArchive, CopiesRepository
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
@@ -34,10 +36,29 @@ class JobContext:
     name: str
     #: Unsigned backups may be read (with a warning), badly signed ones never (``restore --allow-unsigned``).
     allow_unsigned: bool = False
+    #: One of the job's repositories alone, with its own retention (``for_storage``); None: all of them.
+    only_storage: str | None = None
 
     @property
     def job(self) -> JobSettings:
-        return self.settings.job(self.name)
+        job = self.settings.job(self.name)
+        if self.only_storage is None:
+            return job
+        return job.model_copy(update={"storage": self.only_storage, "min_copies": 1,
+                                      "retention": job.retention_for(self.only_storage)})
+
+    def for_storage(self, storage: str) -> "JobContext":
+        """The same job on one of its repositories alone (per-repository retention, copy, catch-up)."""
+        if storage not in self.settings.job(self.name).storages:
+            raise ConfigError(f"job {self.name} has no storage {storage!r} "
+                              f"(its storages: {', '.join(self.settings.job(self.name).storages)})")
+        return JobContext(self.settings, self.name, allow_unsigned=self.allow_unsigned, only_storage=storage)
+
+    def per_storage(self) -> list["JobContext"]:
+        """One context per repository of the job (just this one when it has one)."""
+        if len(self.job.storages) == 1:
+            return [self]
+        return [self.for_storage(name) for name in self.job.storages]
 
     @property
     def state_dir(self) -> Path:
@@ -45,11 +66,15 @@ class JobContext:
 
     @functools.cached_property
     def storage(self) -> Storage:
-        return open_storage(self.settings, self.job.storage)
+        names = self.job.storages
+        if len(names) == 1:
+            return open_storage(self.settings, names[0])
+        return Copies({name: open_storage(self.settings, name) for name in names}, self.job.min_copies)
 
     @functools.cached_property
     def repository(self) -> Repository:
-        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
+        repository = CopiesRepository if isinstance(self.storage, Copies) else Repository
+        return repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
                           signing_key_file=self.settings.signing.key_file,
                           trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)
 
@@ -100,7 +125,8 @@ class JobContext:
 
     def log_archive(self, kind: str) -> LogArchive:
         """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""
-        return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
+        archive = CopiesLogArchive if isinstance(self.storage, Copies) else LogArchive
+        return archive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
                           retain_for=guaranteed_keep(self.job.retention, "log"),
                           signing_key_file=self.settings.signing.key_file,
                           trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)

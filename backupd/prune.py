@@ -179,7 +179,7 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
         manifests.append(entry)
     pinned = Pins(ctx.storage, ctx.name).ids()
     warnings: list[str] = []
-    backups = [_backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
+    backups = [backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
     interrupted = set(_read_journal(ctx))
     partials = [PartialItem(i, backup_id_time(i), i in interrupted) for i in partial_ids]
     logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind)]
@@ -266,7 +266,7 @@ def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
     return locks
 
 
-def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
+def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
     point = None
     try:
         start = PitrStart.read(manifest)

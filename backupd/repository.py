@@ -40,6 +40,7 @@ import structlog
 from backupd import index as backup_index
 from backupd import sealed, signing, sshsig
 from backupd.age import AgeError
+from backupd.copies import open_object
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
 from backupd.index import IndexedBackup
@@ -392,7 +393,7 @@ class Repository:
         entry = manifest.object(name)
         key = self.layout.entry_key(manifest.backup_id, entry.key)
         return DecodingReader(
-            self.storage.open(key),
+            open_object(self.storage, key, entry.stored_size, entry.sha256),
             identities,
             where=key,
             expected_size=entry.stored_size,
@@ -408,7 +409,7 @@ class Repository:
         for entry in manifest.objects:
             key = self.layout.entry_key(manifest.backup_id, entry.key)
             try:
-                with contextlib.closing(self.storage.open(key)) as handle:
+                with contextlib.closing(open_object(self.storage, key, entry.stored_size, entry.sha256)) as handle:
                     size, digest = hash_stored(handle)
             except ObjectNotFound:
                 problems.append(IntegrityProblem(manifest.backup_id, key, "object is missing"))

@@ -17,7 +17,9 @@ from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
+from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
+from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
 
@@ -208,6 +210,21 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
                              "seconds": round(time.monotonic() - started, 3)})
 
 
+def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
+    """With trusted keys, every archived log object of the job must carry a trusted signature over its key
+    and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
+    trusted = ctx.settings.trusted_keys(ctx.name)
+    if not trusted:
+        return
+    started = time.monotonic()
+    archives = [LogArchive(ctx.storage, ctx.name, kind, trusted=trusted) for kind in LOG_KINDS]  # type: ignore[arg-type]
+    untrusted = [line for archive in archives for line in archive.untrusted()]
+    for line in untrusted:
+        report.fail(line)
+    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted),
+                         "seconds": round(time.monotonic() - started, 3)})
+
+
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
     try:
         return ctx.repository.write_report(report.started_at, report.backup_id, report.to_stored(ctx.recipients))
@@ -269,6 +286,8 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
                 continue
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
+        if reports and not backup_id:  # the whole archive once, with the newest backup's report
+            check_log_signatures(ctx, reports[0])
         reports.extend(unusable_reports(ctx, unusable))
         return reports
     manifest = named if named is not None else repo.resolve(None)
@@ -280,6 +299,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     untrusted = [] if backup_id else [str(e) for _, e in unusable if isinstance(e, UntrustedObject)]
     report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
     check_continuity(ctx, kept, report)  # from each kept backup to the newest log
+    check_log_signatures(ctx, report)
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)
     save_report(ctx, report)

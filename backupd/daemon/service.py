@@ -26,6 +26,7 @@ from backupd.control import ControlServer, confine, job_peers, socket_path
 from backupd.daemon.httpserver import MetricsServer
 from backupd.daemon.metrics import CONFIG_RELOADS, DAEMON_START
 from backupd.daemon.notify import Notifier
+from backupd.daemon.copywatch import CopyWatch
 from backupd.daemon.repo_metrics import RepositoryWatch
 from backupd.daemon.runs import Runs, Slots
 from backupd.daemon.scheduler import Scheduler
@@ -77,6 +78,7 @@ class Daemon:
         self.control = ControlServer(socket_path(self.state_dir), {})
         self.watch = RepositoryWatch(lambda: self.settings,
                                      self.settings.daemon.repository_poll_interval.total_seconds())
+        self.copies = CopyWatch(lambda: self.settings, self.settings.daemon.repository_poll_interval.total_seconds())
         self._load_jobs(self.settings)
         self.scheduler.apply(self.settings)
         self.http.start()
@@ -84,6 +86,7 @@ class Daemon:
         self.scheduler.start()
         DAEMON_START.set(time.time())
         self.watch.start(sorted(self.settings.jobs))
+        self.copies.start()
         log.info("daemon started", version=__version__, pid=os.getpid(), jobs=sorted(self.settings.jobs),
                  metrics=self.settings.daemon.metrics_listen, state_dir=str(self.state_dir))
         self.notifier.ready(self.status_line())
@@ -127,6 +130,7 @@ class Daemon:
         for pid, name in children.kill_all():
             log.warning("terminated a leftover child process", pid=pid, command=name)
         self.watch.stop()
+        self.copies.stop()
         self.control.stop()
         self.http.stop()
         for ctx in self.contexts.values():
@@ -175,6 +179,7 @@ class Daemon:
             try:
                 methods = plugins.driver_descriptor(job.driver).methods
                 metrics.declare_job(name, methods, archives_logs=job.archive_logs)
+                metrics.declare_storages(name, job.storages)
                 driver = ctx.driver
                 handlers[name] = dict(driver.control_handlers())
                 found = driver.log_archivers() if job.archive_logs else []
@@ -273,6 +278,8 @@ class Daemon:
         self.scheduler.apply(new)
         self.watch.interval = new.daemon.repository_poll_interval.total_seconds()
         self.watch.warm_up(loaded)
+        self.copies.interval = self.watch.interval
+        self.copies.wake()
         CONFIG_RELOADS.labels("success").inc()
         log.info("configuration reloaded", jobs=sorted(new.jobs), reloaded=loaded,
                  scheduled=sorted(self.scheduler.specs))
@@ -314,11 +321,10 @@ def job_signature(settings: Settings, name: str) -> str:
     Tasks (backup, verify, prune) build their context from the current settings at each run,
     so they are not part of it (nor is the sandbox, which only they use)."""
     job = settings.job(name)
-    storages = job.storage if isinstance(job.storage, list) else [job.storage]
     parts = {
         "job": job.model_dump(mode="json"),
         "driver": settings.driver_options(name).model_dump(mode="json"),
-        "storage": [settings.storage_options(storage).model_dump(mode="json") for storage in storages],
+        "storage": [settings.storage_options(storage).model_dump(mode="json") for storage in job.storages],
         "encryption": settings.encryption.model_dump(mode="json"),
         "archiver_backoff_max": settings.daemon.archiver_backoff_max.total_seconds(),
         "source": str(settings.source),

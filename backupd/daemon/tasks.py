@@ -98,6 +98,22 @@ class Tasks:
             self._prune(ctx, after_backup=False)
 
     def _prune(self, ctx: JobContext, *, after_backup: bool) -> None:
+        contexts = ctx.per_storage()
+        if len(contexts) > 1:  # each repository by its own policy (retention_by_storage)
+            errors: list[BaseException] = []
+            for one in contexts:
+                try:
+                    with structlog.contextvars.bound_contextvars(storage=one.only_storage):
+                        self._prune(one, after_backup=after_backup)
+                except Skipped:
+                    raise
+                except BaseException as exc:  # one unreachable repository does not stop the others' pruning
+                    errors.append(exc)
+                finally:
+                    one.close()
+            if errors:
+                raise errors[0]
+            return
         if ctx.job.retention.is_empty():
             return
         try:
