@@ -69,6 +69,32 @@ class CopiesRepository(Repository):
         raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}")
 
 
+    def read_for_index(self, backup_id: str) -> tuple[Manifest, tuple[str, str | None, str]]:
+        """As ``read_manifest``: from the first repository whose copy parses (and, with trusted keys, is signed)."""
+        assert isinstance(self.storage, Copies)
+        fallback: tuple[Manifest, tuple[str, str | None, str]] | None = None
+        first_error: IntegrityError | None = None
+        for backend in self.storage.backends.values():
+            one = copy.copy(self)
+            one.storage = backend
+            try:
+                manifest, status = Repository.read_for_index(one, backup_id)
+            except BackupNotFound:
+                continue
+            except (IntegrityError, StorageError) as exc:
+                first_error = first_error or (exc if isinstance(exc, IntegrityError) else None)
+                continue
+            if self.trusted and status[0] != "signed":
+                fallback = fallback or (manifest, status)
+                continue
+            return manifest, status
+        if fallback is not None:
+            return fallback
+        if first_error is not None:
+            raise first_error
+        raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}")
+
+
 class CopiesLogArchive(LogArchive):
     """A ``LogArchive`` over ``Copies``: pushes fan out, ``open`` falls back repository by repository."""
 

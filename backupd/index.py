@@ -278,13 +278,13 @@ def rebuild(repo: Repository) -> Index:
     index = Index(repo.job, source="rebuilt")
     for backup_id in repo.scan()[0]:  # oldest first: each put appends
         try:
-            manifest, raw = repo.read_manifest_bytes(backup_id)
+            manifest, status = repo.read_for_index(backup_id)
         except BackupNotFound:
             continue  # deleted since the listing (a prune)
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
             continue
-        index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
+        index.put(IndexedBackup.of(manifest, *status))
     log.info("index rebuilt from the manifests", job=repo.job, backups=len(index.backups),
              unusable=len(index.unusable))
     return index
@@ -316,13 +316,13 @@ def _recheck_unusable(repo: Repository, index: Index) -> None:
     """Read again the manifests the index records as unusable (rare, and they may have been repaired)."""
     for backup_id in list(index.unusable):
         try:
-            manifest, raw = repo.read_manifest_bytes(backup_id)
+            manifest, status = repo.read_for_index(backup_id)
         except BackupNotFound:
             del index.unusable[backup_id]
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
         else:
-            index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
+            index.put(IndexedBackup.of(manifest, *status))
 
 
 def _rebuilt(repo: Repository, version: str | None, why: str) -> Index:
@@ -358,13 +358,13 @@ def _catch_up(repo: Repository, index: Index) -> None:
             continue
         log.info("backup committed past the index; adding it", job=repo.job, backup_id=backup_id)
         try:
-            manifest, raw = repo.read_manifest_bytes(backup_id)
+            manifest, status = repo.read_for_index(backup_id)
         except BackupNotFound:
             continue
         except IntegrityError as exc:
             index.unusable[backup_id] = str(exc)
             continue
-        index.put(IndexedBackup.of(manifest, *assess(repo, manifest, raw)))
+        index.put(IndexedBackup.of(manifest, *status))
 
 
 def reverify(repo: Repository) -> Index:

@@ -33,7 +33,7 @@ import structlog
 from backupd import metrics
 from backupd.context import JobContext
 from backupd.errors import BackupdError, BackupNotFound, IntegrityError, ObjectLocked, ObjectNotFound, UntrustedObject
-from backupd.index import Index, IndexedBackup, assess, newest_logs
+from backupd.index import Index, IndexedBackup, newest_logs
 from backupd.locks import job_lock, lock_free
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
@@ -222,13 +222,13 @@ def reconcile(ctx: JobContext, listed: list[str], *, write: bool) -> None:
     added: list[tuple[str, IndexedBackup | str]] = []
     for backup_id in sorted(set(listed) - known):
         try:
-            manifest, raw = repo.read_manifest_bytes(backup_id)
+            manifest, status = repo.read_for_index(backup_id)
         except BackupNotFound:
             continue
         except IntegrityError as exc:
             added.append((backup_id, str(exc)))
             continue
-        added.append((backup_id, IndexedBackup.of(manifest, *assess(repo, manifest, raw))))
+        added.append((backup_id, IndexedBackup.of(manifest, *status)))
     gone = (known - set(listed)) | dead_pending
 
     def change(index: Index) -> None:

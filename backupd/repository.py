@@ -299,6 +299,12 @@ class Repository:
             raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
         return manifest, raw
 
+    def read_for_index(self, backup_id: str) -> tuple[Manifest, tuple[str, str | None, str]]:
+        """The manifest and (signature status, signer, problem) as the index records them
+        (``backupd.index.assess``); BackupNotFound, IntegrityError as ``read_manifest_bytes``."""
+        manifest, raw = self.read_manifest_bytes(backup_id)
+        return manifest, backup_index.assess(self, manifest, raw)
+
     def require_trusted(self, manifest: Manifest, trust: Trust | None) -> None:
         """UntrustedObject unless ``trust`` lets the manifest be used (an unsigned one only with allow_unsigned)."""
         if trust is None or trust.status == "signed":
@@ -383,8 +389,7 @@ class Repository:
                 raise
             log.info("manifest changed since it was indexed; refreshing the index", job=self.job,
                      backup_id=chosen.backup_id, error=str(exc))
-            manifest_now, raw = self.read_manifest_bytes(chosen.backup_id)
-            status = backup_index.assess(self, manifest_now, raw)
+            manifest_now, status = self.read_for_index(chosen.backup_id)
             self._record(lambda index: index.put(IndexedBackup.of(manifest_now, *status)))
         return manifest
 
