@@ -252,11 +252,10 @@ class Repository:
         self._index_read_at = time.monotonic()
         return self._index
 
-    def update_index(self, change: Callable[[backup_index.Index], None]) -> backup_index.Index:
+    def update_index(self, change: Callable[[backup_index.Index], None]) -> None:
         """Change the stored index (compare-and-swap, retried on a concurrent writer)."""
         self._index = backup_index.update(self, change)
         self._index_read_at = time.monotonic()
-        return self._index
 
     def backup_ids(self) -> list[str]:
         """Committed backups, oldest first (from the index)."""
