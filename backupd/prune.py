@@ -211,7 +211,7 @@ def reconcile(ctx: JobContext, listed: list[str], *, write: bool) -> None:
     whose index update was lost, a backup written by an older backupd) is read and added, an entry
     whose manifest is gone dropped, and so are pending entries of runs that died before their manifest. A dry run only corrects what it reads."""
     repo = ctx.repository
-    index = repo.index()
+    index = repo.index(fresh=write)  # a write compares with what is stored, not with a dry run's corrections
     known = {b.backup_id for b in index.committed} | set(index.unusable)
     # a real prune holds the job's lock: no run of the job is committing, so a pending entry is dead
     dead_pending = {b.backup_id for b in index.backups if b.pending} - set(listed) if write else set()
