@@ -261,6 +261,16 @@ class Copies(Storage):
                 self._down(name, exc)
         return found
 
+    def can_lock(self) -> bool:
+        """Whether any repository may hold objects under a retention (one that cannot say is assumed to)."""
+        for backend in self.backends.values():
+            try:
+                if backend.can_lock():
+                    return True
+            except StorageError:
+                return True
+        return False
+
     # -- reading ---------------------------------------------------------------
     def _first(self, key: str, what: str, call: str) -> tuple[str, object]:
         """The first backend's answer to ``call(key)``; ObjectNotFound when none has it."""

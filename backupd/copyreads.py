@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import structlog
 
@@ -25,6 +25,7 @@ from backupd.age import AgeError
 from backupd.copies import Copies
 from backupd.errors import BackupNotFound, CryptoError, IntegrityError, ObjectNotFound, StorageError
 from backupd.logarchive import LogArchive
+from backupd.index import Index
 from backupd.manifest import Manifest
 from backupd.pipeline import READ_CHUNK, DecodingReader
 from backupd.repository import Repository
@@ -64,6 +65,45 @@ class CopiesRepository(Repository):
             return manifest, trust
         if fallback is not None:
             return fallback  # no signed copy anywhere: the caller says why it is not trusted
+        if first_error is not None:
+            raise first_error
+        raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}")
+
+
+    def update_index(self, change: Callable[[Index], None]) -> None:
+        """Each repository keeps its own index: the change is applied to each (one that fails is left to
+        its next reader, which catches up with or rebuilds from its manifests)."""
+        assert isinstance(self.storage, Copies)
+        for name, backend in self.storage.backends.items():
+            member = Repository(backend, self.job, retain_for=self.retain_for, signing_key_file=self.signing_key_file,
+                                trusted=self.trusted, allow_unsigned=self.allow_unsigned)
+            try:
+                member.update_index(change)
+            except StorageError as exc:
+                log.warning("index of one repository not updated", job=self.job, storage=name, error=str(exc))
+        self._index = None  # read again (across the repositories) when next needed
+
+    def read_for_index(self, backup_id: str) -> tuple[Manifest, tuple[str, str | None, str]]:
+        """As ``read_manifest``: from the first repository whose copy parses (and, with trusted keys, is signed)."""
+        assert isinstance(self.storage, Copies)
+        fallback: tuple[Manifest, tuple[str, str | None, str]] | None = None
+        first_error: IntegrityError | None = None
+        for backend in self.storage.backends.values():
+            one = copy.copy(self)
+            one.storage = backend
+            try:
+                manifest, status = Repository.read_for_index(one, backup_id)
+            except BackupNotFound:
+                continue
+            except (IntegrityError, StorageError) as exc:
+                first_error = first_error or (exc if isinstance(exc, IntegrityError) else None)
+                continue
+            if self.trusted and status[0] != "signed":
+                fallback = fallback or (manifest, status)
+                continue
+            return manifest, status
+        if fallback is not None:
+            return fallback
         if first_error is not None:
             raise first_error
         raise BackupNotFound(f"backup {backup_id} not found for job {self.job} in {self.storage.location}")

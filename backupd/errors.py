@@ -67,6 +67,10 @@ class ObjectExists(StorageError):
     """A write that must not overwrite found the name already taken."""
 
 
+class ObjectChanged(StorageError):
+    """A conditional replace (``Storage.replace``) found another version than the one it was based on."""
+
+
 class ObjectLocked(StorageError):
     """Storage refused to delete an object still under an Object Lock retention.
 

@@ -8,7 +8,7 @@ import structlog
 
 from backupd.context import JobContext
 from backupd.driver import RestoreRequest
-from backupd.errors import BackupNotFound
+from backupd.errors import BackupNotFound, IntegrityError
 from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.repository import Repository
@@ -29,6 +29,7 @@ class RepositorySource:
         self._key_file = key_file
 
     def open(self, name: str) -> BinaryIO:
+        self.manifest = self.repo.load_full(self.manifest)  # chosen from the index: its streams are in the manifest
         try:
             return self.repo.open_stream(self.manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
         except KeyError:
@@ -44,6 +45,21 @@ class RepositorySource:
         return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]
 
 
+def choose(ctx: JobContext, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+    """The driver's choice among the index's backups, its manifest read by key and checked again; one that
+    fails that check (replaced since it was indexed, no longer signed) is skipped with a warning."""
+    while True:
+        chosen = ctx.driver.choose_backup(manifests, request, backup_id)
+        try:
+            return ctx.repository.load_full(chosen)
+        except IntegrityError as exc:
+            if backup_id or len(manifests) <= 1:
+                raise
+            log.warning("backup skipped: its manifest is unusable", job=ctx.name, backup_id=chosen.backup_id,
+                        error=str(exc))
+            manifests = [m for m in manifests if m.backup_id != chosen.backup_id]
+
+
 def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None = None,
                 emit: Callable[[str], None] | None = None) -> list[str]:
     """Restore (or with ``dry_run`` only plan); return the lines to print, passing each to ``emit`` too.
@@ -55,7 +71,7 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
         manifests = [ctx.repository.load_manifest(backup_id)]
     else:  # an unusable manifest is skipped (with a warning naming it)
         manifests = ctx.repository.manifests()
-    manifest = ctx.driver.choose_backup(manifests, request, backup_id)
+    manifest = choose(ctx, manifests, request, backup_id)
     plan = ctx.driver.describe_restore(manifest, request)
     if request.dry_run:
         lines = ["plan (dry run, nothing touched):", *("  " + line for line in plan)]

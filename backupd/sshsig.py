@@ -255,6 +255,17 @@ def verify(data: bytes | BinaryIO, armored: str | bytes, trusted: Iterable[Publi
     return signer
 
 
+def signer_of(data: bytes, armored: str | bytes, namespace: str = NAMESPACE, what: str = "signature") -> PublicKey:
+    """The key that made this signature over ``data``, checked against the key the signature names.
+
+    Proves only that whoever holds that key signed: the caller decides whether it trusts it."""
+    parsed = parse(armored, what)
+    signer = _key_from_blob(parsed.key_blob, what)
+    if isinstance(signer, str):
+        raise UnknownKey(f"{what}: signed by {signer}, which backupd cannot check")
+    return verify(data, armored, [signer], namespace, what)
+
+
 def verify_digest(digest: bytes, armored: str | bytes, trusted: Iterable[PublicKey],
                   namespace: str = NAMESPACE, what: str = "signature") -> PublicKey:
     """As verify() for a message whose sha512 is ``digest``; a signature made with sha256 is a BadArmor."""

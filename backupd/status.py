@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Sequence, get_args
 
-from backupd.catalog import Catalog
 from backupd.catchup import lagging
 from backupd.context import JobContext
 from backupd.control import request, socket_path
@@ -67,11 +66,7 @@ def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime)
 
 def _job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
     repo = ctx.repository
-    catalog = Catalog(ctx.state_dir)
-    try:
-        entries = catalog.entries(repo)  # newest first
-    finally:
-        catalog.close()
+    entries = repo.entries()  # newest first, from the index
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     untrusted = [f"{m.backup_id}: {trust} ({trust.problem})" for m, trust in entries
                  if trust is not None and trust.status != "signed"]

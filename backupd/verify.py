@@ -260,9 +260,10 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
 def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only: bool,
                       pitr_drill: bool) -> list[VerifyReport]:
     repo = ctx.repository
+    named: Manifest | None = None
     if backup_id:
         try:
-            repo.load_manifest(backup_id)
+            named = repo.load_manifest(backup_id)  # by key, once
         except UntrustedObject as exc:  # refused before anything of it is read
             report = unusable_reports(ctx, [(backup_id, exc)])[0]
             report.mode = "integrity" if integrity_only else "full"
@@ -271,21 +272,26 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
                 record_metrics(report)
             return [report]
     if integrity_only:
-        if backup_id:
-            manifests, unusable = [repo.resolve(backup_id)], list[tuple[str, IntegrityError]]()
+        if named is not None:
+            manifests, unusable = [named], list[tuple[str, IntegrityError]]()
         else:
             manifests, unusable = repo.scan_manifests()
             if not manifests and not unusable:
                 repo.resolve(None)  # raises "no backups"
         reports = []
-        for manifest in manifests:
+        for chosen in manifests:
+            try:
+                manifest = repo.load_full(chosen)  # the index's summary -> the manifest itself, by key
+            except IntegrityError as exc:
+                reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
+                continue
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
         if reports and not backup_id:  # the whole archive once, with the newest backup's report
             check_log_signatures(ctx, reports[0])
         reports.extend(unusable_reports(ctx, unusable))
         return reports
-    manifest = repo.resolve(backup_id)
+    manifest = named if named is not None else repo.resolve(None)
     if pitr_drill:
         require_drill(ctx, manifest)  # exit 2 before any restore
     kept, unusable = repo.scan_manifests()

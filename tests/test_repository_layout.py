@@ -63,7 +63,10 @@ def test_naming_a_backup_reads_only_its_manifest(sqlite_job: SqliteJob, tmp_path
     integrity = run_backupd("verify", "shop", "--integrity-only", "--backup", newer, config=sqlite_job.config,
                             check=True)
     assert f"{newer}  integrity  ok" in integrity.out and "unusable" not in integrity.err
-    # without a name, every manifest is read: the bad one is named and skipped
+    # without a name, the index chooses and only the chosen manifest is read (issue 22)
     unnamed = run_backupd("restore", "shop", "--to", str(tmp_path / "again.sqlite3"), config=sqlite_job.config,
                           check=True)
-    assert f'"backup_id": "{older}"' in unnamed.err and "manifest is unusable" in unnamed.err
+    assert newer in unnamed.out and "unusable" not in unnamed.err
+    # checking every backup reads every manifest: the bad one is named
+    every = run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config)
+    assert every.code == 3 and older in every.out + every.err

@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 
 from backupd import age, sshsig
 from backupd.cli.common import config_path, print_json, settings_from
-from backupd.catalog import Catalog
 from backupd.context import JobContext, open_storage
 from backupd.driver import Check
 from backupd.errors import BackupdError
@@ -138,11 +137,7 @@ def _signatures(ctx: JobContext) -> tuple[str, bool]:
         if own not in trusted:
             return (f"{key_file}: its public key {own} is not among the job's trusted keys: backups signed "
                     "here will be refused", True)
-    catalog = Catalog(ctx.state_dir)
-    try:
-        entries = catalog.entries(ctx.repository)  # newest first
-    finally:
-        catalog.close()
+    entries = ctx.repository.entries()  # newest first, from the index
     if not entries:
         return f"no backups yet; {len(trusted)} trusted key(s)", False
     untrusted = [(m, trust) for m, trust in entries if trust is not None and trust.status != "signed"]
@@ -155,7 +150,7 @@ def _signatures(ctx: JobContext) -> tuple[str, bool]:
 
 
 def state_dir_check(settings: Settings) -> Check:
-    """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
+    """Warn when the state directory (spool, control socket, audit log) is open to others."""
     path = settings.daemon.state_dir
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)

@@ -166,6 +166,7 @@ class Tasks:
         with self._task("integrity", job, None) as (ctx, run), ctx.one_listing():  # the log archive scanned once
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
+            ctx.repository.reverify_index()  # every manifest read once: a bad one fails the rotation
             manifests, unusable = ctx.repository.scan_manifests()
             if ctx.repository.trusted:  # what failed its signature check at this verification
                 metrics.REPOSITORY_UNTRUSTED.labels(job).set(
