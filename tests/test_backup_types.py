@@ -223,3 +223,31 @@ def test_failures_count_with_the_requested_type(kv, monkeypatch) -> None:
     assert metrics.REGISTRY.get_sample_value("backupd_backup_runs_total", labels) == before + 1
     metrics.declare_job("kv2", ["physical"], archives_logs=False, capabilities=ctx.driver.capabilities)
     assert metrics.REGISTRY.get_sample_value("backupd_backup_runs_total", {**labels, "job": "kv2"}) == 0.0
+
+
+def test_an_untrusted_parent_breaks_the_chain(tmp_path: Path, keys: Keys, monkeypatch) -> None:
+    from backupd.sshsig import SigningKey
+
+    kvlog_driver.install(monkeypatch)
+    host = SigningKey.generate("backupd@host-a")
+    key_file = tmp_path / "host-a.key"
+    key_file.write_text(host.to_openssh())
+    key_file.chmod(0o600)
+    config = kv_config(tmp_path, keys)
+    config.write_text(f'[signing]\nkey_file = "{key_file}"\ntrusted_keys = ["{host.public.line()}"]\n\n'
+                      + config.read_text())
+    ctx = JobContext(load_settings(config), "kv")
+    store = kvlog_driver.KvStore(tmp_path / "kv")
+    store.set("a", "1")
+    take(ctx, None, "2026-11-01T00:00:00Z", monkeypatch)
+    store.set("a", "2")
+    incr1 = take(ctx, "incr", "2026-11-01T01:00:00Z", monkeypatch)
+    store.set("a", "3")
+    incr2 = take(ctx, "incr", "2026-11-01T02:00:00Z", monkeypatch)
+    manifest = tmp_path / "repo" / "kv" / "backups" / incr1 / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"keys": 1', b'"keys": 9'))  # no longer what was signed
+
+    with pytest.raises(BrokenChain, match=f"backup {incr2} needs its parent backup {incr1}, which is not trusted"):
+        take(ctx, "incr", "2026-11-01T03:00:00Z", monkeypatch)
+    with pytest.raises(BrokenChain, match=f"parent backup {incr1}, which is not trusted"):
+        restored(ctx, tmp_path, incr2)
