@@ -21,7 +21,7 @@ from backupd.cli.main import main
 from backupd.context import JobContext
 from backupd.daemon.scheduler import desired_jobs
 from backupd.driver import RestoreRequest
-from backupd.errors import BrokenChain, ConfigError, UsageError
+from backupd.errors import BrokenChain, ConfigError, IntegrityError, UsageError
 from backupd.prune import run_prune
 from backupd.restore import run_restore
 from backupd.settings import load_settings
@@ -145,7 +145,7 @@ def test_types_need_the_capability_and_method(tmp_path: Path, keys: Keys, monkey
         "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main"},
     })
     ctx = JobContext(load_settings(config), "plain")
-    with pytest.raises(UsageError, match="job plain cannot take a incr backup: --type diff|incr needs method"):
+    with pytest.raises(UsageError, match="job plain cannot take an incr backup: --type diff|incr needs method"):
         run_backup(ctx, backup_type="incr")
     assert main(["--config", str(config), "--log-level", "error", "backup", "plain", "--type", "diff"]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -251,3 +251,25 @@ def test_an_untrusted_parent_breaks_the_chain(tmp_path: Path, keys: Keys, monkey
         take(ctx, "incr", "2026-11-01T03:00:00Z", monkeypatch)
     with pytest.raises(BrokenChain, match=f"parent backup {incr1}, which is not trusted"):
         restored(ctx, tmp_path, incr2)
+
+
+@pytest.mark.parametrize(("metadata", "problem"), [
+    ({"type": "weekly"}, "unknown backup type 'weekly'"),
+    ({"type": "incr"}, "an incr backup names no parent"),
+    ({"type": "full", "parent": "20261101T000000Z"}, "a full backup names a parent (20261101T000000Z)"),
+    ({"type": "incr", "parent": "../../../etc"}, "its parent '../../../etc' is not a backup id"),
+    ({"type": "incr", "parent": "20261201T000000Z"}, "its parent 20261201T000000Z is not older than it"),
+])
+def test_a_hostile_type_or_parent_is_refused_in_one_line(kv, tmp_path: Path, monkeypatch, metadata, problem) -> None:
+    ctx, _ = kv
+    take(ctx, None, "2026-11-01T00:00:00Z", monkeypatch)
+    backup_id = take(ctx, None, "2026-11-01T01:00:00Z", monkeypatch)
+    if metadata.get("parent") == "20261201T000000Z":
+        take(ctx, None, "2026-12-01T00:00:00Z", monkeypatch)
+    path = tmp_path / "repo" / "kv" / "backups" / backup_id / "manifest.json"
+    document = json.loads(path.read_text())
+    document["metadata"] = {**document["metadata"], "parent": None, **metadata}
+    path.write_text(json.dumps(document))
+    with pytest.raises((BrokenChain, IntegrityError)) as refused:
+        restored(ctx, tmp_path, backup_id)
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
