@@ -48,7 +48,7 @@ def run_backup(
     incremental = _incremental(ctx, method, requested)
     repo = ctx.repository
     recipients = ctx.recipients
-    with job_lock(ctx.state_dir, ctx.name, wait=wait):
+    with job_lock(ctx.state_dir, ctx.name, wait=wait, cancel=cancel):
         try:
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)

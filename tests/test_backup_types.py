@@ -273,3 +273,20 @@ def test_a_hostile_type_or_parent_is_refused_in_one_line(kv, tmp_path: Path, mon
     with pytest.raises((BrokenChain, IntegrityError)) as refused:
         restored(ctx, tmp_path, backup_id)
     assert problem in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_lock_wait_ends_when_the_run_is_cancelled(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from backupd.errors import Aborted
+    from backupd.locks import job_lock
+
+    cancel = threading.Event()
+    with job_lock(tmp_path, "kv"):
+        threading.Timer(0.5, cancel.set).start()
+        started = time.monotonic()
+        with pytest.raises(Aborted, match="aborted while waiting for its lock"):
+            with job_lock(tmp_path, "kv", wait=60, cancel=cancel):
+                pass
+        assert time.monotonic() - started < 5
