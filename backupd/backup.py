@@ -133,9 +133,9 @@ def _incremental(ctx: JobContext, method: str, requested: str) -> IncrementalBac
     driver = ctx.driver
     capabilities = plugins.driver_descriptor(ctx.job.driver).capabilities
     if not isinstance(driver, IncrementalBackup) or not supports_types(capabilities, method):
-        raise UsageError(f"job {ctx.name} cannot take {article(requested)} {requested} backup: --type diff|incr needs method "
-                         f"{' or '.join(INCREMENTAL_METHODS)} on a driver with incremental backups "
-                         f"(driver {ctx.job.driver}, method {method})")
+        raise UsageError(f"job {ctx.name} cannot take {article(requested)} {requested} backup: --type diff|incr "
+                         f"needs method {' or '.join(INCREMENTAL_METHODS)} on a driver with incremental "
+                         f"backups (driver {ctx.job.driver}, method {method})")
     return driver
 
 

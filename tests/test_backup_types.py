@@ -166,7 +166,8 @@ def test_typed_schedules_are_validated_and_scheduled(tmp_path: Path, keys: Keys,
     assert any(line.startswith("jobs.kv.incr_schedule: ") for line in bad.value.errors)
     plain = write_config(tmp_path / "plain.toml", {
         "storage.main": {"type": "filesystem", "path": str(tmp_path / "repo")},
-        "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main", "diff_schedule": "@every 1h"},
+        "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main",
+                       "diff_schedule": "@every 1h"},
     })
     with pytest.raises(ConfigError) as bad:
         load_settings(plain)
