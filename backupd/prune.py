@@ -137,12 +137,13 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
-        the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
-        result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
-        if dry_run:
-            kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
-            result.pitr_breaks = pitr_breaks(ctx, kept)
-            return result
+        with ctx.one_listing():  # the plan and the PITR breaks share one listing of each log archive
+            the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
+            result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
+            if dry_run:
+                kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
+                result.pitr_breaks = pitr_breaks(ctx, kept)
+                return result
         if the_plan.paused:
             raise PruneRefused(
                 f"job {ctx.name}: not pruning: {the_plan.paused}",
@@ -172,7 +173,7 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
             untrusted.append(str(exc))
     pinned = Pins(ctx.storage, ctx.name).ids()
     warnings: list[str] = []
-    backups = [_backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
+    backups = [backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
     interrupted = set(_read_journal(ctx))
     partials = [PartialItem(i, backup_id_time(i), i in interrupted) for i in partial_ids]
     logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind)]
@@ -213,7 +214,7 @@ def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
     return locks
 
 
-def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
+def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
     point = None
     try:
         start = PitrStart.read(manifest)
@@ -229,7 +230,7 @@ def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backu
 
 
 def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
-    for obj in LogArchive(ctx.storage, ctx.name, kind).list():  # type: ignore[arg-type]
+    for obj in ctx.listed_archive(kind).list():
         yield LogItem(kind, obj.name, obj.modified)
 
 
@@ -278,7 +279,7 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         log.info("partial backup removed", backup_id=backup_id)
     archives: dict[str, LogArchive] = {}
     for decision in the_plan.deleted_logs():
-        archive = archives.setdefault(decision.kind, LogArchive(ctx.storage, ctx.name, decision.kind))  # type: ignore[arg-type]
+        archive = archives.setdefault(decision.kind, ctx.listed_archive(decision.kind))
         try:
             archive.delete(decision.name)
         except ObjectLocked as exc:

@@ -5,8 +5,11 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
     <job>/backups/<backup_id>/manifest.json     written last; the commit point
     <job>/backups/<backup_id>/manifest.json.sig its SSH signature, put just before it (``backupd.signing``)
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
-    <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
-    <job>/wal|binlog|oplog/<name>.zst.age.sig   its SSH signature over key and sha256, put just before it
+    <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``); a name's file
+                                                may go in a sub-folder its driver names (``log_path``):
+    <job>/wal/<timeline>/<segment[0:16]>/<segment>.zst.age   PostgreSQL WAL, 256 segments a folder
+    <job>/wal|binlog|oplog/<path>.zst.age.sig   its SSH signature over kind, name and sha256, put just before it
+    <job>/state/<kind>-layout.json              no log of the kind is left in the layout before folders
     <job>/pins/<backup_id>                      pins (``backupd.pins``)
     <job>/state/prune.json                      the prune journal (``backupd.prune``)
     <job>/state/last-failure.json               the newest failed run (``backupd.runstate``)
@@ -33,9 +36,10 @@ from typing import Any, Iterator, Sequence
 
 import structlog
 
-from backupd import sealed, signing, sshsig
+from backupd import lognaming, sealed, signing, sshsig
 from backupd.age import AgeError
 from backupd.chain import resolve_chain
+from backupd.copies import open_object
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
@@ -95,18 +99,55 @@ class Layout:
     def log_prefix(self, kind: str) -> str:
         return f"{self.job}/{kind}/"
 
+    @staticmethod
+    def log_path(kind: str, name: str) -> str:
+        """A log's place under its kind's folder: the name, with the sub-folder its driver's naming gives
+        (``backupd.lognaming``), e.g. ``00000001/0000000100000000/000000010000000000000003``."""
+        naming = lognaming.naming(kind)
+        directory, file = naming.split(name)
+        return "/".join(part for part in (directory, naming.folder(file), file) if part)
+
     def log_key(self, kind: str, name: str) -> str:
-        return f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+        return f"{self.log_prefix(kind)}{self.log_path(kind, name)}{OBJECT_SUFFIX}"
+
+    def legacy_log_key(self, kind: str, name: str) -> str | None:
+        """Where the layout before log folders kept the log (``<job>/<kind>/<name>.zst.age``); None when
+        that is where it goes now."""
+        key = f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+        return None if key == self.log_key(kind, name) else key
 
     def log_signature_key(self, kind: str, name: str) -> str:
         """The log object's signature, ``<object key>.sig`` beside it (``backupd.signing.sign_log``)."""
         return signing.signature_key(self.log_key(kind, name))
 
     def log_name(self, kind: str, key: str) -> str | None:
-        """The log name of a key listed under ``log_prefix(kind)``; None for anything that is not a log object."""
-        if not key.endswith(OBJECT_SUFFIX):
+        """The log name of a key listed under ``log_prefix(kind)``, in either layout; None for anything
+        that is not a log object."""
+        if not key.endswith(OBJECT_SUFFIX) or not key.startswith(self.log_prefix(kind)):
             return None
-        return key[len(self.log_prefix(kind)):-len(OBJECT_SUFFIX)]
+        path = key[len(self.log_prefix(kind)):-len(OBJECT_SUFFIX)]
+        head, _, file = path.rpartition("/")
+        directory, _, folder = head.rpartition("/")
+        if folder and lognaming.naming(kind).folder(file) == folder:
+            return f"{directory}/{file}" if directory else file
+        return path
+
+    def log_list_prefixes(self, kind: str, under: str) -> list[str]:
+        """Key prefixes holding every log whose name starts with ``under``, in either layout.
+
+        ``under`` is a directory ("00000001/"), a start of a file name no longer than its folder (one
+        folder: "00000001/0000000100000000"), or a whole name."""
+        prefixes = [f"{self.log_prefix(kind)}{under}"]
+        if not under.endswith("/"):
+            foldered = self.log_prefix(kind) + self.log_path(kind, under)
+            if not foldered.startswith(prefixes[0]) and not prefixes[0].startswith(foldered):
+                prefixes.append(foldered)
+        return prefixes
+
+    def log_layout_key(self, kind: str) -> str:
+        """Written once no log of ``kind`` is left in the layout before folders (``backupd migrate``):
+        reads and pushes then stop looking there."""
+        return f"{self.job}/state/{kind}-layout.json"
 
     # pins
     @property
@@ -325,7 +366,7 @@ class Repository:
         entry = manifest.object(name)
         key = self.layout.entry_key(manifest.backup_id, entry.key)
         return DecodingReader(
-            self.storage.open(key),
+            open_object(self.storage, key, entry.stored_size, entry.sha256),
             identities,
             where=key,
             expected_size=entry.stored_size,
@@ -340,7 +381,7 @@ class Repository:
         for entry in manifest.objects:
             key = self.layout.entry_key(manifest.backup_id, entry.key)
             try:
-                with contextlib.closing(self.storage.open(key)) as handle:
+                with contextlib.closing(open_object(self.storage, key, entry.stored_size, entry.sha256)) as handle:
                     size, digest = hash_stored(handle)
             except ObjectNotFound:
                 problems.append(IntegrityProblem(manifest.backup_id, key, "object is missing"))

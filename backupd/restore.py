@@ -9,7 +9,7 @@ import structlog
 from backupd.context import JobContext
 from backupd.driver import RestoreRequest
 from backupd.errors import BackupNotFound
-from backupd.logarchive import LogArchive
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.repository import Repository
 
@@ -20,9 +20,11 @@ class RepositorySource:
     """A committed backup read back through the pipeline (the driver's BackupSource)."""
 
     def __init__(self, repo: Repository, manifest: Manifest, identities: Sequence[object], key_file: str | None,
-                 chain: list[Manifest] | None = None) -> None:
-        """``chain``: ``repo.chain(manifest)`` when the caller resolved it already; else read on first use."""
+                 chain: list[Manifest] | None = None, *, listings: dict[str, list[LogObject]] | None = None) -> None:
+        """``chain``: ``repo.chain(manifest)`` when the caller resolved it already; else read on first use.
+        ``listings``: whole log listings shared with other sources of one command (``JobContext.one_listing``)."""
         self.repo = repo
+        self._listings = listings
         self.manifest = manifest
         self._identities = identities
         self._key_file = key_file
@@ -50,8 +52,10 @@ class RepositorySource:
             raise BackupNotFound(f"backup {manifest.backup_id} has no stream {name!r}") from None
 
     def logs(self, kind: str) -> LogArchive:
-        return LogArchive(self.repo.storage, self.repo.job, kind, trusted=self.repo.trusted,  # type: ignore[arg-type]
-                          allow_unsigned=self.repo.allow_unsigned)
+        archive = LogArchive(self.repo.storage, self.repo.job, kind, trusted=self.repo.trusted,  # type: ignore[arg-type]
+                             allow_unsigned=self.repo.allow_unsigned)
+        archive.listings = self._listings
+        return archive
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]

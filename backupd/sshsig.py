@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from backupd.errors import BackupdError, ConfigError
+from backupd.errors import BackupdError, ConfigError, read_secret
 
 NAMESPACE = "backupd"
 MAGIC = b"SSHSIG"
@@ -141,14 +141,7 @@ def parse_public_key(line: str) -> PublicKey:
 
 def load_private_key(path: Path, what: str = "signing key") -> SigningKey:
     """An unencrypted OpenSSH Ed25519 private key file; ConfigError naming the file otherwise."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    data = read_secret(path, what)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:

@@ -176,7 +176,11 @@ class FilesystemStorage(Storage):
         found: list[ObjectInfo] = []
         with _os_errors(str(base_dir)):
             for dirpath, dirnames, filenames in os.walk(base_dir):
-                dirnames.sort()
+                # only the folders that can hold a key with the prefix (a WAL folder, not its timeline's others)
+                here = Path(dirpath).relative_to(self.root).as_posix()
+                parent = "" if here == "." else f"{here}/"
+                dirnames[:] = sorted(d for d in dirnames
+                                     if f"{parent}{d}/".startswith(prefix) or prefix.startswith(f"{parent}{d}/"))
                 for name in filenames:
                     if name.startswith((TEMP_PREFIX, META_PREFIX)):
                         continue

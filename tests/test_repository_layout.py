@@ -17,7 +17,19 @@ def test_every_key_is_where_the_design_says() -> None:
     assert layout.manifest_key(BACKUP) == f"shop/backups/{BACKUP}/manifest.json"
     assert layout.object_key(BACKUP, "db") == f"shop/backups/{BACKUP}/db.zst.age"
     assert layout.log_key("wal", "00000001/000000010000000000000003") == \
+        "shop/wal/00000001/0000000100000000/000000010000000000000003.zst.age"
+    assert layout.log_key("wal", "00000001/0000000100000000000000FF.partial") == \
+        "shop/wal/00000001/0000000100000000/0000000100000000000000FF.partial.zst.age"
+    assert layout.log_key("wal", "00000002/00000002.history") == "shop/wal/00000002/00000002.history.zst.age"
+    assert layout.log_key("wal", "00000001/000000010000000000000003.00000028.backup") == \
+        "shop/wal/00000001/000000010000000000000003.00000028.backup.zst.age"
+    # the layout before folders is still read
+    assert layout.legacy_log_key("wal", "00000001/000000010000000000000003") == \
         "shop/wal/00000001/000000010000000000000003.zst.age"
+    assert layout.legacy_log_key("wal", "00000002/00000002.history") is None
+    for key in ("shop/wal/00000001/0000000100000000/000000010000000000000003.zst.age",
+                "shop/wal/00000001/000000010000000000000003.zst.age"):
+        assert layout.log_name("wal", key) == "00000001/000000010000000000000003"
     assert layout.log_key("binlog", "1/mysql-bin.000003") == "shop/binlog/1/mysql-bin.000003.zst.age"
     assert layout.log_name("oplog", "shop/oplog/1-2.bson.zst.age") == "1-2.bson"
     assert layout.log_name("oplog", "shop/oplog/1-2.bson.tmp") is None

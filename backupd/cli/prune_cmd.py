@@ -1,4 +1,4 @@
-"""backupd prune JOB [--dry-run] [--json]: apply the job's retention policy."""
+"""backupd prune JOB [--dry-run] [--json]: apply the job's retention policy (per repository, with several)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from backupd.cli.common import print_json, print_table, with_job
 from backupd.context import JobContext
+from backupd.errors import BackupdError
 from backupd.prune import PruneResult, run_prune
 from backupd.timeutil import format_timestamp
 
@@ -20,11 +21,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    result = run_prune(ctx, dry_run=args.dry_run)
+    contexts = ctx.per_storage()
+    if len(contexts) == 1:
+        result = run_prune(ctx, dry_run=args.dry_run)
+        if args.json:
+            print_json(result.to_dict())
+        else:
+            print_result(result)
+        return 0
+    # several repositories: each pruned by its own policy (retention_by_storage), one failing stops none
+    results: dict[str, dict[str, object]] = {}
+    failed: list[BackupdError] = []
+    for one in contexts:
+        name = one.only_storage or ""
+        try:
+            result = run_prune(one, dry_run=args.dry_run)
+        except BackupdError as exc:
+            failed.append(exc)
+            results[name] = {"error": str(exc)}
+            if not args.json:
+                print(f"storage {name}: prune failed: {exc}")
+            continue
+        finally:
+            one.close()
+        results[name] = result.to_dict()
+        if not args.json:
+            print(f"storage {name}:")
+            print_result(result)
     if args.json:
-        print_json(result.to_dict())
-    else:
-        print_result(result)
+        print_json({"job": ctx.name, "storages": results})
+    if failed:
+        raise failed[0]
     return 0
 
 

@@ -84,7 +84,7 @@ def desired_jobs(settings: Settings) -> list[JobSpec]:
         for kind in (DIFF, INCR):  # diff_schedule, incr_schedule (DESIGN.md "Backup types")
             if schedule := job.typed_schedules().get(kind):
                 specs.append(spec(backup_task(kind), schedule))
-        if job.typed_schedules() and not job.retention.is_empty():
+        if job.typed_schedules() and not all(job.retention_for(storage).is_empty() for storage in job.storages):
             specs.append(spec("prune", f"@every {int(PRUNE_EVERY.total_seconds())}s"))
         if job.verify.schedule or (job.schedule and settings.encryption.identity_file is not None):
             specs.append(spec("verify", job.verify.schedule or DEFAULT_VERIFY_SCHEDULE))
