@@ -43,6 +43,7 @@ import structlog
 from backupd import index as backup_index
 from backupd import lognaming, sealed, signing, sshsig
 from backupd.age import AgeError
+from backupd.chain import resolve_chain
 from backupd.copies import open_object
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
@@ -431,6 +432,12 @@ class Repository:
             manifest_now, status = self.read_for_index(chosen.backup_id)
             self._record(lambda index: index.put(IndexedBackup.of(manifest_now, *status)))
         return manifest
+
+    def chain(self, manifest: Manifest) -> list[Manifest]:
+        """The backups restoring ``manifest`` needs, full first, itself last: each parent's manifest read by
+        key and checked like ``load_manifest``; BrokenChain naming a parent that is missing or unusable.
+        Every member is a whole manifest (a driver plans from its parents' metadata), not an index summary."""
+        return resolve_chain(self.load_full(manifest), self.load_manifest)
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         manifest = self.load_full(manifest)  # an index summary lists no streams: the manifest does

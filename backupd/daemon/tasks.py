@@ -16,6 +16,7 @@ import structlog
 
 from backupd import audit, metrics
 from backupd.backup import run_backup
+from backupd.chain import FULL
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
@@ -27,6 +28,10 @@ from backupd.timeutil import utcnow
 from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
 
 log = structlog.get_logger(__name__)
+
+
+#: How long a scheduled full waits for the job's lock when the job also takes diff or incr backups.
+FULL_LOCK_WAIT = dt.timedelta(minutes=30)
 
 
 class Skipped(Exception):
@@ -72,11 +77,16 @@ class Tasks:
                                                    detail=detail, trigger="schedule"))
 
     # -- backup --------------------------------------------------------------
-    def backup(self, job: str) -> None:
+    def backup(self, job: str, backup_type: str | None = None) -> None:
+        """A scheduled backup: a full, or (``diff_schedule``, ``incr_schedule``) a diff or incr."""
         timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
-        with self._task("backup", job, timeout) as (ctx, run):
+        with self._task(backup_task(backup_type or FULL), job, timeout) as (ctx, run):
+            # A scheduled full waits for a diff or incr still running (they may fire at the same minute);
+            # a diff or incr that finds the job running is skipped: the next one comes soon.
+            typed = ctx.job.typed_schedules().keys() - {FULL}
+            wait = FULL_LOCK_WAIT.total_seconds() if backup_type in (None, FULL) and typed else 0.0
             try:
-                manifest = run_backup(ctx, cancel=run.cancel)
+                manifest = run_backup(ctx, backup_type=backup_type, wait=wait, cancel=run.cancel)
             except LockHeld as exc:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None
@@ -204,6 +214,11 @@ class Tasks:
             gap_watch.watch(ctx)
         except Exception as exc:
             log.warning("could not check the log archive for gaps", job=ctx.name, error=str(exc))
+
+
+def backup_task(backup_type: str) -> str:
+    """The scheduler's task of a backup type: ``backup`` for fulls, ``backup-diff``, ``backup-incr``."""
+    return "backup" if backup_type == FULL else f"backup-{backup_type}"
 
 
 def integrity_period(interval: dt.timedelta) -> dt.timedelta:

@@ -2,7 +2,7 @@
 
 The entry point names ``DESCRIPTOR``; ``drivers.mysql.driver`` is imported only when a job's driver is created."""
 
-from backupd.descriptor import DriverDescriptor
+from backupd.descriptor import INCREMENTAL_BACKUP, DriverDescriptor
 from backupd.lognaming import LogNaming
 from drivers.mysql.options import MysqlOptions
 
@@ -11,6 +11,7 @@ DESCRIPTOR = DriverDescriptor(
     options_model=MysqlOptions,
     methods=("logical", "physical"),
     driver="drivers.mysql.driver:MysqlDriver",
+    capabilities=frozenset({INCREMENTAL_BACKUP}),  # diff and incr for method physical (mariadb-backup)
     # binlogs sort by name only within one server's folder
     log_namings=(LogNaming("binlog"),),
 )
