@@ -144,7 +144,7 @@ class JobContext:
 
         with self.one_listing():
             return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
-                                                                         listings=self._listings))
+                                                                         listings=self._listings, summary_ok=True))
                     for m in manifests if PitrStart.recorded(m)}
 
     def open_log(self, kind: str, name: str) -> BinaryIO:

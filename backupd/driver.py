@@ -62,7 +62,9 @@ class BackupResult:
 class BackupSource(Protocol):
     """A committed backup, readable as plaintext streams, plus the job's archived logs."""
 
-    manifest: Manifest
+    @property
+    def manifest(self) -> Manifest:
+        """The backup's whole manifest (in ``log_reach``, possibly the index's summary of it)."""
 
     @property
     def chain(self) -> list[Manifest]:

@@ -20,15 +20,26 @@ class RepositorySource:
     """A committed backup read back through the pipeline (the driver's BackupSource)."""
 
     def __init__(self, repo: Repository, manifest: Manifest, identities: Sequence[object], key_file: str | None,
-                 chain: list[Manifest] | None = None, *, listings: dict[str, list[LogObject]] | None = None) -> None:
+                 chain: list[Manifest] | None = None, *, listings: dict[str, list[LogObject]] | None = None,
+                 summary_ok: bool = False) -> None:
         """``chain``: ``repo.chain(manifest)`` when the caller resolved it already; else read on first use.
-        ``listings``: whole log listings shared with other sources of one command (``JobContext.one_listing``)."""
+        ``listings``: whole log listings shared with other sources of one command (``JobContext.one_listing``).
+        ``summary_ok``: ``manifest`` may stay the index's summary (``log_reach`` reads only its PITR start);
+        else a driver sees the whole manifest (read by key on first use), never a summary without its streams,
+        row counts and tool versions."""
         self.repo = repo
         self._listings = listings
-        self.manifest = manifest
+        self._manifest = manifest
+        self._summary_ok = summary_ok
         self._identities = identities
         self._key_file = key_file
         self._chain = chain
+
+    @property
+    def manifest(self) -> Manifest:
+        if not self._summary_ok:
+            self._manifest = self.repo.load_full(self._manifest)
+        return self._manifest
 
     @property
     def chain(self) -> list[Manifest]:
@@ -37,8 +48,7 @@ class RepositorySource:
         return self._chain
 
     def open(self, name: str) -> BinaryIO:
-        self.manifest = self.repo.load_full(self.manifest)  # chosen from the index: its streams are in the manifest
-        return self._open(self.manifest, name)
+        return self._open(self.repo.load_full(self.manifest), name)  # an index summary lists no streams
 
     def open_from(self, backup_id: str, name: str) -> BinaryIO:
         if backup_id == self.manifest.backup_id:

@@ -78,7 +78,7 @@ def scratch_cluster(scratch: Path, major: int | None, *, bin_dir: str | None, sa
 
     ``bin_dir``: the job's PostgreSQL programs, looked for first (the options' ``bin_dir``).
     """
-    programs = Path(find_tool("initdb", bin_dir, major)).parent
+    programs = Path(os.path.realpath(find_tool("initdb", bin_dir, major))).parent  # pg_ctl, pg_controldata beside it
     readable = [] if programs.is_relative_to("/usr") else [programs.parent]
     scratch_sandbox = sandbox([scratch], readable)
     chown_to(scratch, scratch_sandbox.user)
