@@ -1,0 +1,109 @@
+"""The physical file engine through the real CLI: bundled tar objects readable with age | zstd | tar, a
+chunk map in the manifest, parallel restore, and --delta over an existing data directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401  (fixture)
+
+ARCHIVE_LOGS = True
+METHOD = "physical"
+
+
+@pytest.fixture(scope="module")
+def full(pg_env: PgEnv) -> str:
+    env = pg_env
+    env.sql("CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL)")
+    env.sql("INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    env.sql("CREATE UNLOGGED TABLE scratch (id int)")
+    env.sql("INSERT INTO scratch SELECT generate_series(1, 1000)")
+    backup_id = env.backupd("backup", JOB, check=True).out.strip()
+    env.switch_and_wait_archived()
+    return backup_id
+
+
+def shown(env: PgEnv, backup_id: str) -> dict:
+    return json.loads(env.backupd("show", backup_id, "--json", check=True).out)
+
+
+def test_full_backup_is_bundled_and_mapped(pg_env: PgEnv, full: str) -> None:
+    manifest = shown(pg_env, full)
+    meta = manifest["metadata"]
+    assert meta["engine"] == "files" and meta["process_max"] == (os.cpu_count() or 1)
+    names = [obj["name"] for obj in manifest["objects"]]
+    assert names[0] == "base" and all(name.startswith("data-") for name in names[1:])
+    paths = {entry["path"] for entry in meta["file_map"]["files"]}
+    assert {"global/pg_control", "backup_label", "PG_VERSION", "postgresql.conf"} <= paths
+    assert len(names) < len(paths) / 20  # small files are bundled, not one object each
+    assert not any(p.startswith("pg_wal/") or p == "postmaster.pid" for p in paths)
+    scratch = pg_env.sql("SELECT pg_relation_filepath('scratch')")[0][0]
+    assert scratch not in paths and f"{scratch}_init" in paths  # unlogged: only the init fork
+    assert "pg_wal" in meta["file_map"]["dirs"]
+    assert meta["stop_lsn"] and meta["wal_range"]["first"] == meta["pitr"]["first_log"]
+
+
+def test_objects_open_with_age_zstd_tar(pg_env: PgEnv, full: str) -> None:
+    obj = pg_env.repo / JOB / "backups" / full / "base.zst.age"
+    listing = subprocess.run(f"age -d -i {pg_env.identity} {obj} | zstd -dq | tar -t", shell=True,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert listing == ["global/pg_control", "backup_label"]
+    label = subprocess.run(f"age -d -i {pg_env.identity} {obj} | zstd -dq | tar -xO backup_label", shell=True,
+                           capture_output=True, text=True, check=True).stdout
+    assert f"LABEL: backupd {JOB}" in label and "START WAL LOCATION" in label
+
+
+def corrupt(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(8192 + 100)
+        handle.write(b"\xde\xad\xbe\xef" * 64)
+
+
+def test_delta_restore_repairs_a_corrupted_file_and_removes_an_extra_one(pg_env: PgEnv, full: str) -> None:
+    env = pg_env
+    restored = env.restored_cluster("delta")
+    env.backupd("restore", JOB, "--to", str(restored.data), "--backup", full, check=True)
+    env.start_restored(restored)
+    assert restored.connect("shop").execute("SELECT count(*) FROM items").fetchone()[0] == 20000
+    relation = restored.connect("shop").execute("SELECT pg_relation_filepath('items')").fetchone()[0]
+    restored.stop()
+    corrupt(restored.data / relation)
+    (restored.data / "base" / "extra-file").write_text("not from the backup")
+    (restored.data / "stray").mkdir()
+
+    refused = env.backupd("restore", JOB, "--to", str(restored.data), "--backup", full)
+    assert refused.code != 0 and "not empty" in refused.err
+    result = env.backupd("restore", JOB, "--to", str(restored.data), "--backup", full, "--delta", check=True)
+    assert "delta:" in result.out
+    rewritten = int(result.out.split("delta: ")[1].split(" files rewritten")[0])
+    files = len(shown(env, full)["metadata"]["file_map"]["files"])
+    assert 1 <= rewritten < files / 4
+    assert not (restored.data / "base" / "extra-file").exists() and not (restored.data / "stray").exists()
+    env.start_restored(restored)
+    try:
+        with restored.connect("shop") as conn:
+            assert conn.execute("SELECT count(*), sum(id) FROM items").fetchone() == (20000, sum(range(1, 20001)))
+            conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            conn.execute("SELECT bt_index_check('items_pkey', true)")
+            assert conn.execute("SELECT count(*) FROM verify_heapam('items')").fetchone()[0] == 0
+    finally:
+        restored.stop()
+
+
+def test_delta_refuses_a_running_cluster(pg_env: PgEnv, full: str) -> None:
+    result = pg_env.backupd("restore", JOB, "--to", str(pg_env.cluster.data), "--backup", full, "--delta")
+    assert result.code != 0 and "postmaster.pid" in result.err
+    assert pg_env.sql("SELECT count(*) FROM items") == [(20000,)]
+
+
+def test_tablespace_map_of_an_unknown_name_is_refused(pg_env: PgEnv, full: str) -> None:
+    target = pg_env.root / "never"
+    result = pg_env.backupd("restore", JOB, "--to", str(target), "--backup", full,
+                            "--tablespace-map", f"nope={pg_env.root / 'x'}")
+    assert result.code == 2 and "has no tablespace nope" in result.err
+    assert not target.exists()
