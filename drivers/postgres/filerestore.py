@@ -317,9 +317,22 @@ class Restorer:
                         self.outcome.removed += 1
 
 
+def write_tablespace_map(path: Path, spaces: list[Space]) -> None:
+    """The backup's tablespace_map, pointing where the tablespaces were restored (PostgreSQL links them from it
+    at start): ``<oid> <path>`` a line, newlines and backslashes escaped as PostgreSQL 15 does."""
+    lines = []
+    for space in spaces:
+        escaped = "".join("\\" + c if c in "\n\r\\" else c for c in str(space.location))
+        lines.append(f"{space.oid} {escaped}\n")
+    path.write_text("".join(lines))
+    os.chmod(path, 0o600)
+
+
 def restore(source: BackupSource, data: Path, spaces: list[Space], workers: int, delta: bool = False) -> Outcome:
     placement = Placement(data, {space.oid: space for space in spaces})
     outcome = Restorer(source, placement, workers, delta).run()
+    if (data / "tablespace_map").exists():
+        write_tablespace_map(data / "tablespace_map", spaces)
     for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
         (data / stale).unlink(missing_ok=True)
     (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
