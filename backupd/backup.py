@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
-from backupd import __version__
+from backupd import __version__, plugins
+from backupd.chain import BACKUP_TYPES, FULL, INCREMENTAL_METHODS, choose_parent, supports_types
 from backupd.context import JobContext
+from backupd.driver import IncrementalBackup
 from backupd.errors import DriverError, UsageError
 from backupd.locks import job_lock
 from backupd.manifest import Manifest, ObjectEntry
@@ -25,35 +27,46 @@ log = structlog.get_logger(__name__)
 def run_backup(
     ctx: JobContext,
     method: str | None = None,
+    backup_type: str | None = None,
     *,
     wait: float = 0.0,
     cancel: threading.Event | None = None,
     on_id: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """One backup of the job; ``on_id`` hears the new backup's id as soon as it is chosen."""
+    """One backup of the job; ``on_id`` hears the new backup's id as soon as it is chosen.
+
+    ``backup_type`` "diff" or "incr" (DESIGN.md "Backup types") needs a driver with the
+    incremental capability and method physical; None or "full" takes a full. A diff or incr
+    with no full in the repository takes a full (with a warning); one whose parent's chain is
+    broken is refused before it starts, naming the backup that is missing.
+    """
     driver = ctx.driver
     method = method or driver.default_method
     if method not in driver.methods:
         raise UsageError(f"driver {ctx.job.driver} has no method {method!r} (has: {', '.join(driver.methods)})")
+    requested = backup_type or FULL
+    incremental = _incremental(ctx, method, requested)
     repo = ctx.repository
     recipients = ctx.recipients
     with job_lock(ctx.state_dir, ctx.name, wait=wait):
         try:
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
+            chain = _parent_chain(ctx, method, requested) if incremental is not None else []
+            kind = requested if chain else FULL
             started = utcnow()
             backup_id = repo.new_backup_id(started)
             if on_id is not None:
                 on_id(backup_id)
         except BaseException as exc:  # storage down before the first byte: still a failed attempt
-            _count_failure(ctx.name, method)
+            _count_failure(ctx.name, method, requested)
             _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
             raise
         entries: list[ObjectEntry] = []
         names: set[str] = set()
         names_lock = threading.Lock()  # a driver may store a side stream from another thread
-        with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method):
-            log.info("backup started")
+        with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method, type=kind):
+            log.info("backup started", parent=chain[-1].backup_id if chain else None)
 
             def sink(name: str, source: Readable) -> ObjectEntry:
                 with names_lock:
@@ -68,7 +81,10 @@ def run_backup(
                 return entry
 
             try:
-                result = driver.backup(method, sink)
+                if incremental is not None and chain:
+                    result = incremental.backup_incremental(method, sink, kind, chain)
+                else:
+                    result = driver.backup(method, sink)
                 if not entries:
                     raise DriverError(f"driver {ctx.job.driver} produced no data streams")
                 manifest = Manifest(
@@ -81,7 +97,8 @@ def run_backup(
                     objects=sorted(entries, key=lambda entry: entry.name),
                     compression={"algorithm": "zstd", "level": ctx.job.compression_level},
                     encryption={"format": "age-v1", "recipients": [str(r) for r in recipients]},
-                    metadata=result.manifest_metadata(),
+                    metadata=typed_metadata(kind, chain[-1].backup_id if chain else None,
+                                            result.manifest_metadata()),
                     row_counts=result.row_counts,
                     tool_versions={"backupd": __version__, **result.tool_versions},
                     host=socket.gethostname(),
@@ -90,7 +107,7 @@ def run_backup(
             except BaseException as exc:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
-                _count_failure(ctx.name, method)
+                _count_failure(ctx.name, method, requested)
                 _record_run(ctx, RunRecord("failure", utcnow(), backup_id, str(exc) or type(exc).__name__))
                 raise
             _record_run(ctx, RunRecord("success", utcnow(), backup_id))
@@ -100,9 +117,42 @@ def run_backup(
             return manifest
 
 
-def _count_failure(job: str, method: str) -> None:
+def typed_metadata(backup_type: str, parent: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's metadata: ``type`` and ``parent`` first, set by the core alone, then the driver's."""
+    return {"type": backup_type, "parent": parent,
+            **{key: value for key, value in metadata.items() if key not in ("type", "parent")}}
+
+
+def _incremental(ctx: JobContext, method: str, requested: str) -> IncrementalBackup | None:
+    """The driver as an IncrementalBackup for a diff or incr of ``method``; None for a full;
+    UsageError (exit 2) when the job cannot take one."""
+    if requested not in BACKUP_TYPES:
+        raise UsageError(f"unknown backup type {requested!r} (one of: {', '.join(BACKUP_TYPES)})")
+    if requested == FULL:
+        return None
+    driver = ctx.driver
+    capabilities = plugins.driver_descriptor(ctx.job.driver).capabilities
+    if not isinstance(driver, IncrementalBackup) or not supports_types(capabilities, method):
+        raise UsageError(f"job {ctx.name} cannot take a {requested} backup: --type diff|incr needs method "
+                         f"{' or '.join(INCREMENTAL_METHODS)} on a driver with incremental backups "
+                         f"(driver {ctx.job.driver}, method {method})")
+    return driver
+
+
+def _parent_chain(ctx: JobContext, method: str, requested: str) -> list[Manifest]:
+    """The chain the new diff or incr is taken against, full first, its parent last; [] when the
+    repository holds no full of ``method`` (a full is taken instead). BrokenChain names a missing parent."""
+    parent = choose_parent(ctx.repository.manifests(), requested, method)
+    if parent is None:
+        log.warning(f"no full {method} backup of job {ctx.name} in the repository: taking a full backup "
+                    f"instead of a {requested}", job=ctx.name)
+        return []
+    return ctx.repository.chain(parent)
+
+
+def _count_failure(job: str, method: str, backup_type: str) -> None:
     if metrics := served():
-        metrics.BACKUP_RUNS.labels(job, method, "full", "failure").inc()  # every backup is full for now
+        metrics.BACKUP_RUNS.labels(job, method, backup_type, "failure").inc()
 
 
 def record_success(manifest: Manifest) -> None:

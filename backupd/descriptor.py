@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: Capability: the driver serves ``backupd wal-push``/``wal-fetch`` (PostgreSQL's archive and restore commands).
 WAL_ARCHIVING = "wal-archiving"
+#: Capability: ``backup --type diff|incr`` for method physical (``backupd.driver.IncrementalBackup``).
+INCREMENTAL_BACKUP = "incremental-backup"
 
 
 @dataclass(frozen=True)

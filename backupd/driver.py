@@ -63,8 +63,16 @@ class BackupSource(Protocol):
 
     manifest: Manifest
 
+    @property
+    def chain(self) -> list[Manifest]:
+        """The backups a restore of ``manifest`` needs, full first, ``manifest`` last (``[manifest]`` for a
+        full); each read and signature-checked like ``manifest`` itself."""
+
     def open(self, name: str) -> BinaryIO:
         """The named stream, decrypted and decompressed; corruption raises on read."""
+
+    def open_from(self, backup_id: str, name: str) -> BinaryIO:
+        """The named stream of another backup of ``chain`` (BackupNotFound for one outside it)."""
 
     def logs(self, kind: str) -> LogArchive:
         """The job's archive of ``wal``, ``binlog`` or ``oplog`` objects."""
@@ -309,6 +317,21 @@ class PitrDrill(abc.ABC):
         inside the PITR window); it must start and answer queries, then the user's checks run on it.
 
         Raise an IntegrityError/DriverError when it cannot be restored there; always stop what was started.
+        """
+
+
+class IncrementalBackup(abc.ABC):
+    """A driver capability (``backupd.descriptor.INCREMENTAL_BACKUP``): diff and incr backups of method
+    physical (DESIGN.md "Backup types"). Restores get the whole chain in ``BackupSource.chain``."""
+
+    @abc.abstractmethod
+    def backup_incremental(self, method: str, sink: StreamSink, backup_type: str,
+                           chain: list[Manifest]) -> BackupResult:
+        """Take a ``backup_type`` ("diff" or "incr") backup storing only what changed since ``chain[-1]``.
+
+        ``chain`` is the parent's chain, its full first and the parent last, each manifest checked.
+        Streams go to ``sink`` as for ``Driver.backup``; the core records ``type`` and ``parent`` in the
+        manifest's metadata (the driver's metadata must not set them).
         """
 
 

@@ -99,6 +99,10 @@ class BackupNotFound(BackupdError):
     """No backup with the given id (or none at all) for the job."""
 
 
+class BrokenChain(BackupdError):
+    """A diff or incr whose chain back to its full is incomplete: a parent missing, unreadable or untrusted."""
+
+
 class DriverError(BackupdError):
     """The native tool or the database failed during a backup or restore."""
 

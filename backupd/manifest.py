@@ -128,8 +128,14 @@ class Manifest:
 
     @property
     def backup_type(self) -> str:
-        """full, diff or incr (DESIGN.md "Backup types"); every backup taken so far is full."""
+        """full, diff or incr (DESIGN.md "Backup types"); ``metadata.type``, "full" where it is missing."""
         return str(self.metadata.get("type") or "full")
+
+    @property
+    def parent(self) -> str | None:
+        """The backup a diff or incr was taken against (``metadata.parent``); None for a full."""
+        parent = self.metadata.get("parent")
+        return str(parent) if parent else None
 
     @property
     def duration_seconds(self) -> float:

@@ -14,6 +14,7 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 from backupd import __version__
+from backupd.chain import BACKUP_TYPES, FULL, supports_types
 
 disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -65,15 +66,16 @@ _JOB_METRICS = (BACKUP_LAST_SUCCESS, BACKUP_LAST_DURATION, BACKUP_LAST_SIZE, BAC
                 RETENTION_DELETED, REPOSITORY_BACKUPS, REPOSITORY_UNTRUSTED)
 
 
-def backup_types(method: str) -> tuple[str, ...]:
+def backup_types(method: str, capabilities: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """The ``type`` label values a backup of this method takes (``full`` for logical backups)."""
-    return ("full",)  # diff and incr come with physical backup types (DESIGN.md "Backup types")
+    return BACKUP_TYPES if supports_types(capabilities, method) else (FULL,)
 
 
-def declare_job(job: str, methods: Iterable[str], *, archives_logs: bool) -> None:
+def declare_job(job: str, methods: Iterable[str], *, archives_logs: bool,
+                capabilities: frozenset[str] = frozenset()) -> None:
     """Every counter of ``job`` at 0 (an existing series keeps its value), and the never-verified 0."""
     for method in methods:
-        for kind in backup_types(method):
+        for kind in backup_types(method, capabilities):
             for result in RESULTS:
                 BACKUP_RUNS.labels(job, method, kind, result)
     BACKUP_MISSED_RUNS.labels(job)

@@ -224,7 +224,8 @@ def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backu
     else:
         if start is not None:
             point = PitrPoint(start.log_kind, start.first_log, start.since)
-    return BackupItem(manifest.backup_id, manifest.started_at, point, pinned)
+    return BackupItem(manifest.backup_id, manifest.started_at, point, pinned,
+                      backup_type=manifest.backup_type, parent=manifest.parent)
 
 
 def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:

@@ -35,6 +35,7 @@ import structlog
 
 from backupd import sealed, signing, sshsig
 from backupd.age import AgeError
+from backupd.chain import resolve_chain
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
@@ -314,6 +315,11 @@ class Repository:
                 log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest, error=str(exc))
         raise BackupNotFound(f"no backup of job {self.job} in {self.storage.location} has a usable manifest "
                              f"({len(ids)} unusable)")
+
+    def chain(self, manifest: Manifest) -> list[Manifest]:
+        """The backups restoring ``manifest`` needs, full first, itself last: each parent's manifest read by
+        key and checked like ``load_manifest``; BrokenChain naming a parent that is missing or unusable."""
+        return resolve_chain(manifest, self.load_manifest)
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         entry = manifest.object(name)

@@ -19,17 +19,35 @@ log = structlog.get_logger(__name__)
 class RepositorySource:
     """A committed backup read back through the pipeline (the driver's BackupSource)."""
 
-    def __init__(self, repo: Repository, manifest: Manifest, identities: Sequence[object], key_file: str | None) -> None:
+    def __init__(self, repo: Repository, manifest: Manifest, identities: Sequence[object], key_file: str | None,
+                 chain: list[Manifest] | None = None) -> None:
+        """``chain``: ``repo.chain(manifest)`` when the caller resolved it already; else read on first use."""
         self.repo = repo
         self.manifest = manifest
         self._identities = identities
         self._key_file = key_file
+        self._chain = chain
+
+    @property
+    def chain(self) -> list[Manifest]:
+        if self._chain is None:
+            self._chain = self.repo.chain(self.manifest)
+        return self._chain
 
     def open(self, name: str) -> BinaryIO:
+        return self._open(self.manifest, name)
+
+    def open_from(self, backup_id: str, name: str) -> BinaryIO:
+        for manifest in self.chain:
+            if manifest.backup_id == backup_id:
+                return self._open(manifest, name)
+        raise BackupNotFound(f"backup {backup_id} is not in the chain of backup {self.manifest.backup_id}")
+
+    def _open(self, manifest: Manifest, name: str) -> BinaryIO:
         try:
-            return self.repo.open_stream(self.manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
+            return self.repo.open_stream(manifest, name, self._identities, self._key_file)  # type: ignore[return-value]
         except KeyError:
-            raise BackupNotFound(f"backup {self.manifest.backup_id} has no stream {name!r}") from None
+            raise BackupNotFound(f"backup {manifest.backup_id} has no stream {name!r}") from None
 
     def logs(self, kind: str) -> LogArchive:
         return LogArchive(self.repo.storage, self.repo.job, kind, trusted=self.repo.trusted,  # type: ignore[arg-type]
@@ -51,7 +69,10 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
     else:  # an unusable manifest is skipped (with a warning naming it)
         manifests = ctx.repository.manifests()
     manifest = ctx.driver.choose_backup(manifests, request, backup_id)
+    chain = ctx.repository.chain(manifest)  # a missing parent refuses before anything is read or touched
     plan = ctx.driver.describe_restore(manifest, request)
+    if len(chain) > 1:
+        plan.insert(1, "backup chain: " + " <- ".join(f"{m.backup_id} ({m.backup_type})" for m in chain))
     if request.dry_run:
         lines = ["plan (dry run, nothing touched):", *("  " + line for line in plan)]
         if emit is not None:
@@ -60,7 +81,7 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
         ctx.driver.check_target(manifest, request)
         return lines
     ctx.driver.check_target(manifest, request)
-    source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file))
+    source = RepositorySource(ctx.repository, manifest, ctx.identities, str(ctx.identity_file), chain)
     with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=manifest.backup_id, stage="restore"):
         log.info("restore started", to=request.to)
         message = ctx.driver.restore(source, request)

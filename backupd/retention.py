@@ -11,6 +11,9 @@ weeks are ISO weeks.
 Floors, which no policy overrides:
 
 * the newest backup is always kept;
+* a kept diff or incr keeps its parent, and that one its own, up to its full
+  ("parent of X"); a backup whose full expires goes with it ("expired with its
+  full Y"): no backup is ever left without its parent;
 * pinned backups are kept;
 * backups that storage still holds under a retention (S3 Object Lock,
   ``BackupItem.locked_until``) are kept, and so are the logs they need;
@@ -69,6 +72,9 @@ class BackupItem:
     pinned: bool = False
     #: Storage refuses to delete (some of) its objects before then (Object Lock).
     locked_until: dt.datetime | None = None
+    #: full, diff or incr; a diff or incr names the backup it was taken against (DESIGN.md "Backup types").
+    backup_type: str = "full"
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,8 +182,9 @@ def plan(
             if b.locked_until is not None:
                 reasons[b.backup_id].append(f"keep: {locked_reason(b.locked_until)}")
         reasons[ordered[0].backup_id].insert(0, "keep: newest")
+        _keep_parents(ordered, reasons, result)
     for b in ordered:
-        why = reasons[b.backup_id] or ["delete: outside all rules"]
+        why = reasons[b.backup_id] or [_expired(b, ordered, reasons)]
         result.backups.append(Decision("backup", b.backup_id, b.time, why[0].startswith("keep"), why))
 
     kept = [b for b in ordered if reasons[b.backup_id]]
@@ -186,6 +193,38 @@ def plan(
     points = [b.pitr.restorable_from for b in kept if b.pitr is not None]
     result.restorable_from = min(points) if points else None
     return result
+
+
+def _keep_parents(ordered: Sequence[BackupItem], reasons: dict[str, list[str]], result: Plan) -> None:
+    """A kept diff or incr keeps its parent, and so on to its full: a backup is never left without its parent."""
+    by_id = {b.backup_id: b for b in ordered}
+    pending = [b for b in ordered if reasons[b.backup_id]]
+    done: set[str] = set()
+    while pending:
+        child = pending.pop()
+        if child.parent is None or child.backup_id in done:
+            continue
+        done.add(child.backup_id)
+        parent = by_id.get(child.parent)
+        if parent is None:
+            result.warnings.append(f"backup {child.backup_id}: its parent {child.parent} is missing from the "
+                                   "repository (or untrusted); it cannot be restored")
+            continue
+        reasons[parent.backup_id].append(f"keep: parent of {child.backup_id}")
+        pending.append(parent)
+
+
+def _expired(backup: BackupItem, ordered: Sequence[BackupItem], reasons: dict[str, list[str]]) -> str:
+    """Why an unkept backup goes: on its own, or with the full its chain starts from."""
+    by_id = {b.backup_id: b for b in ordered}
+    seen = {backup.backup_id}
+    item = backup
+    while item.parent is not None and item.parent in by_id and item.parent not in seen:
+        item = by_id[item.parent]
+        seen.add(item.backup_id)
+    if item is not backup and item.backup_type == "full" and not reasons[item.backup_id]:
+        return f"delete: expired with its full {item.backup_id}"
+    return "delete: outside all rules"
 
 
 def guaranteed_keep(policy: RetentionSettings, kind: Literal["backup", "log"] = "backup") -> dt.timedelta:

@@ -23,6 +23,7 @@ from backupd import plugins, sshsig
 from backupd.errors import ConfigError, PluginError
 from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import describe_url, redact, url_password_problem
+from backupd.chain import INCREMENTAL_METHODS, supports_types
 from backupd.schedule import parse_schedule
 from backupd.timeutil import parse_duration
 
@@ -169,6 +170,9 @@ class JobSettings(BaseModel):
     storage: str
     method: str | None = None
     schedule: str | None = None
+    #: diff and incr backups (DESIGN.md "Backup types"); method physical on drivers that take them
+    diff_schedule: str | None = None
+    incr_schedule: str | None = None
     compression: str = "zstd:3"
     # of a backup's compression and encryption threads; unset: the driver's own default_cpu_priority
     cpu_priority: Literal["low", "idle", "normal"] | None = None
@@ -189,12 +193,17 @@ class JobSettings(BaseModel):
             raise ValueError("must not be empty; leave it out to trust every key in signing.trusted_keys")
         return value
 
-    @field_validator("schedule")
+    @field_validator("schedule", "diff_schedule", "incr_schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         if value is not None:
             parse_schedule(value)
         return value
+
+    def typed_schedules(self) -> dict[str, str]:
+        """The schedule of each backup type the job has one for: {"full": ..., "diff": ..., "incr": ...}."""
+        schedules = {"full": self.schedule, "diff": self.diff_schedule, "incr": self.incr_schedule}
+        return {kind: schedule for kind, schedule in schedules.items() if schedule}
 
     @field_validator("compression")
     @classmethod
@@ -344,7 +353,8 @@ def load_settings(path: Path | None = None, *, data: dict[str, Any] | None = Non
     # It reads the merged settings when they exist (environment overrides applied).
     storage_tables = settings.storage if settings else _tables(data.get("storage"))
     job_tables = (
-        {name: {**job.driver_options(), "driver": job.driver, "storage": job.storage, "method": job.method}
+        {name: {**job.driver_options(), "driver": job.driver, "storage": job.storage, "method": job.method,
+                "diff_schedule": job.diff_schedule, "incr_schedule": job.incr_schedule}
          for name, job in settings.jobs.items()}
         if settings
         else _tables(data.get("jobs"))
@@ -416,6 +426,11 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         method = table.get("method")
         if method is not None and method not in driver.methods:
             errors.append(format_error(loc + ("method",), f"{kind} supports {', '.join(driver.methods)}", method))
+        for key in ("diff_schedule", "incr_schedule"):
+            if table.get(key) is not None and not supports_types(driver.capabilities, method or driver.methods[0]):
+                errors.append(format_error(loc + (key,), f"diff and incr backups need method "
+                                           f"{' or '.join(INCREMENTAL_METHODS)} on a driver that takes them "
+                                           f"(driver {kind}, method {method or driver.methods[0]})", table[key]))
         try:
             validated[name] = driver.options_model(**options)
         except ValidationError as exc:

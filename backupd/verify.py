@@ -16,7 +16,7 @@ import structlog
 from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
-from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
+from backupd.errors import BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
 from backupd.manifest import Manifest, PitrStart
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
@@ -68,12 +68,22 @@ class VerifyReport:
 
 
 def check_integrity(ctx: JobContext, manifest: Manifest) -> VerifyReport:
+    """Every object of the backup's chain (its full and parents too) against its manifest."""
     report = VerifyReport(ctx.name, manifest.backup_id, "integrity")
     started = time.monotonic()
-    for problem in ctx.repository.check_integrity(manifest):
-        report.fail(str(problem))
-    report.steps.append({"step": "integrity", "seconds": round(time.monotonic() - started, 3),
-                         "objects": len(manifest.objects), "bytes": manifest.stored_size})
+    try:
+        chain = ctx.repository.chain(manifest)
+    except BrokenChain as exc:
+        report.fail(str(exc))
+        chain = [manifest]
+    for member in chain:
+        for problem in ctx.repository.check_integrity(member):
+            report.fail(str(problem))
+    step = {"step": "integrity", "seconds": round(time.monotonic() - started, 3),
+            "objects": sum(len(m.objects) for m in chain), "bytes": sum(m.stored_size for m in chain)}
+    if len(chain) > 1:
+        step["chain"] = [m.backup_id for m in chain]
+    report.steps.append(step)
     return report
 
 
@@ -89,7 +99,8 @@ def verify_full(ctx: JobContext, manifest: Manifest, scratch_root: Path | None =
     if not report.ok:
         return report
     identities = ctx.identities  # a bad key file is "could not run", raised before any verdict
-    source = RepositorySource(ctx.repository, manifest, identities, str(ctx.identity_file))
+    source = RepositorySource(ctx.repository, manifest, identities, str(ctx.identity_file),
+                              ctx.repository.chain(manifest))  # whole: check_integrity passed
     scratch = Path(tempfile.mkdtemp(prefix=f"backupd-verify-{ctx.name}-", dir=scratch_root))
     started = time.monotonic()
     try:

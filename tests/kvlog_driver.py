@@ -11,16 +11,17 @@ a missing log makes restore and ``log_reach`` fail, naming the file.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 from pathlib import Path
 
 from backupd import plugins
-from backupd.descriptor import DriverDescriptor
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, LogReach, RestoreRequest,
-                            StreamSink, VerifyOutcome)
+from backupd.descriptor import INCREMENTAL_BACKUP, DriverDescriptor
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverOptions, IncrementalBackup, LogReach,
+                            RestoreRequest, StreamSink, VerifyOutcome)
 from backupd.errors import DriverError
-from backupd.manifest import PitrStart
+from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import format_timestamp, parse_timestamp
 
 KIND = "oplog"
@@ -96,9 +97,12 @@ class KvlogDriver(Driver):
             row_counts={"keys": len(snap["data"])},
         )
 
-    def _replay(self, source: BackupSource, target: dt.datetime | None) -> dict:
+    def _snapshot(self, source: BackupSource) -> dict:
         with source.open("data") as stream:
-            snap = json.loads(stream.read())
+            return json.loads(stream.read())
+
+    def _replay(self, source: BackupSource, target: dt.datetime | None) -> dict:
+        snap = self._snapshot(source)
         data, since = snap["data"], parse_timestamp(snap["at"])
         expected = int(snap["first_log"])
         for obj in source.logs(KIND).list():
@@ -121,8 +125,7 @@ class KvlogDriver(Driver):
         return f"restored {len(data)} keys to {request.to}"
 
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
-        with source.open("data") as stream:
-            snap = json.loads(stream.read())
+        snap = self._snapshot(source)
         return VerifyOutcome(row_counts={"keys": len(snap["data"])}, checks=[Check(c, True) for c in checks])
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
@@ -144,11 +147,51 @@ class KvlogDriver(Driver):
         return [Check("store", self.options.path.is_dir(), str(self.options.path))]
 
 
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+class KvincrDriver(KvlogDriver, IncrementalBackup):
+    """KvlogDriver with diff and incr backups (method physical): an incremental stores the keys whose value
+    differs from its parent's (each backup records a digest per key), and restores apply the chain in order."""
+
+    methods = ("physical",)
+    capabilities = frozenset({INCREMENTAL_BACKUP})
+
+    def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        result = super().backup(method, sink)
+        result.metadata["digests"] = {k: _digest(v) for k, v in self.store.snapshot()["data"].items()}
+        return result
+
+    def backup_incremental(self, method: str, sink: StreamSink, backup_type: str,
+                           chain: list[Manifest]) -> BackupResult:
+        assert chain[0].backup_type == "full" and backup_type in ("diff", "incr")
+        parent = chain[-1].metadata["digests"]
+        snap = self.store.snapshot()
+        digests = {k: _digest(v) for k, v in snap["data"].items()}
+        changed = {k: v for k, v in snap["data"].items() if parent.get(k) != digests[k]}
+        sink("data", io.BytesIO(json.dumps({**snap, "data": changed}).encode()))
+        return BackupResult(metadata={"digests": digests, "type": "forged", "parent": "forged"},
+                            pitr=PitrStart(KIND, snap["first_log"], parse_timestamp(snap["at"])),
+                            row_counts={"keys": len(snap["data"])})
+
+    def _snapshot(self, source: BackupSource) -> dict:
+        data: dict = {}
+        snap: dict = {}
+        for manifest in source.chain:
+            with source.open_from(manifest.backup_id, "data") as stream:
+                snap = json.loads(stream.read())
+            data.update(snap["data"])
+        return {**snap, "data": data}
+
+
 def install(monkeypatch) -> None:
-    """Make driver = "kvlog" resolvable for in-process tests (config validation and contexts)."""
+    """Make driver = "kvlog" (and "kvincr") resolvable for in-process tests (config validation and contexts)."""
     original = plugins.driver_descriptor
 
     def driver_descriptor(name: str):
+        if name == "kvincr":
+            return DriverDescriptor.of("kvincr", KvincrDriver)
         return DriverDescriptor.of("kvlog", KvlogDriver) if name == "kvlog" else original(name)
 
     monkeypatch.setattr(plugins, "driver_descriptor", driver_descriptor)

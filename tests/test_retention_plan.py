@@ -282,3 +282,87 @@ def test_logs_are_kept_when_no_backup_says_where_they_begin() -> None:
                   RetentionSettings(keep_last=1, pitr_window=dt.timedelta(days=1)), moment)
     assert result.logs[0].reasons == ["keep: no kept backup records where its logs begin"]
     assert any("no backup records where its logs begin" in w for w in result.warnings)
+
+
+# -- chains (DESIGN.md "Backup types"): diff and incr backups need their parents -------------------
+
+def chain_history(kinds: str, start: dt.datetime = BASE, every: dt.timedelta = dt.timedelta(hours=1)
+                  ) -> list[BackupItem]:
+    """Backups one ``every`` apart; ``kinds`` is a letter each: F full, D diff (newest full), I incr (newest)."""
+    backups: list[BackupItem] = []
+    taken: set[str] = set()
+    for index, letter in enumerate(kinds):
+        moment = start + index * every
+        backup_id = backup_id_for(moment, taken)
+        taken.add(backup_id)
+        kind = {"F": "full", "D": "diff", "I": "incr"}[letter]
+        fulls = [b for b in backups if b.backup_type == "full"]
+        parent = None if kind == "full" else (fulls[-1].backup_id if kind == "diff" else backups[-1].backup_id)
+        backups.append(BackupItem(backup_id, moment, backup_type=kind, parent=parent))
+    return backups
+
+
+@st.composite
+def chain_histories(draw):
+    letters = draw(st.lists(st.sampled_from("FDII"), min_size=1, max_size=30))
+    letters[0] = "F"
+    every = dt.timedelta(minutes=draw(st.sampled_from([10, 60, 6 * 60, 25 * 60])))
+    backups = chain_history("".join(letters), every=every)
+    backups = [BackupItem(b.backup_id, b.time, pinned=draw(st.integers(0, 14)) == 0, backup_type=b.backup_type,
+                          parent=b.parent) for b in backups]
+    now = backups[-1].time + dt.timedelta(minutes=draw(st.integers(0, 10 * 24 * 60)))
+    return backups, now
+
+
+@PROPERTY
+@given(chain_histories(), policies(), ZONES)
+def test_a_kept_backup_keeps_every_parent_up_to_its_full(history, policy, zone) -> None:
+    backups, now = history
+    result = plan(backups, [], policy, now, zone)
+    kept = set(result.kept_backups())
+    by_id = {b.backup_id: b for b in backups}
+    assert kept >= expected_keep(backups, policy, now, zone)  # every rule's promise still holds
+    for backup_id in kept:
+        parent = by_id[backup_id].parent
+        while parent is not None:
+            assert parent in kept, f"{backup_id} kept without its parent {parent}"
+            parent = by_id[parent].parent
+    for decision in result.backups:
+        if decision.keep and decision.reasons[0].startswith("keep: parent of "):
+            child = decision.reasons[0].removeprefix("keep: parent of ")
+            assert child in kept and by_id[child].parent == decision.name
+    assert not [w for w in result.warnings if "parent" in w]
+
+
+def test_prune_dry_run_reasons_name_the_child_and_the_full() -> None:
+    # F1 I I D | F2 I I : keep_last 2 keeps F2's two incrs, so F2 and the first incr stay as parents
+    backups = chain_history("FIIDFII")
+    ids = [b.backup_id for b in backups]
+    result = plan(backups, [], RetentionSettings(keep_last=2), backups[-1].time)
+    reasons = {d.name: d.reasons for d in result.backups}
+    assert reasons[ids[6]] == ["keep: newest", "keep: last 1 of 2"]
+    assert reasons[ids[5]] == ["keep: last 2 of 2", f"keep: parent of {ids[6]}"]
+    assert reasons[ids[4]] == [f"keep: parent of {ids[5]}"]
+    for dependent in ids[1:4]:  # F1's incrs and diff go with it
+        assert reasons[dependent] == [f"delete: expired with its full {ids[0]}"]
+    assert reasons[ids[0]] == ["delete: outside all rules"]
+    assert result.deleted_backups() == ids[3::-1]  # newest first: children go before their parents
+
+
+def test_a_kept_diff_keeps_its_full_but_not_the_incrs_in_between() -> None:
+    backups = chain_history("FIID")
+    ids = [b.backup_id for b in backups]
+    result = plan(backups, [], RetentionSettings(keep_last=1), backups[-1].time)
+    assert result.kept_backups() == [ids[3], ids[0]]
+    reasons = {d.name: d.reasons for d in result.backups}
+    assert reasons[ids[0]] == [f"keep: parent of {ids[3]}"]
+    assert reasons[ids[1]] == ["delete: outside all rules"]  # its full stays: it goes on its own
+
+
+def test_a_backup_whose_parent_is_missing_is_kept_and_warned_about() -> None:
+    full, incr = chain_history("FI")
+    orphan = BackupItem(incr.backup_id, incr.time, backup_type="incr", parent="20240101T000000Z")
+    result = plan([full, orphan], [], RetentionSettings(keep_last=1), orphan.time)
+    assert result.kept_backups() == [orphan.backup_id]
+    assert result.warnings == [f"backup {orphan.backup_id}: its parent 20240101T000000Z is missing from the "
+                               "repository (or untrusted); it cannot be restored"]

@@ -45,6 +45,8 @@ def summary(manifest: Manifest, reach: LogReach | None = None, trust: Trust | No
         "job": manifest.job,
         "driver": manifest.driver,
         "method": manifest.method,
+        "type": manifest.backup_type,
+        "parent": manifest.parent,
         "started_at": format_timestamp(manifest.started_at),
         "finished_at": format_timestamp(manifest.finished_at),
         "raw_size": manifest.raw_size,
@@ -91,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
         window = f"{pitr['from']} .. {pitr['to']}" if pitr else "-"
         if pitr and pitr["broken_at"]:
             window += f" (gap: {pitr['broken_at']} missing)"
-        rows.append([m.backup_id, m.job, m.method, _short(m.started_at), _short(m.finished_at),
+        rows.append([m.backup_id, m.job, m.method, m.backup_type, m.parent or "-", _short(m.started_at), _short(m.finished_at),
                      human_size(m.raw_size), human_size(m.stored_size), window,
                      signature(trust.get((m.job, m.backup_id))) or "-"])
-    print_table(["ID", "JOB", "METHOD", "STARTED", "FINISHED", "RAW", "STORED", "PITR", "SIGNATURE"], rows)
+    print_table(["ID", "JOB", "METHOD", "TYPE", "PARENT", "STARTED", "FINISHED", "RAW", "STORED", "PITR",
+                 "SIGNATURE"], rows)
     notes = {(m.job, note) for m in manifests for note in (reaches.get(m.backup_id) or LogReach()).notes}
     for job, note in sorted(notes):
         print(f"warning: job {job}: {note}")

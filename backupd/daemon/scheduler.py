@@ -1,7 +1,7 @@
 """APScheduler 3.x, configured so that runs are never silently dropped.
 
-Jobs are rebuilt from the configuration under stable ids (``backup:orders``,
-``verify:orders``, ``integrity:orders``, ``prune:orders``). Defaults: explicit
+Jobs are rebuilt from the configuration under stable ids (``backup:orders``, and
+``backup-diff:orders``, ``backup-incr:orders`` for ``diff_schedule``, ``incr_schedule``; ``verify:orders``, ``integrity:orders``, ``prune:orders``). Defaults: explicit
 time zone, ``coalesce`` (a backlog runs once), ``max_instances=1``, and a
 misfire grace of one schedule period unless ``daemon.misfire_grace_time`` says
 otherwise (APScheduler's own default is one second). A listener logs and counts
@@ -15,6 +15,7 @@ running, or skipped because the previous run still ran) counts in
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import zoneinfo
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from backupd import metrics
+from backupd.chain import BACKUP_TYPES, DIFF, INCR
 from backupd.daemon.metrics import (
     BACKUP_SCHEDULE_PERIOD,
     JOB_CONSECUTIVE_FAILURES,
@@ -43,7 +45,7 @@ from backupd.daemon.metrics import (
     forget_task,
 )
 from backupd.daemon.state import ScheduleState
-from backupd.daemon.tasks import NotStarted, Skipped, Tasks, integrity_period
+from backupd.daemon.tasks import NotStarted, Skipped, Tasks, backup_task, integrity_period
 from backupd.daemon.triggers import build_trigger, latest_missed, period
 from backupd.errors import BackupdError
 from backupd.settings import Settings
@@ -55,11 +57,14 @@ PRUNE_EVERY = dt.timedelta(days=1)
 EXECUTOR_THREADS = 64  # threads are cheap and idle; daemon.max_parallel_jobs bounds the work
 
 
+BACKUP_TASKS = frozenset(backup_task(kind) for kind in BACKUP_TYPES)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     job_id: str
     job: str
-    kind: str  # backup | verify | integrity | prune
+    kind: str  # backup | backup-diff | backup-incr | verify | integrity | prune
     schedule: str  # what the trigger was built from; a change rebuilds the job
     grace: dt.timedelta | None
     jitter: dt.timedelta | None
@@ -75,8 +80,11 @@ def desired_jobs(settings: Settings) -> list[JobSpec]:
 
         if job.schedule:
             specs.append(spec("backup", job.schedule))
-            if not job.retention.is_empty():
-                specs.append(spec("prune", f"@every {int(PRUNE_EVERY.total_seconds())}s"))
+        for kind in (DIFF, INCR):  # diff_schedule, incr_schedule (DESIGN.md "Backup types")
+            if schedule := job.typed_schedules().get(kind):
+                specs.append(spec(backup_task(kind), schedule))
+        if job.typed_schedules() and not job.retention.is_empty():
+            specs.append(spec("prune", f"@every {int(PRUNE_EVERY.total_seconds())}s"))
         if job.verify.schedule or (job.schedule and settings.encryption.identity_file is not None):
             specs.append(spec("verify", job.verify.schedule or DEFAULT_VERIFY_SCHEDULE))
         if job.schedule or job.verify.schedule:
@@ -102,8 +110,12 @@ class Scheduler:
                               | EVENT_JOB_EXECUTED)
 
     def _function(self, kind: str) -> Callable[[str], None]:
-        return {"backup": self.tasks.backup, "verify": self.tasks.verify,
-                "integrity": self.tasks.integrity, "prune": self.tasks.prune}[kind]
+        functions: dict[str, Callable[[str], None]] = {
+            "backup": self.tasks.backup, "verify": self.tasks.verify, "integrity": self.tasks.integrity,
+            "prune": self.tasks.prune}
+        for backup_type in (DIFF, INCR):
+            functions[backup_task(backup_type)] = functools.partial(self.tasks.backup, backup_type=backup_type)
+        return functions[kind]
 
     def apply(self, settings: Settings) -> None:
         """Make the scheduled jobs match ``settings``: unchanged jobs keep their next run time."""
@@ -160,7 +172,7 @@ class Scheduler:
     @staticmethod
     def _count(job: str, task: str, event: str) -> None:
         SCHEDULER_EVENTS.labels(job, task, event).inc()
-        if task == "backup" and event in ("missed", "max_instances"):
+        if task in BACKUP_TASKS and event in ("missed", "max_instances"):
             metrics.BACKUP_MISSED_RUNS.labels(job).inc()
 
     def _on_event(self, event: JobEvent) -> None:

@@ -173,8 +173,9 @@ class Daemon:
             ctx = JobContext(settings, name)
             contexts[name] = ctx
             try:
-                methods = plugins.driver_descriptor(job.driver).methods
-                metrics.declare_job(name, methods, archives_logs=job.archive_logs)
+                descriptor = plugins.driver_descriptor(job.driver)
+                metrics.declare_job(name, descriptor.methods, archives_logs=job.archive_logs,
+                                    capabilities=descriptor.capabilities)
                 driver = ctx.driver
                 handlers[name] = dict(driver.control_handlers())
                 found = driver.log_archivers() if job.archive_logs else []

@@ -16,6 +16,7 @@ import structlog
 
 from backupd import audit, metrics
 from backupd.backup import run_backup
+from backupd.chain import FULL
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
@@ -72,11 +73,12 @@ class Tasks:
                                                    detail=detail, trigger="schedule"))
 
     # -- backup --------------------------------------------------------------
-    def backup(self, job: str) -> None:
+    def backup(self, job: str, backup_type: str | None = None) -> None:
+        """A scheduled backup: a full, or (``diff_schedule``, ``incr_schedule``) a diff or incr."""
         timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
-        with self._task("backup", job, timeout) as (ctx, run):
+        with self._task(backup_task(backup_type or FULL), job, timeout) as (ctx, run):
             try:
-                manifest = run_backup(ctx, cancel=run.cancel)
+                manifest = run_backup(ctx, backup_type=backup_type, cancel=run.cancel)
             except LockHeld as exc:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None
@@ -186,6 +188,11 @@ class Tasks:
             gap_watch.watch(ctx)
         except Exception as exc:
             log.warning("could not check the log archive for gaps", job=ctx.name, error=str(exc))
+
+
+def backup_task(backup_type: str) -> str:
+    """The scheduler's task of a backup type: ``backup`` for fulls, ``backup-diff``, ``backup-incr``."""
+    return "backup" if backup_type == FULL else f"backup-{backup_type}"
 
 
 def integrity_period(interval: dt.timedelta) -> dt.timedelta:
