@@ -3,7 +3,7 @@
 The entry point names ``DESCRIPTOR``; ``drivers.postgres.driver`` (psycopg, a dozen modules) is
 imported only when a job's driver is created."""
 
-from backupd.descriptor import WAL_ARCHIVING, DriverDescriptor
+from backupd.descriptor import INCREMENTAL_BACKUP, WAL_ARCHIVING, DriverDescriptor
 from drivers.postgres.options import PostgresOptions
 
 DESCRIPTOR = DriverDescriptor(
@@ -11,5 +11,5 @@ DESCRIPTOR = DriverDescriptor(
     options_model=PostgresOptions,
     methods=("logical", "physical"),
     driver="drivers.postgres.driver:PostgresDriver",
-    capabilities=frozenset({WAL_ARCHIVING}),
+    capabilities=frozenset({WAL_ARCHIVING, INCREMENTAL_BACKUP}),
 )

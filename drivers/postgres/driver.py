@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from backupd import restore_to, spool
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, LogArchiver, LogReach,
-                            PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, IncrementalBackup, LogArchiver,
+                            LogReach, PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
@@ -24,7 +24,7 @@ from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 
 
-class PostgresDriver(Driver, WalArchiving, PitrDrill):
+class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
     scratch_users = ("postgres",)

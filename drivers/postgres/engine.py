@@ -303,7 +303,6 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
     tli = f"{timeline:08X}"
     file_map = FileMap(files, listing.dirs)
     metadata: dict[str, Any] = {
-        "type": backup_type, **({"parent": chain[-1].backup_id} if chain and backup_type != "full" else {}),
         "server_version": server.version, "system_identifier": str(server.system_id), "timeline": timeline,
         "start_lsn": format_lsn(start_lsn), "stop_lsn": format_lsn(stop_lsn),
         "label": fields.get("LABEL", label), "backup_from": "standby" if server.in_recovery else "primary",

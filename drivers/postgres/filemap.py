@@ -3,7 +3,7 @@ object of which backup holds each range of it.
 
 It sits in the signed manifest (``metadata.file_map``), so a host holding only public keys can plan the
 next diff or incr from it, and a restore knows every object it needs before reading one. A file is a
-sequence of ``CHUNK``-byte chunks; ``hashes`` has one 128-bit truncated sha256 per chunk. A part
+sequence of ``CHUNK``-byte chunks; ``hashes`` has one sha256 truncated to 96 bits (base64) per chunk. A part
 ``[backup, object, member, first, count, member_first]`` says that chunks ``first..first+count-1`` are
 chunks ``member_first..`` of tar member ``member`` in object ``object`` of backup ``backup``
 (None: the backup this manifest describes).
@@ -11,6 +11,7 @@ chunks ``member_first..`` of tar member ``member`` in object ``object`` of backu
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import posixpath
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ from typing import Any, Iterable
 
 from backupd.errors import IntegrityError
 
-CHUNK = 128 << 10
-HASH_BYTES = 16
-HASH_HEX = HASH_BYTES * 2
+CHUNK = 64 << 10
+HASH_BYTES = 12
+HASH_CHARS = 16  #: base64 of HASH_BYTES: no padding
 
 
 def chunk_hash(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).digest()[:HASH_BYTES].hex()
+    return base64.b64encode(hashlib.sha256(data).digest()[:HASH_BYTES]).decode()
 
 
 def chunk_count(size: int) -> int:
@@ -97,9 +98,9 @@ def parse_entry(data: Any, where: str) -> FileEntry:
     mtime = _int(data.get("mtime_ns"), "mtime_ns", where)
     packed = data.get("hashes")
     count = chunk_count(size)
-    if not isinstance(packed, str) or len(packed) != count * HASH_HEX:
+    if not isinstance(packed, str) or len(packed) != count * HASH_CHARS:
         raise IntegrityError(f"{where}: expected {count} chunk checksums")
-    hashes = [packed[i:i + HASH_HEX] for i in range(0, len(packed), HASH_HEX)]
+    hashes = [packed[i:i + HASH_CHARS] for i in range(0, len(packed), HASH_CHARS)]
     raw_parts = data.get("parts")
     if not isinstance(raw_parts, list):
         raise IntegrityError(f"{where}: parts is not a list")
