@@ -9,7 +9,7 @@ from typing import Any, Callable
 import structlog
 
 from backupd import __version__, plugins
-from backupd.chain import BACKUP_TYPES, FULL, INCREMENTAL_METHODS, choose_parent, supports_types
+from backupd.chain import BACKUP_TYPES, FULL, INCREMENTAL_METHODS, article, choose_parent, supports_types
 from backupd.context import JobContext
 from backupd.driver import IncrementalBackup
 from backupd.errors import DriverError, UsageError
@@ -48,7 +48,7 @@ def run_backup(
     incremental = _incremental(ctx, method, requested)
     repo = ctx.repository
     recipients = ctx.recipients
-    with job_lock(ctx.state_dir, ctx.name, wait=wait):
+    with job_lock(ctx.state_dir, ctx.name, wait=wait, cancel=cancel):
         try:
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
@@ -133,9 +133,9 @@ def _incremental(ctx: JobContext, method: str, requested: str) -> IncrementalBac
     driver = ctx.driver
     capabilities = plugins.driver_descriptor(ctx.job.driver).capabilities
     if not isinstance(driver, IncrementalBackup) or not supports_types(capabilities, method):
-        raise UsageError(f"job {ctx.name} cannot take a {requested} backup: --type diff|incr needs method "
-                         f"{' or '.join(INCREMENTAL_METHODS)} on a driver with incremental backups "
-                         f"(driver {ctx.job.driver}, method {method})")
+        raise UsageError(f"job {ctx.name} cannot take {article(requested)} {requested} backup: --type diff|incr "
+                         f"needs method {' or '.join(INCREMENTAL_METHODS)} on a driver with incremental "
+                         f"backups (driver {ctx.job.driver}, method {method})")
     return driver
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from backupd.errors import BackupdError, BackupNotFound, BrokenChain, IntegrityError, UntrustedObject
 from backupd.manifest import Manifest
-from backupd.timeutil import backup_id_sort_key
+from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key
 
 FULL, DIFF, INCR = "full", "diff", "incr"
 BACKUP_TYPES = (FULL, DIFF, INCR)
@@ -29,6 +29,10 @@ def supports_types(capabilities: frozenset[str], method: str) -> bool:
     from backupd.descriptor import INCREMENTAL_BACKUP
 
     return INCREMENTAL_BACKUP in capabilities and method in INCREMENTAL_METHODS
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def newest_first(manifests: list[Manifest]) -> list[Manifest]:
@@ -53,7 +57,9 @@ def check_type(manifest: Manifest) -> None:
     if kind == FULL and parent is not None:
         raise IntegrityError(f"backup {manifest.backup_id}: a full backup names a parent ({parent})")
     if kind != FULL and parent is None:
-        raise IntegrityError(f"backup {manifest.backup_id}: a {kind} backup names no parent")
+        raise IntegrityError(f"backup {manifest.backup_id}: {article(kind)} {kind} backup names no parent")
+    if parent is not None and not BACKUP_ID_RE.match(parent):
+        raise IntegrityError(f"backup {manifest.backup_id}: its parent {parent!r} is not a backup id")
 
 
 def resolve_chain(manifest: Manifest, load: Callable[[str], Manifest]) -> list[Manifest]:

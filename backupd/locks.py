@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-from backupd.errors import LockHeld, naming
+from backupd.errors import Aborted, LockHeld, naming
 
 
 @contextlib.contextmanager
-def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
-    """Hold ``state_dir/locks/<job>.lock`` (flock); wait up to ``wait`` seconds for it."""
+def job_lock(state_dir: Path, job: str, *, wait: float = 0.0,
+             cancel: threading.Event | None = None) -> Iterator[None]:
+    """Hold ``state_dir/locks/<job>.lock`` (flock); wait up to ``wait`` seconds for it (Aborted once
+    ``cancel`` is set meanwhile)."""
     lock_dir = state_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / f"{job}.lock"
@@ -32,7 +35,10 @@ def job_lock(state_dir: Path, job: str, *, wait: float = 0.0) -> Iterator[None]:
                         f"job {job} is already running{holder} (lock {path})",
                         hint="wait for it to finish, or pass --wait SECONDS",
                     ) from None
-                time.sleep(0.2)
+                if cancel is not None and cancel.wait(0.2):
+                    raise Aborted(f"job {job}: aborted while waiting for its lock (lock {path})")
+                if cancel is None:
+                    time.sleep(0.2)
         with naming(path):  # "No space left on device" alone says not where
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

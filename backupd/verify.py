@@ -16,7 +16,8 @@ import structlog
 from backupd import metrics, sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
-from backupd.errors import BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
+from backupd.errors import (BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch,
+                            UntrustedObject, UsageError)
 from backupd.manifest import Manifest, PitrStart
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow

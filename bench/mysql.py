@@ -4,6 +4,8 @@ Prints, for a database of --size-gib of InnoDB data:
   logical:  backupd backup / mariadb-dump --single-transaction > file        (goal <= 1.1)
             and / mariadb-dump | zstd -3 -T0 | age > file (the same work with the native tools)
   physical: backupd backup --method physical / mariadb-backup --stream | zstd > file   (goal <= 1.1)
+  incr:     backupd backup --type incr / mariadb-backup --incremental-lsn | zstd > file, after 1% of the
+            rows changed (time and bytes), and the chain's restore / a by-hand prepare  (goal <= 1.1)
   PITR restore: dump load seconds and binlog replay seconds
 
 Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp] [--repeat 3] [--cpu-priority P]
@@ -33,9 +35,16 @@ sys.path.insert(0, str(REPO))
 from backupd import age  # noqa: E402
 from backupd.context import JobContext  # noqa: E402
 from backupd.settings import load_settings  # noqa: E402
-from drivers.mysql.client import find_tool  # noqa: E402
-from drivers.mysql.scratch import ScratchServer, install_db  # noqa: E402
+from backupd.sandbox import SandboxPolicy, unprivileged_user  # noqa: E402
+from drivers.mysql.client import tool_path as find_tool  # noqa: E402
+from drivers.mysql.scratch import MariadbScratch as ScratchServer, SandboxFor, install_db  # noqa: E402
 from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
+
+
+def unsandboxed() -> SandboxFor:
+    """The bench's own servers run as the mysql user (when root), without bubblewrap."""
+    user = unprivileged_user(None, ("mysql",))
+    return lambda dirs: SandboxPolicy("off").for_scratch(dirs, user=user)
 
 
 def timed(func, *args) -> float:  # type: ignore[no-untyped-def]
@@ -117,6 +126,94 @@ def fill(server: ScratchServer, size: int) -> int:
     return rows
 
 
+def native_copy(defaults: Path, out_file: Path, lsn_dir: Path, base: Path, lsn: int | None = None) -> float:
+    """``mariadb-backup --backup --stream [--incremental-lsn] | zstd -3 > file``; its checkpoints in ``lsn_dir``."""
+    argv = [find_tool("backup"), f"--defaults-extra-file={defaults}", "--backup", "--stream=xbstream",
+            f"--target-dir={base / 'xbtmp'}", f"--extra-lsndir={lsn_dir}"]
+    if lsn is not None:
+        argv.append(f"--incremental-lsn={lsn}")
+    started = time.monotonic()
+    with open(out_file, "wb") as out:
+        backup = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        zstd = subprocess.Popen(["zstd", "-q", "-3"], stdin=backup.stdout, stdout=out)
+        backup.stdout.close()
+        assert zstd.wait() == 0 and backup.wait() == 0
+    took = time.monotonic() - started
+    shutil.rmtree(base / "xbtmp", ignore_errors=True)
+    return took
+
+
+def to_lsn(lsn_dir: Path) -> int:
+    text = (lsn_dir / "xtrabackup_checkpoints").read_text()
+    return int(re.search(r"^to_lsn = (\d+)", text, re.M)[1])  # type: ignore[index]
+
+
+def native_chain_restore(files: list[Path], dest: Path) -> float:
+    """By hand: unpack the full and each increment, prepare the full, apply each increment in order."""
+    started = time.monotonic()
+    dirs = []
+    for index, path in enumerate(files):
+        target = dest if index == 0 else dest.parent / f"{dest.name}-inc{index}"
+        target.mkdir(parents=True)
+        run(["sh", "-c", f'zstd -q -d -c "{path}" | {find_tool("stream")} -x -C "{target}"'])
+        dirs.append(target)
+    run([find_tool("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"])
+    for increment in dirs[1:]:
+        run([find_tool("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}",
+             f"--incremental-dir={increment}"])
+    took = time.monotonic() - started
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    return took
+
+
+def incremental(args: argparse.Namespace, base: Path, source: ScratchServer, config: Path, defaults: Path,
+                rows: int) -> None:
+    """A full, then --repeat rounds of (1% of the rows changed, an incr) on each side, then the chain restored.
+
+    Each side keeps its own chain (the native one by --extra-lsndir and --incremental-lsn), and both see the
+    same changes, the server settled before every copy.
+    """
+    conn = source.credentials.connect()
+    conn.autocommit(True)
+    native_files = [base / "native-full.xb.zst"]
+    native_copy(defaults, native_files[0], base / "lsn", base)
+    backupd(config, "backup", "chain")
+    step = max(1, rows // 100)
+    natives, ours, native_sizes, our_sizes = [], [], [], []
+    ctx = JobContext(load_settings(config), "chain")
+    for index in range(args.repeat):
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE bench.events SET amount = amount + 1 WHERE id > {index * step} "
+                        f"AND id <= {(index + 1) * step}")
+        settle(source)
+        native_files.append(base / f"native-incr{index + 1}.xb.zst")
+        natives.append(native_copy(defaults, native_files[-1], base / "lsn", base, to_lsn(base / "lsn")))
+        native_sizes.append(native_files[-1].stat().st_size)
+        wait_idle()
+        ours.append(timed(backupd, config, "backup", "chain", "--type", "incr"))
+        our_sizes.append(ctx.repository.resolve(None).stored_size)
+    conn.close()
+    native_s, ours_s = median(natives), median(ours)
+    print(f"incr (1% of rows changed): mariadb-backup --incremental-lsn | zstd {native_s:.1f}s{samples(natives)} "
+          f"{median(native_sizes) / 2**20:.1f} MiB; backupd backup --type incr {ours_s:.1f}s{samples(ours)} "
+          f"{median(our_sizes) / 2**20:.1f} MiB; ratio {ours_s / native_s:.2f} time, "
+          f"{median(our_sizes) / median(native_sizes):.2f} bytes (goal <= 1.1)")
+    newest = ctx.repository.resolve(None).backup_id
+    ctx.close()
+    wait_idle()
+    native = native_chain_restore(native_files, base / "native-restore")
+    shutil.rmtree(base / "native-restore", ignore_errors=True)
+    wait_idle()
+    ours_restore = timed(backupd, config, "restore", "chain", "--backup", newest, "--to", str(base / "chain-restore"))
+    shutil.rmtree(base / "chain-restore", ignore_errors=True)
+    print(f"chain restore (full + {args.repeat} incr): by hand (zstd -d | mbstream -x, --prepare, "
+          f"--prepare --incremental-dir) {native:.1f}s; backupd restore {ours_restore:.1f}s; ratio "
+          f"{ours_restore / native:.2f} (goal <= 1.1)")
+    for path in native_files:
+        path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=2.0, help="InnoDB data to generate (default 2)")
@@ -126,12 +223,13 @@ def main() -> None:
                         help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="backupd-bench-mysql-", dir=args.workdir))
-    source = ScratchServer(base / "src-data", base / "src-run",
+    base.chmod(0o711)  # the servers run as mysql
+    source = ScratchServer(base / "src-data", base / "src-run", unsandboxed(),
                            [f"--log-bin={base / 'src-data' / 'mysql-bin'}", "--server-id=1", "--binlog-format=ROW",
                             "--innodb-log-file-size=1G", "--max-binlog-size=256M"])
-    restore_target = ScratchServer(base / "dst-data", base / "dst-run", ["--innodb-log-file-size=1G"])
+    restore_target = ScratchServer(base / "dst-data", base / "dst-run", unsandboxed(), ["--innodb-log-file-size=1G"])
     try:
-        install_db(source.datadir)
+        install_db(source.datadir, unsandboxed())
         source.start()
         started = time.monotonic()
         rows = fill(source, int(args.size_gib * 2**30))
@@ -162,6 +260,13 @@ storage = "main"
 databases = ["bench"]
 archive_logs = true
 binlog_flush_interval = "5s"
+""" + (f'cpu_priority = "{args.cpu_priority}"\n' if args.cpu_priority else "") + f"""
+[jobs.chain]
+driver = "mysql"
+dsn = "mysql://root@localhost/?socket={source.socket}"
+storage = "main"
+databases = ["bench"]
+method = "physical"
 """ + (f'cpu_priority = "{args.cpu_priority}"\n' if args.cpu_priority else ""))
         defaults = base / "native.cnf"
         defaults.write_text(f"[client]\nuser=root\nsocket={source.socket}\n")
@@ -241,6 +346,8 @@ binlog_flush_interval = "5s"
               f"backup --method physical {ours_physical:.1f}s{samples(ours)}; ratio "
               f"{ours_physical / native_physical_s:.2f} (goal <= 1.1)")
 
+        incremental(args, base, source, config, defaults, rows)
+
         # PITR: archive binlogs, change 10% of the rows after a logical backup, restore to the newest state.
         ctx = JobContext(load_settings(config), "bench")
         archiver = ctx.driver.log_archivers()[0]
@@ -261,7 +368,7 @@ binlog_flush_interval = "5s"
         stop.set()
         thread.join()
         ctx.close()
-        install_db(restore_target.datadir)
+        install_db(restore_target.datadir, unsandboxed())
         restore_target.start()
         wait_idle()
         started = time.monotonic()

@@ -21,7 +21,7 @@ from backupd.cli.main import main
 from backupd.context import JobContext
 from backupd.daemon.scheduler import desired_jobs
 from backupd.driver import RestoreRequest
-from backupd.errors import BrokenChain, ConfigError, UsageError
+from backupd.errors import BrokenChain, ConfigError, IntegrityError, UsageError
 from backupd.prune import run_prune
 from backupd.restore import run_restore
 from backupd.settings import load_settings
@@ -145,7 +145,7 @@ def test_types_need_the_capability_and_method(tmp_path: Path, keys: Keys, monkey
         "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main"},
     })
     ctx = JobContext(load_settings(config), "plain")
-    with pytest.raises(UsageError, match="job plain cannot take a incr backup: --type diff|incr needs method"):
+    with pytest.raises(UsageError, match="job plain cannot take an incr backup: --type diff|incr needs method"):
         run_backup(ctx, backup_type="incr")
     assert main(["--config", str(config), "--log-level", "error", "backup", "plain", "--type", "diff"]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -166,7 +166,8 @@ def test_typed_schedules_are_validated_and_scheduled(tmp_path: Path, keys: Keys,
     assert any(line.startswith("jobs.kv.incr_schedule: ") for line in bad.value.errors)
     plain = write_config(tmp_path / "plain.toml", {
         "storage.main": {"type": "filesystem", "path": str(tmp_path / "repo")},
-        "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main", "diff_schedule": "@every 1h"},
+        "jobs.plain": {"driver": "kvlog", "path": str(tmp_path / "kv"), "storage": "main",
+                       "diff_schedule": "@every 1h"},
     })
     with pytest.raises(ConfigError) as bad:
         load_settings(plain)
@@ -223,3 +224,70 @@ def test_failures_count_with_the_requested_type(kv, monkeypatch) -> None:
     assert metrics.REGISTRY.get_sample_value("backupd_backup_runs_total", labels) == before + 1
     metrics.declare_job("kv2", ["physical"], archives_logs=False, capabilities=ctx.driver.capabilities)
     assert metrics.REGISTRY.get_sample_value("backupd_backup_runs_total", {**labels, "job": "kv2"}) == 0.0
+
+
+def test_an_untrusted_parent_breaks_the_chain(tmp_path: Path, keys: Keys, monkeypatch) -> None:
+    from backupd.sshsig import SigningKey
+
+    kvlog_driver.install(monkeypatch)
+    host = SigningKey.generate("backupd@host-a")
+    key_file = tmp_path / "host-a.key"
+    key_file.write_text(host.to_openssh())
+    key_file.chmod(0o600)
+    config = kv_config(tmp_path, keys)
+    config.write_text(f'[signing]\nkey_file = "{key_file}"\ntrusted_keys = ["{host.public.line()}"]\n\n'
+                      + config.read_text())
+    ctx = JobContext(load_settings(config), "kv")
+    store = kvlog_driver.KvStore(tmp_path / "kv")
+    store.set("a", "1")
+    take(ctx, None, "2026-11-01T00:00:00Z", monkeypatch)
+    store.set("a", "2")
+    incr1 = take(ctx, "incr", "2026-11-01T01:00:00Z", monkeypatch)
+    store.set("a", "3")
+    incr2 = take(ctx, "incr", "2026-11-01T02:00:00Z", monkeypatch)
+    manifest = tmp_path / "repo" / "kv" / "backups" / incr1 / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"keys": 1', b'"keys": 9'))  # no longer what was signed
+
+    with pytest.raises(BrokenChain, match=f"backup {incr2} needs its parent backup {incr1}, which is not trusted"):
+        take(ctx, "incr", "2026-11-01T03:00:00Z", monkeypatch)
+    with pytest.raises(BrokenChain, match=f"parent backup {incr1}, which is not trusted"):
+        restored(ctx, tmp_path, incr2)
+
+
+@pytest.mark.parametrize(("metadata", "problem"), [
+    ({"type": "weekly"}, "unknown backup type 'weekly'"),
+    ({"type": "incr"}, "an incr backup names no parent"),
+    ({"type": "full", "parent": "20261101T000000Z"}, "a full backup names a parent (20261101T000000Z)"),
+    ({"type": "incr", "parent": "../../../etc"}, "its parent '../../../etc' is not a backup id"),
+    ({"type": "incr", "parent": "20261201T000000Z"}, "its parent 20261201T000000Z is not older than it"),
+])
+def test_a_hostile_type_or_parent_is_refused_in_one_line(kv, tmp_path: Path, monkeypatch, metadata, problem) -> None:
+    ctx, _ = kv
+    take(ctx, None, "2026-11-01T00:00:00Z", monkeypatch)
+    backup_id = take(ctx, None, "2026-11-01T01:00:00Z", monkeypatch)
+    if metadata.get("parent") == "20261201T000000Z":
+        take(ctx, None, "2026-12-01T00:00:00Z", monkeypatch)
+    path = tmp_path / "repo" / "kv" / "backups" / backup_id / "manifest.json"
+    document = json.loads(path.read_text())
+    document["metadata"] = {**document["metadata"], "parent": None, **metadata}
+    path.write_text(json.dumps(document))
+    with pytest.raises((BrokenChain, IntegrityError)) as refused:
+        restored(ctx, tmp_path, backup_id)
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_lock_wait_ends_when_the_run_is_cancelled(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from backupd.errors import Aborted
+    from backupd.locks import job_lock
+
+    cancel = threading.Event()
+    with job_lock(tmp_path, "kv"):
+        threading.Timer(0.5, cancel.set).start()
+        started = time.monotonic()
+        with pytest.raises(Aborted, match="aborted while waiting for its lock"):
+            with job_lock(tmp_path, "kv", wait=60, cancel=cancel):
+                pass
+        assert time.monotonic() - started < 5

@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         window = f"{pitr['from']} .. {pitr['to']}" if pitr else "-"
         if pitr and pitr["broken_at"]:
             window += f" (gap: {pitr['broken_at']} missing)"
-        rows.append([m.backup_id, m.job, m.method, m.backup_type, m.parent or "-", _short(m.started_at), _short(m.finished_at),
-                     human_size(m.raw_size), human_size(m.stored_size), window,
+        rows.append([m.backup_id, m.job, m.method, m.backup_type, m.parent or "-", _short(m.started_at),
+                     _short(m.finished_at), human_size(m.raw_size), human_size(m.stored_size), window,
                      signature(trust.get((m.job, m.backup_id))) or "-"])
     print_table(["ID", "JOB", "METHOD", "TYPE", "PARENT", "STARTED", "FINISHED", "RAW", "STORED", "PITR",
                  "SIGNATURE"], rows)

@@ -47,6 +47,7 @@ def describe(manifest: Manifest, trust: Trust | None = None) -> list[str]:
     if trust is not None:
         add(f"signature   {trust}" + (f" ({trust.problem})" if trust.problem else ""))
     add(f"job         {manifest.job} ({manifest.driver}, {manifest.method})")
+    add(f"type        {manifest.backup_type}" + (f" of parent {manifest.parent}" if manifest.parent else ""))
     add(f"host        {manifest.host}")
     add(f"started     {format_timestamp(manifest.started_at)}")
     add(f"finished    {format_timestamp(manifest.finished_at)} ({manifest.duration_seconds:.1f} s)")

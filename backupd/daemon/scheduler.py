@@ -1,7 +1,8 @@
 """APScheduler 3.x, configured so that runs are never silently dropped.
 
 Jobs are rebuilt from the configuration under stable ids (``backup:orders``, and
-``backup-diff:orders``, ``backup-incr:orders`` for ``diff_schedule``, ``incr_schedule``; ``verify:orders``, ``integrity:orders``, ``prune:orders``). Defaults: explicit
+``backup-diff:orders``, ``backup-incr:orders`` for ``diff_schedule``, ``incr_schedule``;
+``verify:orders``, ``integrity:orders``, ``prune:orders``). Defaults: explicit
 time zone, ``coalesce`` (a backlog runs once), ``max_instances=1``, and a
 misfire grace of one schedule period unless ``daemon.misfire_grace_time`` says
 otherwise (APScheduler's own default is one second). A listener logs and counts

@@ -30,6 +30,10 @@ from backupd.verify import record_metrics, run_verification, save_report, unusab
 log = structlog.get_logger(__name__)
 
 
+#: How long a scheduled full waits for the job's lock when the job also takes diff or incr backups.
+FULL_LOCK_WAIT = dt.timedelta(minutes=30)
+
+
 class Skipped(Exception):
     """The run had nothing to do or was superseded (daemon stopping, lock held elsewhere)."""
 
@@ -77,8 +81,12 @@ class Tasks:
         """A scheduled backup: a full, or (``diff_schedule``, ``incr_schedule``) a diff or incr."""
         timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
         with self._task(backup_task(backup_type or FULL), job, timeout) as (ctx, run):
+            # A scheduled full waits for a diff or incr still running (they may fire at the same minute);
+            # a diff or incr that finds the job running is skipped: the next one comes soon.
+            typed = ctx.job.typed_schedules().keys() - {FULL}
+            wait = FULL_LOCK_WAIT.total_seconds() if backup_type in (None, FULL) and typed else 0.0
             try:
-                manifest = run_backup(ctx, backup_type=backup_type, cancel=run.cancel)
+                manifest = run_backup(ctx, backup_type=backup_type, wait=wait, cancel=run.cancel)
             except LockHeld as exc:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None

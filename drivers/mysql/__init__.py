@@ -2,7 +2,7 @@
 
 The entry point names ``DESCRIPTOR``; ``drivers.mysql.driver`` is imported only when a job's driver is created."""
 
-from backupd.descriptor import DriverDescriptor
+from backupd.descriptor import INCREMENTAL_BACKUP, DriverDescriptor
 from drivers.mysql.options import MysqlOptions
 
 DESCRIPTOR = DriverDescriptor(
@@ -10,4 +10,5 @@ DESCRIPTOR = DriverDescriptor(
     options_model=MysqlOptions,
     methods=("logical", "physical"),
     driver="drivers.mysql.driver:MysqlDriver",
+    capabilities=frozenset({INCREMENTAL_BACKUP}),  # diff and incr for method physical (mariadb-backup)
 )

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from backupd import restore_to
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogArchiver, LogReach, PitrDrill, RestoreRequest,
-                            RestoreTarget, StreamSink, VerifyOutcome)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, IncrementalBackup, LogArchiver, LogReach,
+                            PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
@@ -24,7 +25,7 @@ from drivers.mysql.options import MysqlOptions, parse_url
 COPY_CHUNK = 1 << 20
 
 
-class MysqlDriver(Driver, PitrDrill):
+class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
     methods = DESCRIPTOR.methods
     # mariadbd and the dump keep about 1.4 of 2 cores busy: zstd at nice 10 fits in the rest
     # and never slows the dump (bench/mysql.py, 2 GiB: 1.07 of a plain dump; 1.18 at "normal").
@@ -44,11 +45,20 @@ class MysqlDriver(Driver, PitrDrill):
     # ---- backup ----------------------------------------------------------------------
 
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
+        return self._backup(method, sink)
+
+    def backup_incremental(self, method: str, sink: StreamSink, backup_type: str,
+                           chain: list[Manifest]) -> BackupResult:
+        """Pages changed since the parent's ``to_lsn`` (``mariadb-backup --incremental-lsn``)."""
+        parent = chain[-1]
+        return self._backup(method, sink, physical.parent_lsn(parent.backup_id, parent.metadata))
+
+    def _backup(self, method: str, sink: StreamSink, increment: physical.Increment | None = None) -> BackupResult:
         opts = self.options
         with self.credentials.defaults_file(self.context.spool_dir) as defaults:
             if method == "physical":
                 result = physical.take_backup(self.credentials, str(defaults), self.context.spool_dir, sink,
-                                              self.timeout, opts.databases, opts.exclude_databases)
+                                              self.timeout, opts.databases, opts.exclude_databases, increment)
                 versions = {"mariadb-backup": version_of("backup")}
             else:
                 result = logical.take_dump(self.credentials, opts.databases, opts.exclude_databases, sink,
@@ -178,16 +188,16 @@ class MysqlDriver(Driver, PitrDrill):
         # The copy is extracted, prepared and rolled forward beside dest and only then moved
         # there: a failed restore leaves nothing that looks like a data directory.
         staging = physical.staging_dir(dest)
+        increments = physical.staging_dir(dest)
         try:
-            with source.open(physical.STREAM) as stream:
-                physical.extract(stream, staging)
-            physical.prepare(staging, self.timeout)
+            physical.restore_chain(_chain_streams(source), staging, increments, self.timeout)
             coordinates = physical.binlog_info(staging) or source.manifest.metadata.get("binlog") or {}
             if plan is not None:
                 self._replay_into_copy(staging, plan, fetched, work)
             physical.install(staging, dest)
         finally:
             scratch.remove(staging)
+            scratch.remove(increments)
         message = f"restored backup {source.manifest.backup_id} of {source.manifest.job} to {dest} (prepared)"
         if plan is not None:
             message += f"; replayed {len(plan.files)} binlog file(s) ({plan.describe})"
@@ -295,14 +305,18 @@ class MysqlDriver(Driver, PitrDrill):
         started = time.monotonic()
         extra = ["--skip-log-bin"]
         if manifest.method == "physical":  # the copy's files are hostile too: unpacked and prepared sandboxed
-            datadir.mkdir(mode=0o700)
-            sandbox = self.scratch_sandbox([datadir])
-            scratch.give_to(sandbox.user, [datadir])
-            with source.open(physical.STREAM) as stream:
-                size = physical.extract(stream, datadir, sandbox)
-            physical.prepare(datadir, self.timeout, sandbox)
+            increments = base / "increment"
+            for path in (datadir, increments):
+                path.mkdir(mode=0o700)
+            sandbox = self.scratch_sandbox([datadir, increments])
+            scratch.give_to(sandbox.user, [datadir, increments])
+            chain = _chain_streams(source)
+            size = physical.restore_chain(chain, datadir, increments, self.timeout, sandbox)
             extra.append("--skip-grant-tables")
-            outcome.steps.append({"step": "extract+prepare", "bytes": size, "seconds": _since(started)})
+            prepared: dict[str, Any] = {"step": "extract+prepare", "bytes": size, "seconds": _since(started)}
+            if len(chain) > 1:
+                prepared["chain"] = [backup_id for backup_id, _ in chain]
+            outcome.steps.append(prepared)
         else:
             scratch.install_db(datadir, self.scratch_sandbox)
         with self._scratch_server(datadir, rundir, extra) as server:
@@ -347,6 +361,11 @@ def _content_judged() -> Iterator[None]:
         raise IntegrityError(f"the scratch restore rejected the backup: {exc.brief}") from None
     except BackupNotFound as exc:  # the manifest names no stream of the kind its method writes
         raise IntegrityError(str(exc)) from None
+
+
+def _chain_streams(source: BackupSource) -> list[tuple[str, Callable[[], BinaryIO]]]:
+    """(backup id, opener of its physical stream) for each backup of the source's chain, full first."""
+    return [(m.backup_id, functools.partial(source.open_from, m.backup_id, physical.STREAM)) for m in source.chain]
 
 
 def _since(started: float) -> float:

@@ -1,5 +1,11 @@
 """Physical backups: ``mariadb-backup --backup --stream=xbstream`` into the pipeline, and back.
 
+Every copy records mariadb-backup's ``from_lsn``/``to_lsn``/``last_lsn`` (``xtrabackup_checkpoints``,
+written beside the stream with ``--extra-lsndir``). A diff or incr is ``--incremental-lsn=<the
+parent's to_lsn>``: only pages newer than it (``.delta`` files) plus the redo log and the files
+InnoDB does not page. A restore unpacks the full, prepares it, then unpacks and applies each
+increment in order (``--prepare --incremental-dir``), no local base directory needed.
+
 Row counts: a physical copy is consistent as of the moment mariadb-backup holds
 ``BACKUP STAGE BLOCK_COMMIT``. We open a snapshot as soon as its log says it
 holds that stage and keep the counts only if the snapshot's binlog position
@@ -27,8 +33,9 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Sequence
 
 import pymysql
 
@@ -148,8 +155,46 @@ class _Watcher(threading.Thread):
                 monitor.close()
 
 
+@dataclass(frozen=True)
+class Increment:
+    """What an incremental copy is taken against: the parent's server and ``to_lsn`` (DESIGN.md "Backup types")."""
+
+    parent: str  #: the parent backup's id, for messages
+    server: str  #: the parent's ``metadata.server``: an LSN means nothing on another server
+    lsn: int  #: the parent's ``metadata.to_lsn``: pages newer than it are copied
+
+
+def parent_lsn(manifest_id: str, metadata: dict[str, Any]) -> Increment:
+    """The Increment a backup's manifest metadata allows; DriverError naming what it lacks."""
+    lsn, server = metadata.get("to_lsn"), metadata.get("server")
+    if not isinstance(lsn, int) or isinstance(lsn, bool) or lsn <= 0 or not isinstance(server, str):
+        raise DriverError(f"backup {manifest_id} records no to_lsn (taken before incremental backups, or not by "
+                          "mariadb-backup): an incremental cannot be taken against it",
+                          hint="take a full backup first (`backupd backup JOB`)")
+    return Increment(manifest_id, server, lsn)
+
+
+def read_checkpoints(directory: Path) -> dict[str, int]:
+    """``from_lsn``, ``to_lsn`` and ``last_lsn`` from mariadb-backup's ``xtrabackup_checkpoints``."""
+    path = directory / "xtrabackup_checkpoints"
+    values: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DriverError(f"mariadb-backup wrote no {path.name} ({exc.strerror})") from None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() in ("from_lsn", "to_lsn", "last_lsn") and value.strip().isdigit():
+            values[key.strip()] = int(value.strip())
+    if "to_lsn" not in values or "from_lsn" not in values:
+        raise DriverError(f"mariadb-backup's {path.name} names no from_lsn/to_lsn")
+    return values
+
+
 def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, sink: Callable[[str, Any], Any],
-                timeout: float, databases: list[str], excluded: list[str]) -> dict[str, Any]:
+                timeout: float, databases: list[str], excluded: list[str],
+                increment: Increment | None = None) -> dict[str, Any]:
+    """One copy through ``sink``: a full, or with ``increment`` the pages changed since its LSN."""
     conn = credentials.connect()
     try:
         info = server_info(conn)
@@ -158,10 +203,17 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         all_innodb = bool(tables) and _all_innodb(conn, chosen)
     finally:
         conn.close()
+    if increment is not None and increment.server != info.key:
+        raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
+                          f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
     target = work_dir / "mariadb-backup"
-    shutil.rmtree(target, ignore_errors=True)
+    lsn_dir = work_dir / "mariadb-backup-lsn"
+    for path in (target, lsn_dir):
+        shutil.rmtree(path, ignore_errors=True)
     argv = [tool_path("backup"), f"--defaults-extra-file={defaults_file}", "--backup", "--stream=xbstream",
-            f"--target-dir={target}"]
+            f"--target-dir={target}", f"--extra-lsndir={lsn_dir}"]
+    if increment is not None:
+        argv.append(f"--incremental-lsn={increment.lsn}")
     counting = info.flavor == "mariadb" and info.log_bin
     early = _EarlyCount(credentials, tables) if counting and all_innodb else None
     if early:
@@ -181,8 +233,14 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
                 _abandon(credentials, early)
             shutil.rmtree(target, ignore_errors=True)
         log_text = tool.stderr_text(limit=1 << 20).encode()
-    if b"completed OK!" not in log_text:
-        raise DriverError(f"{tool.name} exited 0 without reporting 'completed OK!'")
+    try:
+        if b"completed OK!" not in log_text:
+            raise DriverError(f"{tool.name} exited 0 without reporting 'completed OK!'")
+        lsns = read_checkpoints(lsn_dir)
+    finally:
+        shutil.rmtree(lsn_dir, ignore_errors=True)
+    if increment is not None and lsns["from_lsn"] != increment.lsn:
+        raise DriverError(f"{tool.name} copied from LSN {lsns['from_lsn']}, not the {increment.lsn} asked for")
     match = None
     for match in POSITION_RE.finditer(log_text):
         pass
@@ -204,7 +262,7 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
     return {
         "metadata": {"flavor": info.flavor, "server_version": info.version, "server_id": info.server_id,
                      "server": info.key, "databases": chosen, "binlog": binlog, "row_counts_note": note, "stream_format": "xbstream",
-                     "raw_bytes": entry.raw_size},
+                     "raw_bytes": entry.raw_size, **lsns},
         "row_counts": counts,
     }
 
@@ -245,11 +303,33 @@ def extract(stream: BinaryIO, dest: Path, sandbox: Sandbox | None = None) -> int
     return size
 
 
-def prepare(dest: Path, timeout: float | None = None, sandbox: Sandbox | None = None) -> None:
-    """``mariadb-backup --prepare``: crash recovery of the copy (in ``sandbox`` if given)."""
-    with Tool([tool_path("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"], stdout=DEVNULL,
-              sandbox=sandbox) as tool:
-        check_content(tool, "prepare", timeout)
+def prepare(dest: Path, timeout: float | None = None, sandbox: Sandbox | None = None,
+            incremental_dir: Path | None = None) -> None:
+    """``mariadb-backup --prepare``: crash recovery of the copy (in ``sandbox`` if given); with
+    ``incremental_dir``, apply that extracted increment to the prepared copy in ``dest``."""
+    argv = [tool_path("backup"), "--no-defaults", "--prepare", f"--target-dir={dest}"]
+    if incremental_dir is not None:
+        argv.append(f"--incremental-dir={incremental_dir}")
+    with Tool(argv, stdout=DEVNULL, sandbox=sandbox) as tool:
+        check_content(tool, "prepare" if incremental_dir is None else "applying an increment", timeout)
+
+
+def restore_chain(chain: Sequence[tuple[str, Callable[[], BinaryIO]]], dest: Path, increments: Path,
+                  timeout: float | None = None, sandbox: Sandbox | None = None) -> int:
+    """Extract and prepare a chain's copies into ``dest``: the full (first), then each increment in order,
+    each unpacked into ``increments`` (an empty directory, emptied again after each) and applied with
+    ``--prepare --incremental-dir``. Returns the bytes fed to mbstream."""
+    (_, open_full), *rest = chain
+    with open_full() as stream:
+        size = extract(stream, dest, sandbox)
+    prepare(dest, timeout, sandbox)
+    for _, open_increment in rest:
+        clear(increments)
+        with open_increment() as stream:
+            size += extract(stream, increments, sandbox)
+        prepare(dest, timeout, sandbox, incremental_dir=increments)
+    clear(increments)
+    return size
 
 
 def staging_dir(dest: Path) -> Path:
