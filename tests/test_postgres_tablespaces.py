@@ -42,6 +42,9 @@ def test_two_tablespaces_round_trip_one_relocated(pg_env: PgEnv) -> None:
     env.cluster.stop()
     (env.root / "ts_slow").rename(env.root / "ts_slow.lost")
     relocated = env.root / "new-fast"
+    plan = env.backupd("restore", JOB, "--to", str(target.data), "--tablespace-map", f"ts_fast={relocated}",
+                       "--dry-run", check=True).out
+    assert f"-> {relocated}" in plan and f"ts_slow (oid " in plan and not relocated.exists()
     out = env.backupd("restore", JOB, "--to", str(target.data), "--tablespace-map", f"ts_fast={relocated}",
                       check=True).out
     assert backup_id in out

@@ -24,6 +24,12 @@ from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 
 
+def meta_count(manifest: Manifest) -> int:
+    table = manifest.metadata.get("file_map")
+    files = table.get("files") if isinstance(table, dict) else None
+    return len(files) if isinstance(files, list) else 0
+
+
 class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
@@ -115,6 +121,18 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         ]
         if request.target is not None and request.target.kind == "name":
             lines.append("a restore point is found only by replay: pass --backup ID when it predates this backup")
+        if filerestore.is_file_engine(manifest):
+            lines += self._file_engine_plan(manifest, request)
+        return lines
+
+    def _file_engine_plan(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        workers = request.jobs if request.jobs > 1 else engine.workers(self.options)
+        how = ("--delta: files compared chunk by chunk, only differing chunks fetched, files the backup lacks "
+               "removed" if request.delta else "every file written")
+        lines = [f"file engine: {meta_count(manifest)} files, {len(manifest.objects)} objects of this backup, "
+                 f"{workers} workers; {how}"]
+        for space in filerestore.tablespaces(manifest, request.tablespace_map):
+            lines.append(f"tablespace {space.name} (oid {space.oid}) -> {space.location}")
         return lines
 
     def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
