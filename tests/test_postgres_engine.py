@@ -107,3 +107,20 @@ def test_tablespace_map_of_an_unknown_name_is_refused(pg_env: PgEnv, full: str) 
                             "--tablespace-map", f"nope={pg_env.root / 'x'}")
     assert result.code == 2 and "has no tablespace nope" in result.err
     assert not target.exists()
+
+
+def test_check_names_the_physical_engine(pg_env: PgEnv, full: str) -> None:
+    out = pg_env.backupd("check", JOB).out
+    line = next(line for line in out.splitlines() if "physical engine" in line)
+    assert "file engine: reads" in line and str(pg_env.cluster.data) in line, out
+    remote = pg_env.root / "backupd-remote.toml"
+    remote.write_text(pg_env.config.read_text().replace(f'data_dir = "{pg_env.cluster.data}"\n', ""))
+    remote.chmod(0o644)
+    original, pg_env.config = pg_env.config, remote
+    try:
+        out = pg_env.backupd("check", JOB).out
+        assert "pg_basebackup (full backups only): no data_dir is configured" in out, out
+        refused = pg_env.backupd("backup", JOB, "--type", "incr")
+        assert refused.code == 2 and "needs the file engine" in refused.err
+    finally:
+        pg_env.config = original
