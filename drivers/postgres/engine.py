@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from backupd.driver import BackupResult, DriverContext, StreamSink
 from backupd.errors import DriverError
 from backupd.manifest import Manifest, PitrStart
@@ -29,6 +31,8 @@ from drivers.postgres.options import PostgresOptions
 from drivers.postgres.physical import parse_label
 from drivers.postgres.tarstream import Member, TarStream
 from drivers.postgres.walnames import format_lsn, parse_lsn, segment_name, segno_of_lsn
+
+log = structlog.get_logger(__name__)
 
 BUNDLE_SIZE = 16 << 20
 BASE = "base"
@@ -242,11 +246,13 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
             raise DriverError(f"pg_backup_start failed: {str(exc).strip()}",
                               hint="GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) "
                                    "TO the backup role") from None
+        log.info("pg_backup_start done", start_lsn=format_lsn(start_lsn))
         listing, spaces = datadir.scan(data_dir, server.tablespaces, server.version_dir)
         count = workers(options)
         candidates = [found for found in listing.files if found.path != datadir.CONTROL_FILE]
         with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pg-hash") as pool:
             planned = [p for p in pool.map(lambda f: plan_file(f, parent_files.get(f.path)), candidates) if p]
+        log.info("files compared", files=len(listing.files), with_parent=len(parent_files))
         files: dict[str, FileEntry] = {}
         members: dict[str, tuple[Planned, Member]] = {}
         for item in planned:
@@ -268,11 +274,13 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
                 hashes = [stored.get(i) or item.hashes[i] for i in range(chunk_count(item.found.size))]
                 files[item.found.path] = FileEntry(item.found.path, item.found.size, item.found.mtime_ns, hashes,
                                                    parts_of(item, obj, member, parent_id))
+        log.info("files copied", stored=len(members), referenced=len(files) - len(members))
         # pg_control after every data file, then the backup ends
         control = (data_dir / datadir.CONTROL_FILE).read_bytes()
         wait = bool(settings.archive_logs)
         stop_lsn_text, labelfile, spcmapfile = one(pg.execute(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(%s)", (wait,)))
+    log.info("pg_backup_stop done", stop_lsn=stop_lsn_text)
     stop_lsn = parse_lsn(stop_lsn_text)
     fields = parse_label(labelfile)
     timeline = int(fields.get("START TIMELINE", "1"))

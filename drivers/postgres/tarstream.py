@@ -47,7 +47,7 @@ class TarStream:
     def __init__(self, members: list[Member]) -> None:
         self.members = members
         self._pieces = self._generate()
-        self._buffer = bytearray()
+        self._rest = b""
         self.size = 0
 
     def _generate(self) -> Iterator[bytes]:
@@ -65,12 +65,15 @@ class TarStream:
         except FileNotFoundError:
             handle = None
             member.vanished = True
+        position = 0
         try:
             for index in member.chunks:
                 want = chunk_length(member.file_size, index)
                 data = b""
                 if handle is not None:
-                    handle.seek(index * CHUNK)
+                    if position != index * CHUNK:
+                        handle.seek(index * CHUNK)
+                    position = index * CHUNK + want
                     data = handle.read(want) or b""
                     while len(data) < want and (more := handle.read(want - len(data))):
                         data += more
@@ -84,12 +87,18 @@ class TarStream:
 
     def read(self, size: int = -1) -> bytes:
         want = size if size is not None and size >= 0 else 1 << 62
-        while len(self._buffer) < want:
+        parts = [self._rest] if self._rest else []
+        have = len(self._rest)
+        self._rest = b""
+        while have < want:
             piece = next(self._pieces, None)
             if piece is None:
                 break
-            self._buffer += piece
-        out = bytes(self._buffer[:want])
-        del self._buffer[:want]
+            parts.append(piece)
+            have += len(piece)
+        if have > want:  # keep the tail of the last piece for the next read
+            cut = len(parts[-1]) - (have - want)
+            parts[-1], self._rest = parts[-1][:cut], parts[-1][cut:]
+        out = b"".join(parts)
         self.size += len(out)
         return out
