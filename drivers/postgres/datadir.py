@@ -19,6 +19,7 @@ SKIP_FILES = frozenset({"postmaster.pid", "postmaster.opts", "backup_label", "ta
 #: written last, after every data file (its copy must not predate theirs)
 CONTROL_FILE = "global/pg_control"
 RELATION = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
+TEMP_RELATION = re.compile(r"^t\d+_\d+")  #: a session's temporary table: gone at restart
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ def system_identifier(data_dir: Path) -> int:
 
 
 def _unlogged(names: list[str]) -> set[str]:
-    """Relation files of unlogged relations (those with an init fork): reset at start, never copied."""
+    """Files of unlogged relations (those with an init fork; reset at start) and of temporary ones: never copied."""
     inits = {m.group(1) for name in names if (m := RELATION.match(name)) and m.group(2) == "init"}
-    return {name for name in names if (m := RELATION.match(name)) and m.group(1) in inits and m.group(2) != "init"}
+    return {name for name in names if (m := RELATION.match(name)) and m.group(1) in inits and m.group(2) != "init"
+            or TEMP_RELATION.match(name)}
 
 
 def _skipped(name: str) -> bool:
