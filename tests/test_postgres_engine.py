@@ -46,6 +46,8 @@ def test_full_backup_is_bundled_and_mapped(pg_env: PgEnv, full: str) -> None:
     assert scratch not in paths and f"{scratch}_init" in paths  # unlogged: only the init fork
     assert "pg_wal" in meta["file_map"]["dirs"]
     assert meta["stop_lsn"] and meta["wal_range"]["first"] == meta["pitr"]["first_log"]
+    human = pg_env.backupd("show", full, check=True).out
+    assert f"file_map.files  {len(paths)} entries (`show --json` lists them)" in human
 
 
 def test_objects_open_with_age_zstd_tar(pg_env: PgEnv, full: str) -> None:
