@@ -9,6 +9,7 @@ Prints, for a database of --size-gib of InnoDB data:
   PITR restore: dump load seconds and binlog replay seconds
 
 Run: .venv/bin/python bench/mysql.py --size-gib 2 [--workdir /var/tmp] [--repeat 3] [--cpu-priority P]
+     [--only logical physical incr pitr]
 
 After filling, the bench waits until the fill's writes are on disk and the machine is idle,
 so neither side pays for them, and so does it before every timed step; with --repeat N each side runs N times, alternately, and the
@@ -39,6 +40,9 @@ from backupd.sandbox import SandboxPolicy, unprivileged_user  # noqa: E402
 from drivers.mysql.client import tool_path as find_tool  # noqa: E402
 from drivers.mysql.scratch import MariadbScratch as ScratchServer, SandboxFor, install_db  # noqa: E402
 from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
+
+
+SECTIONS = ("logical", "physical", "incr", "pitr")
 
 
 def unsandboxed() -> SandboxFor:
@@ -186,7 +190,7 @@ def incremental(args: argparse.Namespace, base: Path, source: ScratchServer, con
         with conn.cursor() as cur:
             cur.execute(f"UPDATE bench.events SET amount = amount + 1 WHERE id > {index * step} "
                         f"AND id <= {(index + 1) * step}")
-        settle(source)
+        settle(source, 60)
         native_files.append(base / f"native-incr{index + 1}.xb.zst")
         natives.append(native_copy(defaults, native_files[-1], base / "lsn", base, to_lsn(base / "lsn")))
         native_sizes.append(native_files[-1].stat().st_size)
@@ -219,6 +223,8 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=2.0, help="InnoDB data to generate (default 2)")
     parser.add_argument("--workdir", default="/tmp", help="where the servers, dumps and repository go")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; medians compared")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these comparisons (default: all)")
     parser.add_argument("--cpu-priority", choices=["low", "idle", "normal"],
                         help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
@@ -317,67 +323,71 @@ method = "physical"
             shutil.rmtree(base / "xbtmp", ignore_errors=True)
             return took
 
-        natives, ours, pipelines = [], [], []
-        for _ in range(args.repeat):
-            wait_idle()
-            took, dump_size = native_dump()
-            natives.append(took)
-            wait_idle()
-            ours.append(timed(backupd, config, "backup", "bench"))
-            if shutil.which("age"):
+        if "logical" in args.only:
+            natives, ours, pipelines = [], [], []
+            for _ in range(args.repeat):
                 wait_idle()
-                pipelines.append(native_pipeline())
-        native_logical, ours_logical = median(natives), median(ours)
-        print(f"logical:  mariadb-dump > file {native_logical:.1f}s{samples(natives)} ({dump_size / 2**30:.2f} GiB); "
-              f"backupd backup {ours_logical:.1f}s{samples(ours)}; ratio {ours_logical / native_logical:.2f} "
-              f"(goal <= 1.1)")
-        if pipelines:
-            print(f"logical:  mariadb-dump | zstd -3 -T0 | age > file {median(pipelines):.1f}s{samples(pipelines)}; "
-                  f"backupd / that {ours_logical / median(pipelines):.2f}")
+                took, dump_size = native_dump()
+                natives.append(took)
+                wait_idle()
+                ours.append(timed(backupd, config, "backup", "bench"))
+                if shutil.which("age"):
+                    wait_idle()
+                    pipelines.append(native_pipeline())
+            native_logical, ours_logical = median(natives), median(ours)
+            print(f"logical:  mariadb-dump > file {native_logical:.1f}s{samples(natives)} ({dump_size / 2**30:.2f} GiB); "
+                  f"backupd backup {ours_logical:.1f}s{samples(ours)}; ratio {ours_logical / native_logical:.2f} "
+                  f"(goal <= 1.1)")
+            if pipelines:
+                print(f"logical:  mariadb-dump | zstd -3 -T0 | age > file {median(pipelines):.1f}s{samples(pipelines)}; "
+                      f"backupd / that {ours_logical / median(pipelines):.2f}")
 
-        natives, ours = [], []
-        for _ in range(args.repeat):
+        if "physical" in args.only:
+            natives, ours = [], []
+            for _ in range(args.repeat):
+                wait_idle()
+                natives.append(native_physical())
+                wait_idle()
+                ours.append(timed(backupd, config, "backup", "bench", "--method", "physical"))
+            native_physical_s, ours_physical = median(natives), median(ours)
+            print(f"physical: mariadb-backup --stream | zstd > file {native_physical_s:.1f}s{samples(natives)}; backupd "
+                  f"backup --method physical {ours_physical:.1f}s{samples(ours)}; ratio "
+                  f"{ours_physical / native_physical_s:.2f} (goal <= 1.1)")
+
+        if "incr" in args.only:
+            incremental(args, base, source, config, defaults, rows)
+
+        if "pitr" in args.only:
+            # PITR: archive binlogs, change 10% of the rows after a logical backup, restore to the newest state.
+            ctx = JobContext(load_settings(config), "bench")
+            archiver = ctx.driver.log_archivers()[0]
+            stop = threading.Event()
+            thread = threading.Thread(target=archiver.run, args=(stop,), daemon=True)
+            thread.start()
+            backupd(config, "backup", "bench")
+            conn = source.credentials.connect()
+            with conn.cursor() as cur:
+                cur.execute(f"UPDATE bench.events SET amount = amount + 1 WHERE id % 10 = 0 AND id <= {rows}")
+                cur.execute("SHOW MASTER STATUS")
+                current = cur.fetchone()[0]
+                cur.execute("FLUSH BINARY LOGS")
+            conn.close()
+            archive = ctx.log_archive("binlog")
+            while not any(o.name == f"1/{current}" for o in archive.list()):
+                time.sleep(0.5)
+            stop.set()
+            thread.join()
+            ctx.close()
+            install_db(restore_target.datadir, unsandboxed())
+            restore_target.start()
             wait_idle()
-            natives.append(native_physical())
-            wait_idle()
-            ours.append(timed(backupd, config, "backup", "bench", "--method", "physical"))
-        native_physical_s, ours_physical = median(natives), median(ours)
-        print(f"physical: mariadb-backup --stream | zstd > file {native_physical_s:.1f}s{samples(natives)}; backupd "
-              f"backup --method physical {ours_physical:.1f}s{samples(ours)}; ratio "
-              f"{ours_physical / native_physical_s:.2f} (goal <= 1.1)")
-
-        incremental(args, base, source, config, defaults, rows)
-
-        # PITR: archive binlogs, change 10% of the rows after a logical backup, restore to the newest state.
-        ctx = JobContext(load_settings(config), "bench")
-        archiver = ctx.driver.log_archivers()[0]
-        stop = threading.Event()
-        thread = threading.Thread(target=archiver.run, args=(stop,), daemon=True)
-        thread.start()
-        backupd(config, "backup", "bench")
-        conn = source.credentials.connect()
-        with conn.cursor() as cur:
-            cur.execute(f"UPDATE bench.events SET amount = amount + 1 WHERE id % 10 = 0 AND id <= {rows}")
-            cur.execute("SHOW MASTER STATUS")
-            current = cur.fetchone()[0]
-            cur.execute("FLUSH BINARY LOGS")
-        conn.close()
-        archive = ctx.log_archive("binlog")
-        while not any(o.name == f"1/{current}" for o in archive.list()):
-            time.sleep(0.5)
-        stop.set()
-        thread.join()
-        ctx.close()
-        install_db(restore_target.datadir, unsandboxed())
-        restore_target.start()
-        wait_idle()
-        started = time.monotonic()
-        out = backupd(config, "restore", "bench", "--to", f"mysql://root@localhost/?socket={restore_target.socket}")
-        total = time.monotonic() - started
-        load = re.search(r"dump loaded \(\d+ bytes\) in ([\d.]+)s", out)
-        replay = re.search(r"replayed in ([\d.]+)s", out)
-        print(f"PITR restore: total {total:.1f}s = dump load {load[1] if load else '?'}s + binlog replay "
-              f"{replay[1] if replay else '?'}s (+ fetch/decrypt)")
+            started = time.monotonic()
+            out = backupd(config, "restore", "bench", "--to", f"mysql://root@localhost/?socket={restore_target.socket}")
+            total = time.monotonic() - started
+            load = re.search(r"dump loaded \(\d+ bytes\) in ([\d.]+)s", out)
+            replay = re.search(r"replayed in ([\d.]+)s", out)
+            print(f"PITR restore: total {total:.1f}s = dump load {load[1] if load else '?'}s + binlog replay "
+                  f"{replay[1] if replay else '?'}s (+ fetch/decrypt)")
     finally:
         restore_target.stop()
         source.stop()
