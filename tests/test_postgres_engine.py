@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.postgres.cluster import chown_tree
 from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401  (fixture)
 
 ARCHIVE_LOGS = True
@@ -126,3 +127,27 @@ def test_check_names_the_physical_engine(pg_env: PgEnv, full: str) -> None:
         assert refused.code == 2 and "needs the file engine" in refused.err
     finally:
         pg_env.config = original
+
+
+def test_a_map_naming_an_object_outside_the_chain_is_refused_before_writing(pg_env: PgEnv, full: str) -> None:
+    import shutil
+
+    from backupd.manifest import Manifest
+
+    source = pg_env.repo / JOB / "backups" / full
+    forged_id = "20300101T000000Z"
+    target_dir = pg_env.repo / JOB / "backups" / forged_id
+    shutil.copytree(source, target_dir)
+    document = json.loads((target_dir / "manifest.json").read_text())
+    document["backup_id"] = forged_id
+    document["metadata"]["file_map"]["files"][0]["parts"][0][0] = "20000101T000000Z"
+    (target_dir / "manifest.json").write_bytes(Manifest.from_dict(document).to_json())
+    chown_tree(target_dir, "postgres")
+    target = pg_env.root / "forged"
+    try:
+        for extra in ([], ["--delta"]):
+            result = pg_env.backupd("restore", JOB, "--to", str(target), "--backup", forged_id, *extra)
+            assert result.code != 0 and "which its chain does not have" in result.err, result.err
+            assert not target.exists() or not any(target.iterdir())
+    finally:
+        shutil.rmtree(target_dir)

@@ -147,6 +147,18 @@ class Restorer:
         self.delta = delta
         self.files = FileMap.from_metadata(self.manifest.metadata, f"backup {self.manifest.backup_id}")
         self.outcome = Outcome(files=len(self.files.files))
+        self._check_references()
+
+    def _check_references(self) -> None:
+        """Every object the map names exists in the chain's manifests: refused before the target is touched."""
+        own = self.manifest.backup_id
+        chain = getattr(self.source, "chain", None) or [self.manifest]
+        objects = {(m.backup_id, obj.name) for m in chain for obj in m.objects}
+        for entry in self.files.files.values():
+            for part in entry.parts:
+                if (part.backup or own, part.object) not in objects:
+                    raise IntegrityError(f"backup {own}: {entry.path} is held by object {part.object} of backup "
+                                         f"{part.backup or own}, which its chain does not have")
 
     def run(self) -> Outcome:
         self._directories()
