@@ -25,7 +25,7 @@ from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import utcnow
 from drivers.postgres import datadir
 from drivers.postgres.connection import Conn, one
-from drivers.postgres.filemap import (CHUNK, FileEntry, FileMap, Part, chunk_count, chunk_hash, chunk_length,
+from drivers.postgres.filemap import (FileEntry, FileMap, Part, chunk_count, chunk_hash, chunk_length,
                                       merge_parts)
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.physical import parse_label
@@ -107,6 +107,7 @@ class Planned:
     parent: FileEntry | None
     hashes: list[str]  #: the file's current chunk checksums (parent's where it matched)
     changed: list[int]  #: chunks to store
+    member: Member | None = None  #: the tar member that stores them
 
 
 def hash_file(found: datadir.Found) -> list[str] | None:
@@ -227,6 +228,43 @@ def _wal_members(data_dir: Path, timeline: int, start: int, stop: int, segment_s
     return members
 
 
+def _copy(planned: list[Planned], parent_id: str | None, taken: set[str], sink: StreamSink,
+          count: int) -> dict[str, FileEntry]:
+    """Unchanged files referenced, the others stored (whole, or their changed chunks) by ``count`` workers."""
+    files: dict[str, FileEntry] = {}
+    members: dict[int, Planned] = {}
+    for item in planned:
+        found = item.found
+        if not item.changed:
+            assert item.parent is not None
+            files[found.path] = FileEntry(found.path, found.size, found.mtime_ns, item.hashes,
+                                          [p.held_by(parent_id or "") for p in item.parent.parts])
+            continue
+        if f"{found.path}.blocks" in taken:  # a file of that name exists: no member may shadow it
+            item.changed = list(range(chunk_count(found.size)))
+        whole = len(item.changed) == chunk_count(found.size)
+        member = Member(found.path if whole else f"{found.path}.blocks", found.source, found.size, found.mtime_ns,
+                        item.changed)
+        members[id(member)] = item
+        item.member = member
+    for obj, bundle in Copier(sink, count).run(bundles([item.member for item in members.values()
+                                                        if item.member is not None])):
+        for member in bundle:
+            if member.vanished:
+                continue  # dropped during the backup: replay removes it
+            item = members[id(member)]
+            stored = dict(zip(member.chunks, member.hashes))
+            hashes = [stored.get(i) or item.hashes[i] for i in range(chunk_count(item.found.size))]
+            files[item.found.path] = FileEntry(item.found.path, item.found.size, item.found.mtime_ns, hashes,
+                                               parts_of(item, obj, member, parent_id))
+    log.info("files copied", stored=len(members), referenced=len(files) - len(members))
+    return files
+
+
+def _in_memory(name: str, content: bytes, mtime_ns: int) -> Member:
+    return Member(name, Path(name), len(content), mtime_ns, list(range(chunk_count(len(content)))), content=content)
+
+
 def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: StreamSink,
            backup_type: str = "full", chain: list[Manifest] | None = None) -> BackupResult:
     settings = context.settings
@@ -253,46 +291,19 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
         with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pg-hash") as pool:
             planned = [p for p in pool.map(lambda f: plan_file(f, parent_files.get(f.path)), candidates) if p]
         log.info("files compared", files=len(listing.files), with_parent=len(parent_files))
-        files: dict[str, FileEntry] = {}
-        members: dict[str, tuple[Planned, Member]] = {}
-        for item in planned:
-            found = item.found
-            if not item.changed:
-                assert item.parent is not None
-                files[found.path] = FileEntry(found.path, found.size, found.mtime_ns, item.hashes,
-                                              [p.held_by(parent_id or "") for p in item.parent.parts])
-                continue
-            whole = len(item.changed) == chunk_count(found.size)
-            name = found.path if whole else f"{found.path}.blocks"
-            members[name] = (item, Member(name, found.source, found.size, found.mtime_ns, item.changed))
-        for obj, bundle in Copier(sink, count).run(bundles([m for _, m in members.values()])):
-            for member in bundle:
-                if member.vanished:
-                    continue  # dropped during the backup: replay removes it
-                item = members[member.name][0]
-                stored = dict(zip(member.chunks, member.hashes))
-                hashes = [stored.get(i) or item.hashes[i] for i in range(chunk_count(item.found.size))]
-                files[item.found.path] = FileEntry(item.found.path, item.found.size, item.found.mtime_ns, hashes,
-                                                   parts_of(item, obj, member, parent_id))
-        log.info("files copied", stored=len(members), referenced=len(files) - len(members))
-        # pg_control after every data file, then the backup ends
-        control = (data_dir / datadir.CONTROL_FILE).read_bytes()
-        wait = bool(settings.archive_logs)
+        files = _copy(planned, parent_id, {found.path for found in listing.files}, sink, count)
+        control = (data_dir / datadir.CONTROL_FILE).read_bytes()  # after every data file
         stop_lsn_text, labelfile, spcmapfile = one(pg.execute(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(%s)", (wait,)))
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(%s)", (bool(settings.archive_logs),)))
     log.info("pg_backup_stop done", stop_lsn=stop_lsn_text)
     stop_lsn = parse_lsn(stop_lsn_text)
     fields = parse_label(labelfile)
     timeline = int(fields.get("START TIMELINE", "1"))
-    now_ns = utcnow().timestamp()
-    base_members = [Member(datadir.CONTROL_FILE, data_dir / datadir.CONTROL_FILE, len(control), int(now_ns * 1e9),
-                           [0] if len(control) <= CHUNK else list(range(chunk_count(len(control)))), content=control),
-                    Member("backup_label", data_dir / "backup_label", len(labelfile.encode()), int(now_ns * 1e9),
-                           list(range(chunk_count(len(labelfile.encode())))), content=labelfile.encode())]
+    now_ns = int(utcnow().timestamp() * 1e9)
+    base_members = [_in_memory(datadir.CONTROL_FILE, control, now_ns),
+                    _in_memory("backup_label", labelfile.encode(), now_ns)]
     if spcmapfile:
-        raw = spcmapfile.encode()
-        base_members.append(Member("tablespace_map", data_dir / "tablespace_map", len(raw), int(now_ns * 1e9),
-                                   list(range(chunk_count(len(raw)))), content=raw))
+        base_members.append(_in_memory("tablespace_map", spcmapfile.encode(), now_ns))
     if not settings.archive_logs:
         base_members += _wal_members(data_dir, timeline, start_lsn, stop_lsn, server.segment_size)
     stream = TarStream(base_members)
@@ -309,7 +320,6 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
     first = segment_name(timeline, segno_of_lsn(start_lsn, segment_size), segment_size)
     last = segment_name(timeline, segno_of_lsn(stop_lsn - 1, segment_size), segment_size)
     tli = f"{timeline:08X}"
-    file_map = FileMap(files, listing.dirs)
     metadata: dict[str, Any] = {
         "server_version": server.version, "system_identifier": str(server.system_id), "timeline": timeline,
         "start_lsn": format_lsn(start_lsn), "stop_lsn": format_lsn(stop_lsn),
@@ -321,7 +331,7 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
         "stored_files": sum(1 for e in files.values() if any(p.backup is None for p in e.parts)),
         "tablespaces": [{"oid": t.oid, "name": t.name, "location": t.location, "version_dir": t.version_dir}
                         for t in spaces],
-        "file_map": file_map.to_metadata(),
+        "file_map": FileMap(files, listing.dirs).to_metadata(),
     }
     pitr = PitrStart("wal", f"{tli}/{first}", ended) if settings.archive_logs else None
     return BackupResult(metadata=metadata, pitr=pitr, tool_versions={"postgresql": str(server.version)})
