@@ -31,6 +31,8 @@ def test_two_tablespaces_round_trip_one_relocated(pg_env: PgEnv) -> None:
     spaces = {space["name"]: space["location"] for space in meta["tablespaces"]}
     assert spaces == {"ts_fast": str(env.root / "ts_fast"), "ts_slow": str(env.root / "ts_slow")}
     assert any(f["path"].startswith("pg_tblspc/") for f in meta["file_map"]["files"])
+    verified = env.backupd("verify", JOB, "--backup", backup_id, timeout=300)  # tablespaces inside the scratch
+    assert verified.code == 0, verified.err
 
     # The originals are in use: restoring into them is refused before anything is written.
     target = env.restored_cluster("spaces")
