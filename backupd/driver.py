@@ -129,6 +129,10 @@ class RestoreRequest:
     jobs: int = 1
     target_action: str | None = None
     password_file: Path | None = None
+    #: PostgreSQL physical: restore over an existing (stopped) data directory, rewriting only what differs
+    delta: bool = False
+    #: PostgreSQL physical: tablespace name (or oid) -> the directory it is restored to
+    tablespace_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 Run as root (PostgreSQL, backupd and pgbackrest run as the postgres OS user through runuser):
 
     .venv/bin/python bench/postgres.py [--scale 50] [--wal-gib 1] [--repeat 3] [--keep] [--skip-pgbackrest]
-                                          [--cpu-priority low|idle|normal]
+                                          [--cpu-priority low|idle|normal] [--types]
+
+--types measures backup types instead (bench/pg_types.py): full, diff and incr after a 1% change, chain
+restore and delta restore, against pgBackRest at the same process-max.
 
 One cluster (initdb under /var/tmp, a free port, wal_level=replica, archive_mode=on) gets a
 pgbench database, then:
@@ -50,6 +53,7 @@ import psycopg  # noqa: E402
 from backupd import age  # noqa: E402
 from drivers.postgres.cluster import Cluster, chown_tree, free_port, unsandboxed  # noqa: E402
 from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
+from pg_types import TypesBench  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 BACKUPD = REPO / ".venv" / "bin" / "backupd"
@@ -501,7 +505,7 @@ def preflight(args: argparse.Namespace) -> None:
         raise fail(f"{BACKUPD} not found: run `make venv` (built from /usr/bin/python3 so postgres can run it)")
     if shutil.which("pgbench") is None:
         raise fail("pgbench not found (Debian: postgresql-client or postgresql-contrib)")
-    if not args.skip_pgbackrest and shutil.which("pgbackrest") is None:
+    if (args.types or not args.skip_pgbackrest) and shutil.which("pgbackrest") is None:
         raise fail("pgbackrest not found: `apt-get install pgbackrest` (Debian's 2.45), or pass --skip-pgbackrest")
 
 
@@ -513,6 +517,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per measurement (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--skip-pgbackrest", action="store_true", help="measure backupd only")
+    parser.add_argument("--types", action="store_true",
+                        help="measure full/diff/incr, chain restore and delta restore against pgBackRest instead")
     parser.add_argument("--cpu-priority", choices=["low", "idle", "normal"],
                         help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
@@ -526,8 +532,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         bench.setup()
-        bench.measure()
-        bench.report()
+        if args.types:
+            types = TypesBench(bench, run, timed, PG_BIN, JOB, BACKUPD, STANZA)
+            types.measure()
+            types.report()
+        else:
+            bench.measure()
+            bench.report()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.cleanup()

@@ -141,6 +141,9 @@ def pg_env(request: pytest.FixtureRequest) -> Iterator[PgEnv]:
             conn.execute(f"CREATE ROLE backup LOGIN REPLICATION PASSWORD '{PASSWORD}' IN ROLE pg_read_all_data")
             conn.execute("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO backup")
             conn.execute("CREATE DATABASE shop")
+        with cluster.connect("shop") as conn:  # functions are per database: the job's own
+            conn.execute("GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO backup")
+            conn.execute("GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO backup")
         yield env
     finally:
         for restored in env.restored:

@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "itself in place)")
     parser.add_argument("--to-gap", action="store_true",
                         help="where the archived logs have a gap, restore up to it (the latest reachable point)")
+    parser.add_argument("--delta", action="store_true",
+                        help="PostgreSQL physical: restore over an existing stopped data directory, fetching only "
+                             "the files (chunks) whose checksum differs and removing files the backup lacks")
+    parser.add_argument("--tablespace-map", action="append", default=[], metavar="NAME=DIR",
+                        help="PostgreSQL physical: restore tablespace NAME (or its oid) to DIR (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and touch nothing")
     parser.add_argument("--allow-unsigned", action="store_true",
                         help="with trusted_keys set, also read unsigned backups (from before signing); "
@@ -80,6 +85,14 @@ def timeline_from(text: str | None) -> str | None:
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (got {args.jobs})")
+    spaces: dict[str, str] = {}
+    for item in args.tablespace_map:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory.startswith("/"):
+            raise UsageError(f"--tablespace-map: expected NAME=/absolute/dir (got {item!r})")
+        if name in spaces:
+            raise UsageError(f"--tablespace-map: {name} given twice")
+        spaces[name] = directory
     request = RestoreRequest(
         to=args.to,
         target=target_from(args),
@@ -93,6 +106,8 @@ def run(args: argparse.Namespace, ctx: JobContext) -> int:
         jobs=args.jobs,
         target_action=args.target_action,
         password_file=args.password_file,
+        delta=args.delta,
+        tablespace_map=spaces,
     )
     if args.allow_unsigned and ctx.settings.trusted_keys(ctx.name):
         print(f"WARNING: --allow-unsigned: job {ctx.name}: unsigned backups are accepted; nothing proves "

@@ -70,6 +70,9 @@ def describe(manifest: Manifest, trust: Trust | None = None) -> list[str]:
     return lines
 
 
+LONG_LIST = 20
+
+
 def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     """Nested metadata as ``dotted.key  text`` pairs: plain text and JSON, never Python reprs."""
     if isinstance(value, dict) and value:
@@ -77,6 +80,8 @@ def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield from flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
         yield prefix, ", ".join(str(item) for item in value) if value else "-"
+    elif isinstance(value, list) and len(value) > LONG_LIST:  # a physical backup's per-file map
+        yield prefix, f"{len(value)} entries (`show --json` lists them)"
     elif isinstance(value, (dict, list)):
         yield prefix, json.dumps(value, sort_keys=True) if value else "-"
     elif value is None:

@@ -3,7 +3,7 @@
 The entry point names ``DESCRIPTOR``; ``drivers.postgres.driver`` (psycopg, a dozen modules) is
 imported only when a job's driver is created."""
 
-from backupd.descriptor import WAL_ARCHIVING, DriverDescriptor
+from backupd.descriptor import INCREMENTAL_BACKUP, WAL_ARCHIVING, DriverDescriptor
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walnames import WAL_NAMING
 
@@ -12,6 +12,6 @@ DESCRIPTOR = DriverDescriptor(
     options_model=PostgresOptions,
     methods=("logical", "physical"),
     driver="drivers.postgres.driver:PostgresDriver",
-    capabilities=frozenset({WAL_ARCHIVING}),
+    capabilities=frozenset({WAL_ARCHIVING, INCREMENTAL_BACKUP}),
     log_namings=(WAL_NAMING,),
 )

@@ -12,6 +12,7 @@ import psycopg
 from backupd.driver import Check, DriverContext
 from backupd.errors import BackupdError, DriverError
 from backupd.logarchive import LogArchive
+from drivers.postgres import engine
 from drivers.postgres.connection import one, Conn, find_tool
 from drivers.postgres.logical import tool_version
 from drivers.postgres.options import PostgresOptions
@@ -74,6 +75,7 @@ def run(conn: Conn, options: PostgresOptions, context: DriverContext, method: st
                         f"`host replication {user} ...` line")
             yield Check("wal_level", wal_level in ("replica", "logical"), f"{wal_level}"
                         + ("" if wal_level in ("replica", "logical") else " (physical backups need replica)"))
+            yield _engine_check(pg, options, role, database)
         major = version_num // 10000
         for tool in ("pg_dump", "pg_restore") if method == "logical" else ("pg_basebackup",):
             yield _tool_check(options, tool, major)
@@ -86,6 +88,24 @@ def run(conn: Conn, options: PostgresOptions, context: DriverContext, method: st
                                     f"database {database}"))
             elif not in_recovery:
                 yield _switch_check(wal_archive, pg, switch_timeout)
+
+
+def _engine_check(pg: psycopg.Connection, options: PostgresOptions, role: str, database: str) -> Check:
+    """Which physical engine backups use: the file engine (data_dir readable here) or pg_basebackup."""
+    if reason := engine.unusable(options):
+        return Check("physical engine", True, f"pg_basebackup (full backups only): {reason}", warning=True)
+    system_id, may_start, may_stop = one(pg.execute(
+        "SELECT (SELECT system_identifier FROM pg_control_system()), "
+        "has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE'), "
+        "has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE')"))
+    if reason := engine.unusable(options, system_id):
+        return Check("physical engine", False, f"file engine: {reason}")
+    if not (may_start and may_stop):
+        return Check("physical engine", False, f"file engine (reads {options.data_dir}): " + grant(
+            f"GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO {role};",
+            f"database {database}"))
+    return Check("physical engine", True, f"file engine: reads {options.data_dir} with {engine.workers(options)} "
+                 "workers; full, diff and incr backups")
 
 
 def _tool_check(options: PostgresOptions, tool: str, server_major: int) -> Check:

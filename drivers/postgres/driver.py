@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from backupd import restore_to, spool
-from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, LogArchiver, LogReach,
-                            PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
+from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, IncrementalBackup, LogArchiver,
+                            LogReach, PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
 from backupd.logarchive import LogArchive, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
 from backupd.timeutil import format_timestamp
-from drivers.postgres import DESCRIPTOR, checks, logical, physical, pitr, recovery, verify
+from drivers.postgres import DESCRIPTOR, checks, engine, filerestore, logical, physical, pitr, recovery, verify
 from drivers.postgres.cluster import chown_tree, run_as
 from drivers.postgres.connection import Conn
 from drivers.postgres.options import PostgresOptions
@@ -23,7 +25,13 @@ from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 from drivers.postgres.walnames import is_segment
 
 
-class PostgresDriver(Driver, WalArchiving, PitrDrill):
+def meta_count(manifest: Manifest) -> int:
+    table = manifest.metadata.get("file_map")
+    files = table.get("files") if isinstance(table, dict) else None
+    return len(files) if isinstance(files, list) else 0
+
+
+class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
     log_namings = DESCRIPTOR.log_namings
@@ -56,8 +64,22 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         if method == "physical":
+            if engine.unusable(self.options) is None:
+                return engine.backup(self.conn, self.options, self.context, sink)
             return physical.backup(self.conn, self.options, self.context, sink)
         return logical.backup(self.conn, self.options, self.context.spool_dir, self.cpu_priority, sink)
+
+    def backup_incremental(self, method: str, sink: StreamSink, backup_type: str,
+                           chain: list[Manifest]) -> BackupResult:
+        """A diff or incr (``chain``: full..parent, oldest first) by the file engine; a full when chain is empty."""
+        if method != "physical":
+            raise UsageError(f"--type {backup_type}: only physical backups have types (this is {method})")
+        if backup_type == "full" or not chain:
+            return self.backup(method, sink)
+        if reason := engine.unusable(self.options):
+            raise UsageError(f"--type {backup_type} needs the file engine, and {reason}; pg_basebackup takes only "
+                             "full backups", hint="set data_dir to the cluster's data directory, readable by backupd")
+        return engine.backup(self.conn, self.options, self.context, sink, backup_type, chain)
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
@@ -103,6 +125,18 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         ]
         if request.target is not None and request.target.kind == "name":
             lines.append("a restore point is found only by replay: pass --backup ID when it predates this backup")
+        if filerestore.is_file_engine(manifest):
+            lines += self._file_engine_plan(manifest, request)
+        return lines
+
+    def _file_engine_plan(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        workers = request.jobs if request.jobs > 1 else engine.workers(self.options)
+        how = ("--delta: files compared chunk by chunk, only differing chunks fetched, files the backup lacks "
+               "removed" if request.delta else "every file written")
+        lines = [f"file engine: {meta_count(manifest)} files, {len(manifest.objects)} objects of this backup, "
+                 f"{workers} workers; {how}"]
+        for space in filerestore.tablespaces(manifest, request.tablespace_map):
+            lines.append(f"tablespace {space.name} (oid {space.oid}) -> {space.location}")
         return lines
 
     def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
@@ -127,9 +161,25 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
 
     def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
         if manifest.method == "logical":
+            if request.delta or request.tablespace_map:
+                raise UsageError("--delta and --tablespace-map restore physical backups only")
             logical.check_target(self.options, request)
+            return
+        dest = Path(request.to).expanduser().absolute()
+        if not filerestore.is_file_engine(manifest):
+            if request.delta or request.tablespace_map:
+                raise UsageError(f"backup {manifest.backup_id} was taken by pg_basebackup (one tar stream): "
+                                 "--delta and --tablespace-map need a backup taken by the file engine")
+            physical.check_directory(dest, request.force)
+            return
+        if request.delta:
+            if dest.exists() and not dest.is_dir():
+                raise UsageError(f"{dest}: exists and is not a directory; --to must name a data directory")
+            if (dest / "postmaster.pid").exists():
+                raise UsageError(f"{dest}: a server may be running on it (postmaster.pid exists); stop it first")
         else:
-            physical.check_directory(Path(request.to).expanduser().absolute(), request.force)
+            physical.check_directory(dest, request.force)
+        filerestore.check_tablespaces(filerestore.tablespaces(manifest, request.tablespace_map), dest, request.delta)
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
         manifest = source.manifest
@@ -146,8 +196,21 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         if not archived and request.target is not None:
             raise UsageError(f"backup {manifest.backup_id} was taken without WAL archiving; it restores only "
                              "to its own end, not to a --target")
-        with physical.staged_directory(dest, request.force) as work:
-            count = physical.restore_files(source, work)
+        engine_note = ""
+        with self._restore_directory(manifest, dest, request) as work:
+            if filerestore.is_file_engine(manifest):
+                spaces = filerestore.tablespaces(manifest, request.tablespace_map)
+                workers = request.jobs if request.jobs > 1 else engine.workers(self.options)
+                outcome = filerestore.restore(source, work, spaces, workers, delta=request.delta)
+                count = outcome.files
+                engine_note = (f"{outcome.objects} objects read by {workers} workers, {outcome.fetched_bytes} bytes "
+                               "written")
+                if request.delta:
+                    engine_note += f"; delta: {outcome.rewritten} files rewritten, {outcome.removed} removed"
+                for space in spaces:
+                    chown_tree(space.location, self.context.settings.os_user)
+            else:
+                count = physical.restore_files(source, work)
             if archived:
                 config = self.context.config_path
                 settings = pitr.recovery_settings(request, pitr.restore_command(self.context.job, config))
@@ -160,6 +223,7 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
             self.start_wal_prefetch(manifest)
         chown_tree(dest, self.context.settings.os_user)
         lines = [f"restored backup {manifest.backup_id} (physical, {count} files) to {dest}",
+                 *([engine_note] if engine_note else []),
                  *self.restoring.gap_note(source.open_log, manifest, asked),
                  *recovery.after_newest(asked, newest),
                  "warning: the restored configuration (postgresql.conf, postgresql.auto.conf, pg_hba.conf and "
@@ -178,6 +242,26 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         lines.append(f"start the server: {f'runuser -u {user} -- ' if user else ''}{start}"
                      " (set another port in postgresql.auto.conf if the original server runs on this host)")
         return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def _restore_directory(self, manifest: Manifest, dest: Path, request: RestoreRequest) -> Iterator[Path]:
+        """Where the files go: ``dest`` itself for --delta, else a staged directory renamed into place."""
+        if request.delta:
+            yield dest
+            return
+        spaces = filerestore.tablespaces(manifest, request.tablespace_map) if filerestore.is_file_engine(manifest) \
+            else []
+        fresh = [space.location for space in spaces if not space.location.exists()]
+        try:
+            with physical.staged_directory(dest, request.force) as work:
+                yield work
+        except BaseException:
+            for space in spaces:  # what this restore put in the tablespaces' own directories
+                if space.location in fresh:
+                    shutil.rmtree(space.location, ignore_errors=True)
+                else:
+                    shutil.rmtree(space.location / space.version_dir, ignore_errors=True)
+            raise
 
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:

@@ -19,6 +19,9 @@ class PostgresOptions(DriverOptions):
     bin_dir: Path | None = None
     wal_push_workers: int = Field(default=4, ge=1, le=64)
     wal_prefetch: int = Field(default=16, ge=1, le=256)
+    #: Workers of a physical backup or restore by the file engine (reading, compressing, encrypting,
+    #: uploading in parallel); default: the number of cores.
+    process_max: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("dsn")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ from backupd.pipeline import READ_CHUNK
 from backupd.sandbox import Sandbox, chown_to
 from backupd.timeutil import format_timestamp
 from backupd.usercheck import NO_ROW, Answer, judge
-from drivers.postgres import logical, physical, pitr, scratchconf
+from drivers.postgres import filerestore, logical, physical, pitr, scratchconf
 from drivers.postgres.cluster import Cluster
 from drivers.postgres.connection import one, find_tool
 from drivers.postgres.recovery import RecoveryPlan
@@ -177,7 +178,12 @@ def _extract(cluster: Cluster, source: BackupSource, outcome: VerifyOutcome) -> 
     started = time.monotonic()
     cluster.prepare_root()
     cluster.data.mkdir(mode=0o700)
-    files = physical.restore_files(source, cluster.data)
+    if filerestore.is_file_engine(source.manifest):  # tablespaces go inside the scratch root
+        spaces = [replace(space, location=cluster.root / "tablespaces" / space.oid)
+                  for space in filerestore.tablespaces(source.manifest, {})]
+        files = filerestore.restore(source, cluster.data, spaces, os.cpu_count() or 1).files
+    else:
+        files = physical.restore_files(source, cluster.data)
     _timed(outcome, "extract", started, files=files)
 
 
