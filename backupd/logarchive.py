@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Literal, Sequence
 
 import structlog
 
@@ -47,6 +47,9 @@ from backupd.errors import BackupdError, ObjectExists, ObjectNotFound, Untrusted
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
 from backupd.repository import Layout
 from backupd.storage import ObjectInfo, Storage
+
+if TYPE_CHECKING:
+    from backupd.vouched import Vouched
 
 log = structlog.get_logger(__name__)
 
@@ -400,18 +403,23 @@ class LogArchive:
             objects.append(self._log_object(info, name))
         return objects
 
-    def untrusted(self) -> Iterator[str]:
+    def untrusted(self, vouched: Vouched | None = None) -> Iterator[str]:
         """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
         recorded sha256 (unsigned, moved to another name, another key, or replaced with other metadata). The
-        content is not read: ``open`` checks it against the signed sha256 when the log is replayed."""
+        content is not read: ``open`` checks it against the signed sha256 when the log is replayed.
+        ``vouched``: logs checked by an earlier verification and unchanged since are skipped (``backupd.vouched``)."""
         if not self.trusted:
             return
-        for obj in self.list():
-            problem = self._signature_problem(obj.key, obj.name)
+        listed = iter(self.list())
+        for obj in vouched.unchecked(listed) if vouched is not None else listed:
+            problem = self.signature_problem(obj.key, obj.name)
             if problem is not None:
                 yield f"log {obj.key} of job {self.job} is not trusted: {problem}"
+            elif vouched is not None:
+                vouched.remember(obj)
 
-    def _signature_problem(self, key: str, name: str) -> str | None:
+    def signature_problem(self, key: str, name: str) -> str | None:
+        """Why the signature of one listed log does not vouch for it; None when it does (or it is gone)."""
         problem = None
         legacy = self.layout.legacy_log_key(self.kind, name)
         for _ in range(2):  # a partial log is re-signed just before it is replaced: look a second time

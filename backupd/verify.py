@@ -22,6 +22,7 @@ from backupd.manifest import Manifest, PitrStart
 from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
+from backupd.vouched import Vouched
 
 log = structlog.get_logger(__name__)
 
@@ -225,10 +226,14 @@ def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
         return
     started = time.monotonic()
     archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
-    untrusted = [line for archive in archives for line in archive.untrusted()]
+    vouched = Vouched(ctx.state_dir, ctx.storage.location, ctx.name, trusted)  # only logs new since the last one
+    try:
+        untrusted = [line for archive in archives for line in archive.untrusted(vouched)]
+    finally:
+        vouched.close()
     for line in untrusted:
         report.fail(line)
-    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted),
+    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted), "checked": vouched.checked,
                          "seconds": round(time.monotonic() - started, 3)})
 
 

@@ -321,3 +321,32 @@ def test_a_replaced_binlog_is_refused_before_the_target_is_touched(repository: R
     finally:
         source.destroy()
         target.destroy()
+
+
+def test_a_verification_checks_only_the_log_signatures_new_since_the_last(fs_storage: FilesystemStorage, keys: Keys,
+                                                                          tmp_path: Path) -> None:
+    """A nightly verification must not read one signature per archived log: what an earlier one vouched for and
+    is unchanged since is skipped; a replaced log, and every log after a change of trusted keys, is checked."""
+    from backupd.vouched import Vouched
+
+    names = [f"00000001/0000000100000000000000{n:02X}" for n in range(0x40, 0x46)]
+    pushed = {name: push(fs_storage, keys, tmp_path, name, name.encode() * 100) for name in names}
+    state = tmp_path / "state"
+
+    def verify_once(trusted: list[SigningKey]) -> tuple[list[str], int]:
+        vouched = Vouched(state, fs_storage.location, "db", [k.public for k in trusted])
+        try:
+            found = list(archive(fs_storage, keys, trusted=[k.public for k in trusted]).untrusted(vouched))
+        finally:
+            vouched.close()
+        return found, vouched.checked
+
+    assert verify_once([HOST_A]) == ([], 6)
+    assert verify_once([HOST_A]) == ([], 0)
+    push(fs_storage, keys, tmp_path, "00000001/000000010000000000000046", b"new" * 100)
+    time.sleep(0.01)
+    replace_object(fs_storage, keys, pushed[names[2]], b"forged" * 100)
+    found, checked = verify_once([HOST_A])
+    assert checked == 2 and [line.split()[1] for line in found] == [pushed[names[2]]], found
+    assert verify_once([HOST_A])[1] == 1  # still untrusted: checked every time until it is gone
+    assert verify_once([HOST_A, STRANGER])[1] == 7  # other trusted keys: nothing vouched for under them yet
