@@ -1,4 +1,7 @@
-"""Taking one backup: lock, driver streams through the pipeline, manifest last."""
+"""Taking one backup: lock, driver streams through the pipeline, manifest last.
+
+The run's lock, log context and metrics are its ``JobRun``'s (``backupd.jobrun``);
+the caller records the outcome in the audit trail."""
 
 from __future__ import annotations
 
@@ -11,11 +14,10 @@ import structlog
 from backupd import __version__
 from backupd.context import JobContext
 from backupd.errors import DriverError, UsageError
-from backupd.locks import job_lock
+from backupd.jobrun import JobRun
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.pipeline import CountingReader
 from backupd.runstate import RunRecord, record_run
-from backupd.served_metrics import served
 from backupd.storage import Readable
 from backupd.timeutil import utcnow
 
@@ -29,30 +31,33 @@ def run_backup(
     wait: float = 0.0,
     cancel: threading.Event | None = None,
     on_id: Callable[[str], None] | None = None,
+    run: JobRun | None = None,
 ) -> Manifest:
-    """One backup of the job; ``on_id`` hears the new backup's id as soon as it is chosen."""
+    """One backup of the job, as ``run`` (a run of its own by default); ``run.backup_id`` names the new
+    backup as soon as it is chosen, and ``on_id`` hears it then."""
+    run = JobRun.of(ctx, "backup", run)
     driver = ctx.driver
     method = method or driver.default_method
     if method not in driver.methods:
         raise UsageError(f"driver {ctx.job.driver} has no method {method!r} (has: {', '.join(driver.methods)})")
     repo = ctx.repository
     recipients = ctx.recipients
-    with job_lock(ctx.state_dir, ctx.name, wait=wait):
+    with run.lock(ctx.state_dir, wait=wait):
         try:
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
             started = utcnow()
-            backup_id = repo.new_backup_id(started)
+            backup_id = run.backup_id = repo.new_backup_id(started)
             if on_id is not None:
                 on_id(backup_id)
         except BaseException as exc:  # storage down before the first byte: still a failed attempt
-            _count_failure(ctx.name, method)
-            _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
+            run.recorder.backup_failed(ctx.name, method)
+            _record_run(ctx, RunRecord("failure", utcnow(), None, run.describe(exc)))
             raise
         entries: list[ObjectEntry] = []
         names: set[str] = set()
         names_lock = threading.Lock()  # a driver may store a side stream from another thread
-        with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method):
+        with run.bound(backup_id=backup_id, method=method):
             log.info("backup started")
 
             def sink(name: str, source: Readable) -> ObjectEntry:
@@ -90,31 +95,14 @@ def run_backup(
             except BaseException as exc:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
-                _count_failure(ctx.name, method)
-                _record_run(ctx, RunRecord("failure", utcnow(), backup_id, str(exc) or type(exc).__name__))
+                run.recorder.backup_failed(ctx.name, method)
+                _record_run(ctx, RunRecord("failure", utcnow(), backup_id, run.describe(exc)))
                 raise
             _record_run(ctx, RunRecord("success", utcnow(), backup_id))
-            record_success(manifest)
+            run.recorder.backup_succeeded(manifest)
             log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,
                      seconds=round(manifest.duration_seconds, 3))
             return manifest
-
-
-def _count_failure(job: str, method: str) -> None:
-    if metrics := served():
-        metrics.BACKUP_RUNS.labels(job, method, "full", "failure").inc()  # every backup is full for now
-
-
-def record_success(manifest: Manifest) -> None:
-    metrics = served()
-    if metrics is None:
-        return
-    labels = (manifest.job, manifest.method, manifest.backup_type)
-    metrics.BACKUP_RUNS.labels(*labels, "success").inc()
-    metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
-    metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
 
 
 def _record_run(ctx: JobContext, record: RunRecord) -> None:

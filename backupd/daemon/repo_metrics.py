@@ -21,6 +21,7 @@ from backupd import metrics
 from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
+from backupd.jobrun import MetricsRecorder, Recorder
 from backupd.manifest import Manifest
 from backupd.settings import Settings
 from backupd.status import REPORTS_SCANNED, read_report
@@ -28,15 +29,8 @@ from backupd.timeutil import parse_timestamp
 
 log = structlog.get_logger(__name__)
 
-def set_backup_gauges(manifest: Manifest) -> None:
-    labels = (manifest.job, manifest.method, manifest.backup_type)
-    metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
-    metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
 
-
-def refresh_backups(ctx: JobContext) -> int:
+def refresh_backups(ctx: JobContext, recorder: Recorder | None = None) -> int:
     """Backup gauges from the newest trusted manifest per method and type; returns the number of backups.
 
     With trusted keys, manifests no trusted key signed set no gauge (a forged "newest" backup must not
@@ -46,6 +40,7 @@ def refresh_backups(ctx: JobContext) -> int:
         entries = catalog.entries(ctx.repository)  # newest first
     finally:
         catalog.close()
+    recorder = recorder or MetricsRecorder()
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     if ctx.settings.trusted_keys(ctx.name):
         metrics.REPOSITORY_UNTRUSTED.labels(ctx.name).set(len(entries) - len(manifests))
@@ -57,8 +52,8 @@ def refresh_backups(ctx: JobContext) -> int:
     for manifest in manifests:
         newest.setdefault((manifest.method, manifest.backup_type), manifest)
     for manifest in newest.values():
-        set_backup_gauges(manifest)
-    metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(manifests))
+        recorder.newest_backup(manifest)
+    recorder.repository_backups(ctx.name, len(manifests))
     return len(manifests)
 
 

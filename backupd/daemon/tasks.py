@@ -1,8 +1,8 @@
 """What the scheduler runs: backup (then prune), verification, integrity rotation, prune.
 
 Every task takes a global slot (``daemon.max_parallel_jobs``), runs under a
-cancel Event with its own timeout, records an audit event and raises on failure
-so the scheduler's listener logs and counts it.
+cancel Event with its own timeout, as a ``JobRun`` (lock, log context, audit event,
+metrics: ``backupd.jobrun``), and raises on failure so the scheduler's listener logs and counts it.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Callable, Iterator
 
 import structlog
 
-from backupd import audit, metrics
+from backupd import metrics
 from backupd.backup import run_backup
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
 from backupd.daemon.state import ScheduleState
-from backupd.errors import Aborted, BackupdError, LockHeld, UntrustedObject
+from backupd.errors import EXIT_VERIFY_BAD, Aborted, BackupdError, LockHeld, UntrustedObject
+from backupd.jobrun import JobRun, MetricsRecorder
 from backupd.settings import Settings
 from backupd.timeutil import utcnow
 from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
@@ -43,9 +44,11 @@ class Tasks:
         self.runs = runs
         self.slots = slots
         self.state = state
+        self.recorder = MetricsRecorder()
 
     @contextlib.contextmanager
-    def _task(self, kind: str, job: str, timeout: dt.timedelta | None) -> Iterator[tuple[JobContext, Run]]:
+    def _task(self, kind: str, job: str, timeout: dt.timedelta | None,
+              timeout_setting: str = "timeout") -> Iterator[tuple[JobContext, Run, JobRun]]:
         job_id = f"{kind}:{job}"
         settings = self._settings()
         if job not in settings.jobs:
@@ -57,44 +60,41 @@ class Tasks:
                                      "until the job's timeout")
                 raise Skipped(f"{job_id}: not started ({run.reason})")
             ctx = JobContext(settings, job)
+            job_run = JobRun(kind, job, trigger="schedule", ctx=ctx, recorder=self.recorder, abort=run,
+                             timeout_setting=timeout_setting)
             JOB_RUNNING.labels(job, kind).set(1)
             try:
-                with structlog.contextvars.bound_contextvars(job=job, task=kind):
-                    yield ctx, run
+                with job_run.bound(task=kind):
+                    yield ctx, run, job_run
             finally:
                 JOB_RUNNING.labels(job, kind).set(0)
                 self.slots.release()
                 ctx.close()
 
-    def _audit(self, ctx: JobContext, command: str, backup_id: str | None, result: str,
-               detail: str | None = None) -> None:
-        audit.record_for_job(ctx, audit.make_event(command, job=ctx.name, backup_id=backup_id, result=result,
-                                                   detail=detail, trigger="schedule"))
-
     # -- backup --------------------------------------------------------------
     def backup(self, job: str) -> None:
         timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
-        with self._task("backup", job, timeout) as (ctx, run):
+        with self._task("backup", job, timeout) as (ctx, run, job_run):
             try:
-                manifest = run_backup(ctx, cancel=run.cancel)
+                run_backup(ctx, cancel=run.cancel, run=job_run)
             except LockHeld as exc:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None
             except BaseException as exc:
-                error = _describe(exc, run)
-                self._audit(ctx, "backup", None, "failure", error)
+                job_run.backup_id = None  # a failed scheduled backup names none
+                job_run.failed(exc)
                 if isinstance(exc, Aborted):
-                    raise Aborted(error) from None
+                    raise Aborted(job_run.describe(exc)) from None
                 raise
-            self._audit(ctx, "backup", manifest.backup_id, "success")
+            job_run.succeeded()
             with contextlib.suppress(Exception):
-                metrics.REPOSITORY_BACKUPS.labels(job).set(len(ctx.repository.backup_ids()))
+                self.recorder.repository_backups(job, len(ctx.repository.backup_ids()))
             if not run.cancel.is_set():
                 self._prune(ctx, after_backup=True)
 
     # -- retention -----------------------------------------------------------
     def prune(self, job: str) -> None:
-        with self._task("prune", job, dt.timedelta(hours=1)) as (ctx, _run):
+        with self._task("prune", job, dt.timedelta(hours=1)) as (ctx, _run, _job_run):
             self._prune(ctx, after_backup=False)
 
     def _prune(self, ctx: JobContext, *, after_backup: bool) -> None:
@@ -107,47 +107,47 @@ class Tasks:
                 raise
             log.warning("retention not applied: backupd.prune is not available in this build")
             return
+        job_run = JobRun("prune", ctx.name, trigger="schedule", ctx=ctx, recorder=self.recorder)
         try:
-            result = run_prune(ctx)
+            result = run_prune(ctx, run=job_run)
         except (LockHeld, PruneRefused) as exc:
             log.warning("prune skipped", reason=str(exc))
             if after_backup:
                 return
             raise Skipped(str(exc)) from None
         except BaseException as exc:
-            self._audit(ctx, "prune", None, "failure", str(exc))
+            job_run.failed(exc)
             if after_backup:  # the backup itself succeeded; the failed prune is logged and retried next time
                 log.error("prune after backup failed", error=str(exc))
                 return
             raise
-        self._audit(ctx, "prune", None, "success", _summary(result))
+        job_run.succeeded(_summary(result))
         with contextlib.suppress(Exception):
-            metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(ctx.repository.backup_ids()))
+            self.recorder.repository_backups(ctx.name, len(ctx.repository.backup_ids()))
 
     # -- verification --------------------------------------------------------
     def verify(self, job: str) -> None:
         settings = self._settings()
         timeout = settings.jobs[job].verify.timeout if job in settings.jobs else None
-        with self._task("verify", job, timeout) as (ctx, run):
+        with self._task("verify", job, timeout, "verify.timeout") as (ctx, run, job_run):
             if ctx.settings.encryption.identity_file is None:
                 raise Skipped("full verification needs encryption.identity_file on this host")
             try:
                 reports = run_verification(ctx)  # aborting the run kills its scratch servers and tools
             except BaseException as exc:
-                error = _describe(exc, run, "verify.timeout")
-                self._audit(ctx, "verify", None, "failure", error)
+                job_run.failed(exc)
                 if run.cancel.is_set():
-                    raise Aborted(f"verification {error}") from None
+                    raise Aborted(f"verification {job_run.describe(exc)}") from None
                 raise
             report = reports[0]
-            self._audit(ctx, "verify", report.backup_id, "passed" if report.ok else "failed",
-                        "; ".join(report.problems) or None)
+            job_run.succeeded("; ".join(report.problems) or None, result="passed" if report.ok else "failed",
+                              code=0 if report.ok else EXIT_VERIFY_BAD, backup_id=report.backup_id)
             if not report.ok:
                 raise BackupdError(f"verification of {report.backup_id} failed: {'; '.join(report.problems)}")
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run):
+        with self._task("integrity", job, None) as (ctx, run, _job_run):
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests, unusable = ctx.repository.scan_manifests()
@@ -191,16 +191,6 @@ class Tasks:
 def integrity_period(interval: dt.timedelta) -> dt.timedelta:
     """How often the integrity rotation runs: a quarter of the interval, at most daily, at least hourly."""
     return max(dt.timedelta(hours=1), min(dt.timedelta(days=1), interval / 4))
-
-
-def _describe(exc: BaseException, run: Run, setting: str = "timeout") -> str:
-    """The run's failure; once it was cancelled, why (its tools were killed, so their errors say little)."""
-    cancelled = isinstance(exc, Aborted) or run.cancel.is_set()
-    if cancelled and run.reason == "timeout":
-        return f"timed out after {run.timeout:.0f} s and was aborted (jobs.{run.job}.{setting})"
-    if cancelled and run.reason:
-        return f"aborted ({run.reason})"
-    return str(exc) or type(exc).__name__
 
 
 def _summary(result: object) -> str | None:
