@@ -306,7 +306,7 @@ class LogArchive:
     def list(self, under: str = "", *, with_metadata: bool = False) -> list[LogObject]:
         """Archived logs whose name starts with ``under``, in name order."""
         objects = []
-        for info in self.storage.list(self.prefix + under):
+        for info in self.storage.list(self.layout.log_prefix(self.kind, under)):
             name = self.layout.log_name(self.kind, info.key)
             if name is None:
                 continue
