@@ -86,8 +86,17 @@ class Recorder:
     def repository_backups(self, job: str, count: int) -> None:
         """How many backups the job's repository holds."""
 
+    def untrusted_objects(self, job: str, count: int) -> None:
+        """How many of the job's backups no trusted key signed (with ``trusted_keys`` set)."""
+
     def pruned(self, job: str, deleted_objects: int, kept: int, restorable_from: float | None) -> None:
         """A prune applied: objects it deleted, backups kept, where the PITR window starts now (epoch seconds)."""
+
+    def verified(self, job: str, passed: bool, restore_seconds: float | None) -> None:
+        """The newest verification's result (and how long its restore took, for a full one)."""
+
+    def verification_passed(self, job: str, at: float) -> None:
+        """A verification passed at ``at`` (epoch seconds); the gauge never moves backwards."""
 
 
 NO_RECORDER = Recorder()
@@ -118,11 +127,23 @@ class MetricsRecorder(Recorder):
     def repository_backups(self, job: str, count: int) -> None:
         self.metrics.REPOSITORY_BACKUPS.labels(job).set(count)
 
+    def untrusted_objects(self, job: str, count: int) -> None:
+        self.metrics.REPOSITORY_UNTRUSTED.labels(job).set(count)
+
     def pruned(self, job: str, deleted_objects: int, kept: int, restorable_from: float | None) -> None:
         self.metrics.RETENTION_DELETED.labels(job).inc(deleted_objects)
         self.repository_backups(job, kept)
         if restorable_from is not None:
             self.metrics.PITR_WINDOW_START.labels(job).set(restorable_from)
+
+    def verified(self, job: str, passed: bool, restore_seconds: float | None) -> None:
+        self.metrics.VERIFICATION_LAST_RESULT.labels(job).set(1 if passed else 0)
+        if restore_seconds is not None:
+            self.metrics.VERIFICATION_LAST_RESTORE.labels(job).set(restore_seconds)
+
+    def verification_passed(self, job: str, at: float) -> None:
+        gauge = self.metrics.VERIFICATION_LAST_SUCCESS.labels(job)
+        gauge.set(max(at, gauge._value.get()))  # noqa: SLF001
 
 
 def process_recorder() -> Recorder:

@@ -13,10 +13,11 @@ from typing import Any, Sequence
 
 import structlog
 
-from backupd import metrics, sealed
+from backupd import sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
+from backupd.jobrun import JobRun, Recorder, process_recorder
 from backupd.manifest import Manifest, PitrStart
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
@@ -216,12 +217,12 @@ def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
         return None
 
 
-def record_metrics(report: VerifyReport) -> None:
-    metrics.VERIFICATION_LAST_RESULT.labels(report.job).set(1 if report.ok else 0)
+def record_metrics(report: VerifyReport, recorder: Recorder | None = None) -> None:
+    """The verification gauges from ``report`` (through the process's recorder by default)."""
+    recorder = recorder if recorder is not None else process_recorder()
+    recorder.verified(report.job, report.ok, report.restore_seconds)
     if report.ok:
-        metrics.VERIFICATION_LAST_SUCCESS.labels(report.job).set(utcnow().timestamp())
-    if report.restore_seconds is not None:
-        metrics.VERIFICATION_LAST_RESTORE.labels(report.job).set(report.restore_seconds)
+        recorder.verification_passed(report.job, utcnow().timestamp())
 
 
 def unusable_reports(ctx: JobContext, unusable: list[tuple[str, IntegrityError]]) -> list[VerifyReport]:
@@ -234,13 +235,14 @@ def unusable_reports(ctx: JobContext, unusable: list[tuple[str, IntegrityError]]
 
 
 def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False,
-                     pitr_drill: bool = False) -> list[VerifyReport]:
+                     pitr_drill: bool = False, run: JobRun | None = None) -> list[VerifyReport]:
     """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
 
     Full mode verifies one backup (default the newest trusted one); integrity mode every
     backup unless one is named. With trusted keys, a manifest no trusted key signed is a
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
+    run = JobRun.of(ctx, "verify", run)
     repo = ctx.repository
     if backup_id:
         try:
@@ -250,7 +252,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
             report.mode = "integrity" if integrity_only else "full"
             if not integrity_only:
                 save_report(ctx, report)
-                record_metrics(report)
+                record_metrics(report, run.recorder)
             return [report]
     if integrity_only:
         if backup_id:
@@ -277,5 +279,5 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)
     save_report(ctx, report)
-    record_metrics(report)
+    record_metrics(report, run.recorder)
     return [report]

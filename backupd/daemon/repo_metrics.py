@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import structlog
 
-from backupd import metrics
 from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
@@ -43,7 +42,7 @@ def refresh_backups(ctx: JobContext, recorder: Recorder | None = None) -> int:
     recorder = recorder or MetricsRecorder()
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     if ctx.settings.trusted_keys(ctx.name):
-        metrics.REPOSITORY_UNTRUSTED.labels(ctx.name).set(len(entries) - len(manifests))
+        recorder.untrusted_objects(ctx.name, len(entries) - len(manifests))
         for manifest, trust in entries:
             if trust is not None and trust.status != "signed":
                 log.warning("backup not trusted", backup_id=manifest.backup_id, signature=str(trust),
@@ -82,8 +81,9 @@ class VerificationReports:
             self._newest.pop(job, None)
 
 
-def _apply(ctx: JobContext, keys: list[str]) -> None:
+def _apply(ctx: JobContext, keys: list[str], recorder: Recorder | None = None) -> None:
     """Gauges from the newest readable report, and the newest passed one (newest first in ``keys``)."""
+    recorder = recorder or MetricsRecorder()
     newest_seen = False
     for key in keys:
         report = _read_report(ctx, key)
@@ -92,17 +92,15 @@ def _apply(ctx: JobContext, keys: list[str]) -> None:
         if not newest_seen:
             newest_seen = True
             passed = report.get("result") == "passed"
-            metrics.VERIFICATION_LAST_RESULT.labels(ctx.name).set(1 if passed else 0)
-            if isinstance(report.get("restore_seconds"), (int, float)):
-                metrics.VERIFICATION_LAST_RESTORE.labels(ctx.name).set(report["restore_seconds"])
+            seconds = report.get("restore_seconds")
+            recorder.verified(ctx.name, passed, seconds if isinstance(seconds, (int, float)) else None)
             if not passed:
                 log.warning("the newest verification report says failed", key=key,
                             backup_id=report.get("backup_id"))
         if report.get("result") == "passed":
             with contextlib.suppress(KeyError, TypeError, ValueError):
-                when = parse_timestamp(report.get("finished_at") or report["started_at"]).timestamp()
-                gauge = metrics.VERIFICATION_LAST_SUCCESS.labels(ctx.name)
-                gauge.set(max(when, gauge._value.get()))  # noqa: SLF001 (never backwards)
+                recorder.verification_passed(
+                    ctx.name, parse_timestamp(report.get("finished_at") or report["started_at"]).timestamp())
             return
 
 

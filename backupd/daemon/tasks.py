@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 
 import structlog
 
-from backupd import metrics
 from backupd.backup import run_backup
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
@@ -133,7 +132,7 @@ class Tasks:
             if ctx.settings.encryption.identity_file is None:
                 raise Skipped("full verification needs encryption.identity_file on this host")
             try:
-                reports = run_verification(ctx)  # aborting the run kills its scratch servers and tools
+                reports = run_verification(ctx, run=job_run)  # aborting the run kills its scratch servers and tools
             except BaseException as exc:
                 job_run.failed(exc)
                 if run.cancel.is_set():
@@ -147,13 +146,12 @@ class Tasks:
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run, _job_run):
+        with self._task("integrity", job, None) as (ctx, run, job_run):
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             manifests, unusable = ctx.repository.scan_manifests()
             if ctx.repository.trusted:  # what failed its signature check at this verification
-                metrics.REPOSITORY_UNTRUSTED.labels(job).set(
-                    sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
+                self.recorder.untrusted_objects(job, sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
             reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
@@ -166,15 +164,15 @@ class Tasks:
             bad = unusable_reports(ctx, unusable)  # checked every rotation until it is fixed or pruned
             for report in bad:
                 save_report(ctx, report)
-                record_metrics(report)
+                record_metrics(report, self.recorder)
             for manifest in chosen:
                 run.check()
-                report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
+                report = run_verification(ctx, manifest.backup_id, integrity_only=True, run=job_run)[0]
                 reads[manifest.backup_id] = utcnow()
                 if not report.ok:
                     bad.append(report)
                     save_report(ctx, report)
-                    record_metrics(report)
+                    record_metrics(report, self.recorder)
             self.state.set_integrity_reads(job, reads)
             log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
             if bad:
