@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    result = run_prune(ctx, dry_run=args.dry_run)
+    result = run_prune(ctx, dry_run=args.dry_run, run=getattr(args, "run", None))
     if args.json:
         print_json(result.to_dict())
     else:

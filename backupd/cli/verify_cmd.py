@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only,
-                               pitr_drill=args.pitr_drill)
+                               pitr_drill=args.pitr_drill, run=getattr(args, "run", None))
     partial, leftovers = ctx.repository.abandoned(remove=False) if args.integrity_only else ([], [])
     if args.json:
         print_json({"reports": [r.to_dict() for r in reports],

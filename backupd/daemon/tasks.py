@@ -80,7 +80,6 @@ class Tasks:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None
             except BaseException as exc:
-                job_run.backup_id = None  # a failed scheduled backup names none
                 job_run.failed(exc)
                 if isinstance(exc, Aborted):
                     raise Aborted(job_run.describe(exc)) from None
