@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO))
 from backupd import age  # noqa: E402
 from backupd.context import JobContext  # noqa: E402
 from backupd.settings import load_settings  # noqa: E402
-from drivers.mysql.client import find_tool  # noqa: E402
-from drivers.mysql.scratch import ScratchServer, install_db  # noqa: E402
+from drivers.mysql.client import tool_path  # noqa: E402
+from backupd.sandbox import Sandbox  # noqa: E402
+from drivers.mysql.scratch import MariadbScratch as ScratchServer, install_db  # noqa: E402
 from machine import wait_idle  # noqa: E402  (bench/, the script's directory)
 
 
@@ -126,12 +127,17 @@ def main() -> None:
                         help="the job's cpu_priority (default: backupd's own default)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="backupd-bench-mysql-", dir=args.workdir))
-    source = ScratchServer(base / "src-data", base / "src-run",
+    os.chmod(base, 0o755)  # the servers run as the mysql user
+
+    def sandbox_for(writable: list[Path]) -> Sandbox:  # the bench times the tools, not the sandbox
+        return Sandbox(tuple(writable), user="mysql", enabled=False)
+
+    source = ScratchServer(base / "src-data", base / "src-run", sandbox_for,
                            [f"--log-bin={base / 'src-data' / 'mysql-bin'}", "--server-id=1", "--binlog-format=ROW",
                             "--innodb-log-file-size=1G", "--max-binlog-size=256M"])
-    restore_target = ScratchServer(base / "dst-data", base / "dst-run", ["--innodb-log-file-size=1G"])
+    restore_target = ScratchServer(base / "dst-data", base / "dst-run", sandbox_for, ["--innodb-log-file-size=1G"])
     try:
-        install_db(source.datadir)
+        install_db(source.datadir, sandbox_for)
         source.start()
         started = time.monotonic()
         rows = fill(source, int(args.size_gib * 2**30))
@@ -167,7 +173,7 @@ binlog_flush_interval = "5s"
         defaults.write_text(f"[client]\nuser=root\nsocket={source.socket}\n")
         defaults.chmod(0o600)
 
-        native_dump_argv = [find_tool("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
+        native_dump_argv = [tool_path("dump"), f"--defaults-extra-file={defaults}", "--single-transaction",
                             "--master-data=2", "--routines", "--events", "--triggers", "--hex-blob", "--databases",
                             "bench"]
 
@@ -201,7 +207,7 @@ binlog_flush_interval = "5s"
             xb_file = base / "native.xb.zst"
             started = time.monotonic()
             with open(xb_file, "wb") as out:
-                backup = subprocess.Popen([find_tool("backup"), f"--defaults-extra-file={defaults}", "--backup",
+                backup = subprocess.Popen([tool_path("backup"), f"--defaults-extra-file={defaults}", "--backup",
                                            "--stream=xbstream", f"--target-dir={base / 'xbtmp'}"],
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 zstd = subprocess.Popen(["zstd", "-q", "-3"], stdin=backup.stdout, stdout=out)
@@ -261,7 +267,7 @@ binlog_flush_interval = "5s"
         stop.set()
         thread.join()
         ctx.close()
-        install_db(restore_target.datadir)
+        install_db(restore_target.datadir, sandbox_for)
         restore_target.start()
         wait_idle()
         started = time.monotonic()
