@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from backupd import age, plugins
+from backupd.copies import Copies
 from backupd.driver import Driver, DriverContext, LogReach
 from backupd.errors import ConfigError, CryptoError
-from backupd.logarchive import LogArchive
+from backupd.copyreads import CopiesLogArchive, CopiesRepository
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import Repository
 from backupd.retention import guaranteed_keep
@@ -34,10 +37,31 @@ class JobContext:
     name: str
     #: Unsigned backups may be read (with a warning), badly signed ones never (``restore --allow-unsigned``).
     allow_unsigned: bool = False
+    #: One of the job's repositories alone, with its own retention (``for_storage``); None: all of them.
+    only_storage: str | None = None
+    #: Inside ``one_listing``: each log kind's archive as listed once, shared by every continuity check.
+    _listings: dict[str, list[LogObject]] | None = field(default=None, repr=False)
 
     @property
     def job(self) -> JobSettings:
-        return self.settings.job(self.name)
+        job = self.settings.job(self.name)
+        if self.only_storage is None:
+            return job
+        return job.model_copy(update={"storage": self.only_storage, "min_copies": 1,
+                                      "retention": job.retention_for(self.only_storage)})
+
+    def for_storage(self, storage: str) -> "JobContext":
+        """The same job on one of its repositories alone (per-repository retention, copy, catch-up)."""
+        if storage not in self.settings.job(self.name).storages:
+            raise ConfigError(f"job {self.name} has no storage {storage!r} "
+                              f"(its storages: {', '.join(self.settings.job(self.name).storages)})")
+        return JobContext(self.settings, self.name, allow_unsigned=self.allow_unsigned, only_storage=storage)
+
+    def per_storage(self) -> list["JobContext"]:
+        """One context per repository of the job (just this one when it has one)."""
+        if len(self.job.storages) == 1:
+            return [self]
+        return [self.for_storage(name) for name in self.job.storages]
 
     @property
     def state_dir(self) -> Path:
@@ -45,11 +69,15 @@ class JobContext:
 
     @functools.cached_property
     def storage(self) -> Storage:
-        return open_storage(self.settings, self.job.storage)
+        names = self.job.storages
+        if len(names) == 1:
+            return open_storage(self.settings, names[0])
+        return Copies({name: open_storage(self.settings, name) for name in names}, self.job.min_copies)
 
     @functools.cached_property
     def repository(self) -> Repository:
-        return Repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
+        repository = CopiesRepository if isinstance(self.storage, Copies) else Repository
+        return repository(self.storage, self.name, retain_for=guaranteed_keep(self.job.retention, "backup"),
                           signing_key_file=self.settings.signing.key_file,
                           trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)
 
@@ -88,19 +116,44 @@ class JobContext:
                 hidden.append(Path(secret))
         return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden))
 
-    def log_reaches(self, manifests: list[Manifest]) -> dict[str, LogReach | None]:
-        """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed."""
+    @contextlib.contextmanager
+    def one_listing(self) -> Iterator[None]:
+        """A command that checks the logs of many backups (verify, the integrity rotation, prune): inside,
+        ``log_reaches`` lists each log archive once, not once per backup (a prune's deletion drops it)."""
+        outer = self._listings
+        if outer is None:
+            self._listings = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._listings = None
+
+    def listed_archive(self, kind: str) -> LogArchive:
+        """The job's archive of ``kind`` for listing and deleting (no key): listed once inside ``one_listing``."""
+        archive = LogArchive(self.storage, self.name, kind, trusted=self.settings.trusted_keys(self.name),  # type: ignore[arg-type]
+                             allow_unsigned=self.allow_unsigned)
+        archive.listings = self._listings
+        return archive
+
+    def log_reaches(self, manifests: list[Manifest], identities: Sequence[object] = (),
+                    key_file: str | None = None) -> dict[str, LogReach | None]:
+        """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed
+        (with ``identities``, what the driver can read too, e.g. PostgreSQL's timeline histories)."""
         from backupd.restore import RepositorySource
 
-        return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, (), None))
-                for m in manifests if PitrStart.recorded(m)}
+        with self.one_listing():
+            return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
+                                                                         listings=self._listings))
+                    for m in manifests if PitrStart.recorded(m)}
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]
 
     def log_archive(self, kind: str) -> LogArchive:
         """The job's WAL/binlog/oplog archive; pushing needs only the public recipients."""
-        return LogArchive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
+        archive = CopiesLogArchive if isinstance(self.storage, Copies) else LogArchive
+        return archive(self.storage, self.name, kind, self.recipients, self.job.compression_level,  # type: ignore[arg-type]
                           retain_for=guaranteed_keep(self.job.retention, "log"),
                           signing_key_file=self.settings.signing.key_file,
                           trusted=self.settings.trusted_keys(self.name), allow_unsigned=self.allow_unsigned)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from backupd.errors import PluginError
+from backupd.lognaming import LogNaming
 
 if TYPE_CHECKING:
     from backupd.driver import Driver
@@ -35,6 +36,9 @@ class DriverDescriptor:
     #: ``module:Class`` of the Driver subclass, imported on first use.
     driver: str
     capabilities: frozenset[str] = field(default_factory=frozenset)
+    #: How the logs the driver archives are named: their folders in the repository, their order, what
+    #: retention always keeps (``backupd.lognaming``).
+    log_namings: tuple[LogNaming, ...] = ()
 
     def load(self) -> "type[Driver]":
         from backupd.driver import Driver
@@ -52,7 +56,7 @@ class DriverDescriptor:
     def of(cls, name: str, driver: "type[Driver]") -> DriverDescriptor:
         """The descriptor of a driver class an entry point names directly (already imported)."""
         return _Loaded(name, driver.options_model, tuple(driver.methods), f"{driver.__module__}:{driver.__qualname__}",
-                       frozenset(driver.capabilities), driver)
+                       frozenset(driver.capabilities), tuple(driver.log_namings), driver)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import BackupNotFound, UsageError
 from backupd.logarchive import LogArchive, PushResult
+from backupd.lognaming import LogNaming
 from backupd.manifest import Manifest, ObjectEntry, PitrStart
 from backupd.paths import spool_dir
 from backupd.pipeline import Priority
@@ -186,6 +187,8 @@ class Driver(abc.ABC):
     #: What the driver can do beyond backup/restore/verify (``backupd.descriptor.WAL_ARCHIVING``).
     #: Built-in drivers take methods, options model and capabilities from their package's descriptor.
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: How the logs this driver archives are named (``backupd.lognaming``); built-ins take it from their descriptor.
+    log_namings: ClassVar[tuple[LogNaming, ...]] = ()
     #: A backup's compression priority when the job sets no ``cpu_priority``. "normal" suits a
     #: dump whose own producers (server and tool) keep every core busy: lowered compression would
     #: starve the chain; a driver whose tools leave a share free may prefer "low".
@@ -318,9 +321,11 @@ class WalArchiving(abc.ABC):
 
     @abc.abstractmethod
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
-        """Write the archived ``filename`` to ``dest``; False when the archive lacks it."""
+        """Write the archived ``filename`` to ``dest``; False when the archive lacks it. The driver starts its
+        prefetcher (``backupd.spool.start_prefetcher``) after a file that others follow."""
 
     @abc.abstractmethod
     def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
                      inclusive: bool = True) -> int:
-        """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        """The background half of wal-fetch: keep the spool ahead of replay from ``first`` (return at once, 0,
+        when nothing follows ``first``)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from pathlib import Path
 from typing import Iterator
 
 EXIT_OK = 0
@@ -66,6 +67,10 @@ class ObjectExists(StorageError):
     """A write that must not overwrite found the name already taken."""
 
 
+class ObjectChanged(StorageError):
+    """A conditional replace (``Storage.replace``) found another version than the one it was based on."""
+
+
 class ObjectLocked(StorageError):
     """Storage refused to delete an object still under an Object Lock retention.
 
@@ -117,6 +122,19 @@ class Aborted(BackupdError):
 
 class KeyMismatch(CryptoError):
     """No configured identity can open the object: the wrong key, not a bad backup."""
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    """The bytes of a secret file the configuration names (an identity, a signing key, a password);
+    ConfigError naming ``what`` and the file when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path}: permission denied") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 @contextlib.contextmanager

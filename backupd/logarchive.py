@@ -1,10 +1,17 @@
 """Continuous log objects for PITR: PostgreSQL WAL, MySQL binlogs, MongoDB oplog slices.
 
-Layout (DESIGN.md; the keys come from ``backupd.repository.Layout``)::
+Layout (DESIGN.md; the keys come from ``backupd.repository.Layout``, the folders from the naming
+the driver describes, ``backupd.lognaming``)::
 
-    <job>/wal/<timeline>/<segment>.zst.age
+    <job>/wal/<timeline>/<segment[0:16]>/<segment>.zst.age   256 segments a folder
+    <job>/wal/<timeline>/<file>.history|.backup.zst.age      beside them
     <job>/binlog/<server>/<file>.zst.age
     <job>/oplog/<from_ts>-<to_ts>.bson.zst.age
+
+A log is known by its name (``00000001/000000010000000000000003``), whatever folder holds it.
+Repositories written before the folders (``<job>/wal/<timeline>/<segment>.zst.age``) stay
+readable: an object not found where it goes now is looked for there, until ``backupd migrate``
+has moved them all and written ``Layout.log_layout_key``.
 
 Each object is an age file wrapping a zstd frame, like every backup object. Its
 plaintext sha256 and size travel as storage metadata, so a host holding only
@@ -12,20 +19,22 @@ public keys can still tell "already archived, same bytes" (success) from "same
 name, different bytes" (refused, never overwritten).
 
 With a signing key, every pushed object (partial ones too, re-signed each time they are
-replaced) gets ``<key>.sig`` beside it, put first: an SSH signature over its key and
-plaintext sha256 (``backupd.signing.log_message``). With trusted keys, ``open`` refuses an
-object whose signature is missing or bad before reading it, and the plaintext's sha256 is
-checked against the signed one at its end (UntrustedObject), so ``fetch_to`` never leaves it
-in place.
+replaced) gets ``<key>.sig`` beside it, put first: an SSH signature over its kind, name and
+plaintext sha256 (``backupd.signing.log_message``), so it stays valid when the object moves.
+With trusted keys, ``open`` refuses an object whose signature is missing or bad before reading
+it, and the plaintext's sha256 is checked against the signed one at its end (UntrustedObject),
+so ``fetch_to`` never leaves it in place.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
 import io
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,8 @@ log = structlog.get_logger(__name__)
 Kind = Literal["wal", "binlog", "oplog"]
 #: Logs up to this size (a default WAL segment) are encoded in memory at once; larger ones stream.
 ONE_SHOT_MAX = 16 << 20
+#: How often a long-lived archive (the daemon's pusher) looks again whether a migration emptied the older layout.
+LEGACY_RECHECK = 300.0
 
 
 class LogConflict(BackupdError):
@@ -167,6 +178,10 @@ class LogArchive:
         self.trusted = tuple(trusted)
         self.allow_unsigned = allow_unsigned
         self._signing_key: sshsig.SigningKey | None = None
+        self._legacy: bool | None = None
+        self._legacy_checked = 0.0
+        #: whole listings shared by the archives of one command (``JobContext.one_listing``), by kind
+        self.listings: dict[str, list[LogObject]] | None = None
 
     @property
     def signing_key(self) -> sshsig.SigningKey | None:
@@ -181,12 +196,41 @@ class LogArchive:
     def key(self, name: str) -> str:
         return self.layout.log_key(self.kind, name)
 
+    def legacy_key(self, name: str) -> str | None:
+        """Where the layout before folders kept ``name``, while objects may be left there; else None."""
+        legacy = self.layout.legacy_log_key(self.kind, name)
+        return legacy if legacy is not None and self.legacy_possible() else None
+
+    def legacy_possible(self) -> bool:
+        """Whether objects may be left in the layout before folders (until ``backupd migrate`` says none are)."""
+        if self._legacy is None or (self._legacy and time.monotonic() - self._legacy_checked > LEGACY_RECHECK):
+            self._legacy_checked = time.monotonic()
+            try:
+                self.storage.stat(self.layout.log_layout_key(self.kind))
+                self._legacy = False
+            except ObjectNotFound:
+                self._legacy = True
+        return self._legacy
+
+    def _find(self, name: str) -> ObjectInfo:
+        """The stored object of ``name`` (with metadata), where it goes now or else in the older layout."""
+        try:
+            return self.storage.stat(self.key(name))
+        except ObjectNotFound:
+            legacy = self.legacy_key(name)
+            if legacy is None:
+                raise
+            try:
+                return self.storage.stat(legacy)
+            except ObjectNotFound:
+                raise ObjectNotFound(f"{self.key(name)}: not found") from None
+
     def stat(self, name: str) -> LogObject:
-        return self._log_object(self.storage.stat(self.key(name)), name)
+        return self._log_object(self._find(name), name)
 
     def exists(self, name: str) -> bool:
         try:
-            self.storage.stat(self.key(name))
+            self._find(name)
             return True
         except ObjectNotFound:
             return False
@@ -205,6 +249,19 @@ class LogArchive:
         storage with Object Lock locks it; a partial one is replaced and
         deleted as the log grows, and is never locked.
         """
+        legacy = self.legacy_key(name)
+        if legacy is not None and not replace:
+            known = self._in_legacy(name, legacy, path, digest)
+            if known is not None:
+                return known
+        result = self._push_file(name, path, replace, threads, digest)
+        if legacy is not None and replace:  # the newer copy is where it goes now: the older layout's goes
+            self.storage.delete(legacy)
+            self.storage.delete(signing.signature_key(legacy))
+        return result
+
+    def _push_file(self, name: str, path: Path, replace: bool, threads: int | None,
+                   digest: tuple[int, str] | None) -> PushResult:
         key = self.key(name)
         retention: dict[str, dt.datetime] = {}
         if self.retain_for is not None and not replace:
@@ -215,7 +272,8 @@ class LogArchive:
             digest = file_digest(path)
         if self.signing_key is not None:
             assert digest is not None
-            signing.sign_log(self.storage, key, digest[1], self.signing_key, replace=replace, **retention)
+            signing.sign_log(self.storage, key, self.kind, name, digest[1], self.signing_key, replace=replace,
+                             **retention)
         with open(path, "rb") as handle:
             source = _Digesting(handle, path, digest)
             reader = EncodingReader(source, self.recipients, self.level, threads=threads)  # type: ignore[arg-type]
@@ -240,7 +298,8 @@ class LogArchive:
             raise BackupdError(f"{path}: changed while being archived")
         key = self.key(name)
         if self.signing_key is not None:
-            signing.sign_log(self.storage, key, sha256, self.signing_key, replace=replace, **retention)
+            signing.sign_log(self.storage, key, self.kind, name, sha256, self.signing_key, replace=replace,
+                             **retention)
         body = encode_bytes(data, self.recipients, self.level)  # type: ignore[arg-type]
         try:
             info = self.storage.put(key, io.BytesIO(body), if_absent=not replace,
@@ -248,6 +307,15 @@ class LogArchive:
         except ObjectExists:
             return self._existing(name, key, raw_size, sha256)
         return PushResult(name, "replaced" if replace else "stored", raw_size, info.size, sha256)
+
+    def _in_legacy(self, name: str, legacy: str, path: Path, digest: tuple[int, str] | None) -> PushResult | None:
+        """A push of a log the older layout holds: "identical" or a conflict, as if it were where it goes now."""
+        try:
+            self.storage.stat(legacy)
+        except ObjectNotFound:
+            return None
+        raw_size, sha256 = digest if digest is not None else file_digest(path)
+        return self._existing(name, legacy, raw_size, sha256)
 
     def _existing(self, name: str, key: str, raw_size: int, sha256: str) -> PushResult:
         """Another push got there first: the same bytes are success, others a conflict."""
@@ -259,14 +327,16 @@ class LogArchive:
 
     def open(self, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
         """The plaintext of an archived log; with trusted keys, only a signed one (UntrustedObject otherwise)."""
-        key = self.key(name)
-        info = self.storage.stat(key)
+        info = self._find(name)
+        key = info.key
         raw = (info.metadata or {}).get("raw-size")
         expected_raw_size = int(raw) if raw and raw.isdigit() else None
         sha256 = (info.metadata or {}).get("sha256")
+        legacy = self.layout.legacy_log_key(self.kind, name)
         try:
             if self.trusted:
-                signing.check_log(self.storage, key, sha256, self.trusted)
+                signing.check_log(self.storage, key, self.kind, name, sha256, self.trusted,
+                                  legacy_keys=[legacy] if legacy is not None else [])
         except signing.Unsigned as exc:
             if not self.allow_unsigned:
                 raise UntrustedObject(f"log {key} of job {self.job} is not trusted: {exc}",
@@ -304,25 +374,70 @@ class LogArchive:
         return size
 
     def list(self, under: str = "", *, with_metadata: bool = False) -> list[LogObject]:
-        """Archived logs whose name starts with ``under``, in name order."""
+        """Archived logs whose name starts with ``under``, in name order, from either layout (where both hold
+        a name, the object where it goes now).
+
+        ``under`` is a directory, a start of a file name no longer than its folder (then only that
+        folder is listed), or a whole name (``Layout.log_list_prefixes``)."""
+        if self.listings is not None and not with_metadata:
+            if self.kind not in self.listings:
+                self.listings[self.kind] = self._list("", False)
+            return [obj for obj in self.listings[self.kind] if obj.name.startswith(under)]
+        return self._list(under, with_metadata)
+
+    def _list(self, under: str, with_metadata: bool) -> "builtins.list[LogObject]":
+        found: dict[str, ObjectInfo] = {}
+        for prefix in self.layout.log_list_prefixes(self.kind, under):
+            for info in self.storage.list(prefix):
+                name = self.layout.log_name(self.kind, info.key)
+                if name is None or not name.startswith(under):
+                    continue
+                if name not in found or info.key == self.key(name):
+                    found[name] = info
         objects = []
-        for info in self.storage.list(self.layout.log_prefix(self.kind, under)):
-            name = self.layout.log_name(self.kind, info.key)
-            if name is None:
-                continue
-            if with_metadata:
-                info = self.storage.stat(info.key)
+        for name in sorted(found):
+            info = self.storage.stat(found[name].key) if with_metadata else found[name]
             objects.append(self._log_object(info, name))
         return objects
+
+    def untrusted(self) -> Iterator[str]:
+        """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
+        recorded sha256 (unsigned, moved to another name, another key, or replaced with other metadata). The
+        content is not read: ``open`` checks it against the signed sha256 when the log is replayed."""
+        if not self.trusted:
+            return
+        for obj in self.list():
+            problem = self._signature_problem(obj.key, obj.name)
+            if problem is not None:
+                yield f"log {obj.key} of job {self.job} is not trusted: {problem}"
+
+    def _signature_problem(self, key: str, name: str) -> str | None:
+        problem = None
+        legacy = self.layout.legacy_log_key(self.kind, name)
+        for _ in range(2):  # a partial log is re-signed just before it is replaced: look a second time
+            try:
+                sha256 = (self.storage.stat(key).metadata or {}).get("sha256")
+                signing.check_log(self.storage, key, self.kind, name, sha256, self.trusted,
+                                  legacy_keys=[legacy] if legacy is not None else [])
+                return None
+            except ObjectNotFound:
+                return None  # pruned, or a partial log completed, since the listing
+            except sshsig.SignatureError as exc:
+                problem = str(exc)
+        return problem
 
     def iter_names(self, under: str = "") -> Iterator[str]:
         for obj in self.list(under):
             yield obj.name
 
     def delete(self, name: str) -> None:
-        """Remove the object, then its signature (a missing one is not an error)."""
-        self.storage.delete(self.key(name))
-        self.storage.delete(self.layout.log_signature_key(self.kind, name))
+        """Remove the object, then its signature (a missing one is not an error), in either layout."""
+        for key in (self.key(name), self.legacy_key(name)):
+            if key is not None:
+                self.storage.delete(key)
+                self.storage.delete(signing.signature_key(key))
+        if self.listings is not None:
+            self.listings.pop(self.kind, None)
 
     @staticmethod
     def _log_object(info: ObjectInfo, name: str) -> LogObject:

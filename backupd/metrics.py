@@ -55,6 +55,12 @@ REPOSITORY_BACKUPS = Gauge("backupd_repository_backups", "Backups the repository
 REPOSITORY_UNTRUSTED = Gauge("backupd_repository_untrusted_objects",
                              "Objects whose signature failed or was missing at the last listing or verification",
                              ["job"], registry=REGISTRY)
+STORAGE_UP = Gauge("backupd_storage_up", "1 when the last operation on the storage succeeded", ["storage"],
+                   registry=REGISTRY)
+COPY_BEHIND_OBJECTS = Gauge("backupd_copy_behind_objects", "Objects a repository of the job still lacks",
+                            ["job", "storage"], registry=REGISTRY)
+COPY_BEHIND_SECONDS = Gauge("backupd_copy_behind_seconds", "Age of the oldest object a repository of the job lacks",
+                            ["job", "storage"], registry=REGISTRY)
 BUILD_INFO = Gauge("backupd_build_info", "Always 1; the version label tells which", ["version"], registry=REGISTRY)
 BUILD_INFO.labels(__version__).set(1)
 
@@ -62,7 +68,7 @@ BUILD_INFO.labels(__version__).set(1)
 _JOB_METRICS = (BACKUP_LAST_SUCCESS, BACKUP_LAST_DURATION, BACKUP_LAST_SIZE, BACKUP_RUNS, BACKUP_MISSED_RUNS,
                 ARCHIVE_LAST_SUCCESS, ARCHIVE_FAILURES, ARCHIVE_LAG, ARCHIVE_GAPS, PITR_WINDOW_START,
                 VERIFICATION_LAST_SUCCESS, VERIFICATION_LAST_RESULT, VERIFICATION_LAST_RESTORE,
-                RETENTION_DELETED, REPOSITORY_BACKUPS, REPOSITORY_UNTRUSTED)
+                RETENTION_DELETED, REPOSITORY_BACKUPS, REPOSITORY_UNTRUSTED, COPY_BEHIND_OBJECTS, COPY_BEHIND_SECONDS)
 
 
 def backup_types(method: str) -> tuple[str, ...]:
@@ -83,6 +89,14 @@ def declare_job(job: str, methods: Iterable[str], *, archives_logs: bool) -> Non
         ARCHIVE_GAPS.labels(job)
         ARCHIVE_LAG.labels(job)
     VERIFICATION_LAST_SUCCESS.labels(job)  # 0 until a verification passes: "never verified" can alert
+
+
+def declare_storages(job: str, storages: Iterable[str]) -> None:
+    """The job's repositories at 0 behind, and each storage's up gauge (0 until an operation on it succeeds)."""
+    for storage in storages:
+        STORAGE_UP.labels(storage)
+        COPY_BEHIND_OBJECTS.labels(job, storage)
+        COPY_BEHIND_SECONDS.labels(job, storage)
 
 
 def forget_job(job: str) -> None:

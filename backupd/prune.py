@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import structlog
 
 from backupd.context import JobContext
-from backupd.errors import BackupdError, ObjectLocked, ObjectNotFound, UntrustedObject
+from backupd.errors import BackupdError, BackupNotFound, IntegrityError, ObjectLocked, ObjectNotFound, UntrustedObject
+from backupd.index import Index, IndexedBackup, newest_logs
 from backupd.jobrun import JobRun
 from backupd.locks import lock_free
 from backupd.logarchive import LogArchive
@@ -136,15 +137,18 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
             log.info("what dead runs left" + (" (dry run)" if dry_run else " removed"),
                      partial_backups=abandoned, temporary=len(leftovers))
         if policy.is_empty():
+            reconcile(ctx, ctx.repository.scan()[0], write=not dry_run)
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
-        the_plan = make_plan(ctx, now, skip_partials=set(abandoned))
-        result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
-        if dry_run:
-            kept = [ctx.repository.load_manifest(d.name) for d in the_plan.backups if d.keep]
-            result.pitr_breaks = pitr_breaks(ctx, kept)
-            return result
+        with ctx.one_listing():  # the plan and the PITR breaks share one listing of each log archive
+            the_plan = make_plan(ctx, now, skip_partials=set(abandoned), dry_run=dry_run)
+            result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
+            if dry_run:
+                kept_ids = set(the_plan.kept_backups())
+                result.pitr_breaks = pitr_breaks(ctx, [m for m, _ in ctx.repository.entries()
+                                                       if m.backup_id in kept_ids])
+                return result
         if the_plan.paused:
             raise PruneRefused(
                 f"job {ctx.name}: not pruning: {the_plan.paused}",
@@ -158,21 +162,26 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
         return result
 
 
-def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
-    """Read everything the planner needs from the repository (and the local run record)."""
+def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = frozenset(), *,  # type: ignore[assignment]
+              dry_run: bool = False) -> Plan:
+    """Read everything the planner needs: the index (one object), one listing of ``backups/`` for partial
+    leftovers (which also tells whether the index missed a commit), the logs, the pins, the run record."""
     repo = ctx.repository
     committed, partial_ids = repo.scan()
     partial_ids = [i for i in partial_ids if i not in skip_partials]
+    reconcile(ctx, committed, write=not dry_run)
     manifests: list[Manifest] = []
     untrusted: list[str] = []
-    for backup_id in committed:
+    for entry, trust in reversed(repo.entries()):
         try:
-            manifests.append(repo.load_manifest(backup_id))
+            repo.require_trusted(entry, trust)
         except UntrustedObject as exc:  # a forged manifest must not steer what is deleted: left out, and kept
             untrusted.append(str(exc))
+            continue
+        manifests.append(entry)
     pinned = Pins(ctx.storage, ctx.name).ids()
     warnings: list[str] = []
-    backups = [_backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
+    backups = [backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
     interrupted = set(_read_journal(ctx))
     partials = [PartialItem(i, backup_id_time(i), i in interrupted) for i in partial_ids]
     logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind)]
@@ -192,16 +201,62 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
         result = planned([replace(b, locked_until=locks.get(b.backup_id)) for b in backups])
     result.warnings[:0] = warnings
     result.untrusted = untrusted
+    if not dry_run:
+        newest = newest_logs({kind: [item.name for item in logs if item.kind == kind] for kind in LOG_KINDS})
+        if newest != repo.index().logs:
+            repo.update_index(lambda index: setattr(index, "logs", newest))
     return result
+
+
+def reconcile(ctx: JobContext, listed: list[str], *, write: bool) -> None:
+    """Make the index agree with the committed backups a listing found: a manifest it lacks (a commit
+    whose index update was lost, a backup written by an older backupd) is read and added, an entry
+    whose manifest is gone dropped, and so are pending entries of runs that died before their manifest. A dry run only corrects what it reads."""
+    repo = ctx.repository
+    index = repo.index(fresh=write)  # a write compares with what is stored, not with a dry run's corrections
+    known = {b.backup_id for b in index.committed} | set(index.unusable)
+    # a real prune holds the job's lock: no run of the job is committing, so a pending entry is dead
+    dead_pending = {b.backup_id for b in index.backups if b.pending} - set(listed) if write else set()
+    if known == set(listed) and not dead_pending:
+        return
+    log.warning("the index disagrees with the manifests; correcting it", job=ctx.name,
+                missing=len(set(listed) - known), gone=len(known - set(listed)))
+    added: list[tuple[str, IndexedBackup | str]] = []
+    for backup_id in sorted(set(listed) - known):
+        try:
+            manifest, status = repo.read_for_index(backup_id)
+        except BackupNotFound:
+            continue
+        except IntegrityError as exc:
+            added.append((backup_id, str(exc)))
+            continue
+        added.append((backup_id, IndexedBackup.of(manifest, *status)))
+    gone = (known - set(listed)) | dead_pending
+
+    def change(index: Index) -> None:
+        index.drop(gone)
+        for backup_id, item in added:
+            if isinstance(item, str):
+                index.unusable[backup_id] = item
+            else:
+                index.put(item)
+
+    if write:
+        repo.update_index(change)
+    else:
+        change(index)
 
 
 def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
     """Backups some object of which storage still holds under a retention, with the latest date.
 
     Checked before the manifest goes: a backup whose objects cannot be deleted
-    stays listed and restorable, rather than half-deleted.
+    stays listed and restorable, rather than half-deleted. Only storage that can lock
+    objects (``Storage.can_lock``: an S3 bucket with Object Lock) is asked.
     """
     locks: dict[str, dt.datetime] = {}
+    if not backup_ids or not ctx.storage.can_lock():
+        return locks
     for backup_id in backup_ids:
         for info in list(ctx.storage.list(ctx.repository.backup_prefix(backup_id))):
             try:
@@ -213,7 +268,7 @@ def _locks(ctx: JobContext, backup_ids: list[str]) -> dict[str, dt.datetime]:
     return locks
 
 
-def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
+def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> BackupItem:
     point = None
     try:
         start = PitrStart.read(manifest)
@@ -228,7 +283,7 @@ def _backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backu
 
 
 def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
-    for obj in LogArchive(ctx.storage, ctx.name, kind).list():  # type: ignore[arg-type]
+    for obj in ctx.listed_archive(kind).list():
         yield LogItem(kind, obj.name, obj.modified)
 
 
@@ -252,10 +307,18 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         record = {"started_at": format_timestamp(utcnow()), "deleting": doomed + doomed_partials}
         ctx.storage.put(journal_key(ctx.name), io.BytesIO(json.dumps(record).encode() + b"\n"))
     decisions = {(d.kind, d.name): d for d in the_plan.decisions()}
+    indexed = repo.index().by_id()
+    doomed = [backup_id for backup_id in doomed
+              if _still_as_indexed(ctx, indexed.get(backup_id), backup_id, decisions[("backup", backup_id)])]
+    entries = {backup_id: indexed.get(backup_id) for backup_id in doomed}
+    repo.forget(doomed)  # the index first: a backup is never listed once its manifest may be gone
     for backup_id in doomed:
         try:
             ctx.storage.delete(repo.manifest_key(backup_id))
         except ObjectLocked as exc:  # locked since planning
+            entry = entries[backup_id]
+            if entry is not None:
+                repo.reindex(entry)
             result.add_locked(repo.manifest_key(backup_id), exc)
             _keep_locked(decisions[("backup", backup_id)], exc)
             log.warning("backup is under Object Lock; kept", backup_id=backup_id, error=str(exc))
@@ -277,7 +340,7 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         log.info("partial backup removed", backup_id=backup_id)
     archives: dict[str, LogArchive] = {}
     for decision in the_plan.deleted_logs():
-        archive = archives.setdefault(decision.kind, LogArchive(ctx.storage, ctx.name, decision.kind))  # type: ignore[arg-type]
+        archive = archives.setdefault(decision.kind, ctx.listed_archive(decision.kind))
         try:
             archive.delete(decision.name)
         except ObjectLocked as exc:
@@ -288,6 +351,23 @@ def _apply(ctx: JobContext, the_plan: Plan, result: PruneResult) -> None:
         result.deleted_logs.append(f"{decision.kind}/{decision.name}")
     if doomed or doomed_partials:
         ctx.storage.delete(journal_key(ctx.name))
+
+
+def _still_as_indexed(ctx: JobContext, entry: IndexedBackup | None, backup_id: str, decision: Decision) -> bool:
+    """Whether the manifest about to be deleted is still the one the plan was made from (read by key,
+    its signature checked again); if not, the backup is kept, saying why."""
+    try:
+        if entry is None:
+            raise IntegrityError(f"backup {backup_id} is no longer in the index")
+        ctx.repository.load_full(entry, strict=True)
+    except BackupNotFound:
+        return True  # already gone: finish deleting its objects
+    except IntegrityError as exc:
+        decision.keep = True
+        decision.reasons.insert(0, f"keep: not deleted: {exc}")
+        log.warning("backup kept: its manifest is not the one planned from", backup_id=backup_id, error=str(exc))
+        return False
+    return True
 
 
 def _delete_objects(ctx: JobContext, backup_id: str, result: PruneResult) -> int:

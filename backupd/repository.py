@@ -5,8 +5,12 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
     <job>/backups/<backup_id>/manifest.json     written last; the commit point
     <job>/backups/<backup_id>/manifest.json.sig its SSH signature, put just before it (``backupd.signing``)
     <job>/backups/<backup_id>/<stream>.zst.age  one object per stream
-    <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``)
-    <job>/wal|binlog|oplog/<name>.zst.age.sig   its SSH signature over key and sha256, put just before it
+    <job>/wal|binlog|oplog/<name>.zst.age       archived logs (``backupd.logarchive``); a name's file
+                                                may go in a sub-folder its driver names (``log_path``):
+    <job>/wal/<timeline>/<segment[0:16]>/<segment>.zst.age   PostgreSQL WAL, 256 segments a folder
+    <job>/wal|binlog|oplog/<path>.zst.age.sig   its SSH signature over kind, name and sha256, put just before it
+    <job>/state/<kind>-layout.json              no log of the kind is left in the layout before folders
+    <job>/index.json                            the index of committed backups (``backupd.index``)
     <job>/pins/<backup_id>                      pins (``backupd.pins``)
     <job>/state/prune.json                      the prune journal (``backupd.prune``)
     <job>/state/last-failure.json               the newest failed run (``backupd.runstate``)
@@ -17,6 +21,8 @@ Layout (DESIGN.md "Repository format"); only ``Layout`` formats these keys::
 
 A backup exists only once its manifest does. Directories without one are
 partial leftovers of a failed or killed run; they are never listed as backups.
+Which backups exist is read from the index (one object) and each manifest by key;
+only a rebuild of the index and the search for partial leftovers list ``backups/``.
 """
 
 from __future__ import annotations
@@ -27,16 +33,20 @@ import io
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import structlog
 
-from backupd import sealed, signing, sshsig
+from backupd import index as backup_index
+from backupd import lognaming, sealed, signing, sshsig
 from backupd.age import AgeError
+from backupd.copies import open_object
 from backupd.errors import (BackupNotFound, IntegrityError, ObjectExists, ObjectLocked, ObjectNotFound, StorageError,
                             UntrustedObject)
+from backupd.index import IndexedBackup
 from backupd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ObjectEntry
 from backupd.pipeline import DecodingReader, EncodingReader, Priority, hash_stored
 from backupd.signing import Trust
@@ -51,6 +61,8 @@ ID_CLAIMS_PREFIX = "_ids/"
 #: The kinds of archived logs, each under its own ``<job>/<kind>/``.
 LOG_KINDS = ("wal", "binlog", "oplog")
 MAX_REPORT = 64 << 20
+#: Seconds a Repository reuses the index it read.
+INDEX_REUSE = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,18 +113,55 @@ class Layout:
         """The prefix of the archived logs of ``kind`` whose names start with ``under``."""
         return f"{self.job}/{kind}/{under}"
 
+    @staticmethod
+    def log_path(kind: str, name: str) -> str:
+        """A log's place under its kind's folder: the name, with the sub-folder its driver's naming gives
+        (``backupd.lognaming``), e.g. ``00000001/0000000100000000/000000010000000000000003``."""
+        naming = lognaming.naming(kind)
+        directory, file = naming.split(name)
+        return "/".join(part for part in (directory, naming.folder(file), file) if part)
+
     def log_key(self, kind: str, name: str) -> str:
-        return f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+        return f"{self.log_prefix(kind)}{self.log_path(kind, name)}{OBJECT_SUFFIX}"
+
+    def legacy_log_key(self, kind: str, name: str) -> str | None:
+        """Where the layout before log folders kept the log (``<job>/<kind>/<name>.zst.age``); None when
+        that is where it goes now."""
+        key = f"{self.log_prefix(kind)}{name}{OBJECT_SUFFIX}"
+        return None if key == self.log_key(kind, name) else key
 
     def log_signature_key(self, kind: str, name: str) -> str:
         """The log object's signature, ``<object key>.sig`` beside it (``backupd.signing.sign_log``)."""
         return self.signature_beside(self.log_key(kind, name))
 
     def log_name(self, kind: str, key: str) -> str | None:
-        """The log name of a key listed under ``log_prefix(kind)``; None for anything that is not a log object."""
-        if not key.endswith(OBJECT_SUFFIX):
+        """The log name of a key listed under ``log_prefix(kind)``, in either layout; None for anything
+        that is not a log object."""
+        if not key.endswith(OBJECT_SUFFIX) or not key.startswith(self.log_prefix(kind)):
             return None
-        return key[len(self.log_prefix(kind)):-len(OBJECT_SUFFIX)]
+        path = key[len(self.log_prefix(kind)):-len(OBJECT_SUFFIX)]
+        head, _, file = path.rpartition("/")
+        directory, _, folder = head.rpartition("/")
+        if folder and lognaming.naming(kind).folder(file) == folder:
+            return f"{directory}/{file}" if directory else file
+        return path
+
+    def log_list_prefixes(self, kind: str, under: str) -> list[str]:
+        """Key prefixes holding every log whose name starts with ``under``, in either layout.
+
+        ``under`` is a directory ("00000001/"), a start of a file name no longer than its folder (one
+        folder: "00000001/0000000100000000"), or a whole name."""
+        prefixes = [f"{self.log_prefix(kind)}{under}"]
+        if not under.endswith("/"):
+            foldered = self.log_prefix(kind) + self.log_path(kind, under)
+            if not foldered.startswith(prefixes[0]) and not prefixes[0].startswith(foldered):
+                prefixes.append(foldered)
+        return prefixes
+
+    def log_layout_key(self, kind: str) -> str:
+        """Written once no log of ``kind`` is left in the layout before folders (``backupd migrate``):
+        reads and pushes then stop looking there."""
+        return f"{self.job}/state/{kind}-layout.json"
 
     # pins
     @property
@@ -202,6 +251,8 @@ class Repository:
         self.trusted = tuple(trusted)
         self.allow_unsigned = allow_unsigned
         self._signing_key: sshsig.SigningKey | None = None
+        self._index: backup_index.Index | None = None
+        self._index_read_at = 0.0
 
     # -- layout ------------------------------------------------------------
     @property
@@ -234,8 +285,28 @@ class Repository:
         order = lambda ids: sorted(ids, key=backup_id_sort_key)  # noqa: E731
         return order(committed), order(seen - committed)
 
+    def index(self, *, fresh: bool = False) -> backup_index.Index:
+        """The job's index of committed backups (``backupd.index``): read once per command, again after
+        ``INDEX_REUSE`` seconds (the daemon keeps a Repository for as long as a job's configuration)."""
+        if self._index is None or fresh or time.monotonic() - self._index_read_at > INDEX_REUSE:
+            self._index = backup_index.read(self)
+            self._index_read_at = time.monotonic()
+        return self._index
+
+    def reverify_index(self) -> backup_index.Index:
+        """Check the index against every manifest and correct it (``backupd.index.reverify``)."""
+        self._index = backup_index.reverify(self)
+        self._index_read_at = time.monotonic()
+        return self._index
+
+    def update_index(self, change: Callable[[backup_index.Index], None]) -> None:
+        """Change the stored index (compare-and-swap, retried on a concurrent writer)."""
+        self._index = backup_index.update(self, change)
+        self._index_read_at = time.monotonic()
+
     def backup_ids(self) -> list[str]:
-        return self.scan()[0]
+        """Committed backups, oldest first (from the index)."""
+        return self.index().ids()
 
     def has_backup(self, backup_id: str) -> bool:
         """Whether the backup is committed (its manifest exists): one stat, no listing."""
@@ -256,6 +327,13 @@ class Repository:
         """The backup's manifest and what its signature says (None: no trusted keys, not checked).
 
         Does not refuse an untrusted manifest: for ``list`` and ``show``, which say what it is."""
+        manifest, raw = self.read_manifest_bytes(backup_id)
+        if not self.trusted:
+            return manifest, None
+        return manifest, signing.assess_manifest(self.storage, self.manifest_key(backup_id), raw, self.trusted)
+
+    def read_manifest_bytes(self, backup_id: str) -> tuple[Manifest, bytes]:
+        """The backup's manifest (bounded, its own id and job checked; its signature not) and its bytes."""
         key = self.manifest_key(backup_id)
         try:
             with contextlib.closing(self.storage.open(key)) as handle:
@@ -265,9 +343,13 @@ class Repository:
         manifest = Manifest.from_json(raw, where=key)
         if manifest.backup_id != backup_id or manifest.job != self.job:
             raise IntegrityError(f"{key}: manifest names backup {manifest.backup_id} of job {manifest.job}")
-        if not self.trusted:
-            return manifest, None
-        return manifest, signing.assess_manifest(self.storage, key, raw, self.trusted)
+        return manifest, raw
+
+    def read_for_index(self, backup_id: str) -> tuple[Manifest, tuple[str, str | None, str]]:
+        """The manifest and (signature status, signer, problem) as the index records them
+        (``backupd.index.assess``); BackupNotFound, IntegrityError as ``read_manifest_bytes``."""
+        manifest, raw = self.read_manifest_bytes(backup_id)
+        return manifest, backup_index.assess(self, manifest, raw)
 
     def require_trusted(self, manifest: Manifest, trust: Trust | None) -> None:
         """UntrustedObject unless ``trust`` lets the manifest be used (an unsigned one only with allow_unsigned)."""
@@ -283,21 +365,34 @@ class Repository:
                                    + ("; `restore --allow-unsigned` reads backups from before signing"
                                       if trust.status == "unsigned" else ""))
 
+    def entries(self) -> list[tuple[Manifest, Trust | None]]:
+        """Every committed backup with a readable manifest, newest first, with what its signature says
+        (None: the job has no trusted keys), from the index: untrusted ones too, for ``list`` to mark."""
+        index = self.index()
+        for backup_id, problem in index.unusable.items():
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id, error=problem)
+        trusted = self.trusted
+        return [(entry, entry.trust(trusted)) for entry in reversed(index.committed)]
+
     def scan_manifests(self) -> tuple[list[Manifest], list[tuple[str, IntegrityError]]]:
-        """(readable manifests newest first, [(backup id, why its manifest is unusable)])."""
+        """(usable backups newest first, [(backup id, why its manifest is unusable)]), from the index.
+
+        The backups are the index's summaries (no object list): load a manifest by key to read its streams."""
         good: list[Manifest] = []
-        bad: list[tuple[str, IntegrityError]] = []
-        for backup_id in reversed(self.backup_ids()):
-            try:
-                good.append(self.load_manifest(backup_id))
-            except BackupNotFound:
-                continue  # deleted since the listing (a prune)
-            except IntegrityError as exc:
-                bad.append((backup_id, exc))
+        index = self.index()
+        bad: list[tuple[str, IntegrityError]] = [(i, IntegrityError(p)) for i, p in index.unusable.items()]
+        for entry in reversed(index.committed):
+            trust = entry.trust(self.trusted)
+            try:  # a summary from the index (IndexedBackup): no object list
+                self.require_trusted(entry, trust)
+            except UntrustedObject as exc:
+                bad.append((entry.backup_id, exc))
+                continue
+            good.append(entry)
         return good, bad
 
     def manifests(self) -> list[Manifest]:
-        """Every committed backup whose manifest is usable, newest first.
+        """Every committed backup that may be used, newest first (summaries from the index).
 
         One unreadable or lying manifest does not hide the others: it is
         logged as a warning naming it, and skipped.
@@ -311,22 +406,45 @@ class Repository:
         """The named backup (only its manifest is read), or the newest one whose manifest is usable."""
         if backup_id:
             return self.load_manifest(backup_id)
-        ids = self.backup_ids()
-        if not ids:
+        good, bad = self.scan_manifests()
+        if not good and not bad:
             raise BackupNotFound(f"no backups for job {self.job} in {self.storage.location}", hint=f"run `backupd backup {self.job}`")
-        for newest in reversed(ids):
+        for backup_id_, exc in bad:
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id_, error=str(exc))
+        for newest in good:
             try:
-                return self.load_manifest(newest)
+                return self.load_full(newest)
             except IntegrityError as exc:
-                log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest, error=str(exc))
+                log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=newest.backup_id,
+                            error=str(exc))
         raise BackupNotFound(f"no backup of job {self.job} in {self.storage.location} has a usable manifest "
-                             f"({len(ids)} unusable)")
+                             f"({len(good) + len(bad)} unusable)")
+
+    def load_full(self, chosen: Manifest, *, strict: bool = False) -> Manifest:
+        """The whole manifest of a backup chosen from the index (``scan_manifests``, ``manifests``), read by
+        key, its signature checked again. The manifest is the truth: where it is no longer the one the index
+        describes (rewritten in place), the index entry is refreshed, or with ``strict`` (prune, about to
+        delete what it planned from the index) IntegrityError is raised."""
+        if not isinstance(chosen, IndexedBackup):
+            return chosen
+        manifest = self.load_manifest(chosen.backup_id)
+        try:
+            backup_index.checked(self, chosen, manifest)
+        except IntegrityError as exc:
+            if strict:
+                raise
+            log.info("manifest changed since it was indexed; refreshing the index", job=self.job,
+                     backup_id=chosen.backup_id, error=str(exc))
+            manifest_now, status = self.read_for_index(chosen.backup_id)
+            self._record(lambda index: index.put(IndexedBackup.of(manifest_now, *status)))
+        return manifest
 
     def open_stream(self, manifest: Manifest, name: str, identities: Sequence[object], key_file: str | None = None) -> DecodingReader:
+        manifest = self.load_full(manifest)  # an index summary lists no streams: the manifest does
         entry = manifest.object(name)
         key = self.layout.entry_key(manifest.backup_id, entry.key)
         return DecodingReader(
-            self.storage.open(key),
+            open_object(self.storage, key, entry.stored_size, entry.sha256),
             identities,
             where=key,
             expected_size=entry.stored_size,
@@ -337,11 +455,12 @@ class Repository:
 
     def check_integrity(self, manifest: Manifest) -> list[IntegrityProblem]:
         """Read every object back and compare size and sha256 with the manifest. No key needed."""
+        manifest = self.load_full(manifest)  # never "no objects, all fine" from an index summary
         problems = []
         for entry in manifest.objects:
             key = self.layout.entry_key(manifest.backup_id, entry.key)
             try:
-                with contextlib.closing(self.storage.open(key)) as handle:
+                with contextlib.closing(open_object(self.storage, key, entry.stored_size, entry.sha256)) as handle:
                     size, digest = hash_stored(handle)
             except ObjectNotFound:
                 problems.append(IntegrityProblem(manifest.backup_id, key, "object is missing"))
@@ -355,8 +474,7 @@ class Repository:
     # -- writing -----------------------------------------------------------
     def new_backup_id(self, moment: dt.datetime) -> str:
         """An id for a backup starting at ``moment``, claimed for this job in the whole storage."""
-        committed, partial = self.scan()
-        taken = set(committed) | set(partial)
+        taken = {b.backup_id for b in self.index().backups}  # the index (pending too): no listing; the claim decides
         for candidate in backup_id_candidates(moment):
             if candidate in taken:
                 continue
@@ -411,16 +529,45 @@ class Repository:
         return self._signing_key
 
     def commit(self, manifest: Manifest) -> None:
-        """Write the manifest (its signature first, with a signing key): from now on the backup exists."""
+        """Write the manifest (its signature first, with a signing key): from now on the backup exists.
+
+        The index records the backup as pending before the manifest is put and as committed after,
+        so a reader of an index written by a run killed in between stats that one manifest."""
         raw = manifest.to_json()
         key = self.manifest_key(manifest.backup_id)
         retention = self._retention()
+        if self.signing_key is not None:
+            signed: tuple[str, str | None, str] = ("signed", self.signing_key.public.line(), "")
+        else:
+            signed = ("unsigned", None, f"{self.layout.signature_key(manifest.backup_id)}: the manifest is not signed")
+        entry = IndexedBackup.of(manifest, *signed, pending=True)
+        self._record(lambda index: index.put(entry))
         if self.signing_key is not None:
             signing.sign_manifest(self.storage, key, raw, self.signing_key, **retention)
         try:
             self.storage.put(key, io.BytesIO(raw), if_absent=True, **retention)
         except ObjectExists:
             raise IntegrityError(f"backup {manifest.backup_id} already has a manifest; refusing to overwrite it") from None
+        committed = IndexedBackup.of(manifest, *signed)
+        self._record(lambda index: index.put(committed))
+
+    def reindex(self, entry: IndexedBackup) -> None:
+        """Put a backup back in the index (a prune that dropped it could not delete its manifest)."""
+        self._record(lambda index: index.put(entry))
+
+    def forget(self, backup_ids: list[str]) -> None:
+        """Drop backups from the index: before a prune deletes their manifests."""
+        if backup_ids:
+            doomed = set(backup_ids)
+            self._record(lambda index: index.drop(doomed))
+
+    def _record(self, change: Callable[[backup_index.Index], None]) -> None:
+        """Change the index; a failure to write it is logged, never fatal: the manifests are the truth."""
+        try:
+            self.update_index(change)
+        except StorageError as exc:
+            self._index = None
+            log.warning("index not updated; readers rebuild it from the manifests", job=self.job, error=str(exc))
 
     def _retention(self) -> dict[str, Any]:
         if self.retain_for is None:

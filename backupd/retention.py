@@ -22,10 +22,11 @@ Floors, which no policy overrides:
 Logs (WAL, binlog, oplog) are kept from the first log of the oldest kept
 backup that records one (``metadata.pitr.first_log``), so every kept backup
 can still be made consistent and rolled forward to the newest log. Names sort
-in archive order within a directory; WAL timeline directories and oplog slices
-also sort across the archive. Binlog directories of other servers cannot be
-ordered by name: they are ordered by when they were stored. ``.history`` files
-are never deleted (recovery onto a timeline needs them).
+in archive order within a directory; the driver that archives a kind says
+whether they also sort across directories and which logs are always kept
+(``backupd.lognaming``: WAL timelines and oplog slices sort across the archive,
+timeline histories are kept). Directories of logs that do not sort across
+(binlogs of other servers) are ordered by when they were stored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Callable, Iterable, Literal, Sequence
 from zoneinfo import ZoneInfo
 
 from backupd.errors import ConfigError
+from backupd.lognaming import LogNaming, naming
 from backupd.settings import RetentionSettings
 from backupd.timeutil import backup_id_sort_key, format_timestamp
 
@@ -47,10 +49,6 @@ RULES: tuple[tuple[str, str, Callable[[dt.datetime], str]], ...] = (
     ("keep_monthly", "monthly", lambda t: t.strftime("%Y-%m")),
     ("keep_yearly", "yearly", lambda t: t.strftime("%Y")),
 )
-
-#: Log kinds whose names sort in archive order across their directories.
-ORDERED_KINDS = frozenset({"wal", "oplog"})
-
 
 @dataclass(frozen=True)
 class PitrPoint:
@@ -140,12 +138,14 @@ def plan(
     partials: Iterable[PartialItem] = (),
     timeout: dt.timedelta | None = None,
     paused: str | None = None,
+    namings: Callable[[str], LogNaming] = naming,
 ) -> Plan:
     """Decide, with reasons, what to keep and what to delete.
 
     ``paused`` (why pruning must not happen now, e.g. the newest run failed)
     keeps everything. ``timeout`` is the job's timeout: a partial directory
     older than it is abandoned and removed; without it partials are kept.
+    ``namings`` gives each log kind's naming (by default the one its driver describes).
     Raises ConfigError for an empty policy.
     """
     if policy.is_empty():
@@ -182,7 +182,7 @@ def plan(
 
     kept = [b for b in ordered if reasons[b.backup_id]]
     result.partials = _plan_partials(partials, now, timeout, paused)
-    result.logs = _plan_logs(list(logs), kept, paused, result)
+    result.logs = _plan_logs(list(logs), kept, paused, result, namings)
     points = [b.pitr.restorable_from for b in kept if b.pitr is not None]
     result.restorable_from = min(points) if points else None
     return result
@@ -291,7 +291,8 @@ def _directory(name: str) -> str:
     return name.rpartition("/")[0]
 
 
-def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, result: Plan) -> list[Decision]:
+def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, result: Plan,
+               namings: Callable[[str], LogNaming]) -> list[Decision]:
     decisions: list[Decision] = []
     for kind in sorted({log.kind for log in logs}):
         items = sorted((log for log in logs if log.kind == kind), key=lambda log: log.name)
@@ -301,7 +302,8 @@ def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, 
             reason = f"keep: pruning paused ({paused})" if paused else "keep: no kept backup records where its logs begin"
             decisions.extend(Decision(kind, log.name, log.stored_at, True, [reason]) for log in items)
             continue
-        across = kind in ORDERED_KINDS
+        described = namings(kind)
+        across = described.ordered_across
         start_dirs = {_directory(first) for first, _ in starts}
 
         def needed_by(name: str) -> BackupItem | None:
@@ -315,8 +317,8 @@ def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, 
         earliest_needed = min(stored) if stored else None
         for log in items:
             why: list[str] = []
-            if log.name.endswith(".history"):
-                why.append("keep: timeline history")
+            if (always := described.always_keep(log.name)) is not None:
+                why.append(f"keep: {always}")
             backup = needed[log.name]
             if backup is not None and backup.backup_id == result.pitr_base:
                 why.append(f"keep: needed by PITR window (base {backup.backup_id})")

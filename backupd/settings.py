@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backupd import plugins, sshsig
-from backupd.errors import ConfigError, PluginError
+from backupd.errors import ConfigError, PluginError, read_secret
 from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import describe_url, redact, url_password_problem
 from backupd.schedule import parse_schedule
@@ -166,7 +166,10 @@ class JobSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     driver: str
-    storage: str
+    #: One repository, or several (``["local", "offsite"]``): every object goes to each (``backupd.copies``).
+    storage: str | list[str]
+    #: How many repositories must commit a backup (and hold a log) for the job to succeed.
+    min_copies: int = Field(default=1, ge=1)
     method: str | None = None
     schedule: str | None = None
     compression: str = "zstd:3"
@@ -176,6 +179,8 @@ class JobSettings(BaseModel):
     os_user: str | None = None
     timeout: dt.timedelta = dt.timedelta(hours=6)
     retention: RetentionSettings = RetentionSettings()
+    #: Per repository, replaces ``retention`` for that one (``{ local = {...}, offsite = {...} }``).
+    retention_by_storage: dict[str, RetentionSettings] = {}
     verify: VerifySettings = VerifySettings()
     #: Narrows signing.trusted_keys for this job (so host A's key cannot vouch for host B's job).
     trusted_keys: list[PublicKeyLine] | None = None
@@ -195,6 +200,25 @@ class JobSettings(BaseModel):
         if value is not None:
             parse_schedule(value)
         return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one [storage.NAME]")
+            if len(set(value)) != len(value):
+                raise ValueError("names a storage more than once")
+        return value
+
+    @property
+    def storages(self) -> list[str]:
+        """The job's repositories, in the order reads try them."""
+        return self.storage if isinstance(self.storage, list) else [self.storage]
+
+    def retention_for(self, storage: str) -> RetentionSettings:
+        """The retention policy of one of the job's repositories."""
+        return self.retention_by_storage.get(storage, self.retention)
 
     @field_validator("compression")
     @classmethod
@@ -398,10 +422,12 @@ def _validate_jobs(tables: dict[str, dict[str, Any]], storages: set[str], errors
         loc: tuple[Any, ...] = ("jobs", name)
         if not JOB_NAME_RE.match(name):
             errors.append(format_error(loc, "job names are lowercase letters, digits, '_', '-', '.'", name))
-        storage = table.get("storage")
-        if storage is not None and storage not in storages:
-            known = ", ".join(sorted(storages)) or "none defined"
-            errors.append(format_error(loc + ("storage",), f"no [storage.{storage}] table (defined: {known})", storage))
+        named = table.get("storage")
+        for storage in named if isinstance(named, list) else [] if named is None else [named]:
+            if storage not in storages:
+                known = ", ".join(sorted(storages)) or "none defined"
+                errors.append(format_error(loc + ("storage",), f"no [storage.{storage}] table (defined: {known})",
+                                           storage))
         options = {k: v for k, v in table.items() if k not in _CORE_JOB_KEYS}
         flagged = url_password_errors(loc, options)
         errors.extend(flagged)
@@ -428,6 +454,12 @@ def _narrowing_errors(settings: Settings) -> list[str]:
     trusted = settings.signing.public_keys()
     errors = []
     for name, job in settings.jobs.items():
+        if job.min_copies > len(job.storages):
+            errors.append(format_error(("jobs", name, "min_copies"),
+                                       f"the job has {len(job.storages)} storage(s)", job.min_copies))
+        for other in sorted(set(job.retention_by_storage) - set(job.storages)):
+            errors.append(format_error(("jobs", name, "retention_by_storage", other),
+                                       f"not one of the job's storages ({', '.join(job.storages)})", other))
         for index, line in enumerate(job.trusted_keys or []):
             key = sshsig.parse_public_key(line)
             if key not in trusted:
@@ -446,11 +478,9 @@ def _summary(path: Path | None, errors: list[str]) -> str:
 def read_secret_file(path: Path, what: str) -> str:
     """Read a secret from a ``*_file``; the first line, without its newline."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path}: permission denied") from None
+        text = read_secret(path, what).decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
     secret = text.splitlines()[0] if text else ""
     if not secret:
         raise ConfigError(f"{what} {path}: file is empty")

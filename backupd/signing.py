@@ -59,22 +59,28 @@ def check_manifest(storage: Storage, manifest_key: str, manifest: bytes, trusted
     return sshsig.verify(manifest, armored, trusted, what=sig_key)
 
 
-def log_message(key: str, sha256: str) -> bytes:
-    """What a log object's signature covers: its key and its plaintext's sha256 (hex).
+def log_message(kind: str, name: str, sha256: str) -> bytes:
+    """What a log object's signature covers: its kind, its name in the archive and its plaintext's sha256
+    (hex). Not its storage key: an object keeps its signature when it moves to another layout.
 
-    Checked by hand with ``printf 'backupd-log-v1\\n%s\\n%s\\n' KEY SHA256 | ssh-keygen -Y verify ...``."""
+    Checked by hand with ``printf 'backupd-log-v2\\n%s\\n%s\\n%s\\n' KIND NAME SHA256 | ssh-keygen -Y verify ...``."""
+    return f"backupd-log-v2\n{kind}\n{name}\n{sha256}\n".encode()
+
+
+def legacy_log_message(key: str, sha256: str) -> bytes:
+    """What signatures made before ``log_message`` covered: the object's storage key then, and its sha256."""
     return b"backupd-log-v1\n" + key.encode() + b"\n" + sha256.encode() + b"\n"
 
 
-def sign_log(storage: Storage, key: str, sha256: str, signer: SigningKey, *, replace: bool,
+def sign_log(storage: Storage, key: str, kind: str, name: str, sha256: str, signer: SigningKey, *, replace: bool,
              retain_until: dt.datetime | None = None) -> str:
-    """Put the signature of the log object about to be put at ``key`` (plaintext ``sha256``) beside it.
+    """Put the signature of the log ``kind``/``name`` (plaintext ``sha256``) about to be put at ``key`` beside it.
 
     Call it before putting the object. Without ``replace`` an existing signature is kept while
     its object exists (the object's own put then reports "identical" or a conflict); one left
     by a push that died before its object is overwritten. Returns the signature's key."""
     sig_key = signature_key(key)
-    body = sshsig.sign(log_message(key, sha256), signer).encode()
+    body = sshsig.sign(log_message(kind, name, sha256), signer).encode()
     try:
         storage.put(sig_key, io.BytesIO(body), if_absent=not replace, retain_until=retain_until)
     except ObjectExists:
@@ -85,8 +91,11 @@ def sign_log(storage: Storage, key: str, sha256: str, signer: SigningKey, *, rep
     return sig_key
 
 
-def check_log(storage: Storage, key: str, sha256: str | None, trusted: Sequence[PublicKey]) -> PublicKey:
-    """The trusted key that signed the log object at ``key`` whose plaintext sha256 is recorded as ``sha256``.
+def check_log(storage: Storage, key: str, kind: str, name: str, sha256: str | None, trusted: Sequence[PublicKey],
+              legacy_keys: Sequence[str] = ()) -> PublicKey:
+    """The trusted key that signed the log ``kind``/``name`` stored at ``key`` whose plaintext sha256 is
+    recorded as ``sha256``. A signature made before signatures named the log (``legacy_log_message``)
+    is accepted over ``key`` or any of ``legacy_keys`` (where the object lay when it was signed).
 
     Raises Unsigned or another SignatureError naming the signature's key."""
     sig_key = signature_key(key)
@@ -97,7 +106,15 @@ def check_log(storage: Storage, key: str, sha256: str | None, trusted: Sequence[
         raise Unsigned(f"{sig_key}: missing; the log object is not signed") from None
     if not sha256:
         raise sshsig.BadSignature(f"{key}: no sha256 recorded with the object; its signature cannot be checked")
-    return sshsig.verify(log_message(key, sha256), armored, trusted, what=sig_key)
+    try:
+        return sshsig.verify(log_message(kind, name, sha256), armored, trusted, what=sig_key)
+    except sshsig.BadSignature as exc:
+        for old_key in (key, *legacy_keys):
+            try:
+                return sshsig.verify(legacy_log_message(old_key, sha256), armored, trusted, what=sig_key)
+            except sshsig.BadSignature:
+                continue
+        raise exc from None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
-"""The wal-fetch spool: where the background prefetcher leaves WAL for PostgreSQL's restore_command.
+"""The wal-fetch spool: where a driver's background prefetcher leaves archived logs for a restore
+command that asks for one file at a time (PostgreSQL's restore_command).
 
-PostgreSQL runs ``restore_command`` once per file and waits for it, so every
+The server runs the restore command once per file and waits for it, so every
 call should be a rename out of this directory. The prefetcher (a detached
-``backupd wal-fetch --prefetch-from NAME``, one per spool, holding ``LOCK``)
-keeps the next segments here and answers for the ones the archive lacks; the
-per-file fast path (``backupd.cli.quick``) and the full ``wal-fetch`` read it.
+``backupd wal-fetch --prefetch-from NAME``, one per spool, holding ``LOCK``;
+the driver's ``WalArchiving.wal_prefetch``) keeps the next logs here and answers
+for the ones the archive lacks; the per-file fast path (``backupd.cli.quick``)
+and the full ``wal-fetch`` read it. Which names exist and how they follow each
+other is the driver's business: here a name is any plain file name, and logs
+"ahead" of one are the spooled files that sort after it.
 
 Files, all in ``state_dir/spool/<job>/wal-fetch``:
 
@@ -12,7 +16,7 @@ Files, all in ``state_dir/spool/<job>/wal-fetch``:
 - ``.absent-<name>``: the prefetcher found ``<name>`` missing from the archive; it
   touches the marker each time it looks again, so a marker younger than
   ``ABSENT_TTL`` seconds is as good as asking the archive.
-- ``.keep-<name>``: ``<name>`` is the newest segment archived; PostgreSQL asks for it
+- ``.keep-<name>``: ``<name>`` is the newest log archived; the server asks for it
   again at the end of recovery, so it is delivered by copy and stays.
 - ``.wanted``: the name a caller waits for; the prefetcher fetches it next.
 - ``.prefetch.lock``: flock held by the running prefetcher; its mtime is the time
@@ -33,19 +37,17 @@ KEEP = ".keep-"
 WANTED = ".wanted"
 LOG = "prefetch.log"
 ABSENT_TTL = 3.0
-HEX = frozenset("0123456789ABCDEF")
+MAX_NAME = 128
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
 def directory(state_dir: str, job: str) -> str:
     return os.path.join(state_dir, "spool", job, "wal-fetch")
 
 
-def is_segment(name: str) -> bool:
-    return len(name) == 24 and HEX.issuperset(name)
-
-
-def is_history(name: str) -> bool:
-    return len(name) == 16 and name.endswith(".history") and HEX.issuperset(name[:8])
+def servable(name: str) -> bool:
+    """Whether ``name`` can be a spooled log: a plain file name (never a path, a marker or the lock)."""
+    return 0 < len(name) <= MAX_NAME and not name.startswith(".") and NAME_CHARS.issuperset(name) and name != LOG
 
 
 def deliver(spool: str, name: str, dest: str) -> bool:
@@ -130,13 +132,13 @@ def touch(spool: str) -> None:
         pass
 
 
-def segments_ahead(spool: str, name: str) -> int:
-    """Spooled segments after ``name`` on its timeline."""
+def ahead(spool: str, name: str) -> int:
+    """Spooled logs that sort after ``name`` (the prefetcher keeps the next ones there)."""
     try:
         entries = os.listdir(spool)
     except OSError:
         return 0
-    return sum(1 for entry in entries if is_segment(entry) and entry[:8] == name[:8] and entry > name)
+    return sum(1 for entry in entries if entry > name and servable(entry))
 
 
 def start_prefetcher(spool: str, config: str | None, job: str, name: str, *, after: bool,

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from backupd.errors import BackupdError, ConfigError
+from backupd.errors import BackupdError, ConfigError, read_secret
 
 NAMESPACE = "backupd"
 MAGIC = b"SSHSIG"
@@ -141,14 +141,7 @@ def parse_public_key(line: str) -> PublicKey:
 
 def load_private_key(path: Path, what: str = "signing key") -> SigningKey:
     """An unencrypted OpenSSH Ed25519 private key file; ConfigError naming the file otherwise."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    data = read_secret(path, what)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:
@@ -260,6 +253,17 @@ def verify(data: bytes | BinaryIO, armored: str | bytes, trusted: Iterable[Publi
         digest = hasher.digest()
     _check_signature(parsed, digest, signer, what)
     return signer
+
+
+def signer_of(data: bytes, armored: str | bytes, namespace: str = NAMESPACE, what: str = "signature") -> PublicKey:
+    """The key that made this signature over ``data``, checked against the key the signature names.
+
+    Proves only that whoever holds that key signed: the caller decides whether it trusts it."""
+    parsed = parse(armored, what)
+    signer = _key_from_blob(parsed.key_blob, what)
+    if isinstance(signer, str):
+        raise UnknownKey(f"{what}: signed by {signer}, which backupd cannot check")
+    return verify(data, armored, [signer], namespace, what)
 
 
 def verify_digest(digest: bytes, armored: str | bytes, trusted: Iterable[PublicKey],

@@ -5,8 +5,8 @@ live (the archive lag, its log archivers) when one runs on this host.
 Per job: the newest backup of each method and type; the newest run's result and error (the
 run record ``backupd.runstate`` keeps in the repository); the archived logs' oldest and newest
 and the PITR window they give, with its breaks (the driver's ``log_reach``); the newest
-verification report; pins; backups left without a manifest. Signatures and copies are reported
-"not available" until backupd has them. ``problems`` lists what needs an operator; ``state``
+verification report; pins; backups left without a manifest; with several repositories, what each
+lacks (``backupd.catchup``). ``problems`` lists what needs an operator; ``state``
 sums it up: ``ok``, ``warning`` (never verified, no backup yet) or ``error``.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Sequence, get_args
 
-from backupd.catalog import Catalog
+from backupd.catchup import lagging
 from backupd.context import JobContext
 from backupd.control import request, socket_path
 from backupd.errors import BackupdError, ConfigError, CryptoError, IntegrityError
-from backupd.logarchive import Kind, LogArchive, LogObject
+from backupd.logarchive import Kind, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
 from backupd.runstate import UnreadableRecord, last_run
@@ -60,12 +60,13 @@ def daemon_status(ctx: JobContext) -> dict[str, Any] | None:
 
 
 def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
+    with ctx.one_listing():  # the log archive's counts and its PITR breaks from one listing
+        return _job_status(ctx, daemon, now)
+
+
+def _job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
     repo = ctx.repository
-    catalog = Catalog(ctx.state_dir)
-    try:
-        entries = catalog.entries(repo)  # newest first
-    finally:
-        catalog.close()
+    entries = repo.entries()  # newest first, from the index
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     untrusted = [f"{m.backup_id}: {trust} ({trust.problem})" for m, trust in entries
                  if trust is not None and trust.status != "signed"]
@@ -86,7 +87,8 @@ def job_status(ctx: JobContext, daemon: dict[str, Any] | None, now: dt.datetime)
         "pins": sorted(Pins(ctx.storage, ctx.name).ids()),
         "untrusted_objects": untrusted if repo.trusted
         else f"{NOT_AVAILABLE}: the job has no trusted keys (signatures are not checked)",
-        "lagging_copies": f"{NOT_AVAILABLE}: backupd keeps one repository per job",
+        "lagging_copies": lagging(ctx) if len(ctx.job.storages) > 1
+        else f"{NOT_AVAILABLE}: the job has one repository",
     }
     status["problems"], status["warnings"] = _problems(status, manifests)
     status["state"] = "error" if status["problems"] else "warning" if status["warnings"] else "ok"
@@ -118,7 +120,7 @@ def _last_run(ctx: JobContext) -> dict[str, Any] | None:
 def _archive(ctx: JobContext, now: dt.datetime) -> dict[str, Any] | None:
     """The archived logs of the job (WAL, binlogs or oplog slices): how many, the oldest and newest."""
     for kind in get_args(Kind):
-        logs = [obj for obj in LogArchive(ctx.storage, ctx.name, kind).list()]
+        logs = ctx.listed_archive(kind).list()
         if not logs:
             continue
         order = sorted(logs, key=lambda o: (o.modified or dt.datetime.min.replace(tzinfo=dt.timezone.utc), o.name))
@@ -211,6 +213,12 @@ def _problems(status: dict[str, Any], manifests: list[Manifest]) -> tuple[list[s
         problems.append(f"the newest verification ({verification.get('backup_id')}, "
                         f"{verification.get('finished_at') or verification.get('started_at')}) failed"
                         + (f": {'; '.join(verification['problems'])}" if verification["problems"] else ""))
+    for copy in status["lagging_copies"] if isinstance(status["lagging_copies"], list) else []:
+        if not copy["reachable"]:
+            problems.append(f"repository {copy['storage']} is not reachable: {copy['error']}")
+        elif copy["behind_objects"]:
+            warnings.append(f"repository {copy['storage']} lacks {copy['behind_objects']} object(s), the oldest "
+                            f"from {copy['oldest_missing']} (the daemon catches it up; `backupd copy` by hand)")
     for archiver in status["archivers"] if isinstance(status["archivers"], list) else []:
         if archiver.get("state") not in ("starting", "running"):
             problems.append(f"log archiver {archiver.get('name')} is {archiver.get('state')}"

@@ -10,6 +10,13 @@ storage that cannot be reached (network, permissions, missing bucket) raises
 to ``StorageError`` at the boundary, with the original chained as ``__cause__``.
 Callers never see botocore or OS exceptions. Storage that enforces a retention
 (S3 Object Lock) raises ``ObjectLocked`` from ``delete`` while it holds the object.
+
+Two optional methods give small objects (the per-job ``index.json``) a compare-and-swap:
+``read_versioned`` returns an object's bytes with a token naming that version, and
+``replace`` writes only while the object is still that version, raising ``ObjectChanged``
+(nothing written) when another writer got there first. A backend without them raises
+``ConditionalWritesUnsupported`` (a ``StorageError``); callers then treat the object as
+read-only.
 """
 
 from __future__ import annotations
@@ -25,8 +32,20 @@ from pydantic import BaseModel
 from backupd.errors import StorageError
 
 
+class ConditionalWritesUnsupported(StorageError):
+    """The backend offers no ``read_versioned``/``replace`` (compare-and-swap)."""
+
+
 class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small object's bytes and the token naming this version of it (for ``Storage.replace``)."""
+
+    data: bytes
+    version: str
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,11 @@ class Storage(abc.ABC):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, in key order."""
 
+    def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        """As ``list``, but only keys that sort after ``start_after``: what was added past a known point
+        (the index's newest backup) at the cost of what is listed, not of everything under ``prefix``."""
+        return (info for info in self.list(prefix) if info.key > start_after)
+
     @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo:
         """Size (and time) of one object."""
@@ -122,6 +146,22 @@ class Storage(abc.ABC):
 
         Raises ``ObjectLocked`` (the object unchanged) while a retention holds it.
         """
+
+    def can_lock(self) -> bool:
+        """Whether this storage may hold objects under a retention (``ObjectInfo.locked_until``); when
+        false, nobody needs to stat objects for locks."""
+        return False
+
+    def read_versioned(self, key: str, limit: int) -> Versioned:
+        """The whole object (at most ``limit`` bytes, else ``StorageError``) and its version token, read
+        together. ``ObjectNotFound`` when missing."""
+        raise ConditionalWritesUnsupported(f"{self.location}: conditional writes are not supported")
+
+    def replace(self, key: str, data: bytes, *, version: str | None) -> str:
+        """Put ``data`` at ``key`` only while the object is the version ``version`` names (a token from
+        ``read_versioned`` or an earlier ``replace``), or with None only while there is none; return the
+        new version's token. ``ObjectChanged`` when it is another version (or gone): nothing is written."""
+        raise ConditionalWritesUnsupported(f"{self.location}: conditional writes are not supported")
 
     def sweep(self, prefix: str, *, remove: bool = True) -> builtins.list[str]:
         """What interrupted writes left under ``prefix`` (removed unless ``remove`` is false).

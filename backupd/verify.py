@@ -19,6 +19,7 @@ from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import BackupdError, CryptoError, DriverError, IntegrityError, KeyMismatch, UntrustedObject, UsageError
 from backupd.jobrun import JobRun, Recorder, process_recorder
 from backupd.manifest import Manifest, PitrStart
+from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
 from backupd.timeutil import format_timestamp, utcnow
 
@@ -191,13 +192,9 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    checked = 0
-    for manifest in manifests:
-        if not PitrStart.recorded(manifest):
-            continue
-        checked += 1
-        source = RepositorySource(ctx.repository, manifest, identities, key_file)
-        reach = ctx.driver.log_reach(source)
+    reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+    checked = len(reaches)
+    for reach in reaches.values():
         if reach is not None:
             gaps.extend(gap for gap in reach.missing if gap not in gaps)
             notes.extend(note for note in reach.notes if note not in notes)
@@ -207,6 +204,21 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     if checked:
         report.steps.append({"step": "log_continuity", "backups": checked, "gaps": gaps, "notes": notes,
                              "seconds": round(time.monotonic() - started, 3)})
+
+
+def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
+    """With trusted keys, every archived log object of the job must carry a trusted signature over its name
+    and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
+    trusted = ctx.settings.trusted_keys(ctx.name)
+    if not trusted:
+        return
+    started = time.monotonic()
+    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
+    untrusted = [line for archive in archives for line in archive.untrusted()]
+    for line in untrusted:
+        report.fail(line)
+    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted),
+                         "seconds": round(time.monotonic() - started, 3)})
 
 
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
@@ -242,11 +254,18 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     backup unless one is named. With trusted keys, a manifest no trusted key signed is a
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
-    run = JobRun.of(ctx, "verify", run)
+    with ctx.one_listing():  # the log archive is listed once, however many backups record logs
+        return _run_verification(ctx, backup_id, integrity_only=integrity_only, pitr_drill=pitr_drill,
+                                 run=JobRun.of(ctx, "verify", run))
+
+
+def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only: bool,
+                      pitr_drill: bool, run: JobRun) -> list[VerifyReport]:
     repo = ctx.repository
+    named: Manifest | None = None
     if backup_id:
         try:
-            repo.load_manifest(backup_id)
+            named = repo.load_manifest(backup_id)  # by key, once
         except UntrustedObject as exc:  # refused before anything of it is read
             report = unusable_reports(ctx, [(backup_id, exc)])[0]
             report.mode = "integrity" if integrity_only else "full"
@@ -255,19 +274,26 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
                 record_metrics(report, run.recorder)
             return [report]
     if integrity_only:
-        if backup_id:
-            manifests, unusable = [repo.resolve(backup_id)], list[tuple[str, IntegrityError]]()
+        if named is not None:
+            manifests, unusable = [named], list[tuple[str, IntegrityError]]()
         else:
             manifests, unusable = repo.scan_manifests()
             if not manifests and not unusable:
                 repo.resolve(None)  # raises "no backups"
         reports = []
-        for manifest in manifests:
+        for chosen in manifests:
+            try:
+                manifest = repo.load_full(chosen)  # the index's summary -> the manifest itself, by key
+            except IntegrityError as exc:
+                reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
+                continue
             reports.append(check_integrity(ctx, manifest))
             check_continuity(ctx, [manifest], reports[-1])
+        if reports and not backup_id:  # the whole archive once, with the newest backup's report
+            check_log_signatures(ctx, reports[0])
         reports.extend(unusable_reports(ctx, unusable))
         return reports
-    manifest = repo.resolve(backup_id)
+    manifest = named if named is not None else repo.resolve(None)
     if pitr_drill:
         require_drill(ctx, manifest)  # exit 2 before any restore
     kept, unusable = repo.scan_manifests()
@@ -276,6 +302,7 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     untrusted = [] if backup_id else [str(e) for _, e in unusable if isinstance(e, UntrustedObject)]
     report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
     check_continuity(ctx, kept, report)  # from each kept backup to the newest log
+    check_log_signatures(ctx, report)
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)
     save_report(ctx, report)

@@ -11,6 +11,7 @@ import builtins
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import json
 import os
 import uuid
@@ -19,8 +20,8 @@ from typing import BinaryIO, Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from backupd.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
-from backupd.storage import Metadata, ObjectInfo, Readable, Storage, check_key, resolve_metadata
+from backupd.errors import ObjectChanged, ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.storage import Metadata, ObjectInfo, Readable, Storage, Versioned, check_key, resolve_metadata
 
 CHUNK = 1 << 20
 #: Writeback of a new object starts every this many bytes, so the closing fsync waits for little.
@@ -167,6 +168,48 @@ class FilesystemStorage(Storage):
         with _os_errors(str(path)):
             return open(path, "rb")
 
+    def read_versioned(self, key: str, limit: int) -> Versioned:
+        path = self._path(key)
+        with _os_errors(str(path)), open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+            version = _version(os.fstat(handle.fileno()))  # the file read: puts replace files, never rewrite them
+        if len(data) > limit:
+            raise StorageError(f"{path}: larger than the limit of {limit} bytes; not read")
+        return Versioned(data, version)
+
+    def replace(self, key: str, data: bytes, *, version: str | None) -> str:
+        """Under an exclusive lock of the object's directory (``flock``: local disks and NFSv4),
+        compare the current file with ``version``, then rename the new one over it."""
+        target = self._path(key)
+        self._ensure_root()
+        with _os_errors(str(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(directory, fcntl.LOCK_EX)
+                try:
+                    current: str | None = _version(target.stat())
+                except FileNotFoundError:
+                    current = None
+                if current != version:
+                    raise ObjectChanged(f"{target}: changed since it was read (another writer)")
+                tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+                try:
+                    with open(tmp, "xb") as out:
+                        out.write(data)
+                        out.flush()
+                        os.fsync(out.fileno())
+                        written = _version(os.fstat(out.fileno()))
+                    os.replace(tmp, target)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                os.fsync(directory)
+                return written
+            finally:
+                os.close(directory)  # releases the lock
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self._ensure_root()
         # Walk only the deepest directory the prefix names, then filter by prefix.
@@ -174,21 +217,48 @@ class FilesystemStorage(Storage):
         if not base_dir.is_dir():
             return iter(())
         found: list[ObjectInfo] = []
+        root = str(self.root) + os.sep
         with _os_errors(str(base_dir)):
-            for dirpath, dirnames, filenames in os.walk(base_dir):
-                dirnames.sort()
+            for dirpath, dirnames, filenames in os.walk(base_dir):  # plain strings: 100k keys, no pathlib
+                relative = dirpath[len(root):].replace(os.sep, "/") if dirpath.startswith(root) else ""
+                # only the folders that can hold a key with the prefix (a WAL folder, not its timeline's others)
+                parent = f"{relative}/" if relative else ""
+                dirnames[:] = sorted(d for d in dirnames
+                                     if f"{parent}{d}/".startswith(prefix) or prefix.startswith(f"{parent}{d}/"))
                 for name in filenames:
                     if name.startswith((TEMP_PREFIX, META_PREFIX)):
                         continue
-                    full = Path(dirpath) / name
-                    key = full.relative_to(self.root).as_posix()
+                    key = f"{relative}/{name}" if relative else name
                     if not key.startswith(prefix):
                         continue
                     try:
-                        st = full.stat()
+                        st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue  # deleted while listing
                     found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
+        found.sort(key=lambda info: info.key)
+        return iter(found)
+
+    def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        """Reads the prefix's directory, then walks only the subdirectories that can hold later keys."""
+        if not prefix.endswith("/"):
+            return super().list_after(prefix, start_after)
+        base_dir = self.root / prefix.rstrip("/")
+        found: list[ObjectInfo] = []
+        with _os_errors(str(base_dir)):
+            try:
+                children = sorted(os.scandir(base_dir), key=lambda entry: entry.name)
+            except FileNotFoundError:
+                return iter(())
+            for child in children:
+                key = prefix + child.name
+                if child.is_dir(follow_symlinks=False):
+                    if key + "/\U0010ffff" > start_after:
+                        found.extend(info for info in self.list(key + "/") if info.key > start_after)
+                elif key > start_after and not child.name.startswith((TEMP_PREFIX, META_PREFIX)):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = child.stat()
+                        found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
         found.sort(key=lambda info: info.key)
         return iter(found)
 
@@ -246,6 +316,11 @@ class FilesystemStorage(Storage):
                             with contextlib.suppress(OSError):
                                 directory.rmdir()
         return found
+
+
+def _version(st: os.stat_result) -> str:
+    """A file's version token: a put or replace always makes a new file (a new inode)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def _mtime(ts: float) -> dt.datetime:

@@ -41,8 +41,9 @@ from botocore.exceptions import (EndpointConnectionError, HTTPClientError, NoCre
                                  PartialCredentialsError, ReadTimeoutError)
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from backupd.errors import ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
-from backupd.storage import LOCKED_INDEFINITELY, Metadata, ObjectInfo, Readable, Storage, check_key, resolve_metadata
+from backupd.errors import ObjectChanged, ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.storage import (LOCKED_INDEFINITELY, Metadata, ObjectInfo, Readable, Storage, Versioned, check_key,
+                             resolve_metadata)
 from backupd.timeutil import format_timestamp
 
 log = structlog.get_logger(__name__)
@@ -418,11 +419,44 @@ class S3Storage(Storage):
         raw = _Body(body, lambda: self._errors(key))
         return io.BufferedReader(raw, buffer_size=READ_BUFFER)  # type: ignore[return-value]
 
+    def read_versioned(self, key: str, limit: int) -> Versioned:
+        name = self._name(key)
+        with self._errors(key):
+            resp = self._client.get_object(Bucket=self.bucket, Key=name)
+            if resp.get("ContentLength", 0) > limit:
+                resp["Body"].close()
+                raise StorageError(f"{self.location}{key}: larger than the limit of {limit} bytes; not read")
+            data = resp["Body"].read(limit + 1)
+        return Versioned(data, str(resp["ETag"]))
+
+    def replace(self, key: str, data: bytes, *, version: str | None) -> str:
+        """One PutObject with If-Match (the ETag read) or If-None-Match: *; a failed condition
+        (412, or 409 for a concurrent conditional write) is ObjectChanged."""
+        name = self._name(key)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            with self._errors(key):
+                resp = self._client.put_object(Bucket=self.bucket, Key=name, Body=data, **self._write_args(),
+                                               **condition)
+        except (ObjectExists, ObjectNotFound):  # 412 PreconditionFailed; If-Match on a deleted object
+            raise ObjectChanged(f"{self.location}{key}: changed since it was read (another writer)") from None
+        except StorageError as exc:
+            if "ConditionalRequestConflict" in str(exc):
+                raise ObjectChanged(f"{self.location}{key}: changed since it was read (another writer)") from None
+            raise
+        return str(resp["ETag"])
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._list(prefix, {})
+
+    def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        return self._list(prefix, {"StartAfter": self._name(start_after)})
+
+    def _list(self, prefix: str, extra: dict[str, str]) -> Iterator[ObjectInfo]:
         start = len(self.prefix)
         paginator = self._client.get_paginator("list_objects_v2")
         with self._errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, **extra):
                 for obj in page.get("Contents", ()):
                     if not obj["Key"].endswith("/"):  # "folder" markers made by consoles
                         yield ObjectInfo(obj["Key"][start:], obj["Size"], obj.get("LastModified"))
@@ -479,6 +513,10 @@ class S3Storage(Storage):
                     what = "under legal hold" if until == LOCKED_INDEFINITELY else \
                         f"locked until {format_timestamp(until)}"
                     raise ObjectLocked(f"{self.location}{key}: {what} (Object Lock)", until=until) from exc
+
+    def can_lock(self) -> bool:
+        with self._errors():
+            return self._lock_enabled()
 
     def _lock_enabled(self) -> bool:
         """Whether the bucket has Object Lock enabled; asked once, then cached."""

@@ -5,10 +5,14 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from backupd import age
+from backupd.storage import Storage
+from storage.filesystem import FilesystemStorage
+from storage.s3 import S3Options, S3Storage
 from support import write_config
 
 
@@ -69,3 +73,24 @@ def sqlite_job(tmp_path: Path, keys: Keys) -> SqliteJob:
     repo = tmp_path / "repo"
     config = sqlite_job_config(tmp_path, keys, {"type": "filesystem", "path": str(repo)}, db)
     return SqliteJob(config, db, repo, counts, keys, tmp_path / "state")
+
+
+@dataclass
+class Repo:
+    table: dict[str, object]  # the job's storage table
+    storage: Storage  # the same repository, as an attacker with write access sees it
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def repository(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Repo]:
+    """A job's repository on each backend in turn (S3: moto, under prefix "prod/")."""
+    if request.param == "filesystem":
+        table: dict[str, object] = {"type": "filesystem", "path": str(tmp_path / "repo")}
+        storage: Storage = FilesystemStorage(tmp_path / "repo")
+    else:
+        endpoint = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        table = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint}
+        storage = S3Storage(S3Options(bucket=bucket, prefix="prod/", endpoint_url=endpoint, region="us-east-1"))
+    with storage:
+        yield Repo(table, storage)

@@ -50,9 +50,12 @@ class Mariadb:
         self.log_bin = log_bin
         self.server_id = server_id
         self.proc: subprocess.Popen[bytes] | None = None
+        # a tmpdir of its own: bootstraps running at once in the shared /tmp have removed each other's temp tables
+        (self.base / "tmp").mkdir()
+        self.env = {**os.environ, "TMPDIR": str(self.base / "tmp")}
         made = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
                                "--auth-root-authentication-method=normal", "--skip-test-db"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=self.env)
         if made.returncode != 0:
             shutil.rmtree(self.base, ignore_errors=True)
             raise AssertionError(f"mariadb-install-db exited {made.returncode}: {(made.stdout + made.stderr)[-3000:]}")
@@ -61,10 +64,10 @@ class Mariadb:
         argv = [require_tool("mariadbd"), "--no-defaults", "--user=root",
                 f"--datadir={self.datadir}", f"--socket={self.base / 'sock'}", f"--port={self.port}",
                 "--bind-address=127.0.0.1", f"--pid-file={self.base / 'pid'}", f"--log-error={self.base / 'err.log'}",
-                f"--server-id={self.server_id}", "--innodb-buffer-pool-size=128M", "--skip-name-resolve"]
+                f"--server-id={self.server_id}", "--innodb-buffer-pool-size=128M", "--skip-name-resolve", f"--tmpdir={self.base / 'tmp'}"]
         if self.log_bin:
             argv += [f"--log-bin={self.datadir / 'mysql-bin'}", "--binlog-format=ROW"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
         wait_for(self._ready, 60, f"mariadbd on port {self.port}")
 
     def _ready(self) -> bool:

@@ -83,3 +83,4 @@ def write_config(path: Path, tables: dict[str, dict[str, object]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+

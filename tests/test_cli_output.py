@@ -19,6 +19,8 @@ def _rewrite_metadata(sqlite_job: SqliteJob, backup_id: str, extra: dict[str, ob
     manifest = json.loads(path.read_text())
     manifest["metadata"].update(extra)
     path.write_text(json.dumps(manifest))
+    # the index is derived from the manifests (written once): after an edit in place, rebuilt from them
+    (sqlite_job.repo_root / "shop" / "index.json").unlink(missing_ok=True)
 
 
 def test_show_prints_nested_metadata_as_text_not_python_reprs(sqlite_job: SqliteJob) -> None:

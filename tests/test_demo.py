@@ -4,6 +4,7 @@ needs no encryption.recipients; backing up says which key is missing."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -50,3 +51,14 @@ def test_the_demo_and_the_commands_it_suggests(tmp_path: Path) -> None:
     env["BACKUPD_ENCRYPTION__RECIPIENTS"] = recipient.group(1)
     backed_up = run(commands[4], tmp_path, env)
     assert backed_up.returncode == 0, backed_up.stderr
+
+    # The demo signs by default: with the trusted key the hint gives, every backup is signed by it.
+    assert list((tmp_path / "var" / "repository" / "demo" / "backups").glob("*/manifest.json.sig"))
+    signer = re.search(r"BACKUPD_SIGNING__TRUSTED_KEYS='(\[.*\])'", hint)
+    assert signer is not None
+    env["BACKUPD_SIGNING__TRUSTED_KEYS"] = signer.group(1)
+    listed = run([".venv/bin/backupd", "list", "demo", "--json"], tmp_path, env)
+    backups = json.loads(listed.stdout)["backups"]
+    assert len(backups) == 2 and all(b["signature"].startswith("signed-by backupd@") for b in backups), backups
+    if shutil.which("ssh-keygen"):
+        assert 'Good "backupd" signature' in demo.stdout + demo.stderr

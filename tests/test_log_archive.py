@@ -33,7 +33,9 @@ def test_push_fetch_round_trip(storage: Storage, keys, segment: Path, tmp_path: 
     archive = LogArchive(storage, "orders", "wal", [keys.identity.to_recipient()])
     result = archive.push_file("00000001/000000010000000000000003", segment)
     assert result.status == "stored" and result.raw_size == segment.stat().st_size
-    assert storage.stat("orders/wal/00000001/000000010000000000000003.zst.age").size == result.stored_size
+    # DESIGN.md: 256 segments a folder
+    assert storage.stat("orders/wal/00000001/0000000100000000/000000010000000000000003.zst.age").size == \
+        result.stored_size
     [listed] = archive.list(with_metadata=True)
     assert listed.name == "00000001/000000010000000000000003" and listed.sha256 == result.sha256
     dest = tmp_path / "fetched"

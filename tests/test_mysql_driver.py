@@ -67,14 +67,15 @@ class Job:
 
 
 def make_job(tmp_path: Path, keys: Keys, server: Mariadb, databases: list[str], password: str = PASSWORD,
-             **extra: object) -> Job:
+             storage: dict[str, object] | None = None, **extra: object) -> Job:
+    """A job on ``server`` (its repository on the filesystem, or in the given storage table)."""
     password_file = tmp_path / "mysql.pass"
     password_file.write_text(password + "\n")
     password_file.chmod(0o600)
     repo = tmp_path / "repo"
     config = write_config(tmp_path / "backupd.toml", {
         "daemon": {"state_dir": str(tmp_path / "state")},
-        "storage.main": {"type": "filesystem", "path": str(repo)},
+        "storage.main": storage or {"type": "filesystem", "path": str(repo)},
         "encryption": {"recipients": [keys.recipient], "identity_file": str(keys.identity_file)},
         "jobs.shop": {"driver": "mysql", "dsn": server.url(), "password_file": str(password_file), "storage": "main",
                       "databases": databases, **extra},

@@ -141,6 +141,7 @@ def test_example_config_is_valid_and_shows_every_key() -> None:
     for name in ("s3", "filesystem"):
         keys |= set(plugins.storage_class(name).options_model.model_fields)
     assert keys - shown == set(), "keys missing from config/backupd.example.toml"
+    assert settings.signing.key_file is not None and settings.signing.public_keys(), "the example signs by default"
 
 
 @pytest.mark.parametrize("tool, package", [("promtool", "prometheus"), ("systemd-analyze", "systemd")])

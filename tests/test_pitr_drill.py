@@ -59,7 +59,7 @@ def test_postgres_drill_after_the_newest_commit_replays_once(pg_env: PgEnv) -> N
     pg_env.sql("INSERT INTO quiet VALUES (1)")
     pg_env.backupd("backup", JOB, check=True)
     pg_env.switch_and_wait_archived()
-    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").glob("*/*.zst.age")
+    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").rglob("*.zst.age")
                   if ".history" not in path.name)
     moment = dt.datetime.fromtimestamp(arrived, dt.timezone.utc)
     ctx = JobContext(load_settings(pg_env.config), JOB)

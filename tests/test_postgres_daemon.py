@@ -35,7 +35,7 @@ class PostgresUserDaemon(DaemonProcess):
 
 
 def archived_segments(env: PgEnv) -> set[str]:
-    return {p.name.removesuffix(".zst.age") for p in (env.repo / JOB / "wal").glob("*/*.zst.age")}
+    return {p.name.removesuffix(".zst.age") for p in (env.repo / JOB / "wal").rglob("*.zst.age")}
 
 
 def test_archive_command_goes_through_the_running_daemon(pg_env: PgEnv, tmp_path: Path) -> None:

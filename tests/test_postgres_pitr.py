@@ -117,7 +117,7 @@ def test_target_after_the_newest_commit_replays_to_the_end(pg_env: PgEnv, scenar
     ("recovery ended before configured recovery target was reached"); the state there is the archive's end."""
     import datetime as dt
 
-    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").glob("*/*.zst.age")
+    arrived = max(path.stat().st_mtime for path in (pg_env.repo / JOB / "wal").rglob("*.zst.age")
                   if ".history" not in path.name)
     moment = dt.datetime.fromtimestamp(arrived, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     restored = pg_env.restored_cluster("after-last-commit")
@@ -195,7 +195,8 @@ def test_restore_refuses_non_empty_directory(pg_env: PgEnv, scenario: Scenario) 
 def test_missing_segment_fails_verification(pg_env: PgEnv, scenario: Scenario) -> None:
     """Runs last in this module: it removes an archived segment inside the backup's WAL range onwards."""
     wal = pg_env.repo / JOB / "wal" / "00000001"
-    segments = sorted(p for p in wal.glob("*.zst.age") if len(p.name) == len("0" * 24 + ".zst.age"))
+    segments = sorted((p for p in wal.rglob("*.zst.age") if len(p.name) == len("0" * 24 + ".zst.age")),
+                      key=lambda p: p.name)
     first = json.loads(pg_env.backupd("show", scenario.backup_id, "--json", check=True).out)["metadata"]["pitr"]
     assert len(segments) >= 3
     victim = segments[-2]  # not the newest: a hole inside the sequence

@@ -13,6 +13,7 @@ import pytest
 
 from backupd import control
 from backupd.context import JobContext
+from backupd.repository import Layout
 from backupd.settings import load_settings
 from drivers.postgres.walnames import (Switch, archive_name, format_lsn, missing_segments, parse_history,
                                        parse_lsn, segment_name)
@@ -61,7 +62,7 @@ def fake_wal(env: PgEnv) -> Path:
 
 
 def stored(env: PgEnv, name: str) -> Path:
-    return env.repo / JOB / "wal" / f"{archive_name(name)}.zst.age"
+    return env.repo / Layout(JOB).log_key("wal", archive_name(name))
 
 
 def fetch(env: PgEnv, name: str) -> bytes:
@@ -109,7 +110,9 @@ def test_sigkill_mid_upload_then_retry(pg_env: PgEnv) -> None:
 def test_storage_down_keeps_segment_then_archives(pg_env: PgEnv) -> None:
     pg_env.switch_and_wait_archived()
     wal_dir = pg_env.repo / JOB / "wal" / "00000001"
-    os.chmod(wal_dir, 0o500)  # postgres can no longer write: storage "down"
+    wal_dirs = [wal_dir, *(p for p in wal_dir.iterdir() if p.is_dir())]  # the timeline and its WAL folders
+    for folder in wal_dirs:
+        os.chmod(folder, 0o500)  # postgres can no longer write: storage "down"
     try:
         with pg_env.cluster.connect() as conn:
             failed_before = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0]
@@ -123,7 +126,8 @@ def test_storage_down_keeps_segment_then_archives(pg_env: PgEnv) -> None:
         assert ready.exists() and (pg_env.cluster.data / "pg_wal" / segment).exists()
         assert not stored(pg_env, segment).exists()
     finally:
-        os.chmod(wal_dir, 0o755)
+        for folder in wal_dirs:
+            os.chmod(folder, 0o755)
     with pg_env.cluster.connect() as conn:  # a new segment wakes the archiver, which retries the old one first
         conn.execute("SELECT txid_current()")
         conn.execute("SELECT pg_switch_wal()")

@@ -12,7 +12,7 @@ import pytest
 
 import kvlog_driver
 from backupd import backup as backup_module
-from backupd import metrics
+from backupd import metrics, signing
 from backupd.backup import run_backup
 from backupd.cli.main import main
 from backupd.context import JobContext
@@ -23,9 +23,11 @@ from backupd.logarchive import LogArchive
 from backupd.prune import journal_key, run_prune
 from backupd.restore import run_restore
 from backupd.settings import load_settings
+from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from backupd.verify import run_verification
 from core_fixtures import Keys, SqliteJob, make_sample_db, sqlite_job_config
+from signing_support import add_signing, forge_backup, read, signing_key_file
 from support import error_lines, run_backupd, write_config
 
 UTC = dt.timezone.utc
@@ -93,6 +95,58 @@ def test_exactly_the_expected_backups_remain(kind: str, tmp_path: Path, keys: Ke
 
     again = run_prune(ctx, now=at("2026-11-25T00:00:00Z"))  # applying twice changes nothing
     assert again.deleted_objects == 0 and ctx.repository.backup_ids() == expected
+    ctx.close()
+
+
+HOST = SigningKey.generate("backupd@host")  # writes the job's backups
+STRANGER = SigningKey.generate("backupd@stranger")
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "s3"])
+def test_forged_manifests_change_nothing_that_prune_deletes(kind: str, tmp_path: Path, keys: Keys, request,
+                                                            monkeypatch) -> None:
+    """Forged backups placed to take the slots of real ones (the newest two, a day, a month) are left out
+    of the plan and kept: prune deletes exactly what it deletes without them."""
+    config = sqlite_config(tmp_path, keys, storage_table(kind, tmp_path, request),
+                           {"keep_last": 2, "keep_daily": 4, "keep_monthly": 2})
+    unchecked = tmp_path / "unchecked.toml"  # the same job read without trusted keys
+    unchecked.write_text(config.read_text().replace(str(tmp_path / "state"), str(tmp_path / "unchecked-state")))
+    add_signing(config, [HOST.public.line()], signing_key_file(tmp_path / "host.key", HOST))
+    ctx = context(config)
+    made = [backup_at(ctx, at(moment), monkeypatch) for moment in [
+        "2026-09-30T02:00:00Z", "2026-10-30T02:00:00Z", "2026-10-31T02:00:00Z", "2026-11-20T02:00:00Z",
+        "2026-11-21T02:00:00Z", "2026-11-22T02:00:00Z", "2026-11-23T02:00:00Z", "2026-11-24T02:00:00Z",
+        "2026-11-24T14:00:00Z"]]
+    expected = ["20261031T020000Z", "20261121T020000Z", "20261122T020000Z", "20261123T020000Z",
+                "20261124T020000Z", "20261124T140000Z"]  # as in test_exactly_the_expected_backups_remain
+
+    newest, evil = made[-1], (tmp_path / "shop.sqlite3").read_bytes()
+
+    def forge(moment: str) -> tuple[str, bytes]:
+        return forge_backup(ctx.storage, "shop", newest, evil, keys.recipient, at(moment) - at(newest))
+
+    forged = [forge("2026-11-24T20:00:00Z")[0], forge("2026-11-24T22:00:00Z")[0]]  # unsigned: the last two
+    moved, _ = forge("2026-10-31T23:00:00Z")  # October's monthly slot, with a real backup's signature
+    ctx.storage.put(f"shop/backups/{moved}/manifest.json.sig",
+                    io.BytesIO(read(ctx.storage, f"shop/backups/{newest}/manifest.json.sig")))
+    stranger, manifest = forge("2026-11-23T05:00:00Z")  # 11-23's daily slot, signed by an untrusted key
+    signing.sign_manifest(ctx.storage, f"shop/backups/{stranger}/manifest.json", manifest, STRANGER)
+    forged += [moved, stranger]
+
+    now = at("2026-11-25T00:00:00Z")
+    steered = context(unchecked)  # without signatures the forgeries would cost real backups
+    assert {"20261031T020000Z", "20261123T020000Z", "20261124T020000Z", "20261124T140000Z"} <= set(
+        run_prune(steered, dry_run=True, now=now).plan.deleted_backups())
+    steered.close()
+
+    preview = run_prune(ctx, dry_run=True, now=now)
+    result = run_prune(ctx, now=now)
+    assert sorted(result.deleted_backups) == sorted(preview.plan.deleted_backups()) == sorted(set(made) - set(expected))
+    assert ctx.repository.backup_ids() == sorted(expected + forged)  # the forgeries are kept, not planned from
+    assert sorted(line.split()[1] for line in result.plan.untrusted) == sorted(forged)
+    assert {d.name for d in result.plan.backups} == set(made)  # only real backups are planned
+    again = run_prune(ctx, now=now)
+    assert again.deleted_objects == 0 and ctx.repository.backup_ids() == sorted(expected + forged)
     ctx.close()
 
 

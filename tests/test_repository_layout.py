@@ -17,7 +17,19 @@ def test_every_key_is_where_the_design_says() -> None:
     assert layout.manifest_key(BACKUP) == f"shop/backups/{BACKUP}/manifest.json"
     assert layout.object_key(BACKUP, "db") == f"shop/backups/{BACKUP}/db.zst.age"
     assert layout.log_key("wal", "00000001/000000010000000000000003") == \
+        "shop/wal/00000001/0000000100000000/000000010000000000000003.zst.age"
+    assert layout.log_key("wal", "00000001/0000000100000000000000FF.partial") == \
+        "shop/wal/00000001/0000000100000000/0000000100000000000000FF.partial.zst.age"
+    assert layout.log_key("wal", "00000002/00000002.history") == "shop/wal/00000002/00000002.history.zst.age"
+    assert layout.log_key("wal", "00000001/000000010000000000000003.00000028.backup") == \
+        "shop/wal/00000001/000000010000000000000003.00000028.backup.zst.age"
+    # the layout before folders is still read
+    assert layout.legacy_log_key("wal", "00000001/000000010000000000000003") == \
         "shop/wal/00000001/000000010000000000000003.zst.age"
+    assert layout.legacy_log_key("wal", "00000002/00000002.history") is None
+    for key in ("shop/wal/00000001/0000000100000000/000000010000000000000003.zst.age",
+                "shop/wal/00000001/000000010000000000000003.zst.age"):
+        assert layout.log_name("wal", key) == "00000001/000000010000000000000003"
     assert layout.log_key("binlog", "1/mysql-bin.000003") == "shop/binlog/1/mysql-bin.000003.zst.age"
     assert layout.log_name("oplog", "shop/oplog/1-2.bson.zst.age") == "1-2.bson"
     assert layout.log_name("oplog", "shop/oplog/1-2.bson.tmp") is None
@@ -51,7 +63,10 @@ def test_naming_a_backup_reads_only_its_manifest(sqlite_job: SqliteJob, tmp_path
     integrity = run_backupd("verify", "shop", "--integrity-only", "--backup", newer, config=sqlite_job.config,
                             check=True)
     assert f"{newer}  integrity  ok" in integrity.out and "unusable" not in integrity.err
-    # without a name, every manifest is read: the bad one is named and skipped
+    # without a name, the index chooses and only the chosen manifest is read (issue 22)
     unnamed = run_backupd("restore", "shop", "--to", str(tmp_path / "again.sqlite3"), config=sqlite_job.config,
                           check=True)
-    assert f'"backup_id": "{older}"' in unnamed.err and "manifest is unusable" in unnamed.err
+    assert newer in unnamed.out and "unusable" not in unnamed.err
+    # checking every backup reads every manifest: the bad one is named
+    every = run_backupd("verify", "shop", "--integrity-only", config=sqlite_job.config)
+    assert every.code == 3 and older in every.out + every.err

@@ -39,15 +39,15 @@ def histories(draw):
         backup_id = backup_id_for(moment, taken)
         taken.add(backup_id)
         has_pitr = with_logs and draw(st.integers(0, 9)) > 0
-        pitr = PitrPoint("oplog", log_at(moment), moment + dt.timedelta(minutes=2)) if has_pitr else None
+        pitr = PitrPoint("wal", log_at(moment), moment + dt.timedelta(minutes=2)) if has_pitr else None
         backups.append(BackupItem(backup_id, moment, pitr, pinned=draw(st.integers(0, 9)) == 0))
     newest = max(b.time for b in backups)
     now = newest + dt.timedelta(minutes=draw(st.integers(0, 20 * 24 * 60)))
     logs = []
     if with_logs:
         count = (now - BASE) // LOG_EVERY + 1
-        logs = [LogItem("oplog", f"{i:08d}", BASE + (i + 1) * LOG_EVERY) for i in range(count)]
-        logs.append(LogItem("oplog", "00000000.history", BASE))
+        logs = [LogItem("wal", f"{i:08d}", BASE + (i + 1) * LOG_EVERY) for i in range(count)]
+        logs.append(LogItem("wal", "00000000.history", BASE))
     return backups, logs, now
 
 

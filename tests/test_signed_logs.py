@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,14 @@ from backupd.errors import UntrustedObject
 from backupd.logarchive import LogArchive
 from backupd.pipeline import encode_bytes
 from backupd.sshsig import SigningKey
-from core_fixtures import Keys, keys  # noqa: F401 (fixture)
+from core_fixtures import Keys, Repo, keys  # noqa: F401 (fixture)
 from drivers.postgres.cluster import chown_tree
 from pg_fixtures import JOB, PgEnv, pg_env  # noqa: F401 (fixture)
+from backupd.storage import Storage
 from storage.filesystem import FilesystemStorage
 from mysql_support import started
-from support import run_backupd, write_config
+from signing_support import add_signing, read as read_stored, signing_key_file
+from support import error_lines, run_backupd, write_config
 from test_mysql_driver import RunningArchiver, backup, make_job, tools  # noqa: F401 (fixture)
 
 HOST_A = SigningKey.generate("backupd@host-a")
@@ -53,7 +57,7 @@ def push(storage: FilesystemStorage, keys: Keys, tmp_path: Path, name: str, data
     return LogArchive(storage, "db", "wal").key(name)
 
 
-def replace_object(storage: FilesystemStorage, keys: Keys, key: str, data: bytes, sha256: str | None = None) -> None:
+def replace_object(storage: Storage, keys: Keys, key: str, data: bytes, sha256: str | None = None) -> None:
     """What an attacker with write access does: other valid age content, metadata as they like."""
     body = encode_bytes(data, [age.parse_recipient(keys.recipient)], 3)
     storage.delete(key)
@@ -87,9 +91,10 @@ def test_the_signature_checks_by_hand_with_ssh_keygen(fs_storage: FilesystemStor
     sig.write_bytes(fs_storage.open(key + ".sig").read())
     signers = tmp_path / "allowed_signers"
     signers.write_text(f"backupd {HOST_A.public.line()}\n")
-    message = b"backupd-log-v1\n" + key.encode() + b"\n" + hashlib.sha256(data).hexdigest().encode() + b"\n"
+    # the signature covers the log's kind, name and sha256 (not its storage key: it survives a move)
+    message = f"backupd-log-v2\nwal\n00000001/000000010000000000000004\n{hashlib.sha256(data).hexdigest()}\n"
     done = subprocess.run(["ssh-keygen", "-Y", "verify", "-n", "backupd", "-f", str(signers), "-I", "backupd",
-                           "-s", str(sig)], input=message, capture_output=True)
+                           "-s", str(sig)], input=message.encode(), capture_output=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -125,6 +130,28 @@ def test_a_stranger_s_signature_is_refused(fs_storage: FilesystemStorage, keys: 
     key = push(fs_storage, keys, tmp_path, "00000001/000000010000000000000008", b"x" * 100, signer=STRANGER)
     with pytest.raises(UntrustedObject, match=key):
         read(fs_storage, keys, "00000001/000000010000000000000008", [HOST_A])
+
+
+def test_untrusted_lists_logs_no_trusted_key_vouches_for(storage: Storage, keys: Keys, tmp_path: Path) -> None:
+    names = [f"00000001/0000000100000000000000{n:02X}" for n in range(0x30, 0x36)]
+    pushed = {name: push(storage, keys, tmp_path, name, name.encode() * 100,  # type: ignore[arg-type]
+                         signer=None if name == names[1] else STRANGER if name == names[2] else HOST_A)
+              for name in names}
+    storage.delete(pushed[names[3]] + ".sig")  # the signature of another log in its place
+    storage.put(pushed[names[3]] + ".sig", io.BytesIO(read_stored(storage, pushed[names[0]] + ".sig")))
+    replace_object(storage, keys, pushed[names[4]], b"forged" * 100)  # other content, its own sha256
+    replace_object(storage, keys, pushed[names[5]], b"forged" * 100,  # the signed sha256 kept: found when read
+                   hashlib.sha256(names[5].encode() * 100).hexdigest())
+    checked = archive(storage, keys, trusted=[HOST_A.public])  # type: ignore[arg-type]
+    found = list(checked.untrusted())
+    assert [line.split()[1] for line in found] == [pushed[n] for n in names[1:5]], found
+    assert "missing; the log object is not signed" in found[0]
+    assert f"signed by ssh-ed25519 {STRANGER.public.fingerprint}, which is not a trusted key" in found[1]
+    assert "does not match the data" in found[2] and "does not match the data" in found[3]
+    with pytest.raises(UntrustedObject, match=pushed[names[5]]):
+        with checked.open(names[5], [keys.identity]) as stream:
+            stream.read()
+    assert list(archive(storage, keys).untrusted()) == []  # without trusted keys nothing is checked
 
 
 def test_unsigned_logs_are_refused_with_trusted_keys_and_read_without(fs_storage: FilesystemStorage, keys: Keys,
@@ -213,30 +240,84 @@ def test_a_replaced_wal_segment_is_refused_by_wal_fetch_and_not_replayed(pg_env:
         restored.stop()
 
 
+# -- through the CLI on each backend: a replaced WAL segment is refused by wal-fetch ----------------
+
+
+def test_a_replaced_wal_segment_is_refused_by_wal_fetch_and_its_prefetcher(repository: Repo, keys: Keys,
+                                                                           tmp_path: Path) -> None:
+    state, data_dir = tmp_path / "state", tmp_path / "pgdata"
+    (data_dir / "pg_wal" / "archive_status").mkdir(parents=True)
+    config = add_signing(write_config(tmp_path / "wal.toml", {
+        "daemon": {"state_dir": str(state)},
+        "storage.main": repository.table,
+        "encryption": {"recipients": [keys.recipient], "identity_file": str(keys.identity_file)},
+        "jobs.pg": {"driver": "postgres", "dsn": "postgresql://postgres@127.0.0.1:1/x", "storage": "main",
+                    "archive_logs": True, "data_dir": str(data_dir)},
+    }), [HOST_A.public.line()], signing_key_file(tmp_path / "host-a.key", HOST_A))
+    segments = [f"0000000100000000000000{n:02X}" for n in range(0x20, 0x24)]
+    for name in segments:
+        path = data_dir / "pg_wal" / name
+        path.write_bytes(name.encode() * 512)
+        run_backupd("wal-push", "--no-daemon", "--job", "pg", str(path), config=config, check=True)
+    wal = LogArchive(repository.storage, "pg", "wal")
+    forged = wal.key(f"00000001/{segments[1]}")
+    replace_object(repository.storage, keys, forged, b"forged WAL" * 800,
+                   wal.stat(f"00000001/{segments[1]}").sha256)
+
+    first = data_dir / "pg_wal" / "RECOVERYXLOG"
+    run_backupd("wal-fetch", "--job", "pg", segments[0], str(first), config=config, check=True)
+    assert first.read_bytes() == segments[0].encode() * 512  # and the prefetcher reads on past it
+    dest = data_dir / "pg_wal" / "RECOVERYXLOG2"
+    fetched = run_backupd("wal-fetch", "--job", "pg", segments[1], str(dest), config=config)
+    assert fetched.code == 1, fetched.err
+    line = next(line for line in error_lines(fetched.err) if line.startswith("backupd: error"))
+    assert forged in line and "does not match its signature" in line, fetched.err
+    assert not dest.exists()
+    spool = state / "spool" / "pg" / "wal-fetch"
+    assert not (spool / segments[1]).exists()
+    later = data_dir / "pg_wal" / "RECOVERYXLOG3"  # the archive goes on past the forgery
+    run_backupd("wal-fetch", "--job", "pg", segments[2], str(later), config=config, check=True)
+    assert later.read_bytes() == segments[2].encode() * 512
+
+
 # -- against real MariaDB servers: a replaced binlog stops the restore before the target is touched --
 
 @pytest.mark.usefixtures("tools")
-def test_a_replaced_binlog_is_refused_before_the_target_is_touched(tmp_path: Path, keys: Keys) -> None:  # noqa: F811
+def test_a_replaced_binlog_is_refused_before_the_target_is_touched(repository: Repo, tmp_path: Path,
+                                                                   keys: Keys) -> None:  # noqa: F811
     source, target = started(log_bin=True, server_id=31), started(log_bin=False, server_id=32)
     try:
         source.sql("CREATE DATABASE sig1", "CREATE TABLE sig1.t (id INT PRIMARY KEY)", "INSERT INTO sig1.t VALUES (1)")
-        job = make_job(tmp_path, keys, source, ["sig1"], archive_logs=True, binlog_flush_interval="1s")
-        settings = write_config(tmp_path / "signing.toml", {"signing": {
-            "key_file": str(key_file(tmp_path / "signing.key", HOST_A)),
-            "trusted_keys": [HOST_A.public.line()]}}).read_text()
-        job.config.write_text(settings + "\n" + job.config.read_text())
+        job = make_job(tmp_path, keys, source, ["sig1"], storage=repository.table, archive_logs=True,
+                       binlog_flush_interval="1s")
+        add_signing(job.config, [HOST_A.public.line()], signing_key_file(tmp_path / "signing.key", HOST_A))
         with RunningArchiver(job) as running:
             backup(job)
+            time.sleep(1.1)  # S3 keeps arrival times to the second: the drill's window must not look empty
             source.sql("INSERT INTO sig1.t VALUES (2)")
             name = running.wait_archived(source)
             archive = running.archive
             original = archive.stat(name)
-            replace_object(FilesystemStorage(job.repo), keys, archive.key(name), b"forged binlog" * 100,
-                           original.sha256)
+            replace_object(repository.storage, keys, archive.key(name), b"forged binlog" * 100, original.sha256)
         result = run_backupd("restore", "shop", "--to", target.url(), config=job.config)
         assert result.code == 1, result.err
-        assert "does not match its signature" in result.err and archive.key(name) in result.err, result.err
+        line = next(line for line in error_lines(result.err) if line.startswith("backupd: error"))
+        assert "does not match its signature" in line and archive.key(name) in line, result.err
         assert target.sql("SHOW DATABASES LIKE 'sig1'") == []  # nothing loaded before the binlogs were checked
+        drill = run_backupd("verify", "shop", "--pitr-drill", "--json", config=job.config, timeout=300)
+        assert drill.code == 3, drill.out + drill.err
+        problems = [p for report in json.loads(drill.out)["reports"] for p in report["problems"]]
+        assert any(archive.key(name) in p and "does not match its signature" in p for p in problems), problems
+
+        # verify checks every archived log's signature over its key and recorded sha256 (the content only
+        # when it is replayed, as above): an unsigned binlog fails it, full and --integrity-only
+        repository.storage.delete(archive.key(name) + ".sig")
+        for args in ([], ["--integrity-only"]):
+            verify = run_backupd("verify", "shop", "--json", *args, config=job.config, timeout=300)
+            assert verify.code == 3, (args, verify.out + verify.err)
+            problems = [p for report in json.loads(verify.out)["reports"] for p in report["problems"]]
+            assert problems == [f"log {archive.key(name)} of job shop is not trusted: {archive.key(name)}.sig: "
+                                "missing; the log object is not signed"], (args, problems)
     finally:
         source.destroy()
         target.destroy()

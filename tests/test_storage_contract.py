@@ -106,6 +106,15 @@ def test_list_by_prefix(storage: Storage) -> None:
     assert {o.key: o.size for o in storage.list("")} == {key: i for i, key in enumerate(keys)}
 
 
+def test_list_by_a_prefix_ending_inside_a_folder_name(storage: Storage) -> None:
+    """A WAL folder is listed by the start of its segments' names (``Layout.log_list_prefixes``)."""
+    keys = ["w/1/00010/a", "w/1/00010/b", "w/1/00011/c", "w/1/00010x", "w/1/0001.h", "w/2/00010/d"]
+    for key in keys:
+        storage.put(key, io.BytesIO(b"z"))
+    assert [o.key for o in storage.list("w/1/00010")] == ["w/1/00010/a", "w/1/00010/b", "w/1/00010x"]
+    assert [o.key for o in storage.list("w/1/0001")] == sorted(k for k in keys if k.startswith("w/1/"))
+
+
 def test_stat(storage: Storage) -> None:
     storage.put("s/obj", io.BytesIO(b"12345"))
     info = storage.stat("s/obj")

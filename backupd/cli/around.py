@@ -1,6 +1,6 @@
 """What ``main()`` wraps around every command: TTY progress and the command's ``JobRun``.
 
-Progress: backup, restore and verify draw one progress line on stderr when it
+Progress: backup, restore, verify and copy draw one progress line on stderr when it
 is a terminal, nothing otherwise. Audit: the commands in ``audit.AUDITED``
 record who ran them, on which job and backup, and the result, whether they
 succeeded or failed, through their ``JobRun`` (``args.run``; handlers may set
@@ -16,7 +16,7 @@ import sys
 from backupd import audit, progress
 from backupd.jobrun import JobRun
 
-PROGRESS_COMMANDS = frozenset({"backup", "restore", "verify"})
+PROGRESS_COMMANDS = frozenset({"backup", "restore", "verify", "copy"})
 
 
 def run_handler(args: argparse.Namespace) -> int:

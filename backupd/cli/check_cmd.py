@@ -109,8 +109,48 @@ def signing_check(settings: Settings) -> Check:
     return _guard("signing.key_file", key)
 
 
+def signatures_check(ctx: JobContext) -> Check:
+    """One line on whether the job's backups are signed; a warning when they are not, or would not be."""
+    name = f"jobs.{ctx.name}: signatures"
+    try:
+        detail, warning = _signatures(ctx)
+    except BackupdError as exc:
+        return Check(name, False, str(exc))
+    return Check(name, True, detail, warning=warning)
+
+
+def _signatures(ctx: JobContext) -> tuple[str, bool]:
+    """(what to say, whether it is a warning): this host's key against the job's trusted keys, then,
+    with trusted keys, the job's backups in the repository, newest first."""
+    key_file = ctx.settings.signing.key_file
+    trusted = ctx.settings.trusted_keys(ctx.name)
+    if not trusted:
+        if key_file is None:
+            return ("backups are not signed and signatures are not checked (no signing.key_file, no "
+                    "trusted_keys): anyone who can write the repository can forge a backup", True)
+        return "backups are signed here but not checked (no trusted_keys): a forged backup would be used", True
+    if key_file is None and (ctx.job.schedule is not None or ctx.job.archive_logs):
+        return ("this host writes the job's backups or logs unsigned (no signing.key_file) while trusted_keys "
+                "is set: restore, verify and prune will refuse them", True)
+    if key_file is not None:
+        own = sshsig.load_private_key(key_file).public
+        if own not in trusted:
+            return (f"{key_file}: its public key {own} is not among the job's trusted keys: backups signed "
+                    "here will be refused", True)
+    entries = ctx.repository.entries()  # newest first, from the index
+    if not entries:
+        return f"no backups yet; {len(trusted)} trusted key(s)", False
+    untrusted = [(m, trust) for m, trust in entries if trust is not None and trust.status != "signed"]
+    newest = f"the newest, {entries[0][0].backup_id}, is {entries[0][1]}"
+    if not untrusted:
+        return f"{len(entries)} backup(s), all signed by a trusted key ({newest})", False
+    first, trust = untrusted[0]
+    return (f"{len(untrusted)} of {len(entries)} backup(s) not signed by a trusted key ({newest}; "
+            f"{first.backup_id}: {trust}: {trust.problem})", True)
+
+
 def state_dir_check(settings: Settings) -> Check:
-    """Warn when the state directory (spool, control socket, catalog, audit log) is open to others."""
+    """Warn when the state directory (spool, control socket, audit log) is open to others."""
     path = settings.daemon.state_dir
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -149,13 +189,14 @@ def run(args: argparse.Namespace) -> int:
     checks.append(state_dir_check(settings))
     checks.extend(key_checks(settings))
     checks.append(signing_check(settings))
-    for storage in sorted({settings.job(job).storage for job in jobs} or set(settings.storage)):
+    for storage in sorted({name for job in jobs for name in settings.job(job).storages} or set(settings.storage)):
         checks.append(_guard(f"storage.{storage}", functools.partial(storage_round_trip, settings, storage)))
     for job in jobs:
         checks.extend(password_file_checks(settings, job))
         ctx = JobContext(settings, job)
         try:
             checks.append(sandbox_check(ctx))
+            checks.append(signatures_check(ctx))
             for check in ctx.driver.check():
                 check.name = f"jobs.{job}: {check.name}"
                 checks.append(check)

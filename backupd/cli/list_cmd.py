@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 from typing import Any
 
-from backupd.catalog import Catalog
 from backupd.cli.common import human_size, print_json, print_table, settings_from
 from backupd.context import JobContext
 from backupd.driver import LogReach
@@ -63,23 +62,19 @@ def run(args: argparse.Namespace) -> int:
     jobs = [args.job] if args.job else sorted(settings.jobs)
     for job in jobs:
         settings.job(job)
-    catalog = Catalog(settings.daemon.state_dir)
     manifests: list[Manifest] = []
     reaches: dict[str, LogReach | None] = {}
     trust: dict[tuple[str, str], Trust | None] = {}
-    try:
-        for job in jobs:
-            ctx = JobContext(settings, job)
-            try:
-                entries = catalog.entries(ctx.repository)  # untrusted ones too: marked, not hidden
-                found = [manifest for manifest, _ in entries]
-                trust.update(((m.job, m.backup_id), t) for m, t in entries)
-                reaches.update(ctx.log_reaches(found))
-                manifests.extend(found)
-            finally:
-                ctx.close()
-    finally:
-        catalog.close()
+    for job in jobs:
+        ctx = JobContext(settings, job)
+        try:
+            entries = ctx.repository.entries()  # one read of the index; untrusted ones too: marked, not hidden
+            found: list[Manifest] = [manifest for manifest, _ in entries]
+            trust.update(((m.job, m.backup_id), t) for m, t in entries)
+            reaches.update(ctx.log_reaches(found))
+            manifests.extend(found)
+        finally:
+            ctx.close()
     manifests.sort(key=lambda m: m.finished_at, reverse=True)
     if args.json:
         print_json({"backups": [summary(m, reaches.get(m.backup_id), trust.get((m.job, m.backup_id)))

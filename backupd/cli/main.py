@@ -17,7 +17,7 @@ COMMANDS = {
     "backup": "backup_cmd", "list": "list_cmd", "show": "show_cmd", "restore": "restore_cmd",
     "verify": "verify_cmd", "prune": "prune_cmd", "pin": "pin_cmd", "unpin": "pin_cmd", "check": "check_cmd",
     "keys": "keys_cmd", "run": "run_cmd", "wal-push": "wal_push_cmd", "wal-fetch": "wal_fetch_cmd",
-    "status": "status_cmd",
+    "status": "status_cmd", "copy": "copy_cmd", "migrate": "migrate_cmd",
 }
 FAST_COMMANDS = ("wal-push", "wal-fetch")
 FAST_MODULES = {COMMANDS[command]: command for command in FAST_COMMANDS}

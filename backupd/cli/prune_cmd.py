@@ -1,4 +1,4 @@
-"""backupd prune JOB [--dry-run] [--json]: apply the job's retention policy."""
+"""backupd prune JOB [--dry-run] [--json]: apply the job's retention policy (per repository, with several)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 
 from backupd.cli.common import print_json, print_table, with_job
 from backupd.context import JobContext
+from backupd.errors import BackupdError
 from backupd.prune import PruneResult, run_prune
+from backupd.retention import Decision
 from backupd.timeutil import format_timestamp
 
 
@@ -20,12 +22,65 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    result = run_prune(ctx, dry_run=args.dry_run, run=getattr(args, "run", None))
+    contexts = ctx.per_storage()
+    if len(contexts) == 1:
+        result = run_prune(ctx, dry_run=args.dry_run, run=getattr(args, "run", None))
+        if args.json:
+            print_json(result.to_dict())
+        else:
+            print_result(result)
+        return 0
+    # several repositories: each pruned by its own policy (retention_by_storage), one failing stops none
+    results: dict[str, dict[str, object]] = {}
+    failed: list[BackupdError] = []
+    for one in contexts:
+        name = one.only_storage or ""
+        try:
+            result = run_prune(one, dry_run=args.dry_run)
+        except BackupdError as exc:
+            failed.append(exc)
+            results[name] = {"error": str(exc)}
+            if not args.json:
+                print(f"storage {name}: prune failed: {exc}")
+            continue
+        finally:
+            one.close()
+        results[name] = result.to_dict()
+        if not args.json:
+            print(f"storage {name}:")
+            print_result(result)
     if args.json:
-        print_json(result.to_dict())
-    else:
-        print_result(result)
+        print_json({"job": ctx.name, "storages": results})
+    if failed:
+        raise failed[0]
     return 0
+
+
+def reasons(decision: Decision) -> str:
+    return "; ".join(r.split(": ", 1)[1] if ": " in r else r for r in decision.reasons)
+
+
+def log_ranges(logs: list[Decision]) -> list[list[str]]:
+    """One row per run of consecutive logs with the same kind, directory, action and reasons
+    (``FIRST .. LAST (N logs)``), not one per log object: an archive holds 100k of them."""
+    rows: list[list[str]] = []
+    run: list[Decision] = []
+
+    def flush() -> None:
+        if run:
+            first, last = run[0], run[-1]
+            name = first.name if len(run) == 1 else f"{first.name} .. {last.name} ({len(run)} logs)"
+            rows.append([first.kind, name, format_timestamp(first.time) if first.time else "-", first.verdict,
+                         reasons(first)])
+            run.clear()
+
+    for decision in logs:
+        if run and (decision.kind, decision.name.rpartition("/")[0], decision.verdict, decision.reasons) != (
+                run[0].kind, run[0].name.rpartition("/")[0], run[0].verdict, run[0].reasons):
+            flush()
+        run.append(decision)
+    flush()
+    return rows
 
 
 def print_result(result: PruneResult) -> None:
@@ -37,8 +92,9 @@ def print_result(result: PruneResult) -> None:
     if result.no_policy:
         print(f"job {result.job}: no retention policy; only what dead runs left is removed")
         return
-    rows = [[d.kind, d.name, format_timestamp(d.time) if d.time else "-", d.verdict, "; ".join(
-        r.split(": ", 1)[1] if ": " in r else r for r in d.reasons)] for d in plan.decisions()]
+    rows = [[d.kind, d.name, format_timestamp(d.time) if d.time else "-", d.verdict, reasons(d)]
+            for d in [*plan.backups, *plan.partials]]
+    rows += log_ranges(plan.logs)
     print_table(["KIND", "NAME", "TIME", "ACTION", "REASONS"], rows)
     if plan.window_start is not None:
         print(f"PITR window starts {format_timestamp(plan.window_start)}")

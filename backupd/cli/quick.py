@@ -359,7 +359,7 @@ def wal_push(call: Call) -> int | None:
 def wal_fetch(call: Call) -> int | None:
     name, dest = call.args
     state = state_dir(call.config)
-    if call.job is None or state is None or not (spool.is_segment(name) or spool.is_history(name)):
+    if call.job is None or state is None or not spool.servable(name):
         return None
     directory = spool.directory(state, call.job)
     dest = os.path.abspath(dest)
@@ -380,7 +380,7 @@ def wal_fetch(call: Call) -> int | None:
     if not found:
         print(f"backupd: {name}: not in the archive of job {call.job}", file=sys.stderr)
         return 1
-    if spool.is_segment(name) and spool.segments_ahead(directory, name) < LOW_WATER:
+    if spool.ahead(directory, name) < LOW_WATER:  # the driver's prefetcher knows what follows (if anything)
         spool.start_prefetcher(directory, config_path(call.config), call.job, name, after=True)
     return 0
 

@@ -96,7 +96,11 @@ def _text(s: dict[str, Any]) -> str:
     row("pins", ", ".join(s["pins"]) or "none")
     untrusted = s["untrusted_objects"]
     row("untrusted", untrusted if isinstance(untrusted, str) else f"{len(untrusted)} backup(s)" if untrusted else "none")
-    row("copies", s["lagging_copies"])
+    copies = s["lagging_copies"]
+    row("copies", copies if isinstance(copies, str) else "; ".join(
+        f"{c['storage']}: " + ("not reachable" if not c["reachable"] else
+                               f"{c['behind_objects']} object(s) behind since {c['oldest_missing']}"
+                               if c["behind_objects"] else "up to date") for c in copies))
     for problem in s["problems"]:
         lines.append(f"  PROBLEM: {problem}")
     for warning in s["warnings"]:

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only,
                                pitr_drill=args.pitr_drill, run=getattr(args, "run", None))
-    partial, leftovers = ctx.repository.abandoned(remove=False) if args.integrity_only else ([], [])
+    # what dead runs left is the whole repository's concern: listed when checking it all, not one backup
+    whole = args.integrity_only and not args.backup
+    partial, leftovers = ctx.repository.abandoned(remove=False) if whole else ([], [])
     if args.json:
         print_json({"reports": [r.to_dict() for r in reports],
                     "abandoned": {"partial_backups": partial, "temporary": leftovers}})

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backupd import logs, spool
-from backupd.cli import quick
 from backupd.errors import EXIT_FAILURE, UsageError
 
 if TYPE_CHECKING:
@@ -50,10 +49,7 @@ def run(call: Call) -> int:
         if prefetching:
             return prefetch(call, driver, ctx)
         if driver.wal_fetch(name, dest, ctx.identities, str(ctx.identity_file)):
-            if spool.is_segment(name):
-                directory = spool.directory(str(ctx.state_dir), job)
-                spool.start_prefetcher(directory, quick.config_path(call.config), job, name, after=True)
-            return 0
+            return 0  # the driver starts its prefetcher after what it fetched
     finally:
         ctx.close()
     print(f"backupd: {name}: not in the archive of job {job}", file=sys.stderr)

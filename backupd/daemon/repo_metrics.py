@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import structlog
 
-from backupd.catalog import Catalog
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
 from backupd.jobrun import MetricsRecorder, Recorder
@@ -34,11 +33,7 @@ def refresh_backups(ctx: JobContext, recorder: Recorder | None = None) -> int:
 
     With trusted keys, manifests no trusted key signed set no gauge (a forged "newest" backup must not
     silence the backup-too-old alert); they are counted in ``backupd_repository_untrusted_objects``."""
-    catalog = Catalog(ctx.state_dir)
-    try:
-        entries = catalog.entries(ctx.repository)  # newest first
-    finally:
-        catalog.close()
+    entries = ctx.repository.entries()  # newest first, from the index
     recorder = recorder or MetricsRecorder()
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     if ctx.settings.trusted_keys(ctx.name):

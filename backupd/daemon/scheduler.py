@@ -76,7 +76,7 @@ def desired_jobs(settings: Settings) -> list[JobSpec]:
 
         if job.schedule:
             specs.append(spec("backup", job.schedule))
-            if not job.retention.is_empty():
+            if not all(job.retention_for(storage).is_empty() for storage in job.storages):
                 specs.append(spec("prune", f"@every {int(PRUNE_EVERY.total_seconds())}s"))
         if job.verify.schedule or (job.schedule and settings.encryption.identity_file is not None):
             specs.append(spec("verify", job.verify.schedule or DEFAULT_VERIFY_SCHEDULE))

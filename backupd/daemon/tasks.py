@@ -96,6 +96,22 @@ class Tasks:
             self._prune(ctx, after_backup=False)
 
     def _prune(self, ctx: JobContext, *, after_backup: bool) -> None:
+        contexts = ctx.per_storage()
+        if len(contexts) > 1:  # each repository by its own policy (retention_by_storage)
+            errors: list[BaseException] = []
+            for one in contexts:
+                try:
+                    with structlog.contextvars.bound_contextvars(storage=one.only_storage):
+                        self._prune(one, after_backup=after_backup)
+                except Skipped:
+                    raise
+                except BaseException as exc:  # one unreachable repository does not stop the others' pruning
+                    errors.append(exc)
+                finally:
+                    one.close()
+            if errors:
+                raise errors[0]
+            return
         if ctx.job.retention.is_empty():
             return
         try:
@@ -145,14 +161,16 @@ class Tasks:
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run, job_run):
+        with self._task("integrity", job, None) as (ctx, run, job_run), ctx.one_listing():  # the log archive scanned once
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
+            ctx.repository.reverify_index()  # every manifest read once: a bad one fails the rotation
             manifests, unusable = ctx.repository.scan_manifests()
             if ctx.repository.trusted:  # what failed its signature check at this verification
                 self.recorder.untrusted_objects(job, sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
-            reads = {k: v for k, v in reads.items() if any(m.backup_id == k for m in manifests)}
+            present = {m.backup_id for m in manifests}
+            reads = {k: v for k, v in reads.items() if k in present}
             epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
             manifests.sort(key=lambda m: reads.get(m.backup_id, epoch))
             now = utcnow()

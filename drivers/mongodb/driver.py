@@ -48,6 +48,7 @@ def _user_collections(counts: dict[str, int]) -> dict[str, int]:
 
 class MongodbDriver(Driver):
     methods = DESCRIPTOR.methods
+    log_namings = DESCRIPTOR.log_namings
     options_model = MongodbOptions
     scratch_users = ("mongodb",)
 

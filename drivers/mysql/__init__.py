@@ -3,6 +3,7 @@
 The entry point names ``DESCRIPTOR``; ``drivers.mysql.driver`` is imported only when a job's driver is created."""
 
 from backupd.descriptor import DriverDescriptor
+from backupd.lognaming import LogNaming
 from drivers.mysql.options import MysqlOptions
 
 DESCRIPTOR = DriverDescriptor(
@@ -10,4 +11,6 @@ DESCRIPTOR = DriverDescriptor(
     options_model=MysqlOptions,
     methods=("logical", "physical"),
     driver="drivers.mysql.driver:MysqlDriver",
+    # binlogs sort by name only within one server's folder
+    log_namings=(LogNaming("binlog"),),
 )

@@ -26,6 +26,7 @@ COPY_CHUNK = 1 << 20
 
 class MysqlDriver(Driver, PitrDrill):
     methods = DESCRIPTOR.methods
+    log_namings = DESCRIPTOR.log_namings
     # mariadbd and the dump keep about 1.4 of 2 cores busy: zstd at nice 10 fits in the rest
     # and never slows the dump (bench/mysql.py, 2 GiB: 1.07 of a plain dump; 1.18 at "normal").
     default_cpu_priority = "low"

@@ -5,6 +5,7 @@ imported only when a job's driver is created."""
 
 from backupd.descriptor import WAL_ARCHIVING, DriverDescriptor
 from drivers.postgres.options import PostgresOptions
+from drivers.postgres.walnames import WAL_NAMING
 
 DESCRIPTOR = DriverDescriptor(
     name="postgres",
@@ -12,4 +13,5 @@ DESCRIPTOR = DriverDescriptor(
     methods=("logical", "physical"),
     driver="drivers.postgres.driver:PostgresDriver",
     capabilities=frozenset({WAL_ARCHIVING}),
+    log_namings=(WAL_NAMING,),
 )

@@ -20,11 +20,13 @@ from drivers.postgres.connection import Conn
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
+from drivers.postgres.walnames import is_segment
 
 
 class PostgresDriver(Driver, WalArchiving, PitrDrill):
     methods = DESCRIPTOR.methods
     capabilities = DESCRIPTOR.capabilities
+    log_namings = DESCRIPTOR.log_namings
     scratch_users = ("postgres",)
     options_model = PostgresOptions
 
@@ -63,7 +65,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
         # only when the plan describes the restorable window
         plan = self.restoring = self._plan(() if backup_id else manifests)
         if pitr.is_physical_target(request.to):
-            return pitr.choose(manifests, request, backup_id, self.context.job, lambda: plan.view)
+            # a target is looked for from the newest backup with WAL on: its folders reach the archive's end
+            return pitr.choose(manifests, request, backup_id, self.context.job,
+                               lambda: plan.view_for(pitr.newest_with_wal(manifests)))
         if request.target is not None:
             raise UsageError(f"--target-{request.target.kind}: a logical backup restores as of its own snapshot; "
                              "point-in-time targets need --to DIR (a physical backup with archived WAL)")
@@ -81,7 +85,7 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
             return [f"backup {manifest.backup_id} (logical, {format_timestamp(manifest.finished_at)}, "
                     f"{len(manifest.row_counts)} tables)",
                     f"pg_restore {what} {meta.get('database')} into {request.to} (jobs {request.jobs}); {mode}"]
-        view = self.restoring.view
+        view = self.restoring.view_for([manifest])
         first = meta.get("wal_range", {}).get("first", "?")
         needed = [n for n in view.all_segments() if n >= first.split("/")[-1]]
         if not self.restoring.manifests and self.context.manifests:
@@ -204,11 +208,19 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill):
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
         fetcher = WalFetcher(self.wal_archive(), identities, key_file,
                              wal_fetch_spool(self.context.state_dir, self.context.job))
-        return fetch_with_retries(fetcher, filename, dest)
+        if not fetch_with_retries(fetcher, filename, dest):
+            return False
+        if is_segment(filename):  # keep the next segments coming
+            config = self.context.config_path
+            spool.start_prefetcher(spool.directory(str(self.context.state_dir), self.context.job),
+                                   str(config.absolute()) if config else None, self.context.job, filename, after=True)
+        return True
 
     def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
                      inclusive: bool = True) -> int:
         """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        if not is_segment(first):
+            return 0  # a history file: replay asks for what follows it by name
         prefetcher = Prefetcher(self.wal_archive(), identities, key_file,
                                 wal_fetch_spool(self.context.state_dir, self.context.job), self.options.wal_prefetch)
         return prefetcher.run(first, inclusive=inclusive)

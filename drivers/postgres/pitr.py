@@ -8,16 +8,16 @@ import sys
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
-from backupd.errors import BackupNotFound, UsageError
-from backupd.logarchive import LogArchive
+from backupd.errors import BackupNotFound, ObjectNotFound, UsageError
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import format_timestamp
 from drivers.postgres.cluster import conf_value
 from drivers.postgres.walnames import (SEGMENT_RE, Switch, expected_segments, format_lsn, parse_lsn, parse_segment,
-                                      segno_of_lsn)
+                                      segment_name, segno_of_lsn)
 
 RECOVERY_MARK = "# recovery settings written by backupd restore"
 
@@ -33,8 +33,13 @@ class ArchiveView:
 
     @classmethod
     def scan(cls, archive: LogArchive) -> "ArchiveView":
+        """The whole archive (one listing)."""
+        return cls.of(archive.list())
+
+    @classmethod
+    def of(cls, objects: Iterable[LogObject]) -> "ArchiveView":
         view = cls()
-        for obj in archive.list():
+        for obj in sorted(objects, key=lambda o: o.name):
             timeline, _, filename = obj.name.partition("/")
             if filename.endswith(".history"):
                 view.histories.append(obj.name)
@@ -56,6 +61,83 @@ class ArchiveView:
         if not names:
             return None
         return max(parse_segment(name, segment_size)[1] + 1 for name in names) * segment_size
+
+
+class FolderWalk:
+    """The WAL archive listed one folder (a timeline's logical log: 256 segments of 16 MiB) at a time,
+    from where replay from a backup begins, never the whole archive.
+
+    On the backup's timeline, folders are listed from the one holding its first segment until one
+    is empty. Later timelines are found as PostgreSQL finds them, by their history files
+    (``<tli+1>.history``, then the next); each is listed from the same folder on, passing over the
+    empty ones before the folder where its parent ended (the switch lies at or before it), then
+    until one is empty. Every folder is listed once per walk, whatever the number of backups.
+    A gap of a whole folder reads as the end of the archive here; ``Driver.log_reach`` (one
+    listing of it all) finds it.
+    """
+
+    def __init__(self, archive: LogArchive) -> None:
+        self.archive = archive
+        self._folders: dict[tuple[int, int], list[LogObject]] = {}
+        self._histories: dict[int, LogObject | None] = {}
+
+    def walk(self, start: str) -> None:
+        """List what replay from the segment ``start`` (a file name) can use."""
+        tli, logid = int(start[:8], 16), int(start[8:16], 16)
+        end = self._run(tli, logid, logid)
+        while self._history(tli + 1) is not None:
+            tli += 1
+            end = self._run(tli, logid, end)
+
+    def view(self) -> ArchiveView:
+        listed = [obj for objects in self._folders.values() for obj in objects]
+        return ArchiveView.of([*listed, *(obj for obj in self._histories.values() if obj is not None)])
+
+    def _run(self, tli: int, logid: int, until: int) -> int:
+        """List ``tli``'s folders from ``logid``: empty ones up to ``until`` are passed over, then up to the first
+        empty one. The last folder that holds segments (``until`` when none does)."""
+        last = until
+        while True:
+            if self._folder(tli, logid):
+                last = max(last, logid)
+            elif logid >= until:
+                return last
+            logid += 1
+
+    def _folder(self, tli: int, logid: int) -> list[LogObject]:
+        if (tli, logid) not in self._folders:
+            timeline = f"{tli:08X}"
+            self._folders[(tli, logid)] = [obj for obj in self.archive.list(f"{timeline}/{timeline}{logid:08X}")
+                                           if SEGMENT_RE.match(obj.name.partition("/")[2])]
+        return self._folders[(tli, logid)]
+
+    def _history(self, tli: int) -> LogObject | None:
+        if tli not in self._histories:
+            name = f"{tli:08X}/{tli:08X}.history"
+            try:
+                self._histories[tli] = self.archive.stat(name)
+            except ObjectNotFound:
+                self._histories[tli] = None
+        return self._histories[tli]
+
+
+def first_segment(manifest: Manifest) -> str | None:
+    """The segment replay from this physical backup begins with; None when its metadata does not say."""
+    meta = manifest.metadata
+    if manifest.method != "physical" or not meta.get("pitr"):
+        return None
+    try:
+        segment_size = int(meta.get("wal_segment_size", 16 << 20))
+        return segment_name(int(meta["timeline"]), segno_of_lsn(parse_lsn(str(meta["start_lsn"])), segment_size),
+                            segment_size)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def newest_with_wal(manifests: Iterable[Manifest]) -> list[Manifest]:
+    """The newest physical backup that records where its WAL begins (none: an empty list)."""
+    found = [m for m in manifests if first_segment(m) is not None]
+    return [max(found, key=lambda m: m.finished_at)] if found else []
 
 
 def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switch]] | None) -> LogReach:

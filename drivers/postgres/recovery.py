@@ -2,7 +2,9 @@
 and what target recovery should run with.
 
 One ``RecoveryPlan`` serves the steps of one restore (choosing the backup, the dry run's plan,
-the restore itself, the PITR drill): it lists the archive once, when first needed.
+the restore itself, the PITR drill): it lists only the WAL folders replay from the backups it
+looks at can use (``pitr.FolderWalk``), each once, when first needed, and checks continuity
+over that range.
 """
 
 from __future__ import annotations
@@ -33,12 +35,30 @@ class RecoveryPlan:
         self.bin_dir = bin_dir  #: where pg_waldump is looked for first
         self.manifests = list(manifests)
         self._view: pitr.ArchiveView | None = None
+        self._walk: pitr.FolderWalk | None = None
+        self._walked: dict[str, pitr.ArchiveView] = {}
 
     @property
     def view(self) -> pitr.ArchiveView:
+        """The whole archive (``backupd check``'s look at its timelines), listed once."""
         if self._view is None:
             self._view = pitr.ArchiveView.scan(self._archive())
         return self._view
+
+    def view_for(self, manifests: Sequence[Manifest]) -> pitr.ArchiveView:
+        """The archive as replay from these backups can use it: their folders on (the whole archive when
+        none records where its WAL begins)."""
+        starts = sorted({start for start in map(pitr.first_segment, manifests) if start is not None})
+        if not starts:
+            return self.view
+        key = ",".join(starts)
+        if key not in self._walked:
+            if self._walk is None:
+                self._walk = pitr.FolderWalk(self._archive())
+            for start in starts:
+                self._walk.walk(start)
+            self._walked[key] = self._walk.view()
+        return self._walked[key]
 
     def resolve_target(self, open_log: Callable[[str, str], BinaryIO] | None, manifest: Manifest,
                        request: RestoreRequest) -> tuple[RestoreRequest, dt.datetime | None]:
@@ -48,7 +68,7 @@ class RecoveryPlan:
         nothing committed in between, so the end of the archive is the state at the target.
         """
         request = dataclasses.replace(request, target_timeline=pitr.target_timeline(
-            self.view, request.target_timeline))
+            self.view_for([manifest]), request.target_timeline))
         request = self.within_reach(open_log, manifest, request)
         newest = self._commit_before_target(open_log, manifest, request)
         return (request, None) if newest is None else (dataclasses.replace(request, target=None), newest)
@@ -62,7 +82,7 @@ class RecoveryPlan:
         """
         if manifest.method != "physical" or not manifest.metadata.get("pitr"):
             return None
-        view = self.view
+        view = self.view_for([manifest])
         found = pitr.reach(manifest, view, histories(open_log, view))
         if not found.broken:
             return None
@@ -123,7 +143,7 @@ class RecoveryPlan:
         target = request.target
         if target is None or target.kind != "time" or target.time is None:
             return None
-        view = self.view
+        view = self.view_for([manifest])
         if not view.segments:
             return None
         newest = self._newest_commit_in(open_log, manifest, view.segments[max(view.segments)])

@@ -254,7 +254,7 @@ def pitr_drill(source: BackupSource, scratch: Path, target: RestoreTarget, plan:
                          "archive_logs = true")
     cluster = scratch_cluster(scratch, major_version(manifest), bin_dir=bin_dir, sandbox=sandbox)
     outcome = VerifyOutcome()
-    view = plan.view
+    view = plan.view_for([manifest])
     first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2] or None
     stager = WalStager(scratch / "wal-stage", view.all_segments(), [n.rpartition("/")[2] for n in view.histories],
                        source.open_log, cluster.user, first=first)

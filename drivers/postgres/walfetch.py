@@ -24,7 +24,8 @@ import structlog
 from backupd import spool
 from backupd.errors import ObjectNotFound, StorageError, UsageError
 from backupd.logarchive import LogArchive
-from drivers.postgres.walnames import DEFAULT_SEGMENT_SIZE, archive_name, is_wal_file, next_names, segment_name
+from drivers.postgres.walnames import (DEFAULT_SEGMENT_SIZE, archive_name, is_segment, is_wal_file, next_names,
+                                      segment_name)
 
 log = structlog.get_logger(__name__)
 
@@ -175,19 +176,19 @@ class Prefetcher:
             if exc is not None:
                 self._errors += 1
                 log.warning("prefetch failed; replay will fetch it itself", file=name, error=str(exc))
-                if spool.is_segment(name) and (self._end is None or name < self._end):
+                if is_segment(name) and (self._end is None or name < self._end):
                     self._next = min(self._next, name)  # try again
                     time.sleep(min(1.0, 0.05 * self._errors))
                 continue
             self._errors = 0
             if future.result():
                 self.fetched += 1
-                if spool.is_segment(name) and not self._in_window(name):
+                if is_segment(name) and not self._in_window(name):
                     with contextlib.suppress(OSError):
                         (self.dir / name).unlink()  # fetched for a window that has moved on
                 else:
                     self._mine.add(name)
-            elif spool.is_segment(name):
+            elif is_segment(name):
                 if self._in_window(name) and (self._end is None or name < self._end):
                     self._reached_end(name)
             else:
@@ -239,11 +240,11 @@ class Prefetcher:
             return
         if not is_wal_file(name) or name in self._pending or (self.dir / name).exists():
             return
-        if spool.is_segment(name):
+        if is_segment(name):
             log.info("replay asked outside the prefetch window; moving it", file=name, window=self._next)
             self._move_window(name)
         self._pending[name] = pool.submit(self._fetch, name)
-        if spool.is_segment(name):
+        if is_segment(name):
             self._next = self._successor(name)
 
     def _move_window(self, name: str) -> None:

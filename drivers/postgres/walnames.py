@@ -1,7 +1,10 @@
 """WAL file names, LSNs, timelines and archive continuity: pure functions, no I/O.
 
 Archive names follow DESIGN.md: ``<timeline>/<file>``, e.g.
-``00000001/000000010000000000000003`` or ``00000002/00000002.history``.
+``00000001/000000010000000000000003`` or ``00000002/00000002.history``. In the repository a
+segment (and its ``.partial``) lies in the folder of its first 16 hex digits (timeline and
+logical log id: 256 segments of 16 MiB), ``<timeline>/<segment[0:16]>/<segment>``; history and
+``.backup`` label files lie beside those folders (``WAL_NAMING``, the seam ``backupd.lognaming``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from backupd.lognaming import LogNaming
+
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
@@ -17,6 +22,32 @@ FILE_RE = re.compile(
     r"^(?:(?P<segment>[0-9A-F]{24})(?:\.partial|\.[0-9A-F]{8}\.backup)?|(?P<history>[0-9A-F]{8})\.history)$"
 )
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+PLAIN_RE = re.compile(r"^[0-9A-F]{24}(?:\.partial)?$")
+HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
+
+
+def is_segment(name: str) -> bool:
+    return bool(SEGMENT_RE.match(name))
+
+
+def is_history(name: str) -> bool:
+    return bool(HISTORY_RE.match(name))
+
+
+def segment_folder(filename: str) -> str | None:
+    """The repository folder of a segment or .partial file: its timeline and logical log id; None for others."""
+    return filename[:16] if PLAIN_RE.match(filename) else None
+
+
+def kept_always(name: str) -> str | None:
+    """Recovery onto a timeline needs its history file: retention never deletes one."""
+    return "timeline history" if name.endswith(".history") else None
+
+
+#: PostgreSQL's WAL in the repository: 256 segments a folder; names sort in archive order across timelines.
+WAL_NAMING = LogNaming("wal", folder=segment_folder, ordered_across=True, always_keep=kept_always)
 
 
 def is_wal_file(name: str) -> bool:
