@@ -177,13 +177,17 @@ class Layout:
         return name if BACKUP_ID_RE.match(name) else None
 
     # state
+    @property
+    def state_prefix(self) -> str:
+        return f"{self.job}/state/"
+
     def journal_key(self) -> str:
         """The prune journal: the backups a prune is deleting."""
-        return f"{self.job}/state/prune.json"
+        return f"{self.state_prefix}prune.json"
 
     def failure_key(self) -> str:
         """The newest backup run's failure, while no later run succeeded."""
-        return f"{self.job}/state/last-failure.json"
+        return f"{self.state_prefix}last-failure.json"
 
     # audit events
     def audit_key(self, time: str, host: str | None, pid: object, unique: str) -> str:
