@@ -40,8 +40,6 @@ def put(storage: Storage, key: str, data: bytes) -> None:
     storage.put(key, io.BytesIO(data))
 
 
-
-
 def test_a_signed_manifest_checks_here_and_with_ssh_keygen(storage: Storage, tmp_path: Path) -> None:
     data = manifest_bytes("20261205T093000Z")
     key = key_of("20261205T093000Z")
