@@ -29,6 +29,7 @@ so ``fetch_to`` never leaves it in place.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import contextlib
 import datetime as dt
 import hashlib
@@ -81,6 +82,8 @@ class LogObject:
     raw_size: int | None = None
     sha256: str | None = None
     modified: dt.datetime | None = None  # when it arrived in storage
+    #: what the listing showed of its signature object ("size:time"); None when the listing had none
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -390,8 +393,12 @@ class LogArchive:
 
     def _list(self, under: str, with_metadata: bool) -> "builtins.list[LogObject]":
         found: dict[str, ObjectInfo] = {}
+        signatures: dict[str, ObjectInfo] = {}
         for prefix in self.layout.log_list_prefixes(self.kind, under):
             for info in self.storage.list(prefix):
+                if info.key.endswith(".sig"):
+                    signatures[info.key[:-len(".sig")]] = info
+                    continue
                 name = self.layout.log_name(self.kind, info.key)
                 if name is None or not name.startswith(under):
                     continue
@@ -400,7 +407,10 @@ class LogArchive:
         objects = []
         for name in sorted(found):
             info = self.storage.stat(found[name].key) if with_metadata else found[name]
-            objects.append(self._log_object(info, name))
+            signature = signatures.get(info.key)
+            objects.append(dataclasses.replace(
+                self._log_object(info, name),
+                signature=None if signature is None else f"{signature.size}:{signature.modified}"))
         return objects
 
     def untrusted(self, vouched: Vouched | None = None) -> Iterator[str]:

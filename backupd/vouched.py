@@ -3,8 +3,8 @@
 A nightly verification with trusted keys must not read one signature per archived log (a
 million WAL segments: a million GETs a night). ``state_dir/vouched.sqlite3`` remembers each log
 object that a trusted signature vouched for, by what its listing shows (key, stored size, time it
-arrived), under the set of keys that were trusted then. A log replaced since (another size or
-arrival time) or a change of trusted keys is checked again. This is an early warning only: replay
+arrived, and the same of its signature object), under the set of keys that were trusted then.
+A log or signature replaced or removed since, or a change of trusted keys, is checked again. This is an early warning only: replay
 (``LogArchive.open``) checks every log's signature and content whatever this cache says.
 
 A missing, unreadable or unwritable cache only means "check everything".
@@ -36,8 +36,9 @@ CREATE TABLE IF NOT EXISTS vouched (
 
 
 def _facts(obj: LogObject) -> str:
+    """What the listing shows of the log and of its signature: either replaced, removed or added, it differs."""
     arrived = obj.modified.isoformat() if obj.modified is not None else "-"
-    return f"{obj.stored_size}:{arrived}"
+    return f"{obj.stored_size}:{arrived}:{obj.signature or '-'}"
 
 
 class Vouched:

@@ -349,4 +349,7 @@ def test_a_verification_checks_only_the_log_signatures_new_since_the_last(fs_sto
     found, checked = verify_once([HOST_A])
     assert checked == 2 and [line.split()[1] for line in found] == [pushed[names[2]]], found
     assert verify_once([HOST_A])[1] == 1  # still untrusted: checked every time until it is gone
+    fs_storage.delete(pushed[names[4]] + ".sig")  # a vouched-for log's signature removed: checked again
+    found, checked = verify_once([HOST_A])
+    assert checked == 2 and [line.split()[1] for line in found] == [pushed[names[2]], pushed[names[4]]], found
     assert verify_once([HOST_A, STRANGER])[1] == 7  # other trusted keys: nothing vouched for under them yet
