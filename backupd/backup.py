@@ -54,7 +54,8 @@ def run_backup(
             _remove_abandoned(ctx)
             chain = _parent_chain(ctx, method, requested) if incremental is not None else []
             if chain and incremental is not None and (problem := incremental.parent_problem(chain)):
-                log.warning(f"taking a full backup instead of a {requested}: {problem}", job=ctx.name)
+                log.warning(f"taking a full backup instead of {article(requested)} {requested}: {problem}",
+                            job=ctx.name)
                 chain = []
             kind = requested if chain else FULL
             started = utcnow()
