@@ -215,10 +215,12 @@ def read_stream(manifest: Manifest, stream: BinaryIO) -> bytes:
     where = f"backup {manifest.backup_id}: object {MAP_STREAM}"
     if facts is None:
         raise IntegrityError(f"backup {manifest.backup_id}: metadata.{STREAM_KEY} is missing")
-    data = stream.read(facts[1] + 1)
+    data = bytearray()
+    while len(data) <= facts[1] and (block := stream.read(min(1 << 20, facts[1] + 1 - len(data)))):
+        data += block
     if len(data) != facts[1] or hashlib.sha256(data).hexdigest() != facts[0]:
         raise IntegrityError(f"{where} does not match the sha256 and size its manifest records")
-    return data
+    return bytes(data)
 
 
 def parse_stream(manifest: Manifest, data: bytes) -> FileMap:

@@ -71,7 +71,7 @@ class MapStore:
             return 0
         for name in names:
             backup_id = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else None
-            if backup_id is not None and backup_id not in keep:
+            if name.startswith(".") and name.endswith(".tmp") or backup_id is not None and backup_id not in keep:
                 (self.directory / name).unlink(missing_ok=True)
                 removed += 1
         return removed
