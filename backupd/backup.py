@@ -1,4 +1,7 @@
-"""Taking one backup: lock, driver streams through the pipeline, manifest last."""
+"""Taking one backup: lock, driver streams through the pipeline, manifest last.
+
+The run's lock, log context and metrics are its ``JobRun``'s (``backupd.jobrun``);
+the caller records the outcome in the audit trail."""
 
 from __future__ import annotations
 
@@ -13,11 +16,10 @@ from backupd.chain import BACKUP_TYPES, FULL, INCREMENTAL_METHODS, article, choo
 from backupd.context import JobContext
 from backupd.driver import IncrementalBackup
 from backupd.errors import DriverError, UsageError
-from backupd.locks import job_lock
+from backupd.jobrun import JobRun
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.pipeline import CountingReader
 from backupd.runstate import RunRecord, record_run
-from backupd.served_metrics import served
 from backupd.storage import Readable
 from backupd.timeutil import utcnow
 
@@ -32,14 +34,17 @@ def run_backup(
     wait: float = 0.0,
     cancel: threading.Event | None = None,
     on_id: Callable[[str], None] | None = None,
+    run: JobRun | None = None,
 ) -> Manifest:
-    """One backup of the job; ``on_id`` hears the new backup's id as soon as it is chosen.
+    """One backup of the job, as ``run`` (a run of its own by default); ``run.backup_id`` names the new
+    backup as soon as it is chosen, and ``on_id`` hears it then.
 
     ``backup_type`` "diff" or "incr" (DESIGN.md "Backup types") needs a driver with the
     incremental capability and method physical; None or "full" takes a full. A diff or incr
     with no full in the repository takes a full (with a warning); one whose parent's chain is
     broken is refused before it starts, naming the backup that is missing.
     """
+    run = JobRun.of(ctx, "backup", run)
     driver = ctx.driver
     method = method or driver.default_method
     if method not in driver.methods:
@@ -48,7 +53,7 @@ def run_backup(
     incremental = _incremental(ctx, method, requested)
     repo = ctx.repository
     recipients = ctx.recipients
-    with job_lock(ctx.state_dir, ctx.name, wait=wait, cancel=cancel):
+    with run.lock(ctx.state_dir, wait=wait, cancel=cancel):
         try:
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
@@ -59,17 +64,17 @@ def run_backup(
                 chain = []
             kind = requested if chain else FULL
             started = utcnow()
-            backup_id = repo.new_backup_id(started)
+            backup_id = run.backup_id = repo.new_backup_id(started)
             if on_id is not None:
                 on_id(backup_id)
         except BaseException as exc:  # storage down before the first byte: still a failed attempt
-            _count_failure(ctx.name, method, requested)
-            _record_run(ctx, RunRecord("failure", utcnow(), None, str(exc) or type(exc).__name__))
+            run.recorder.backup_failed(ctx.name, method, requested)
+            _record_run(ctx, RunRecord("failure", utcnow(), None, run.describe(exc)))
             raise
         entries: list[ObjectEntry] = []
         names: set[str] = set()
         names_lock = threading.Lock()  # a driver may store a side stream from another thread
-        with structlog.contextvars.bound_contextvars(job=ctx.name, backup_id=backup_id, method=method, type=kind):
+        with run.bound(backup_id=backup_id, method=method, type=kind):
             log.info("backup started", parent=chain[-1].backup_id if chain else None)
 
             def sink(name: str, source: Readable) -> ObjectEntry:
@@ -111,15 +116,15 @@ def run_backup(
             except BaseException as exc:
                 log.error("backup failed; removing its objects", objects=len(entries))
                 _discard(ctx, backup_id)
-                _count_failure(ctx.name, method, requested)
-                _record_run(ctx, RunRecord("failure", utcnow(), backup_id, str(exc) or type(exc).__name__))
+                run.recorder.backup_failed(ctx.name, method, requested)
+                _record_run(ctx, RunRecord("failure", utcnow(), backup_id, run.describe(exc)))
                 raise
             try:
                 driver.committed(manifest)
             except Exception as exc:  # the backup is committed; what the driver keeps about it is extra
                 log.warning("driver could not keep its local state of the backup", error=str(exc))
             _record_run(ctx, RunRecord("success", utcnow(), backup_id))
-            record_success(manifest)
+            run.recorder.backup_succeeded(manifest)
             log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,
                      seconds=round(manifest.duration_seconds, 3))
             return manifest
@@ -156,23 +161,6 @@ def _parent_chain(ctx: JobContext, method: str, requested: str) -> list[Manifest
                     f"instead of a {requested}", job=ctx.name)
         return []
     return ctx.repository.chain(parent)
-
-
-def _count_failure(job: str, method: str, backup_type: str) -> None:
-    if metrics := served():
-        metrics.BACKUP_RUNS.labels(job, method, backup_type, "failure").inc()
-
-
-def record_success(manifest: Manifest) -> None:
-    metrics = served()
-    if metrics is None:
-        return
-    labels = (manifest.job, manifest.method, manifest.backup_type)
-    metrics.BACKUP_RUNS.labels(*labels, "success").inc()
-    metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
-    metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
 
 
 def _record_run(ctx: JobContext, record: RunRecord) -> None:

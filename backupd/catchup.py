@@ -43,7 +43,6 @@ from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key, format_timestamp
 
 log = structlog.get_logger(__name__)
 
-SIGNATURE_SUFFIX = ".sig"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -90,7 +89,7 @@ def units(source: Listing, layout: Layout) -> list[Unit]:
     for backup_id in source.committed(layout):
         prefix = layout.backup_prefix(backup_id)
         manifest = layout.manifest_key(backup_id)
-        signature = manifest + SIGNATURE_SUFFIX
+        signature = Layout.signature_beside(manifest)
         keys = sorted(key for key in source.objects if key.startswith(prefix) and key not in (manifest, signature))
         keys += [key for key in (signature, manifest) if key in source.objects]
         found.append(Unit(f"backup {backup_id}", backup_time(backup_id), keys, backup_id,
@@ -100,7 +99,7 @@ def units(source: Listing, layout: Layout) -> list[Unit]:
             name = layout.log_name(kind, key) if key.startswith(layout.log_prefix(kind)) else None
             if name is None or ".partial" in name:
                 continue
-            keys = [key + SIGNATURE_SUFFIX] if key + SIGNATURE_SUFFIX in source.objects else []
+            keys = [Layout.signature_beside(key)] if Layout.signature_beside(key) in source.objects else []
             found.append(Unit(f"log {key}", info.modified or _EPOCH, [*keys, key],
                               sizes={k: source.objects[k].size for k in [*keys, key]}, log=(kind, name)))
     found.sort(key=lambda unit: (unit.time, unit.label))

@@ -134,7 +134,9 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             else:
                 reply = handler(message)
         except Exception as exc:  # every failure becomes a reply; the client decides what to do
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            from backupd.jobrun import describe
+
+            reply = {"ok": False, "error": describe(exc)}
         self._reply(reply)
 
     def _reply(self, reply: dict[str, Any]) -> None:

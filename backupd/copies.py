@@ -59,8 +59,10 @@ def _report(name: str, up: bool) -> None:
 
 def is_commit_marker(key: str) -> bool:
     """A manifest or its signature: written in a repository only once it holds the whole backup."""
+    from backupd.repository import Layout  # the repository opens objects through this module
+
     name = key.rpartition("/")[2]
-    return name in (MANIFEST_NAME, f"{MANIFEST_NAME}.sig")
+    return name in (MANIFEST_NAME, Layout.signature_beside(MANIFEST_NAME))
 
 
 def _directory(key: str) -> str:

@@ -30,11 +30,11 @@ from typing import Any, Iterator
 
 import structlog
 
-from backupd import metrics
 from backupd.context import JobContext
 from backupd.errors import BackupdError, BackupNotFound, IntegrityError, ObjectLocked, ObjectNotFound, UntrustedObject
 from backupd.index import Index, IndexedBackup, newest_logs
-from backupd.locks import job_lock, lock_free
+from backupd.jobrun import JobRun
+from backupd.locks import lock_free
 from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
@@ -116,16 +116,18 @@ def journal_key(job: str) -> str:
     return Layout(job).journal_key()
 
 
-def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
+def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None = None,
+              run: JobRun | None = None) -> PruneResult:
     """Remove what dead runs left, then plan and (unless ``dry_run``) apply the job's retention policy.
 
     Without a policy only the leftovers of dead runs go. Raises PruneRefused
     (exit 1) when the newest backup run failed, LockHeld when the job is running.
     """
+    run = JobRun.of(ctx, "prune", run)
     policy = ctx.job.retention
     now = now or utcnow()
-    lock = contextlib.nullcontext() if dry_run else job_lock(ctx.state_dir, ctx.name)
-    with lock, structlog.contextvars.bound_contextvars(job=ctx.name, stage="prune"):
+    lock = contextlib.nullcontext() if dry_run else run.lock(ctx.state_dir)
+    with lock, run.bound(stage="prune"):
         # no live run of the job (we hold its lock, or in a dry run nobody does): its partials are debris
         idle = not dry_run or lock_free(ctx.state_dir, ctx.name)
         abandoned, leftovers = ctx.repository.abandoned(remove=not dry_run) if idle else ([], [])
@@ -153,10 +155,8 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
                 hint=f"pruning resumes after the next successful backup (`backupd backup {ctx.name}`)",
             )
         _apply(ctx, the_plan, result)
-        metrics.RETENTION_DELETED.labels(ctx.name).inc(result.deleted_objects)
-        metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(the_plan.kept_backups()))
-        if the_plan.restorable_from is not None:
-            metrics.PITR_WINDOW_START.labels(ctx.name).set(the_plan.restorable_from.timestamp())
+        run.recorder.pruned(ctx.name, result.deleted_objects, len(the_plan.kept_backups()),
+                            the_plan.restorable_from.timestamp() if the_plan.restorable_from is not None else None)
         log.info("prune finished", backups=len(result.deleted_backups), partials=len(result.deleted_partials),
                  logs=len(result.deleted_logs), objects=result.deleted_objects, locked=len(result.locked))
         return result

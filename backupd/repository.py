@@ -57,6 +57,7 @@ from backupd.timeutil import BACKUP_ID_RE, backup_id_candidates, backup_id_sort_
 log = structlog.get_logger(__name__)
 
 OBJECT_SUFFIX = ".zst.age"
+SIGNATURE_SUFFIX = ".sig"
 ID_CLAIMS_PREFIX = "_ids/"
 #: The kinds of archived logs, each under its own ``<job>/<kind>/``.
 LOG_KINDS = ("wal", "binlog", "oplog")
@@ -84,7 +85,12 @@ class Layout:
 
     def signature_key(self, backup_id: str) -> str:
         """The manifest's signature, ``manifest.json.sig`` beside it."""
-        return signing.signature_key(self.manifest_key(backup_id))
+        return self.signature_beside(self.manifest_key(backup_id))
+
+    @staticmethod
+    def signature_beside(key: str) -> str:
+        """Where the SSH signature of the object at ``key`` lives: ``<key>.sig`` (``backupd.signing``)."""
+        return f"{key}{SIGNATURE_SUFFIX}"
 
     @staticmethod
     def object_name(stream: str) -> str:
@@ -104,8 +110,9 @@ class Layout:
         return backup_id, rest
 
     # archived logs
-    def log_prefix(self, kind: str) -> str:
-        return f"{self.job}/{kind}/"
+    def log_prefix(self, kind: str, under: str = "") -> str:
+        """The prefix of the archived logs of ``kind`` whose names start with ``under``."""
+        return f"{self.job}/{kind}/{under}"
 
     @staticmethod
     def log_path(kind: str, name: str) -> str:
@@ -126,7 +133,7 @@ class Layout:
 
     def log_signature_key(self, kind: str, name: str) -> str:
         """The log object's signature, ``<object key>.sig`` beside it (``backupd.signing.sign_log``)."""
-        return signing.signature_key(self.log_key(kind, name))
+        return self.signature_beside(self.log_key(kind, name))
 
     def log_name(self, kind: str, key: str) -> str | None:
         """The log name of a key listed under ``log_prefix(kind)``, in either layout; None for anything
@@ -171,13 +178,17 @@ class Layout:
         return name if BACKUP_ID_RE.match(name) else None
 
     # state
+    @property
+    def state_prefix(self) -> str:
+        return f"{self.job}/state/"
+
     def journal_key(self) -> str:
         """The prune journal: the backups a prune is deleting."""
-        return f"{self.job}/state/prune.json"
+        return f"{self.state_prefix}prune.json"
 
     def failure_key(self) -> str:
         """The newest backup run's failure, while no later run succeeded."""
-        return f"{self.job}/state/last-failure.json"
+        return f"{self.state_prefix}last-failure.json"
 
     # audit events
     def audit_key(self, time: str, host: str | None, pid: object, unique: str) -> str:

@@ -24,16 +24,15 @@ from backupd.errors import ObjectExists, ObjectNotFound
 from backupd.sshsig import PublicKey, SignatureError, SigningKey
 from backupd.storage import Storage
 
-SIGNATURE_SUFFIX = ".sig"
-
-
 class Unsigned(SignatureError):
     """The object has no signature beside it."""
 
 
-def signature_key(manifest_key: str) -> str:
-    """Where the signature of the manifest stored at ``manifest_key`` lives: ``.../manifest.json.sig``."""
-    return manifest_key + SIGNATURE_SUFFIX
+def signature_key(key: str) -> str:
+    """Where the signature of the object stored at ``key`` lives (``Layout.signature_beside``: ``<key>.sig``)."""
+    from backupd.repository import Layout  # the repository imports this module: the layout is read at call time
+
+    return Layout.signature_beside(key)
 
 
 def sign_manifest(storage: Storage, manifest_key: str, manifest: bytes, key: SigningKey, *,

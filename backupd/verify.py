@@ -13,11 +13,12 @@ from typing import Any, Sequence
 
 import structlog
 
-from backupd import metrics, sealed
+from backupd import sealed
 from backupd.context import JobContext
 from backupd.driver import PitrDrill, RestoreTarget
 from backupd.errors import (BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch,
                             UntrustedObject, UsageError)
+from backupd.jobrun import JobRun, Recorder, process_recorder
 from backupd.manifest import Manifest, PitrStart
 from backupd.repository import LOG_KINDS
 from backupd.restore import RepositorySource
@@ -245,12 +246,12 @@ def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
         return None
 
 
-def record_metrics(report: VerifyReport) -> None:
-    metrics.VERIFICATION_LAST_RESULT.labels(report.job).set(1 if report.ok else 0)
+def record_metrics(report: VerifyReport, recorder: Recorder | None = None) -> None:
+    """The verification gauges from ``report`` (through the process's recorder by default)."""
+    recorder = recorder if recorder is not None else process_recorder()
+    recorder.verified(report.job, report.ok, report.restore_seconds)
     if report.ok:
-        metrics.VERIFICATION_LAST_SUCCESS.labels(report.job).set(utcnow().timestamp())
-    if report.restore_seconds is not None:
-        metrics.VERIFICATION_LAST_RESTORE.labels(report.job).set(report.restore_seconds)
+        recorder.verification_passed(report.job, utcnow().timestamp())
 
 
 def unusable_reports(ctx: JobContext, unusable: list[tuple[str, IntegrityError]]) -> list[VerifyReport]:
@@ -263,7 +264,7 @@ def unusable_reports(ctx: JobContext, unusable: list[tuple[str, IntegrityError]]
 
 
 def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity_only: bool = False,
-                     pitr_drill: bool = False) -> list[VerifyReport]:
+                     pitr_drill: bool = False, run: JobRun | None = None) -> list[VerifyReport]:
     """What ``backupd verify`` and the daemon's verify schedule run: reports stored, metrics set.
 
     Full mode verifies one backup (default the newest trusted one); integrity mode every
@@ -271,11 +272,12 @@ def run_verification(ctx: JobContext, backup_id: str | None = None, *, integrity
     failed report (exit 3), whichever mode. Raises (exit 1) when verification cannot run.
     """
     with ctx.one_listing():  # the log archive is listed once, however many backups record logs
-        return _run_verification(ctx, backup_id, integrity_only=integrity_only, pitr_drill=pitr_drill)
+        return _run_verification(ctx, backup_id, integrity_only=integrity_only, pitr_drill=pitr_drill,
+                                 run=JobRun.of(ctx, "verify", run))
 
 
 def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only: bool,
-                      pitr_drill: bool) -> list[VerifyReport]:
+                      pitr_drill: bool, run: JobRun) -> list[VerifyReport]:
     repo = ctx.repository
     named: Manifest | None = None
     if backup_id:
@@ -286,7 +288,7 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
             report.mode = "integrity" if integrity_only else "full"
             if not integrity_only:
                 save_report(ctx, report)
-                record_metrics(report)
+                record_metrics(report, run.recorder)
             return [report]
     if integrity_only:
         if named is not None:
@@ -321,5 +323,5 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)
     save_report(ctx, report)
-    record_metrics(report)
+    record_metrics(report, run.recorder)
     return [report]

@@ -3,7 +3,7 @@
 Run as root from the repository (it needs the shared PostgreSQL on 127.0.0.1:5432, trust, which it
 only reads: a logical dump of the small `postgres` database):
 
-    .venv/bin/python bench/startup.py [--runs 21]
+    .venv/bin/python bench/startup.py [--runs 21] [--only python,list,backup,wal-push]
 
 Prints medians (and min/max) of:
   backup    `backupd backup JOB` (logical, PostgreSQL): from the command's start until `pg_dump` starts
@@ -136,7 +136,10 @@ def start_daemon(config: Path, work: Path) -> subprocess.Popen:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=21)
-    runs = parser.parse_args().runs
+    parser.add_argument("--only", default="python,list,backup,wal-push",
+                        help="comma-separated measurements (e.g. --only wal-push --runs 101)")
+    args = parser.parse_args()
+    runs, only = args.runs, set(args.only.split(","))
     subprocess.run([PYTHON, "-m", "compileall", "-q", "backupd", "drivers", "storage"], cwd=REPO, check=True)
     sys.path.insert(0, str(REPO))
     from backupd import age
@@ -151,9 +154,14 @@ def main() -> int:
         config = work / "backupd.toml"
         config.write_text(CONFIG.format(work=work, port=free_port(),
                                         recipient=age.X25519Identity.generate().to_recipient()))
-        report("python", [timed([PYTHON, "-c", "pass"]) for _ in range(runs)])
-        report("list", [timed([*BACKUPD, "--config", str(config), "list"]) for _ in range(runs)])
-        report("backup", [to_tool_start(config) for _ in range(runs)], "(until pg_dump starts)")
+        if "python" in only:
+            report("python", [timed([PYTHON, "-c", "pass"]) for _ in range(runs)])
+        if "list" in only:
+            report("list", [timed([*BACKUPD, "--config", str(config), "list"]) for _ in range(runs)])
+        if "backup" in only:
+            report("backup", [to_tool_start(config) for _ in range(runs)], "(until pg_dump starts)")
+        if "wal-push" not in only:
+            return 0
         daemon = start_daemon(config, work)
         push = [*BACKUPD, "--config", str(config), "wal-push", "--job", "wal", str(work / "data" / "pg_wal" / SEGMENT)]
         timed(push)  # the first push uploads the segment; the rest find it durable

@@ -21,6 +21,7 @@ declare -A PACKAGE_OF=(
   [systemd-analyze]=systemd
   [bwrap]=bubblewrap
   [ssh-keygen]=openssh-client
+  [faketime]=faketime
 )
 
 missing=()

@@ -95,14 +95,16 @@ def test_diff_and_incr_store_what_changed_and_restore_their_chain(kv, tmp_path: 
     assert report.steps[0]["chain"] == [full, diff, incr2]
 
 
-def test_without_a_full_a_diff_takes_a_full(kv, monkeypatch, capsys) -> None:
+def test_without_a_full_a_diff_takes_a_full(kv, monkeypatch) -> None:
+    import structlog
+
     ctx, _ = kv
-    backup_id = take(ctx, "diff", "2026-11-01T00:00:00Z", monkeypatch)
+    with structlog.testing.capture_logs() as logged:  # whatever an earlier test configured structlog to print
+        backup_id = take(ctx, "diff", "2026-11-01T00:00:00Z", monkeypatch)
     manifest = ctx.repository.load_manifest(backup_id)
     assert (manifest.backup_type, manifest.parent) == ("full", None)
-    captured = capsys.readouterr()  # structlog's default output in-process; stderr under `backupd`
     assert "no full physical backup of job kv in the repository: taking a full backup instead of a diff" in \
-        captured.out + captured.err
+        [entry["event"] for entry in logged]
 
 
 def test_a_missing_parent_refuses_backup_restore_and_verify_naming_it(kv, tmp_path: Path, monkeypatch) -> None:

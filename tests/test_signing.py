@@ -17,6 +17,7 @@ from backupd.signing import Trust, Unsigned
 from backupd.sshsig import BadArmor, BadSignature, SigningKey, UnknownKey
 from backupd.storage import Storage
 
+from signing_support import read
 from support import require_tool
 
 HOST_A = SigningKey.generate("backupd@host-a")
@@ -37,14 +38,6 @@ def key_of(backup_id: str) -> str:
 
 def put(storage: Storage, key: str, data: bytes) -> None:
     storage.put(key, io.BytesIO(data))
-
-
-def read(storage: Storage, key: str) -> bytes:
-    handle = storage.open(key)
-    try:
-        return handle.read()
-    finally:
-        handle.close()
 
 
 def test_a_signed_manifest_checks_here_and_with_ssh_keygen(storage: Storage, tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
-    manifest = run_backup(ctx, args.method, args.backup_type, wait=args.wait,
-                          on_id=lambda backup_id: setattr(args, "audit_backup_id", backup_id))
+    manifest = run_backup(ctx, args.method, args.backup_type, wait=args.wait, run=getattr(args, "run", None))
     print(manifest.backup_id)
     return 0

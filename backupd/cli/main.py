@@ -1,4 +1,4 @@
-"""The ``backupd`` command: parse, configure logging, dispatch, map errors to exit codes."""
+"""The ``backupd`` command: parse, configure logging, dispatch, report errors with their exit status (``backupd.jobrun``)."""
 
 from __future__ import annotations
 
@@ -110,32 +110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs.configure(args.log_format, args.log_level)
             return run_handler(args)  # TTY progress and the audit trail around the command
     from backupd import logs
-    from backupd.errors import EXIT_FAILURE, BackupdError
-    from backupd.redact import redact
 
     try:
         return handler()  # per-WAL-file commands configure logging themselves, and are neither audited nor drawn
-    except BackupdError as exc:
-        report(exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        from backupd.errors import EXIT_INTERRUPTED
-        from backupd.logs import write_stderr
+    except (Exception, KeyboardInterrupt) as exc:
+        from backupd import jobrun
 
-        write_stderr("backupd: interrupted\n")
-        return EXIT_INTERRUPTED
-    except OSError as exc:  # backupd's own files: disk full, permissions (storage and tools map their own)
-        from backupd.errors import from_os_error
+        error = jobrun.as_error(exc)  # backupd's own, or an OS error on its own files (disk full, permissions)
+        if error is not None:
+            report(error)
+        elif isinstance(exc, KeyboardInterrupt):
+            logs.write_stderr("backupd: interrupted\n")
+        else:  # a bug: say so plainly, keep the traceback in the log
+            import structlog
 
-        error = from_os_error(exc)
-        report(error)
-        return error.exit_code
-    except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
-        import structlog
+            from backupd.redact import redact
 
-        structlog.get_logger("backupd").exception("internal error")
-        logs.write_stderr(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}\n")
-        return EXIT_FAILURE
+            structlog.get_logger("backupd").exception("internal error")
+            logs.write_stderr(f"backupd: internal error: {type(exc).__name__}: {redact(str(exc))}\n")
+        return jobrun.exit_status(exc)
 
 
 if __name__ == "__main__":

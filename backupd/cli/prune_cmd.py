@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     contexts = ctx.per_storage()
     if len(contexts) == 1:
-        result = run_prune(ctx, dry_run=args.dry_run)
+        result = run_prune(ctx, dry_run=args.dry_run, run=getattr(args, "run", None))
         if args.json:
             print_json(result.to_dict())
         else:

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @with_job
 def run(args: argparse.Namespace, ctx: JobContext) -> int:
     reports = run_verification(ctx, args.backup, integrity_only=args.integrity_only,
-                               pitr_drill=args.pitr_drill)
+                               pitr_drill=args.pitr_drill, run=getattr(args, "run", None))
     # what dead runs left is the whole repository's concern: listed when checking it all, not one backup
     whole = args.integrity_only and not args.backup
     partial, leftovers = ctx.repository.abandoned(remove=False) if whole else ([], [])

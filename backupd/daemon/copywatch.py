@@ -20,6 +20,7 @@ from backupd import copies, metrics
 from backupd.catchup import Listing, Manifests, for_target, measure
 from backupd.context import JobContext
 from backupd.errors import StorageError
+from backupd.repository import Layout
 from backupd.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -113,7 +114,7 @@ class CopyWatch:
         """``backupd_storage_up`` of a job's only storage: one small listing."""
         for name, one in contexts.items():
             try:
-                next(iter(one.storage.list(f"{one.name}/state/")), None)
+                next(iter(one.storage.list(Layout(one.name).state_prefix)), None)
             except StorageError as exc:
                 metrics.STORAGE_UP.labels(name).set(0)
                 log.warning("storage not reachable", storage=name, error=str(exc))

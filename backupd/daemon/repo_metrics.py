@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import structlog
 
-from backupd import metrics
 from backupd.context import JobContext
 from backupd.daemon import gaps as gap_watch
+from backupd.jobrun import MetricsRecorder, Recorder
 from backupd.manifest import Manifest
 from backupd.settings import Settings
 from backupd.status import REPORTS_SCANNED, read_report
@@ -27,23 +27,17 @@ from backupd.timeutil import parse_timestamp
 
 log = structlog.get_logger(__name__)
 
-def set_backup_gauges(manifest: Manifest) -> None:
-    labels = (manifest.job, manifest.method, manifest.backup_type)
-    metrics.BACKUP_LAST_SUCCESS.labels(*labels).set(manifest.finished_at.timestamp())
-    metrics.BACKUP_LAST_DURATION.labels(*labels).set(manifest.duration_seconds)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "raw").set(manifest.raw_size)
-    metrics.BACKUP_LAST_SIZE.labels(*labels, "stored").set(manifest.stored_size)
 
-
-def refresh_backups(ctx: JobContext) -> int:
+def refresh_backups(ctx: JobContext, recorder: Recorder | None = None) -> int:
     """Backup gauges from the newest trusted manifest per method and type; returns the number of backups.
 
     With trusted keys, manifests no trusted key signed set no gauge (a forged "newest" backup must not
     silence the backup-too-old alert); they are counted in ``backupd_repository_untrusted_objects``."""
     entries = ctx.repository.entries()  # newest first, from the index
+    recorder = recorder or MetricsRecorder()
     manifests = [m for m, trust in entries if trust is None or trust.status == "signed"]
     if ctx.settings.trusted_keys(ctx.name):
-        metrics.REPOSITORY_UNTRUSTED.labels(ctx.name).set(len(entries) - len(manifests))
+        recorder.untrusted_objects(ctx.name, len(entries) - len(manifests))
         for manifest, trust in entries:
             if trust is not None and trust.status != "signed":
                 log.warning("backup not trusted", backup_id=manifest.backup_id, signature=str(trust),
@@ -52,8 +46,8 @@ def refresh_backups(ctx: JobContext) -> int:
     for manifest in manifests:
         newest.setdefault((manifest.method, manifest.backup_type), manifest)
     for manifest in newest.values():
-        set_backup_gauges(manifest)
-    metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(manifests))
+        recorder.newest_backup(manifest)
+    recorder.repository_backups(ctx.name, len(manifests))
     return len(manifests)
 
 
@@ -82,8 +76,9 @@ class VerificationReports:
             self._newest.pop(job, None)
 
 
-def _apply(ctx: JobContext, keys: list[str]) -> None:
+def _apply(ctx: JobContext, keys: list[str], recorder: Recorder | None = None) -> None:
     """Gauges from the newest readable report, and the newest passed one (newest first in ``keys``)."""
+    recorder = recorder or MetricsRecorder()
     newest_seen = False
     for key in keys:
         report = _read_report(ctx, key)
@@ -92,17 +87,15 @@ def _apply(ctx: JobContext, keys: list[str]) -> None:
         if not newest_seen:
             newest_seen = True
             passed = report.get("result") == "passed"
-            metrics.VERIFICATION_LAST_RESULT.labels(ctx.name).set(1 if passed else 0)
-            if isinstance(report.get("restore_seconds"), (int, float)):
-                metrics.VERIFICATION_LAST_RESTORE.labels(ctx.name).set(report["restore_seconds"])
+            seconds = report.get("restore_seconds")
+            recorder.verified(ctx.name, passed, seconds if isinstance(seconds, (int, float)) else None)
             if not passed:
                 log.warning("the newest verification report says failed", key=key,
                             backup_id=report.get("backup_id"))
         if report.get("result") == "passed":
             with contextlib.suppress(KeyError, TypeError, ValueError):
-                when = parse_timestamp(report.get("finished_at") or report["started_at"]).timestamp()
-                gauge = metrics.VERIFICATION_LAST_SUCCESS.labels(ctx.name)
-                gauge.set(max(when, gauge._value.get()))  # noqa: SLF001 (never backwards)
+                recorder.verification_passed(
+                    ctx.name, parse_timestamp(report.get("finished_at") or report["started_at"]).timestamp())
             return
 
 

@@ -47,6 +47,7 @@ from backupd.daemon.metrics import (
 )
 from backupd.daemon.state import ScheduleState
 from backupd.daemon.tasks import NotStarted, Skipped, Tasks, backup_task, integrity_period
+from backupd.jobrun import describe
 from backupd.daemon.triggers import build_trigger, latest_missed, period
 from backupd.errors import BackupdError
 from backupd.settings import Settings
@@ -205,10 +206,10 @@ class Scheduler:
         JOB_LAST_RESULT.labels(job, task).set(0)
         JOB_CONSECUTIVE_FAILURES.labels(job, task).inc()
         if isinstance(event.exception, BackupdError):
-            log.error("scheduled run failed", job_id=job_id, error=str(event.exception))
+            log.error("scheduled run failed", job_id=job_id, error=describe(event.exception))
         else:
             log.error("scheduled run failed with an internal error", job_id=job_id,
-                      error=f"{type(event.exception).__name__}: {event.exception}", traceback=event.traceback)
+                      error=describe(event.exception), traceback=event.traceback)
 
     @property
     def alive(self) -> bool:

@@ -34,6 +34,7 @@ from backupd.daemon.state import DaemonLock, ScheduleState
 from backupd.daemon.supervisor import Supervised
 from backupd.daemon.tasks import Tasks
 from backupd.errors import ConfigError
+from backupd.jobrun import JobRun, MetricsRecorder
 from backupd.migrate import kinds_of, migrate_in_background
 from backupd.settings import Settings, load_settings
 from backupd.timeutil import format_timestamp
@@ -61,6 +62,7 @@ class Daemon:
         self.job_handlers: dict[str, dict[str, Any]] = {}
         self.archivers: dict[str, list[Supervised]] = {}
         self.signatures: dict[str, str] = {}
+        self.recorder = MetricsRecorder()
 
     # -- life cycle ----------------------------------------------------------
     def run(self) -> int:
@@ -251,8 +253,13 @@ class Daemon:
                 except ValueError as exc:
                     log.warning("control request refused", op=op, job=job, error=str(exc))
                     return {"ok": False, "error": f"{op} refused: {exc}"}
-            with structlog.contextvars.bound_contextvars(job=job, op=op):
-                return handler(message)
+            run = JobRun(op, job, trigger="control", ctx=self.contexts.get(job), recorder=self.recorder)
+            with run.bound(op=op):
+                try:
+                    return handler(message)
+                except Exception as exc:  # every failure becomes a reply; the client decides what to do
+                    log.warning("control request failed", error=run.describe(exc))
+                    return {"ok": False, "error": run.describe(exc)}
 
         return dispatch
 

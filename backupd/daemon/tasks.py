@@ -1,8 +1,8 @@
 """What the scheduler runs: backup (then prune), verification, integrity rotation, prune.
 
 Every task takes a global slot (``daemon.max_parallel_jobs``), runs under a
-cancel Event with its own timeout, records an audit event and raises on failure
-so the scheduler's listener logs and counts it.
+cancel Event with its own timeout, as a ``JobRun`` (lock, log context, audit event,
+metrics: ``backupd.jobrun``), and raises on failure so the scheduler's listener logs and counts it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 
 import structlog
 
-from backupd import audit, metrics
 from backupd.backup import run_backup
 from backupd.chain import FULL
 from backupd.context import JobContext
@@ -22,7 +21,8 @@ from backupd.daemon import gaps as gap_watch
 from backupd.daemon.metrics import JOB_RUNNING
 from backupd.daemon.runs import Run, Runs, Slots
 from backupd.daemon.state import ScheduleState
-from backupd.errors import Aborted, BackupdError, LockHeld, UntrustedObject
+from backupd.errors import EXIT_VERIFY_BAD, Aborted, BackupdError, LockHeld, UntrustedObject
+from backupd.jobrun import JobRun, MetricsRecorder
 from backupd.settings import Settings
 from backupd.timeutil import utcnow
 from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
@@ -48,9 +48,11 @@ class Tasks:
         self.runs = runs
         self.slots = slots
         self.state = state
+        self.recorder = MetricsRecorder()
 
     @contextlib.contextmanager
-    def _task(self, kind: str, job: str, timeout: dt.timedelta | None) -> Iterator[tuple[JobContext, Run]]:
+    def _task(self, kind: str, job: str, timeout: dt.timedelta | None,
+              timeout_setting: str = "timeout") -> Iterator[tuple[JobContext, Run, JobRun]]:
         job_id = f"{kind}:{job}"
         settings = self._settings()
         if job not in settings.jobs:
@@ -62,49 +64,45 @@ class Tasks:
                                      "until the job's timeout")
                 raise Skipped(f"{job_id}: not started ({run.reason})")
             ctx = JobContext(settings, job)
+            job_run = JobRun(kind, job, trigger="schedule", ctx=ctx, recorder=self.recorder, abort=run,
+                             timeout_setting=timeout_setting)
             JOB_RUNNING.labels(job, kind).set(1)
             try:
-                with structlog.contextvars.bound_contextvars(job=job, task=kind):
-                    yield ctx, run
+                with job_run.bound(task=kind):
+                    yield ctx, run, job_run
             finally:
                 JOB_RUNNING.labels(job, kind).set(0)
                 self.slots.release()
                 ctx.close()
 
-    def _audit(self, ctx: JobContext, command: str, backup_id: str | None, result: str,
-               detail: str | None = None) -> None:
-        audit.record_for_job(ctx, audit.make_event(command, job=ctx.name, backup_id=backup_id, result=result,
-                                                   detail=detail, trigger="schedule"))
-
     # -- backup --------------------------------------------------------------
     def backup(self, job: str, backup_type: str | None = None) -> None:
         """A scheduled backup: a full, or (``diff_schedule``, ``incr_schedule``) a diff or incr."""
         timeout = self._settings().jobs[job].timeout if job in self._settings().jobs else None
-        with self._task(backup_task(backup_type or FULL), job, timeout) as (ctx, run):
+        with self._task(backup_task(backup_type or FULL), job, timeout) as (ctx, run, job_run):
             # A scheduled full waits for a diff or incr still running (they may fire at the same minute);
             # a diff or incr that finds the job running is skipped: the next one comes soon.
             typed = ctx.job.typed_schedules().keys() - {FULL}
             wait = FULL_LOCK_WAIT.total_seconds() if backup_type in (None, FULL) and typed else 0.0
             try:
-                manifest = run_backup(ctx, backup_type=backup_type, wait=wait, cancel=run.cancel)
+                run_backup(ctx, backup_type=backup_type, wait=wait, cancel=run.cancel, run=job_run)
             except LockHeld as exc:
                 log.warning("scheduled backup skipped", reason=str(exc))
                 raise Skipped(str(exc)) from None
             except BaseException as exc:
-                error = _describe(exc, run)
-                self._audit(ctx, "backup", None, "failure", error)
+                job_run.failed(exc)
                 if isinstance(exc, Aborted):
-                    raise Aborted(error) from None
+                    raise Aborted(job_run.describe(exc)) from None
                 raise
-            self._audit(ctx, "backup", manifest.backup_id, "success")
+            job_run.succeeded()
             with contextlib.suppress(Exception):
-                metrics.REPOSITORY_BACKUPS.labels(job).set(len(ctx.repository.backup_ids()))
+                self.recorder.repository_backups(job, len(ctx.repository.backup_ids()))
             if not run.cancel.is_set():
                 self._prune(ctx, after_backup=True)
 
     # -- retention -----------------------------------------------------------
     def prune(self, job: str) -> None:
-        with self._task("prune", job, dt.timedelta(hours=1)) as (ctx, _run):
+        with self._task("prune", job, dt.timedelta(hours=1)) as (ctx, _run, _job_run):
             self._prune(ctx, after_backup=False)
 
     def _prune(self, ctx: JobContext, *, after_backup: bool) -> None:
@@ -133,54 +131,53 @@ class Tasks:
                 raise
             log.warning("retention not applied: backupd.prune is not available in this build")
             return
+        job_run = JobRun("prune", ctx.name, trigger="schedule", ctx=ctx, recorder=self.recorder)
         try:
-            result = run_prune(ctx)
+            result = run_prune(ctx, run=job_run)
         except (LockHeld, PruneRefused) as exc:
             log.warning("prune skipped", reason=str(exc))
             if after_backup:
                 return
             raise Skipped(str(exc)) from None
         except BaseException as exc:
-            self._audit(ctx, "prune", None, "failure", str(exc))
+            job_run.failed(exc)
             if after_backup:  # the backup itself succeeded; the failed prune is logged and retried next time
                 log.error("prune after backup failed", error=str(exc))
                 return
             raise
-        self._audit(ctx, "prune", None, "success", _summary(result))
+        job_run.succeeded(_summary(result))
         with contextlib.suppress(Exception):
-            metrics.REPOSITORY_BACKUPS.labels(ctx.name).set(len(ctx.repository.backup_ids()))
+            self.recorder.repository_backups(ctx.name, len(ctx.repository.backup_ids()))
 
     # -- verification --------------------------------------------------------
     def verify(self, job: str) -> None:
         settings = self._settings()
         timeout = settings.jobs[job].verify.timeout if job in settings.jobs else None
-        with self._task("verify", job, timeout) as (ctx, run):
+        with self._task("verify", job, timeout, "verify.timeout") as (ctx, run, job_run):
             if ctx.settings.encryption.identity_file is None:
                 raise Skipped("full verification needs encryption.identity_file on this host")
             try:
-                reports = run_verification(ctx)  # aborting the run kills its scratch servers and tools
+                reports = run_verification(ctx, run=job_run)  # aborting the run kills its scratch servers and tools
             except BaseException as exc:
-                error = _describe(exc, run, "verify.timeout")
-                self._audit(ctx, "verify", None, "failure", error)
+                job_run.failed(exc)
                 if run.cancel.is_set():
-                    raise Aborted(f"verification {error}") from None
+                    raise Aborted(f"verification {job_run.describe(exc)}") from None
                 raise
             report = reports[0]
-            self._audit(ctx, "verify", report.backup_id, "passed" if report.ok else "failed",
-                        "; ".join(report.problems) or None)
+            job_run.succeeded("; ".join(report.problems) or None, result="passed" if report.ok else "failed",
+                              code=0 if report.ok else EXIT_VERIFY_BAD, backup_id=report.backup_id)
             if not report.ok:
                 raise BackupdError(f"verification of {report.backup_id} failed: {'; '.join(report.problems)}")
 
     def integrity(self, job: str) -> None:
         """Read a share of the backups so each is read in full once per ``verify.full_read_interval``."""
-        with self._task("integrity", job, None) as (ctx, run), ctx.one_listing():  # the log archive scanned once
+        with self._task("integrity", job, None) as (ctx, run, job_run), ctx.one_listing():  # the log archive scanned once
             self.watch_gaps(ctx)
             interval = ctx.job.verify.full_read_interval
             ctx.repository.reverify_index()  # every manifest read once: a bad one fails the rotation
             manifests, unusable = ctx.repository.scan_manifests()
             if ctx.repository.trusted:  # what failed its signature check at this verification
-                metrics.REPOSITORY_UNTRUSTED.labels(job).set(
-                    sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
+                self.recorder.untrusted_objects(job, sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
             reads = self.state.integrity_reads(job)
             present = {m.backup_id for m in manifests}
             reads = {k: v for k, v in reads.items() if k in present}
@@ -194,15 +191,15 @@ class Tasks:
             bad = unusable_reports(ctx, unusable)  # checked every rotation until it is fixed or pruned
             for report in bad:
                 save_report(ctx, report)
-                record_metrics(report)
+                record_metrics(report, self.recorder)
             for manifest in chosen:
                 run.check()
-                report = run_verification(ctx, manifest.backup_id, integrity_only=True)[0]
+                report = run_verification(ctx, manifest.backup_id, integrity_only=True, run=job_run)[0]
                 reads[manifest.backup_id] = utcnow()
                 if not report.ok:
                     bad.append(report)
                     save_report(ctx, report)
-                    record_metrics(report)
+                    record_metrics(report, self.recorder)
             self.state.set_integrity_reads(job, reads)
             log.info("integrity rotation done", checked=len(chosen), bad=len(bad), backups=len(manifests))
             if bad:
@@ -224,16 +221,6 @@ def backup_task(backup_type: str) -> str:
 def integrity_period(interval: dt.timedelta) -> dt.timedelta:
     """How often the integrity rotation runs: a quarter of the interval, at most daily, at least hourly."""
     return max(dt.timedelta(hours=1), min(dt.timedelta(days=1), interval / 4))
-
-
-def _describe(exc: BaseException, run: Run, setting: str = "timeout") -> str:
-    """The run's failure; once it was cancelled, why (its tools were killed, so their errors say little)."""
-    cancelled = isinstance(exc, Aborted) or run.cancel.is_set()
-    if cancelled and run.reason == "timeout":
-        return f"timed out after {run.timeout:.0f} s and was aborted (jobs.{run.job}.{setting})"
-    if cancelled and run.reason:
-        return f"aborted ({run.reason})"
-    return str(exc) or type(exc).__name__
 
 
 def _summary(result: object) -> str | None:
