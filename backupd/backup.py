@@ -58,6 +58,10 @@ def run_backup(
             _ = repo.signing_key  # an unreadable signing.key_file fails the run before the first byte
             _remove_abandoned(ctx)
             chain = _parent_chain(ctx, method, requested) if incremental is not None else []
+            if chain and incremental is not None and (problem := incremental.parent_problem(chain)):
+                log.warning(f"taking a full backup instead of {article(requested)} {requested}: {problem}",
+                            job=ctx.name)
+                chain = []
             kind = requested if chain else FULL
             started = utcnow()
             backup_id = run.backup_id = repo.new_backup_id(started)
@@ -115,6 +119,10 @@ def run_backup(
                 run.recorder.backup_failed(ctx.name, method, requested)
                 _record_run(ctx, RunRecord("failure", utcnow(), backup_id, run.describe(exc)))
                 raise
+            try:
+                driver.committed(manifest)
+            except Exception as exc:  # the backup is committed; what the driver keeps about it is extra
+                log.warning("driver could not keep its local state of the backup", error=str(exc))
             _record_run(ctx, RunRecord("success", utcnow(), backup_id))
             run.recorder.backup_succeeded(manifest)
             log.info("backup finished", raw=manifest.raw_size, stored=manifest.stored_size,

@@ -94,6 +94,7 @@ class JobContext:
             open_log=self.open_log,
             sandbox=self.sandbox_policy(),
             manifests=self.manifests,
+            open_stream=self.open_stream,
         )
         return cls(context)
 
@@ -146,6 +147,11 @@ class JobContext:
             return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
                                                                          listings=self._listings, summary_ok=True))
                     for m in manifests if PitrStart.recorded(m)}
+
+    def open_stream(self, manifest: Manifest, name: str) -> BinaryIO:
+        from backupd.restore import RepositorySource
+
+        return RepositorySource(self.repository, manifest, self.identities, str(self.identity_file)).open(name)
 
     def open_log(self, kind: str, name: str) -> BinaryIO:
         return self.log_archive(kind).open(name, self.identities, str(self.identity_file))  # type: ignore[return-value]

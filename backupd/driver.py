@@ -186,6 +186,9 @@ class DriverContext:
     #: Every usable backup of the job, newest first, read from storage on each call. ``choose_backup`` gets
     #: only the named backup when one is named; a plan that describes the others (a PITR window) asks here.
     manifests: Callable[[], list[Manifest]] | None = None
+    #: One stream of a committed backup (its manifest, the stream's name), decrypted: needs the identity
+    #: file, so it raises a BackupdError on a host without it (a diff's planning falls back to a full).
+    open_stream: Callable[[Manifest, str], BinaryIO] | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -235,6 +238,14 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         """Take one backup, passing every stream to ``sink``; raise DriverError on any failure."""
+
+    def committed(self, manifest: Manifest) -> None:
+        """Called once ``manifest``, a backup this driver instance just took, is committed (keep local state
+        about it here: nothing the backup needs, since a failure here only warns)."""
+
+    def shown_metadata(self, manifest: Manifest) -> dict[str, Any]:
+        """The metadata ``backupd show`` prints: the manifest's own, or with what it only references filled in."""
+        return manifest.metadata
 
     @abc.abstractmethod
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
@@ -338,6 +349,11 @@ class IncrementalBackup(abc.ABC):
         Streams go to ``sink`` as for ``Driver.backup``; the core records ``type`` and ``parent`` in the
         manifest's metadata (the driver's metadata must not set them).
         """
+
+    def parent_problem(self, chain: list[Manifest]) -> str | None:
+        """Why a diff or incr cannot be taken against ``chain`` on this host, so the core takes a full
+        instead (with a warning naming it); None when it can."""
+        return None
 
 
 class WalArchiving(abc.ABC):

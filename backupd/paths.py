@@ -17,3 +17,8 @@ def spool_dir(state_dir: Path, job: str) -> Path:
 def wal_fetch_spool(state_dir: Path, job: str) -> Path:
     """Where ``wal-fetch`` keeps prefetched segments (``backupd.spool`` describes its files)."""
     return Path(spool.directory(str(state_dir), job))
+
+
+def file_maps_dir(state_dir: Path, job: str) -> Path:
+    """Where a host keeps the file maps of its committed physical backups (``drivers.postgres.mapstore``)."""
+    return state_dir / "filemaps" / job

@@ -90,3 +90,35 @@ def test_tablespaces_are_checked_and_mapped(tmp_path: Any) -> None:
     inside = tablespaces(manifest(good), {"fast": str(data / "ts")})
     with pytest.raises(UsageError, match="inside the data directory"):
         check_tablespaces(inside, data, delta=False)
+
+
+def with_metadata(metadata: dict[str, Any]) -> Manifest:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    return Manifest("B1", "pg", "postgres", "physical", now, now, [], {}, {}, metadata)
+
+
+def test_read_map_takes_the_map_from_the_manifest_a_kept_copy_or_the_stream(tmp_path: Any) -> None:
+    import io
+
+    from drivers.postgres.filemap import encode, read_map
+    from drivers.postgres.mapstore import MapStore
+
+    files = FileMap.from_metadata(table(entry()), "backup X")
+    assert read_map(with_metadata(table(entry()))).files == files.files  # older backups: in the manifest
+    data, facts = encode(files)
+    manifest = with_metadata({"file_map_stream": facts})
+    assert read_map(manifest, open_stream=lambda: io.BytesIO(data)).files == files.files
+    store = MapStore(tmp_path, "pg")
+    store.write("B1", data)
+    assert read_map(manifest, store.read).files == files.files
+    assert (tmp_path / "filemaps" / "pg" / "B1.json").stat().st_mode & 0o777 == 0o600
+    store.write("B1", data.replace(b"base/1/1259", b"base/1/9999"))  # tampered: ignored, the stream is read
+    assert store.read(manifest) is None
+    assert read_map(manifest, store.read, lambda: io.BytesIO(data)).files == files.files
+    with pytest.raises(IntegrityError, match="B1: its file map is neither kept on this host"):
+        read_map(manifest, store.read)
+    with pytest.raises(IntegrityError, match="object data-filemap does not match the sha256"):
+        read_map(manifest, open_stream=lambda: io.BytesIO(data + b" "))
+    with pytest.raises(IntegrityError, match="file_map_stream.size"):
+        read_map(with_metadata({"file_map_stream": {**facts, "size": 1 << 40}}), open_stream=lambda: io.BytesIO())
+    assert store.prune({"B2"}) == 1 and not (tmp_path / "filemaps" / "pg" / "B1.json").exists()

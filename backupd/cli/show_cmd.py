@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any, Iterator
 
@@ -21,10 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def find(args: argparse.Namespace) -> tuple[Manifest, Trust | None]:
-    """The manifest and what its signature says (an untrusted one is shown, marked, never hidden)."""
+    """The manifest and what its signature says (an untrusted one is shown, marked, never hidden), its
+    metadata as the driver shows it (a physical backup's file map filled in where this host can read it)."""
     ctx = job_of_backup(args)
     try:
-        return ctx.repository.read_manifest(args.backup_id)
+        manifest, trust = ctx.repository.read_manifest(args.backup_id)
+        if trust is None or trust.status != "bad":
+            manifest = dataclasses.replace(manifest, metadata=ctx.driver.shown_metadata(manifest))
+        return manifest, trust
     finally:
         ctx.close()
 

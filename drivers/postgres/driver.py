@@ -6,7 +6,7 @@ import contextlib
 import functools
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from backupd import restore_to, spool
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, IncrementalBackup, LogArchiver,
@@ -19,6 +19,8 @@ from backupd.timeutil import format_timestamp
 from drivers.postgres import DESCRIPTOR, checks, engine, filerestore, logical, physical, pitr, recovery, verify
 from drivers.postgres.cluster import chown_tree, run_as
 from drivers.postgres.connection import Conn
+from drivers.postgres.filemap import LEGACY_KEY, MAP_STREAM, STREAM_KEY, FileMap, matches, read_map
+from drivers.postgres.mapstore import MapStore
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
 from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
@@ -26,7 +28,11 @@ from drivers.postgres.walnames import is_segment
 
 
 def meta_count(manifest: Manifest) -> int:
-    table = manifest.metadata.get("file_map")
+    facts = manifest.metadata.get(STREAM_KEY)
+    if isinstance(facts, dict):
+        count = facts.get("files")
+        return count if isinstance(count, int) else 0
+    table = manifest.metadata.get(LEGACY_KEY)
     files = table.get("files") if isinstance(table, dict) else None
     return len(files) if isinstance(files, list) else 0
 
@@ -42,6 +48,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         super().__init__(context)
         #: the state one restore's steps share; replaced by each choose_backup (the core calls it first)
         self.restoring = self._plan()
+        self.maps = MapStore(context.state_dir, context.job)
+        self._parents: dict[str, FileMap] = {}  #: parent maps parent_problem loaded, by backup id
+        self._taken: bytes | None = None  #: the file map of the backup this instance took, kept once committed
 
     @functools.cached_property
     def conn(self) -> Conn:
@@ -65,7 +74,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         if method == "physical":
             if engine.unusable(self.options) is None:
-                return engine.backup(self.conn, self.options, self.context, sink)
+                result, self._taken = engine.backup(self.conn, self.options, self.context, sink)
+                return result
             return physical.backup(self.conn, self.options, self.context, sink)
         return logical.backup(self.conn, self.options, self.context.spool_dir, self.cpu_priority, sink)
 
@@ -79,7 +89,50 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         if reason := engine.unusable(self.options):
             raise UsageError(f"--type {backup_type} needs the file engine, and {reason}; pg_basebackup takes only "
                              "full backups", hint="set data_dir to the cluster's data directory, readable by backupd")
-        return engine.backup(self.conn, self.options, self.context, sink, backup_type, chain)
+        engine.require_map(chain[-1])
+        parent = self._parents.get(chain[-1].backup_id)
+        if parent is None:
+            parent = self._parent_map(chain[-1])
+        result, self._taken = engine.backup(self.conn, self.options, self.context, sink, backup_type, chain, parent)
+        return result
+
+    def _parent_map(self, parent: Manifest) -> FileMap:
+        """The parent's map: the one this host kept, else its stream read with the identity file."""
+        def open_stream() -> BinaryIO:
+            if self.context.open_stream is None:
+                raise DriverError("this driver context cannot read backup streams")
+            return self.context.open_stream(parent, MAP_STREAM)
+        return read_map(parent, self.maps.read, open_stream)
+
+    def parent_problem(self, chain: list[Manifest]) -> str | None:
+        parent = chain[-1]
+        if engine.unusable(self.options) or not filerestore.is_file_engine(parent):
+            return None  # backup_incremental refuses these, naming why
+        try:
+            self._parents[parent.backup_id] = self._parent_map(parent)
+        except BackupdError as exc:
+            return (f"the file map of parent {parent.backup_id} is not kept on this host "
+                    f"({self.maps.path(parent.backup_id)}: missing, or not matching its manifest) and reading it "
+                    f"from the repository failed: {exc}")
+        return None
+
+    def committed(self, manifest: Manifest) -> None:
+        """Keep the new backup's map (0600) for the next diff or incr; drop those of backups gone since."""
+        taken, self._taken = self._taken, None
+        if taken is not None and matches(manifest, taken):
+            self.maps.write(manifest.backup_id, taken)
+        if self.context.manifests is not None:
+            self.maps.prune({m.backup_id for m in self.context.manifests()} | {manifest.backup_id})
+
+    def shown_metadata(self, manifest: Manifest) -> dict[str, Any]:
+        """With ``file_map`` filled in from the kept map or the stream, where this host can read one."""
+        if STREAM_KEY not in manifest.metadata:
+            return manifest.metadata
+        try:
+            files = self._parent_map(manifest)
+        except BackupdError:
+            return manifest.metadata
+        return {**manifest.metadata, LEGACY_KEY: files.to_metadata()}
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:

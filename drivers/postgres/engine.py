@@ -3,13 +3,15 @@ pg_backup_stop on one held connection, by ``process_max`` workers.
 
 Files go into tar objects (``data-NNNNN``: small files bundled up to ``BUNDLE_SIZE``, a large file
 alone); ``base``, written last, holds pg_control (copied after every data file), the backup_label and
-tablespace_map pg_backup_stop returned, and the WAL of a job that archives none. A diff or incr
+tablespace_map pg_backup_stop returned, and the WAL of a job that archives none; ``data-filemap``, the file map
+(``drivers.postgres.filemap``), after it. A diff or incr
 compares each file's chunk checksums with its parent's map: an unchanged file, or chunk range, is a
 reference to the object of the backup that holds it; a changed file stores only its changed chunks.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +27,8 @@ from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import utcnow
 from drivers.postgres import datadir
 from drivers.postgres.connection import Conn, one
-from drivers.postgres.filemap import (FileEntry, FileMap, Part, chunk_count, chunk_hash, chunk_length,
-                                      merge_parts)
+from drivers.postgres.filemap import (MAP_STREAM, STREAM_KEY, FileEntry, FileMap, Part, chunk_count, chunk_hash,
+                                      chunk_length, encode, has_map, merge_parts)
 from drivers.postgres.options import PostgresOptions
 from drivers.postgres.physical import parse_label
 from drivers.postgres.tarstream import Member, TarStream
@@ -81,24 +83,26 @@ def describe_server(pg: Any) -> Server:
     return Server(version, segment_size, in_recovery, system_id, f"PG_{version // 10000}_{catalog}", spaces)
 
 
-def parent_map(chain: list[Manifest], system_id: int) -> tuple[FileMap, str] | None:
-    """The file map the new backup is compared with (the chain's newest), checked against the chain."""
+def parent_map(chain: list[Manifest], system_id: int, files: FileMap) -> tuple[FileMap, str] | None:
+    """The file map the new backup is compared with (``files``, the chain's newest's), checked against the chain."""
     if not chain:
         return None
     parent = chain[-1]
     where = f"backup {parent.backup_id}"
-    if "file_map" not in parent.metadata:
-        raise DriverError(f"{where} was taken by pg_basebackup and has no file map to compare with",
-                          hint="take a full backup with the file engine first (--type full)")
     if str(parent.metadata.get("system_identifier")) != str(system_id):
         raise DriverError(f"{where} is of cluster {parent.metadata.get('system_identifier')}, not of this one "
                           f"({system_id})", hint="take a full backup first (--type full)")
-    files = FileMap.from_metadata(parent.metadata, where)
     known = {m.backup_id for m in chain}
     strangers = {holder for holder in files.holders() if holder is not None} - known
     if strangers:
         raise DriverError(f"{where} references backups outside its chain: {', '.join(sorted(strangers))}")
     return files, parent.backup_id
+
+
+def require_map(parent: Manifest) -> None:
+    if not has_map(parent):
+        raise DriverError(f"backup {parent.backup_id} was taken by pg_basebackup and has no file map to compare with",
+                          hint="take a full backup with the file engine first (--type full)")
 
 
 @dataclass
@@ -266,7 +270,10 @@ def _in_memory(name: str, content: bytes, mtime_ns: int) -> Member:
 
 
 def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: StreamSink,
-           backup_type: str = "full", chain: list[Manifest] | None = None) -> BackupResult:
+           backup_type: str = "full", chain: list[Manifest] | None = None,
+           parent: FileMap | None = None) -> tuple[BackupResult, bytes]:
+    """The backup and its file map's plaintext (stored as stream ``data-filemap``; the caller keeps it locally once
+    the manifest is committed). ``parent``: the map of ``chain[-1]`` for a diff or incr."""
     settings = context.settings
     data_dir = Path(str(options.data_dir))
     label = f"backupd {context.job}"
@@ -276,7 +283,7 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
             raise DriverError(f"the file engine needs PostgreSQL 15 or later (server is {server.version})")
         if reason := unusable(options, server.system_id):
             raise DriverError(f"the file engine cannot read the cluster: {reason}")
-        base = parent_map(chain or [], server.system_id) if backup_type != "full" else None
+        base = parent_map(chain or [], server.system_id, parent) if backup_type != "full" and parent else None
         parent_files, parent_id = (base[0].files, base[1]) if base else ({}, None)
         try:
             start_lsn = parse_lsn(one(pg.execute("SELECT pg_backup_start(%s, true)::text", (label,)))[0])
@@ -313,6 +320,10 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
     for member in base_members:
         files[member.name] = FileEntry(member.name, member.file_size, member.mtime_ns, member.hashes,
                                        [Part(None, BASE, member.name, 0, len(member.chunks), 0)])
+    map_data, map_facts = encode(FileMap(files, listing.dirs))
+    stored = sink(MAP_STREAM, io.BytesIO(map_data))
+    if stored.raw_size != len(map_data):
+        raise DriverError(f"object {MAP_STREAM}: {len(map_data)} bytes written but {stored.raw_size} stored")
     ended = utcnow()
     with conn.connect() as pg:
         snapshot = one(pg.execute("SELECT pg_current_snapshot()::text"))[0]
@@ -331,7 +342,7 @@ def backup(conn: Conn, options: PostgresOptions, context: DriverContext, sink: S
         "stored_files": sum(1 for e in files.values() if any(p.backup is None for p in e.parts)),
         "tablespaces": [{"oid": t.oid, "name": t.name, "location": t.location, "version_dir": t.version_dir}
                         for t in spaces],
-        "file_map": FileMap(files, listing.dirs).to_metadata(),
+        STREAM_KEY: map_facts,
     }
     pitr = PitrStart("wal", f"{tli}/{first}", ended) if settings.archive_logs else None
-    return BackupResult(metadata=metadata, pitr=pitr, tool_versions={"postgresql": str(server.version)})
+    return BackupResult(metadata=metadata, pitr=pitr, tool_versions={"postgresql": str(server.version)}), map_data

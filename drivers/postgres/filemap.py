@@ -1,8 +1,10 @@
 """The per-file map of a file-engine backup: every file of the cluster, its chunks' checksums, and which
 object of which backup holds each range of it.
 
-It sits in the signed manifest (``metadata.file_map``), so a host holding only public keys can plan the
-next diff or incr from it, and a restore knows every object it needs before reading one. A file is a
+It is a stream of the backup (``data-filemap``, JSON), and the signed manifest records its plaintext sha256 and
+size (``metadata.file_map_stream``): the map grows with the cluster (~256 KiB a GiB), the manifest must not.
+Backups taken before carry the map in the manifest itself (``metadata.file_map``); ``read_map`` takes it
+from wherever it is. A restore knows every object it needs before reading one. A file is a
 sequence of ``CHUNK``-byte chunks; ``hashes`` has one sha256 truncated to 96 bits (base64) per chunk. A part
 ``[backup, object, member, first, count, member_first]`` says that chunks ``first..first+count-1`` are
 chunks ``member_first..`` of tar member ``member`` in object ``object`` of backup ``backup``
@@ -13,13 +15,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from backupd.errors import IntegrityError
+from backupd.manifest import Manifest
 
 CHUNK = 64 << 10
+MAP_STREAM = "data-filemap"  #: sorts with the data objects, after ``base``
+STREAM_KEY = "file_map_stream"  #: the manifest's facts about the map stream
+LEGACY_KEY = "file_map"  #: the map itself, in manifests written before the stream
+MAX_MAP_BYTES = 4 << 30  #: a bound on hostile input: ~16 TiB of cluster
 HASH_BYTES = 12
 HASH_CHARS = 16  #: base64 of HASH_BYTES: no padding
 
@@ -165,3 +173,79 @@ def merge_parts(parts: Iterable[Part]) -> list[Part]:
         else:
             merged.append(part)
     return merged
+
+
+def encode(files: FileMap) -> tuple[bytes, dict[str, Any]]:
+    """The map stream's plaintext and the facts the manifest records about it."""
+    data = json.dumps(files.to_metadata(), separators=(",", ":")).encode()
+    facts = {"object": MAP_STREAM, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+             "files": len(files.files), "dirs": len(set(files.dirs))}
+    return data, facts
+
+
+def stream_facts(manifest: Manifest) -> tuple[str, int] | None:
+    """The map stream's plaintext sha256 and size the manifest vouches for (None: the map is in the manifest)."""
+    facts = manifest.metadata.get(STREAM_KEY)
+    if facts is None:
+        return None
+    where = f"backup {manifest.backup_id}"
+    if not isinstance(facts, dict):
+        raise IntegrityError(f"{where}: metadata.{STREAM_KEY} is not an object")
+    digest, size = facts.get("sha256"), facts.get("size")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise IntegrityError(f"{where}: metadata.{STREAM_KEY}.sha256 is not a sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_MAP_BYTES:
+        raise IntegrityError(f"{where}: metadata.{STREAM_KEY}.size {size!r} is not between 1 and {MAX_MAP_BYTES}")
+    return digest, size
+
+
+def has_map(manifest: Manifest) -> bool:
+    return LEGACY_KEY in manifest.metadata or STREAM_KEY in manifest.metadata
+
+
+def matches(manifest: Manifest, data: bytes) -> bool:
+    """Whether ``data`` is the map stream's plaintext the manifest vouches for."""
+    facts = stream_facts(manifest)
+    return facts is not None and len(data) == facts[1] and hashlib.sha256(data).hexdigest() == facts[0]
+
+
+def read_stream(manifest: Manifest, stream: BinaryIO) -> bytes:
+    """The map stream's plaintext, refused unless its size and sha256 are the manifest's (read no further)."""
+    facts = stream_facts(manifest)
+    where = f"backup {manifest.backup_id}: object {MAP_STREAM}"
+    if facts is None:
+        raise IntegrityError(f"backup {manifest.backup_id}: metadata.{STREAM_KEY} is missing")
+    data = bytearray()
+    while len(data) <= facts[1] and (block := stream.read(min(1 << 20, facts[1] + 1 - len(data)))):
+        data += block
+    if len(data) != facts[1] or hashlib.sha256(data).hexdigest() != facts[0]:
+        raise IntegrityError(f"{where} does not match the sha256 and size its manifest records")
+    return bytes(data)
+
+
+def parse_stream(manifest: Manifest, data: bytes) -> FileMap:
+    """A map stream's plaintext (already matched against the manifest), parsed as defensively as the rest."""
+    where = f"backup {manifest.backup_id}: object {MAP_STREAM}"
+    try:
+        table = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{where} is not JSON: {exc}") from None
+    return FileMap.from_metadata({LEGACY_KEY: table}, where)
+
+
+def read_map(manifest: Manifest, local: Callable[[Manifest], bytes | None] | None = None,
+             open_stream: Callable[[], BinaryIO] | None = None) -> FileMap:
+    """The backup's map, from wherever it is: the manifest (older backups), a local copy ``local`` returns
+    (matched against the manifest), else the map stream ``open_stream`` opens."""
+    where = f"backup {manifest.backup_id}"
+    if STREAM_KEY not in manifest.metadata:
+        return FileMap.from_metadata(manifest.metadata, where)
+    stream_facts(manifest)
+    data = local(manifest) if local is not None else None
+    if data is None:
+        if open_stream is None:
+            raise IntegrityError(f"{where}: its file map is neither kept on this host nor readable without the "
+                                 "identity file")
+        with open_stream() as stream:
+            data = read_stream(manifest, stream)
+    return parse_stream(manifest, data)

@@ -18,7 +18,8 @@ from backupd.driver import BackupSource
 from backupd.errors import DriverError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from drivers.postgres.engine import BASE
-from drivers.postgres.filemap import CHUNK, FileEntry, FileMap, chunk_count, chunk_hash, chunk_length
+from drivers.postgres.filemap import (CHUNK, MAP_STREAM, FileEntry, chunk_count, chunk_hash, chunk_length, has_map,
+                                      read_map)
 
 VERSION_DIR = re.compile(r"^PG_\d+_\d+$")
 COPY_BUFFER = 1 << 20
@@ -33,7 +34,7 @@ class Space:
 
 
 def is_file_engine(manifest: Manifest) -> bool:
-    return "file_map" in manifest.metadata
+    return has_map(manifest)
 
 
 def tablespaces(manifest: Manifest, mapping: dict[str, str]) -> list[Space]:
@@ -145,7 +146,7 @@ class Restorer:
         self.placement = placement
         self.workers = workers
         self.delta = delta
-        self.files = FileMap.from_metadata(self.manifest.metadata, f"backup {self.manifest.backup_id}")
+        self.files = read_map(self.manifest, open_stream=lambda: source.open(MAP_STREAM))
         self.outcome = Outcome(files=len(self.files.files))
         self._check_references()
 
