@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Literal, Sequence
 
 import structlog
 
-from backupd import signing, sshsig
+from backupd import lognaming, signing, sshsig
 from backupd.errors import BackupdError, ObjectExists, ObjectNotFound, UntrustedObject
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
 from backupd.repository import Layout
@@ -402,6 +402,30 @@ class LogArchive:
             info = self.storage.stat(found[name].key) if with_metadata else found[name]
             objects.append(self._log_object(info, name))
         return objects
+
+    def list_before(self, bound: str) -> "builtins.list[LogObject]":
+        """Archived logs whose name sorts before ``bound``, in name order, from either layout: one listing of
+        the archive read only until it passes the folder ``bound`` lies in (keys sort as names do, folder by
+        folder, in both layouts), so what it costs is what lies before ``bound``, not the whole archive.
+        Where keys do not sort that way (names with and without a directory), it stops early: it may miss
+        logs, never list one past ``bound``."""
+        naming = lognaming.naming(self.kind)
+
+        def place(name: str) -> tuple[str, str]:
+            directory, file = naming.split(name)
+            return directory, naming.folder(file) or file
+
+        limit = place(bound)
+        found: dict[str, ObjectInfo] = {}
+        for info in self.storage.list(self.prefix):
+            name = self.layout.log_name(self.kind, info.key)
+            if name is None:
+                continue
+            if place(name) > limit:
+                break
+            if name < bound and (name not in found or info.key == self.key(name)):
+                found[name] = info
+        return [self._log_object(found[name], name) for name in sorted(found)]
 
     def untrusted(self, vouched: Vouched | None = None) -> Iterator[str]:
         """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
