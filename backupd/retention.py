@@ -186,8 +186,9 @@ def plan(
                 reasons[b.backup_id].append(f"keep: {locked_reason(b.locked_until)}")
         reasons[ordered[0].backup_id].insert(0, "keep: newest")
         _keep_parents(ordered, reasons, result)
+    by_id = {b.backup_id: b for b in ordered}
     for b in ordered:
-        why = reasons[b.backup_id] or [_expired(b, ordered, reasons)]
+        why = reasons[b.backup_id] or [_expired(b, by_id, reasons)]
         result.backups.append(Decision("backup", b.backup_id, b.time, why[0].startswith("keep"), why))
 
     kept = [b for b in ordered if reasons[b.backup_id]]
@@ -217,9 +218,8 @@ def _keep_parents(ordered: Sequence[BackupItem], reasons: dict[str, list[str]], 
         pending.append(parent)
 
 
-def _expired(backup: BackupItem, ordered: Sequence[BackupItem], reasons: dict[str, list[str]]) -> str:
+def _expired(backup: BackupItem, by_id: dict[str, BackupItem], reasons: dict[str, list[str]]) -> str:
     """Why an unkept backup goes: on its own, or with the full its chain starts from."""
-    by_id = {b.backup_id: b for b in ordered}
     seen = {backup.backup_id}
     item = backup
     while item.parent is not None and item.parent in by_id and item.parent not in seen:
