@@ -303,3 +303,16 @@ def test_prune_lists_only_the_logs_it_can_delete(tmp_path: Path, keys, monkeypat
         assert len(left) == wal - 300
         assert listed[wal] and all(key <= f"shop/wal/{segment(512)}.zst.age" for key in listed[wal])
     assert len(listed[600]) == len(listed[3000]) == 513, {k: len(v) for k, v in listed.items()}
+
+
+def test_prune_dry_run_lists_no_log_when_none_can_go(tmp_path: Path, keys, monkeypatch) -> None:  # noqa: F811
+    """No backup records where its logs begin: none can be deleted, so however many there are, none is listed."""
+    costs: dict[int, int] = {}
+    for wal in (30, 3000):
+        work = tmp_path / str(wal)
+        work.mkdir()
+        scale.build_fs(work / "repo", 20, wal)
+        config = sqlite_job_config(work, keys, {"type": "filesystem", "path": str(work / "repo")},
+                                   work / "db.sqlite3", {"retention": {"keep_last": 2}})
+        costs[wal] = counted_run(monkeypatch, ["--config", str(config), "prune", "shop", "--dry-run"])
+    assert costs[30] == costs[3000], costs
