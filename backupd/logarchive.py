@@ -403,6 +403,18 @@ class LogArchive:
             objects.append(self._log_object(info, name))
         return objects
 
+    def newest_stored(self) -> LogObject | None:
+        """The log stored last (newest modification time); inside ``one_listing`` found once per listing, not
+        once per backup that asks (``Driver.log_reach``)."""
+        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        if self.listings is None:
+            return max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+        memo = f"{self.kind}\0newest"
+        if memo not in self.listings:
+            newest = max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+            self.listings[memo] = [newest] if newest is not None else []
+        return next(iter(self.listings[memo]), None)
+
     def list_before(self, bound: str) -> "builtins.list[LogObject]":
         """Archived logs whose name sorts before ``bound``, in name order, from either layout: one listing of
         the archive read only until it passes the folder ``bound`` lies in (keys sort as names do, folder by
@@ -470,6 +482,7 @@ class LogArchive:
                 self.storage.delete(signing.signature_key(key))
         if self.listings is not None:
             self.listings.pop(self.kind, None)
+            self.listings.pop(f"{self.kind}\0newest", None)
 
     @staticmethod
     def _log_object(info: ObjectInfo, name: str) -> LogObject:
