@@ -205,7 +205,7 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
         backups = [replace(b, locked_until=locks.get(b.backup_id)) for b in backups]
         result = planned(backups, [])
     bounds = {kind: deletable_below(result, backups, kind) for kind in LOG_KINDS}
-    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind, bounds[kind])]
+    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind, bounds[kind], shared=dry_run)]
     result = planned(backups, logs)
     result.warnings[:0] = warnings
     result.untrusted = untrusted
@@ -292,13 +292,18 @@ def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backup
                       backup_type=manifest.backup_type, parent=manifest.parent)
 
 
-def _log_items(ctx: JobContext, kind: str, bound: str | None) -> Iterator[LogItem]:
+def _log_items(ctx: JobContext, kind: str, bound: str | None, *, shared: bool = False) -> Iterator[LogItem]:
     """The logs of ``kind`` the plan may delete (``retention.deletable_below``): all of them, none, or those
-    before ``bound``, the only ones the listing reads."""
+    before ``bound``, the only ones the listing reads. ``shared``: a dry run, whose PITR breaks of the kept
+    backups list the archive anyway (``one_listing``): taken from that listing."""
     if bound == "":
         return
     archive = ctx.listed_archive(kind)
-    for obj in archive.list() if bound is None else archive.list_before(bound):
+    if bound is None or shared:
+        found = [obj for obj in archive.list() if bound is None or obj.name < bound]
+    else:
+        found = archive.list_before(bound)
+    for obj in found:
         yield LogItem(kind, obj.name, obj.modified)
 
 
