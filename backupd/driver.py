@@ -271,8 +271,7 @@ class Driver(abc.ABC):
         pitr = source.manifest.metadata.get("pitr")
         if not isinstance(pitr, dict) or not pitr.get("log_kind"):
             return None
-        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-        newest = max(source.logs(str(pitr["log_kind"])).list(), key=lambda obj: obj.modified or epoch, default=None)
+        newest = source.logs(str(pitr["log_kind"])).newest_stored()
         return LogReach(last_log=newest.name, until=newest.modified) if newest is not None else LogReach()
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Literal, Sequence
 
 import structlog
 
-from backupd import signing, sshsig
+from backupd import lognaming, signing, sshsig
 from backupd.errors import BackupdError, ObjectExists, ObjectNotFound, UntrustedObject
 from backupd.pipeline import READ_CHUNK, DecodingReader, EncodingReader, encode_bytes
 from backupd.repository import Layout
@@ -413,6 +413,42 @@ class LogArchive:
                 signature=None if signature is None else f"{signature.size}:{signature.modified}"))
         return objects
 
+    def newest_stored(self) -> LogObject | None:
+        """The log stored last (newest modification time); inside ``one_listing`` found once per listing, not
+        once per backup that asks (``Driver.log_reach``)."""
+        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        if self.listings is None:
+            return max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+        memo = f"{self.kind}\0newest"
+        if memo not in self.listings:
+            newest = max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+            self.listings[memo] = [newest] if newest is not None else []
+        return next(iter(self.listings[memo]), None)
+
+    def list_before(self, bound: str) -> "builtins.list[LogObject]":
+        """Archived logs whose name sorts before ``bound``, in name order, from either layout: one listing of
+        the archive read only until it passes the folder ``bound`` lies in (keys sort as names do, folder by
+        folder, in both layouts), so what it costs is what lies before ``bound``, not the whole archive.
+        Where keys do not sort that way (names with and without a directory), it stops early: it may miss
+        logs, never list one past ``bound``."""
+        naming = lognaming.naming(self.kind)
+
+        def place(name: str) -> tuple[str, str]:
+            directory, file = naming.split(name)
+            return directory, naming.folder(file) or file
+
+        limit = place(bound)
+        found: dict[str, ObjectInfo] = {}
+        for info in self.storage.list(self.prefix):
+            name = self.layout.log_name(self.kind, info.key)
+            if name is None:
+                continue
+            if place(name) > limit:
+                break
+            if name < bound and (name not in found or info.key == self.key(name)):
+                found[name] = info
+        return [self._log_object(found[name], name) for name in sorted(found)]
+
     def untrusted(self, vouched: Vouched | None = None) -> Iterator[str]:
         """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
         recorded sha256 (unsigned, moved to another name, another key, or replaced with other metadata). The
@@ -456,6 +492,7 @@ class LogArchive:
                 self.storage.delete(signing.signature_key(key))
         if self.listings is not None:
             self.listings.pop(self.kind, None)
+            self.listings.pop(f"{self.kind}\0newest", None)
 
     @staticmethod
     def _log_object(info: ObjectInfo, name: str) -> LogObject:

@@ -39,7 +39,8 @@ from backupd.logarchive import LogArchive
 from backupd.manifest import Manifest, PitrStart
 from backupd.pins import Pins
 from backupd.repository import LOG_KINDS, Layout
-from backupd.retention import BackupItem, Decision, LogItem, PartialItem, PitrPoint, Plan, locked_reason, plan
+from backupd.retention import (BackupItem, Decision, LogItem, PartialItem, PitrPoint, Plan, deletable_below,
+                               locked_reason, plan)
 from backupd.runstate import UnreadableRecord, last_run, pause_reason
 from backupd.timeutil import backup_id_time, format_timestamp, utcnow
 
@@ -87,6 +88,7 @@ class PruneResult:
             "restorable_from": format_timestamp(p.restorable_from) if p.restorable_from else None,
             "warnings": p.warnings,
             "untrusted": p.untrusted,
+            "logs_kept_from": p.logs_kept_from,
             "decisions": [
                 {"kind": d.kind, "name": d.name, "time": format_timestamp(d.time) if d.time else None,
                  "action": d.verdict, "reasons": d.reasons}
@@ -130,19 +132,20 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
     with lock, run.bound(stage="prune"):
         # no live run of the job (we hold its lock, or in a dry run nobody does): its partials are debris
         idle = not dry_run or lock_free(ctx.state_dir, ctx.name)
-        abandoned, leftovers = ctx.repository.abandoned(remove=not dry_run) if idle else ([], [])
+        scanned = ctx.repository.scan()  # the one listing of backups/: partial leftovers, and commits the index lacks
+        abandoned, leftovers = ctx.repository.abandoned(remove=not dry_run, partial=scanned[1]) if idle else ([], [])
         if abandoned and not dry_run:
             ctx.storage.delete(journal_key(ctx.name))  # an interrupted prune's partials went with them
         if abandoned or leftovers:
             log.info("what dead runs left" + (" (dry run)" if dry_run else " removed"),
                      partial_backups=abandoned, temporary=len(leftovers))
         if policy.is_empty():
-            reconcile(ctx, ctx.repository.scan()[0], write=not dry_run)
+            reconcile(ctx, scanned[0], write=not dry_run)
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
         with ctx.one_listing():  # the plan and the PITR breaks share one listing of each log archive
-            the_plan = make_plan(ctx, now, skip_partials=set(abandoned), dry_run=dry_run)
+            the_plan = make_plan(ctx, now, skip_partials=set(abandoned), dry_run=dry_run, scanned=scanned)
             result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
             if dry_run:
                 kept_ids = set(the_plan.kept_backups())
@@ -163,11 +166,12 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
 
 
 def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = frozenset(), *,  # type: ignore[assignment]
-              dry_run: bool = False) -> Plan:
+              dry_run: bool = False, scanned: tuple[list[str], list[str]] | None = None) -> Plan:
     """Read everything the planner needs: the index (one object), one listing of ``backups/`` for partial
-    leftovers (which also tells whether the index missed a commit), the logs, the pins, the run record."""
+    leftovers (which also tells whether the index missed a commit) unless run_prune made it, the logs the plan may
+    delete (``retention.deletable_below``), the pins, the run record."""
     repo = ctx.repository
-    committed, partial_ids = repo.scan()
+    committed, partial_ids = scanned or repo.scan()
     partial_ids = [i for i in partial_ids if i not in skip_partials]
     reconcile(ctx, committed, write=not dry_run)
     manifests: list[Manifest] = []
@@ -184,24 +188,29 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
     backups = [backup_item(m, m.backup_id in pinned, warnings) for m in manifests]
     interrupted = set(_read_journal(ctx))
     partials = [PartialItem(i, backup_id_time(i), i in interrupted) for i in partial_ids]
-    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind)]
     newest_start = max((b.time for b in backups), default=None)
     try:
         paused = pause_reason(last_run(ctx.storage, ctx.state_dir, ctx.name), newest_start)
     except UnreadableRecord as exc:
         paused = str(exc)
 
-    def planned(backups: list[BackupItem]) -> Plan:
+    def planned(backups: list[BackupItem], logs: list[LogItem]) -> Plan:
         return plan(backups, logs, ctx.job.retention, now, ctx.settings.daemon.timezone,
                     partials=partials, timeout=ctx.job.timeout, paused=paused)
 
-    result = planned(backups)
+    # which backups go does not depend on the logs: decide it first, then list only the logs it can let go
+    result = planned(backups, [])
     locks = _locks(ctx, result.deleted_backups())
     if locks:  # plan again, keeping them (and the logs they need) with the lock as the reason
-        result = planned([replace(b, locked_until=locks.get(b.backup_id)) for b in backups])
+        backups = [replace(b, locked_until=locks.get(b.backup_id)) for b in backups]
+        result = planned(backups, [])
+    bounds = {kind: deletable_below(result, backups, kind) for kind in LOG_KINDS}
+    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind, bounds[kind], shared=dry_run)]
+    result = planned(backups, logs)
     result.warnings[:0] = warnings
     result.untrusted = untrusted
-    if not dry_run:
+    result.logs_kept_from = {kind: bound for kind, bound in bounds.items() if bound}
+    if not dry_run and all(bound is None for bound in bounds.values()):  # the whole archive was listed
         newest = newest_logs({kind: [item.name for item in logs if item.kind == kind] for kind in LOG_KINDS})
         if newest != repo.index().logs:
             repo.update_index(lambda index: setattr(index, "logs", newest))
@@ -283,8 +292,18 @@ def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backup
                       backup_type=manifest.backup_type, parent=manifest.parent)
 
 
-def _log_items(ctx: JobContext, kind: str) -> Iterator[LogItem]:
-    for obj in ctx.listed_archive(kind).list():
+def _log_items(ctx: JobContext, kind: str, bound: str | None, *, shared: bool = False) -> Iterator[LogItem]:
+    """The logs of ``kind`` the plan may delete (``retention.deletable_below``): all of them, none, or those
+    before ``bound``, the only ones the listing reads. ``shared``: a dry run, whose PITR breaks of the kept
+    backups list the archive anyway (``one_listing``): taken from that listing."""
+    if bound == "":
+        return
+    archive = ctx.listed_archive(kind)
+    if bound is None or shared:
+        found = [obj for obj in archive.list() if bound is None or obj.name < bound]
+    else:
+        found = archive.list_before(bound)
+    for obj in found:
         yield LogItem(kind, obj.name, obj.modified)
 
 

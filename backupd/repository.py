@@ -592,12 +592,14 @@ class Repository:
             count += 1
         return count
 
-    def abandoned(self, *, remove: bool) -> tuple[list[str], list[str]]:
+    def abandoned(self, *, remove: bool, partial: list[str] | None = None) -> tuple[list[str], list[str]]:
         """What runs that died before their manifest left: (partial backup ids, leftover temp objects).
+        ``partial``: what ``scan`` just found (a prune lists ``backups/`` once), else it is listed.
 
         Only with the job's lock held may ``remove`` be true: no run of this job is writing then.
         """
-        _, partial = self.scan()
+        if partial is None:
+            _, partial = self.scan()
         removed = []
         for backup_id in partial:
             if remove:

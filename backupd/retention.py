@@ -117,6 +117,9 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     #: Why, for each backup whose manifest no trusted key signed: not planned from, never deleted by it.
     untrusted: list[str] = field(default_factory=list)
+    #: Per log kind, the name from which on every log is kept, unlisted (``deletable_below``): ``logs`` holds
+    #: only what sorts before it.
+    logs_kept_from: dict[str, str] = field(default_factory=dict)
 
     def decisions(self) -> list[Decision]:
         return [*self.backups, *self.partials, *self.logs]
@@ -183,8 +186,9 @@ def plan(
                 reasons[b.backup_id].append(f"keep: {locked_reason(b.locked_until)}")
         reasons[ordered[0].backup_id].insert(0, "keep: newest")
         _keep_parents(ordered, reasons, result)
+    by_id = {b.backup_id: b for b in ordered}
     for b in ordered:
-        why = reasons[b.backup_id] or [_expired(b, ordered, reasons)]
+        why = reasons[b.backup_id] or [_expired(b, by_id, reasons)]
         result.backups.append(Decision("backup", b.backup_id, b.time, why[0].startswith("keep"), why))
 
     kept = [b for b in ordered if reasons[b.backup_id]]
@@ -214,9 +218,8 @@ def _keep_parents(ordered: Sequence[BackupItem], reasons: dict[str, list[str]], 
         pending.append(parent)
 
 
-def _expired(backup: BackupItem, ordered: Sequence[BackupItem], reasons: dict[str, list[str]]) -> str:
+def _expired(backup: BackupItem, by_id: dict[str, BackupItem], reasons: dict[str, list[str]]) -> str:
     """Why an unkept backup goes: on its own, or with the full its chain starts from."""
-    by_id = {b.backup_id: b for b in ordered}
     seen = {backup.backup_id}
     item = backup
     while item.parent is not None and item.parent in by_id and item.parent not in seen:
@@ -328,6 +331,23 @@ def _plan_partials(partials: Iterable[PartialItem], now: dt.datetime, timeout: d
 
 def _directory(name: str) -> str:
     return name.rpartition("/")[0]
+
+
+def deletable_below(result: Plan, backups: Iterable[BackupItem], kind: str,
+                    namings: Callable[[str], LogNaming] = naming) -> str | None:
+    """What a prune must list of the logs of ``kind`` for ``_plan_logs`` to find every one ``result`` lets go:
+    the name they all sort before (``LogArchive.list_before``), "" when none can go (nothing to list), None
+    when any may (names that do not sort across directories: list them all).
+
+    Logs at or after the oldest kept backup's first log are needed by it whatever else the archive holds, so
+    a listing that stops there misses only logs that are kept."""
+    if result.paused:
+        return ""
+    kept = set(result.kept_backups())
+    starts = [b.pitr.first_log for b in backups if b.backup_id in kept and b.pitr is not None and b.pitr.kind == kind]
+    if not starts:
+        return ""
+    return min(starts) if namings(kind).ordered_across else None
 
 
 def _plan_logs(logs: list[LogItem], kept: list[BackupItem], paused: str | None, result: Plan,

@@ -1,7 +1,7 @@
 """Scale benchmark: what each everyday command costs as the repository grows (issue 22).
 
     .venv/bin/python bench/scale.py [--sizes 100:1000,1000:10000,10000:100000] [--storage fs,s3]
-                                    [--checkout DIR] [--work DIR]
+                                    [--checkout DIR] [--work DIR] [--pitr]
 
 Builds synthetic repositories of a sqlite job (BACKUPS backups, WAL archived log objects) by
 writing small objects directly: each backup is a valid manifest naming one stream whose size and
@@ -125,7 +125,11 @@ def backup_id(number: int) -> str:
     return (START + dt.timedelta(hours=number)).strftime("%Y%m%dT%H%M%SZ")
 
 
-def manifest(number: int) -> bytes:
+def wal_name(number: int) -> str:
+    return f"00000001{number >> 8:08X}{number & 0xFF:08X}"
+
+
+def manifest(number: int, first_log: str | None = None) -> bytes:
     moment = START + dt.timedelta(hours=number)
     stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     finished = (moment + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -136,22 +140,24 @@ def manifest(number: int) -> bytes:
         "encryption": {"format": "age", "recipients": ["age1bench"]},
         "objects": [{"name": "db", "key": "db.zst.age", "raw_size": 1024, "stored_size": len(STREAM),
                      "sha256": STREAM_SHA}],
-        "row_counts": {"orders": number}, "metadata": {}, "tool_versions": {"sqlite": "3"},
+        "row_counts": {"orders": number}, "tool_versions": {"sqlite": "3"},
+        "metadata": {"pitr": {"log_kind": "wal", "first_log": first_log, "from": stamp}} if first_log else {},
     }, indent=2).encode() + b"\n"
 
 
-def objects(backups: int, wal: int) -> Iterator[tuple[str, bytes]]:
+def objects(backups: int, wal: int, pitr: bool = False) -> Iterator[tuple[str, bytes]]:
+    """With ``pitr``, backup N records that its logs begin with WAL object N * WAL / BACKUPS."""
     for number in range(backups):
         prefix = f"{JOB}/backups/{backup_id(number)}/"
         yield prefix + "db.zst.age", STREAM
-        yield prefix + "manifest.json", manifest(number)
+        yield prefix + "manifest.json", manifest(number, wal_name(number * wal // backups) if pitr else None)
     for number in range(wal):
-        yield f"{JOB}/wal/00000001{number >> 8:08X}{number & 0xFF:08X}.zst.age", b"w" * 64
+        yield f"{JOB}/wal/{wal_name(number)}.zst.age", b"w" * 64
 
 
-def build_fs(root: Path, backups: int, wal: int) -> None:
+def build_fs(root: Path, backups: int, wal: int, pitr: bool = False) -> None:
     made: set[Path] = set()
-    for key, data in objects(backups, wal):
+    for key, data in objects(backups, wal, pitr):
         path = root / key
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,14 +165,14 @@ def build_fs(root: Path, backups: int, wal: int) -> None:
         path.write_bytes(data)
 
 
-def build_s3(endpoint: str, bucket: str, backups: int, wal: int) -> None:
+def build_s3(endpoint: str, bucket: str, backups: int, wal: int, pitr: bool = False) -> None:
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for _ in pool.map(lambda item: client.put_object(Bucket=bucket, Key="prod/" + item[0], Body=item[1]),
-                          objects(backups, wal)):
+                          objects(backups, wal, pitr)):
             pass
 
 
@@ -212,6 +218,8 @@ def main() -> int:
     parser.add_argument("--checkout", type=Path, default=REPO, help="the backupd source tree to measure")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pitr", action="store_true",
+                        help="backups record where their logs begin (backup N: WAL object N * WAL / BACKUPS)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a command may take (then: stopped)")
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split(":")) for size in args.sizes.split(",")]
@@ -226,11 +234,11 @@ def main() -> int:
                 built = time.monotonic()
                 if kind == "s3":
                     bucket = f"scale-{backups}-{wal}"
-                    build_s3(endpoint, bucket, backups, wal)
+                    build_s3(endpoint, bucket, backups, wal, args.pitr)
                     storage = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint,
                                "region": "us-east-1"}
                 else:
-                    build_fs(work / "repo", backups, wal)
+                    build_fs(work / "repo", backups, wal, args.pitr)
                     storage = {"type": "filesystem", "path": str(work / "repo")}
                 print(f"# {kind} {backups} backups, {wal} WAL: built in {time.monotonic() - built:.1f} s",
                       file=sys.stderr)

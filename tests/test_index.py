@@ -253,3 +253,66 @@ def test_prune_dry_run_reads_nothing_per_backup_it_would_delete(tmp_path: Path, 
         monkeypatch.setattr(context, "open_storage", opened)
         reads[backups] = {k: v for k, v in counts.items() if k not in ("list", "list_after")}
     assert reads[5] == reads[80], reads  # GETs and HEADs: the index, pins, journal, run record; no per backup
+
+
+def pitr_repository(root: Path, backups: int, wal: int, every: int) -> None:
+    """``scale.build_fs``'s repository, backup N recording that its logs begin with segment N * ``every``."""
+    scale.build_fs(root, backups, wal)
+    for number in range(backups):
+        path = root / "shop" / "backups" / scale.backup_id(number) / "manifest.json"
+        document = json.loads(path.read_text())
+        document["metadata"]["pitr"] = {"log_kind": "wal", "first_log": segment(number * every),
+                                        "from": document["started_at"]}
+        path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def segment(number: int) -> str:
+    return f"00000001{number >> 8:08X}{number & 0xFF:08X}"
+
+
+def test_prune_lists_only_the_logs_it_can_delete(tmp_path: Path, keys, monkeypatch) -> None:  # noqa: F811
+    """Backup N's logs begin at segment 50 N; keep_last 2 keeps backups 6 and 7, so segments 0-299 go. The
+    listing of the archive stops past the folder (256 segments) holding segment 300, however many follow."""
+    listed: dict[int, list[str]] = {}
+    for wal in (600, 3000):
+        work = tmp_path / str(wal)
+        work.mkdir()
+        pitr_repository(work / "repo", 8, wal, 50)
+        config = sqlite_job_config(work, keys, {"type": "filesystem", "path": str(work / "repo")},
+                                   work / "db.sqlite3", {"retention": {"keep_last": 2}})
+        keys_read: list[str] = []
+        opened = context.open_storage
+
+        def counting(settings: object, name: str) -> Storage:
+            storage = opened(settings, name)  # type: ignore[arg-type]
+            plain = storage.list
+
+            def listing(prefix: str):  # type: ignore[no-untyped-def]
+                for info in plain(prefix):
+                    keys_read.append(info.key)
+                    yield info
+            storage.list = listing  # type: ignore[method-assign]
+            return storage
+
+        monkeypatch.setattr(context, "open_storage", counting)
+        assert main(["--config", str(config), "--log-level", "error", "prune", "shop"]) == 0
+        monkeypatch.setattr(context, "open_storage", opened)
+        listed[wal] = [key for key in keys_read if key.startswith("shop/wal/")]
+        left = sorted(p.name for p in (work / "repo" / "shop" / "wal").iterdir())
+        assert left[0] == f"{segment(300)}.zst.age" and left[-1] == f"{segment(wal - 1)}.zst.age"
+        assert len(left) == wal - 300
+        assert listed[wal] and all(key <= f"shop/wal/{segment(512)}.zst.age" for key in listed[wal])
+    assert len(listed[600]) == len(listed[3000]) == 513, {k: len(v) for k, v in listed.items()}
+
+
+def test_prune_dry_run_lists_no_log_when_none_can_go(tmp_path: Path, keys, monkeypatch) -> None:  # noqa: F811
+    """No backup records where its logs begin: none can be deleted, so however many there are, none is listed."""
+    costs: dict[int, int] = {}
+    for wal in (30, 3000):
+        work = tmp_path / str(wal)
+        work.mkdir()
+        scale.build_fs(work / "repo", 20, wal)
+        config = sqlite_job_config(work, keys, {"type": "filesystem", "path": str(work / "repo")},
+                                   work / "db.sqlite3", {"retention": {"keep_last": 2}})
+        costs[wal] = counted_run(monkeypatch, ["--config", str(config), "prune", "shop", "--dry-run"])
+    assert costs[30] == costs[3000], costs

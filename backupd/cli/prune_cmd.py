@@ -96,6 +96,8 @@ def print_result(result: PruneResult) -> None:
             for d in [*plan.backups, *plan.partials]]
     rows += log_ranges(plan.logs)
     print_table(["KIND", "NAME", "TIME", "ACTION", "REASONS"], rows)
+    for kind, first in sorted(plan.logs_kept_from.items()):
+        print(f"{kind} from {first} on: kept, needed by the kept backups (not listed)")
     if plan.window_start is not None:
         print(f"PITR window starts {format_timestamp(plan.window_start)}")
     if plan.restorable_from is not None:
