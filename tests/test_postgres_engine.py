@@ -51,13 +51,23 @@ def test_full_backup_is_bundled_and_mapped(pg_env: PgEnv, full: str) -> None:
     assert f"file_map.files  {len(paths)} entries (`show --json` lists them)" in human
 
 
+def age_zstd_tar(identity: Path, obj: Path, *tar_args: str) -> str:
+    """``age -d -i IDENTITY OBJ | zstd -dq | tar TAR_ARGS``, as argv lists (no shell)."""
+    age = subprocess.Popen(["age", "-d", "-i", str(identity), str(obj)], stdout=subprocess.PIPE)
+    zstd = subprocess.Popen(["zstd", "-dq"], stdin=age.stdout, stdout=subprocess.PIPE)
+    assert age.stdout is not None and zstd.stdout is not None
+    age.stdout.close()
+    tar = subprocess.run(["tar", *tar_args], stdin=zstd.stdout, capture_output=True, text=True, check=True)
+    zstd.stdout.close()
+    assert (age.wait(), zstd.wait()) == (0, 0)
+    return tar.stdout
+
+
 def test_objects_open_with_age_zstd_tar(pg_env: PgEnv, full: str) -> None:
     obj = pg_env.repo / JOB / "backups" / full / "base.zst.age"
-    listing = subprocess.run(f"age -d -i {pg_env.identity} {obj} | zstd -dq | tar -t", shell=True,
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = age_zstd_tar(pg_env.identity, obj, "-t").split()
     assert listing == ["global/pg_control", "backup_label"]
-    label = subprocess.run(f"age -d -i {pg_env.identity} {obj} | zstd -dq | tar -xO backup_label", shell=True,
-                           capture_output=True, text=True, check=True).stdout
+    label = age_zstd_tar(pg_env.identity, obj, "-xO", "backup_label")
     assert f"LABEL: backupd {JOB}" in label and "START WAL LOCATION" in label
 
 
