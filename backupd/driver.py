@@ -282,7 +282,7 @@ class Driver(abc.ABC):
         """Connectivity, privileges, tool versions; one Check per line of output."""
         return []
 
-    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+    def choose_backup(self, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         """The named backup; else the newest that finished by the target time; else the newest.
 
         Drivers with log replay override this to pick the base for a PITR target.
@@ -299,14 +299,16 @@ class Driver(abc.ABC):
         if target is not None and target.kind != "time":
             raise UsageError(f"driver {self.context.settings.driver} cannot restore to a --target-{target.kind}")
         if target is not None and target.time is not None:
-            eligible = [m for m in manifests if m.finished_at <= target.time]
-            if not eligible:
+            from backupd.indexread import newest_finished_by  # the index's summary, where that is what was read
+
+            chosen = newest_finished_by(manifests, target.time)
+            if chosen is None:
                 oldest = min(manifests, key=lambda m: m.finished_at)
                 raise UsageError(
                     f"target time {format_timestamp(target.time)} is before the oldest backup "
                     f"(restorable from {format_timestamp(oldest.finished_at)})"
                 )
-            return max(eligible, key=lambda m: m.finished_at)
+            return chosen
         return max(manifests, key=lambda m: m.finished_at)
 
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
 
@@ -52,6 +52,7 @@ from backupd.storage import ConditionalWritesUnsupported
 from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key, format_timestamp, parse_timestamp, utcnow
 
 if TYPE_CHECKING:
+    from backupd.indexread import Entries
     from backupd.repository import Repository
 
 log = structlog.get_logger(__name__)
@@ -162,17 +163,33 @@ class IndexedBackup(Manifest):
                    signature=signature, signer=signer, problem=problem, pending=pending)
 
 
-@dataclass
 class Index:
-    """One job's index document (``backups`` oldest first)."""
+    """One job's index document (``backups`` oldest first). Read from storage, its entries are parsed when
+    first used (``indexread``): ``ids``, ``newest_id``, ``all_ids``, ``pending_ids`` and ``usable`` parse none."""
 
-    job: str
-    backups: list[IndexedBackup] = field(default_factory=list)
-    unusable: dict[str, str] = field(default_factory=dict)
-    logs: dict[str, dict[str, str]] = field(default_factory=dict)
-    #: The storage version this was read as (None: not in storage, or rebuilt); where it came from.
-    version: str | None = None
-    source: str = "index"
+    def __init__(self, job: str, backups: list[IndexedBackup] | None = None, unusable: dict[str, str] | None = None,
+                 logs: dict[str, dict[str, str]] | None = None, *, entries: Entries | None = None,
+                 version: str | None = None, source: str = "index") -> None:
+        self.job = job
+        self._backups = backups if backups is not None or entries is not None else []
+        self._entries = entries
+        self.unusable = unusable if unusable is not None else {}
+        self.logs = logs if logs is not None else {}
+        #: The storage version this was read as (None: not in storage, or rebuilt); where it came from.
+        self.version = version
+        self.source = source
+
+    @property
+    def backups(self) -> list[IndexedBackup]:
+        """Every entry, pending ones too, oldest first (all of them parsed, as far as a ``LazyBackup`` is)."""
+        if self._backups is None:
+            assert self._entries is not None
+            self._backups = self._entries.all()
+        return self._backups
+
+    @backups.setter
+    def backups(self, backups: list[IndexedBackup]) -> None:
+        self._backups, self._entries = backups, None
 
     @property
     def committed(self) -> list[IndexedBackup]:
@@ -180,7 +197,43 @@ class Index:
         return [b for b in self.backups if not b.pending]
 
     def ids(self) -> list[str]:
+        if self._backups is None and self._entries is not None:
+            return [self._entries.ids[n] for n in self._entries.committed()]
         return [b.backup_id for b in self.committed]
+
+    def all_ids(self) -> set[str]:
+        """Every entry's id, pending ones too."""
+        if self._backups is None and self._entries is not None:
+            return set(self._entries.ids)
+        return {b.backup_id for b in self.backups}
+
+    def newest_id(self) -> str | None:
+        """The newest entry's id, pending or not."""
+        if self._backups is None and self._entries is not None:
+            return self._entries.ids[-1] if self._entries.ids else None
+        return self.backups[-1].backup_id if self.backups else None
+
+    def pending_ids(self) -> list[str]:
+        if self._backups is None and self._entries is not None:
+            return sorted(self._entries.pending, key=backup_id_sort_key)
+        return [b.backup_id for b in self.backups if b.pending]
+
+    def committed_now(self, backup_id: str) -> None:
+        """A pending entry's manifest was found: it is committed."""
+        if self._backups is None and self._entries is not None:
+            self._entries.committed_now(backup_id)
+            return
+        for entry in self.backups:
+            if entry.backup_id == backup_id:
+                entry.pending = False
+
+    def usable(self) -> Sequence[IndexedBackup]:
+        """The committed backups, newest first; read from storage, each parsed only when looked at."""
+        from backupd.indexread import Newest
+
+        if self._backups is None and self._entries is not None:
+            return Newest(self._entries)
+        return self.committed[::-1]
 
     def by_id(self) -> dict[str, IndexedBackup]:
         return {entry.backup_id: entry for entry in self.backups}
@@ -200,15 +253,19 @@ class Index:
             self.unusable.pop(gone, None)
 
     def payload(self) -> dict[str, Any]:
+        from backupd import indexread
+
         return {"format_version": FORMAT_VERSION, "job": self.job, "written_at": format_timestamp(utcnow()),
-                "backups": [b.to_entry() for b in self.backups],
                 "unusable": [{"backup_id": k, "problem": v} for k, v in sorted(self.unusable.items())],
-                "logs": self.logs}
+                "logs": self.logs, "summary": indexread.summary(self.backups),
+                "backups": [b.to_entry() for b in self.backups]}
 
     def to_bytes(self, signing_key: sshsig.SigningKey | None) -> bytes:
+        from backupd import indexread
+
         payload = self.payload()
         signature = sshsig.sign(signed_message(payload), signing_key) if signing_key is not None else None
-        return (json.dumps({"index": payload, "signature": signature}, separators=(",", ":")) + "\n").encode()
+        return indexread.document(payload, signature)
 
 
 def signed_message(payload: dict[str, Any]) -> bytes:
@@ -216,7 +273,19 @@ def signed_message(payload: dict[str, Any]) -> bytes:
 
 
 def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: str) -> Index:
-    """The index in ``raw``; IntegrityError naming what is wrong (with trusted keys: unless a trusted key signed it)."""
+    """The index in ``raw``; IntegrityError naming what is wrong (with trusted keys: unless a trusted key signed it).
+
+    Without trusted keys, an index as ``Index.to_bytes`` writes it is read lazily (``backupd.indexread``): its
+    head and summary parsed, each entry when first used. Anything else (an index written before summaries;
+    with trusted keys, whose signature covers the whole) is parsed whole."""
+    if not trusted:
+        from backupd import indexread
+
+        lazily = indexread.read(raw, job, where)
+        if lazily is not None:
+            entries, head = lazily
+            unusable, logs = _head(head, where)
+            return Index(job, unusable=unusable, logs=logs, entries=entries)
     try:
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -230,10 +299,9 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
         raise IntegrityError(f"{where}: the index names job {str(payload.get('job'))[:60]!r}, not {job}")
     try:
         backups = [IndexedBackup.from_entry(entry, job) for entry in payload.get("backups", [])]
-        unusable = {str(u["backup_id"]): str(u["problem"]) for u in payload.get("unusable", [])}
-        logs = {str(kind): {str(d): str(n) for d, n in dirs.items()} for kind, dirs in payload.get("logs", {}).items()}
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise IntegrityError(f"{where}: unreadable index ({exc})") from None
+    unusable, logs = _head(payload, where)
     if trusted:
         signature = document.get("signature")
         if not isinstance(signature, str):
@@ -248,6 +316,16 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
         raise IntegrityError(f"{where}: the index lists a backup twice")
     backups.sort(key=lambda b: backup_id_sort_key(b.backup_id))
     return Index(job, backups, unusable, logs)
+
+
+def _head(payload: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(unusable, logs) of an index's payload."""
+    try:
+        unusable = {str(u["backup_id"]): str(u["problem"]) for u in payload.get("unusable", [])}
+        logs = {str(kind): {str(d): str(n) for d, n in dirs.items()} for kind, dirs in payload.get("logs", {}).items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise IntegrityError(f"{where}: unreadable index ({exc})") from None
+    return unusable, logs
 
 
 def index_key(job: str) -> str:
@@ -339,19 +417,19 @@ def _rebuilt(repo: Repository, version: str | None, why: str) -> Index:
 def _resolve_pending(repo: Repository, index: Index) -> None:
     """A pending entry is a commit in flight or interrupted: once its manifest exists it is committed;
     until then it stays pending (left out of ``committed``; a prune drops it once no run is live)."""
-    for entry in index.backups:
-        if entry.pending and repo.has_backup(entry.backup_id):
-            entry.pending = False
+    for backup_id in index.pending_ids():
+        if repo.has_backup(backup_id):
+            index.committed_now(backup_id)
 
 
 def _catch_up(repo: Repository, index: Index) -> None:
     """Add what was committed past the index's newest backup (a commit whose index update was lost, a
     backup written by an older backupd, one put there by hand): one listing of the keys after it."""
     layout = repo.layout
-    newest = index.backups[-1].backup_id if index.backups else None
+    newest = index.newest_id()
     listed = repo.storage.list_after(layout.backups_prefix, layout.backups_prefix + newest) if newest \
         else repo.storage.list(layout.backups_prefix)
-    known = {b.backup_id for b in index.backups} | set(index.unusable)
+    known = index.all_ids() | set(index.unusable)
     for info in listed:
         backup_id, rest = layout.split_backup_key(info.key)
         if rest != MANIFEST_NAME or backup_id in known or not BACKUP_ID_RE.match(backup_id):

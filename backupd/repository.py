@@ -407,6 +407,16 @@ class Repository:
             log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id, error=str(exc))
         return good
 
+    def usable(self) -> Sequence[Manifest]:
+        """``manifests``, each summary parsed from the index only when looked at (without trusted keys: with
+        them, every entry's signature status is looked at to leave the untrusted ones out)."""
+        if self.trusted:
+            return self.manifests()
+        index = self.index()
+        for backup_id, problem in index.unusable.items():
+            log.warning("backup skipped: its manifest is unusable", job=self.job, backup_id=backup_id, error=problem)
+        return index.usable()
+
     def resolve(self, backup_id: str | None) -> Manifest:
         """The named backup (only its manifest is read), or the newest one whose manifest is usable."""
         if backup_id:
@@ -485,7 +495,7 @@ class Repository:
     # -- writing -----------------------------------------------------------
     def new_backup_id(self, moment: dt.datetime) -> str:
         """An id for a backup starting at ``moment``, claimed for this job in the whole storage."""
-        taken = {b.backup_id for b in self.index().backups}  # the index (pending too): no listing; the claim decides
+        taken = self.index().all_ids()  # the index (pending too): no listing; the claim decides
         for candidate in backup_id_candidates(moment):
             if candidate in taken:
                 continue

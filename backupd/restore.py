@@ -74,7 +74,7 @@ class RepositorySource:
         return self.logs(kind).open(name, self._identities, self._key_file)  # type: ignore[return-value]
 
 
-def choose(ctx: JobContext, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+def choose(ctx: JobContext, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
     """The driver's choice among the index's backups, its manifest read by key and checked again; one that
     fails that check (replaced since it was indexed, no longer signed) is skipped with a warning."""
     while True:
@@ -96,10 +96,11 @@ def run_restore(ctx: JobContext, request: RestoreRequest, backup_id: str | None 
     A dry run emits its plan, then raises what the real run would refuse (so it exits non-zero).
     """
     ctx.driver.check_to(request)
+    manifests: Sequence[Manifest]
     if backup_id:  # only the named backup's manifest is read (its own error, if any)
         manifests = [ctx.repository.load_manifest(backup_id)]
-    else:  # an unusable manifest is skipped (with a warning naming it)
-        manifests = ctx.repository.manifests()
+    else:  # an unusable manifest is skipped (with a warning naming it); the index's entries parsed as chosen
+        manifests = ctx.repository.usable()
     manifest = choose(ctx, manifests, request, backup_id)
     chain = ctx.repository.chain(manifest)  # a missing parent refuses before anything is read or touched
     plan = ctx.driver.describe_restore(manifest, request)

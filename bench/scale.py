@@ -1,10 +1,10 @@
 """Scale benchmark: what each everyday command costs as the repository grows (issue 22).
 
     .venv/bin/python bench/scale.py [--sizes 100:1000,1000:10000,10000:100000] [--storage fs,s3]
-                                    [--checkout DIR] [--work DIR] [--pitr]
+                                    [--checkout DIR] [--work DIR] [--pitr] [--flat]
 
-Builds synthetic repositories of a sqlite job (BACKUPS backups, WAL archived log objects) by
-writing small objects directly: each backup is a valid manifest naming one stream whose size and
+Builds synthetic repositories of a sqlite job (BACKUPS backups, WAL archived log objects in the
+current layout, ``wal/<timeline>/<segment[0:16]>/<segment>.zst.age``) by writing small objects directly: each backup is a valid manifest naming one stream whose size and
 sha256 match (so ``verify --integrity-only`` reads and checks it); the streams are not age files,
 so nothing here decrypts. ``s3`` is a moto server in a child process. Then runs, each in a fresh
 process that imports backupd from ``--checkout`` (default: this one; pass /work/main to measure
@@ -129,6 +129,13 @@ def wal_name(number: int) -> str:
     return f"00000001{number >> 8:08X}{number & 0xFF:08X}"
 
 
+def wal_key(number: int, flat: bool = False) -> str:
+    """Where the current layout keeps WAL segment ``number`` (DESIGN.md: 256 segments a folder); with ``flat``,
+    where the layout before folders (and before timeline directories, as older benchmarks wrote) did."""
+    name = wal_name(number)
+    return f"{JOB}/wal/{name}.zst.age" if flat else f"{JOB}/wal/{name[:8]}/{name[:16]}/{name}.zst.age"
+
+
 def manifest(number: int, first_log: str | None = None) -> bytes:
     moment = START + dt.timedelta(hours=number)
     stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -145,19 +152,22 @@ def manifest(number: int, first_log: str | None = None) -> bytes:
     }, indent=2).encode() + b"\n"
 
 
-def objects(backups: int, wal: int, pitr: bool = False) -> Iterator[tuple[str, bytes]]:
+def objects(backups: int, wal: int, pitr: bool = False, flat: bool = False) -> Iterator[tuple[str, bytes]]:
     """With ``pitr``, backup N records that its logs begin with WAL object N * WAL / BACKUPS."""
     for number in range(backups):
         prefix = f"{JOB}/backups/{backup_id(number)}/"
         yield prefix + "db.zst.age", STREAM
-        yield prefix + "manifest.json", manifest(number, wal_name(number * wal // backups) if pitr else None)
+        first = wal_name(number * wal // backups)
+        yield prefix + "manifest.json", manifest(number, (first if flat else f"{first[:8]}/{first}") if pitr else None)
     for number in range(wal):
-        yield f"{JOB}/wal/{wal_name(number)}.zst.age", b"w" * 64
+        yield wal_key(number, flat), b"w" * 64
+    if not flat:
+        yield f"{JOB}/state/wal-layout.json", b'{"logs": "foldered"}\n'  # as ``backupd migrate`` leaves it
 
 
-def build_fs(root: Path, backups: int, wal: int, pitr: bool = False) -> None:
+def build_fs(root: Path, backups: int, wal: int, pitr: bool = False, flat: bool = False) -> None:
     made: set[Path] = set()
-    for key, data in objects(backups, wal, pitr):
+    for key, data in objects(backups, wal, pitr, flat):
         path = root / key
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,14 +175,14 @@ def build_fs(root: Path, backups: int, wal: int, pitr: bool = False) -> None:
         path.write_bytes(data)
 
 
-def build_s3(endpoint: str, bucket: str, backups: int, wal: int, pitr: bool = False) -> None:
+def build_s3(endpoint: str, bucket: str, backups: int, wal: int, pitr: bool = False, flat: bool = False) -> None:
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for _ in pool.map(lambda item: client.put_object(Bucket=bucket, Key="prod/" + item[0], Body=item[1]),
-                          objects(backups, wal, pitr)):
+                          objects(backups, wal, pitr, flat)):
             pass
 
 
@@ -220,6 +230,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--pitr", action="store_true",
                         help="backups record where their logs begin (backup N: WAL object N * WAL / BACKUPS)")
+    parser.add_argument("--flat", action="store_true",
+                        help="WAL in the layout before folders (as `backupd migrate` finds it), not the current one")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a command may take (then: stopped)")
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split(":")) for size in args.sizes.split(",")]
@@ -234,11 +246,11 @@ def main() -> int:
                 built = time.monotonic()
                 if kind == "s3":
                     bucket = f"scale-{backups}-{wal}"
-                    build_s3(endpoint, bucket, backups, wal, args.pitr)
+                    build_s3(endpoint, bucket, backups, wal, args.pitr, args.flat)
                     storage = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint,
                                "region": "us-east-1"}
                 else:
-                    build_fs(work / "repo", backups, wal, args.pitr)
+                    build_fs(work / "repo", backups, wal, args.pitr, args.flat)
                     storage = {"type": "filesystem", "path": str(work / "repo")}
                 print(f"# {kind} {backups} backups, {wal} WAL: built in {time.monotonic() - built:.1f} s",
                       file=sys.stderr)

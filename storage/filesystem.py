@@ -247,17 +247,17 @@ class FilesystemStorage(Storage):
         found: list[ObjectInfo] = []
         with _os_errors(str(base_dir)):
             try:
-                children = sorted(os.scandir(base_dir), key=lambda entry: entry.name)
+                names = os.listdir(base_dir)
             except FileNotFoundError:
                 return iter(())
-            for child in children:
-                key = prefix + child.name
-                if child.is_dir(follow_symlinks=False):
-                    if key + "/\U0010ffff" > start_after:
-                        found.extend(info for info in self.list(key + "/") if info.key > start_after)
-                elif key > start_after and not child.name.startswith((TEMP_PREFIX, META_PREFIX)):
+            # only children whose keys (a directory's, whatever it holds) can sort after ``start_after`` are looked at
+            for name in sorted(name for name in names if prefix + name + "/\U0010ffff" > start_after):
+                key, path = prefix + name, os.path.join(base_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    found.extend(info for info in self.list(key + "/") if info.key > start_after)
+                elif key > start_after and not name.startswith((TEMP_PREFIX, META_PREFIX)):
                     with contextlib.suppress(FileNotFoundError):
-                        st = child.stat()
+                        st = os.stat(path)
                         found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
         found.sort(key=lambda info: info.key)
         return iter(found)

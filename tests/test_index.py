@@ -256,8 +256,9 @@ def test_prune_dry_run_reads_nothing_per_backup_it_would_delete(tmp_path: Path, 
 
 
 def pitr_repository(root: Path, backups: int, wal: int, every: int) -> None:
-    """``scale.build_fs``'s repository, backup N recording that its logs begin with segment N * ``every``."""
-    scale.build_fs(root, backups, wal)
+    """``scale.build_fs``'s repository (WAL in the layout before folders), backup N recording that its logs
+    begin with segment N * ``every``."""
+    scale.build_fs(root, backups, wal, flat=True)
     for number in range(backups):
         path = root / "shop" / "backups" / scale.backup_id(number) / "manifest.json"
         document = json.loads(path.read_text())

@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, cast
+from typing import Any, Iterable, Iterator, Sequence, cast
 from urllib.parse import quote, urlsplit
 
 from backupd import restore_to
@@ -123,7 +123,7 @@ class MongodbDriver(Driver):
 
     # ---- PITR -------------------------------------------------------------------------
 
-    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+    def choose_backup(self, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         target = request.target
         if backup_id or target is None or target.time is None:
             return super().choose_backup(manifests, request, backup_id)

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, IncrementalBackup, LogArchiver, LogReach,
@@ -95,7 +95,7 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         load.prepare_target(target, manifest.metadata.get("databases", []), tables,
                             force=request.force or request.clean, clean=False)  # only looks
 
-    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+    def choose_backup(self, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         job = self.context.job
         method = self._wanted_method(request)
         if backup_id:

@@ -135,7 +135,7 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return {**manifest.metadata, LEGACY_KEY: files.to_metadata()}
 
     # -- restores --------------------------------------------------------------------------
-    def choose_backup(self, manifests: list[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+    def choose_backup(self, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
         # a new restore: the archive is listed again, once; a named backup came alone, the others are read
         # only when the plan describes the restorable window
         plan = self.restoring = self._plan(() if backup_id else manifests)

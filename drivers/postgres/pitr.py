@@ -8,7 +8,7 @@ import sys
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from backupd.driver import LogReach, RestoreRequest, RestoreTarget
 from backupd.errors import BackupNotFound, ObjectNotFound, UsageError
@@ -258,7 +258,7 @@ def _committed_after(manifest: Manifest, xid: int) -> bool:
     return xid >= xmax or xid in running
 
 
-def choose(manifests: list[Manifest], request: RestoreRequest, backup_id: str | None, job: str,
+def choose(manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None, job: str,
            archive_view: Callable[[], ArchiveView]) -> Manifest:
     physical = [m for m in manifests if m.method == "physical"]
     if backup_id:
