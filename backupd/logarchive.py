@@ -413,6 +413,15 @@ class LogArchive:
                 signature=None if signature is None else f"{signature.size}:{signature.modified}"))
         return objects
 
+    def stored_after(self, directory: str, folder: str) -> Iterator[LogObject]:
+        """The logs of ``directory`` stored past its folder ``folder`` (in either layout), in key order, from one
+        listing read only as far as the caller reads: where an archive resumes after a gap of whole folders."""
+        prefix = self.layout.log_prefix(self.kind) + directory + "/"
+        for info in self.storage.list_after(prefix, f"{prefix}{folder}/\U0010ffff"):
+            name = self.layout.log_name(self.kind, info.key)
+            if name is not None:
+                yield self._log_object(info, name)
+
     def newest_stored(self) -> LogObject | None:
         """The log stored last (newest modification time); inside ``one_listing`` found once per listing, not
         once per backup that asks (``Driver.log_reach``)."""

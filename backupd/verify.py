@@ -196,16 +196,25 @@ def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, rep
 
 
 def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyReport,
-                     identities: Sequence[object] = (), key_file: str | None = None) -> None:
+                     identities: Sequence[object] = (), key_file: str | None = None, *, alone: bool = False) -> None:
     """Logs must run unbroken from each backup that records log positions to the newest log.
 
     A gap breaks PITR past it, so each one fails the report, naming the missing
-    file (the driver's ``log_reach`` finds them). Listing needs no key.
+    file (the driver's ``log_reach`` finds them). Listing needs no key. ``alone``: the one backup
+    named is checked by itself, its driver listing only the logs from its start on (PostgreSQL: the
+    WAL folders its range needs), not the whole archive as a listing shared by many backups would.
     """
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+    if alone:
+        from backupd.restore import RepositorySource
+
+        reaches = {m.backup_id: ctx.driver.log_reach(RepositorySource(ctx.repository, m, identities, key_file,
+                                                                      summary_ok=True))
+                   for m in manifests if PitrStart.recorded(m)}
+    else:
+        reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
     checked = len(reaches)
     for reach in reaches.values():
         if reach is not None:
@@ -305,7 +314,7 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
                 reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
                 continue
             reports.append(check_integrity(ctx, manifest))
-            check_continuity(ctx, [manifest], reports[-1])
+            check_continuity(ctx, [manifest], reports[-1], alone=named is not None)
         if reports and not backup_id:  # the whole archive once, with the newest backup's report
             check_log_signatures(ctx, reports[0])
         reports.extend(unusable_reports(ctx, unusable))

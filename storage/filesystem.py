@@ -240,27 +240,35 @@ class FilesystemStorage(Storage):
         return iter(found)
 
     def list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
-        """Reads the prefix's directory, then walks only the subdirectories that can hold later keys."""
+        """Reads the prefix's directory, then walks only the subdirectories that can hold later keys, one at a
+        time as the keys are read (a reader that stops at the first key walks one)."""
         if not prefix.endswith("/"):
             return super().list_after(prefix, start_after)
         base_dir = self.root / prefix.rstrip("/")
-        found: list[ObjectInfo] = []
         with _os_errors(str(base_dir)):
             try:
                 names = os.listdir(base_dir)
             except FileNotFoundError:
                 return iter(())
-            # only children whose keys (a directory's, whatever it holds) can sort after ``start_after`` are looked at
-            for name in sorted(name for name in names if prefix + name + "/\U0010ffff" > start_after):
-                key, path = prefix + name, os.path.join(base_dir, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    found.extend(info for info in self.list(key + "/") if info.key > start_after)
-                elif key > start_after and not name.startswith((TEMP_PREFIX, META_PREFIX)):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = os.stat(path)
-                        found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
-        found.sort(key=lambda info: info.key)
-        return iter(found)
+            # only children whose keys (a directory's, whatever it holds) can sort after ``start_after``
+            later = [(name, os.path.join(base_dir, name)) for name in names
+                     if prefix + name + "/\U0010ffff" > start_after]
+            # in key order: a directory's keys all begin with its name and "/"
+            children = sorted(((name + "/" if os.path.isdir(path) and not os.path.islink(path) else name), path)
+                              for name, path in later)
+        return self._after(prefix, start_after, children)
+
+    def _after(self, prefix: str, start_after: str, children: "builtins.list[tuple[str, str]]") -> Iterator[ObjectInfo]:
+        for name, path in children:
+            key = prefix + name
+            if name.endswith("/"):
+                yield from (info for info in self.list(key) if info.key > start_after)
+            elif key > start_after and not name.startswith((TEMP_PREFIX, META_PREFIX)):
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, _mtime(st.st_mtime))
 
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)

@@ -330,12 +330,19 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         """From this backup's start along its timelines to the first missing segment or the newest one.
 
         Timeline history files are read when a key is at hand; without one each
-        timeline is checked for contiguity on its own (listing needs no key).
+        timeline is checked for contiguity on its own (listing needs no key). Asked about one backup alone
+        (no listing shared), only the WAL folders from its first segment on are listed.
         """
         meta = source.manifest.metadata
         if source.manifest.method != "physical" or not meta.get("pitr"):
             return None
-        view = pitr.ArchiveView.scan(source.logs("wal"))
+        archive, start = source.logs("wal"), pitr.first_segment(source.manifest)
+        if archive.listings is None and start is not None:  # one backup alone: the folders from its start on
+            walk = pitr.FolderWalk(archive)
+            walk.walk(start, across_gaps=True)
+            view = walk.view()
+        else:  # the listing of the whole archive the command's backups share (``JobContext.one_listing``)
+            view = pitr.ArchiveView.scan(archive)
         return pitr.reach(source.manifest, view, recovery.histories(source.open_log, view))
 
     # -- WAL archiving ---------------------------------------------------------------------

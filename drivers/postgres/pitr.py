@@ -72,8 +72,9 @@ class FolderWalk:
     (``<tli+1>.history``, then the next); each is listed from the same folder on, passing over the
     empty ones before the folder where its parent ended (the switch lies at or before it), then
     until one is empty. Every folder is listed once per walk, whatever the number of backups.
-    A gap of a whole folder reads as the end of the archive here; ``Driver.log_reach`` (one
-    listing of it all) finds it.
+    A gap of a whole folder reads as the end of the archive here, unless the walk goes ``across_gaps``:
+    then at each empty folder one listing, read to its first segment, finds where the timeline resumes
+    (``LogArchive.stored_after``), and the walk goes on from there (a continuity check sees the gap).
     """
 
     def __init__(self, archive: LogArchive) -> None:
@@ -81,28 +82,41 @@ class FolderWalk:
         self._folders: dict[tuple[int, int], list[LogObject]] = {}
         self._histories: dict[int, LogObject | None] = {}
 
-    def walk(self, start: str) -> None:
-        """List what replay from the segment ``start`` (a file name) can use."""
+    def walk(self, start: str, *, across_gaps: bool = False) -> None:
+        """List what replay from the segment ``start`` (a file name) can use (``across_gaps``: to the archive's end)."""
         tli, logid = int(start[:8], 16), int(start[8:16], 16)
-        end = self._run(tli, logid, logid)
+        end = self._run(tli, logid, logid, across_gaps)
         while self._history(tli + 1) is not None:
             tli += 1
-            end = self._run(tli, logid, end)
+            end = self._run(tli, logid, end, across_gaps)
 
     def view(self) -> ArchiveView:
         listed = [obj for objects in self._folders.values() for obj in objects]
         return ArchiveView.of([*listed, *(obj for obj in self._histories.values() if obj is not None)])
 
-    def _run(self, tli: int, logid: int, until: int) -> int:
+    def _run(self, tli: int, logid: int, until: int, across_gaps: bool = False) -> int:
         """List ``tli``'s folders from ``logid``: empty ones up to ``until`` are passed over, then up to the first
-        empty one. The last folder that holds segments (``until`` when none does)."""
+        empty one (``across_gaps``: up to the last). The last folder that holds segments (``until`` when none does)."""
         last = until
         while True:
             if self._folder(tli, logid):
                 last = max(last, logid)
             elif logid >= until:
-                return last
+                resumes = self._resumes(tli, logid) if across_gaps else None
+                if resumes is None:
+                    return last
+                logid = resumes
+                continue
             logid += 1
+
+    def _resumes(self, tli: int, logid: int) -> int | None:
+        """The first folder of ``tli`` after ``logid`` that holds a segment; None when none does."""
+        timeline = f"{tli:08X}"
+        for obj in self.archive.stored_after(timeline, f"{timeline}{logid:08X}"):
+            filename = obj.name.partition("/")[2]
+            if SEGMENT_RE.match(filename) and filename.startswith(timeline) and int(filename[8:16], 16) > logid:
+                return int(filename[8:16], 16)
+        return None
 
     def _folder(self, tli: int, logid: int) -> list[LogObject]:
         if (tli, logid) not in self._folders:
