@@ -27,6 +27,9 @@ from backupd.timeutil import backup_id_sort_key
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 MICROSECOND = dt.timedelta(microseconds=1)
 BACKUPS_START = b',"backups":['
+#: Entries found by searching the document before its lines are split (a split costs about as much as
+#: a few searches, and most commands use a handful of entries or all of them).
+FOUND_BEFORE_SPLIT = 8
 IDS_RE = re.compile(r"(?:\d{8}T\d{6}Z(?:-\d+)?\n)*")
 
 
@@ -98,6 +101,7 @@ class Entries:
         self.ids, self.finished, self.pending = ids, finished, pending
         self._job, self._where = job, where
         self._made: dict[int, LazyBackup] = {}
+        self._lines: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -127,7 +131,13 @@ class Entries:
                 made.pending = False
 
     def _line(self, position: int) -> bytes:
-        """The line of the entry at ``position``: the one that begins with its id (``to_entry`` puts it first)."""
+        """The line of the entry at ``position``: the one that begins with its id (``to_entry`` puts it first),
+        looked for in the document for the first few entries asked for, then from all of its lines split once."""
+        if self._lines is None and len(self._made) >= FOUND_BEFORE_SPLIT:
+            self._lines = [line[1:] if n else line for n, line in
+                           enumerate(self._raw[self._start:self._end].split(b"\n")[:-1])]
+        if self._lines is not None:
+            return self._lines[position]
         entry = b'{"backup_id":"' + self.ids[position].encode() + b'"'
         before = b"\n," if position else b"\n"  # every entry after the first begins with its comma
         found = self._raw.find(before + entry, self._start - 1, self._end)
