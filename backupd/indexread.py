@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
+import operator
 from typing import Any, Sequence, overload
 
 from backupd.errors import IntegrityError
 from backupd.index import FORMAT_VERSION, IndexedBackup
 from backupd.manifest import MAX_JSON_DEPTH, Manifest, json_depth
-from backupd.timeutil import backup_id_sort_key
+from backupd.timeutil import BACKUP_ID_RE, backup_id_sort_key
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 MICROSECOND = dt.timedelta(microseconds=1)
@@ -30,7 +30,8 @@ BACKUPS_START = b',"backups":['
 #: Entries found by searching the document before its lines are split (a split costs about as much as
 #: a few searches, and most commands use a handful of entries or all of them).
 FOUND_BEFORE_SPLIT = 8
-IDS_RE = re.compile(r"(?:\d{8}T\d{6}Z(?:-\d+)?\n)*")
+DIGITS = str.maketrans("0123456789", "0000000000")
+PLAIN_ID_SHAPE = "00000000T000000Z\n"  #: a backup id without suffix, its digits zeroed (``timeutil.BACKUP_ID_RE``)
 
 
 def microseconds(moment: dt.datetime) -> int:
@@ -134,8 +135,10 @@ class Entries:
         """The line of the entry at ``position``: the one that begins with its id (``to_entry`` puts it first),
         looked for in the document for the first few entries asked for, then from all of its lines split once."""
         if self._lines is None and len(self._made) >= FOUND_BEFORE_SPLIT:
-            self._lines = [line[1:] if n else line for n, line in
-                           enumerate(self._raw[self._start:self._end].split(b"\n")[:-1])]
+            lines = self._raw[self._start:self._end].split(b"\n")[:-1]
+            if len(lines) != len(self.ids):
+                raise IntegrityError(f"{self._where}: the index's summary does not match its entries")
+            self._lines = [line[1:] if n else line for n, line in enumerate(lines)]
         if self._lines is not None:
             return self._lines[position]
         entry = b'{"backup_id":"' + self.ids[position].encode() + b'"'
@@ -171,11 +174,22 @@ class Newest(Sequence[IndexedBackup]):
     def newest_finished_by(self, moment: dt.datetime) -> IndexedBackup | None:
         """The entry that finished last by ``moment`` (the newest of those that finished then), from the summary."""
         bound, finished = microseconds(moment), self._entries.finished
-        best: int | None = None
-        for position in self._positions:
-            if finished[position] <= bound and (best is None or finished[position] > finished[best]):
-                best = position
-        return None if best is None else self._entries.entry(best)
+        if self._entries.pending:
+            finished = [finished[p] if self._entries.ids[p] not in self._entries.pending else bound + 1
+                        for p in range(len(finished))]
+        last = max(filter(bound.__ge__, finished), default=None)
+        if last is None:
+            return None
+        return self._entries.entry(len(finished) - 1 - finished[::-1].index(last))
+
+
+def _backup_ids(ids: list[Any]) -> bool:
+    """Whether every item is a backup id (most are plain ones, checked by their shape in one pass)."""
+    if not set(map(type, ids)) <= {str}:
+        return False
+    if "\n".join(ids).translate(DIGITS) + "\n" == PLAIN_ID_SHAPE * len(ids) or not ids:
+        return True
+    return all(BACKUP_ID_RE.match(backup_id) for backup_id in ids)
 
 
 def newest_finished_by(manifests: Sequence[Manifest], moment: dt.datetime) -> Manifest | None:
@@ -208,13 +222,11 @@ def read(raw: bytes, job: str, where: str) -> tuple[Entries, dict[str, Any]] | N
         return None  # written before summaries
     ids, finished, pending = told.get("backup_ids"), told.get("finished_us"), told.get("pending")
     if (not isinstance(ids, list) or not isinstance(finished, list) or not isinstance(pending, list)
-            or len(ids) != len(finished) or not all(isinstance(i, str) for i in ids)
-            or not all(type(f) is int for f in finished) or not IDS_RE.fullmatch("".join(i + "\n" for i in ids))
+            or len(ids) != len(finished) or not set(map(type, finished)) <= {int} or not _backup_ids(ids)
             or not set(pending) <= set(ids)):
         raise IntegrityError(f"{where}: unreadable index (its summary)")
-    if raw.count(b"\n", head_end + 1, tail_start) != len(ids) or len(set(ids)) != len(ids):
-        raise IntegrityError(f"{where}: the index's summary does not match its entries")
-    if ids != sorted(ids) or "-" in "".join(ids):
-        if ids != sorted(ids, key=backup_id_sort_key):
-            return None  # parsed whole (and sorted)
+    if not all(map(operator.lt, ids, ids[1:])) or "-" in "".join(ids):  # not in order, or not only plain ids
+        keys = [backup_id_sort_key(backup_id) for backup_id in ids]
+        if not all(map(operator.lt, keys, keys[1:])):
+            return None  # parsed whole: sorted there, a backup listed twice refused
     return Entries(raw, head_end + 1, tail_start, ids, finished, set(pending), job, where), payload
