@@ -99,3 +99,21 @@ def test_a_summary_naming_no_backup_id_rebuilds_the_index(tmp_path: Path, keys, 
     code, out = restore_by_time(config, tmp_path, capsys)
     assert code == 0 and f"restore backup {scale.backup_id(17)}" in out
     assert b"../../etc" not in path.read_bytes()  # rebuilt from the manifests and stored again
+
+
+def test_ids_with_suffixes_keep_their_order_and_pending_ones_are_left_out() -> None:
+    from backupd import index
+    from backupd.manifest import Manifest
+
+    base = scale.backup_id(0)
+    ids = [base, f"{base}-2", f"{base}-10", scale.backup_id(1)]  # "-10" sorts after "-2"
+    written = index.Index("shop")
+    for number, backup_id in enumerate(ids):
+        manifest = Manifest.from_json(scale.manifest(number))
+        manifest.backup_id = backup_id
+        written.put(IndexedBackup.of(manifest, "unsigned", None, pending=backup_id == f"{base}-10"))
+    read = index.parse(written.to_bytes(None), "shop", (), "shop/index.json")
+    assert read.ids() == [base, f"{base}-2", scale.backup_id(1)]
+    assert [b.backup_id for b in read.usable()] == [scale.backup_id(1), f"{base}-2", base]
+    assert [b.backup_id for b in read.backups] == ids and read.backups[2].pending
+    assert read.backups[1].manifest_sha256 == written.backups[1].manifest_sha256
