@@ -222,20 +222,28 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
 def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
     """With trusted keys, every archived log object of the job must carry a trusted signature over its name
     and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
-    trusted = ctx.settings.trusted_keys(ctx.name)
-    if not trusted:
+    if not ctx.settings.trusted_keys(ctx.name):
         return
     started = time.monotonic()
-    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
-    vouched = Vouched(ctx.state_dir, ctx.storage.location, ctx.name, trusted)  # only logs new since the last one
-    try:
-        untrusted = [line for archive in archives for line in archive.untrusted(vouched)]
-    finally:
-        vouched.close()
+    untrusted, checked = untrusted_logs(ctx)
     for line in untrusted:
         report.fail(line)
-    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted), "checked": vouched.checked,
+    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted), "checked": checked,
                          "seconds": round(time.monotonic() - started, 3)})
+
+
+def untrusted_logs(ctx: JobContext) -> tuple[list[str], int]:
+    """A line for each archived log of the job no trusted key vouches for, and how many signatures were read
+    (only logs new or changed since the last check: ``backupd.vouched``); nothing without trusted keys."""
+    trusted = ctx.settings.trusted_keys(ctx.name)
+    if not trusted:
+        return [], 0
+    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
+    vouched = Vouched(ctx.state_dir, ctx.storage.location, ctx.name, trusted)
+    try:
+        return [line for archive in archives for line in archive.untrusted(vouched)], vouched.checked
+    finally:
+        vouched.close()
 
 
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
