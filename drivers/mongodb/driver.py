@@ -15,13 +15,14 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, cast
+from typing import Any, Iterable, Iterator, Sequence, cast
 from urllib.parse import quote, urlsplit
 
 from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.logarchive import LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.redact import redact
 from backupd.sandbox import chown_to
@@ -151,6 +152,11 @@ class MongodbDriver(Driver):
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
         return plan_reach(source.manifest, list_slices(source.logs("oplog")))
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
+                     tail: Sequence[LogObject]) -> LogReach | None:
+        """Not decided from the tail (slices chain by their timestamps, not by their names): a whole listing."""
+        return None
 
     def log_archivers(self) -> list[Any]:
         if not self.context.settings.archive_logs or self.context.logs is None:
