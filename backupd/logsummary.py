@@ -6,11 +6,16 @@ that listing held and when it was taken, and each backup's reach as it was compu
 then lists only the logs from the checkpoint on (``backupd.reaches``). Document, per kind::
 
     {"checkpoint": NAME, "taken_at": RFC 3339,
-     "reaches": {BACKUP_ID: {"last_log", "until", "first_missing", "missing", "notes"}}}
+     "reaches": [{"backups": [BACKUP_ID, ...], "last_log", "until", "first_missing", "missing", "notes"}]}
+
+Backups whose logs reach as far share one entry (every backup before the same gap, or reaching the
+newest log), so the summary grows with the gaps, not with the backups, and reading the index with it
+costs next to nothing more.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,23 +36,30 @@ class LogSummary:
     reaches: dict[str, LogReach] = field(default_factory=dict)  #: by backup id, as computed from it
 
     def to_json(self) -> dict[str, Any]:
+        shared: dict[LogReach, list[str]] = {}
+        for backup_id, reach in sorted(self.reaches.items()):
+            shared.setdefault(dataclasses.replace(reach, missing=reach.missing[:MAX_MISSING]), []).append(backup_id)
         return {"checkpoint": self.checkpoint, "taken_at": format_timestamp(self.taken_at),
-                "reaches": {backup_id: _reach_json(reach) for backup_id, reach in sorted(self.reaches.items())}}
+                "reaches": [{"backups": ids, **_reach_json(reach)} for reach, ids in shared.items()]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LogSummary:
         """TypeError/ValueError/KeyError/AttributeError on anything malformed (the index is then unreadable)."""
-        checkpoint, reaches = data["checkpoint"], data["reaches"]
-        if not isinstance(checkpoint, str) or not isinstance(reaches, dict):
+        checkpoint, groups = data["checkpoint"], data["reaches"]
+        if not isinstance(checkpoint, str) or not isinstance(groups, list):
             raise TypeError("log_summary: checkpoint or reaches of the wrong type")
-        return cls(checkpoint, parse_timestamp(str(data["taken_at"])),
-                   {str(backup_id): _reach(value) for backup_id, value in reaches.items()})
+        reaches: dict[str, LogReach] = {}
+        for group in groups:
+            reach, ids = _reach(group), group["backups"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError("log_summary: a reach's backups are of the wrong type")
+            reaches.update(dict.fromkeys(ids, reach))
+        return cls(checkpoint, parse_timestamp(str(data["taken_at"])), reaches)
 
 
 def _reach_json(reach: LogReach) -> dict[str, Any]:
     return {"last_log": reach.last_log, "until": format_timestamp(reach.until) if reach.until else None,
-            "first_missing": reach.first_missing, "missing": list(reach.missing[:MAX_MISSING]),
-            "notes": list(reach.notes)}
+            "first_missing": reach.first_missing, "missing": list(reach.missing), "notes": list(reach.notes)}
 
 
 def _reach(data: dict[str, Any]) -> LogReach:

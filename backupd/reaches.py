@@ -9,8 +9,9 @@ from its checkpoint on (``for_list``):
 - an unbroken one is carried over the logs archived since by the driver (``Driver.extend_reach``);
 - a backup committed since has none recorded: its reach is worked out from a listing from its own
   first log on (mostly the tail itself);
-- no summary, or a driver that cannot decide from the tail: the whole archive is listed, as before,
-  and what that finds becomes the summary where this host may write the index.
+- no summary, or a driver that cannot decide from the tail: the whole archive is listed, as before;
+  without a summary, what that finds becomes one where this host may write the index (a summary the
+  driver cannot carry is replaced by the next full check, not by every ``list``).
 
 So ``list`` shows the windows as of the last full check plus what was archived since; ``verify``
 is what proves a window.
@@ -84,22 +85,25 @@ def for_list(ctx: JobContext, manifests: list[Manifest]) -> tuple[dict[str, LogR
     summaries = ctx.repository.index().log_summary
     reaches: dict[str, LogReach | None] = {}
     used: dict[str, LogSummary] = {}
-    whole: list[Manifest] = []
+    whole: dict[bool, list[Manifest]] = {True: [], False: []}  # to record (no summary yet) or not
     by_kind: dict[str, list[Manifest]] = {}
     for manifest in manifests:
         kind = _kind(manifest)
         if kind is not None:
             by_kind.setdefault(kind, []).append(manifest)
+        elif PitrStart.recorded(manifest):  # a log start of no readable kind: the driver says, from it all
+            whole[False].append(manifest)
     for kind, group in sorted(by_kind.items()):
         summary = summaries.get(kind)
         extended = extend(ctx, kind, group, summary) if summary is not None else None
         if summary is None or extended is None:
-            whole.extend(group)
+            whole[summary is None].extend(group)  # a summary the driver cannot carry waits for the next full check
             continue
         reaches.update(extended)
         used[kind] = summary
-    if whole:
-        reaches.update(ctx.log_reaches(whole, record=True))
+    for record, group in whole.items():
+        if group:
+            reaches.update(ctx.log_reaches(group, record=record))
     return reaches, used
 
 

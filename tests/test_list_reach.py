@@ -80,9 +80,11 @@ def windows(document: dict) -> dict[str, tuple[str, str | None]]:
 
 
 def summary_of(config: Path) -> dict:
+    """{kind: {"checkpoint", "taken_at", "reaches": {backup id: the recorded reach}}} as the index holds it."""
     ctx = JobContext(load_settings(config), "shop")
     try:
-        return {kind: s.to_json() for kind, s in ctx.repository.index(fresh=True).log_summary.items()}
+        return {kind: {"checkpoint": s.checkpoint, "taken_at": s.taken_at, "reaches": s.reaches}
+                for kind, s in ctx.repository.index(fresh=True).log_summary.items()}
     finally:
         ctx.close()
 
@@ -109,7 +111,7 @@ def test_a_segment_archived_after_the_checkpoint_extends_the_window(repository: 
     assert windows(later) == {scale.backup_id(0): (arrival(repository.storage, 21), None),
                               scale.backup_id(1): (arrival(repository.storage, 21), None)}
     assert [s["checkpoint"] for s in later["log_summaries"]] == [f"00000001/{segment(20)}"]
-    assert later["log_summaries"][0]["taken_at"] == recorded["taken_at"]
+    assert later["log_summaries"][0]["taken_at"] == format_timestamp(recorded["taken_at"])
 
 
 def test_a_gap_in_the_tail_is_shown(repository: Repo, tmp_path: Path, keys, capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,7 +132,7 @@ def test_a_gap_recorded_by_the_last_full_check_is_shown(repository: Repo, tmp_pa
     config = pg_job(repository, tmp_path, keys, [3, 16], [n for n in range(3, 21) if n != 12])
     first = listed(config, capsys)
     assert windows(first)[scale.backup_id(0)] == (arrival(repository.storage, 11), segment(12))
-    assert summary_of(config)["wal"]["reaches"][scale.backup_id(0)]["first_missing"] == segment(12)
+    assert summary_of(config)["wal"]["reaches"][scale.backup_id(0)].first_missing == segment(12)
     put(repository.storage, wal_key(21))
     later = listed(config, capsys)
     assert windows(later) == {scale.backup_id(0): (arrival(repository.storage, 11), segment(12)),
@@ -159,7 +161,7 @@ def test_a_new_timeline_in_the_tail_lists_the_whole_archive_again(repository: Re
     put(repository.storage, f"shop/wal/00000002/{segment(21, 2)[:16]}/{segment(21, 2)}.zst.age")
     document = listed(config, capsys)
     assert document["log_summaries"] == []  # the driver could not decide from the tail: a whole listing
-    assert summary_of(config)["wal"]["checkpoint"] == f"00000002/{segment(21, 2)}"  # and it is recorded again
+    assert summary_of(config)["wal"]["checkpoint"] == f"00000001/{segment(20)}"  # left to the next full check
 
 
 def test_without_a_summary_list_shows_what_a_whole_listing_finds(repository: Repo, tmp_path: Path, keys,
@@ -224,3 +226,19 @@ def test_prune_takes_the_recorded_reaches_of_what_it_deletes(tmp_path: Path, key
     recorded = summary_of(config)["wal"]
     assert set(recorded["reaches"]) == {scale.backup_id(6), scale.backup_id(7)}
     assert [b["backup_id"] for b in listed(config, capsys)["backups"]] == [scale.backup_id(7), scale.backup_id(6)]
+
+
+def test_a_full_integrity_check_records_the_summary_list_extends(tmp_path: Path, keys,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    scale.build_fs(tmp_path / "repo", 4, 40, pitr=True)
+    config = sqlite_job_config(tmp_path, keys, {"type": "filesystem", "path": str(tmp_path / "repo")},
+                               tmp_path / "db.sqlite3")
+    JobContext(load_settings(config), "shop").repository.backup_ids()  # the index, without a summary
+    assert summary_of(config) == {}
+    assert main(["--config", str(config), "--log-level", "error", "verify", "shop", "--integrity-only"]) == 0
+    recorded = summary_of(config)["wal"]
+    assert recorded["checkpoint"] == scale.wal_name(39) and len(recorded["reaches"]) == 4
+    assert main(["--config", str(config), "--log-level", "error", "verify", "shop", "--integrity-only",
+                 "--backup", scale.backup_id(1)]) == 0
+    assert summary_of(config)["wal"] == recorded  # one backup's check is not a full one: left as it was
+    assert listed(config, capsys)["log_summaries"][0]["taken_at"] == format_timestamp(recorded["taken_at"])
