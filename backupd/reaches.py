@@ -79,9 +79,11 @@ def record(ctx: JobContext, manifests: list[Manifest], reaches: dict[str, LogRea
         log.warning("log summary not recorded in the index", job=ctx.name, error=str(exc))
 
 
-def for_list(ctx: JobContext, manifests: list[Manifest]) -> tuple[dict[str, LogReach | None], dict[str, LogSummary]]:
+def for_list(ctx: JobContext, manifests: list[Manifest], *,
+             record: bool = True) -> tuple[dict[str, LogReach | None], dict[str, LogSummary]]:
     """Each backup's reach, from the index's log summary and the logs archived since where it can be
-    (``extend``), else from a whole listing (then recorded); and the summaries used, by kind."""
+    (``extend``), else from a whole listing (recorded, with ``record``, where there was no summary); and the
+    summaries used, by kind."""
     summaries = ctx.repository.index().log_summary
     reaches: dict[str, LogReach | None] = {}
     used: dict[str, LogSummary] = {}
@@ -97,7 +99,7 @@ def for_list(ctx: JobContext, manifests: list[Manifest]) -> tuple[dict[str, LogR
         summary = summaries.get(kind)
         extended = extend(ctx, kind, group, summary) if summary is not None else None
         if summary is None or extended is None:
-            whole[summary is None].extend(group)  # a summary the driver cannot carry waits for the next full check
+            whole[record and summary is None].extend(group)  # one the driver cannot carry: the next full check
             continue
         reaches.update(extended)
         used[kind] = summary

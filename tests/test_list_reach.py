@@ -242,3 +242,41 @@ def test_a_full_integrity_check_records_the_summary_list_extends(tmp_path: Path,
                  "--backup", scale.backup_id(1)]) == 0
     assert summary_of(config)["wal"] == recorded  # one backup's check is not a full one: left as it was
     assert listed(config, capsys)["log_summaries"][0]["taken_at"] == format_timestamp(recorded["taken_at"])
+
+
+def test_prune_dry_run_lists_the_logs_it_can_delete_and_those_since_the_checkpoint_only(
+        tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Backup N's logs begin at segment 50 N; keep_last 2 keeps backups 6 and 7, so segments 0-299 could go: the
+    dry run lists up to the folder holding segment 300, and, for the PITR breaks, from the checkpoint's folder."""
+    scale.build_fs(tmp_path / "repo", 8, 3000)
+    for number in range(8):
+        path = tmp_path / "repo" / "shop" / "backups" / scale.backup_id(number) / "manifest.json"
+        document = json.loads(path.read_text())
+        document["metadata"]["pitr"] = {"log_kind": "wal", "first_log": scale.wal_name(number * 50),
+                                        "from": document["started_at"]}
+        path.write_text(json.dumps(document, indent=2) + "\n")
+    config = sqlite_job_config(tmp_path, keys, {"type": "filesystem", "path": str(tmp_path / "repo")},
+                               tmp_path / "db.sqlite3", {"retention": {"keep_last": 2}})
+    listed(config, capsys)  # records the summary: checkpoint segment 2999
+    keys_read: list[str] = []
+    opened = context.open_storage
+
+    def counting(settings: object, name: str) -> Storage:
+        storage = opened(settings, name)  # type: ignore[arg-type]
+        for method in ("list", "list_after"):
+            plain = getattr(storage, method)
+
+            def listing(*args, plain=plain):  # type: ignore[no-untyped-def]
+                for info in plain(*args):
+                    keys_read.append(info.key)
+                    yield info
+            setattr(storage, method, listing)
+        return storage
+
+    monkeypatch.setattr(context, "open_storage", counting)
+    assert main(["--config", str(config), "--log-level", "error", "prune", "shop", "--dry-run"]) == 0
+    monkeypatch.setattr(context, "open_storage", opened)
+    wal = [key for key in keys_read if key.startswith("shop/wal/")]
+    assert wal and all(key <= f"shop/wal/{scale.wal_name(512)}.zst.age" or key >= "shop/wal/000000010000000B"
+                       for key in wal), sorted(set(wal))[:3]
+    assert len(wal) < 513 + 256
