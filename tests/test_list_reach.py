@@ -5,6 +5,7 @@ with the archive behind the checkpoint."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import io
 import json
@@ -15,10 +16,13 @@ import pytest
 from backupd import context
 from backupd.cli.main import main
 from backupd.context import JobContext
+from backupd.logarchive import LogArchive
+from backupd.manifest import Manifest
 from backupd.settings import load_settings
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp
 from core_fixtures import Repo, sqlite_job_config
+from storage.filesystem import FilesystemStorage
 from support import write_config
 
 _spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "bench" / "scale.py")
@@ -280,3 +284,62 @@ def test_prune_dry_run_lists_the_logs_it_can_delete_and_those_since_the_checkpoi
     assert wal and all(key <= f"shop/wal/{scale.wal_name(512)}.zst.age" or key >= "shop/wal/000000010000000B"
                        for key in wal), sorted(set(wal))[:3]
     assert len(wal) < 513 + 256
+
+
+# ---- drivers: a reach carried over the tail is the reach a whole listing finds ---------------------------
+
+def a_manifest(driver: str, metadata: dict) -> Manifest:
+    moment = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    return Manifest("20260101T000000Z", "shop", driver, "logical", moment, moment, [], {}, {}, metadata)
+
+
+def binlog(number: int, partial: bool = False) -> str:
+    return f"1/mysql-bin.{number:06d}" + (".partial" if partial else "")
+
+
+def oplog(first: int, last: int) -> str:
+    return f"{first:010d}.0000000001-{last:010d}.0000000001.bson"
+
+
+@pytest.mark.parametrize("before, since", [
+    ([3, 4, 5], [6, 7]),  # archived in order
+    ([3, 4, 5], [7, 8]),  # 6 never arrived
+    ([3, 4, 5], []),  # nothing new
+    ([3, 4], [(5, True)]),  # the newest still being written
+    ([3, 4, (5, True)], [5, 6]),  # the one being written completed, and the next followed
+])
+def test_mysql_extends_a_reach_as_a_whole_listing_would(tmp_path: Path, before: list, since: list) -> None:
+    from drivers.mysql import pitr
+
+    storage = FilesystemStorage(tmp_path / "repo")
+    archive = LogArchive(storage, "shop", "binlog")
+    manifest = a_manifest("mysql", {"server": "1", "binlog": {"file": "mysql-bin.000003", "position": 4}})
+
+    def archived(items: list) -> None:
+        for item in items:
+            number, partial = item if isinstance(item, tuple) else (item, False)
+            put(storage, f"shop/binlog/{binlog(number, partial)}.zst.age")
+
+    archived(before)
+    recorded = pitr.reach(archive, manifest)
+    assert recorded is not None and not recorded.broken
+    checkpoint = archive.list()[-1].name
+    archived(since)
+    assert pitr.extend(manifest, recorded, checkpoint, archive.list_from(checkpoint)) == pitr.reach(archive, manifest)
+
+
+@pytest.mark.parametrize("since", [[(300, 400)], [(300, 400), (500, 600)], []])
+def test_mongodb_extends_a_reach_as_a_whole_listing_would(tmp_path: Path, since: list) -> None:
+    from drivers.mongodb import plan
+    from drivers.mongodb.oplog import list_slices
+
+    storage = FilesystemStorage(tmp_path / "repo")
+    archive = LogArchive(storage, "shop", "oplog")
+    manifest = a_manifest("mongodb", {"oplog_from": "0000000150.0000000000"})
+    for first, last in [(100, 200), (200, 300), *since]:
+        put(storage, f"shop/oplog/{oplog(first, last)}.zst.age")
+        if (first, last) == (200, 300):
+            recorded = plan.reach(manifest, list_slices(archive))
+            checkpoint = archive.list()[-1].name
+    assert recorded is not None and not recorded.broken
+    assert plan.extend(recorded, checkpoint, archive.list_from(checkpoint)) == plan.reach(manifest, list_slices(archive))

@@ -35,7 +35,7 @@ from drivers.mongodb import DESCRIPTOR, tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, ArchiveSummary, CountingStream, parse_archive
 from drivers.mongodb.oplog import OplogArchiver, OplogSource, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
-from drivers.mongodb.plan import reach as plan_reach
+from drivers.mongodb.plan import extend as plan_extend, reach as plan_reach
 from drivers.mongodb.options import SCHEMES, MongodbOptions
 from drivers.mongodb.server import MongoServer
 
@@ -155,8 +155,8 @@ class MongodbDriver(Driver):
 
     def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
                      tail: Sequence[LogObject]) -> LogReach | None:
-        """Not decided from the tail (slices chain by their timestamps, not by their names): a whole listing."""
-        return None
+        """The slices that follow the reach's last one without a break (``plan.extend``)."""
+        return plan_extend(recorded, checkpoint, tail)
 
     def log_archivers(self) -> list[Any]:
         if not self.context.settings.archive_logs or self.context.logs is None:
