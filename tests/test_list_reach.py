@@ -286,6 +286,20 @@ def test_prune_dry_run_lists_the_logs_it_can_delete_and_those_since_the_checkpoi
     assert len(wal) < 513 + 256
 
 
+def test_the_daemons_integrity_rotation_records_the_summary(tmp_path: Path, keys) -> None:
+    from backupd.daemon.runs import Runs, Slots
+    from backupd.daemon.state import ScheduleState
+    from backupd.daemon.tasks import Tasks
+
+    scale.build_fs(tmp_path / "repo", 3, 40, pitr=True)
+    config = sqlite_job_config(tmp_path, keys, {"type": "filesystem", "path": str(tmp_path / "repo")},
+                               tmp_path / "db.sqlite3")
+    settings = load_settings(config)
+    Tasks(lambda: settings, Runs(), Slots(1), ScheduleState(tmp_path / "state")).integrity("shop")
+    recorded = summary_of(config)["wal"]
+    assert recorded["checkpoint"] == scale.wal_name(39) and len(recorded["reaches"]) == 3
+
+
 # ---- drivers: a reach carried over the tail is the reach a whole listing finds ---------------------------
 
 def a_manifest(driver: str, metadata: dict) -> Manifest:
