@@ -15,7 +15,7 @@ import structlog
 
 from backupd import sealed
 from backupd.context import JobContext
-from backupd.driver import PitrDrill, RestoreTarget
+from backupd.driver import LogReach, PitrDrill, RestoreTarget
 from backupd.errors import (BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch,
                             UntrustedObject, UsageError)
 from backupd.jobrun import JobRun, Recorder, process_recorder
@@ -196,7 +196,8 @@ def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, rep
 
 
 def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyReport,
-                     identities: Sequence[object] = (), key_file: str | None = None) -> None:
+                     identities: Sequence[object] = (), key_file: str | None = None, *,
+                     record: bool = False) -> dict[str, LogReach | None]:
     """Logs must run unbroken from each backup that records log positions to the newest log.
 
     A gap breaks PITR past it, so each one fails the report, naming the missing
@@ -205,7 +206,7 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+    reaches = ctx.log_reaches(manifests, identities, key_file, record=record)  # one listing for them all
     checked = len(reaches)
     for reach in reaches.values():
         if reach is not None:
@@ -217,6 +218,7 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     if checked:
         report.steps.append({"step": "log_continuity", "backups": checked, "gaps": gaps, "notes": notes,
                              "seconds": round(time.monotonic() - started, 3)})
+    return reaches
 
 
 def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
@@ -306,6 +308,8 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
             if not manifests and not unusable:
                 repo.resolve(None)  # raises "no backups"
         reports = []
+        reaches: dict[str, LogReach | None] = {}
+        taken_at = utcnow()
         for chosen in manifests:
             try:
                 manifest = repo.load_full(chosen)  # the index's summary -> the manifest itself, by key
@@ -313,9 +317,10 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
                 reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
                 continue
             reports.append(check_integrity(ctx, manifest))
-            check_continuity(ctx, [manifest], reports[-1])
+            reaches.update(check_continuity(ctx, [manifest], reports[-1]))
         if reports and not backup_id:  # the whole archive once, with the newest backup's report
             check_log_signatures(ctx, reports[0])
+            ctx.record_reaches(manifests, reaches, taken_at)  # the next ``list`` lists only what follows
         reports.extend(unusable_reports(ctx, unusable))
         return reports
     manifest = named if named is not None else repo.resolve(None)
@@ -326,7 +331,7 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
         log.warning("backup skipped: its manifest is unusable", job=ctx.name, backup_id=bad_id, error=str(problem))
     untrusted = [] if backup_id else [str(e) for _, e in unusable if isinstance(e, UntrustedObject)]
     report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
-    check_continuity(ctx, kept, report)  # from each kept backup to the newest log
+    check_continuity(ctx, kept, report, record=True)  # from each kept backup to the newest log
     check_log_signatures(ctx, report)
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)

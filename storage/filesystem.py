@@ -243,24 +243,27 @@ class FilesystemStorage(Storage):
         """Reads the prefix's directory, then walks only the subdirectories that can hold later keys."""
         if not prefix.endswith("/"):
             return super().list_after(prefix, start_after)
+        return iter(self._list_after(prefix, start_after))
+
+    def _list_after(self, prefix: str, start_after: str) -> builtins.list[ObjectInfo]:
         base_dir = self.root / prefix.rstrip("/")
         found: list[ObjectInfo] = []
         with _os_errors(str(base_dir)):
             try:
                 children = sorted(os.scandir(base_dir), key=lambda entry: entry.name)
             except FileNotFoundError:
-                return iter(())
+                return []
             for child in children:
                 key = prefix + child.name
                 if child.is_dir(follow_symlinks=False):
-                    if key + "/\U0010ffff" > start_after:
-                        found.extend(info for info in self.list(key + "/") if info.key > start_after)
+                    if key + "/\U0010ffff" > start_after:  # a folder wholly after it, or holding it: walked alike
+                        found.extend(self._list_after(key + "/", start_after))
                 elif key > start_after and not child.name.startswith((TEMP_PREFIX, META_PREFIX)):
                     with contextlib.suppress(FileNotFoundError):
                         st = child.stat()
                         found.append(ObjectInfo(key, st.st_size, _mtime(st.st_mtime)))
         found.sort(key=lambda info: info.key)
-        return iter(found)
+        return found
 
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)

@@ -176,6 +176,7 @@ class Tasks:
             interval = ctx.job.verify.full_read_interval
             ctx.repository.reverify_index()  # every manifest read once: a bad one fails the rotation
             manifests, unusable = ctx.repository.scan_manifests()
+            ctx.log_reaches(manifests, record=True)  # from the rotation's one listing: what ``list`` extends
             if ctx.repository.trusted:  # what failed its signature check at this verification: manifests and logs
                 bad_logs, _ = untrusted_logs(ctx)
                 for line in bad_logs:
