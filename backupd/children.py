@@ -101,17 +101,6 @@ def kill_all(grace: float = 3.0) -> list[tuple[int, str]]:
     return [(proc.pid, name) for proc, name in entries]
 
 
-def stop_process(proc: Popen, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
-    """``sig`` (a clean shutdown), then SIGKILL if it is still running after ``timeout``; always reaped."""
-    if proc.poll() is not None:
-        return
-    _signal(proc.pid, sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-
-
 def kill_tree(proc: Popen) -> None:
     """SIGKILL ``proc`` and its descendants (runuser does not pass SIGKILL on) and reap it."""
     if proc.poll() is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from backupd.retention import guaranteed_keep
 from backupd.sandbox import SandboxPolicy
 from backupd.settings import JobSettings, Settings
 from backupd.storage import Storage
+from backupd.timeutil import utcnow
 
 
 def open_storage(settings: Settings, name: str) -> Storage:
@@ -138,15 +140,28 @@ class JobContext:
         return archive
 
     def log_reaches(self, manifests: list[Manifest], identities: Sequence[object] = (),
-                    key_file: str | None = None) -> dict[str, LogReach | None]:
+                    key_file: str | None = None, *, record: bool = False) -> dict[str, LogReach | None]:
         """How far each backup's archived logs reach (to the first gap), from the listing alone: no key needed
-        (with ``identities``, what the driver can read too, e.g. PostgreSQL's timeline histories)."""
+        (with ``identities``, what the driver can read too, e.g. PostgreSQL's timeline histories).
+        ``record``: the listing and the reaches go in the index's log summary (``backupd.reaches.record``)."""
         from backupd.restore import RepositorySource
 
         with self.one_listing():
-            return {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
-                                                                         listings=self._listings, summary_ok=True))
-                    for m in manifests if PitrStart.recorded(m)}
+            taken_at = utcnow()
+            found = {m.backup_id: self.driver.log_reach(RepositorySource(self.repository, m, identities, key_file,
+                                                                          listings=self._listings, summary_ok=True))
+                     for m in manifests if PitrStart.recorded(m)}
+            if record:
+                self.record_reaches(manifests, found, taken_at)
+            return found
+
+    def record_reaches(self, manifests: list[Manifest], reaches: dict[str, LogReach | None],
+                       taken_at: dt.datetime) -> None:
+        """Inside ``one_listing``, after ``log_reaches`` of ``manifests``: the index's log summary records the
+        listing and these reaches (``backupd.reaches.record``)."""
+        from backupd import reaches as recorded
+
+        recorded.record(self, manifests, reaches, self._listings or {}, taken_at)
 
     def open_stream(self, manifest: Manifest, name: str) -> BinaryIO:
         from backupd.restore import RepositorySource

@@ -30,7 +30,7 @@ import heapq
 import queue
 import threading
 import time
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Iterator
 
 import structlog
 
@@ -46,15 +46,13 @@ QUEUE_CHUNKS = 8
 #: Seconds a backend that failed a write is skipped for further writes (reads always try it).
 RETRY_AFTER = 30.0
 _EOF = b""
-#: Told of every operation's outcome per storage (name, succeeded); the daemon sets ``backupd_storage_up``
-#: from it. Left None in one-shot commands, which export no metrics (and never import prometheus_client).
-on_storage_state: Callable[[str, bool], None] | None = None
 
 
 def _report(name: str, up: bool) -> None:
-    hook = on_storage_state
-    if hook is not None:
-        hook(name, up)
+    """Every operation's outcome per storage: ``backupd_storage_up`` where this process serves metrics."""
+    from backupd.jobrun import process_recorder
+
+    process_recorder().storage_state(name, up)
 
 
 def is_commit_marker(key: str) -> bool:

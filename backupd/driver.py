@@ -19,7 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import BackupNotFound, UsageError
-from backupd.logarchive import LogArchive, PushResult
+from backupd.logarchive import LogArchive, LogObject, PushResult
 from backupd.lognaming import LogNaming
 from backupd.manifest import Manifest, ObjectEntry, PitrStart
 from backupd.paths import spool_dir
@@ -273,6 +273,21 @@ class Driver(abc.ABC):
             return None
         newest = source.logs(str(pitr["log_kind"])).newest_stored()
         return LogReach(last_log=newest.name, until=newest.modified) if newest is not None else LogReach()
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
+                     tail: Sequence[LogObject]) -> LogReach | None:
+        """``recorded``, this backup's unbroken reach as a full listing of the archive found it, carried over
+        ``tail``: the logs named from ``checkpoint`` (the greatest name that listing held) on, in name order,
+        ``checkpoint`` itself included while it is there. None when the tail cannot decide it (a new timeline,
+        a reach that did not end at ``checkpoint``): the caller then lists the whole archive (``log_reach``).
+
+        Works from the listing alone, like ``log_reach``. This default, like its ``log_reach``, knows no
+        log order: the newest log stored."""
+        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        newest = max(tail, key=lambda obj: obj.modified or epoch, default=None)
+        if newest is None or (newest.modified or epoch) < (recorded.until or epoch):
+            return recorded
+        return LogReach(last_log=newest.name, until=newest.modified)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests the daemon's control socket serves for this job (e.g. ``wal-push``), by op name."""

@@ -13,7 +13,8 @@ Document::
     {"index": {"format_version": 1, "job": ..., "written_at": ...,
                "backups": [ENTRY, ...],            # oldest first
                "unusable": [{"backup_id", "problem"}],  # manifests a rebuild could not read
-               "logs": {KIND: {DIRECTORY: NEWEST NAME}}},  # as far as the last prune listed them
+               "logs": {KIND: {DIRECTORY: NEWEST NAME}},  # as far as the last prune listed them
+               "log_summary": {KIND: SUMMARY}},  # optional: the last full check's reaches (backupd.logsummary)
      "signature": "-----BEGIN SSH SIGNATURE-----..." | null}
 
 An ENTRY holds what ``list``, ``prune``, ``status`` and restore's choice of a backup need
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
 
-from backupd import sshsig
+from backupd import logsummary, sshsig
 from backupd.errors import BackupNotFound, IntegrityError, ObjectChanged, ObjectNotFound, StorageError
 from backupd.manifest import MANIFEST_NAME, MAX_JSON_DEPTH, Manifest, json_depth
 from backupd.signing import Trust
@@ -168,13 +169,16 @@ class Index:
     first used (``indexread``): ``ids``, ``newest_id``, ``all_ids``, ``pending_ids`` and ``usable`` parse none."""
 
     def __init__(self, job: str, backups: list[IndexedBackup] | None = None, unusable: dict[str, str] | None = None,
-                 logs: dict[str, dict[str, str]] | None = None, *, entries: Entries | None = None,
+                 logs: dict[str, dict[str, str]] | None = None,
+                 log_summary: dict[str, logsummary.LogSummary] | None = None, *, entries: Entries | None = None,
                  version: str | None = None, source: str = "index") -> None:
         self.job = job
         self._backups = backups if backups is not None or entries is not None else []
         self._entries = entries
         self.unusable = unusable if unusable is not None else {}
         self.logs = logs if logs is not None else {}
+        #: Per log kind, the archive as the last full check listed it (``backupd.logsummary``); optional.
+        self.log_summary = log_summary if log_summary is not None else {}
         #: The storage version this was read as (None: not in storage, or rebuilt); where it came from.
         self.version = version
         self.source = source
@@ -241,6 +245,7 @@ class Index:
     def put(self, entry: IndexedBackup) -> None:
         key = backup_id_sort_key(entry.backup_id)
         self.unusable.pop(entry.backup_id, None)
+        self._forget_reaches({entry.backup_id})
         if not self.backups or key > backup_id_sort_key(self.backups[-1].backup_id):
             self.backups.append(entry)  # a new newest backup: the usual commit
             return
@@ -251,14 +256,25 @@ class Index:
         self.backups = [b for b in self.backups if b.backup_id not in backup_ids]
         for gone in backup_ids:
             self.unusable.pop(gone, None)
+        self._forget_reaches(backup_ids)
+
+    def _forget_reaches(self, backup_ids: set[str]) -> None:
+        """A recorded reach goes with its backup (a prune's), and with a manifest indexed anew."""
+        for summary in self.log_summary.values():
+            for backup_id in backup_ids & summary.reaches.keys():
+                del summary.reaches[backup_id]
 
     def payload(self) -> dict[str, Any]:
         from backupd import indexread
 
-        return {"format_version": FORMAT_VERSION, "job": self.job, "written_at": format_timestamp(utcnow()),
-                "unusable": [{"backup_id": k, "problem": v} for k, v in sorted(self.unusable.items())],
-                "logs": self.logs, "summary": indexread.summary(self.backups),
-                "backups": [b.to_entry() for b in self.backups]}
+        payload = {"format_version": FORMAT_VERSION, "job": self.job, "written_at": format_timestamp(utcnow()),
+                   "unusable": [{"backup_id": k, "problem": v} for k, v in sorted(self.unusable.items())],
+                   "logs": self.logs}
+        if self.log_summary:
+            payload["log_summary"] = {kind: s.to_json() for kind, s in sorted(self.log_summary.items())}
+        payload["summary"] = indexread.summary(self.backups)
+        payload["backups"] = [b.to_entry() for b in self.backups]
+        return payload
 
     def to_bytes(self, signing_key: sshsig.SigningKey | None) -> bytes:
         from backupd import indexread
@@ -284,8 +300,8 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
         lazily = indexread.read(raw, job, where)
         if lazily is not None:
             entries, head = lazily
-            unusable, logs = _head(head, where)
-            return Index(job, unusable=unusable, logs=logs, entries=entries)
+            unusable, logs, summaries = _head(head, where)
+            return Index(job, unusable=unusable, logs=logs, log_summary=summaries, entries=entries)
     try:
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -301,7 +317,7 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
         backups = [IndexedBackup.from_entry(entry, job) for entry in payload.get("backups", [])]
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise IntegrityError(f"{where}: unreadable index ({exc})") from None
-    unusable, logs = _head(payload, where)
+    unusable, logs, summaries = _head(payload, where)
     if trusted:
         signature = document.get("signature")
         if not isinstance(signature, str):
@@ -315,17 +331,19 @@ def parse(raw: bytes, job: str, trusted: tuple[sshsig.PublicKey, ...], where: st
     if len({b.backup_id for b in backups}) != len(backups):
         raise IntegrityError(f"{where}: the index lists a backup twice")
     backups.sort(key=lambda b: backup_id_sort_key(b.backup_id))
-    return Index(job, backups, unusable, logs)
+    return Index(job, backups, unusable, logs, summaries)
 
 
-def _head(payload: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """(unusable, logs) of an index's payload."""
+def _head(payload: dict[str, Any], where: str
+          ) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, logsummary.LogSummary]]:
+    """(unusable, logs, log summaries) of an index's payload."""
     try:
         unusable = {str(u["backup_id"]): str(u["problem"]) for u in payload.get("unusable", [])}
         logs = {str(kind): {str(d): str(n) for d, n in dirs.items()} for kind, dirs in payload.get("logs", {}).items()}
+        summaries = logsummary.parse(payload.get("log_summary"))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise IntegrityError(f"{where}: unreadable index ({exc})") from None
-    return unusable, logs
+    return unusable, logs, summaries
 
 
 def index_key(job: str) -> str:

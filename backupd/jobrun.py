@@ -98,6 +98,9 @@ class Recorder:
     def verification_passed(self, job: str, at: float) -> None:
         """A verification passed at ``at`` (epoch seconds); the gauge never moves backwards."""
 
+    def storage_state(self, storage: str, up: bool) -> None:
+        """Whether the last operation on a storage of a copies set succeeded."""
+
 
 NO_RECORDER = Recorder()
 
@@ -144,6 +147,9 @@ class MetricsRecorder(Recorder):
     def verification_passed(self, job: str, at: float) -> None:
         gauge = self.metrics.VERIFICATION_LAST_SUCCESS.labels(job)
         gauge.set(max(at, gauge._value.get()))  # noqa: SLF001
+
+    def storage_state(self, storage: str, up: bool) -> None:
+        self.metrics.STORAGE_UP.labels(storage).set(1 if up else 0)
 
 
 def process_recorder() -> Recorder:

@@ -458,6 +458,24 @@ class LogArchive:
                 found[name] = info
         return [self._log_object(found[name], name) for name in sorted(found)]
 
+    def list_from(self, first: str) -> "builtins.list[LogObject]":
+        """Archived logs whose name sorts at or after ``first``, in name order, from either layout: listed from
+        the folder ``first`` lies in on (``Storage.list_after``; keys sort as names do, folder by folder, as
+        for ``list_before``), so what it costs is what lies from ``first`` on, not the whole archive."""
+        naming = lognaming.naming(self.kind)
+        directory, file = naming.split(first)
+        folder = naming.folder(file)
+        # in the older layout a key is the prefix, the name, a suffix; now the name's folder comes first
+        start = self.prefix + "/".join(part for part in (directory, folder) if part) if folder else self.prefix + first
+        if self.legacy_possible():
+            start = min(start, self.prefix + first)
+        found: dict[str, ObjectInfo] = {}
+        for info in self.storage.list_after(self.prefix, start):
+            name = self.layout.log_name(self.kind, info.key)
+            if name is not None and name >= first and (name not in found or info.key == self.key(name)):
+                found[name] = info
+        return [self._log_object(found[name], name) for name in sorted(found)]
+
     def untrusted(self, vouched: Vouched | None = None) -> Iterator[str]:
         """With trusted keys, a line naming each archived log whose signature does not vouch for its name and
         recorded sha256 (unsigned, moved to another name, another key, or replaced with other metadata). The

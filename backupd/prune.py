@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import structlog
 
+from backupd import reaches as recorded_reaches
 from backupd.context import JobContext
 from backupd.errors import BackupdError, BackupNotFound, IntegrityError, ObjectLocked, ObjectNotFound, UntrustedObject
 from backupd.index import Index, IndexedBackup, newest_logs
@@ -105,9 +106,10 @@ class PruneResult:
 
 
 def pitr_breaks(ctx: JobContext, manifests: list[Manifest]) -> list[str]:
-    """One line per backup whose PITR window ends at a gap in the archived logs."""
+    """One line per backup whose PITR window ends at a gap in the archived logs (as ``list`` shows them: from
+    the index's log summary and the logs archived since, ``backupd.reaches``)."""
     lines = []
-    for backup_id, reach in sorted(ctx.log_reaches(manifests).items()):
+    for backup_id, reach in sorted(recorded_reaches.for_list(ctx, manifests, record=False)[0].items()):
         if reach is not None and reach.broken:
             until = format_timestamp(reach.until) if reach.until else "its start"
             lines.append(f"backup {backup_id}: the PITR window ends at {until}: {reach.missing[0]}")
@@ -144,7 +146,7 @@ def run_prune(ctx: JobContext, *, dry_run: bool = False, now: dt.datetime | None
             result = PruneResult(ctx.name, Plan(backups=[], partials=[], logs=[]), dry_run,
                                  abandoned=abandoned, leftovers=leftovers, no_policy=True)
             return result
-        with ctx.one_listing():  # the plan and the PITR breaks share one listing of each log archive
+        with ctx.one_listing():  # a log archive listed whole (the plan's, the PITR breaks') is listed once
             the_plan = make_plan(ctx, now, skip_partials=set(abandoned), dry_run=dry_run, scanned=scanned)
             result = PruneResult(ctx.name, the_plan, dry_run, abandoned=abandoned, leftovers=leftovers)
             if dry_run:
@@ -205,7 +207,7 @@ def make_plan(ctx: JobContext, now: dt.datetime, skip_partials: set[str] = froze
         backups = [replace(b, locked_until=locks.get(b.backup_id)) for b in backups]
         result = planned(backups, [])
     bounds = {kind: deletable_below(result, backups, kind) for kind in LOG_KINDS}
-    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind, bounds[kind], shared=dry_run)]
+    logs = [item for kind in LOG_KINDS for item in _log_items(ctx, kind, bounds[kind])]
     result = planned(backups, logs)
     result.warnings[:0] = warnings
     result.untrusted = untrusted
@@ -292,17 +294,13 @@ def backup_item(manifest: Manifest, pinned: bool, warnings: list[str]) -> Backup
                       backup_type=manifest.backup_type, parent=manifest.parent)
 
 
-def _log_items(ctx: JobContext, kind: str, bound: str | None, *, shared: bool = False) -> Iterator[LogItem]:
+def _log_items(ctx: JobContext, kind: str, bound: str | None) -> Iterator[LogItem]:
     """The logs of ``kind`` the plan may delete (``retention.deletable_below``): all of them, none, or those
-    before ``bound``, the only ones the listing reads. ``shared``: a dry run, whose PITR breaks of the kept
-    backups list the archive anyway (``one_listing``): taken from that listing."""
+    before ``bound``, the only ones the listing reads."""
     if bound == "":
         return
     archive = ctx.listed_archive(kind)
-    if bound is None or shared:
-        found = [obj for obj in archive.list() if bound is None or obj.name < bound]
-    else:
-        found = archive.list_before(bound)
+    found = archive.list() if bound is None else archive.list_before(bound)
     for obj in found:
         yield LogItem(kind, obj.name, obj.modified)
 

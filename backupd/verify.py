@@ -15,7 +15,7 @@ import structlog
 
 from backupd import sealed
 from backupd.context import JobContext
-from backupd.driver import PitrDrill, RestoreTarget
+from backupd.driver import LogReach, PitrDrill, RestoreTarget
 from backupd.errors import (BackupdError, BrokenChain, CryptoError, DriverError, IntegrityError, KeyMismatch,
                             UntrustedObject, UsageError)
 from backupd.jobrun import JobRun, Recorder, process_recorder
@@ -196,7 +196,8 @@ def run_drill(ctx: JobContext, manifest: Manifest, source: RepositorySource, rep
 
 
 def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyReport,
-                     identities: Sequence[object] = (), key_file: str | None = None, *, alone: bool = False) -> None:
+                     identities: Sequence[object] = (), key_file: str | None = None, *,
+                     record: bool = False, alone: bool = False) -> dict[str, LogReach | None]:
     """Logs must run unbroken from each backup that records log positions to the newest log.
 
     A gap breaks PITR past it, so each one fails the report, naming the missing
@@ -207,14 +208,14 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     started = time.monotonic()
     gaps: list[str] = []
     notes: list[str] = []
-    if alone:
+    if alone:  # one backup by itself: its driver lists only the logs from its start on, no shared listing
         from backupd.restore import RepositorySource
 
         reaches = {m.backup_id: ctx.driver.log_reach(RepositorySource(ctx.repository, m, identities, key_file,
                                                                       summary_ok=True))
                    for m in manifests if PitrStart.recorded(m)}
     else:
-        reaches = ctx.log_reaches(manifests, identities, key_file)  # one listing of the archive for them all
+        reaches = ctx.log_reaches(manifests, identities, key_file, record=record)  # one listing for them all
     checked = len(reaches)
     for reach in reaches.values():
         if reach is not None:
@@ -226,25 +227,34 @@ def check_continuity(ctx: JobContext, manifests: list[Manifest], report: VerifyR
     if checked:
         report.steps.append({"step": "log_continuity", "backups": checked, "gaps": gaps, "notes": notes,
                              "seconds": round(time.monotonic() - started, 3)})
+    return reaches
 
 
 def check_log_signatures(ctx: JobContext, report: VerifyReport) -> None:
     """With trusted keys, every archived log object of the job must carry a trusted signature over its name
     and recorded sha256; each one that does not fails the report, naming it (replay would refuse it)."""
-    trusted = ctx.settings.trusted_keys(ctx.name)
-    if not trusted:
+    if not ctx.settings.trusted_keys(ctx.name):
         return
     started = time.monotonic()
-    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
-    vouched = Vouched(ctx.state_dir, ctx.storage.location, ctx.name, trusted)  # only logs new since the last one
-    try:
-        untrusted = [line for archive in archives for line in archive.untrusted(vouched)]
-    finally:
-        vouched.close()
+    untrusted, checked = untrusted_logs(ctx)
     for line in untrusted:
         report.fail(line)
-    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted), "checked": vouched.checked,
+    report.steps.append({"step": "log_signatures", "untrusted": len(untrusted), "checked": checked,
                          "seconds": round(time.monotonic() - started, 3)})
+
+
+def untrusted_logs(ctx: JobContext) -> tuple[list[str], int]:
+    """A line for each archived log of the job no trusted key vouches for, and how many signatures were read
+    (only logs new or changed since the last check: ``backupd.vouched``); nothing without trusted keys."""
+    trusted = ctx.settings.trusted_keys(ctx.name)
+    if not trusted:
+        return [], 0
+    archives = [ctx.listed_archive(kind) for kind in LOG_KINDS]  # the command's one listing of each
+    vouched = Vouched(ctx.state_dir, ctx.storage.location, ctx.name, trusted)
+    try:
+        return [line for archive in archives for line in archive.untrusted(vouched)], vouched.checked
+    finally:
+        vouched.close()
 
 
 def save_report(ctx: JobContext, report: VerifyReport) -> str | None:
@@ -307,6 +317,8 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
             if not manifests and not unusable:
                 repo.resolve(None)  # raises "no backups"
         reports = []
+        reaches: dict[str, LogReach | None] = {}
+        taken_at = utcnow()
         for chosen in manifests:
             try:
                 manifest = repo.load_full(chosen)  # the index's summary -> the manifest itself, by key
@@ -314,9 +326,10 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
                 reports.extend(unusable_reports(ctx, [(chosen.backup_id, exc)]))
                 continue
             reports.append(check_integrity(ctx, manifest))
-            check_continuity(ctx, [manifest], reports[-1], alone=named is not None)
+            reaches.update(check_continuity(ctx, [manifest], reports[-1], alone=named is not None))
         if reports and not backup_id:  # the whole archive once, with the newest backup's report
             check_log_signatures(ctx, reports[0])
+            ctx.record_reaches(manifests, reaches, taken_at)  # the next ``list`` lists only what follows
         reports.extend(unusable_reports(ctx, unusable))
         return reports
     manifest = named if named is not None else repo.resolve(None)
@@ -327,7 +340,7 @@ def _run_verification(ctx: JobContext, backup_id: str | None, *, integrity_only:
         log.warning("backup skipped: its manifest is unusable", job=ctx.name, backup_id=bad_id, error=str(problem))
     untrusted = [] if backup_id else [str(e) for _, e in unusable if isinstance(e, UntrustedObject)]
     report = verify_full(ctx, manifest, pitr_drill=pitr_drill)
-    check_continuity(ctx, kept, report)  # from each kept backup to the newest log
+    check_continuity(ctx, kept, report, record=True)  # from each kept backup to the newest log
     check_log_signatures(ctx, report)
     for line in untrusted:  # a forged "newest" backup was skipped; it fails verification all the same
         report.fail(line)

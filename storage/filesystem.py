@@ -244,30 +244,30 @@ class FilesystemStorage(Storage):
         time as the keys are read (a reader that stops at the first key walks one)."""
         if not prefix.endswith("/"):
             return super().list_after(prefix, start_after)
+        return self._list_after(prefix, start_after)
+
+    def _list_after(self, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
         base_dir = self.root / prefix.rstrip("/")
         with _os_errors(str(base_dir)):
             try:
                 names = os.listdir(base_dir)
             except FileNotFoundError:
-                return iter(())
-            # only children whose keys (a directory's, whatever it holds) can sort after ``start_after``
+                return
+            # only children whose keys can sort after ``start_after``: a folder wholly after it, or holding it
             later = [(name, os.path.join(base_dir, name)) for name in names
                      if prefix + name + "/\U0010ffff" > start_after]
-            # in key order: a directory's keys all begin with its name and "/"
+            # in key order: a folder's keys all begin with its name and "/"
             children = sorted(((name + "/" if os.path.isdir(path) and not os.path.islink(path) else name), path)
                               for name, path in later)
-        return self._after(prefix, start_after, children)
-
-    def _after(self, prefix: str, start_after: str, children: "builtins.list[tuple[str, str]]") -> Iterator[ObjectInfo]:
         for name, path in children:
             key = prefix + name
             if name.endswith("/"):
-                yield from (info for info in self.list(key) if info.key > start_after)
+                yield from self._list_after(key, start_after)
             elif key > start_after and not name.startswith((TEMP_PREFIX, META_PREFIX)):
                 try:
                     st = os.stat(path)
                 except FileNotFoundError:
-                    continue
+                    continue  # deleted while listing
                 yield ObjectInfo(key, st.st_size, _mtime(st.st_mtime))
 
     def stat(self, key: str) -> ObjectInfo:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -140,6 +141,19 @@ class KvlogDriver(Driver):
         usable = usable[:len(usable) if not missing else int(missing[0]) - int(first)]
         last = usable[-1] if usable else None
         return LogReach(last_log=last.name if last else None, until=last.modified if last else None,
+                        first_missing=missing[0] if missing else None,
+                        missing=tuple(f"missing oplog slice {name}" for name in missing))
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str, tail) -> LogReach | None:
+        if recorded.last_log is None or checkpoint > recorded.last_log:
+            return None
+        last = int(recorded.last_log)
+        objects = {int(obj.name): obj for obj in tail if obj.name.isdigit() and int(obj.name) > last}
+        numbers = range(last + 1, max(objects, default=last) + 1)
+        missing = [log_name(seq) for seq in numbers if seq not in objects]
+        run = list(itertools.takewhile(lambda seq: seq in objects, numbers))
+        end = objects[run[-1]] if run else None
+        return LogReach(last_log=end.name if end else recorded.last_log, until=end.modified if end else recorded.until,
                         first_missing=missing[0] if missing else None,
                         missing=tuple(f"missing oplog slice {name}" for name in missing))
 

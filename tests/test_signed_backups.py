@@ -310,3 +310,20 @@ def test_the_integrity_rotation_counts_untrusted_backups(signed: Signed) -> None
     signed.storage.delete(f"shop/backups/{forged}/manifest.json")  # removed by hand once found out
     tasks.integrity("shop")
     assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 0  # noqa: SLF001
+
+
+def test_the_integrity_rotation_counts_untrusted_logs(signed: Signed) -> None:
+    from backupd.daemon.runs import Runs, Slots
+    from backupd.daemon.state import ScheduleState
+    from backupd.daemon.tasks import Tasks
+
+    backup(signed)
+    planted = "shop/binlog/mysql-bin.000001.zst.age"
+    signed.storage.put(planted, io.BytesIO(b"not a log of ours"))  # unsigned: no signature beside it
+    settings = load_settings(signed.config)
+    tasks = Tasks(lambda: settings, Runs(), Slots(1), ScheduleState(signed.tmp / "state"))
+    tasks.integrity("shop")
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 1  # noqa: SLF001
+    signed.storage.delete(planted)
+    tasks.integrity("shop")
+    assert metrics.REPOSITORY_UNTRUSTED.labels("shop")._value.get() == 0  # noqa: SLF001

@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 from typing import Any
 
+from backupd import reaches as recorded_reaches
 from backupd.cli.common import human_size, print_json, print_table, settings_from
 from backupd.context import JobContext
 from backupd.driver import LogReach
@@ -67,20 +68,25 @@ def run(args: argparse.Namespace) -> int:
     manifests: list[Manifest] = []
     reaches: dict[str, LogReach | None] = {}
     trust: dict[tuple[str, str], Trust | None] = {}
+    summaries: list[dict[str, str]] = []  # the log summaries the windows come from (``backupd.reaches``)
     for job in jobs:
         ctx = JobContext(settings, job)
         try:
             entries = ctx.repository.entries()  # one read of the index; untrusted ones too: marked, not hidden
             found: list[Manifest] = [manifest for manifest, _ in entries]
             trust.update(((m.job, m.backup_id), t) for m, t in entries)
-            reaches.update(ctx.log_reaches(found))
+            found_reaches, used = recorded_reaches.for_list(ctx, found)  # one listing of the logs since the last check
+            reaches.update(found_reaches)
+            summaries.extend({"job": job, "log_kind": kind, "checkpoint": summary.checkpoint,
+                              "taken_at": format_timestamp(summary.taken_at)} for kind, summary in sorted(used.items()))
             manifests.extend(found)
         finally:
             ctx.close()
     manifests.sort(key=lambda m: m.finished_at, reverse=True)
     if args.json:
         print_json({"backups": [summary(m, reaches.get(m.backup_id), trust.get((m.job, m.backup_id)))
-                                for m in manifests]})
+                                for m in manifests],
+                    "log_summaries": summaries})
         return 0
     rows = []
     for m in manifests:

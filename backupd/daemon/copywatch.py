@@ -16,7 +16,7 @@ from typing import Callable
 
 import structlog
 
-from backupd import copies, metrics
+from backupd import metrics
 from backupd.catchup import Listing, Manifests, for_target, measure
 from backupd.context import JobContext
 from backupd.errors import StorageError
@@ -37,7 +37,6 @@ class CopyWatch:
         self._thread = threading.Thread(target=self._loop, name="copy-watch", daemon=True)
 
     def start(self) -> None:
-        copies.on_storage_state = lambda name, up: metrics.STORAGE_UP.labels(name).set(1 if up else 0)
         self._thread.start()
 
     def stop(self) -> None:

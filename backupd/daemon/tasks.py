@@ -25,7 +25,7 @@ from backupd.errors import EXIT_VERIFY_BAD, Aborted, BackupdError, LockHeld, Unt
 from backupd.jobrun import JobRun, MetricsRecorder
 from backupd.settings import Settings
 from backupd.timeutil import utcnow
-from backupd.verify import record_metrics, run_verification, save_report, unusable_reports
+from backupd.verify import record_metrics, run_verification, save_report, unusable_reports, untrusted_logs
 
 log = structlog.get_logger(__name__)
 
@@ -176,8 +176,13 @@ class Tasks:
             interval = ctx.job.verify.full_read_interval
             ctx.repository.reverify_index()  # every manifest read once: a bad one fails the rotation
             manifests, unusable = ctx.repository.scan_manifests()
-            if ctx.repository.trusted:  # what failed its signature check at this verification
-                self.recorder.untrusted_objects(job, sum(isinstance(exc, UntrustedObject) for _, exc in unusable))
+            ctx.log_reaches(manifests, record=True)  # from the rotation's one listing: what ``list`` extends
+            if ctx.repository.trusted:  # what failed its signature check at this verification: manifests and logs
+                bad_logs, _ = untrusted_logs(ctx)
+                for line in bad_logs:
+                    log.warning("archived log not trusted", problem=line)
+                self.recorder.untrusted_objects(job, len(bad_logs) + sum(isinstance(exc, UntrustedObject)
+                                                                         for _, exc in unusable))
             reads = self.state.integrity_reads(job)
             present = {m.backup_id for m in manifests}
             reads = {k: v for k, v in reads.items() if k in present}

@@ -22,6 +22,7 @@ from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, LogReach, RestoreRequest,
                             StreamSink, VerifyOutcome)
 from backupd.errors import DriverError, IntegrityError, UsageError
+from backupd.logarchive import LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.redact import redact
 from backupd.sandbox import chown_to
@@ -34,7 +35,7 @@ from drivers.mongodb import DESCRIPTOR, tools
 from drivers.mongodb.archive import ArchiveCounter, ArchiveFormatError, ArchiveSummary, CountingStream, parse_archive
 from drivers.mongodb.oplog import OplogArchiver, OplogSource, Slice, list_slices, ts_datetime, ts_text
 from drivers.mongodb.plan import RestorePlan, make_plan, write_oplog
-from drivers.mongodb.plan import reach as plan_reach
+from drivers.mongodb.plan import extend as plan_extend, reach as plan_reach
 from drivers.mongodb.options import SCHEMES, MongodbOptions
 from drivers.mongodb.server import MongoServer
 
@@ -151,6 +152,11 @@ class MongodbDriver(Driver):
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
         return plan_reach(source.manifest, list_slices(source.logs("oplog")))
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
+                     tail: Sequence[LogObject]) -> LogReach | None:
+        """The slices that follow the reach's last one without a break (``plan.extend``)."""
+        return plan_extend(recorded, checkpoint, tail)
 
     def log_archivers(self) -> list[Any]:
         if not self.context.settings.archive_logs or self.context.logs is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import bson
 from bson import Timestamp
@@ -13,6 +13,7 @@ from bson import Timestamp
 from backupd.driver import LogReach
 from backupd.errors import DriverError
 from backupd.gaps import past_gap
+from backupd.logarchive import LogObject
 from backupd.manifest import Manifest
 from backupd.timeutil import format_timestamp
 from drivers.mongodb.oplog import Slice, chain, contiguous, find_gaps, key, ts_datetime, ts_from_text, ts_text
@@ -80,6 +81,24 @@ def reach(manifest: Manifest, slices: list[Slice]) -> LogReach | None:
     newest = run[-1].last if run else since
     return LogReach(last_log=run[-1].name if run else None, until=ts_datetime(newest),
                     first_missing=gaps[0] if gaps else None, missing=tuple(gaps))
+
+
+def extend(recorded: LogReach, checkpoint: str, tail: Iterable[LogObject]) -> LogReach | None:
+    """``recorded`` (unbroken, as a full listing found it) carried over the slices named from ``checkpoint`` on
+    (names sort as the slices chain): the slices that follow its last one without a break. None when its last
+    slice is not the checkpoint (it did not end there)."""
+    last = Slice.parse(recorded.last_log) if recorded.last_log else None
+    if last is None or recorded.last_log != checkpoint:
+        return None
+    after = sorted((s for s in (Slice.parse(obj.name) for obj in tail) if s is not None and s != last),
+                   key=lambda s: (key(s.first), key(s.last)))
+    if not after:
+        return recorded
+    gaps = find_gaps([last, *after])
+    run = contiguous(after, last.last)
+    end = run[-1] if run else last
+    return LogReach(last_log=end.name, until=ts_datetime(end.last), first_missing=gaps[0] if gaps else None,
+                    missing=tuple(gaps))
 
 
 def make_plan(manifest: Manifest, slices: list[Slice], target: dt.datetime | None,

@@ -14,7 +14,7 @@ from backupd import restore_to
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, IncrementalBackup, LogArchiver, LogReach,
                             PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome)
 from backupd.errors import BackupNotFound, DriverError, IntegrityError, UsageError
-from backupd.logarchive import LogArchive
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest, PitrStart
 from backupd.timeutil import format_timestamp, parse_timestamp, utcnow
 from drivers.mysql import DESCRIPTOR, binlog, checks, load, logical, physical, pitr, scratch
@@ -348,6 +348,11 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
 
     def log_reach(self, source: BackupSource) -> LogReach | None:
         return pitr.reach(source.logs("binlog"), source.manifest)
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
+                     tail: Sequence[LogObject]) -> LogReach | None:
+        """Consecutively numbered successors of the reach's last binlog file (``pitr.extend``)."""
+        return pitr.extend(manifest, recorded, checkpoint, tail)
 
     def check(self) -> Iterable[Check]:
         return checks.server_checks(self)

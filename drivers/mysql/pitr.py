@@ -11,12 +11,12 @@ import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from backupd.driver import LogReach, RestoreTarget
 from backupd.errors import ArchiveGap, DriverError, UsageError
 from backupd.gaps import past_gap
-from backupd.logarchive import LogArchive
+from backupd.logarchive import LogArchive, LogObject
 from backupd.manifest import Manifest
 from backupd.timeutil import UTC, format_timestamp
 from drivers.mysql import binlog
@@ -38,8 +38,15 @@ class ArchivedFile:
 
 def archived_files(archive: LogArchive, server: str) -> dict[int, ArchivedFile]:
     """{index: file} for one server; a complete object wins over a partial one."""
+    return files_of(archive.list(f"{server}/"), server)
+
+
+def files_of(objects: Iterable[LogObject], server: str) -> dict[int, ArchivedFile]:
+    """``archived_files`` of listed objects (those of other servers left out)."""
     files: dict[int, ArchivedFile] = {}
-    for obj in archive.list(f"{server}/"):
+    for obj in objects:
+        if not obj.name.startswith(f"{server}/"):
+            continue
         rest = obj.name[len(server) + 1:]
         partial = rest.endswith(PARTIAL)
         name = rest[: -len(PARTIAL)] if partial else rest
@@ -89,12 +96,42 @@ def reach(archive: LogArchive, manifest: Manifest) -> LogReach | None:
     if not info:
         return None
     server = manifest.metadata.get("server", "")
-    chain = chain_from(archived_files(archive, server), info["file"])
+    return _reach_of(chain_from(archived_files(archive, server), info["file"]), server, info["file"])
+
+
+def extend(manifest: Manifest, recorded: LogReach, checkpoint: str, tail: Iterable[LogObject]) -> LogReach | None:
+    """``recorded`` (unbroken, as a full listing found it) carried over the files named from ``checkpoint`` on:
+    the consecutively numbered successors of its last file, to the first one missing. None when the reach
+    did not end at the checkpoint (another server's or a later file) or the tail names files otherwise."""
+    server = str(manifest.metadata.get("server", ""))
+    last, prefix = recorded.last_log, f"{server}/"
+    if not last or not last.startswith(prefix) or not checkpoint.startswith(prefix):
+        return None
+    name = last[len(prefix):].removesuffix(PARTIAL)
+    try:
+        base, index = binlog.split_name(name)
+        checkpoint_base, checkpoint_index = binlog.split_name(checkpoint[len(prefix):].removesuffix(PARTIAL))
+        if checkpoint_base != base or checkpoint_index > index:
+            return None
+    except binlog.BinlogFormatError:
+        return None
+    files = {index: ArchivedFile(name, last, False, None, recorded.until)}  # usable as recorded
+    for number, item in files_of(tail, server).items():
+        if binlog.split_name(item.name)[0] != base:
+            return None
+        if number > index:
+            files[number] = item
+        elif number == index:  # the same file, archived again since (a partial one growing)
+            files[number] = ArchivedFile(name, item.object, False, item.size, item.modified)
+    return _reach_of(chain_from(files, name), server, name)
+
+
+def _reach_of(chain: Chain, server: str, first_file: str) -> LogReach:
     problems = [f"missing binlog {server}/{name}" for name in chain.missing]
     first = f"{server}/{chain.missing[0]}" if chain.missing else None
     if not chain.files and not chain.missing:
-        problems.append(f"missing binlog {server}/{info['file']} (the backup's starting file)")
-        first = f"{server}/{info['file']}"
+        problems.append(f"missing binlog {server}/{first_file} (the backup's starting file)")
+        first = f"{server}/{first_file}"
     last = chain.files[-1] if chain.files else None
     return LogReach(last_log=last.object if last else None, until=last.modified if last else None,
                     first_missing=first, missing=tuple(problems))

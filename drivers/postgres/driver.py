@@ -12,7 +12,7 @@ from backupd import restore_to, spool
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, IncrementalBackup, LogArchiver,
                             LogReach, PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
-from backupd.logarchive import LogArchive, PushResult
+from backupd.logarchive import LogArchive, LogObject, PushResult
 from backupd.manifest import Manifest
 from backupd.paths import wal_fetch_spool
 from backupd.timeutil import format_timestamp
@@ -344,6 +344,11 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         else:  # the listing of the whole archive the command's backups share (``JobContext.one_listing``)
             view = pitr.ArchiveView.scan(archive)
         return pitr.reach(source.manifest, view, recovery.histories(source.open_log, view))
+
+    def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
+                     tail: Sequence[LogObject]) -> LogReach | None:
+        """Contiguous successor segments on the reach's timeline; a new timeline: None (``log_reach`` decides)."""
+        return pitr.extend(manifest, recorded, checkpoint, tail)
 
     # -- WAL archiving ---------------------------------------------------------------------
     def wal_push(self, path: Path) -> PushResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import sys
@@ -193,6 +194,39 @@ def reach(manifest: Manifest, view: ArchiveView, histories: dict[int, list[Switc
                     missing=tuple(f"missing WAL segment {name[:8]}/{name}" for name in missing),
                     notes=tuple(f"{why}; restores do not follow it unless --target-timeline {tli}"
                                 for tli, why in sorted(forked.items())))
+
+
+def extend(manifest: Manifest, recorded: LogReach, checkpoint: str, tail: Iterable[LogObject]) -> LogReach | None:
+    """``recorded`` (unbroken, as a full listing found it) carried over the segments named from ``checkpoint``
+    on: the successors of its last segment on the same timeline, to the first one missing. None when the
+    tail holds another timeline or a history file (a switch: ``reach`` decides), or when the reach did not
+    end at the checkpoint (the checkpoint's segment is not its last, on its timeline)."""
+    last = recorded.last_log
+    if last is None or not SEGMENT_RE.match(last):
+        return None
+    segment_size = int(manifest.metadata.get("wal_segment_size", 16 << 20))
+    timeline = last[:8]
+    directory, _, file = checkpoint.partition("/")
+    if directory != timeline or not SEGMENT_RE.match(file[:24]) or file[:24] > last:
+        return None
+    tli, segno = parse_segment(last, segment_size)
+    present: dict[int, LogObject] = {}
+    for obj in tail:
+        directory, _, file = obj.name.partition("/")
+        if directory != timeline or file.endswith(".history"):
+            return None
+        if SEGMENT_RE.match(file):
+            present[parse_segment(file, segment_size)[1]] = obj
+    newest = max(present, default=segno)
+    run = list(itertools.takewhile(lambda n: n in present, range(segno + 1, newest + 1)))
+    missing = [segment_name(tli, n, segment_size) for n in range(segno + 1, newest + 1) if n not in present]
+    if not run:
+        return dataclasses.replace(recorded, first_missing=missing[0] if missing else None,
+                                   missing=tuple(f"missing WAL segment {timeline}/{name}" for name in missing))
+    end = present[run[-1]]
+    return LogReach(last_log=segment_name(tli, run[-1], segment_size), until=end.modified,
+                    first_missing=missing[0] if missing else None,
+                    missing=tuple(f"missing WAL segment {timeline}/{name}" for name in missing), notes=recorded.notes)
 
 
 def forks(view: ArchiveView) -> dict[int, str]:
