@@ -11,10 +11,11 @@ rotation checks it against every manifest (``reverify``).
 Document::
 
     {"index": {"format_version": 1, "job": ..., "written_at": ...,
-               "backups": [ENTRY, ...],            # oldest first
                "unusable": [{"backup_id", "problem"}],  # manifests a rebuild could not read
                "logs": {KIND: {DIRECTORY: NEWEST NAME}},  # as far as the last prune listed them
-               "log_summary": {KIND: SUMMARY}},  # optional: the last full check's reaches (backupd.logsummary)
+               "log_summary": {KIND: SUMMARY},  # optional: the last full check's reaches (backupd.logsummary)
+               "backup_summary": {"backup_ids", "finished_us", "pending"},  # of the entries, in their order
+               "backups": [ENTRY, ...]},            # oldest first, one a line (backupd.indexread)
      "signature": "-----BEGIN SSH SIGNATURE-----..." | null}
 
 An ENTRY holds what ``list``, ``prune``, ``status`` and restore's choice of a backup need
@@ -272,7 +273,7 @@ class Index:
                    "logs": self.logs}
         if self.log_summary:
             payload["log_summary"] = {kind: s.to_json() for kind, s in sorted(self.log_summary.items())}
-        payload["summary"] = indexread.summary(self.backups)
+        payload["backup_summary"] = indexread.summary(self.backups)
         payload["backups"] = [b.to_entry() for b in self.backups]
         return payload
 

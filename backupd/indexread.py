@@ -1,7 +1,7 @@
 """Reading a stored index without parsing the entries a command does not use (issue 22).
 
 ``Index.to_bytes`` writes the document one entry a line, its head (everything before
-``"backups":[``) carrying a ``summary`` of every entry in order: its id, when it finished (in
+``"backups":[``) carrying a ``backup_summary`` of every entry in order: its id, when it finished (in
 microseconds since the epoch) and which are pending. That is all that choosing a backup by time,
 catching up with commits and finding the newest backup look at, so a reader parses the head
 and leaves each line alone until something else of its entry is asked for (``LazyBackup``). The
@@ -73,7 +73,7 @@ class LazyBackup(IndexedBackup):
                 raise IntegrityError(f"{where}: unreadable index entry {self.backup_id} ({exc})") from None
             if (whole.backup_id, (microseconds(whole.finished_at), whole.pending)) != (
                     self.backup_id, self.__dict__["_summary"]):
-                raise IntegrityError(f"{where}: index entry {self.backup_id} differs from the index's summary of it")
+                raise IntegrityError(f"{where}: index entry {self.backup_id} differs from the index's backup summary of it")
             self.__dict__["_whole"] = whole
         return whole
 
@@ -124,7 +124,7 @@ class Entries:
             except (ValueError, TypeError, RecursionError) as exc:
                 raise IntegrityError(f"{self._where}: unreadable index ({exc})") from None
             if [entry.backup_id for entry in whole] != self.ids:
-                raise IntegrityError(f"{self._where}: the index's summary does not match its entries")
+                raise IntegrityError(f"{self._where}: the index's backup summary does not match its entries")
             for entry in whole:
                 entry.pending = entry.backup_id in self.pending  # as resolved since (``committed_now``)
             return [self._made.get(position) or entry for position, entry in enumerate(whole)]
@@ -149,7 +149,7 @@ class Entries:
         if self._lines is None and len(self._made) >= FOUND_BEFORE_SPLIT:
             lines = self._raw[self._start:self._end].split(b"\n")[:-1]
             if len(lines) != len(self.ids):
-                raise IntegrityError(f"{self._where}: the index's summary does not match its entries")
+                raise IntegrityError(f"{self._where}: the index's backup summary does not match its entries")
             self._lines = [line[1:] if n else line for n, line in enumerate(lines)]
         if self._lines is not None:
             return self._lines[position]
@@ -157,7 +157,7 @@ class Entries:
         before = b"\n," if position else b"\n"  # every entry after the first begins with its comma
         found = self._raw.find(before + entry, self._start - 1, self._end)
         if found < 0:
-            raise IntegrityError(f"{self._where}: the index's summary names {self.ids[position]}, its entries do not")
+            raise IntegrityError(f"{self._where}: the index's backup summary names {self.ids[position]}, its entries do not")
         start = found + len(before)
         return self._raw[start:self._raw.index(b"\n", start)]
 
@@ -227,16 +227,16 @@ def read(raw: bytes, job: str, where: str) -> tuple[Entries, dict[str, Any]] | N
     payload = outer.get("index") if isinstance(outer, dict) else None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or payload.get("backups"):
         return None  # parsed whole: it says what is wrong
-    if json_depth({k: v for k, v in payload.items() if k != "summary"}) > MAX_JSON_DEPTH:  # the summary: checked flat
+    if json_depth({k: v for k, v in payload.items() if k != "backup_summary"}) > MAX_JSON_DEPTH:  # checked flat below
         raise IntegrityError(f"{where}: unreadable index (nested too deeply)")
-    told = payload.get("summary")
+    told = payload.get("backup_summary")
     if not isinstance(told, dict):
         return None  # written before summaries
     ids, finished, pending = told.get("backup_ids"), told.get("finished_us"), told.get("pending")
     if (not isinstance(ids, list) or not isinstance(finished, list) or not isinstance(pending, list)
             or len(ids) != len(finished) or not set(map(type, finished)) <= {int} or not _backup_ids(ids)
             or not set(pending) <= set(ids)):
-        raise IntegrityError(f"{where}: unreadable index (its summary)")
+        raise IntegrityError(f"{where}: unreadable index (its backup summary)")
     if not all(map(operator.lt, ids, ids[1:])) or "-" in "".join(ids):  # not in order, or not only plain ids
         keys = [backup_id_sort_key(backup_id) for backup_id in ids]
         if not all(map(operator.lt, keys, keys[1:])):

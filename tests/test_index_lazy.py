@@ -54,7 +54,7 @@ def test_restore_by_time_parses_only_the_entry_it_chooses(tmp_path: Path, keys, 
     config = repository(tmp_path, keys)
     stored = (tmp_path / "repo" / "shop" / "index.json").read_bytes()
     assert stored.count(b"\n") == BACKUPS + 2  # the head, one line per entry, the tail
-    assert json.loads(stored)["index"]["summary"]["backup_ids"] == [scale.backup_id(n) for n in range(BACKUPS)]
+    assert json.loads(stored)["index"]["backup_summary"]["backup_ids"] == [scale.backup_id(n) for n in range(BACKUPS)]
     parsed = parsed_entries(monkeypatch)
     code, out = restore_by_time(config, tmp_path, capsys)
     assert code == 0 and f"restore backup {scale.backup_id(17)}" in out
@@ -66,7 +66,7 @@ def test_an_index_written_before_summaries_is_read_whole(tmp_path: Path, keys, m
     config = repository(tmp_path, keys)
     path = tmp_path / "repo" / "shop" / "index.json"
     document = json.loads(path.read_bytes())
-    del document["index"]["summary"]
+    del document["index"]["backup_summary"]
     path.write_text(json.dumps(document))  # one line, as backupd wrote it before
     parsed = parsed_entries(monkeypatch)
     code, out = restore_by_time(config, tmp_path, capsys)
