@@ -235,7 +235,7 @@ def read(raw: bytes, job: str, where: str) -> tuple[Entries, dict[str, Any]] | N
     ids, finished, pending = told.get("backup_ids"), told.get("finished_us"), told.get("pending")
     if (not isinstance(ids, list) or not isinstance(finished, list) or not isinstance(pending, list)
             or len(ids) != len(finished) or not set(map(type, finished)) <= {int} or not _backup_ids(ids)
-            or not set(pending) <= set(ids)):
+            or pending and not set(pending) <= set(ids)):
         raise IntegrityError(f"{where}: unreadable index (its backup summary)")
     if not all(map(operator.lt, ids, ids[1:])) or "-" in "".join(ids):  # not in order, or not only plain ids
         keys = [backup_id_sort_key(backup_id) for backup_id in ids]
