@@ -87,7 +87,7 @@ def test_a_dsn_is_accepted_exactly_when_libpq_parses_it_without_a_password(dsn: 
 
 
 def test_every_dsn_checked_without_libpq_is_one_libpq_accepts() -> None:
-    """Random URLs from the characters that matter to libpq's parser: none the fast check passes is one libpq refuses."""
+    """Random URLs of the pieces that matter to libpq's parser: none the fast check passes is one libpq refuses."""
     rng = random.Random(15)
     pieces = ["h", "db", "u", "@", ":", "5432", "/", "?", "&", "=", ",", "[", "]", "::1", "%", "%20", "#", "sslmode",
               "host", "password", "bogus", "require", "-", ".", "~", "_", " ", "'", "\\"]

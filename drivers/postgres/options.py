@@ -18,7 +18,8 @@ _KEYWORDS = ("host|hostaddr|port|dbname|user|passfile|connect_timeout|client_enc
 _PARAM = rf"(?:{_KEYWORDS})=[A-Za-z0-9._~/-]*"
 #: URLs libpq certainly accepts, with no password: checked without importing psycopg (a logical backup's
 #: start-up is part of its time). Any other URL is parsed by libpq, as the driver will.
-PLAIN_DSN = re.compile(rf"postgres(?:ql)?://(?:{_PLAIN}+@)?{_HOST}(?:,{_HOST})*(?:/{_PLAIN}*)?(?:\?{_PARAM}(?:&{_PARAM})*)?")
+PLAIN_DSN = re.compile(rf"postgres(?:ql)?://(?:{_PLAIN}+@)?{_HOST}(?:,{_HOST})*(?:/{_PLAIN}*)?"
+                       rf"(?:\?{_PARAM}(?:&{_PARAM})*)?")
 
 
 class PostgresOptions(DriverOptions):
