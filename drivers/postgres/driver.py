@@ -6,25 +6,26 @@ import contextlib
 import functools
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
-from backupd import restore_to, spool
 from backupd.driver import (BackupResult, BackupSource, Check, Driver, DriverContext, IncrementalBackup, LogArchiver,
                             LogReach, PitrDrill, RestoreRequest, RestoreTarget, StreamSink, VerifyOutcome, WalArchiving)
 from backupd.errors import ArchiveGap, BackupdError, ConfigError, DriverError, UsageError
-from backupd.logarchive import LogArchive, LogObject, PushResult
 from backupd.manifest import Manifest
-from backupd.paths import wal_fetch_spool
 from backupd.timeutil import format_timestamp
-from drivers.postgres import DESCRIPTOR, checks, engine, filerestore, logical, physical, pitr, recovery, verify
-from drivers.postgres.cluster import chown_tree, run_as
+from drivers.postgres import DESCRIPTOR, logical
 from drivers.postgres.connection import Conn
 from drivers.postgres.filemap import LEGACY_KEY, MAP_STREAM, STREAM_KEY, FileMap, matches, read_map
 from drivers.postgres.mapstore import MapStore
 from drivers.postgres.options import PostgresOptions
-from drivers.postgres.walarchive import PushAheadArchiver, WalPusher
-from drivers.postgres.walfetch import Prefetcher, WalFetcher, fetch_with_retries
 from drivers.postgres.walnames import is_segment
+
+# A logical backup's start-up is part of its time (bench/postgres.py: no daemon, against pg_dump): what only
+# physical backups, restores, verification, checks and WAL archiving use is imported by the methods that use it.
+if TYPE_CHECKING:
+    from backupd.logarchive import LogArchive, LogObject, PushResult
+    from drivers.postgres.recovery import RecoveryPlan
+    from drivers.postgres.walarchive import WalPusher
 
 
 def meta_count(manifest: Manifest) -> int:
@@ -46,18 +47,23 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
 
     def __init__(self, context: DriverContext) -> None:
         super().__init__(context)
-        #: the state one restore's steps share; replaced by each choose_backup (the core calls it first)
-        self.restoring = self._plan()
         self.maps = MapStore(context.state_dir, context.job)
         self._parents: dict[str, FileMap] = {}  #: parent maps parent_problem loaded, by backup id
         self._taken: bytes | None = None  #: the file map of the backup this instance took, kept once committed
 
     @functools.cached_property
+    def restoring(self) -> RecoveryPlan:
+        """The state one restore's steps share; replaced by each choose_backup (the core calls it first)."""
+        return self._plan()
+
+    @functools.cached_property
     def conn(self) -> Conn:
         return Conn.from_url(self.options.dsn, self.options.password_file)
 
-    def _plan(self, manifests: Sequence[Manifest] = ()) -> recovery.RecoveryPlan:
-        return recovery.RecoveryPlan(self.wal_archive, self.options.bin_dir, manifests)
+    def _plan(self, manifests: Sequence[Manifest] = ()) -> RecoveryPlan:
+        from drivers.postgres.recovery import RecoveryPlan
+
+        return RecoveryPlan(self.wal_archive, self.options.bin_dir, manifests)
 
     def wal_archive(self) -> LogArchive:
         if self.context.logs is None:
@@ -67,12 +73,16 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     @functools.cached_property
     def pusher(self) -> WalPusher:
         """One per driver instance: the control handler and the push-ahead archiver share it."""
+        from drivers.postgres.walarchive import WalPusher
+
         data_dir = Path(self.options.data_dir) if self.options.data_dir else None
         return WalPusher(self.wal_archive(), self.context.job, data_dir, self.context.settings.archive_logs)
 
     # -- backups ---------------------------------------------------------------------------
     def backup(self, method: str, sink: StreamSink) -> BackupResult:
         if method == "physical":
+            from drivers.postgres import engine, physical
+
             if engine.unusable(self.options) is None:
                 result, self._taken = engine.backup(self.conn, self.options, self.context, sink)
                 return result
@@ -82,6 +92,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     def backup_incremental(self, method: str, sink: StreamSink, backup_type: str,
                            chain: list[Manifest]) -> BackupResult:
         """A diff or incr (``chain``: full..parent, oldest first) by the file engine; a full when chain is empty."""
+        from drivers.postgres import engine
+
         if method != "physical":
             raise UsageError(f"--type {backup_type}: only physical backups have types (this is {method})")
         if backup_type == "full" or not chain:
@@ -105,6 +117,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return read_map(parent, self.maps.read, open_stream)
 
     def parent_problem(self, chain: list[Manifest]) -> str | None:
+        from drivers.postgres import engine, filerestore
+
         parent = chain[-1]
         if engine.unusable(self.options) or not filerestore.is_file_engine(parent):
             return None  # backup_incremental refuses these, naming why
@@ -136,6 +150,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
 
     # -- restores --------------------------------------------------------------------------
     def choose_backup(self, manifests: Sequence[Manifest], request: RestoreRequest, backup_id: str | None) -> Manifest:
+        from drivers.postgres import pitr
+
         # a new restore: the archive is listed again, once; a named backup came alone, the others are read
         # only when the plan describes the restorable window
         plan = self.restoring = self._plan(() if backup_id else manifests)
@@ -152,6 +168,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return super().choose_backup(logical_ones, request, backup_id)
 
     def describe_restore(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        from drivers.postgres import filerestore, pitr
+        from drivers.postgres.cluster import run_as
+
         meta = manifest.metadata
         if manifest.method == "logical":
             what = f"tables {', '.join(request.tables)} of" if request.tables else "database"
@@ -183,6 +202,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return lines
 
     def _file_engine_plan(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
+        from drivers.postgres import engine, filerestore
+
         workers = request.jobs if request.jobs > 1 else engine.workers(self.options)
         how = ("--delta: files compared chunk by chunk, only differing chunks fetched, files the backup lacks "
                "removed" if request.delta else "every file written")
@@ -194,6 +215,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
 
     def _planned_target(self, manifest: Manifest, request: RestoreRequest) -> list[str]:
         """What recovery will aim at, as restore() will decide it. Reading the newest commit needs the identity file."""
+        from drivers.postgres import pitr, recovery
+
         if not manifest.metadata.get("pitr"):
             return [pitr.target_text(request)]
         notes = self.restoring.gap_note(self.context.open_log, manifest, request)
@@ -206,6 +229,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return [*notes, *recovery.after_newest(request, newest), pitr.target_text(planned)]
 
     def check_to(self, request: RestoreRequest) -> None:
+        from backupd import restore_to
+
         takes = "a data directory (physical backups) or a postgresql:// URL (logical backups)"
         if restore_to.is_url(request.to):
             restore_to.url(request.to, "postgres", ("postgresql", "postgres"), takes)
@@ -213,6 +238,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
             restore_to.directory(request.to, "postgres", takes=takes)
 
     def check_target(self, manifest: Manifest, request: RestoreRequest) -> None:
+        from drivers.postgres import filerestore, physical
+
         if manifest.method == "logical":
             if request.delta or request.tablespace_map:
                 raise UsageError("--delta and --tablespace-map restore physical backups only")
@@ -235,6 +262,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         filerestore.check_tablespaces(filerestore.tablespaces(manifest, request.tablespace_map), dest, request.delta)
 
     def restore(self, source: BackupSource, request: RestoreRequest) -> str:
+        from drivers.postgres import engine, filerestore, physical, pitr, recovery
+        from drivers.postgres.cluster import chown_tree, run_as
+
         manifest = source.manifest
         if manifest.method == "logical":
             return logical.restore(self.options, self.context.spool_dir, source, request)
@@ -299,6 +329,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     @contextlib.contextmanager
     def _restore_directory(self, manifest: Manifest, dest: Path, request: RestoreRequest) -> Iterator[Path]:
         """Where the files go: ``dest`` itself for --delta, else a staged directory renamed into place."""
+        from drivers.postgres import filerestore, physical
+
         if request.delta:
             yield dest
             return
@@ -318,10 +350,14 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
 
     # -- verification ----------------------------------------------------------------------
     def verify(self, source: BackupSource, scratch: Path, checks: list[str]) -> VerifyOutcome:
+        from drivers.postgres import verify
+
         return verify.verify(source, scratch, checks, bin_dir=self.options.bin_dir, sandbox=self.scratch_sandbox,
                              dbname=self.conn.dbname)
 
     def pitr_drill(self, source: BackupSource, scratch: Path, target: RestoreTarget) -> VerifyOutcome:
+        from drivers.postgres import verify
+
         return verify.pitr_drill(source, scratch, target, self._plan(), bin_dir=self.options.bin_dir,
                                  sandbox=self.scratch_sandbox, dbname=self.conn.dbname,
                                  checks=self.context.settings.verify.checks)
@@ -333,6 +369,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         timeline is checked for contiguity on its own (listing needs no key). Asked about one backup alone
         (no listing shared), only the WAL folders from its first segment on are listed.
         """
+        from drivers.postgres import pitr, recovery
+
         meta = source.manifest.metadata
         if source.manifest.method != "physical" or not meta.get("pitr"):
             return None
@@ -348,6 +386,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,
                      tail: Sequence[LogObject]) -> LogReach | None:
         """Contiguous successor segments on the reach's timeline; a new timeline: None (``log_reach`` decides)."""
+        from drivers.postgres import pitr
+
         return pitr.extend(manifest, recorded, checkpoint, tail)
 
     # -- WAL archiving ---------------------------------------------------------------------
@@ -355,6 +395,10 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return self.pusher.push(path)
 
     def wal_fetch(self, filename: str, dest: Path, identities: Sequence[object], key_file: str | None) -> bool:
+        from backupd import spool
+        from backupd.paths import wal_fetch_spool
+        from drivers.postgres.walfetch import WalFetcher, fetch_with_retries
+
         fetcher = WalFetcher(self.wal_archive(), identities, key_file,
                              wal_fetch_spool(self.context.state_dir, self.context.job))
         if not fetch_with_retries(fetcher, filename, dest):
@@ -368,6 +412,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
     def wal_prefetch(self, first: str, identities: Sequence[object], key_file: str | None, *,
                      inclusive: bool = True) -> int:
         """The background half of wal-fetch: keep the spool ahead of replay from ``first``."""
+        from backupd.paths import wal_fetch_spool
+        from drivers.postgres.walfetch import Prefetcher
+
         if not is_segment(first):
             return 0  # a history file: replay asks for what follows it by name
         prefetcher = Prefetcher(self.wal_archive(), identities, key_file,
@@ -376,6 +423,9 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
 
     def start_wal_prefetch(self, manifest: Manifest) -> None:
         """Have the backup's first segments decrypted in the spool by the time the restored server asks."""
+        from backupd import spool
+        from drivers.postgres.cluster import run_as
+
         first = str(manifest.metadata.get("wal_range", {}).get("first", "")).rpartition("/")[2]
         if not first:
             return
@@ -395,6 +445,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return {"wal-push": self.pusher.handle}
 
     def log_archivers(self) -> list[LogArchiver]:
+        from drivers.postgres.walarchive import PushAheadArchiver
+
         if not self.context.settings.archive_logs:
             return []
         if self.options.data_dir is None:
@@ -402,6 +454,8 @@ class PostgresDriver(Driver, WalArchiving, PitrDrill, IncrementalBackup):
         return [PushAheadArchiver(self.pusher, Path(self.options.data_dir), self.options.wal_push_workers)]
 
     def check(self) -> Iterable[Check]:
+        from drivers.postgres import checks, pitr
+
         yield from checks.run(self.conn, self.options, self.context, self.default_method, self.wal_archive)
         if self.context.settings.archive_logs and self.context.logs is not None:
             try:

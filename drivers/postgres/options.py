@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from backupd.driver import DriverOptions
+
+_PLAIN = "[A-Za-z0-9._~-]"  # characters that mean nothing to libpq's URL parser and need no decoding
+_HOST = rf"(?:{_PLAIN}*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?"
+#: Query parameters every libpq since PostgreSQL 10 knows (not password: that one is refused).
+_KEYWORDS = ("host|hostaddr|port|dbname|user|passfile|connect_timeout|client_encoding|options|application_name|"
+             "fallback_application_name|keepalives|keepalives_idle|keepalives_interval|keepalives_count|sslmode|"
+             "sslcert|sslkey|sslrootcert|sslcrl|requirepeer|krbsrvname|service|target_session_attrs")
+_PARAM = rf"(?:{_KEYWORDS})=[A-Za-z0-9._~/-]*"
+#: URLs libpq certainly accepts, with no password: checked without importing psycopg (a logical backup's
+#: start-up is part of its time). Any other URL is parsed by libpq, as the driver will.
+PLAIN_DSN = re.compile(rf"postgres(?:ql)?://(?:{_PLAIN}+@)?{_HOST}(?:,{_HOST})*(?:/{_PLAIN}*)?"
+                       rf"(?:\?{_PARAM}(?:&{_PARAM})*)?")
 
 
 class PostgresOptions(DriverOptions):
@@ -28,7 +41,9 @@ class PostgresOptions(DriverOptions):
     def _dsn(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected a postgresql:// URL")
-        from psycopg.conninfo import conninfo_to_dict  # libpq parses it; imported only to validate a dsn
+        if PLAIN_DSN.fullmatch(value):
+            return value
+        from psycopg.conninfo import conninfo_to_dict  # libpq parses the rest
 
         try:
             params = conninfo_to_dict(value)
