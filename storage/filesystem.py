@@ -64,6 +64,31 @@ def _start_writeback(out: BinaryIO, start: int, end: int) -> int:
     return end
 
 
+def _adopt(path: Path, directory: Path) -> None:
+    """Run as root, give ``path`` the owner of the ``directory`` it goes in: a root command (``sudo backupd
+    verify``) must not leave the repository's files (``index.json``, a report) unreadable to the OS user
+    the daemon and archive_command run as. Nothing for other users, who can only create their own."""
+    if os.geteuid() != 0:
+        return
+    owner = directory.stat()
+    if (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
+
+def _make_parents(directory: Path) -> None:
+    """``mkdir -p`` of an object's directory, each new directory owned as its parent (``_adopt``)."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # another writer made it
+        _adopt(path, path.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -107,11 +132,12 @@ class FilesystemStorage(Storage):
         target = self._path(key)
         self._ensure_root()
         with _os_errors(str(target)):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_parents(target.parent)
             tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
             size = 0
             try:
                 with open(tmp, "xb") as out:
+                    _adopt(tmp, target.parent)
                     flushed = 0
                     while chunk := source.read(CHUNK):
                         out.write(chunk)
@@ -148,6 +174,7 @@ class FilesystemStorage(Storage):
         tmp = meta.parent / f"{TEMP_PREFIX}{meta.name}.{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "x") as out:
+                _adopt(tmp, meta.parent)
                 json.dump(dict(metadata), out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -183,7 +210,7 @@ class FilesystemStorage(Storage):
         target = self._path(key)
         self._ensure_root()
         with _os_errors(str(target)):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_parents(target.parent)
             directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 fcntl.flock(directory, fcntl.LOCK_EX)
@@ -196,6 +223,7 @@ class FilesystemStorage(Storage):
                 tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
                 try:
                     with open(tmp, "xb") as out:
+                        _adopt(tmp, target.parent)
                         out.write(data)
                         out.flush()
                         os.fsync(out.fileno())
