@@ -7,6 +7,7 @@ databases of its own and restores into a fresh target server.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -455,6 +456,18 @@ def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mari
     if shown["row_counts"]:  # else: commits slipped in as the copy ended, and the manifest says so
         assert note == "counted in a snapshot at the copy's binlog position"
         assert shown["row_counts"] == copy_counts(job, ["busy1.t"])
+
+
+def test_a_copy_records_the_mariadb_backup_version_its_own_log_names() -> None:
+    """The version line heads every copy's log, so no second ``--version`` run is needed (it prints to stderr)."""
+    from drivers.mysql.physical import copy_version
+
+    tool = require_tool("mariadb-backup")
+    line = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stderr.strip()
+    assert " based on MariaDB server " in line
+    log = (f"[00] 2026-01-01 00:00:00 Connecting to MariaDB server host: localhost\n{line}\n"
+           "[00] 2026-01-01 00:00:00 Streaming ./shop/items.ibd\n").encode()
+    assert copy_version(log) == line
 
 
 def test_verify_loads_into_a_scratch_server_and_catches_wrong_counts(source: Mariadb, tmp_path: Path,

@@ -60,7 +60,7 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
             if method == "physical":
                 result = physical.take_backup(self.credentials, str(defaults), self.context.spool_dir, sink,
                                               self.timeout, opts.databases, opts.exclude_databases, increment)
-                versions = {"mariadb-backup": version_of("backup")}
+                versions = {"mariadb-backup": result["version"]}
             else:
                 result = logical.take_dump(self.credentials, opts.databases, opts.exclude_databases, sink,
                                            str(defaults), self.timeout)
@@ -189,7 +189,7 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         # The copy is extracted, prepared and rolled forward beside dest and only then moved
         # there: a failed restore leaves nothing that looks like a data directory.
         staging = physical.staging_dir(dest)
-        increments = physical.staging_dir(dest)
+        increments = [physical.staging_dir(dest) for _ in range(2)]
         try:
             physical.restore_chain(_chain_streams(source), staging, increments, self.timeout)
             coordinates = physical.binlog_info(staging) or source.manifest.metadata.get("binlog") or {}
@@ -197,8 +197,8 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
                 self._replay_into_copy(staging, plan, fetched, work)
             physical.install(staging, dest)
         finally:
-            scratch.remove(staging)
-            scratch.remove(increments)
+            for path in (staging, *increments):
+                scratch.remove(path)
         message = f"restored backup {source.manifest.backup_id} of {source.manifest.job} to {dest} (prepared)"
         if plan is not None:
             message += f"; replayed {len(plan.files)} binlog file(s) ({plan.describe})"
@@ -306,11 +306,11 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         started = time.monotonic()
         extra = ["--skip-log-bin"]
         if manifest.method == "physical":  # the copy's files are hostile too: unpacked and prepared sandboxed
-            increments = base / "increment"
-            for path in (datadir, increments):
+            increments = [base / "increment-a", base / "increment-b"]
+            for path in (datadir, *increments):
                 path.mkdir(mode=0o700)
-            sandbox = self.scratch_sandbox([datadir, increments])
-            scratch.give_to(sandbox.user, [datadir, increments])
+            sandbox = self.scratch_sandbox([datadir, *increments])
+            scratch.give_to(sandbox.user, [datadir, *increments])
             chain = _chain_streams(source)
             size = physical.restore_chain(chain, datadir, increments, self.timeout, sandbox)
             extra.append("--skip-grant-tables")

@@ -3,8 +3,9 @@
 Every copy records mariadb-backup's ``from_lsn``/``to_lsn``/``last_lsn`` (``xtrabackup_checkpoints``,
 written beside the stream with ``--extra-lsndir``). A diff or incr is ``--incremental-lsn=<the
 parent's to_lsn>``: only pages newer than it (``.delta`` files) plus the redo log and the files
-InnoDB does not page. A restore unpacks the full, prepares it, then unpacks and applies each
-increment in order (``--prepare --incremental-dir``), no local base directory needed.
+InnoDB does not page. A restore unpacks the full, prepares it, then applies each increment in
+order (``--prepare --incremental-dir``), each unpacked while the copy before it is prepared; no
+local base directory needed.
 
 Row counts: a physical copy is consistent as of the moment mariadb-backup holds
 ``BACKUP STAGE BLOCK_COMMIT``. We open a snapshot as soon as its log says it
@@ -26,6 +27,7 @@ counts, as before.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import re
@@ -33,6 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
@@ -42,13 +45,15 @@ import pymysql
 from backupd.errors import DriverError
 from backupd.sandbox import Sandbox
 from backupd.tool import DEVNULL, PIPE, Tool
-from drivers.mysql.client import ContentRejected, Credentials, check_content, query, tool_path
+from drivers.mysql.client import ContentRejected, Credentials, check_content, query, tool_path, version_of
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
 
 STREAM = "physical"
 BLOCK_COMMIT_LINE = b"Acquired locks for BACKUP STAGE BLOCK_COMMIT"
 POSITION_RE = re.compile(rb"binlog position: filename '([^']+)', position '(\d+)'(?:, GTID of the last change '([^']*)')?")
 COPY_CHUNK = 1 << 20
+#: The line ``mariadb-backup --version`` prints, which it also writes at the top of every copy's log.
+VERSION_RE = re.compile(rb"^(\S+ based on MariaDB server [^\n]*)$", re.M)
 TRX_COUNTER_RE = re.compile(r"^Trx id counter (\d+)", re.M)
 #: How often the copy's watcher checks whether the early count is still worth finishing.
 COUNTER_POLL_SECONDS = 1.0
@@ -76,8 +81,8 @@ class _EarlyCount(threading.Thread):
 
     def __init__(self, credentials: Credentials, tables: list[tuple[str, str]]) -> None:
         super().__init__(name="mysql-early-counts", daemon=True)
-        self.tables = tables
-        self.conn = credentials.connect()
+        self.credentials, self.tables = credentials, tables
+        self.conn: pymysql.connections.Connection | None = None  # connected in the thread, off the copy's start
         self.counter: int | None = None  # read before the snapshot opened
         self.position: tuple[str, int] | None = None
         self.counts: dict[str, int] | None = None
@@ -85,23 +90,27 @@ class _EarlyCount(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.counter = trx_counter(self.conn)
-            if self.counter is None:
+            self.conn = conn = self.credentials.connect()
+        except Exception:  # the snapshot at BLOCK_COMMIT counts instead
+            return
+        try:
+            self.counter = trx_counter(conn)
+            if self.counter is None or self.abandoned:
                 return
-            query(self.conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
-            self.position = _snapshot_position(self.conn)
-            counts = count_rows(self.conn, self.tables)
+            query(conn, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            self.position = _snapshot_position(conn)
+            counts = count_rows(conn, self.tables)
             if not self.abandoned:
                 self.counts = counts
         except Exception:  # killed, or failed: the snapshot at BLOCK_COMMIT counts instead
             self.counts = None
         finally:
-            self.conn.close()
+            conn.close()
 
     def abandon(self, monitor: pymysql.connections.Connection) -> None:
         """A transaction committed since: stop scanning (KILL QUERY on our own session)."""
         self.abandoned = True
-        if self.is_alive():
+        if self.is_alive() and self.conn is not None:
             try:
                 query(monitor, f"KILL QUERY {int(self.conn.thread_id())}")
             except pymysql.MySQLError:
@@ -264,7 +273,15 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
                      "server": info.key, "databases": chosen, "binlog": binlog, "row_counts_note": note, "stream_format": "xbstream",
                      "raw_bytes": entry.raw_size, **lsns},
         "row_counts": counts,
+        "version": copy_version(log_text),
     }
+
+
+def copy_version(log_text: bytes) -> str:
+    """The version line mariadb-backup wrote at the top of the copy's log (what ``--version`` prints);
+    ``--version`` itself when the log kept no such line."""
+    match = VERSION_RE.search(log_text)
+    return match[1].decode(errors="replace").strip() if match else version_of("backup")
 
 
 def _abandon(credentials: Credentials, early: _EarlyCount) -> None:
@@ -314,21 +331,39 @@ def prepare(dest: Path, timeout: float | None = None, sandbox: Sandbox | None = 
         check_content(tool, "prepare" if incremental_dir is None else "applying an increment", timeout)
 
 
-def restore_chain(chain: Sequence[tuple[str, Callable[[], BinaryIO]]], dest: Path, increments: Path,
+def restore_chain(chain: Sequence[tuple[str, Callable[[], BinaryIO]]], dest: Path, increments: Sequence[Path],
                   timeout: float | None = None, sandbox: Sandbox | None = None) -> int:
     """Extract and prepare a chain's copies into ``dest``: the full (first), then each increment in order,
-    each unpacked into ``increments`` (an empty directory, emptied again after each) and applied with
-    ``--prepare --incremental-dir``. Returns the bytes fed to mbstream."""
+    applied with ``--prepare --incremental-dir``. Returns the bytes fed to mbstream.
+
+    Each increment is unpacked while the copy before it is prepared, into the two empty directories
+    ``increments`` in turn (each emptied before it is reused, and at the end): the prepares run in
+    chain order, and at most two increments are on disk at once.
+    """
     (_, open_full), *rest = chain
     with open_full() as stream:
         size = extract(stream, dest, sandbox)
-    prepare(dest, timeout, sandbox)
-    for _, open_increment in rest:
-        clear(increments)
+
+    def unpack(open_increment: Callable[[], BinaryIO], directory: Path) -> int:
+        clear(directory)
         with open_increment() as stream:
-            size += extract(stream, increments, sandbox)
-        prepare(dest, timeout, sandbox, incremental_dir=increments)
-    clear(increments)
+            return extract(stream, directory, sandbox)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mysql-extract") as ahead:
+        previous: Path | None = None
+        for index, (_, open_increment) in enumerate(rest):
+            directory = increments[index % 2]
+            unpacking = ahead.submit(contextvars.copy_context().run, unpack, open_increment, directory)
+            try:
+                prepare(dest, timeout, sandbox, incremental_dir=previous)
+            except BaseException:
+                wait([unpacking])  # nothing left writing into the directories the caller removes
+                raise
+            size += unpacking.result()
+            previous = directory
+    prepare(dest, timeout, sandbox, incremental_dir=previous)
+    for directory in increments:
+        clear(directory)
     return size
 
 
