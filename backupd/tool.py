@@ -54,9 +54,17 @@ def find_tool(names: str | Sequence[str], *, dirs: Sequence[str | Path] = (), hi
 
 
 def tool_version(path: str, parse: Callable[[str], str] | None = None, args: Sequence[str] = ("--version",)) -> str:
-    """``path --version``, parsed (default: the first line); DriverError when it cannot run."""
-    out = run([path, *args], timeout=30)
-    text = out.strip()
+    """``path --version``, parsed (default: the first line); DriverError when it cannot run.
+
+    Read from stdout, or from stderr where the tool prints it there (mariadb-backup)."""
+    with Tool([path, *args], stdout=PIPE) as tool:
+        try:
+            out, _ = tool.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            raise DriverError(f"{tool.name} --version did not finish within 30 s; killed") from None
+        tool.check(what="--version")
+        text = out.decode(errors="replace").strip() or tool.stderr_text().strip()
     if parse is not None:
         return parse(text)
     return (text.splitlines() or ["unknown"])[0]

@@ -66,7 +66,11 @@ def row_counts(conn: psycopg.Connection, nice: int | None = LOW_NICE) -> dict[st
 
 def tool_version(path: str) -> str:
     """"15.20" of "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"."""
-    words = tool.run([path, "--version"], timeout=30).split()
+    return tool.tool_version(path, _pg_version)
+
+
+def _pg_version(text: str) -> str:
+    words = text.split()
     return words[words.index("(PostgreSQL)") + 1] if "(PostgreSQL)" in words[:-1] else words[-1]
 
 
