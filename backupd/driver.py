@@ -271,7 +271,13 @@ class Driver(abc.ABC):
         pitr = source.manifest.metadata.get("pitr")
         if not isinstance(pitr, dict) or not pitr.get("log_kind"):
             return None
-        newest = source.logs(str(pitr["log_kind"])).newest_stored()
+        archive = source.logs(str(pitr["log_kind"]))
+        first = str(pitr.get("first_log") or "")
+        if archive.listings is None and first:  # asked about one backup alone: only the logs from its first on
+            epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+            newest = max(archive.list_from(first), key=lambda obj: obj.modified or epoch, default=None)
+        else:  # the listing of the whole archive the command's backups share (``JobContext.one_listing``)
+            newest = archive.newest_stored()
         return LogReach(last_log=newest.name, until=newest.modified) if newest is not None else LogReach()
 
     def extend_reach(self, manifest: Manifest, recorded: LogReach, checkpoint: str,

@@ -357,3 +357,21 @@ def test_mongodb_extends_a_reach_as_a_whole_listing_would(tmp_path: Path, since:
             checkpoint = archive.list()[-1].name
     assert recorded is not None and not recorded.broken
     assert plan.extend(recorded, checkpoint, archive.list_from(checkpoint)) == plan.reach(manifest, list_slices(archive))
+
+
+def test_an_integrity_check_of_one_backup_lists_only_the_logs_from_its_first(tmp_path: Path, keys,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    costs: dict[int, int] = {}
+    for wal in (60, 4800):
+        work = tmp_path / str(wal)
+        work.mkdir()
+        scale.build_fs(work / "repo", 6, wal, pitr=True)
+        config = sqlite_job_config(work, keys, {"type": "filesystem", "path": str(work / "repo")}, work / "db.sqlite3")
+        counts: dict[str, int] = {}
+        opened = context.open_storage
+        monkeypatch.setattr(context, "open_storage", lambda s, n: scale.count_requests(opened(s, n), counts))
+        assert main(["--config", str(config), "--log-level", "error", "verify", "shop", "--integrity-only",
+                     "--backup", scale.backup_id(5)]) == 0
+        monkeypatch.setattr(context, "open_storage", opened)
+        costs[wal] = scale.requests(counts)
+    assert costs[60] == costs[4800], costs  # the 4,000 logs before the backup's first one are never listed
