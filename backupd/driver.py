@@ -19,7 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from backupd.errors import BackupNotFound, UsageError
-from backupd.logarchive import LogArchive, LogObject, PushResult
+from backupd.logarchive import LogArchive, LogObject, PushResult, newest_of
 from backupd.lognaming import LogNaming
 from backupd.manifest import Manifest, ObjectEntry, PitrStart
 from backupd.paths import spool_dir
@@ -274,8 +274,7 @@ class Driver(abc.ABC):
         archive = source.logs(str(pitr["log_kind"]))
         first = str(pitr.get("first_log") or "")
         if archive.listings is None and first:  # asked about one backup alone: only the logs from its first on
-            epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-            newest = max(archive.list_from(first), key=lambda obj: obj.modified or epoch, default=None)
+            newest = newest_of(archive.list_from(first))
         else:  # the listing of the whole archive the command's backups share (``JobContext.one_listing``)
             newest = archive.newest_stored()
         return LogReach(last_log=newest.name, until=newest.modified) if newest is not None else LogReach()

@@ -39,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Literal, Sequence
 
 import structlog
 
@@ -93,6 +93,12 @@ class PushResult:
     raw_size: int
     stored_size: int
     sha256: str
+
+
+def newest_of(objects: Iterable[LogObject]) -> LogObject | None:
+    """The log stored last (newest modification time) of ``objects``; None when there are none."""
+    epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    return max(objects, key=lambda obj: obj.modified or epoch, default=None)
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -425,12 +431,11 @@ class LogArchive:
     def newest_stored(self) -> LogObject | None:
         """The log stored last (newest modification time); inside ``one_listing`` found once per listing, not
         once per backup that asks (``Driver.log_reach``)."""
-        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
         if self.listings is None:
-            return max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+            return newest_of(self.list())
         memo = f"{self.kind}\0newest"
         if memo not in self.listings:
-            newest = max(self.list(), key=lambda obj: obj.modified or epoch, default=None)
+            newest = newest_of(self.list())
             self.listings[memo] = [newest] if newest is not None else []
         return next(iter(self.listings[memo]), None)
 
