@@ -306,11 +306,15 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         started = time.monotonic()
         extra = ["--skip-log-bin"]
         if manifest.method == "physical":  # the copy's files are hostile too: unpacked and prepared sandboxed
-            increments = [base / "increment-a", base / "increment-b"]
-            for path in (datadir, *increments):
+            # the copy and its increments in one directory, one mount in the sandbox: applying an increment
+            # moves a tablespace created or rebuilt since the parent (CREATE, TRUNCATE, ALTER) into the copy
+            # by rename(2), which fails between two bind mounts (EXDEV) even on one filesystem
+            copy = base / "copy"
+            datadir, increments = copy / "data", [copy / "increment-a", copy / "increment-b"]
+            for path in (copy, datadir, *increments):
                 path.mkdir(mode=0o700)
-            sandbox = self.scratch_sandbox([datadir, *increments])
-            scratch.give_to(sandbox.user, [datadir, *increments])
+            sandbox = self.scratch_sandbox([copy])
+            scratch.give_to(sandbox.user, [copy, datadir, *increments])
             chain = _chain_streams(source)
             size = physical.restore_chain(chain, datadir, increments, self.timeout, sandbox)
             extra.append("--skip-grant-tables")
