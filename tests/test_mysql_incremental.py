@@ -4,7 +4,9 @@ and a backup whose parent is gone refused naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -141,21 +143,71 @@ def test_a_backup_whose_parent_is_gone_is_refused_naming_it(source: Mariadb, tmp
 
 
 def test_verify_applies_an_increment_holding_tables_created_or_rebuilt_since_its_parent(
-        source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+        source: Mariadb, tmp_path: Path, keys: Keys, reachable: Path) -> None:
     """Applying such an increment renames the new tablespace from the increment's directory into the copy:
     in the verification sandbox both must be one mount (it failed with EXDEV when each was bound apart)."""
-    source.sql("CREATE DATABASE inc5", "CREATE TABLE inc5.kept (id INT PRIMARY KEY)",
-               "CREATE TABLE inc5.emptied (id INT PRIMARY KEY)")
-    source.sql("INSERT INTO kept SELECT seq FROM seq_1_to_1000", "INSERT INTO emptied SELECT seq FROM seq_1_to_1000",
+    source.sql("CREATE DATABASE inc5", *(f"CREATE TABLE inc5.{name} (id INT PRIMARY KEY)"
+                                         for name in ("kept", "emptied", "dropped", "renamed")))
+    source.sql(*(f"INSERT INTO {name} SELECT seq FROM seq_1_to_1000" for name in ("kept", "emptied", "dropped", "renamed")),
                database="inc5")
     job = make_job(tmp_path, keys, source, ["inc5"], method="physical")
     backup(job)
     source.sql("CREATE TABLE inc5.added (id INT PRIMARY KEY)", "INSERT INTO inc5.added VALUES (1), (2)",
-               "TRUNCATE TABLE inc5.emptied", "INSERT INTO inc5.emptied VALUES (7)")
+               "TRUNCATE TABLE inc5.emptied", "INSERT INTO inc5.emptied VALUES (7)", "DROP TABLE inc5.dropped",
+               "RENAME TABLE inc5.renamed TO inc5.moved", "ALTER TABLE inc5.kept ADD COLUMN v INT")
     incr = backup(job, "--type", "incr")
 
     verified = run_backupd("verify", "shop", "--backup", incr, config=job.config, timeout=600)
     assert verified.code == 0, verified.out + verified.err
-    counts = manifest(job, incr)["row_counts"]
-    assert counts in ({}, {"inc5.kept": 1000, "inc5.emptied": 1, "inc5.added": 2}), counts
+    expected = {"inc5.kept": 1000, "inc5.emptied": 1, "inc5.added": 2, "inc5.moved": 1000}
+    assert manifest(job, incr)["row_counts"] in ({}, expected)
+    restored = run_backupd("restore", "shop", "--to", str(reachable / "datadir"), config=job.config, timeout=600)
+    assert restored.code == 0, restored.err
+    found = rows(reachable / "datadir", reachable / "run",
+                 "SELECT (SELECT GROUP_CONCAT(table_name ORDER BY table_name) FROM information_schema.tables "
+                 "WHERE table_schema = 'inc5'), (SELECT COUNT(*) FROM inc5.kept), (SELECT COUNT(*) FROM inc5.emptied), "
+                 "(SELECT COUNT(*) FROM inc5.added), (SELECT COUNT(*) FROM inc5.moved)")
+    assert found == [("added,emptied,kept,moved", 1000, 1, 2, 1000)]
 
+
+def test_an_incr_counts_no_rows_and_verifies_without_counts(source: Mariadb, tmp_path: Path, keys: Keys) -> None:
+    """A count reads every row; an incr's copy stores only the changed pages, so it counts nothing, on a quiet
+    server (where a full counts during its copy) and under writes (where a full counts after it)."""
+    source.sql("CREATE DATABASE inc3", "CREATE TABLE inc3.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
+    source.sql("INSERT INTO t (v) SELECT seq FROM seq_1_to_5000", database="inc3")
+    job = make_job(tmp_path, keys, source, ["inc3"], method="physical")
+    backup(job)
+    quiet_incr = backup(job, "--type", "incr")
+    with writing(source, "inc3.t"):
+        busy_incr = backup(job, "--type", "incr")
+    for incr in (quiet_incr, busy_incr):
+        shown = manifest(job, incr)
+        assert shown["metadata"]["type"] == "incr" and shown["row_counts"] == {}
+        assert shown["metadata"]["row_counts_note"] == (
+            "not counted: a diff or incr copies only the pages changed since its parent; a count reads every row")
+
+    verified = run_backupd("verify", "shop", "--backup", busy_incr, config=job.config, timeout=600)
+    assert verified.code == 0, verified.out + verified.err
+
+@contextlib.contextmanager
+def writing(source: Mariadb, table: str) -> Iterator[None]:
+    """A client inserting into ``table`` every few milliseconds for as long as the block runs."""
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = source.connect()
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute(f"INSERT INTO {table} (v) VALUES (1)")
+                    time.sleep(0.005)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)

@@ -23,6 +23,12 @@ BLOCK_COMMIT, and the binlog positions agree: then no transaction committed
 between the two snapshots and both see the same rows. Once the counter moves
 during the copy the early count is killed and the snapshot at BLOCK_COMMIT
 counts, as before.
+
+A diff or incr counts nothing: its copy stores only the pages changed since its
+parent, and a count reads every row (and, unlike mariadb-backup, through the
+buffer pool), so its cost would grow with the database, not with the change.
+PostgreSQL's physical backups record no counts either; verification restores
+the chain and runs its checks without a count to compare.
 """
 
 from __future__ import annotations
@@ -223,7 +229,7 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
             f"--target-dir={target}", f"--extra-lsndir={lsn_dir}"]
     if increment is not None:
         argv.append(f"--incremental-lsn={increment.lsn}")
-    counting = info.flavor == "mariadb" and info.log_bin
+    counting = info.flavor == "mariadb" and info.log_bin and increment is None
     early = _EarlyCount(credentials, tables) if counting and all_innodb else None
     if early:
         early.start()
@@ -259,7 +265,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
                   "gtid": match[3].decode() if match[3] else None}
     counts: dict[str, int] = {}
     note = "no binlog position to tie counts to the copy"
-    if watcher and binlog:
+    if increment is not None:
+        note = "not counted: a diff or incr copies only the pages changed since its parent; a count reads every row"
+    elif watcher and binlog:
         if watcher.error:
             note = f"counting failed: {watcher.error}"
         elif watcher.position == (binlog["file"], binlog["position"]):
