@@ -53,7 +53,6 @@ class DataClient:
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self._failure: DriverError | None = None
-        self._finished = False
         self._thread = threading.Thread(target=self._run, name=f"mysql-load-{number}", daemon=True)
         self._thread.start()
 
@@ -82,9 +81,8 @@ class DataClient:
         self._end()
 
     def _end(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._queue.put(None)
+        if self._thread.is_alive():
+            self._queue.put(None)  # the thread takes statements until this one, so the queue has room for it
         self._thread.join()
 
     def _check(self) -> None:

@@ -12,10 +12,10 @@ data is sent only once the main client has run everything before it (its
 CREATE TABLE), and nothing after the data (ENABLE KEYS, triggers, the next
 table) runs before every data client has committed it. The main client's
 barrier is a ``SELECT`` of a random marker that it prints; a data client's is
-its queue drained and its last statement done. A table whose data is one statement is loaded
-by the main client alone, without barriers, and so is every table that is not
-InnoDB (table locks would serialise the clients) or has a FULLTEXT or SPATIAL
-index.
+its queue drained and its last statement done. A table whose data is one
+statement is loaded by the main client alone, without barriers, and so is every
+table that is not InnoDB (table locks would serialise the clients) or has a
+FULLTEXT or SPATIAL index.
 
 Plain ``KEY`` indexes of InnoDB tables are taken out of CREATE TABLE and added
 by one ALTER TABLE after the table's data, in their order: InnoDB then builds
@@ -29,9 +29,10 @@ AUTO_INCREMENT column.
 The dump's header (its ``SET`` statements: character set, time zone, sql_mode,
 unique and foreign key checks off; not its lines that are no statement, such as
 newer mariadb-dump's sandbox-mode command for the client) is replayed in every
-data client, which also gets ``USE`` for the table's database. Each statement commits on its own,
-as in the dump: batching several per transaction made concurrent inserts into
-one table wait on each other's locks. ``LOCK TABLES``/``UNLOCK TABLES`` around
+data client, which also gets ``USE`` for the table's database. Each statement
+commits on its own (autocommit), as in the dump: batching several per
+transaction made concurrent inserts into one table wait on each other's locks,
+and a deadlock victim could not be run again alone. ``LOCK TABLES``/``UNLOCK TABLES`` around
 the data are dropped: they would lock the data clients out (they only speed up
 MyISAM loads).
 """
