@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from core_fixtures import Keys
+from drivers.mysql.client import Credentials
 from drivers.mysql.loader import ParallelLoad, defer_keys
-from mysql_support import Mariadb, started
+from drivers.mysql.options import Endpoint
+from mysql_support import Mariadb, started, wait_for
 from support import run_backupd
 from test_mysql_driver import backup, make_job, manifest, restore, tools  # noqa: F401
 
@@ -76,6 +79,10 @@ def target() -> Iterator[Mariadb]:
         server.destroy()
 
 
+def as_root(server: Mariadb) -> Credentials:
+    return Credentials(Endpoint(host="127.0.0.1", port=server.port, user="root"), None)
+
+
 def shape(server: Mariadb) -> dict[str, object]:
     """Everything a restore must reproduce: definitions, row checksums, counts, objects."""
     found: dict[str, object] = {}
@@ -109,11 +116,10 @@ def test_restore_through_parallel_clients_is_exact(source: Mariadb, target: Mari
     assert verified.code == 0, verified.out + verified.err
 
 
-class Recorder:
-    """Stands in for a mariadb client: records what it is sent and the barriers."""
+class MainRecorder:
+    """Stands in for the main mariadb client: records what it is sent and the barriers."""
 
     def __init__(self, argv: object, marker: bytes) -> None:
-        self.database: bytes | None = None
         self.data = bytearray()
 
     def send(self, data: bytes) -> None:
@@ -126,11 +132,26 @@ class Recorder:
         pass
 
 
+class DataRecorder:
+    """Stands in for a data client: records the header it replays, each whole statement put, the barriers."""
+
+    def __init__(self, credentials: object, preamble: list[bytes], number: int) -> None:
+        self.database: bytes | None = None
+        self.data = bytearray(b"".join(preamble) + b"<PREAMBLE>")
+
+    def put(self, statement: bytes) -> None:
+        self.data += statement + b"<PUT>"
+
+    def sync(self) -> None:
+        self.data += b"<SYNC>"
+
+
 def routed(dump: bytes, workers: int, cut: int, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     import drivers.mysql.loader as loader
 
-    monkeypatch.setattr(loader, "_Client", Recorder)
-    load = ParallelLoad(["mariadb"], workers)
+    monkeypatch.setattr(loader, "_MainClient", MainRecorder)
+    monkeypatch.setattr(loader, "DataClient", DataRecorder)
+    load = ParallelLoad(["mariadb"], Credentials(Endpoint(), None), workers)
     for start in range(0, len(dump), cut):
         load.feed(dump[start:start + cut])
     load._flush_held()
@@ -139,7 +160,9 @@ def routed(dump: bytes, workers: int, cut: int, monkeypatch: pytest.MonkeyPatch)
     return [bytes(client.data) for client in [load.main, *load._workers]]  # type: ignore[attr-defined]
 
 
-DUMP = b"""/*!40101 SET NAMES utf8mb4 */;
+DUMP = b"""/*M!999999\\- enable the sandbox mode */ 
+-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB
+/*!40101 SET NAMES utf8mb4 */;
 /*!40014 SET @OLD_UNIQUE_CHECKS=@@UNIQUE_CHECKS, UNIQUE_CHECKS=0 */;
 --
 -- Current Database: `d`
@@ -194,11 +217,15 @@ UNLOCK TABLES;
 @pytest.mark.parametrize("cut", [1, 7, 64, 1 << 20])
 def test_statements_barriers_and_deferred_keys_in_order(cut: int, monkeypatch: pytest.MonkeyPatch) -> None:
     main, first, second = routed(DUMP, 2, cut, monkeypatch)
-    # the data clients get the header, USE, and whole statements alternately
-    assert first.startswith(b"/*!40101 SET NAMES utf8mb4 */;\n/*!40014 SET @OLD_UNIQUE_CHECKS")
+    # the data clients get the header's statements (not the sandbox-mode line), USE, and whole statements
+    # alternately
+    header = (b"/*!40101 SET NAMES utf8mb4 */;\n/*!40014 SET @OLD_UNIQUE_CHECKS=@@UNIQUE_CHECKS, UNIQUE_CHECKS=0 */;\n"
+              b"<PREAMBLE>")
+    assert first.startswith(header) and second.startswith(header)
     assert first.count(b"INSERT INTO `t` VALUES") == 2 and second.count(b"INSERT INTO `t` VALUES") == 1
-    assert b"(1,'a;'),\n(2,');\\n(');\n" in first and b"USE `d`;\n" in first and first.endswith(b"<SYNC>")
-    assert b"(3,NULL);\n" in second and second.endswith(b"<SYNC>")
+    assert first == header + (b"USE `d`<PUT>INSERT INTO `t` VALUES\n(1,'a;'),\n(2,');\\n(');\n<PUT>"
+                              b"INSERT INTO `t` VALUES\n(4,4);\n<PUT><SYNC>")
+    assert second == header + b"USE `d`<PUT>INSERT INTO `t` VALUES\n(3,NULL);\n<PUT><SYNC>"
     # the main client: CREATE without the key, a barrier before the data, the rest after it
     assert b"  PRIMARY KEY (`id`)\n) ENGINE=InnoDB;" in main and b"KEY `kv`" not in main.split(b"ALTER TABLE")[0]
     order = [main.index(marker) for marker in (b"CREATE TABLE `t`", b"DISABLE KEYS", b"<SYNC>", b"ENABLE KEYS",
@@ -245,12 +272,12 @@ def test_data_clients_and_deferred_indexes_are_used(source: Mariadb, target: Mar
             super().__init__(*args)  # type: ignore[arg-type]
             made.append(self)
 
-    original_send = loader._Client.send
+    original_send = loader._MainClient.send
     monkeypatch.setattr(loader, "ParallelLoad", Spy)
-    monkeypatch.setattr(loader._Client, "send", lambda self, data: (sent.append(data), original_send(self, data)))
+    monkeypatch.setattr(loader._MainClient, "send", lambda self, data: (sent.append(data), original_send(self, data)))
     defaults = tmp_path / "target.cnf"
     defaults.write_text(f"[client]\nuser=root\nhost=127.0.0.1\nport={target.port}\nprotocol=TCP\n")
-    load.load_dump(str(defaults), io.BytesIO(dump), set(), workers=2)
+    load.load_dump(as_root(target), str(defaults), io.BytesIO(dump), set(), workers=2)
     assert len(made) == 1 and len(made[0]._workers) == 2
     alters = [data for data in sent if b"ALTER TABLE `rich`." in data]
     deferred = {line.split(b"`")[3] for data in alters for line in data.splitlines() if line.startswith(b"ALTER")}
@@ -261,22 +288,189 @@ def test_data_clients_and_deferred_indexes_are_used(source: Mariadb, target: Mar
     assert found == expected
 
 
+def a_dump(database: str, create: str, statements: list[str], header: str = "") -> bytes:
+    """A dump of one table in ``database``, as mariadb-dump lays it out."""
+    return (f"{header}--\n-- Current Database: `{database}`\n--\nCREATE DATABASE IF NOT EXISTS `{database}`;\n"
+            f"USE `{database}`;\n--\n-- Table structure for table `t`\n--\n{create}\n"
+            "--\n-- Dumping data for table `t`\n--\n" + "".join(statements) + "-- Dump completed\n").encode()
+
+
+def values(first: int, last: int) -> str:
+    rows = ",\n".join(f"({i},{i * 7})" for i in range(first, last + 1))
+    return f"INSERT INTO `t` VALUES\n{rows};\n"
+
+
+T_CREATE = "CREATE TABLE IF NOT EXISTS `t` (\n  `id` int NOT NULL,\n  `v` int,\n  PRIMARY KEY (`id`)\n) ENGINE=InnoDB;"
+
+
+def defaults_for(server: Mariadb, tmp_path: Path) -> str:
+    defaults = tmp_path / "target.cnf"
+    defaults.write_text(f"[client]\nuser=root\nhost=127.0.0.1\nport={server.port}\nprotocol=TCP\n")
+    return str(defaults)
+
+
+def lock_waits(server: Mariadb) -> int:
+    # InnoDB refreshes information_schema.innodb_trx only when it was not read for 0.1 s: polled faster, it stays stale
+    time.sleep(0.15)
+    return int(server.sql("SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")[0][0])
+
+
+def loader_leftovers(server: Mariadb) -> tuple[list[str], list[object]]:
+    """Threads of the loader still running here, and connections of anyone but this check on the server."""
+    import threading
+
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("mysql-load-")]
+    others = server.sql("SELECT id, command, info FROM information_schema.processlist "
+                        "WHERE id <> CONNECTION_ID() AND command NOT IN ('Daemon', 'Binlog Dump')")
+    return threads, list(others)
+
+
+def test_a_deadlock_victim_statement_runs_again_and_the_rows_are_exact(target: Mariadb, tmp_path: Path) -> None:
+    """A real InnoDB deadlock between a test-held transaction and a data client: the client is the victim."""
+    import io
+    import threading
+
+    from drivers.mysql import load
+
+    target.sql("CREATE DATABASE dl", "USE dl", "CREATE TABLE t (id INT NOT NULL, v INT, PRIMARY KEY (id)) ENGINE=InnoDB",
+               "CREATE TABLE expected LIKE t", "INSERT INTO expected SELECT seq, seq * 7 FROM seq_1_to_4000",
+               "CREATE TABLE weight (id INT PRIMARY KEY) ENGINE=InnoDB")
+    deadlocks = int(target.sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")[0][1])
+    holder = target.connect("dl")
+    holder.autocommit(False)
+    with holder.cursor() as cursor:
+        # heavier than the load's statement, so InnoDB picks the data client as the deadlock victim
+        cursor.execute("INSERT INTO dl.weight SELECT seq FROM seq_1_to_50000")
+        cursor.execute("INSERT INTO dl.t VALUES (1000, -1)")  # the first statement waits here
+    dump = a_dump("dl", T_CREATE, [values(1, 2000), values(2001, 4000)])
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(load.load_dump(as_root(target), defaults_for(target, tmp_path), io.BytesIO(dump), set(),
+                                          workers=2))
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    loading = threading.Thread(target=run)
+    loading.start()
+    try:
+        wait_for(lambda: lock_waits(target) == 1, what="the data client waiting on the held row")
+        with holder.cursor() as cursor:
+            cursor.execute("INSERT INTO dl.t VALUES (10, -1)")  # the data client holds 10: a deadlock
+        assert int(target.sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")[0][1]) == deadlocks + 1
+        # the data client's statement runs again and waits on the held rows until they go
+        wait_for(lambda: lock_waits(target) == 1, what="the statement run again")
+    finally:
+        holder.rollback()
+        holder.close()
+        loading.join(timeout=60)
+    assert isinstance(outcome[0], int), outcome
+    assert target.count("dl.t") == 4000
+    assert target.sql("CHECKSUM TABLE dl.t EXTENDED")[0][1] == target.sql("CHECKSUM TABLE dl.expected EXTENDED")[0][1]
+    assert loader_leftovers(target) == ([], [])
+
+
+def test_retries_exhausted_fail_the_load_naming_the_error_only(target: Mariadb, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from drivers.mysql import dataclient, load
+    from drivers.mysql.client import ContentRejected
+
+    monkeypatch.setattr(dataclient, "ATTEMPTS", 3)
+    target.sql("SET GLOBAL innodb_lock_wait_timeout = 1", "CREATE DATABASE lw",
+               "CREATE TABLE lw.t (id INT NOT NULL, v INT, PRIMARY KEY (id)) ENGINE=InnoDB")
+    holder = target.connect()
+    holder.autocommit(False)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("INSERT INTO lw.t VALUES (1000, -1)")
+        dump = a_dump("lw", T_CREATE, [values(1, 2000), values(2001, 4000)])
+        with pytest.raises(ContentRejected) as caught:
+            load.load_dump(as_root(target), defaults_for(target, tmp_path), io.BytesIO(dump), set(), workers=2)
+    finally:
+        holder.rollback()
+        holder.close()
+    message = str(caught.value)
+    assert message == (f"mysql://root@127.0.0.1:{target.port}: data connection 1 (loading the dump) failed: "
+                       "ERROR 1205 (LOCK_WAIT_TIMEOUT), still after 3 attempts")
+    assert caught.value.brief == message.split(": ", 1)[1]
+    assert loader_leftovers(target) == ([], [])
+
+
 def test_an_error_in_a_data_client_fails_the_load_naming_it(target: Mariadb, tmp_path: Path) -> None:
     import io
 
-    from backupd.errors import DriverError
+    from drivers.mysql import load
+    from drivers.mysql.client import ContentRejected
+
+    dump = a_dump("bad", T_CREATE.replace(" IF NOT EXISTS", ""), [values(1, 30_000)] * 3)
+    with pytest.raises(ContentRejected, match=r"^mysql://root@127\.0\.0\.1:\d+: data connection \d \(loading the dump\) "
+                                              r"failed: ERROR 1062 \(DUP_ENTRY\)$") as caught:
+        load.load_dump(as_root(target), defaults_for(target, tmp_path), io.BytesIO(dump), set(), workers=2)
+    assert "Duplicate" not in str(caught.value)
+    assert loader_leftovers(target) == ([], [])
+
+
+def test_a_restore_whose_data_client_fails_exits_1_naming_the_error_only(source: Mariadb, target: Mariadb,
+                                                                        tmp_path: Path, keys: Keys) -> None:
+    """Through the command: restore exits 1, verify 3, each with one line naming the server's error number."""
+    from mysql_support import forge_stream
+    from support import error_lines
+
+    job = make_job(tmp_path, keys, source, ["rich"])
+    backup_id = backup(job)
+    dump = a_dump("bad", T_CREATE.replace(" IF NOT EXISTS", ""), [values(1, 30_000)] * 3)
+    forge_stream(job.repo, "shop", backup_id, "dump", dump, keys.identity.to_recipient())
+
+    restored = run_backupd("restore", "shop", "--to", target.url(), config=job.config, timeout=300)
+    assert restored.code == 1, restored.out + restored.err
+    lines = error_lines(restored.err)
+    assert len(lines) == 1 and "data connection" in lines[0] and "ERROR 1062 (DUP_ENTRY)" in lines[0], lines
+    assert "Duplicate" not in restored.err and "(30000," not in restored.err
+
+    verified = run_backupd("verify", "shop", config=job.config, timeout=300)
+    assert verified.code == 3, verified.out + verified.err
+    assert "ERROR 1062 (DUP_ENTRY)" in verified.out + verified.err and "Duplicate" not in verified.out + verified.err
+
+
+def test_the_dump_header_is_in_effect_in_the_data_connections(target: Mariadb, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each data connection runs the header's settings, whatever the server's defaults, and skips its non-statements."""
+    import io
+
+    import drivers.mysql.loader as loader
     from drivers.mysql import load
 
-    rows = ",\n".join(f"({i},{i})" for i in range(1, 30_000))
-    statement = f"INSERT INTO `t` VALUES\n{rows};\n"
-    dump = ("--\n-- Current Database: `bad`\n--\nCREATE DATABASE `bad`;\nUSE `bad`;\n"
-            "--\n-- Table structure for table `t`\n--\nCREATE TABLE `t` (\n  `id` int NOT NULL,\n  `v` int,\n"
-            "  PRIMARY KEY (`id`)\n) ENGINE=InnoDB;\n--\n-- Dumping data for table `t`\n--\n"
-            + statement * 3 + "-- Dump completed\n").encode()
-    defaults = tmp_path / "target.cnf"
-    defaults.write_text(f"[client]\nuser=root\nhost=127.0.0.1\nport={target.port}\nprotocol=TCP\n")
-    with pytest.raises(DriverError, match=r"mariadb \(loading the dump\) exited with status 1: .*Duplicate entry '1' for key"):
-        load.load_dump(str(defaults), io.BytesIO(dump), set(), workers=2)
+    made: list[ParallelLoad] = []
+
+    class Spy(ParallelLoad):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(loader, "ParallelLoad", Spy)
+    target.sql("SET GLOBAL time_zone = '+05:00'", "SET GLOBAL sql_mode = 'STRICT_ALL_TABLES'")
+    header = ("/*M!999999\\- enable the sandbox mode */ \n"
+              "/*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;\n"
+              "/*!40101 SET NAMES latin1 */;\n"
+              "/*!40103 SET TIME_ZONE='+00:00' */;\n"
+              "/*!40014 SET @OLD_UNIQUE_CHECKS=@@UNIQUE_CHECKS, UNIQUE_CHECKS=0 */;\n"
+              "/*!40014 SET @OLD_FOREIGN_KEY_CHECKS=@@FOREIGN_KEY_CHECKS, FOREIGN_KEY_CHECKS=0 */;\n"
+              "/*!40101 SET @OLD_SQL_MODE=@@SQL_MODE, SQL_MODE='NO_AUTO_VALUE_ON_ZERO' */;\n\n")
+    create = ("CREATE TABLE `t` (\n  `id` int NOT NULL,\n  `uc` int,\n  `fk` int,\n  `mode` varchar(100),\n"
+              "  `tz` varchar(10),\n  `cs` varchar(20),\n  `e` varchar(5) CHARACTER SET utf8mb4,\n"
+              "  `at` timestamp NULL,\n  PRIMARY KEY (`id`)\n) ENGINE=InnoDB;")
+    row = ("INSERT INTO `t` VALUES\n({n},@@unique_checks,@@foreign_key_checks,@@sql_mode,@@time_zone,"
+           "@@character_set_client,'caf\xe9','2020-01-01 00:00:00');\n")
+    dump = a_dump("hdr", create, [row.format(n=n) for n in (1, 2, 3)], header=header)
+    load.load_dump(as_root(target), defaults_for(target, tmp_path), io.BytesIO(dump.decode().encode("latin1")), set(),
+                   workers=2)
+    assert len(made) == 1 and len(made[0]._workers) == 2  # the rows went through both data connections
+    expected = (0, 0, "NO_AUTO_VALUE_ON_ZERO", "+00:00", "latin1", "caf\u00e9", 1577836800)
+    assert target.sql("SELECT id, uc, fk, mode, tz, cs, e, UNIX_TIMESTAMP(at) FROM hdr.t ORDER BY id") == [
+        (n, *expected) for n in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("engine, extra", [("MyISAM", ""), ("InnoDB", ",\n  FULLTEXT KEY `f` (`v`)")])

@@ -167,7 +167,7 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         with target.defaults_file(self.context.spool_dir) as defaults:
             started = time.monotonic()
             with source.open(logical.STREAM) as stream:
-                size = load.load_dump(str(defaults), stream, tables)
+                size = load.load_dump(target, str(defaults), stream, tables)
             loaded = time.monotonic() - started
             message = (f"restored backup {manifest.backup_id} of {manifest.job} to {endpoint}: "
                        f"dump loaded ({size} bytes) in {loaded:.1f}s")
@@ -330,7 +330,7 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
                 step = time.monotonic()
                 with server.credentials.defaults_file(base) as defaults, \
                         source.open(logical.STREAM) as stream:
-                    size = load.load_dump(str(defaults), stream, set())
+                    size = load.load_dump(server.credentials, str(defaults), stream, set())
                 outcome.steps.append({"step": "load dump", "bytes": size, "seconds": _since(step)})
             yield server
 

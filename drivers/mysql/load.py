@@ -84,12 +84,18 @@ def client_argv(defaults_file: str, *extra: str) -> list[str]:
             "--max-allowed-packet=1G", *extra]
 
 
-def load_dump(defaults_file: str, stream: BinaryIO, tables: set[tuple[str, str]], workers: int | None = None) -> int:
-    """The dump (or only ``tables``) into the server: data in parallel, plain indexes after the data."""
+def load_dump(credentials: Credentials, defaults_file: str, stream: BinaryIO, tables: set[tuple[str, str]],
+              workers: int | None = None) -> int:
+    """The dump (or only ``tables``) into the server: data in parallel, plain indexes after the data.
+
+    The main client is the command-line client with ``defaults_file``; the data clients connect
+    with ``credentials`` (the same server and account).
+    """
     data = _batched(filter_dump(stream, tables)) if tables else _chunks(stream)
     if workers is None:
         workers = max(1, min(os.cpu_count() or 1, MAX_LOAD_WORKERS))
-    return load_parallel(client_argv(defaults_file, "--batch", "--skip-column-names", "--unbuffered"), data, workers)
+    argv = client_argv(defaults_file, "--batch", "--skip-column-names", "--unbuffered")
+    return load_parallel(argv, credentials, data, workers)
 
 
 def _batched(lines: Iterable[bytes]) -> Iterator[bytes]:

@@ -1,16 +1,21 @@
 """Loading a dump through several client connections, plain secondary indexes built after the data.
 
-One *main* client runs the dump as written, except the row data: the INSERT
-statements of a table go in turn to N *data* clients (each its own server
-thread), so statement parsing and row inserts run in parallel, as myloader and
-mysqlsh's loadDump do. Order is kept with barriers: a table's data is sent only
-once the main client has run everything before it (its CREATE TABLE), and
-nothing after the data (ENABLE KEYS, triggers, the next table) runs before
-every data client has committed it. A barrier is a ``SELECT`` of a random
-marker that the client prints. A table whose data is one statement is loaded
-by the main client alone, without barriers, and so is every table that is not
-InnoDB (table locks would serialise the clients) or has a FULLTEXT or SPATIAL
-index.
+One *main* client (the ``mariadb`` command-line client) runs the dump as
+written, except the row data: the INSERT statements of a table go in turn, each
+whole, to N *data* clients, server connections driven from Python (each its
+own server thread; drivers.mysql.dataclient), so statement parsing and row
+inserts run in parallel, as myloader and mysqlsh's loadDump do. A data client
+runs again a statement that InnoDB rolled back as a deadlock victim or after a
+lock wait timeout, which concurrent inserts into one table can meet; a client
+that stops at such an error could not. Order is kept with barriers: a table's
+data is sent only once the main client has run everything before it (its
+CREATE TABLE), and nothing after the data (ENABLE KEYS, triggers, the next
+table) runs before every data client has committed it. The main client's
+barrier is a ``SELECT`` of a random marker that it prints; a data client's is
+its queue drained and its last statement done. A table whose data is one
+statement is loaded by the main client alone, without barriers, and so is every
+table that is not InnoDB (table locks would serialise the clients) or has a
+FULLTEXT or SPATIAL index.
 
 Plain ``KEY`` indexes of InnoDB tables are taken out of CREATE TABLE and added
 by one ALTER TABLE after the table's data, in their order: InnoDB then builds
@@ -22,10 +27,12 @@ referenced later has its keys back by then), and any key led by an
 AUTO_INCREMENT column.
 
 The dump's header (its ``SET`` statements: character set, time zone, sql_mode,
-unique and foreign key checks off) is replayed in every data client, which
-also gets ``USE`` for the table's database. Each statement commits on its own,
-as in the dump: batching several per transaction made concurrent inserts into
-one table wait on each other's locks. ``LOCK TABLES``/``UNLOCK TABLES`` around
+unique and foreign key checks off; not its lines that are no statement, such as
+newer mariadb-dump's sandbox-mode command for the client) is replayed in every
+data client, which also gets ``USE`` for the table's database. Each statement
+commits on its own (autocommit), as in the dump: batching several per
+transaction made concurrent inserts into one table wait on each other's locks,
+and a deadlock victim could not be run again alone. ``LOCK TABLES``/``UNLOCK TABLES`` around
 the data are dropped: they would lock the data clients out (they only speed up
 MyISAM loads).
 """
@@ -39,7 +46,8 @@ from typing import Iterable, Sequence
 
 from backupd.errors import DriverError
 from backupd.tool import PIPE, Tool
-from drivers.mysql.client import check_content
+from drivers.mysql.client import Credentials, check_content
+from drivers.mysql.dataclient import DataClient
 from drivers.mysql.dumpsyntax import (DATA_HEADER, DATA_STATEMENT, DATABASE_HEADER, NAME, OTHER_SECTION, STRUCTURE_HEADER,
                                       quote, unquote)
 
@@ -49,12 +57,11 @@ _REFERENCES = re.compile(rb" REFERENCES (?:" + NAME + rb"\.)?" + NAME)
 _CHARSET_CLIENT = b"/*!40101 SET character_set_client = "
 
 
-class _Client:
-    """One ``mariadb`` client fed through stdin; its stdout is watched for barrier markers."""
+class _MainClient:
+    """The ``mariadb`` client fed through stdin; its stdout is watched for barrier markers."""
 
     def __init__(self, argv: Sequence[str], marker: bytes) -> None:
         self.tool = Tool(argv, stdin=PIPE, stdout=PIPE)
-        self.database: bytes | None = None
         self._marker = marker
         self._seen: set[bytes] = set()
         self._eof = False
@@ -95,13 +102,13 @@ class _Client:
 class ParallelLoad:
     """Feed ``feed()`` the dump in order, then ``finish()``; ``close()`` always."""
 
-    def __init__(self, argv: Sequence[str], workers: int) -> None:
-        self._argv = list(argv)
+    def __init__(self, argv: Sequence[str], credentials: Credentials, workers: int) -> None:
+        self._credentials = credentials
         self._marker = b"backupd-sync-" + secrets.token_hex(8).encode() + b"-"
         self._syncs = 0
-        self.main = _Client(self._argv, self._marker)
+        self.main = _MainClient(argv, self._marker)
         self._size = max(1, workers)
-        self._workers: list[_Client] = []
+        self._workers: list[DataClient] = []
         self._next = 0
         self._preamble: list[bytes] = []
         self._line = bytearray()
@@ -115,7 +122,8 @@ class ParallelLoad:
         self._pending_alters: list[tuple[tuple[bytes | None, bytes], bytes]] = []  # ((db, table), ALTER)
         self._held: bytearray | None = None  # a table's first data statement, kept for the main client
         self._parallel = False  # the current table's data is going to the data clients
-        self._target: _Client | None = None  # where the current statement's bytes go (None: held)
+        self._target: DataClient | None = None  # where the current statement goes once whole (None: held)
+        self._statement_bytes = bytearray()  # the current statement's, for self._target
         self._in_statement = False
         self._semicolon = False
         self.sent = 0
@@ -153,25 +161,26 @@ class ParallelLoad:
         self._flush_held()
         self._end_data()
         self._alters()
-        for client in [self.main, *self._workers]:
-            client.finish()
-        for client in [*self._workers, self.main]:
-            check_content(client.tool, "loading the dump")
+        for worker in self._workers:
+            worker.finish()
+        self.main.finish()
+        check_content(self.main.tool, "loading the dump")
 
     def close(self) -> None:
-        for client in [self.main, *self._workers]:
-            client.tool.close()
+        try:
+            for worker in self._workers:
+                worker.close()
+        finally:
+            self.main.tool.close()
 
     def check_after_broken_pipe(self) -> None:
-        """A client died: wait for all, and raise naming the first that failed."""
-        for client in [self.main, *self._workers]:
-            try:
-                client.tool.stdin.close()
-            except OSError:
-                pass
-        for client in [self.main, *self._workers]:
-            check_content(client.tool, "loading the dump")
-        raise DriverError("a mysql client stopped reading the dump")
+        """The main client died: wait for it, and raise naming its error."""
+        try:
+            self.main.tool.stdin.close()
+        except OSError:
+            pass
+        check_content(self.main.tool, "loading the dump")
+        raise DriverError("the mysql client stopped reading the dump")
 
     def _starts_statement(self, line: bytes | bytearray) -> bool:
         return (not self._delimited and self._section is not None and self._section[0] == "data"
@@ -192,7 +201,7 @@ class ParallelLoad:
             return
         self._to_workers()
         self._target = self._worker()
-        self._target.send(first)
+        self._statement_bytes[:] = first
 
     def _statement(self, data: bytes, pos: int) -> int:
         """Statement bytes up to and including the first ';\\n' (values never hold a raw newline)."""
@@ -211,34 +220,36 @@ class ParallelLoad:
 
     def _put(self, data: bytes) -> None:
         if self._target is not None:
-            self._target.send(data)
+            self._statement_bytes += data
         else:
             assert self._held is not None
             self._held += data
 
     def _statement_done(self) -> None:
         self._semicolon = self._in_statement = False
+        if self._target is not None:
+            self._target.put(bytes(self._statement_bytes))
+            self._statement_bytes.clear()
         self._target = None
 
     def _to_workers(self) -> None:
         """The table has more than one statement: sync the main client, hand its held statement on."""
         if self._parallel:
             return
-        self._sync([self.main])
+        self._syncs += 1
+        self.main.sync(self._syncs)
         self._parallel = True
         if self._held is not None:
             held, self._held = self._held, None
-            self._worker().send(bytes(held))
+            self._worker().put(bytes(held))
 
-    def _worker(self) -> _Client:
+    def _worker(self) -> DataClient:
         if len(self._workers) < self._size:
-            client = _Client(self._argv, self._marker)
-            client.send(b"".join(self._preamble))
-            self._workers.append(client)
+            self._workers.append(DataClient(self._credentials, self._preamble, len(self._workers) + 1))
         client = self._workers[self._next % len(self._workers)]
         self._next += 1
         if client.database != self._database and self._database is not None:
-            client.send(b"USE " + quote(self._database) + b";\n")
+            client.put(b"USE " + quote(self._database))
             client.database = self._database
         return client
 
@@ -250,13 +261,9 @@ class ParallelLoad:
     def _end_data(self) -> None:
         """Nothing after a table's data may run before every data client has committed it."""
         if self._parallel:
-            self._sync(self._workers)
+            for worker in self._workers:
+                worker.sync()
             self._parallel = False
-
-    def _sync(self, clients: list[_Client]) -> None:
-        self._syncs += 1
-        for client in clients:
-            client.sync(self._syncs)
 
     # ---- everything else goes to the main client ----------------------------------------
 
@@ -293,7 +300,8 @@ class ParallelLoad:
                 line.startswith(b"LOCK TABLES ") or line.rstrip() == b"UNLOCK TABLES;"):
             return
         elif self._section is None and self._database is None and line.startswith((b"/*!", b"/*M!")):
-            self._preamble.append(line)  # the header's SET statements, replayed in each data client
+            if line.rstrip().endswith(b";"):  # not the sandbox-mode line, a command to the mariadb client
+                self._preamble.append(line)  # the header's SET statements, replayed in each data client
         self.main.send(line)
 
     def _comment(self, line: bytes) -> None:
@@ -372,9 +380,12 @@ def defer_keys(lines: list[bytes], allowed: bool = True) -> tuple[list[bytes], l
     return [lines[0], *keep, *lines[closing:]], keys
 
 
-def load_parallel(argv: Sequence[str], data: Iterable[bytes], workers: int) -> int:
-    """Load a dump's chunks; return bytes sent; raise naming the client's error."""
-    loader = ParallelLoad(argv, workers)
+def load_parallel(argv: Sequence[str], credentials: Credentials, data: Iterable[bytes], workers: int) -> int:
+    """Load a dump's chunks (main client ``argv``, data clients as ``credentials``); return bytes sent.
+
+    Raises ContentRejected naming the client and the server's error number.
+    """
+    loader = ParallelLoad(argv, credentials, workers)
     try:
         try:
             for chunk in data:
