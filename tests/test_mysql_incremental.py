@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -211,3 +212,60 @@ def writing(source: Mariadb, table: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(30)
+
+
+@pytest.mark.parametrize("after_restore", ["nothing", "enough writes to pass the newest backup's LSN"])
+def test_an_incr_after_the_server_went_back_to_an_earlier_point_is_refused(
+        tmp_path: Path, keys: Keys, reachable: Path, after_restore: str) -> None:
+    """The bad day: the server is restored to an older backup and keeps its server id. An incr against the
+    newest backup (of the lost history) would miss every page changed since the restore point whose LSN is
+    below that backup's: refused, naming it, until a full starts a new chain."""
+    server = started(log_bin=True, server_id=41)
+    try:
+        server.sql("CREATE DATABASE back", "CREATE TABLE back.t (id INT AUTO_INCREMENT PRIMARY KEY, v TEXT)")
+        server.sql("INSERT INTO t (v) SELECT repeat('a', 100) FROM seq_1_to_1000", database="back")
+        job = make_job(tmp_path, keys, server, ["back"], method="physical")
+        older = backup(job)
+        server.sql("INSERT INTO t (v) SELECT repeat('b', 100) FROM seq_1_to_1000", database="back")
+        newest = backup(job, "--type", "incr")
+
+        restored = run_backupd("restore", "shop", "--backup", older, "--to", str(reachable / "older"),
+                               config=job.config, timeout=300)
+        assert restored.code == 0, restored.err
+        server.stop()
+        shutil.rmtree(server.datadir)
+        shutil.move(str(reachable / "older"), str(server.datadir))
+        server.start()
+        assert server.count("back.t") == 1000
+        if after_restore != "nothing":
+            newest_lsn = manifest(job, newest)["metadata"]["last_lsn"]  # where its copy ended
+            while int(server.sql("SHOW GLOBAL STATUS LIKE 'Innodb_lsn_current'")[0][1]) <= newest_lsn:
+                server.sql("INSERT INTO t (v) SELECT repeat('c', 1000) FROM seq_1_to_2000", database="back")
+
+        refused = run_backupd("backup", "shop", "--type", "incr", config=job.config)
+        assert refused.code == 1, refused.out + refused.err
+        line = error_lines(refused.err)[0]
+        assert f"backup {newest} is not in this server's history" in line
+        assert ("LSN" if after_restore == "nothing" else "binlog") in line, line
+        assert [b["backup_id"] for b in json.loads(run_backupd("list", "--json", config=job.config,
+                                                               check=True).out)["backups"]] == [newest, older]
+
+        full = backup(job, "--type", "full")
+        server.sql("INSERT INTO t (v) VALUES ('d')", database="back")
+        incr = backup(job, "--type", "incr")
+        assert manifest(job, incr)["metadata"]["parent"] == full
+    finally:
+        server.destroy()
+
+
+def test_a_parents_hostile_binlog_coordinates_are_not_compared_or_echoed() -> None:
+    from drivers.mysql.physical import parent_lsn
+
+    good = {"to_lsn": 5, "last_lsn": 9, "server": "1",
+            "binlog": {"file": "mysql-bin.000001", "position": 4, "gtid": "0-1-5,1-2-7"}}
+    assert parent_lsn("b", good).binlog == ("mysql-bin.000001", 4, "0-1-5,1-2-7")
+    assert parent_lsn("b", good).end == 9
+    for bad in ({"gtid": "0-1-5\nbackupd: error: forged"}, {"file": "../x\n"}, {"position": True}):
+        hostile = {**good, "binlog": {**good["binlog"], **bad}}
+        assert parent_lsn("b", hostile).binlog is None
+    assert parent_lsn("b", {**good, "last_lsn": 2}).end == 5  # never below its own checkpoint

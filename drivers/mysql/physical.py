@@ -51,7 +51,7 @@ import pymysql
 from backupd.errors import DriverError
 from backupd.sandbox import Sandbox
 from backupd.tool import DEVNULL, PIPE, Tool
-from drivers.mysql.client import ContentRejected, Credentials, check_content, query, tool_path, version_of
+from drivers.mysql.client import ContentRejected, Credentials, check_content, query, scalar, tool_path, version_of
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
 
 STREAM = "physical"
@@ -61,6 +61,8 @@ COPY_CHUNK = 1 << 20
 #: The line ``mariadb-backup --version`` prints, which it also writes at the top of every copy's log.
 VERSION_RE = re.compile(rb"^(\S+ based on MariaDB server [^\n]*)$", re.M)
 TRX_COUNTER_RE = re.compile(r"^Trx id counter (\d+)", re.M)
+GTID_LIST_RE = re.compile(r"(?:\d{1,10}-\d{1,10}-\d{1,20}(?:,\d{1,10}-\d{1,10}-\d{1,20})*)?")
+BINLOG_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 #: How often the copy's watcher checks whether the early count is still worth finishing.
 COUNTER_POLL_SECONDS = 1.0
 
@@ -176,7 +178,9 @@ class Increment:
 
     parent: str  #: the parent backup's id, for messages
     server: str  #: the parent's ``metadata.server``: an LSN means nothing on another server
-    lsn: int  #: the parent's ``metadata.to_lsn``: pages newer than it are copied
+    lsn: int  #: the parent's ``metadata.to_lsn`` (its checkpoint): pages newer than it are copied
+    end: int  #: the parent's ``metadata.last_lsn``, where its copy ended: the server has been there since
+    binlog: tuple[str, int, str] | None = None  #: the parent's binlog file, position and GTID, where recorded
 
 
 def parent_lsn(manifest_id: str, metadata: dict[str, Any]) -> Increment:
@@ -186,7 +190,70 @@ def parent_lsn(manifest_id: str, metadata: dict[str, Any]) -> Increment:
         raise DriverError(f"backup {manifest_id} records no to_lsn (taken before incremental backups, or not by "
                           "mariadb-backup): an incremental cannot be taken against it",
                           hint="take a full backup first (`backupd backup JOB`)")
-    return Increment(manifest_id, server, lsn)
+    end = metadata.get("last_lsn")
+    if not isinstance(end, int) or isinstance(end, bool) or end < lsn:
+        end = lsn
+    binlog = metadata.get("binlog")
+    where = None
+    if isinstance(binlog, dict) and isinstance(binlog.get("file"), str) and BINLOG_NAME_RE.fullmatch(binlog["file"]) \
+            and isinstance(binlog.get("gtid"), str) and GTID_LIST_RE.fullmatch(binlog["gtid"]) \
+            and isinstance(binlog.get("position"), int) and not isinstance(binlog.get("position"), bool):
+        where = (binlog["file"], binlog["position"], binlog["gtid"])  # else (a hostile manifest's) nothing to check
+    return Increment(manifest_id, server, lsn, end, where)
+
+
+def check_continuity(conn: pymysql.connections.Connection, increment: Increment, log_bin: bool) -> None:
+    """DriverError unless the server's history still contains the parent's, as far as it can tell.
+
+    A server restored to an earlier point (or replaced by one with the same server id) keeps
+    its id, but an increment against a backup of the lost history would silently miss every
+    page changed since the restore point whose LSN is below the parent's checkpoint. Signs of
+    it, each certain where it shows: InnoDB's current LSN below where the parent's copy ended
+    (LSNs only grow), a GTID domain of the server's binlog behind the parent's (sequence
+    numbers only grow), and the server's binlog holding other transactions at the parent's
+    binlog coordinates (``BINLOG_GTID_POS``; a purged or shorter file tells nothing).
+    """
+    rows = query(conn, "SHOW GLOBAL STATUS LIKE 'Innodb_lsn_current'")
+    current = int(rows[0][1]) if rows and str(rows[0][1]).isdigit() else None
+    if current is not None and current < increment.end:
+        raise _diverged(increment, f"its copy ended at LSN {increment.end}, beyond this server's current LSN {current}")
+    if increment.binlog is None or not log_bin:  # binary logging off now: its GTID state tells nothing
+        return
+    file, position, gtid = increment.binlog
+    try:
+        now = str(scalar(conn, "SELECT @@gtid_binlog_pos") or "")
+        found = scalar(conn, "SELECT BINLOG_GTID_POS(%s, %s)", (file, position))
+    except pymysql.MySQLError:  # binary logging off, or the file unreadable: nothing to compare
+        return
+    if behind := _behind(_gtid_set(now), _gtid_set(gtid)):
+        raise _diverged(increment, f"this server's binlog is at GTID {now or '(none)'}, behind the backup's {behind}")
+    if found is not None and _gtid_set(str(found)) != _gtid_set(gtid):
+        raise _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found or '(none)'}, "
+                                   f"the backup's was {gtid or '(none)'}")
+
+
+def _behind(now: set[str], then: set[str]) -> str | None:
+    """The first ``domain-server-seq`` of ``then`` whose domain ``now`` lacks or holds at a lower sequence number."""
+    reached: dict[str, int] = {}
+    for item in now:
+        domain, _, seq = item.rpartition("-")
+        if seq.isdigit():
+            reached[domain.partition("-")[0]] = max(reached.get(domain.partition("-")[0], 0), int(seq))
+    for item in sorted(then):
+        domain, _, seq = item.rpartition("-")
+        if seq.isdigit() and reached.get(domain.partition("-")[0], -1) < int(seq):
+            return item
+    return None
+
+
+def _gtid_set(text: str) -> set[str]:
+    return {part.strip() for part in text.split(",") if part.strip()}
+
+
+def _diverged(increment: Increment, why: str) -> DriverError:
+    return DriverError(f"backup {increment.parent} is not in this server's history ({why}): the server was "
+                       "restored to an earlier point or replaced since, and an incremental against it would miss "
+                       "changes", hint="take a full backup (`backupd backup JOB --type full`)")
 
 
 def read_checkpoints(directory: Path) -> dict[str, int]:
@@ -214,13 +281,15 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
     try:
         info = server_info(conn)
         chosen = user_databases(conn, databases, excluded)
-        tables = base_tables(conn, chosen)
+        if increment is not None:
+            if increment.server != info.key:
+                raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
+                                  f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
+            check_continuity(conn, increment, info.log_bin)
+        tables = base_tables(conn, chosen) if increment is None else []  # an increment counts nothing
         all_innodb = bool(tables) and _all_innodb(conn, chosen)
     finally:
         conn.close()
-    if increment is not None and increment.server != info.key:
-        raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
-                          f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
     target = work_dir / "mariadb-backup"
     lsn_dir = work_dir / "mariadb-backup-lsn"
     for path in (target, lsn_dir):
@@ -256,6 +325,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         shutil.rmtree(lsn_dir, ignore_errors=True)
     if increment is not None and lsns["from_lsn"] != increment.lsn:
         raise DriverError(f"{tool.name} copied from LSN {lsns['from_lsn']}, not the {increment.lsn} asked for")
+    if increment is not None and lsns.get("last_lsn", lsns["to_lsn"]) < increment.end:  # went back meanwhile
+        raise _diverged(increment, f"this copy ended at LSN {lsns.get('last_lsn', lsns['to_lsn'])}, before "
+                                   f"the backup's {increment.end}")
     match = None
     for match in POSITION_RE.finditer(log_text):
         pass
