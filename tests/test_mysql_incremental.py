@@ -215,11 +215,11 @@ def writing(source: Mariadb, table: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("after_restore", ["nothing", "enough writes to pass the newest backup's LSN"])
-def test_an_incr_after_the_server_went_back_to_an_earlier_point_is_refused(
+def test_an_incr_after_the_server_went_back_to_an_earlier_point_takes_a_full(
         tmp_path: Path, keys: Keys, reachable: Path, after_restore: str) -> None:
     """The bad day: the server is restored to an older backup and keeps its server id. An incr against the
     newest backup (of the lost history) would miss every page changed since the restore point whose LSN is
-    below that backup's: refused, naming it, until a full starts a new chain."""
+    below that backup's. A full is taken instead, with a warning naming the parent and why."""
     server = started(log_bin=True, server_id=41)
     try:
         server.sql("CREATE DATABASE back", "CREATE TABLE back.t (id INT AUTO_INCREMENT PRIMARY KEY, v TEXT)")
@@ -242,18 +242,23 @@ def test_an_incr_after_the_server_went_back_to_an_earlier_point_is_refused(
             while int(server.sql("SHOW GLOBAL STATUS LIKE 'Innodb_lsn_current'")[0][1]) <= newest_lsn:
                 server.sql("INSERT INTO t (v) SELECT repeat('c', 1000) FROM seq_1_to_2000", database="back")
 
-        refused = run_backupd("backup", "shop", "--type", "incr", config=job.config)
-        assert refused.code == 1, refused.out + refused.err
-        line = error_lines(refused.err)[0]
-        assert f"backup {newest} is not in this server's history" in line
-        assert ("LSN" if after_restore == "nothing" else "binlog") in line, line
-        assert [b["backup_id"] for b in json.loads(run_backupd("list", "--json", config=job.config,
-                                                               check=True).out)["backups"]] == [newest, older]
+        taken = run_backupd("backup", "shop", "--type", "incr", config=job.config)
+        assert taken.code == 0, taken.out + taken.err
+        full = taken.out.strip()
+        assert manifest(job, full)["metadata"]["type"] == "full" and manifest(job, full)["metadata"]["parent"] is None
+        warning = next(json.loads(line) for line in taken.err.splitlines() if '"warning"' in line)
+        assert warning["event"].startswith(f"taking a full backup instead of an incr: backup {newest} is not in this "
+                                           "server's history (")
+        assert ("LSN" if after_restore == "nothing" else "binlog") in warning["event"], warning
 
-        full = backup(job, "--type", "full")
         server.sql("INSERT INTO t (v) VALUES ('d')", database="back")
         incr = backup(job, "--type", "incr")
         assert manifest(job, incr)["metadata"]["parent"] == full
+        counted = run_backupd("restore", "shop", "--backup", incr, "--to", str(reachable / "again"),
+                              config=job.config, timeout=300)
+        assert counted.code == 0, counted.err
+        total = server.count("back.t")
+        assert rows(reachable / "again", reachable / "again-run", "SELECT COUNT(*) FROM back.t") == [(total,)]
     finally:
         server.destroy()
 

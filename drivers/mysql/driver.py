@@ -54,6 +54,21 @@ class MysqlDriver(Driver, PitrDrill, IncrementalBackup):
         parent = chain[-1]
         return self._backup(method, sink, physical.parent_lsn(parent.backup_id, parent.metadata))
 
+    def parent_problem(self, chain: list[Manifest]) -> str | None:
+        """A parent no longer in the server's history (the server restored to an earlier point since): a full."""
+        try:
+            increment = physical.parent_lsn(chain[-1].backup_id, chain[-1].metadata)
+        except DriverError:
+            return None  # backup_incremental refuses it, naming why
+        conn = self.credentials.connect()
+        try:
+            info = logical.server_info(conn)
+            if info.key != increment.server:
+                return None  # refused, naming both servers: the job may be pointed at the wrong server
+            return physical.continuity_problem(conn, increment, info.log_bin)
+        finally:
+            conn.close()
+
     def _backup(self, method: str, sink: StreamSink, increment: physical.Increment | None = None) -> BackupResult:
         opts = self.options
         with self.credentials.defaults_file(self.context.spool_dir) as defaults:

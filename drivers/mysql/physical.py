@@ -202,8 +202,8 @@ def parent_lsn(manifest_id: str, metadata: dict[str, Any]) -> Increment:
     return Increment(manifest_id, server, lsn, end, where)
 
 
-def check_continuity(conn: pymysql.connections.Connection, increment: Increment, log_bin: bool) -> None:
-    """DriverError unless the server's history still contains the parent's, as far as it can tell.
+def continuity_problem(conn: pymysql.connections.Connection, increment: Increment, log_bin: bool) -> str | None:
+    """Why the server's history no longer contains the parent's, as far as it can tell; None if it does.
 
     A server restored to an earlier point (or replaced by one with the same server id) keeps
     its id, but an increment against a backup of the lost history would silently miss every
@@ -216,20 +216,21 @@ def check_continuity(conn: pymysql.connections.Connection, increment: Increment,
     rows = query(conn, "SHOW GLOBAL STATUS LIKE 'Innodb_lsn_current'")
     current = int(rows[0][1]) if rows and str(rows[0][1]).isdigit() else None
     if current is not None and current < increment.end:
-        raise _diverged(increment, f"its copy ended at LSN {increment.end}, beyond this server's current LSN {current}")
+        return _diverged(increment, f"its copy ended at LSN {increment.end}, beyond this server's current LSN {current}")
     if increment.binlog is None or not log_bin:  # binary logging off now: its GTID state tells nothing
-        return
+        return None
     file, position, gtid = increment.binlog
     try:
         now = str(scalar(conn, "SELECT @@gtid_binlog_pos") or "")
         found = scalar(conn, "SELECT BINLOG_GTID_POS(%s, %s)", (file, position))
-    except pymysql.MySQLError:  # binary logging off, or the file unreadable: nothing to compare
-        return
+    except pymysql.MySQLError:  # the file unreadable: nothing to compare
+        return None
     if behind := _behind(_gtid_set(now), _gtid_set(gtid)):
-        raise _diverged(increment, f"this server's binlog is at GTID {now or '(none)'}, behind the backup's {behind}")
+        return _diverged(increment, f"this server's binlog is at GTID {now or '(none)'}, behind the backup's {behind}")
     if found is not None and _gtid_set(str(found)) != _gtid_set(gtid):
-        raise _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found or '(none)'}, "
-                                   f"the backup's was {gtid or '(none)'}")
+        return _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found or '(none)'}, "
+                                    f"the backup's was {gtid or '(none)'}")
+    return None
 
 
 def _behind(now: set[str], then: set[str]) -> str | None:
@@ -250,10 +251,9 @@ def _gtid_set(text: str) -> set[str]:
     return {part.strip() for part in text.split(",") if part.strip()}
 
 
-def _diverged(increment: Increment, why: str) -> DriverError:
-    return DriverError(f"backup {increment.parent} is not in this server's history ({why}): the server was "
-                       "restored to an earlier point or replaced since, and an incremental against it would miss "
-                       "changes", hint="take a full backup (`backupd backup JOB --type full`)")
+def _diverged(increment: Increment, why: str) -> str:
+    return (f"backup {increment.parent} is not in this server's history ({why}): the server was restored to an "
+            "earlier point or replaced since, and an incremental against it would miss changes")
 
 
 def read_checkpoints(directory: Path) -> dict[str, int]:
@@ -285,7 +285,6 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
             if increment.server != info.key:
                 raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
                                   f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
-            check_continuity(conn, increment, info.log_bin)
         tables = base_tables(conn, chosen) if increment is None else []  # an increment counts nothing
         all_innodb = bool(tables) and _all_innodb(conn, chosen)
     finally:
@@ -326,8 +325,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
     if increment is not None and lsns["from_lsn"] != increment.lsn:
         raise DriverError(f"{tool.name} copied from LSN {lsns['from_lsn']}, not the {increment.lsn} asked for")
     if increment is not None and lsns.get("last_lsn", lsns["to_lsn"]) < increment.end:  # went back meanwhile
-        raise _diverged(increment, f"this copy ended at LSN {lsns.get('last_lsn', lsns['to_lsn'])}, before "
-                                   f"the backup's {increment.end}")
+        raise DriverError(_diverged(increment, f"this copy ended at LSN {lsns.get('last_lsn', lsns['to_lsn'])}, "
+                                               f"before the backup's {increment.end}"),
+                          hint="take a full backup (`backupd backup JOB --type full`)")
     match = None
     for match in POSITION_RE.finditer(log_text):
         pass
