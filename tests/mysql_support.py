@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -203,3 +204,27 @@ def scratch_server(datadir: Path, rundir: Path) -> Iterator[Any]:
     with MariadbScratch(datadir, rundir, lambda dirs: SandboxPolicy().for_scratch(dirs, user=user),
                         ["--skip-grant-tables"]) as server:
         yield server
+
+
+@contextlib.contextmanager
+def writing(source: Mariadb, table: str) -> Iterator[None]:
+    """A client inserting into ``table`` every few milliseconds for as long as the block runs."""
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = source.connect()
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute(f"INSERT INTO {table} (v) VALUES (1)")
+                    time.sleep(0.005)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)

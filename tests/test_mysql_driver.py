@@ -19,7 +19,7 @@ import pytest
 from backupd.context import JobContext
 from backupd.settings import load_settings
 from core_fixtures import Keys
-from mysql_support import PASSWORD, Mariadb, cmdlines, open_dir, scratch_server, started, wait_for
+from mysql_support import PASSWORD, Mariadb, cmdlines, open_dir, scratch_server, started, wait_for, writing
 from support import error_lines, require_tool, run_backupd, stored_report, write_config
 
 pytestmark = pytest.mark.usefixtures("tools")
@@ -432,25 +432,8 @@ def test_physical_counts_under_writes_come_from_the_copys_own_point(source: Mari
     source.sql("CREATE DATABASE busy1", "CREATE TABLE busy1.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
     source.sql("INSERT INTO t (v) SELECT seq FROM seq_1_to_5000", database="busy1")
     job = make_job(tmp_path, keys, source, ["busy1"], method="physical")
-    stop = threading.Event()
-
-    def writer() -> None:
-        conn = source.connect("busy1")
-        try:
-            with conn.cursor() as cur:
-                while not stop.is_set():
-                    cur.execute("INSERT INTO t (v) VALUES (1)")
-                    time.sleep(0.005)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
+    with writing(source, "busy1.t"):
         shown = manifest(job, backup(job))
-    finally:
-        stop.set()
-        thread.join(30)
     note = shown["metadata"]["row_counts_note"]
     assert not note.startswith("counted during the copy"), note
     if shown["row_counts"]:  # else: commits slipped in as the copy ended, and the manifest says so

@@ -4,10 +4,8 @@ and a backup whose parent is gone refused naming it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from core_fixtures import Keys
-from mysql_support import Mariadb, scratch_server, started
+from mysql_support import Mariadb, scratch_server, started, writing
 from support import error_lines, run_backupd
 from test_mysql_driver import RunningArchiver, backup, make_job, manifest, reachable, tools  # noqa: F401
 from test_mysql_pitr import next_second
@@ -189,31 +187,6 @@ def test_an_incr_counts_no_rows_and_verifies_without_counts(source: Mariadb, tmp
 
     verified = run_backupd("verify", "shop", "--backup", busy_incr, config=job.config, timeout=600)
     assert verified.code == 0, verified.out + verified.err
-
-@contextlib.contextmanager
-def writing(source: Mariadb, table: str) -> Iterator[None]:
-    """A client inserting into ``table`` every few milliseconds for as long as the block runs."""
-    stop = threading.Event()
-
-    def writer() -> None:
-        conn = source.connect()
-        try:
-            with conn.cursor() as cur:
-                while not stop.is_set():
-                    cur.execute(f"INSERT INTO {table} (v) VALUES (1)")
-                    time.sleep(0.005)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(30)
-
-
 @pytest.mark.parametrize("after_restore", ["nothing", "enough writes to pass the newest backup's LSN"])
 def test_an_incr_after_the_server_went_back_to_an_earlier_point_takes_a_full(
         tmp_path: Path, keys: Keys, reachable: Path, after_restore: str) -> None:
