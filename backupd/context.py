@@ -105,7 +105,7 @@ class JobContext:
         return self.repository.manifests()
 
     def sandbox_policy(self) -> SandboxPolicy:
-        """The job's sandbox mode; every secret and state path of this configuration stays hidden in it."""
+        """The job's sandbox mode and memory limit; every secret and state path of this configuration stays hidden."""
         hidden = [self.state_dir]
         if self.settings.source is not None:
             hidden.append(Path(self.settings.source).resolve().parent)
@@ -117,7 +117,8 @@ class JobContext:
             secret = getattr(self.settings.driver_options(name), "password_file", None)
             if secret is not None:
                 hidden.append(Path(secret))
-        return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden))
+        return SandboxPolicy(self.job.verify.sandbox, tuple(Path(os.path.abspath(p)) for p in hidden),
+                             self.job.verify.memory_limit)
 
     @contextlib.contextmanager
     def one_listing(self) -> Iterator[None]:

@@ -11,6 +11,13 @@ backupd. When backupd runs as root, the server runs as an unprivileged OS user.
 
 ``verify.sandbox = "off"`` runs the same argv without bubblewrap (still as the
 unprivileged user); it must be chosen explicitly.
+
+Sandboxed or not, every scratch process runs with oom_score_adj 1000 (under memory
+pressure the kernel kills it first, never the production server beside it) and an
+RLIMIT_DATA of ``verify.memory_limit`` (default half the host's memory): content that
+allocates without end gets an allocation failure inside the scratch server, which
+verification reports, before the host swaps or its OOM killer acts. RLIMIT_DATA counts
+private writable memory, not shared memory such as PostgreSQL's shared_buffers.
 """
 
 from __future__ import annotations
@@ -37,10 +44,13 @@ USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 HINT = ("install bubblewrap (Debian: bubblewrap) and allow unprivileged user namespaces, "
         "or set verify.sandbox = \"off\" for this job to run scratch servers unsandboxed")
+#: Every scratch process's oom_score_adj: the first the OOM killer takes.
+OOM_SCORE_ADJ = 1000
+LIMITS_HINT = "install util-linux (Debian: util-linux), which has prlimit and choom"
 
 
 class SandboxUnavailable(DriverError):
-    """bubblewrap is missing or cannot create its namespaces here."""
+    """bubblewrap is missing or cannot create its namespaces here, or prlimit/choom are missing."""
 
 
 def unprivileged_user(preferred: str | None, defaults: Sequence[str] = ()) -> str | None:
@@ -85,10 +95,15 @@ class Sandbox:
     hidden: tuple[Path, ...] = ()
     enabled: bool = True
     env: tuple[tuple[str, str], ...] = field(default=())
+    #: RLIMIT_DATA of every process it runs, which also get oom_score_adj 1000, bubblewrap or not;
+    #: None (servers that are not scratch servers: the tests' primaries): neither.
+    memory_limit: int | None = None
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """The argv that runs ``argv`` inside this sandbox (as ``user`` when backupd is root)."""
         prefix = ["runuser", "-u", self.user, "--"] if self.user and os.geteuid() == 0 else []
+        if self.memory_limit is not None:
+            prefix += bounds_argv(self.memory_limit)
         if not self.enabled:
             return [*prefix, *argv]
         return [*prefix, *bwrap_argv(self), "--", *argv]
@@ -138,32 +153,64 @@ def bwrap_path() -> str:
     return path
 
 
+def bounds_argv(memory_limit: int) -> list[str]:
+    """prlimit and choom, run as the scratch user (lowering a limit, raising oom_score_adj need no privilege)."""
+    prlimit, choom = limit_tools()
+    return [prlimit, f"--data={memory_limit}:{memory_limit}", "--", choom, "-n", str(OOM_SCORE_ADJ), "--"]
+
+
+@functools.lru_cache(maxsize=None)
+def limit_tools() -> tuple[str, str]:
+    """The paths of prlimit and choom (util-linux); SandboxUnavailable naming the one missing."""
+    found = []
+    for name in ("prlimit", "choom"):
+        path = shutil.which(name)
+        if not path:
+            raise SandboxUnavailable(f"{name}: not found on PATH; verification bounds the memory of scratch servers "
+                                     "with util-linux's prlimit and choom", hint=LIMITS_HINT)
+        found.append(path)
+    return found[0], found[1]
+
+
+def host_memory_limit() -> int:
+    """The default ``verify.memory_limit``: half the host's memory (MemTotal)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
 @dataclass(frozen=True)
 class SandboxPolicy:
     """The core's decision for a job: sandboxed or not, and the host paths that must never be visible."""
 
     mode: SandboxMode = "bwrap"
     hidden: tuple[Path, ...] = ()
+    #: ``verify.memory_limit``; None: half the host's memory
+    memory_limit: int | None = None
 
     def for_scratch(self, writable: Sequence[Path], *, user: str | None, readable: Sequence[Path] = (),
                     env: Mapping[str, str] | None = None) -> Sandbox:
-        """A sandbox for one scratch server; SandboxUnavailable when bubblewrap cannot run here."""
+        """A sandbox for one scratch server; SandboxUnavailable when bubblewrap (or prlimit, choom) cannot run here."""
         box = Sandbox(tuple(Path(p) for p in writable), user, tuple(Path(p) for p in readable), self.hidden,
-                      self.mode == "bwrap", tuple((env or {}).items()))
+                      self.mode == "bwrap", tuple((env or {}).items()), self.memory_limit or host_memory_limit())
         if box.enabled:
             problem = probe(user)
             if problem:
                 raise SandboxUnavailable(f"the verification sandbox cannot start: {problem}", hint=HINT)
+        limit_tools()
         return box
 
     def describe(self, user: str | None = None) -> tuple[bool, str]:
         """For ``backupd check``: (usable, what it is)."""
+        try:
+            limit_tools()
+        except SandboxUnavailable as exc:
+            return False, str(exc)
+        bounds = f"; memory limit {(self.memory_limit or host_memory_limit()) >> 20} MiB a process"
         if self.mode == "off":
-            return True, "off (verify.sandbox = \"off\": scratch servers run unsandboxed)"
+            return True, "off (verify.sandbox = \"off\": scratch servers run unsandboxed)" + bounds
         problem = probe(user)
         if problem:
             return False, f"bwrap unavailable: {problem}"
-        return True, f"bwrap ({bwrap_path()})"
+        return True, f"bwrap ({bwrap_path()})" + bounds
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backupd import plugins, sshsig
@@ -25,6 +25,7 @@ from backupd.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from backupd.redact import describe_url, redact, url_password_problem
 from backupd.chain import INCREMENTAL_METHODS, supports_types
 from backupd.schedule import parse_schedule
+from backupd.sizes import MiB, parse_size
 from backupd.timeutil import parse_duration
 
 JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -148,6 +149,8 @@ class VerifySettings(Strict):
     checks: list[str] = []
     #: scratch servers run in a bubblewrap sandbox; "off" only where it cannot run, chosen explicitly
     sandbox: Literal["bwrap", "off"] = "bwrap"
+    #: RLIMIT_DATA of every scratch process (sandboxed or not); None: half the host's memory (``backupd.sandbox``)
+    memory_limit: Annotated[int, BeforeValidator(parse_size), Field(ge=64 * MiB)] | None = None
     full_read_interval: dt.timedelta = dt.timedelta(days=30)
     timeout: dt.timedelta = dt.timedelta(hours=2)
 

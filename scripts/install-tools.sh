@@ -20,6 +20,8 @@ declare -A PACKAGE_OF=(
   [promtool]=prometheus
   [systemd-analyze]=systemd
   [bwrap]=bubblewrap
+  [prlimit]=util-linux
+  [choom]=util-linux
   [ssh-keygen]=openssh-client
   [faketime]=faketime
 )

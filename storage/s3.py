@@ -42,21 +42,18 @@ from botocore.exceptions import (EndpointConnectionError, HTTPClientError, NoCre
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from backupd.errors import ObjectChanged, ObjectExists, ObjectLocked, ObjectNotFound, StorageError, StorageUnavailable
+from backupd.sizes import GiB, MiB, parse_size
 from backupd.storage import (LOCKED_INDEFINITELY, Metadata, ObjectInfo, Readable, Storage, Versioned, check_key,
                              resolve_metadata)
 from backupd.timeutil import format_timestamp
 
 log = structlog.get_logger(__name__)
 
-MiB = 1 << 20
-GiB = 1 << 30
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 READ_BUFFER = 1 * MiB  # for open()
 BODY_READ = 256 << 10  # largest read of a part's body
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_SIZE = re.compile(r"\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*", re.IGNORECASE)
-_UNITS = {None: 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 
 _PART_CHECKSUMS = {"ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"}
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
@@ -75,15 +72,6 @@ _CLIENT_ERRORS = [
     ({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"},
      StorageUnavailable, "{endpoint}: server unavailable ({code}, {tries})"),
 ]
-
-def parse_size(value: object) -> object:
-    """``"16MiB"``, ``"8M"``, ``"5 GB"`` -> bytes. Units are binary, as in the AWS CLI."""
-    if not isinstance(value, str):
-        return value
-    match = _SIZE.fullmatch(value)
-    if not match:
-        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '16MiB')")
-    return int(match[1]) * _UNITS[match[2] and match[2].lower()]
 
 
 class S3Options(BaseModel):

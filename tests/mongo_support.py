@@ -175,13 +175,15 @@ class FakeServer:
 #: A stand-in ``mongod`` for verification tests: Debian's /usr/bin/python3 and the standard library only
 #: (the sandbox sees /usr, not the test's virtual environment). It answers pymongo's handshake, buildInfo,
 #: ping and listDatabases (empty) on mongod's unix socket, ``<prefix>/mongodb-<port>.sock``, and writes
-#: what it can see of the host to ``<dbpath>/standin.json``: the sandbox proof.
+#: what it can see of the host, its arguments and its memory bounds to ``<dbpath>/standin.json``: the sandbox proof.
 STANDIN_MONGOD = r'''#!/usr/bin/python3
-import json, os, socket, struct, sys, threading
+import json, os, resource, socket, struct, sys, threading
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 dbpath, port, prefix = args["--dbpath"], args["--port"], args["--unixSocketPrefix"]
 PROBES = __PROBES__
-seen = {"uid": os.getuid(), "visible": {p: os.path.exists(p) for p in PROBES},
+seen = {"uid": os.getuid(), "visible": {p: os.path.exists(p) for p in PROBES}, "args": args,
+        "oom_score_adj": open("/proc/self/oom_score_adj").read().strip(),
+        "rlimit_data": resource.getrlimit(resource.RLIMIT_DATA),
         "root": sorted(os.listdir("/root")) if os.path.isdir("/root") else None}
 with open(os.path.join(dbpath, "standin.json"), "w") as out:
     json.dump(seen, out)

@@ -2,8 +2,8 @@
 
 No real mongod can be installed on the machines these tests run on (see
 ENVIRONMENT.md). This program takes mongod's own arguments (``--dbpath --port
---bind_ip --logpath --replSet --unixSocketPrefix``) and serves SecantusDB on
-them, adding exactly three things SecantusDB 0.7.0b3 lacks:
+--bind_ip --logpath --replSet --unixSocketPrefix``; ``--wiredTigerCacheSizeGB`` is
+ignored) and serves SecantusDB on them, adding exactly three things SecantusDB 0.7.0b3 lacks:
 
 1. ``applyOps`` (what ``mongorestore --oplogReplay`` sends): each ``i``/``u``/``d``
    entry is applied through SecantusDB's own insert/update/delete commands, an
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logpath")
     parser.add_argument("--replSet")
     parser.add_argument("--unixSocketPrefix", default="/tmp")
+    parser.add_argument("--wiredTigerCacheSizeGB", type=float, help="accepted as mongod does; SecantusDB ignores it")
     parser.add_argument("--oplogMaxEntries", type=int, default=100_000,
                         help="stand-in only: SecantusDB's oplog cap, so tests can roll the oplog over")
     parser.add_argument("--version", action="store_true")

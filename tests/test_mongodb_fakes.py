@@ -29,6 +29,7 @@ import drivers.mongodb.driver as mongo_driver
 from backupd import metrics
 from backupd.cli.main import main
 from backupd.context import JobContext
+from backupd.sandbox import host_memory_limit
 from backupd.settings import load_settings
 from core_fixtures import Keys
 from drivers.mongodb.oplog import OplogArchiver, Slice, find_gaps, list_slices, ts_text
@@ -373,6 +374,8 @@ def test_verify_runs_the_scratch_mongod_sandboxed(job: MongoJob, standin: Path, 
     assert not seen["root"]
     if os.geteuid() == 0:
         assert seen["uid"] != 0
+    assert seen["args"]["--wiredTigerCacheSizeGB"] == "0.25"  # not WiredTiger's default (half the RAM less 1 GB)
+    assert seen["oom_score_adj"] == "1000" and seen["rlimit_data"] == [host_memory_limit()] * 2
     restore = tool_calls(job.log)[-1]
     assert restore["tool"] == "mongorestore" and re.search(r'uri: "mongodb://%2F.*mongodb-\d+\.sock', restore["config"])
     assert not children.live()

@@ -144,6 +144,7 @@ def test_example_config_is_valid_and_shows_every_key() -> None:
     assert settings.signing.key_file is not None and settings.signing.public_keys(), "the example signs by default"
 
 
-@pytest.mark.parametrize("tool, package", [("promtool", "prometheus"), ("systemd-analyze", "systemd")])
+@pytest.mark.parametrize("tool, package", [("promtool", "prometheus"), ("systemd-analyze", "systemd"),
+                                           ("prlimit", "util-linux"), ("choom", "util-linux")])
 def test_install_tools_knows_the_packages(tool: str, package: str) -> None:
     assert f"[{tool}]={package}" in (REPO_ROOT / "scripts" / "install-tools.sh").read_text()

@@ -40,6 +40,9 @@ from drivers.mongodb.options import SCHEMES, MongodbOptions
 from drivers.mongodb.server import MongoServer
 
 STREAM = "archive"
+#: The scratch mongod's WiredTiger cache (GB, mongod's least): its default, half the host's memory
+#: less 1 GB, would compete with the production server beside it.
+SCRATCH_CACHE_GB = "0.25"
 
 
 def _user_collections(counts: dict[str, int]) -> dict[str, int]:
@@ -318,7 +321,8 @@ def scratch_mongod(driver: MongodbDriver, scratch: Path) -> Iterator[str]:
         sandbox = driver.scratch_sandbox([scratch, sock_dir], readable)
         uri = f"mongodb://{quote(str(sock_dir / f'mongodb-{port}.sock'), safe='')}/?directConnection=true"
         argv = [path, "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",
-                "--logpath", str(scratch / "mongod.log"), "--unixSocketPrefix", str(sock_dir)]
+                "--logpath", str(scratch / "mongod.log"), "--unixSocketPrefix", str(sock_dir),
+                "--wiredTigerCacheSizeGB", SCRATCH_CACHE_GB]
         with ScratchServer("mongod", argv, sandbox, ready=lambda: _answers(uri), log=scratch / "mongod.log"):
             yield uri
     finally:
