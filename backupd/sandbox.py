@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import resource
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +155,15 @@ def bwrap_path() -> str:
 
 
 def bounds_argv(memory_limit: int) -> list[str]:
-    """prlimit and choom, run as the scratch user (lowering a limit, raising oom_score_adj need no privilege)."""
+    """prlimit and choom, run as the scratch user (lowering a limit, raising oom_score_adj need no privilege).
+
+    A lower hard limit backupd already runs under (``LimitDATA=`` of its unit) is kept: the
+    scratch user could not raise it, and prlimit would fail instead of starting the server.
+    """
     prlimit, choom = limit_tools()
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    if hard != resource.RLIM_INFINITY:
+        memory_limit = min(memory_limit, hard)
     return [prlimit, f"--data={memory_limit}:{memory_limit}", "--", choom, "-n", str(OOM_SCORE_ADJ), "--"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -150,3 +151,24 @@ def test_a_restore_that_allocates_without_end_fails_verification(attacker: PgEnv
     assert again.code == 0, again.out + again.err
     assert latest_report(env)["result"] == "passed"
 
+
+
+def test_a_lower_hard_limit_backupd_runs_under_is_kept() -> None:
+    """Under a unit's LimitDATA= the scratch user cannot raise the hard limit: prlimit would fail to start it."""
+    import resource
+    import subprocess
+
+    from backupd.sandbox import bounds_argv
+
+    hard = 300 << 20
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+
+    argv = [sys.executable, "-c", "import sys; from backupd.sandbox import bounds_argv; "
+            "print(' '.join(bounds_argv(1 << 30)))"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, preexec_fn=lowered,
+                         cwd=str(Path(__file__).resolve().parent.parent)).stdout
+    assert f"--data={hard}:{hard}" in out
+    if resource.getrlimit(resource.RLIMIT_DATA)[1] == resource.RLIM_INFINITY:
+        assert f"--data={1 << 30}:{1 << 30}" in bounds_argv(1 << 30)
