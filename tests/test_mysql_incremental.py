@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from core_fixtures import Keys
-from mysql_support import Mariadb, scratch_server, started, writing
+from mysql_support import Mariadb, scratch_server, started, wait_for, writing
 from support import error_lines, run_backupd
 from test_mysql_driver import RunningArchiver, backup, make_job, manifest, reachable, tools  # noqa: F401
 from test_mysql_pitr import next_second
@@ -222,7 +222,7 @@ def test_an_incr_after_the_server_went_back_to_an_earlier_point_takes_a_full(
         warning = next(json.loads(line) for line in taken.err.splitlines() if '"warning"' in line)
         assert warning["event"].startswith(f"taking a full backup instead of an incr: backup {newest} is not in this "
                                            "server's history (")
-        assert ("LSN" if after_restore == "nothing" else "binlog") in warning["event"], warning
+        assert ("LSN" if after_restore == "nothing" else "GTID") in warning["event"], warning
 
         server.sql("INSERT INTO t (v) VALUES ('d')", database="back")
         incr = backup(job, "--type", "incr")
@@ -235,6 +235,35 @@ def test_an_incr_after_the_server_went_back_to_an_earlier_point_takes_a_full(
     finally:
         server.destroy()
 
+
+def test_an_incr_of_a_replica_is_an_incr(tmp_path: Path, keys: Keys) -> None:
+    """A replica without log_slave_updates binlogs none of what it replicates: its gtid_binlog_pos lacks the
+    domain that mariadb-backup records (gtid_current_pos). That is one continuous history, not a restore."""
+    primary, replica = started(log_bin=True, server_id=51), started(log_bin=True, server_id=52)
+    try:
+        primary.sql("CREATE DATABASE rep", "CREATE TABLE rep.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)",
+                    "INSERT INTO rep.t (v) VALUES (1), (2)")
+        replica.sql(f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port}, MASTER_USER='root', "
+                    "MASTER_USE_GTID=slave_pos", "START SLAVE")
+
+        def caught_up() -> bool:
+            return replica.sql("SELECT @@gtid_slave_pos")[0][0] == primary.sql("SELECT @@gtid_binlog_pos")[0][0]
+
+        wait_for(caught_up, 60, "the replica caught up")
+        # what it replicated is not in its binlog: the two positions differ, in the one domain both use
+        assert replica.sql("SELECT @@gtid_binlog_pos")[0][0] != replica.sql("SELECT @@gtid_current_pos")[0][0]
+        job = make_job(tmp_path, keys, replica, ["rep"], method="physical")
+        full = backup(job)
+        primary.sql("INSERT INTO rep.t (v) VALUES (3)")
+        wait_for(caught_up, 60, "the replica caught up")
+        taken = run_backupd("backup", "shop", "--type", "incr", config=job.config)
+        assert taken.code == 0, taken.err
+        assert '"warning"' not in taken.err, taken.err
+        shown = manifest(job, taken.out.strip())["metadata"]
+        assert (shown["type"], shown["parent"]) == ("incr", full)
+    finally:
+        replica.destroy()
+        primary.destroy()
 
 def test_a_parents_hostile_binlog_coordinates_are_not_compared_or_echoed() -> None:
     from drivers.mysql.physical import parent_lsn

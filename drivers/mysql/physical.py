@@ -208,10 +208,14 @@ def continuity_problem(conn: pymysql.connections.Connection, increment: Incremen
     A server restored to an earlier point (or replaced by one with the same server id) keeps
     its id, but an increment against a backup of the lost history would silently miss every
     page changed since the restore point whose LSN is below the parent's checkpoint. Signs of
-    it, each certain where it shows: InnoDB's current LSN below where the parent's copy ended
-    (LSNs only grow), a GTID domain of the server's binlog behind the parent's (sequence
-    numbers only grow), and the server's binlog holding other transactions at the parent's
-    binlog coordinates (``BINLOG_GTID_POS``; a purged or shorter file tells nothing).
+    it, each impossible on one continuous history:
+
+    - InnoDB's current LSN below where the parent's copy ended (LSNs only grow);
+    - a GTID domain of ``gtid_current_pos`` (what mariadb-backup records) missing or behind;
+    - the server's binlog at the parent's coordinates (``BINLOG_GTID_POS``) ahead of the parent
+      in a domain, or behind it in a domain that replication does not feed (a replica without
+      ``log_slave_updates`` binlogs less than its ``gtid_current_pos``); a purged or shorter
+      binlog file tells nothing.
     """
     rows = query(conn, "SHOW GLOBAL STATUS LIKE 'Innodb_lsn_current'")
     current = int(rows[0][1]) if rows and str(rows[0][1]).isdigit() else None
@@ -220,35 +224,34 @@ def continuity_problem(conn: pymysql.connections.Connection, increment: Incremen
     if increment.binlog is None or not log_bin:  # binary logging off now: its GTID state tells nothing
         return None
     file, position, gtid = increment.binlog
+    then = _seqs(gtid)
     try:
-        now = str(scalar(conn, "SELECT @@gtid_binlog_pos") or "")
+        now = str(scalar(conn, "SELECT @@gtid_current_pos") or "")
+        replicated = _seqs(str(scalar(conn, "SELECT @@gtid_slave_pos") or ""))
         found = scalar(conn, "SELECT BINLOG_GTID_POS(%s, %s)", (file, position))
     except pymysql.MySQLError:  # the file unreadable: nothing to compare
         return None
-    if behind := _behind(_gtid_set(now), _gtid_set(gtid)):
-        return _diverged(increment, f"this server's binlog is at GTID {now or '(none)'}, behind the backup's {behind}")
-    if found is not None and _gtid_set(str(found)) != _gtid_set(gtid):
-        return _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found or '(none)'}, "
-                                    f"the backup's was {gtid or '(none)'}")
+    reached = _seqs(now)
+    for domain, seq in sorted(then.items()):
+        if reached.get(domain, -1) < seq:
+            return _diverged(increment, f"this server's GTID position is {now or '(none)'}, behind the backup's "
+                                        f"{gtid} in domain {domain}")
+    for domain, seq in sorted(_seqs(str(found or "")).items()):
+        if domain not in then or seq > then[domain] or (seq < then[domain] and domain not in replicated):
+            return _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found}, the "
+                                        f"backup's was {gtid or '(none)'}")
     return None
 
 
-def _behind(now: set[str], then: set[str]) -> str | None:
-    """The first ``domain-server-seq`` of ``then`` whose domain ``now`` lacks or holds at a lower sequence number."""
-    reached: dict[str, int] = {}
-    for item in now:
-        domain, _, seq = item.rpartition("-")
-        if seq.isdigit():
-            reached[domain.partition("-")[0]] = max(reached.get(domain.partition("-")[0], 0), int(seq))
-    for item in sorted(then):
-        domain, _, seq = item.rpartition("-")
-        if seq.isdigit() and reached.get(domain.partition("-")[0], -1) < int(seq):
-            return item
-    return None
-
-
-def _gtid_set(text: str) -> set[str]:
-    return {part.strip() for part in text.split(",") if part.strip()}
+def _seqs(gtids: str) -> dict[str, int]:
+    """``domain-server-seq,...`` as {domain: seq} (the greatest per domain)."""
+    found: dict[str, int] = {}
+    for item in gtids.split(","):
+        domain, _, rest = item.strip().partition("-")
+        seq = rest.rpartition("-")[2]
+        if domain.isdigit() and seq.isdigit():
+            found[domain] = max(found.get(domain, 0), int(seq))
+    return found
 
 
 def _diverged(increment: Increment, why: str) -> str:
