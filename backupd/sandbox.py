@@ -194,11 +194,16 @@ class SandboxPolicy:
     #: ``verify.memory_limit``; None: half the host's memory
     memory_limit: int | None = None
 
+    @property
+    def scratch_memory(self) -> int:
+        """The RLIMIT_DATA every scratch process of this policy gets."""
+        return self.memory_limit or host_memory_limit()
+
     def for_scratch(self, writable: Sequence[Path], *, user: str | None, readable: Sequence[Path] = (),
                     env: Mapping[str, str] | None = None) -> Sandbox:
         """A sandbox for one scratch server; SandboxUnavailable when bubblewrap (or prlimit, choom) cannot run here."""
         box = Sandbox(tuple(Path(p) for p in writable), user, tuple(Path(p) for p in readable), self.hidden,
-                      self.mode == "bwrap", tuple((env or {}).items()), self.memory_limit or host_memory_limit())
+                      self.mode == "bwrap", tuple((env or {}).items()), self.scratch_memory)
         if box.enabled:
             problem = probe(user)
             if problem:
@@ -212,7 +217,7 @@ class SandboxPolicy:
             limit_tools()
         except SandboxUnavailable as exc:
             return False, str(exc)
-        bounds = f"; memory limit {(self.memory_limit or host_memory_limit()) >> 20} MiB a process"
+        bounds = f"; memory limit {self.scratch_memory >> 20} MiB a process"
         if self.mode == "off":
             return True, "off (verify.sandbox = \"off\": scratch servers run unsandboxed)" + bounds
         problem = probe(user)

@@ -4,7 +4,6 @@ commands that need one backup cost the same number of storage requests however m
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import threading
@@ -23,13 +22,10 @@ from backupd.settings import load_settings
 from backupd.sshsig import SigningKey
 from backupd.storage import Storage
 from core_fixtures import SqliteJob, sqlite_job_config
+from scale_support import scale, scale_storage
 from support import run_backupd
 from test_signed_backups import HOST_A, Signed, backup, forge, read, signed  # noqa: F401 (fixture)
 
-_spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "bench" / "scale.py")
-assert _spec is not None and _spec.loader is not None
-scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale)
 
 
 def listed(config: Path) -> list[str]:
@@ -206,14 +202,7 @@ def test_per_backup_commands_cost_the_same_requests_at_any_size(kind: str, tmp_p
     for backups in (5, 60):
         work = tmp_path / str(backups)
         work.mkdir()
-        if kind == "s3":
-            endpoint = request.getfixturevalue("moto_server")
-            bucket = f"scale-{backups}"
-            scale.build_s3(endpoint, bucket, backups, 20)
-            table: dict[str, object] = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint}
-        else:
-            scale.build_fs(work / "repo", backups, 20)
-            table = {"type": "filesystem", "path": str(work / "repo")}
+        table = scale_storage(kind, work, request, f"scale-{backups}", backups, 20)
         config = sqlite_job_config(work, keys, table, work / "db.sqlite3")
         ctx = JobContext(load_settings(config), "shop")
         assert len(ctx.repository.backup_ids()) == backups  # the first read builds the index

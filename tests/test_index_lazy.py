@@ -13,7 +13,7 @@ from backupd.context import JobContext
 from backupd.index import IndexedBackup
 from backupd.settings import load_settings
 from core_fixtures import sqlite_job_config
-from test_index import scale
+from scale_support import scale
 
 BACKUPS = 40
 #: Backup N starts at hour N and finishes a minute later: at hour 17.5 the newest finished one is backup 17.

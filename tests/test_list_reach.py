@@ -6,7 +6,6 @@ with the archive behind the checkpoint."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -22,13 +21,10 @@ from backupd.settings import load_settings
 from backupd.storage import Storage
 from backupd.timeutil import format_timestamp
 from core_fixtures import Repo, sqlite_job_config
+from scale_support import scale, scale_storage
 from storage.filesystem import FilesystemStorage
 from support import write_config
 
-_spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "bench" / "scale.py")
-assert _spec is not None and _spec.loader is not None
-scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale)
 
 SEGMENT_SIZE = 16 << 20
 
@@ -202,14 +198,7 @@ def test_list_costs_the_same_requests_however_many_logs_lie_behind_the_checkpoin
     for wal in (30, 3000):
         work = tmp_path / str(wal)
         work.mkdir()
-        if kind == "s3":
-            endpoint = request.getfixturevalue("moto_server")
-            bucket = f"reach-{wal}"
-            scale.build_s3(endpoint, bucket, 6, wal, pitr=True, flat=True)
-            table: dict[str, object] = {"type": "s3", "bucket": bucket, "prefix": "prod/", "endpoint_url": endpoint}
-        else:
-            scale.build_fs(work / "repo", 6, wal, pitr=True, flat=True)
-            table = {"type": "filesystem", "path": str(work / "repo")}
+        table = scale_storage(kind, work, request, f"reach-{wal}", 6, wal, pitr=True, flat=True)
         config = sqlite_job_config(work, keys, table, work / "db.sqlite3")
         assert main(["--config", str(config), "--log-level", "error", "list", "shop"]) == 0  # records the summary
         assert summary_of(config)["wal"]["checkpoint"] == scale.wal_name(wal - 1)

@@ -51,6 +51,7 @@ import pymysql
 from backupd.errors import DriverError
 from backupd.sandbox import Sandbox
 from backupd.tool import DEVNULL, PIPE, Tool
+from drivers.mysql.binlog import gtid_state
 from drivers.mysql.client import ContentRejected, Credentials, check_content, query, scalar, tool_path, version_of
 from drivers.mysql.logical import base_tables, count_rows, server_info, user_databases
 
@@ -61,7 +62,6 @@ COPY_CHUNK = 1 << 20
 #: The line ``mariadb-backup --version`` prints, which it also writes at the top of every copy's log.
 VERSION_RE = re.compile(rb"^(\S+ based on MariaDB server [^\n]*)$", re.M)
 TRX_COUNTER_RE = re.compile(r"^Trx id counter (\d+)", re.M)
-GTID_LIST_RE = re.compile(r"(?:\d{1,10}-\d{1,10}-\d{1,20}(?:,\d{1,10}-\d{1,10}-\d{1,20})*)?")
 BINLOG_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 #: How often the copy's watcher checks whether the early count is still worth finishing.
 COUNTER_POLL_SECONDS = 1.0
@@ -193,13 +193,23 @@ def parent_lsn(manifest_id: str, metadata: dict[str, Any]) -> Increment:
     end = metadata.get("last_lsn")
     if not isinstance(end, int) or isinstance(end, bool) or end < lsn:
         end = lsn
-    binlog = metadata.get("binlog")
-    where = None
-    if isinstance(binlog, dict) and isinstance(binlog.get("file"), str) and BINLOG_NAME_RE.fullmatch(binlog["file"]) \
-            and isinstance(binlog.get("gtid"), str) and GTID_LIST_RE.fullmatch(binlog["gtid"]) \
-            and isinstance(binlog.get("position"), int) and not isinstance(binlog.get("position"), bool):
-        where = (binlog["file"], binlog["position"], binlog["gtid"])  # else (a hostile manifest's) nothing to check
-    return Increment(manifest_id, server, lsn, end, where)
+    return Increment(manifest_id, server, lsn, end, _binlog_coordinates(metadata.get("binlog")))
+
+
+def _binlog_coordinates(recorded: object) -> tuple[str, int, str] | None:
+    """A manifest's ``binlog`` (file, position, GTID list) if well formed; None (nothing to check) for
+    anything else, such as a hostile manifest's text."""
+    if not isinstance(recorded, dict):
+        return None
+    file, position, gtid = recorded.get("file"), recorded.get("position"), recorded.get("gtid")
+    if not (isinstance(file, str) and BINLOG_NAME_RE.fullmatch(file) and isinstance(gtid, str)
+            and isinstance(position, int) and not isinstance(position, bool)):
+        return None
+    try:
+        gtid_state(gtid)
+    except ValueError:
+        return None
+    return file, position, gtid
 
 
 def continuity_problem(conn: pymysql.connections.Connection, increment: Increment, log_bin: bool) -> str | None:
@@ -224,34 +234,23 @@ def continuity_problem(conn: pymysql.connections.Connection, increment: Incremen
     if increment.binlog is None or not log_bin:  # binary logging off now: its GTID state tells nothing
         return None
     file, position, gtid = increment.binlog
-    then = _seqs(gtid)
+    then = gtid_state(gtid)
     try:
         now = str(scalar(conn, "SELECT @@gtid_current_pos") or "")
-        replicated = _seqs(str(scalar(conn, "SELECT @@gtid_slave_pos") or ""))
+        replicated = gtid_state(str(scalar(conn, "SELECT @@gtid_slave_pos") or ""))
         found = scalar(conn, "SELECT BINLOG_GTID_POS(%s, %s)", (file, position))
     except pymysql.MySQLError:  # the file unreadable: nothing to compare
         return None
-    reached = _seqs(now)
+    reached = gtid_state(now)
     for domain, seq in sorted(then.items()):
         if reached.get(domain, -1) < seq:
             return _diverged(increment, f"this server's GTID position is {now or '(none)'}, behind the backup's "
                                         f"{gtid} in domain {domain}")
-    for domain, seq in sorted(_seqs(str(found or "")).items()):
+    for domain, seq in sorted(gtid_state(str(found or "")).items()):
         if domain not in then or seq > then[domain] or (seq < then[domain] and domain not in replicated):
             return _diverged(increment, f"this server's binlog at {file}:{position} is at GTID {found}, the "
                                         f"backup's was {gtid or '(none)'}")
     return None
-
-
-def _seqs(gtids: str) -> dict[str, int]:
-    """``domain-server-seq,...`` as {domain: seq} (the greatest per domain)."""
-    found: dict[str, int] = {}
-    for item in gtids.split(","):
-        domain, _, rest = item.strip().partition("-")
-        seq = rest.rpartition("-")[2]
-        if domain.isdigit() and seq.isdigit():
-            found[domain] = max(found.get(domain, 0), int(seq))
-    return found
 
 
 def _diverged(increment: Increment, why: str) -> str:
@@ -284,10 +283,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
     try:
         info = server_info(conn)
         chosen = user_databases(conn, databases, excluded)
-        if increment is not None:
-            if increment.server != info.key:
-                raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
-                                  f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
+        if increment is not None and increment.server != info.key:
+            raise DriverError(f"backup {increment.parent} was taken from server {increment.server}, this one is "
+                              f"{info.key}: its LSN means nothing here", hint="take a full backup of this server first")
         tables = base_tables(conn, chosen) if increment is None else []  # an increment counts nothing
         all_innodb = bool(tables) and _all_innodb(conn, chosen)
     finally:
@@ -327,9 +325,9 @@ def take_backup(credentials: Credentials, defaults_file: str, work_dir: Path, si
         shutil.rmtree(lsn_dir, ignore_errors=True)
     if increment is not None and lsns["from_lsn"] != increment.lsn:
         raise DriverError(f"{tool.name} copied from LSN {lsns['from_lsn']}, not the {increment.lsn} asked for")
-    if increment is not None and lsns.get("last_lsn", lsns["to_lsn"]) < increment.end:  # went back meanwhile
-        raise DriverError(_diverged(increment, f"this copy ended at LSN {lsns.get('last_lsn', lsns['to_lsn'])}, "
-                                               f"before the backup's {increment.end}"),
+    ended = lsns.get("last_lsn", lsns["to_lsn"])
+    if increment is not None and ended < increment.end:  # the server went back during the copy
+        raise DriverError(_diverged(increment, f"this copy ended at LSN {ended}, before the backup's {increment.end}"),
                           hint="take a full backup (`backupd backup JOB --type full`)")
     match = None
     for match in POSITION_RE.finditer(log_text):
